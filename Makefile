@@ -1,0 +1,58 @@
+# largo: `make demo` runs the main job on the local cluster, `make test` runs every test.
+# Both set up what they need (venv, Python packages, the Kubernetes tools) and cache it.
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+VENV_STAMP := $(VENV)/.installed-$(shell cat operator/pyproject.toml | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: all venv tools test unit integration lint format crds verify demo images clean
+
+all: test
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): operator/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check 'pip==25.3'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e 'operator[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+tools:
+	./hack/build-tools.sh >/dev/null
+
+test: venv tools
+	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: venv tools
+	$(BIN)/pytest tests/integration tests/e2e $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff format --check operator tests bench
+	cd operator && ../$(BIN)/mypy src ../tests ../bench
+
+format: venv
+	$(BIN)/ruff check --fix operator tests bench
+	$(BIN)/ruff format operator tests bench
+
+crds: venv
+	$(BIN)/python -m largo.api.crd --out crds
+
+verify: venv
+	$(BIN)/python -m largo.api.crd --out crds --check
+
+demo: venv tools
+	./hack/demo.sh
+
+images:
+	@command -v docker >/dev/null || { echo "make images needs a container engine (docker)"; exit 1; }
+	docker build -f images/operator/Dockerfile -t largo-operator:dev .
+
+clean:
+	rm -rf $(VENV)

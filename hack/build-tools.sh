@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Builds the upstream Kubernetes tools the tests and the demo need, from the Go module proxy only:
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok and helm.
+# Idempotent: every tool lands in a version-keyed cache directory outside the repository and is
+# skipped when already there. Prints the tools directory on its last line.
+set -euo pipefail
+
+K8S_VERSION=v1.36.3
+ETCD_VERSION=v3.6.16
+KWOK_VERSION=v0.8.0
+HELM_VERSION=v3.22.0
+
+key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}"
+TOOLS_DIR="${LARGO_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/largo/tools/$key}"
+BIN="$TOOLS_DIR/bin"
+if [ "${1:-}" = "--print-dir" ]; then echo "$TOOLS_DIR"; exit 0; fi
+SRC="$TOOLS_DIR/src"
+mkdir -p "$BIN" "$SRC"
+
+export CGO_ENABLED=0
+export GOFLAGS="${GOFLAGS:--buildvcs=false} -trimpath"
+export GOTOOLCHAIN=local
+
+log() { printf '[build-tools] %s\n' "$*" >&2; }
+
+have() { for tool in "$@"; do [ -x "$BIN/$tool" ] || return 1; done; }
+
+# Writes a wrapper module in $1 that requires $2@$3 and turns every local `=> ./path` replace of the
+# published go.mod into a replace by the published module at $4 (the staging version), while keeping
+# the published go.mod's other replace directives as they are.
+write_wrapper() {
+  local dir="$1" module="$2" version="$3" staging_version="$4"
+  rm -rf "$dir" && mkdir -p "$dir"
+  local published
+  published=$(cd "$dir" && go mod download -json "$module@$version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  {
+    printf 'module largo.dev/hack/%s\n\ngo %s\n\nrequire %s %s\n\n' "$(basename "$dir")" \
+      "$(awk '$1=="go"{print $2; exit}' "$published")" "$module" "$version"
+    python3 - "$published" "$staging_version" <<'PY'
+import re, sys
+published, staging_version = sys.argv[1], sys.argv[2]
+text = open(published).read()
+# Collect replace directives, in block or single-line form.
+lines = []
+for block in re.findall(r"^replace \((.*?)^\)", text, flags=re.S | re.M):
+    lines += [line.strip() for line in block.splitlines() if line.strip()]
+lines += [m.strip() for m in re.findall(r"^replace ([^(].*)$", text, flags=re.M)]
+# Only modules the published go.mod requires matter; a local replace of anything else (etcd's
+# FORBIDDEN_DEPENDENCY guards) has no published counterpart and is dropped.
+required = set(re.findall(r"^\s*(\S+) v\S+(?: // indirect)?$", text, flags=re.M))
+out = []
+for line in lines:
+    line = line.split("//")[0].strip()
+    if not line:
+        continue
+    old, new = [part.strip() for part in line.split("=>")]
+    target = new.split()
+    if target[0].startswith("."):
+        if old.split()[0] not in required:
+            continue
+        out.append(f"\t{old.split()[0]} => {old.split()[0]} {staging_version}")
+    else:
+        out.append(f"\t{old} => {new}")
+if out:
+    print("replace (\n" + "\n".join(out) + "\n)")
+PY
+  } > "$dir/go.mod"
+}
+
+build_kubernetes() {
+  local tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  if have "${tools[@]}"; then log "kubernetes $K8S_VERSION: cached"; return; fi
+  log "kubernetes $K8S_VERSION: building ${tools[*]} (the first build takes tens of minutes)"
+  local dir="$SRC/kubernetes" staging="v0${K8S_VERSION#v1}"
+  write_wrapper "$dir" k8s.io/kubernetes "$K8S_VERSION" "$staging"
+  local minor; minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  local date="1970-01-01T00:00:00Z" flags=""
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
+  done
+  local pkgs=()
+  for tool in "${tools[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$tool"); done
+  (cd "$dir" && go get "${pkgs[@]/%/@$K8S_VERSION}" && go build -ldflags "-s -w $flags" -o "$dir/out/" "${pkgs[@]}")
+  for tool in "${tools[@]}"; do mv "$dir/out/$tool" "$BIN/$tool"; done
+}
+
+build_etcd() {
+  if have etcd; then log "etcd $ETCD_VERSION: cached"; return; fi
+  log "etcd $ETCD_VERSION: building"
+  local dir="$SRC/etcd"
+  write_wrapper "$dir" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "$ETCD_VERSION"
+  (cd "$dir" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" && go build -ldflags "-s -w" -o "$dir/etcd" go.etcd.io/etcd/server/v3)
+  mv "$dir/etcd" "$BIN/etcd"
+}
+
+build_kwok() {
+  local stages="$TOOLS_DIR/kwok-stages"
+  if have kwok && [ -d "$stages" ]; then log "kwok $KWOK_VERSION: cached"; return; fi
+  log "kwok $KWOK_VERSION: building"
+  GOBIN="$SRC/kwok-bin" go install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  # kwok v0.8.0 ships no built-in stages: take the upstream stage YAMLs from its module source.
+  local source
+  source=$(go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  rm -rf "$stages.tmp" && mkdir -p "$stages.tmp"
+  cp -r "$source/kustomize/stage/." "$stages.tmp/"
+  chmod -R u+w "$stages.tmp"
+  rm -rf "$stages" && mv "$stages.tmp" "$stages"
+  mv "$SRC/kwok-bin/kwok" "$BIN/kwok"
+}
+
+build_helm() {
+  if have helm; then log "helm $HELM_VERSION: cached"; return; fi
+  log "helm $HELM_VERSION: building"
+  local dir="$SRC/helm"
+  write_wrapper "$dir" helm.sh/helm/v3 "$HELM_VERSION" "$HELM_VERSION"
+  (cd "$dir" && go get "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" &&
+    go build -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$dir/helm" helm.sh/helm/v3/cmd/helm)
+  mv "$dir/helm" "$BIN/helm"
+}
+
+build_etcd
+build_kwok
+build_helm
+build_kubernetes
+log "all tools in $BIN"
+echo "$TOOLS_DIR"

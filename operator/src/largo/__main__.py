@@ -1,0 +1,5 @@
+import sys
+
+from largo.cli import main
+
+sys.exit(main())

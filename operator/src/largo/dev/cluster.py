@@ -1,0 +1,434 @@
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and kwok, with fake GPU nodes declared in a small spec.
+
+Every wait polls a real readiness signal (``/readyz``, ``/healthz``, node ``Ready``) against a deadline;
+every process and temporary directory is removed on exit, after a failure too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from largo.dev import pki as pki_module
+from largo.dev import tools as tools_module
+
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+KWOK_NODE_VALUE = "fake"
+# Upstream kwok stages used as they ship: nodes become Ready and keep their leases fresh; pods are
+# created, become ready and are removed on deletion.
+_KWOK_STAGES = (
+    "node/fast/node-initialize.yaml",
+    "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "pod/general/pod-create.yaml",
+    "pod/general/pod-ready.yaml",
+    "pod/general/pod-delete.yaml",
+)
+_SERVICE_CIDR = "10.0.0.0/24"
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not start or lost a component."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodePool:
+    """A group of identical fake nodes run by kwok."""
+
+    count: int
+    name_prefix: str = "gpu-node"
+    cpu: str = "64"
+    memory: str = "512Gi"
+    gpus: int = 8
+    pods: int = 110
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # Nodes are spread over racks of this many nodes: the topology label largo keeps gangs inside.
+    nodes_per_rack: int = 0
+
+    def node_names(self) -> list[str]:
+        return [f"{self.name_prefix}-{index}" for index in range(self.count)]
+
+    def manifests(self) -> list[dict[str, Any]]:
+        capacity = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods)}
+        if self.gpus:
+            capacity["nvidia.com/gpu"] = str(self.gpus)
+        out = []
+        for index, name in enumerate(self.node_names()):
+            labels = {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+                **self.labels,
+            }
+            if self.nodes_per_rack:
+                labels["topology.largo.dev/rack"] = f"rack-{index // self.nodes_per_rack}"
+            out.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": name,
+                        "labels": labels,
+                        "annotations": {KWOK_NODE_ANNOTATION: KWOK_NODE_VALUE},
+                    },
+                    "spec": {},
+                    "status": {"capacity": capacity, "allocatable": capacity},
+                }
+            )
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    node_pools: Sequence[NodePool] = (NodePool(count=2),)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, check: Callable[[], None] | None = None
+) -> None:
+    """Polls ``condition`` until it holds; ``check`` raises early when waiting has become pointless."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        if check is not None:
+            check()
+        if condition():
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+@dataclass
+class _Component:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+class LocalCluster:
+    """Starts and stops one local cluster. Use as a context manager, or call start() and stop()."""
+
+    def __init__(self, spec: ClusterSpec | None = None, workdir: Path | None = None) -> None:
+        self.spec = spec or ClusterSpec()
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="largo-cluster-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.kubeconfig = self.workdir / "kubeconfig"
+        self._components: list[_Component] = []
+        self._tools: tools_module.Tools | None = None
+        self._pki: pki_module.Pki | None = None
+        self.api_port = 0
+
+    # -- public --------------------------------------------------------------------------------------
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def pids(self) -> list[int]:
+        return [component.process.pid for component in self._components]
+
+    @property
+    def tools(self) -> tools_module.Tools:
+        if self._tools is None:
+            raise ClusterError("cluster not started")
+        return self._tools
+
+    def start(self, tools: tools_module.Tools | None = None, timeout: float = 120.0) -> None:
+        try:
+            self._start(tools or tools_module.ensure(), timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stops every component (reverse start order), then removes the work directory if ours."""
+        for component in reversed(self._components):
+            _terminate(component.process, grace)
+        self._components.clear()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.tools.path("kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            check=check,
+            capture_output=True,
+            text=True,
+        )
+
+    def add_nodes(self, pool: NodePool, timeout: float = 60.0) -> list[str]:
+        """Creates a pool of kwok nodes and waits until every one is Ready."""
+        for manifest in pool.manifests():
+            self._api("POST", "/api/v1/nodes", manifest)
+        names = pool.node_names()
+        wait_for(lambda: all(self._node_ready(name) for name in names), timeout, f"nodes {names} Ready")
+        return names
+
+    def assert_running(self) -> None:
+        """Raises if any component has exited: a dead component must fail loudly, not hang a wait."""
+        for component in self._components:
+            code = component.process.poll()
+            if code is not None:
+                tail = component.log.read_text(errors="replace")[-3000:]
+                raise ClusterError(f"{component.name} exited with {code}; log tail:\n{tail}")
+
+    # -- start-up ------------------------------------------------------------------------------------
+
+    def _start(self, tools: tools_module.Tools, timeout: float) -> None:
+        self._tools = tools
+        missing = tools.missing()
+        if missing:
+            raise ClusterError(f"tools missing in {tools.root}: {', '.join(missing)}")
+        self._pki = pki = pki_module.generate(self.workdir / "pki")
+        (self.workdir / "logs").mkdir(exist_ok=True)
+
+        etcd_port, etcd_peer = free_port(), free_port()
+        self.api_port = free_port()
+        self._spawn(
+            "etcd",
+            [
+                tools.path("etcd"),
+                "--name=default",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
+                f"--initial-cluster=default=http://127.0.0.1:{etcd_peer}",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+        )
+        wait_for(
+            lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"), timeout, "etcd health", self.assert_running
+        )
+
+        self._spawn(
+            "kube-apiserver",
+            [
+                tools.path("kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.api_port}",
+                f"--tls-cert-file={pki.serving_cert}",
+                f"--tls-private-key-file={pki.serving_key}",
+                f"--client-ca-file={pki.ca_cert}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki.service_account_pub}",
+                f"--service-account-signing-key-file={pki.service_account_key}",
+                f"--service-cluster-ip-range={_SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--v=0",
+            ],
+        )
+        self._write_kubeconfig(pki)
+        wait_for(lambda: self._api_ok("/readyz"), timeout, "kube-apiserver /readyz", self.assert_running)
+
+        controller_port, scheduler_port = free_port(), free_port()
+        delegated = [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+        ]
+        self._spawn(
+            "kube-controller-manager",
+            [
+                tools.path("kube-controller-manager"),
+                *delegated,
+                f"--secure-port={controller_port}",
+                f"--root-ca-file={pki.ca_cert}",
+                f"--service-account-private-key-file={pki.service_account_key}",
+                f"--service-cluster-ip-range={_SERVICE_CIDR}",
+                "--use-service-account-credentials=false",
+                # Pods of a deleted node are removed soon, as on a real cluster with a short grace.
+                "--terminated-pod-gc-threshold=100",
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [tools.path("kube-scheduler"), *delegated, f"--secure-port={scheduler_port}"],
+        )
+        self._spawn("kwok", self._kwok_command(tools))
+        for name, port in (("kube-controller-manager", controller_port), ("kube-scheduler", scheduler_port)):
+            wait_for(
+                lambda port=port: _http_ok(f"https://127.0.0.1:{port}/healthz", insecure=True),
+                timeout,
+                f"{name} /healthz",
+                self.assert_running,
+            )
+        # The controller-manager's ServiceAccount controller must be working before pods can be created.
+        wait_for(
+            lambda: self._api_ok("/api/v1/namespaces/default/serviceaccounts/default"),
+            timeout,
+            "the default ServiceAccount",
+            self.assert_running,
+        )
+        for pool in self.spec.node_pools:
+            self.add_nodes(pool, timeout)
+
+    def _kwok_command(self, tools: tools_module.Tools) -> list[str]:
+        configs = [tools.kwok_stages / stage for stage in _KWOK_STAGES]
+        own = resources.files("largo.dev") / "stages" / "pod-exit.yaml"
+        own_path = self.workdir / "largo-pod-exit.yaml"
+        own_path.write_text(own.read_text())
+        configs.append(own_path)
+        return [
+            tools.path("kwok"),
+            f"--kubeconfig={self.kubeconfig}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}={KWOK_NODE_VALUE}",
+            "--cidr=10.244.0.0/16",
+            "--node-ip=10.240.0.1",
+            "--node-lease-duration-seconds=40",
+            f"--server-address=127.0.0.1:{free_port()}",
+            *(f"--config={config}" for config in configs),
+        ]
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = self.workdir / "logs" / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # Own process group: Ctrl-C in a terminal reaches us, and we stop components in order.
+                start_new_session=True,
+            )
+        self._components.append(_Component(name, process, log))
+
+    def _write_kubeconfig(self, pki: pki_module.Pki) -> None:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "largo-local",
+                    "cluster": {"server": self.server, "certificate-authority": str(pki.ca_cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": "largo-admin",
+                    "user": {
+                        "client-certificate": str(pki.admin_cert),
+                        "client-key": str(pki.admin_key),
+                    },
+                }
+            ],
+            "contexts": [{"name": "largo-local", "context": {"cluster": "largo-local", "user": "largo-admin"}}],
+            "current-context": "largo-local",
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    # -- API helpers (stdlib only, so start-up needs no client configuration) --------------------------
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        assert self._pki is not None
+        context = ssl.create_default_context(cafile=str(self._pki.ca_cert))
+        context.load_cert_chain(str(self._pki.admin_cert), str(self._pki.admin_key))
+        return context
+
+    def _api(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        import json
+
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.server + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, context=self._ssl_context(), timeout=10) as response:
+            result: dict[str, Any] = json.loads(response.read() or b"{}")
+            return result
+
+    def _api_ok(self, path: str) -> bool:
+        try:
+            self._api("GET", path)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return True
+
+    def _node_ready(self, name: str) -> bool:
+        try:
+            node = self._api("GET", f"/api/v1/nodes/{name}")
+        except (urllib.error.URLError, OSError):
+            return False
+        conditions = node.get("status", {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _http_ok(url: str, insecure: bool = False) -> bool:
+    context = None
+    if insecure:
+        # Component health ports serve self-signed certificates; only liveness is read from them.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _terminate(process: subprocess.Popen[bytes], grace: float) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def running(spec: ClusterSpec | None = None, workdir: Path | None = None) -> Iterator[LocalCluster]:
+    """A started cluster for the duration of the block; stopped and cleaned up however the block ends."""
+    cluster = LocalCluster(spec, workdir)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
