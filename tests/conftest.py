@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client, config
 
-from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, wait_for
+from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +48,100 @@ def namespace(api: client.ApiClient) -> Iterator[str]:
     core.delete_namespace(name)
 
 
+PoolFactory = Callable[..., NodePool]
+
+
 @pytest.fixture
-def gpu_pool(cluster: LocalCluster) -> NodePool:
-    """Two 8-GPU nodes of the test's own, selected by a label, so capacity tests do not interfere."""
-    pool_id = uuid.uuid4().hex[:6]
-    pool = NodePool(count=2, name_prefix=f"pool-{pool_id}", labels={"largo.dev/test-pool": pool_id})
-    cluster.add_nodes(pool)
-    return pool
+def make_pool(cluster: LocalCluster) -> PoolFactory:
+    """Fake GPU nodes of the test's own, selected by a label, so capacity tests do not interfere."""
+
+    def make(count: int = 2, gpus: int = 8, nodes_per_rack: int = 0) -> NodePool:
+        pool_id = uuid.uuid4().hex[:6]
+        pool = NodePool(
+            count=count,
+            gpus=gpus,
+            name_prefix=f"pool-{pool_id}",
+            labels={"largo.dev/test-pool": pool_id},
+            nodes_per_rack=nodes_per_rack,
+        )
+        cluster.add_nodes(pool)
+        return pool
+
+    return make
+
+
+@pytest.fixture
+def gpu_pool(make_pool: PoolFactory) -> NodePool:
+    """Two 8-GPU nodes of the test's own."""
+    return make_pool()
+
+
+class OperatorProcess:
+    """The operator as users run it (`largo operator`), in a subprocess that tests may kill and restart."""
+
+    def __init__(self, cluster: LocalCluster, log_dir: Path) -> None:
+        self.cluster = cluster
+        self.log_dir = log_dir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            # Short delays keep the lifecycle tests quick; the behaviour is the same as with defaults.
+            "LARGO_RESTART_BACKOFF_SECONDS": "1",
+            "LARGO_RESTART_BACKOFF_MAX_SECONDS": "2",
+            "LARGO_BINDING_TIMEOUT_SECONDS": "10",
+        }
+        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "largo", "operator", "--liveness", f"http://127.0.0.1:{free_port()}/healthz"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: the operator gets no chance to tidy up, as when its node dies."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def assert_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            logs = sorted(self.log_dir.glob("operator-*.log"))
+            tail = logs[-1].read_text(errors="replace")[-4000:] if logs else ""
+            raise AssertionError(f"the operator is not running; log tail:\n{tail}")
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: LocalCluster, api: client.ApiClient) -> None:
+    """largo's CRDs as generated into crds/, applied and Established."""
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        cluster.kubectl("apply", "--server-side", "-f", str(path))
+        name = yaml.safe_load(path.read_text())["metadata"]["name"]
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"))
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()

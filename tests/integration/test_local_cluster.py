@@ -75,10 +75,8 @@ def test_custom_resource_lifecycle(api: client.ApiClient, namespace: str) -> Non
 
     wait_for(established, 30, "CRD Established")
     custom = client.CustomObjectsApi(api)
-    stream = watch.Watch()
-    events = stream.stream(
-        custom.list_namespaced_custom_object, group, "v1", namespace, "widgets", timeout_seconds=30
-    )
+    # Watching from the list's resourceVersion replays every change made after it, in order.
+    since = custom.list_namespaced_custom_object(group, "v1", namespace, "widgets")["metadata"]["resourceVersion"]
     custom.create_namespaced_custom_object(
         group, "v1", namespace, "widgets", {"apiVersion": f"{group}/v1", "kind": "Widget",
                                             "metadata": {"name": "w"}, "spec": {"size": 3}}
@@ -86,6 +84,16 @@ def test_custom_resource_lifecycle(api: client.ApiClient, namespace: str) -> Non
     # Through the status subresource only the status changes, even when the patch also names spec.
     custom.patch_namespaced_custom_object_status(
         group, "v1", namespace, "widgets", "w", {"status": {"phase": "Ready"}, "spec": {"size": 99}}
+    )
+    stream = watch.Watch()
+    events = stream.stream(
+        custom.list_namespaced_custom_object,
+        group,
+        "v1",
+        namespace,
+        "widgets",
+        resource_version=since,
+        timeout_seconds=30,
     )
     seen: list[tuple[str, Any]] = []
     for event in events:

@@ -8,6 +8,7 @@ every process and temporary directory is removed on exit, after a failure too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -235,7 +236,7 @@ class LocalCluster:
             ],
         )
         wait_for(
-            lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"), timeout, "etcd health", self.assert_running
+            lambda: http_ok(f"http://127.0.0.1:{etcd_port}/health"), timeout, "etcd health", self.assert_running
         )
 
         self._spawn(
@@ -292,7 +293,7 @@ class LocalCluster:
         self._spawn("kwok", self._kwok_command(tools))
         for name, port in (("kube-controller-manager", controller_port), ("kube-scheduler", scheduler_port)):
             wait_for(
-                lambda port=port: _http_ok(f"https://127.0.0.1:{port}/healthz", insecure=True),
+                lambda port=port: http_ok(f"https://127.0.0.1:{port}/healthz", insecure=True),
                 timeout,
                 f"{name} /healthz",
                 self.assert_running,
@@ -371,8 +372,6 @@ class LocalCluster:
         return context
 
     def _api(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        import json
-
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.server + path, data=data, method=method)
         request.add_header("Content-Type", "application/json")
@@ -381,11 +380,12 @@ class LocalCluster:
             return result
 
     def _api_ok(self, path: str) -> bool:
+        request = urllib.request.Request(self.server + path)
         try:
-            self._api("GET", path)
-        except (urllib.error.URLError, OSError, ValueError):
+            with urllib.request.urlopen(request, context=self._ssl_context(), timeout=5) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
             return False
-        return True
 
     def _node_ready(self, name: str) -> bool:
         try:
@@ -393,10 +393,14 @@ class LocalCluster:
         except (urllib.error.URLError, OSError):
             return False
         conditions = node.get("status", {}).get("conditions") or []
-        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        # The node lifecycle controller lifts its not-ready taint a moment after Ready: until then the
+        # scheduler refuses the node.
+        taints = node.get("spec", {}).get("taints") or []
+        return ready and not any(t.get("key", "").startswith("node.kubernetes.io/") for t in taints)
 
 
-def _http_ok(url: str, insecure: bool = False) -> bool:
+def http_ok(url: str, insecure: bool = False) -> bool:
     context = None
     if insecure:
         # Component health ports serve self-signed certificates; only liveness is read from them.
