@@ -1,0 +1,91 @@
+"""A keyed work queue: many wake-ups of one key collapse into one reconcile, a key is never reconciled
+by two workers at once, and a key can ask to come back later (back-off, deadlines, TTL).
+
+kopf calls handlers per object and per event; a TrainJob's state depends on its pods and nodes too,
+so every such event only enqueues the job's key and one level-triggered reconcile reads everything
+fresh. This is the queue semantics of client-go's workqueue, kept to what largo needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+logger = logging.getLogger(__name__)
+
+
+class WorkQueue(Generic[K]):
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[K] = asyncio.Queue()
+        self._queued: set[K] = set()
+        self._active: set[K] = set()
+        # Keys woken while being processed: processed once more when the current run ends.
+        self._dirty: set[K] = set()
+        self._timers: dict[K, asyncio.TimerHandle] = {}
+
+    def add(self, key: K) -> None:
+        if key in self._active:
+            self._dirty.add(key)
+            return
+        if key in self._queued:
+            return
+        self._queued.add(key)
+        self._queue.put_nowait(key)
+
+    def add_after(self, key: K, delay: float) -> None:
+        """Wakes ``key`` after ``delay`` seconds; an earlier pending wake-up of the key wins."""
+        loop = asyncio.get_running_loop()
+        existing = self._timers.get(key)
+        when = loop.time() + max(delay, 0.0)
+        if existing is not None and not existing.cancelled() and existing.when() <= when:
+            return
+        if existing is not None:
+            existing.cancel()
+        self._timers[key] = loop.call_at(when, self._fire, key)
+
+    def _fire(self, key: K) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    async def run(self, worker: Callable[[K], Awaitable[float | None]], concurrency: int) -> None:
+        """Runs workers until cancelled. ``worker`` returns seconds until the key wants another look."""
+
+        async def loop() -> None:
+            while True:
+                key = await self._queue.get()
+                self._queued.discard(key)
+                self._active.add(key)
+                try:
+                    again = await worker(key)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("reconcile of %s failed; retrying", key)
+                    again = 5.0
+                finally:
+                    self._active.discard(key)
+                if key in self._dirty:
+                    self._dirty.discard(key)
+                    self.add(key)
+                elif again is not None:
+                    self.add_after(key, again)
+
+        tasks = [asyncio.create_task(loop()) for _ in range(concurrency)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for timer in self._timers.values():
+                timer.cancel()

@@ -1,0 +1,1 @@
+"""Pure lifecycle decisions: state in, plan out."""

@@ -1,0 +1,69 @@
+"""Kubernetes-style conditions: set one, keep ``lastTransitionTime`` unless the status really changed."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def timestamp(epoch: float) -> str:
+    """RFC 3339 in UTC with second precision, as the API server writes times."""
+    return datetime.datetime.fromtimestamp(int(epoch), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: float,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """A new condition list with ``type_`` set; the order of the other conditions is kept."""
+    value = "True" if status else "False"
+    out: list[dict[str, Any]] = []
+    found = False
+    for condition in conditions:
+        if condition.get("type") != type_:
+            out.append(dict(condition))
+            continue
+        found = True
+        changed = condition.get("status") != value
+        out.append(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": timestamp(now) if changed else condition.get("lastTransitionTime"),
+                **({"observedGeneration": generation} if generation is not None else {}),
+            }
+        )
+    if not found:
+        out.append(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": timestamp(now),
+                **({"observedGeneration": generation} if generation is not None else {}),
+            }
+        )
+    return out
+
+
+def condition_status(conditions: Sequence[Mapping[str, Any]], type_: str) -> str | None:
+    for condition in conditions:
+        if condition.get("type") == type_:
+            value = condition.get("status")
+            return str(value) if value is not None else None
+    return None

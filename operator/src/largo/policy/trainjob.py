@@ -1,0 +1,485 @@
+"""The TrainJob lifecycle as a pure function: what the job and its pods look like now -> what to do.
+
+No I/O and no clock: the controller passes the job, its pods, the lost nodes and ``now``, and applies
+the returned plan (one status patch, pod creations and deletions, events, when to look again).
+Each policy (suspend, deadline, failure, success, TTL) is a small function of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from largo.policy.conditions import parse_timestamp, set_condition, timestamp
+
+TRAINER_CONTAINER = "trainer"
+LABEL_JOB = "largo.dev/job-name"
+LABEL_RANK = "largo.dev/node-rank"
+LABEL_ATTEMPT = "largo.dev/attempt"
+
+
+class Phase(StrEnum):
+    QUEUED = "Queued"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+
+class ConditionType(StrEnum):
+    ADMITTED = "Admitted"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+
+
+class Reason(StrEnum):
+    QUEUED = "Queued"
+    ADMITTED = "Admitted"
+    PODS_STARTING = "PodsStarting"
+    PODS_RUNNING = "PodsRunning"
+    POD_FAILED = "PodFailed"
+    POD_DELETED = "PodDeleted"
+    NODE_LOST = "NodeLost"
+    BINDING_FAILED = "BindingFailed"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    PERMANENT_EXIT_CODE = "PermanentExitCode"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    SUCCEEDED = "Succeeded"
+    REQUEUED = "Requeued"
+    TTL_EXPIRED = "TTLExpired"
+    INVALID_SPEC = "InvalidSpec"
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    """Restart delay: ``base * 2**(restarts-1)``, at most ``cap`` seconds."""
+
+    base: float = 10.0
+    cap: float = 300.0
+    # An unbound pod pinned to a usable node gets this long before its gang is released and re-queued.
+    binding_timeout: float = 30.0
+
+    def delay(self, restarts: int) -> float:
+        return float(min(self.cap, self.base * 2 ** max(restarts - 1, 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class PodView:
+    name: str
+    rank: int
+    attempt: int
+    phase: str
+    node_name: str | None
+    exit_code: int | None = None
+    terminating: bool = False
+    # Epoch seconds since the scheduler said the pod cannot be placed (PodScheduled=False), if so.
+    unschedulable_since: float | None = None
+    unschedulable_message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """What the lifecycle needs to know of one TrainJob: its spec essentials and its status."""
+
+    num_nodes: int
+    gpus_per_node: int
+    backoff_limit: int = 3
+    permanent_exit_codes: frozenset[int] = frozenset()
+    retryable_exit_codes: frozenset[int] = frozenset()
+    active_deadline_seconds: int | None = None
+    ttl_seconds_after_finished: int | None = None
+    suspend: bool = False
+    generation: int | None = None
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def phase(self) -> Phase | None:
+        value = self.status.get("phase")
+        return Phase(value) if value in Phase.__members__.values() else None
+
+    @property
+    def attempt(self) -> int:
+        return int(self.status.get("attempt") or 0)
+
+    @property
+    def restarts(self) -> int:
+        return int(self.status.get("restarts") or 0)
+
+    @property
+    def placement_nodes(self) -> tuple[str, ...] | None:
+        placement = self.status.get("placement") or {}
+        if placement.get("attempt") != self.attempt or not placement.get("nodes"):
+            return None
+        return tuple(placement["nodes"])
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(slots=True)
+class Plan:
+    status: dict[str, Any]
+    create_ranks: tuple[int, ...] = ()
+    delete_pods: tuple[str, ...] = ()
+    # Pods on lost nodes are deleted without grace: no kubelet is left to confirm a graceful stop.
+    force_delete: bool = False
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    delete_job: bool = False
+    # Capacity was released or a job joined the queue: the gang scheduler should run.
+    wake_scheduler: bool = False
+
+    def after(self, seconds: float) -> None:
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+def pod_view(pod: Mapping[str, Any]) -> PodView | None:
+    """Reads one pod of a TrainJob; None for pods without largo's labels."""
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    try:
+        rank, attempt = int(labels[LABEL_RANK]), int(labels[LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return None
+    status = pod.get("status") or {}
+    # The trainer container's exit code speaks for the pod; without it, the first non-zero one.
+    codes: dict[str, int] = {}
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated is not None:
+            codes[str(container.get("name"))] = int(terminated.get("exitCode", 0))
+    exit_code = codes.get(TRAINER_CONTAINER)
+    if exit_code is None and codes:
+        exit_code = next((code for code in codes.values() if code != 0), 0)
+    since, message = None, ""
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            since = parse_timestamp(condition.get("lastTransitionTime"))
+            message = str(condition.get("message") or "")
+    return PodView(
+        name=str(metadata.get("name")),
+        rank=rank,
+        attempt=attempt,
+        phase=str(status.get("phase") or "Pending"),
+        node_name=(pod.get("spec") or {}).get("nodeName"),
+        exit_code=exit_code,
+        terminating=metadata.get("deletionTimestamp") is not None,
+        unschedulable_since=since,
+        unschedulable_message=message,
+    )
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Builder:
+    """Accumulates one cycle's status changes over the job's current status."""
+
+    job: JobView
+    now: float
+    status: dict[str, Any]
+    plan: Plan
+
+    def condition(self, type_: ConditionType, value: bool, reason: Reason, message: str) -> None:
+        self.status["conditions"] = set_condition(
+            self.status.get("conditions") or [], type_, value, reason, message, self.now, self.job.generation
+        )
+
+    def event(self, warning: bool, reason: Reason, message: str) -> None:
+        self.plan.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def phase(self, phase: Phase) -> None:
+        self.status["phase"] = phase
+
+
+def plan(
+    job: JobView,
+    pods: Sequence[PodView],
+    unusable_nodes: frozenset[str],
+    lost_nodes: frozenset[str],
+    now: float,
+    backoff: BackoffPolicy | None = None,
+) -> Plan:
+    """Decides one reconcile cycle of a TrainJob.
+
+    ``lost_nodes``: nodes that are gone or NotReady (pods on them are dead). ``unusable_nodes``: also
+    cordoned ones (an unbound pod pinned there can never start).
+    """
+    backoff = backoff or BackoffPolicy()
+    status: dict[str, Any] = {key: value for key, value in job.status.items() if key != "progress"}
+    b = _Builder(job, now, status, Plan(status=status))
+    current = [pod for pod in pods if pod.attempt == job.attempt]
+    stale = tuple(pod.name for pod in pods if pod.attempt != job.attempt and not pod.terminating)
+    phase = job.phase
+
+    if phase in TERMINAL:
+        _finished(b, current)
+    elif job.suspend:
+        _suspend(b, pods)
+    elif phase is None or phase == Phase.SUSPENDED:
+        _enqueue(b, resumed=phase == Phase.SUSPENDED)
+    elif _deadline_passed(b):
+        _fail(b, Reason.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds={job.active_deadline_seconds}")
+        b.plan.delete_pods = tuple(pod.name for pod in pods if not pod.terminating)
+    elif phase == Phase.RESTARTING:
+        _restarting(b, pods, lost_nodes)
+    elif phase in (Phase.STARTING, Phase.RUNNING) and job.placement_nodes is not None:
+        _active(b, current, job.placement_nodes, unusable_nodes, lost_nodes, backoff)
+    elif phase in (Phase.STARTING, Phase.RUNNING):
+        # Admitted without a placement for this attempt (written by hand or lost): queue again.
+        _enqueue(b, resumed=False)
+
+    if phase not in TERMINAL and not job.suspend and stale:
+        b.plan.delete_pods = tuple(dict.fromkeys((*b.plan.delete_pods, *stale)))
+    _count(b, current)
+    if job.generation is not None:
+        status["observedGeneration"] = job.generation
+    return b.plan
+
+
+def _count(b: _Builder, current: Sequence[PodView]) -> None:
+    counts = {"pending": 0, "running": 0, "succeeded": 0, "failed": 0}
+    for pod in current:
+        key = pod.phase.lower()
+        if key in counts:
+            counts[key] += 1
+    b.status["podCounts"] = counts
+    b.status["nodes"] = f"{counts['running']}/{b.job.num_nodes}"
+    b.status["gpus"] = b.job.num_nodes * b.job.gpus_per_node
+    b.status.setdefault("restarts", 0)
+    b.status.setdefault("attempt", 0)
+
+
+def _enqueue(b: _Builder, resumed: bool) -> None:
+    b.phase(Phase.QUEUED)
+    b.status.pop("placement", None)
+    b.condition(ConditionType.ADMITTED, False, Reason.QUEUED, "waiting for the gang scheduler")
+    if resumed:
+        b.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "the job was resumed")
+        b.event(False, Reason.RESUMED, "resumed: queued for admission")
+    else:
+        b.event(False, Reason.QUEUED, "queued for gang admission")
+    b.plan.wake_scheduler = True
+
+
+def _suspend(b: _Builder, pods: Sequence[PodView]) -> None:
+    b.plan.delete_pods = tuple(pod.name for pod in pods if not pod.terminating)
+    if b.job.phase == Phase.SUSPENDED:
+        return
+    b.phase(Phase.SUSPENDED)
+    b.status.pop("placement", None)
+    b.status.pop("queue", None)
+    # As for a Kubernetes Job, the deadline counts again from the next start.
+    b.status.pop("startTime", None)
+    b.status["attempt"] = b.job.attempt + 1
+    b.condition(ConditionType.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true: pods deleted, GPUs released")
+    b.condition(ConditionType.ADMITTED, False, Reason.SUSPENDED, "suspended")
+    b.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
+    b.event(False, Reason.SUSPENDED, "suspended: pods deleted and GPUs released")
+    b.plan.wake_scheduler = True
+
+
+def _deadline_passed(b: _Builder) -> bool:
+    deadline = b.job.active_deadline_seconds
+    started = parse_timestamp(b.job.status.get("startTime"))
+    if deadline is None or started is None:
+        return False
+    remaining = started + deadline - b.now
+    if remaining > 0:
+        b.plan.after(remaining)
+        return False
+    return True
+
+
+def _fail(b: _Builder, reason: Reason, message: str) -> None:
+    b.phase(Phase.FAILED)
+    b.status["completionTime"] = timestamp(b.now)
+    b.status.pop("nextRestartTime", None)
+    b.condition(ConditionType.FAILED, True, reason, message)
+    b.condition(ConditionType.RUNNING, False, reason, message)
+    b.event(True, reason, message)
+    b.plan.wake_scheduler = True
+    _schedule_ttl(b)
+
+
+def _schedule_ttl(b: _Builder) -> None:
+    ttl = b.job.ttl_seconds_after_finished
+    finished = parse_timestamp(b.status.get("completionTime"))
+    if ttl is None or finished is None:
+        return
+    remaining = finished + ttl - b.now
+    if remaining <= 0:
+        b.plan.delete_job = True
+    else:
+        b.plan.after(remaining)
+
+
+def _finished(b: _Builder, current: Sequence[PodView]) -> None:
+    if b.job.phase == Phase.FAILED:
+        # A failed gang holds no GPUs: whatever still runs is stopped.
+        b.plan.delete_pods = tuple(p.name for p in current if p.phase in ("Pending", "Running") and not p.terminating)
+    _schedule_ttl(b)
+
+
+def _restarting(b: _Builder, pods: Sequence[PodView], lost_nodes: frozenset[str]) -> None:
+    alive = [pod for pod in pods if not pod.terminating]
+    if alive:
+        b.plan.delete_pods = tuple(pod.name for pod in alive)
+    if pods:
+        # The new gang starts only when the old one is gone: it holds the GPUs until then.
+        b.plan.force_delete = any(pod.node_name in lost_nodes for pod in pods)
+        return
+    due = parse_timestamp(b.job.status.get("nextRestartTime")) or b.now
+    if b.now < due:
+        b.plan.after(due - b.now)
+        return
+    b.status.pop("nextRestartTime", None)
+    b.phase(Phase.QUEUED)
+    b.status.pop("placement", None)
+    b.condition(ConditionType.ADMITTED, False, Reason.REQUEUED, "back-off over: waiting for the gang scheduler")
+    b.event(False, Reason.REQUEUED, f"restart {b.job.restarts}: queued for gang admission")
+    b.plan.wake_scheduler = True
+
+
+def _failure(
+    current: Sequence[PodView],
+    placement: tuple[str, ...],
+    unusable: frozenset[str],
+    lost: frozenset[str],
+    now: float,
+    backoff: BackoffPolicy,
+) -> tuple[Reason, str, int | None] | None:
+    """The first reason the current gang cannot go on, with the failed pod's exit code if any."""
+    for pod in sorted(current, key=lambda p: p.rank):
+        if pod.phase == "Failed":
+            return Reason.POD_FAILED, f"pod {pod.name} (rank {pod.rank}) failed with exit code {pod.exit_code}", pod.exit_code
+        if pod.node_name is not None and pod.node_name in lost and pod.phase in ("Pending", "Running"):
+            return Reason.NODE_LOST, f"node {pod.node_name} of pod {pod.name} is gone or NotReady", None
+        if pod.node_name is None and not pod.terminating:
+            pinned = placement[pod.rank] if pod.rank < len(placement) else None
+            if pinned in unusable:
+                return Reason.BINDING_FAILED, f"node {pinned} chosen for rank {pod.rank} can no longer take pods", None
+            if pod.unschedulable_since is not None and now - pod.unschedulable_since >= backoff.binding_timeout:
+                return (
+                    Reason.BINDING_FAILED,
+                    f"pod {pod.name} could not be bound to {pinned}: {pod.unschedulable_message}",
+                    None,
+                )
+    return None
+
+
+def _active(
+    b: _Builder,
+    current: Sequence[PodView],
+    placement: tuple[str, ...],
+    unusable: frozenset[str],
+    lost: frozenset[str],
+    backoff: BackoffPolicy,
+) -> None:
+    job = b.job
+    if "startTime" not in b.status:
+        b.status["startTime"] = timestamp(b.now)
+    failure = _failure(current, placement, unusable, lost, b.now, backoff)
+    by_rank = {pod.rank: pod for pod in current}
+    if failure is None and job.phase == Phase.RUNNING:
+        missing = [rank for rank in range(job.num_nodes) if rank not in by_rank]
+        if missing:
+            failure = (Reason.POD_DELETED, f"pod of rank {missing[0]} disappeared while the job ran", None)
+    if failure is not None:
+        _handle_failure(b, current, lost, backoff, *failure)
+        return
+
+    if job.phase == Phase.STARTING:
+        b.plan.create_ranks = tuple(rank for rank in range(job.num_nodes) if rank not in by_rank)
+        # Pods that wait on binding are looked at again when the binding timeout is up.
+        waiting = [pod.unschedulable_since for pod in current if pod.unschedulable_since is not None]
+        if waiting:
+            b.plan.after(max(0.0, min(waiting) + backoff.binding_timeout - b.now))
+
+    if len(current) == job.num_nodes and all(pod.phase == "Succeeded" for pod in current):
+        b.phase(Phase.SUCCEEDED)
+        b.status["completionTime"] = timestamp(b.now)
+        message = f"all {job.num_nodes} pods succeeded"
+        b.condition(ConditionType.COMPLETE, True, Reason.SUCCEEDED, message)
+        b.condition(ConditionType.RUNNING, False, Reason.SUCCEEDED, message)
+        b.event(False, Reason.SUCCEEDED, message)
+        b.plan.wake_scheduler = True
+        _schedule_ttl(b)
+        return
+    running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
+    if job.phase == Phase.STARTING and len(current) == job.num_nodes and running == job.num_nodes:
+        b.phase(Phase.RUNNING)
+        message = f"all {job.num_nodes} pods running on {', '.join(sorted(set(placement)))}"
+        b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
+        b.condition(ConditionType.RESTARTING, False, Reason.PODS_RUNNING, message)
+        b.event(False, Reason.PODS_RUNNING, message)
+
+
+def _handle_failure(
+    b: _Builder,
+    current: Sequence[PodView],
+    lost: frozenset[str],
+    backoff: BackoffPolicy,
+    reason: Reason,
+    message: str,
+    exit_code: int | None,
+) -> None:
+    job = b.job
+    b.plan.delete_pods = tuple(pod.name for pod in current if not pod.terminating)
+    b.plan.force_delete = any(pod.node_name in lost for pod in current)
+    if exit_code is not None and _permanent(job, exit_code):
+        _fail(b, Reason.PERMANENT_EXIT_CODE, f"{message}; exit code {exit_code} is permanent")
+        return
+    if reason == Reason.BINDING_FAILED:
+        # Not the job's fault: release the gang and queue it again without counting a restart.
+        b.status["attempt"] = job.attempt + 1
+        b.phase(Phase.QUEUED)
+        b.status.pop("placement", None)
+        b.condition(ConditionType.ADMITTED, False, reason, message)
+        b.event(True, reason, f"{message}; gang released and queued again")
+        b.plan.wake_scheduler = True
+        return
+    if job.restarts >= job.backoff_limit:
+        _fail(b, Reason.BACKOFF_LIMIT_EXCEEDED, f"{message}; backoffLimit {job.backoff_limit} reached")
+        return
+    restarts = job.restarts + 1
+    delay = backoff.delay(restarts)
+    b.status["restarts"] = restarts
+    b.status["attempt"] = job.attempt + 1
+    b.status["lastRestartTime"] = timestamp(b.now)
+    b.status["nextRestartTime"] = timestamp(b.now + delay)
+    b.status.pop("placement", None)
+    b.phase(Phase.RESTARTING)
+    b.condition(ConditionType.RESTARTING, True, reason, message)
+    b.condition(ConditionType.RUNNING, False, reason, message)
+    b.condition(ConditionType.ADMITTED, False, reason, "gang released for restart")
+    b.event(True, reason, f"{message}; restarting the whole gang (restart {restarts}) in {delay:.0f}s")
+    b.plan.wake_scheduler = True
+    b.plan.after(delay)
+
+
+def _permanent(job: JobView, exit_code: int) -> bool:
+    if exit_code in job.permanent_exit_codes:
+        return True
+    return bool(job.retryable_exit_codes) and exit_code not in job.retryable_exit_codes
+
+
+def with_status(job: JobView, status: Mapping[str, Any]) -> JobView:
+    return replace(job, status=status)

@@ -1,0 +1,116 @@
+"""Value types for gang scheduling decisions.
+
+Resources are ``Mapping[str, int]`` in canonical units: ``cpu`` in millicores, ``memory`` in bytes,
+every other resource as an integer count (or bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+GPU = "nvidia.com/gpu"
+CPU = "cpu"
+MEMORY = "memory"
+
+# Taint effects that keep pods off a node; PreferNoSchedule is only a scoring hint.
+BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
+
+
+@dataclass(frozen=True, slots=True)
+class Taint:
+    key: str
+    value: str
+    effect: str
+
+
+@dataclass(frozen=True, slots=True)
+class Toleration:
+    key: str | None
+    operator: str = "Equal"
+    value: str = ""
+    effect: str | None = None
+
+    def tolerates(self, taint: Taint) -> bool:
+        """Mirror Kubernetes ``Toleration.ToleratesTaint``.
+
+        An empty key with ``Exists`` matches every taint; an empty effect matches every effect.
+        """
+        if self.effect and self.effect != taint.effect:
+            return False
+        if self.key and self.key != taint.key:
+            return False
+        if self.operator == "Exists":
+            return True
+        if self.operator in ("Equal", ""):
+            return (self.value or "") == taint.value
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    name: str
+    allocatable: Mapping[str, int]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[Taint, ...] = ()
+    ready: bool = True
+    unschedulable: bool = False
+
+    @property
+    def usable(self) -> bool:
+        """A node new pods may land on: Ready and not cordoned."""
+        return self.ready and not self.unschedulable
+
+
+@dataclass(frozen=True, slots=True)
+class GangRequest:
+    """A job whose ``pod_count`` identical pods must all be placed at once or not at all."""
+
+    key: str
+    priority: int
+    arrival: float
+    pod_count: int
+    per_pod: Mapping[str, int]
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Toleration, ...] = ()
+    required_topology_key: str | None = None
+    preferred_topology_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pod_count < 1:
+            raise ValueError(f"{self.key}: pod_count must be >= 1, got {self.pod_count}")
+        negative = sorted(name for name, amount in self.per_pod.items() if amount < 0)
+        if negative:
+            raise ValueError(f"{self.key}: negative per-pod request for {', '.join(negative)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """``nodes[i]`` is the node for pod rank ``i``; pods sharing a node have consecutive ranks."""
+
+    key: str
+    nodes: tuple[str, ...]
+
+
+class WaitReason(StrEnum):
+    # Fits in the empty cluster, but not in the free capacity right now.
+    InsufficientCapacity = "InsufficientCapacity"
+    # Would fit right now, but a job ahead of it in the order does not (strict ordering).
+    WaitingForHigherPriority = "WaitingForHigherPriority"
+    # Cannot fit even if every usable, matching, tolerated node were empty.
+    Unschedulable = "Unschedulable"
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    key: str
+    position: int
+    reason: WaitReason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    admitted: tuple[Placement, ...]
+    waiting: tuple[Waiting, ...]

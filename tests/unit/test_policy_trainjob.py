@@ -1,0 +1,268 @@
+"""The TrainJob lifecycle, decided purely: table-driven cases over job status, pods and nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from largo.policy.conditions import condition_status, timestamp
+from largo.policy.trainjob import (
+    BackoffPolicy,
+    JobView,
+    Phase,
+    PodView,
+    Reason,
+    plan,
+    pod_view,
+)
+
+NOW = 1_800_000_000.0
+NONE: frozenset[str] = frozenset()
+
+
+def job(phase: Phase | None = None, **overrides: Any) -> JobView:
+    status: dict[str, Any] = dict(overrides.pop("status", {}))
+    if phase is not None:
+        status["phase"] = phase
+    return JobView(num_nodes=2, gpus_per_node=8, **overrides, status=status)
+
+
+def admitted(phase: Phase = Phase.STARTING, attempt: int = 0, **extra: Any) -> dict[str, Any]:
+    return {
+        "phase": phase,
+        "attempt": attempt,
+        "placement": {"attempt": attempt, "nodes": ["n0", "n1"]},
+        "startTime": timestamp(NOW - 10),
+        **extra,
+    }
+
+
+def pod(rank: int, phase: str = "Running", attempt: int = 0, **extra: Any) -> PodView:
+    return PodView(name=f"j-node-{rank}", rank=rank, attempt=attempt, phase=phase, node_name=f"n{rank}", **extra)
+
+
+def test_new_job_is_queued_and_wakes_the_scheduler() -> None:
+    result = plan(job(), [], NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.QUEUED
+    assert result.wake_scheduler
+    assert condition_status(result.status["conditions"], "Admitted") == "False"
+    assert [e.reason for e in result.events] == [Reason.QUEUED]
+    assert result.status["nodes"] == "0/2"
+    assert result.status["gpus"] == 16
+
+
+def test_queued_job_waits_without_pods() -> None:
+    result = plan(job(Phase.QUEUED), [], NONE, NONE, NOW)
+    assert result.create_ranks == ()
+    assert result.events == []
+    assert result.status["phase"] == Phase.QUEUED
+
+
+def test_admitted_job_creates_every_missing_rank() -> None:
+    result = plan(job(status=admitted()), [pod(1, "Pending")], NONE, NONE, NOW)
+    assert result.create_ranks == (0,)
+    assert result.status["phase"] == Phase.STARTING
+
+
+def test_all_pods_running_makes_the_job_running() -> None:
+    result = plan(job(status=admitted()), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.RUNNING
+    assert result.status["nodes"] == "2/2"
+    assert condition_status(result.status["conditions"], "Running") == "True"
+    assert result.create_ranks == ()
+
+
+def test_success_needs_every_pod_of_the_attempt() -> None:
+    one_done = plan(job(status=admitted(Phase.RUNNING)), [pod(0, "Succeeded"), pod(1)], NONE, NONE, NOW)
+    assert one_done.status["phase"] == Phase.RUNNING
+    both = plan(job(status=admitted(Phase.RUNNING)), [pod(0, "Succeeded"), pod(1, "Succeeded")], NONE, NONE, NOW)
+    assert both.status["phase"] == Phase.SUCCEEDED
+    assert both.status["completionTime"] == timestamp(NOW)
+    assert condition_status(both.status["conditions"], "Complete") == "True"
+    assert both.wake_scheduler
+
+
+def test_retryable_failure_restarts_the_whole_gang_with_backoff() -> None:
+    backoff = BackoffPolicy(base=10, cap=300)
+    pods = [pod(0), pod(1, "Failed", exit_code=1)]
+    result = plan(job(status=admitted(Phase.RUNNING)), pods, NONE, NONE, NOW, backoff)
+    assert result.status["phase"] == Phase.RESTARTING
+    assert result.status["restarts"] == 1
+    assert result.status["attempt"] == 1
+    assert "placement" not in result.status
+    assert set(result.delete_pods) == {"j-node-0", "j-node-1"}
+    assert result.requeue_after == 10
+    assert result.status["nextRestartTime"] == timestamp(NOW + 10)
+    assert result.events[0].type == "Warning"
+    assert "exit code 1" in result.events[0].message
+
+
+@pytest.mark.parametrize(("restarts", "delay"), [(1, 10), (2, 20), (3, 40), (6, 300), (9, 300)])
+def test_backoff_grows_and_is_capped(restarts: int, delay: float) -> None:
+    assert BackoffPolicy(base=10, cap=300).delay(restarts) == delay
+
+
+def test_backoff_limit_fails_the_job() -> None:
+    status = admitted(Phase.RUNNING, restarts=3)
+    result = plan(job(status=status, backoff_limit=3), [pod(0, "Failed", exit_code=1), pod(1)], NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.FAILED
+    failed = [c for c in result.status["conditions"] if c["type"] == "Failed"][0]
+    assert failed["reason"] == Reason.BACKOFF_LIMIT_EXCEEDED
+    assert "j-node-1" in result.delete_pods
+
+
+@pytest.mark.parametrize(
+    ("permanent", "retryable", "code", "phase"),
+    [
+        ({42}, set(), 42, Phase.FAILED),
+        ({42}, set(), 1, Phase.RESTARTING),
+        (set(), {1, 2}, 3, Phase.FAILED),
+        (set(), {1, 2}, 2, Phase.RESTARTING),
+        (set(), set(), 137, Phase.RESTARTING),
+    ],
+)
+def test_exit_code_policy(permanent: set[int], retryable: set[int], code: int, phase: Phase) -> None:
+    view = job(
+        status=admitted(Phase.RUNNING),
+        permanent_exit_codes=frozenset(permanent),
+        retryable_exit_codes=frozenset(retryable),
+    )
+    result = plan(view, [pod(0, "Failed", exit_code=code), pod(1)], NONE, NONE, NOW)
+    assert result.status["phase"] == phase
+    if phase == Phase.FAILED:
+        failed = [c for c in result.status["conditions"] if c["type"] == "Failed"][0]
+        assert failed["reason"] == Reason.PERMANENT_EXIT_CODE
+
+
+def test_lost_node_restarts_and_force_deletes() -> None:
+    result = plan(job(status=admitted(Phase.RUNNING)), [pod(0), pod(1)], frozenset({"n1"}), frozenset({"n1"}), NOW)
+    assert result.status["phase"] == Phase.RESTARTING
+    assert result.force_delete
+    assert [c for c in result.status["conditions"] if c["type"] == "Restarting"][0]["reason"] == Reason.NODE_LOST
+
+
+def test_vanished_pod_of_a_running_job_is_a_failure() -> None:
+    result = plan(job(status=admitted(Phase.RUNNING)), [pod(0)], NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.RESTARTING
+    assert "rank 1" in result.events[0].message
+
+
+def test_unbound_pod_on_unusable_node_releases_the_gang_without_a_restart() -> None:
+    pods = [pod(0), PodView("j-node-1", 1, 0, "Pending", None)]
+    result = plan(job(status=admitted()), pods, frozenset({"n1"}), NONE, NOW)
+    assert result.status["phase"] == Phase.QUEUED
+    assert result.status["restarts"] == 0
+    assert result.status["attempt"] == 1
+    assert result.wake_scheduler
+
+
+def test_binding_timeout() -> None:
+    waiting = PodView("j-node-1", 1, 0, "Pending", None, unschedulable_since=NOW - 5, unschedulable_message="taint")
+    early = plan(job(status=admitted()), [pod(0), waiting], NONE, NONE, NOW, BackoffPolicy(binding_timeout=30))
+    assert early.status["phase"] == Phase.STARTING
+    assert early.requeue_after == pytest.approx(25)
+    late = plan(job(status=admitted()), [pod(0), waiting], NONE, NONE, NOW + 30, BackoffPolicy(binding_timeout=30))
+    assert late.status["phase"] == Phase.QUEUED
+
+
+def test_restarting_waits_for_old_pods_then_backoff_then_requeues() -> None:
+    status = {"phase": Phase.RESTARTING, "attempt": 1, "restarts": 1, "nextRestartTime": timestamp(NOW + 5)}
+    with_pods = plan(job(status=status), [pod(0, attempt=0)], NONE, NONE, NOW)
+    assert with_pods.status["phase"] == Phase.RESTARTING
+    assert with_pods.delete_pods == ("j-node-0",)
+    waiting = plan(job(status=status), [], NONE, NONE, NOW)
+    assert waiting.status["phase"] == Phase.RESTARTING
+    assert waiting.requeue_after == pytest.approx(5)
+    due = plan(job(status=status), [], NONE, NONE, NOW + 5)
+    assert due.status["phase"] == Phase.QUEUED
+    assert due.wake_scheduler
+
+
+def test_deadline() -> None:
+    status = admitted(Phase.RUNNING)
+    before = plan(job(status=status, active_deadline_seconds=60), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert before.status["phase"] == Phase.RUNNING
+    assert before.requeue_after == pytest.approx(50)
+    after = plan(job(status=status, active_deadline_seconds=5), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert after.status["phase"] == Phase.FAILED
+    assert [c for c in after.status["conditions"] if c["type"] == "Failed"][0]["reason"] == Reason.DEADLINE_EXCEEDED
+    assert set(after.delete_pods) == {"j-node-0", "j-node-1"}
+
+
+def test_ttl_after_finished() -> None:
+    status = {"phase": Phase.SUCCEEDED, "completionTime": timestamp(NOW - 10)}
+    waiting = plan(job(status=status, ttl_seconds_after_finished=60), [], NONE, NONE, NOW)
+    assert not waiting.delete_job
+    assert waiting.requeue_after == pytest.approx(50)
+    due = plan(job(status=status, ttl_seconds_after_finished=5), [], NONE, NONE, NOW)
+    assert due.delete_job
+    kept = plan(job(status=status), [], NONE, NONE, NOW)
+    assert not kept.delete_job
+    assert kept.requeue_after is None
+
+
+def test_suspend_and_resume() -> None:
+    suspended = plan(job(status=admitted(Phase.RUNNING), suspend=True), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert suspended.status["phase"] == Phase.SUSPENDED
+    assert set(suspended.delete_pods) == {"j-node-0", "j-node-1"}
+    assert "placement" not in suspended.status
+    assert "startTime" not in suspended.status
+    assert suspended.status["attempt"] == 1
+    assert suspended.wake_scheduler
+    resumed = plan(job(status=suspended.status), [], NONE, NONE, NOW)
+    assert resumed.status["phase"] == Phase.QUEUED
+    assert condition_status(resumed.status["conditions"], "Suspended") == "False"
+    queued_then_suspended = plan(job(Phase.QUEUED, suspend=True), [], NONE, NONE, NOW)
+    assert queued_then_suspended.status["phase"] == Phase.SUSPENDED
+
+
+def test_pods_of_an_older_attempt_are_deleted() -> None:
+    result = plan(job(status=admitted(attempt=2)), [pod(0, attempt=1), pod(0, attempt=2)], NONE, NONE, NOW)
+    assert result.delete_pods == ("j-node-0",)
+    assert result.create_ranks == (1,)
+
+
+def test_failed_job_stops_what_still_runs() -> None:
+    result = plan(job(Phase.FAILED), [pod(0), pod(1, "Failed")], NONE, NONE, NOW)
+    assert result.delete_pods == ("j-node-0",)
+
+
+def test_condition_transition_time_is_kept_when_status_does_not_change() -> None:
+    first = plan(job(status=admitted()), [pod(0), pod(1)], NONE, NONE, NOW)
+    second = plan(job(status=first.status), [pod(0), pod(1)], NONE, NONE, NOW + 100)
+    running = [c for c in second.status["conditions"] if c["type"] == "Running"][0]
+    assert running["lastTransitionTime"] == timestamp(NOW)
+    assert second.events == []
+
+
+def test_pod_view_reads_labels_exit_codes_and_scheduling() -> None:
+    raw = {
+        "metadata": {
+            "name": "j-node-1",
+            "labels": {"largo.dev/node-rank": "1", "largo.dev/attempt": "3"},
+            "deletionTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": {"nodeName": None},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"name": "sidecar", "state": {"terminated": {"exitCode": 0}}},
+                {"name": "trainer", "state": {"terminated": {"exitCode": 3}}},
+            ],
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "lastTransitionTime": timestamp(NOW),
+                    "message": "0/2 nodes",
+                }
+            ],
+        },
+    }
+    view = pod_view(raw)
+    assert view is not None
+    assert (view.rank, view.attempt, view.exit_code, view.terminating) == (1, 3, 3, True)
+    assert view.unschedulable_since == NOW
+    assert view.unschedulable_message == "0/2 nodes"
+    assert pod_view({"metadata": {"name": "x", "labels": {}}}) is None

@@ -1,0 +1,268 @@
+"""Conversion of raw Kubernetes dicts into scheduling inputs."""
+
+from typing import Any
+
+import pytest
+
+from largo.sched.inventory import (
+    add_usage,
+    free_by_node,
+    node_info,
+    pod_holds_resources,
+    pod_requests,
+    reserve,
+    taints_from,
+    tolerations_from,
+    usage_by_node,
+)
+from largo.sched.types import NodeInfo, Placement, Taint, Toleration
+
+GI = 2**30
+
+
+def raw_node(name: str = "node-a", **overrides: Any) -> dict[str, Any]:
+    node: dict[str, Any] = {
+        "metadata": {"name": name, "labels": {"rack": "r1"}},
+        "spec": {},
+        "status": {
+            "allocatable": {"cpu": "31500m", "memory": "250Gi", "nvidia.com/gpu": "8", "pods": "110"},
+            "conditions": [
+                {"type": "MemoryPressure", "status": "False"},
+                {"type": "Ready", "status": "True"},
+            ],
+        },
+    }
+    for key, value in overrides.items():
+        node[key] = value
+    return node
+
+
+def test_node_info_ready_node() -> None:
+    info = node_info(raw_node())
+    assert info.name == "node-a"
+    assert info.allocatable == {"cpu": 31500, "memory": 250 * GI, "nvidia.com/gpu": 8, "pods": 110}
+    assert info.labels == {"rack": "r1"}
+    assert info.taints == ()
+    assert info.ready
+    assert not info.unschedulable
+    assert info.usable
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [
+        [{"type": "Ready", "status": "False"}],
+        [{"type": "Ready", "status": "Unknown"}],
+        [{"type": "MemoryPressure", "status": "True"}],
+        [],
+        None,
+    ],
+)
+def test_node_info_not_ready(conditions: Any) -> None:
+    node = raw_node()
+    node["status"]["conditions"] = conditions
+    info = node_info(node)
+    assert not info.ready
+    assert not info.usable
+
+
+def test_node_info_cordoned_and_tainted() -> None:
+    node = raw_node(
+        spec={
+            "unschedulable": True,
+            "taints": [
+                {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},
+                {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule", "timeAdded": None},
+            ],
+        }
+    )
+    info = node_info(node)
+    assert info.unschedulable
+    assert not info.usable
+    assert info.taints == (
+        Taint("nvidia.com/gpu", "present", "NoSchedule"),
+        Taint("node.kubernetes.io/unschedulable", "", "NoSchedule"),
+    )
+
+
+def test_node_info_tolerates_missing_sections() -> None:
+    info = node_info({"metadata": {"name": "bare"}})
+    assert info == NodeInfo("bare", {}, {}, (), False, False)
+
+
+def test_node_info_rejects_bad_quantity() -> None:
+    node = raw_node()
+    node["status"]["allocatable"]["nvidia.com/gpu"] = "eight"
+    with pytest.raises(ValueError, match="eight"):
+        node_info(node)
+
+
+def test_taints_and_tolerations_from() -> None:
+    assert taints_from(None) == ()
+    assert tolerations_from(None) == ()
+    assert tolerations_from(
+        [
+            {"operator": "Exists"},
+            {"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"},
+            {"key": "dedicated", "value": "ml"},
+            {"key": "x", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+        ]
+    ) == (
+        Toleration(None, "Exists", "", None),
+        Toleration("gpu", "Equal", "yes", "NoSchedule"),
+        Toleration("dedicated", "Equal", "ml", None),
+        Toleration("x", "Exists", "", "NoExecute"),
+    )
+
+
+def container(
+    requests: dict[str, Any] | None = None, limits: dict[str, Any] | None = None, **extra: Any
+) -> Any:
+    resources: dict[str, Any] = {}
+    if requests is not None:
+        resources["requests"] = requests
+    if limits is not None:
+        resources["limits"] = limits
+    return {"name": "c", "resources": resources, **extra}
+
+
+def pod(**spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "p"}, "spec": spec, "status": {"phase": "Running"}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param({"containers": [container()]}, {}, id="no-resources"),
+        pytest.param(
+            {
+                "containers": [
+                    container({"cpu": "500m", "memory": "1Gi"}),
+                    container({"cpu": "1", "memory": "1Gi"}),
+                ]
+            },
+            {"cpu": 1500, "memory": 2 * GI},
+            id="sum-of-containers",
+        ),
+        pytest.param(
+            {"containers": [container(limits={"cpu": "2", "nvidia.com/gpu": "8"})]},
+            {"cpu": 2000, "nvidia.com/gpu": 8},
+            id="limits-fallback",
+        ),
+        pytest.param(
+            {"containers": [container({"cpu": "1"}, {"cpu": "4", "memory": "8Gi"})]},
+            {"cpu": 1000, "memory": 8 * GI},
+            id="request-wins-limit-fills-gaps",
+        ),
+        pytest.param(
+            {
+                "initContainers": [container({"cpu": "4", "memory": "1Gi"}), container({"memory": "6Gi"})],
+                "containers": [
+                    container({"cpu": "1", "memory": "2Gi"}),
+                    container({"cpu": "1", "memory": "2Gi"}),
+                ],
+            },
+            {"cpu": 4000, "memory": 6 * GI},
+            id="init-container-max",
+        ),
+        pytest.param(
+            {
+                "initContainers": [container({"cpu": "100m"})],
+                "containers": [container({"cpu": "2"})],
+            },
+            {"cpu": 2000},
+            id="small-init-container",
+        ),
+        pytest.param(
+            {
+                "initContainers": [
+                    container({"cpu": "500m", "memory": "1Gi"}, restartPolicy="Always"),
+                    container({"cpu": "3"}),
+                ],
+                "containers": [container({"cpu": "1", "memory": "1Gi"})],
+            },
+            {"cpu": 3500, "memory": 2 * GI},
+            id="sidecar-adds-to-app-and-later-init",
+        ),
+        pytest.param(
+            {
+                "containers": [container({"cpu": "1"})],
+                "overhead": {"cpu": "250m", "memory": "120Mi"},
+            },
+            {"cpu": 1250, "memory": 120 * 2**20},
+            id="overhead",
+        ),
+        pytest.param({"containers": None, "initContainers": None}, {}, id="nulls"),
+    ],
+)
+def test_pod_requests(spec: dict[str, Any], expected: dict[str, int]) -> None:
+    assert pod_requests(pod(**spec)) == expected
+
+
+@pytest.mark.parametrize(
+    ("phase", "deleting", "holds"),
+    [
+        ("Pending", False, True),
+        ("Running", False, True),
+        ("Running", True, True),
+        ("Unknown", False, True),
+        (None, False, True),
+        ("Succeeded", False, False),
+        ("Failed", False, False),
+        ("Failed", True, False),
+    ],
+)
+def test_pod_holds_resources(phase: str | None, deleting: bool, holds: bool) -> None:
+    raw: dict[str, Any] = {"metadata": {}, "spec": {}, "status": {"phase": phase}}
+    if deleting:
+        raw["metadata"]["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+    assert pod_holds_resources(raw) is holds
+
+
+def bound_pod(node: str | None, phase: str, cpu: str, gpu: str = "0") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p"},
+        "spec": {"nodeName": node, "containers": [container({"cpu": cpu, "nvidia.com/gpu": gpu})]},
+        "status": {"phase": phase},
+    }
+
+
+def test_usage_by_node() -> None:
+    pods = [
+        bound_pod("a", "Running", "1", "4"),
+        bound_pod("a", "Pending", "500m", "2"),
+        bound_pod("a", "Succeeded", "8", "8"),
+        bound_pod("b", "Failed", "8", "8"),
+        bound_pod(None, "Pending", "8", "8"),
+        bound_pod("c", "Running", "2"),
+    ]
+    assert usage_by_node(pods) == {
+        "a": {"cpu": 1500, "nvidia.com/gpu": 6},
+        "c": {"cpu": 2000, "nvidia.com/gpu": 0},
+    }
+
+
+def test_add_usage_mutates_in_place() -> None:
+    usage: dict[str, dict[str, int]] = {"a": {"cpu": 1}}
+    add_usage(usage, "a", {"cpu": 2, "memory": 5})
+    add_usage(usage, "b", {"nvidia.com/gpu": 1})
+    assert usage == {"a": {"cpu": 3, "memory": 5}, "b": {"nvidia.com/gpu": 1}}
+
+
+def test_reserve_returns_new_mapping() -> None:
+    usage = {"a": {"nvidia.com/gpu": 2}}
+    result = reserve(usage, Placement("ns/j", ("a", "a", "b")), {"nvidia.com/gpu": 3, "cpu": 100})
+    assert result == {"a": {"nvidia.com/gpu": 8, "cpu": 200}, "b": {"nvidia.com/gpu": 3, "cpu": 100}}
+    assert usage == {"a": {"nvidia.com/gpu": 2}}
+
+
+def test_free_by_node() -> None:
+    nodes = [
+        NodeInfo("a", {"cpu": 8000, "nvidia.com/gpu": 8}, {}, (), True, False),
+        NodeInfo("b", {"cpu": 4000}, {}, (), False, False),
+    ]
+    usage = {"a": {"cpu": 9000, "nvidia.com/gpu": 3, "memory": 7}, "ghost": {"cpu": 1}}
+    assert free_by_node(nodes, usage) == {
+        "a": {"cpu": 0, "nvidia.com/gpu": 5},  # over-committed reads as 0, unknown resources dropped
+        "b": {"cpu": 4000},
+    }

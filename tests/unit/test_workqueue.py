@@ -1,0 +1,123 @@
+"""The keyed work queue: dedup, one worker per key, re-run after a wake-up during a run, delays."""
+
+from __future__ import annotations
+
+import asyncio
+
+from largo.controllers.workqueue import WorkQueue
+
+
+async def _drain(queue: WorkQueue[str], worker: object, until: asyncio.Event, concurrency: int = 4) -> None:
+    runner = asyncio.create_task(queue.run(worker, concurrency))  # type: ignore[arg-type]
+    await asyncio.wait_for(until.wait(), 5)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+
+
+def test_wakeups_of_one_key_collapse_into_one_run() -> None:
+    async def scenario() -> list[str]:
+        queue: WorkQueue[str] = WorkQueue()
+        seen: list[str] = []
+        done = asyncio.Event()
+
+        async def worker(key: str) -> None:
+            seen.append(key)
+            if len(seen) == 2:
+                done.set()
+
+        for _ in range(5):
+            queue.add("a")
+        queue.add("b")
+        await _drain(queue, worker, done)
+        return seen
+
+    assert sorted(asyncio.run(scenario())) == ["a", "b"]
+
+
+def test_a_key_is_never_processed_twice_at_once_and_reruns_when_woken_meanwhile() -> None:
+    async def scenario() -> tuple[int, int]:
+        queue: WorkQueue[str] = WorkQueue()
+        running = 0
+        most = 0
+        runs = 0
+        done = asyncio.Event()
+        first_started = asyncio.Event()
+
+        async def worker(key: str) -> None:
+            nonlocal running, most, runs
+            running += 1
+            most = max(most, running)
+            first_started.set()
+            await asyncio.sleep(0.01)
+            running -= 1
+            runs += 1
+            if runs == 2:
+                done.set()
+
+        queue.add("a")
+        runner = asyncio.create_task(queue.run(worker, 4))
+        await first_started.wait()
+        queue.add("a")  # woken while running: exactly one more run
+        queue.add("a")
+        await asyncio.wait_for(done.wait(), 5)
+        await asyncio.sleep(0.05)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        return most, runs
+
+    most, runs = asyncio.run(scenario())
+    assert most == 1
+    assert runs == 2
+
+
+def test_worker_result_schedules_the_next_look_and_failures_retry() -> None:
+    async def scenario() -> list[str]:
+        queue: WorkQueue[str] = WorkQueue()
+        seen: list[str] = []
+        done = asyncio.Event()
+
+        async def worker(key: str) -> float | None:
+            seen.append(key)
+            if len(seen) == 1:
+                return 0.01  # asks to come back
+            if len(seen) == 2:
+                raise RuntimeError("transient")
+            done.set()
+            return None
+
+        queue.add("a")
+        loop = asyncio.get_running_loop()
+        # The retry after a failure waits 5 s; pull it in so the test stays short.
+        original = queue.add_after
+
+        def quick(key: str, delay: float) -> None:
+            original(key, min(delay, 0.01))
+
+        queue.add_after = quick  # type: ignore[method-assign]
+        assert loop is not None
+        await _drain(queue, worker, done)
+        return seen
+
+    assert asyncio.run(scenario()) == ["a", "a", "a"]
+
+
+def test_earlier_delayed_wakeup_wins() -> None:
+    async def scenario() -> float:
+        queue: WorkQueue[str] = WorkQueue()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        fired = asyncio.Event()
+        fired_at = 0.0
+
+        async def worker(key: str) -> None:
+            nonlocal fired_at
+            fired_at = loop.time() - started
+            fired.set()
+
+        queue.add_after("a", 10)
+        queue.add_after("a", 0.01)
+        queue.add_after("a", 20)
+        await _drain(queue, worker, fired)
+        return fired_at
+
+    assert asyncio.run(scenario()) < 5
