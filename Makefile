@@ -33,13 +33,13 @@ integration: venv tools
 	$(BIN)/pytest tests/integration tests/e2e $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
-	cd operator && ../$(BIN)/mypy src ../tests ../bench
+	$(BIN)/ruff check --config operator/pyproject.toml operator tests bench
+	$(BIN)/ruff format --config operator/pyproject.toml --check operator tests bench
+	cd operator && ../$(BIN)/mypy src ../bench
 
 format: venv
-	$(BIN)/ruff check --fix operator tests bench
-	$(BIN)/ruff format operator tests bench
+	$(BIN)/ruff check --config operator/pyproject.toml --fix operator tests bench
+	$(BIN)/ruff format --config operator/pyproject.toml operator tests bench
 
 crds: venv
 	$(BIN)/python -m largo.api.crd --out crds

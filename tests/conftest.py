@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes import client, config
-
 from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +96,14 @@ class OperatorProcess:
         }
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "largo", "operator", "--liveness", f"http://127.0.0.1:{free_port()}/healthz"],
+            [
+                sys.executable,
+                "-m",
+                "largo",
+                "operator",
+                "--liveness",
+                f"http://127.0.0.1:{free_port()}/healthz",
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from kubernetes import client, watch
-
 from largo.dev.cluster import LocalCluster, NodePool, wait_for
 
 pytestmark = pytest.mark.integration
@@ -23,9 +22,19 @@ def _pod(name: str, gpus: int, node_selector: dict[str, str]) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {
             "nodeSelector": node_selector,
-            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+            "tolerations": [
+                {
+                    "key": "kwok.x-k8s.io/node",
+                    "operator": "Exists",
+                    "effect": "NoSchedule",
+                }
+            ],
             "containers": [
-                {"name": "main", "image": "busybox", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                }
             ],
         },
     }
@@ -57,8 +66,14 @@ def test_custom_resource_lifecycle(api: client.ApiClient, namespace: str) -> Non
                         "openAPIV3Schema": {
                             "type": "object",
                             "properties": {
-                                "spec": {"type": "object", "properties": {"size": {"type": "integer"}}},
-                                "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
+                                "spec": {
+                                    "type": "object",
+                                    "properties": {"size": {"type": "integer"}},
+                                },
+                                "status": {
+                                    "type": "object",
+                                    "properties": {"phase": {"type": "string"}},
+                                },
                             },
                         }
                     },
@@ -76,14 +91,29 @@ def test_custom_resource_lifecycle(api: client.ApiClient, namespace: str) -> Non
     wait_for(established, 30, "CRD Established")
     custom = client.CustomObjectsApi(api)
     # Watching from the list's resourceVersion replays every change made after it, in order.
-    since = custom.list_namespaced_custom_object(group, "v1", namespace, "widgets")["metadata"]["resourceVersion"]
+    since = custom.list_namespaced_custom_object(group, "v1", namespace, "widgets")["metadata"][
+        "resourceVersion"
+    ]
     custom.create_namespaced_custom_object(
-        group, "v1", namespace, "widgets", {"apiVersion": f"{group}/v1", "kind": "Widget",
-                                            "metadata": {"name": "w"}, "spec": {"size": 3}}
+        group,
+        "v1",
+        namespace,
+        "widgets",
+        {
+            "apiVersion": f"{group}/v1",
+            "kind": "Widget",
+            "metadata": {"name": "w"},
+            "spec": {"size": 3},
+        },
     )
     # Through the status subresource only the status changes, even when the patch also names spec.
     custom.patch_namespaced_custom_object_status(
-        group, "v1", namespace, "widgets", "w", {"status": {"phase": "Ready"}, "spec": {"size": 99}}
+        group,
+        "v1",
+        namespace,
+        "widgets",
+        "w",
+        {"status": {"phase": "Ready"}, "spec": {"size": 99}},
     )
     stream = watch.Watch()
     events = stream.stream(
@@ -116,7 +146,11 @@ def test_gpu_pods_are_bound_by_the_real_scheduler(
     core.create_namespaced_pod(namespace, _pod("fits", 2, selector))
     core.create_namespaced_pod(namespace, _pod("too-big", 9, selector))
 
-    wait_for(lambda: core.read_namespaced_pod("fits", namespace).status.phase == "Running", 60, "pod Running")
+    wait_for(
+        lambda: core.read_namespaced_pod("fits", namespace).status.phase == "Running",
+        60,
+        "pod Running",
+    )
     assert core.read_namespaced_pod("fits", namespace).spec.node_name in gpu_pool.node_names()
 
     def failed_scheduling() -> list[str]:
@@ -155,9 +189,17 @@ def test_controllers_run_and_garbage_collect(api: client.ApiClient, namespace: s
         return list(core.list_namespaced_pod(namespace, label_selector="app=web").items)
 
     wait_for(lambda: len(pods()) == 2, 60, "Deployment pods")
-    wait_for(lambda: all(p.status.phase == "Running" for p in pods()), 60, "Deployment pods Running")
+    wait_for(
+        lambda: all(p.status.phase == "Running" for p in pods()),
+        60,
+        "Deployment pods Running",
+    )
     apps.delete_namespaced_deployment("web", namespace, propagation_policy="Background")
-    wait_for(lambda: not apps.list_namespaced_replica_set(namespace).items, 60, "ReplicaSet collected")
+    wait_for(
+        lambda: not apps.list_namespaced_replica_set(namespace).items,
+        60,
+        "ReplicaSet collected",
+    )
     wait_for(lambda: not pods(), 60, "pods collected")
 
 
@@ -182,7 +224,11 @@ def test_cli_starts_from_nothing_and_leaves_no_process(tmp_path: Path, cluster: 
     largo = [sys.executable, "-m", "largo", "dev"]
     up = subprocess.run(
         [*largo, "up", "--detach", "--nodes", "1", "--workdir", str(workdir)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert up.returncode == 0, up.stderr
     try:
@@ -190,19 +236,36 @@ def test_cli_starts_from_nothing_and_leaves_no_process(tmp_path: Path, cluster: 
         # supervisor, etcd, kube-apiserver, controller-manager, scheduler, kwok
         assert len(components) >= 6, components
         status = subprocess.run(
-            [*largo, "status", "--workdir", str(workdir)], env=env, capture_output=True, text=True, check=False
+            [*largo, "status", "--workdir", str(workdir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert status.returncode == 0, status.stdout + status.stderr
         assert "gpu-node-0" in status.stdout
         kubeconfig = (workdir / "ready").read_text()
         version = subprocess.run(
-            [cluster.tools.path("kubectl"), "--kubeconfig", kubeconfig, "get", "--raw", "/version"],
-            capture_output=True, text=True, check=True,
+            [
+                cluster.tools.path("kubectl"),
+                "--kubeconfig",
+                kubeconfig,
+                "get",
+                "--raw",
+                "/version",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         assert json.loads(version.stdout)["gitVersion"].startswith("v1.36.")
     finally:
         down = subprocess.run(
-            [*largo, "down", "--workdir", str(workdir)], env=env, capture_output=True, text=True, check=False
+            [*largo, "down", "--workdir", str(workdir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
     assert down.returncode == 0, down.stderr
     wait_for(lambda: not _processes_under(workdir), 30, "every cluster process to exit")

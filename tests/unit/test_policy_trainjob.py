@@ -5,17 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
+from largo.api.v1alpha1 import Phase, Reason
 from largo.policy.conditions import condition_status, timestamp
-from largo.policy.trainjob import (
-    BackoffPolicy,
-    JobView,
-    Phase,
-    PodView,
-    Reason,
-    plan,
-    pod_view,
-)
+from largo.policy.trainjob import BackoffPolicy, JobView, PodView, plan, pod_view
 
 NOW = 1_800_000_000.0
 NONE: frozenset[str] = frozenset()
@@ -39,7 +31,14 @@ def admitted(phase: Phase = Phase.STARTING, attempt: int = 0, **extra: Any) -> d
 
 
 def pod(rank: int, phase: str = "Running", attempt: int = 0, **extra: Any) -> PodView:
-    return PodView(name=f"j-node-{rank}", rank=rank, attempt=attempt, phase=phase, node_name=f"n{rank}", **extra)
+    return PodView(
+        name=f"j-node-{rank}",
+        rank=rank,
+        attempt=attempt,
+        phase=phase,
+        node_name=f"n{rank}",
+        **extra,
+    )
 
 
 def test_new_job_is_queued_and_wakes_the_scheduler() -> None:
@@ -74,9 +73,21 @@ def test_all_pods_running_makes_the_job_running() -> None:
 
 
 def test_success_needs_every_pod_of_the_attempt() -> None:
-    one_done = plan(job(status=admitted(Phase.RUNNING)), [pod(0, "Succeeded"), pod(1)], NONE, NONE, NOW)
+    one_done = plan(
+        job(status=admitted(Phase.RUNNING)),
+        [pod(0, "Succeeded"), pod(1)],
+        NONE,
+        NONE,
+        NOW,
+    )
     assert one_done.status["phase"] == Phase.RUNNING
-    both = plan(job(status=admitted(Phase.RUNNING)), [pod(0, "Succeeded"), pod(1, "Succeeded")], NONE, NONE, NOW)
+    both = plan(
+        job(status=admitted(Phase.RUNNING)),
+        [pod(0, "Succeeded"), pod(1, "Succeeded")],
+        NONE,
+        NONE,
+        NOW,
+    )
     assert both.status["phase"] == Phase.SUCCEEDED
     assert both.status["completionTime"] == timestamp(NOW)
     assert condition_status(both.status["conditions"], "Complete") == "True"
@@ -105,9 +116,15 @@ def test_backoff_grows_and_is_capped(restarts: int, delay: float) -> None:
 
 def test_backoff_limit_fails_the_job() -> None:
     status = admitted(Phase.RUNNING, restarts=3)
-    result = plan(job(status=status, backoff_limit=3), [pod(0, "Failed", exit_code=1), pod(1)], NONE, NONE, NOW)
+    result = plan(
+        job(status=status, backoff_limit=3),
+        [pod(0, "Failed", exit_code=1), pod(1)],
+        NONE,
+        NONE,
+        NOW,
+    )
     assert result.status["phase"] == Phase.FAILED
-    failed = [c for c in result.status["conditions"] if c["type"] == "Failed"][0]
+    failed = next(c for c in result.status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == Reason.BACKOFF_LIMIT_EXCEEDED
     assert "j-node-1" in result.delete_pods
 
@@ -131,15 +148,24 @@ def test_exit_code_policy(permanent: set[int], retryable: set[int], code: int, p
     result = plan(view, [pod(0, "Failed", exit_code=code), pod(1)], NONE, NONE, NOW)
     assert result.status["phase"] == phase
     if phase == Phase.FAILED:
-        failed = [c for c in result.status["conditions"] if c["type"] == "Failed"][0]
+        failed = next(c for c in result.status["conditions"] if c["type"] == "Failed")
         assert failed["reason"] == Reason.PERMANENT_EXIT_CODE
 
 
 def test_lost_node_restarts_and_force_deletes() -> None:
-    result = plan(job(status=admitted(Phase.RUNNING)), [pod(0), pod(1)], frozenset({"n1"}), frozenset({"n1"}), NOW)
+    result = plan(
+        job(status=admitted(Phase.RUNNING)),
+        [pod(0), pod(1)],
+        frozenset({"n1"}),
+        frozenset({"n1"}),
+        NOW,
+    )
     assert result.status["phase"] == Phase.RESTARTING
     assert result.force_delete
-    assert [c for c in result.status["conditions"] if c["type"] == "Restarting"][0]["reason"] == Reason.NODE_LOST
+    assert (
+        next(c for c in result.status["conditions"] if c["type"] == "Restarting")["reason"]
+        == Reason.NODE_LOST
+    )
 
 
 def test_vanished_pod_of_a_running_job_is_a_failure() -> None:
@@ -158,16 +184,43 @@ def test_unbound_pod_on_unusable_node_releases_the_gang_without_a_restart() -> N
 
 
 def test_binding_timeout() -> None:
-    waiting = PodView("j-node-1", 1, 0, "Pending", None, unschedulable_since=NOW - 5, unschedulable_message="taint")
-    early = plan(job(status=admitted()), [pod(0), waiting], NONE, NONE, NOW, BackoffPolicy(binding_timeout=30))
+    waiting = PodView(
+        "j-node-1",
+        1,
+        0,
+        "Pending",
+        None,
+        unschedulable_since=NOW - 5,
+        unschedulable_message="taint",
+    )
+    early = plan(
+        job(status=admitted()),
+        [pod(0), waiting],
+        NONE,
+        NONE,
+        NOW,
+        BackoffPolicy(binding_timeout=30),
+    )
     assert early.status["phase"] == Phase.STARTING
     assert early.requeue_after == pytest.approx(25)
-    late = plan(job(status=admitted()), [pod(0), waiting], NONE, NONE, NOW + 30, BackoffPolicy(binding_timeout=30))
+    late = plan(
+        job(status=admitted()),
+        [pod(0), waiting],
+        NONE,
+        NONE,
+        NOW + 30,
+        BackoffPolicy(binding_timeout=30),
+    )
     assert late.status["phase"] == Phase.QUEUED
 
 
 def test_restarting_waits_for_old_pods_then_backoff_then_requeues() -> None:
-    status = {"phase": Phase.RESTARTING, "attempt": 1, "restarts": 1, "nextRestartTime": timestamp(NOW + 5)}
+    status = {
+        "phase": Phase.RESTARTING,
+        "attempt": 1,
+        "restarts": 1,
+        "nextRestartTime": timestamp(NOW + 5),
+    }
     with_pods = plan(job(status=status), [pod(0, attempt=0)], NONE, NONE, NOW)
     assert with_pods.status["phase"] == Phase.RESTARTING
     assert with_pods.delete_pods == ("j-node-0",)
@@ -181,12 +234,21 @@ def test_restarting_waits_for_old_pods_then_backoff_then_requeues() -> None:
 
 def test_deadline() -> None:
     status = admitted(Phase.RUNNING)
-    before = plan(job(status=status, active_deadline_seconds=60), [pod(0), pod(1)], NONE, NONE, NOW)
+    before = plan(
+        job(status=status, active_deadline_seconds=60),
+        [pod(0), pod(1)],
+        NONE,
+        NONE,
+        NOW,
+    )
     assert before.status["phase"] == Phase.RUNNING
     assert before.requeue_after == pytest.approx(50)
     after = plan(job(status=status, active_deadline_seconds=5), [pod(0), pod(1)], NONE, NONE, NOW)
     assert after.status["phase"] == Phase.FAILED
-    assert [c for c in after.status["conditions"] if c["type"] == "Failed"][0]["reason"] == Reason.DEADLINE_EXCEEDED
+    assert (
+        next(c for c in after.status["conditions"] if c["type"] == "Failed")["reason"]
+        == Reason.DEADLINE_EXCEEDED
+    )
     assert set(after.delete_pods) == {"j-node-0", "j-node-1"}
 
 
@@ -203,7 +265,13 @@ def test_ttl_after_finished() -> None:
 
 
 def test_suspend_and_resume() -> None:
-    suspended = plan(job(status=admitted(Phase.RUNNING), suspend=True), [pod(0), pod(1)], NONE, NONE, NOW)
+    suspended = plan(
+        job(status=admitted(Phase.RUNNING), suspend=True),
+        [pod(0), pod(1)],
+        NONE,
+        NONE,
+        NOW,
+    )
     assert suspended.status["phase"] == Phase.SUSPENDED
     assert set(suspended.delete_pods) == {"j-node-0", "j-node-1"}
     assert "placement" not in suspended.status
@@ -218,7 +286,13 @@ def test_suspend_and_resume() -> None:
 
 
 def test_pods_of_an_older_attempt_are_deleted() -> None:
-    result = plan(job(status=admitted(attempt=2)), [pod(0, attempt=1), pod(0, attempt=2)], NONE, NONE, NOW)
+    result = plan(
+        job(status=admitted(attempt=2)),
+        [pod(0, attempt=1), pod(0, attempt=2)],
+        NONE,
+        NONE,
+        NOW,
+    )
     assert result.delete_pods == ("j-node-0",)
     assert result.create_ranks == (1,)
 
@@ -231,7 +305,7 @@ def test_failed_job_stops_what_still_runs() -> None:
 def test_condition_transition_time_is_kept_when_status_does_not_change() -> None:
     first = plan(job(status=admitted()), [pod(0), pod(1)], NONE, NONE, NOW)
     second = plan(job(status=first.status), [pod(0), pod(1)], NONE, NONE, NOW + 100)
-    running = [c for c in second.status["conditions"] if c["type"] == "Running"][0]
+    running = next(c for c in second.status["conditions"] if c["type"] == "Running")
     assert running["lastTransitionTime"] == timestamp(NOW)
     assert second.events == []
 
@@ -262,7 +336,12 @@ def test_pod_view_reads_labels_exit_codes_and_scheduling() -> None:
     }
     view = pod_view(raw)
     assert view is not None
-    assert (view.rank, view.attempt, view.exit_code, view.terminating) == (1, 3, 3, True)
+    assert (view.rank, view.attempt, view.exit_code, view.terminating) == (
+        1,
+        3,
+        3,
+        True,
+    )
     assert view.unschedulable_since == NOW
     assert view.unschedulable_message == "0/2 nodes"
     assert pod_view({"metadata": {"name": "x", "labels": {}}}) is None

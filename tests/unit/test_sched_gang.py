@@ -3,7 +3,6 @@
 from collections.abc import Mapping, Sequence
 
 import pytest
-
 from largo.sched.gang import place, schedule
 from largo.sched.inventory import free_by_node, reserve
 from largo.sched.types import (
@@ -31,7 +30,12 @@ def node(
     unschedulable: bool = False,
 ) -> NodeInfo:
     return NodeInfo(
-        name, {"cpu": cpu, "memory": 512 * GI, GPU: gpu}, dict(labels or {}), taints, ready, unschedulable
+        name,
+        {"cpu": cpu, "memory": 512 * GI, GPU: gpu},
+        dict(labels or {}),
+        taints,
+        ready,
+        unschedulable,
     )
 
 
@@ -118,10 +122,21 @@ def test_place_node_missing_from_free_has_nothing() -> None:
         (node("a", labels={"pool": "cpu"}), "selector mismatch"),
         (node("a", labels={}), "selector label missing"),
         (
-            node("a", labels={"pool": "gpu"}, taints=(Taint("dedicated", "infra", "NoSchedule"),)),
+            node(
+                "a",
+                labels={"pool": "gpu"},
+                taints=(Taint("dedicated", "infra", "NoSchedule"),),
+            ),
             "NoSchedule",
         ),
-        (node("a", labels={"pool": "gpu"}, taints=(Taint("dedicated", "infra", "NoExecute"),)), "NoExecute"),
+        (
+            node(
+                "a",
+                labels={"pool": "gpu"},
+                taints=(Taint("dedicated", "infra", "NoExecute"),),
+            ),
+            "NoExecute",
+        ),
     ],
 )
 def test_place_excludes_ineligible_nodes(bad: NodeInfo, why: str) -> None:
@@ -143,16 +158,31 @@ def test_place_prefer_no_schedule_taint_is_ignored() -> None:
     ("tolerations", "fits"),
     [
         ((), False),
-        ((Toleration("nvidia.com/gpu", "Exists"),), False),  # second taint still untolerated
-        ((Toleration("nvidia.com/gpu", "Exists"), Toleration("team", "Equal", "ml")), True),
+        (
+            (Toleration("nvidia.com/gpu", "Exists"),),
+            False,
+        ),  # second taint still untolerated
+        (
+            (Toleration("nvidia.com/gpu", "Exists"), Toleration("team", "Equal", "ml")),
+            True,
+        ),
         ((Toleration(None, "Exists"),), True),
-        ((Toleration("nvidia.com/gpu", "Exists"), Toleration("team", "Equal", "web")), False),
+        (
+            (
+                Toleration("nvidia.com/gpu", "Exists"),
+                Toleration("team", "Equal", "web"),
+            ),
+            False,
+        ),
     ],
 )
 def test_place_requires_all_blocking_taints_tolerated(
     tolerations: tuple[Toleration, ...], fits: bool
 ) -> None:
-    taints = (Taint("nvidia.com/gpu", "present", "NoSchedule"), Taint("team", "ml", "NoExecute"))
+    taints = (
+        Taint("nvidia.com/gpu", "present", "NoSchedule"),
+        Taint("team", "ml", "NoExecute"),
+    )
     nodes = [node("a", taints=taints)]
     request = gang("ns/j", tolerations=tolerations)
     assert (place(nodes, free_of(nodes), request) is not None) is fits
@@ -230,7 +260,11 @@ def test_required_topology_domain_tie_broken_by_name() -> None:
 
 def test_preferred_topology_uses_one_rack_when_possible() -> None:
     nodes = racks()
-    result = place(nodes, free_of(nodes), gang("ns/j", pods=2, gpu=8, preferred_topology_key="rack"))
+    result = place(
+        nodes,
+        free_of(nodes),
+        gang("ns/j", pods=2, gpu=8, preferred_topology_key="rack"),
+    )
     assert result == Placement("ns/j", ("r1-a", "r1-b"))
 
 
@@ -248,7 +282,9 @@ def test_preferred_topology_falls_back_across_racks() -> None:
 def test_two_twelve_gpu_jobs_on_two_nodes() -> None:
     nodes = [node("node-a"), node("node-b")]
     decision = schedule(
-        nodes, {}, [gang("ns/first", 2, 6, arrival=1.0), gang("ns/second", 2, 6, arrival=2.0)]
+        nodes,
+        {},
+        [gang("ns/first", 2, 6, arrival=1.0), gang("ns/second", 2, 6, arrival=2.0)],
     )
     assert admitted(decision) == {"ns/first": ("node-a", "node-b")}
     waiting = by_key(decision)["ns/second"]
@@ -262,7 +298,9 @@ def test_two_twelve_gpu_jobs_on_two_nodes() -> None:
 def test_higher_priority_later_arrival_goes_first() -> None:
     nodes = [node("a")]
     decision = schedule(
-        nodes, {}, [gang("ns/old", arrival=1.0), gang("ns/urgent", priority=10, arrival=99.0)]
+        nodes,
+        {},
+        [gang("ns/old", arrival=1.0), gang("ns/urgent", priority=10, arrival=99.0)],
     )
     assert admitted(decision) == {"ns/urgent": ("a",)}
     assert by_key(decision)["ns/old"].reason is WaitReason.InsufficientCapacity
@@ -270,7 +308,11 @@ def test_higher_priority_later_arrival_goes_first() -> None:
 
 def test_arrival_then_key_order() -> None:
     nodes = [node("a")]
-    queue = [gang("ns/b", arrival=5.0), gang("ns/c", arrival=4.0), gang("ns/a", arrival=5.0)]
+    queue = [
+        gang("ns/b", arrival=5.0),
+        gang("ns/c", arrival=4.0),
+        gang("ns/a", arrival=5.0),
+    ]
     decision = schedule(nodes, {}, queue)
     assert admitted(decision) == {"ns/c": ("a",)}
     assert [(w.key, w.position) for w in decision.waiting] == [("ns/a", 1), ("ns/b", 2)]
@@ -278,7 +320,10 @@ def test_arrival_then_key_order() -> None:
 
 def test_unschedulable_does_not_block_smaller_job() -> None:
     nodes = [node("a"), node("b")]
-    queue = [gang("ns/huge", pods=3, gpu=8, priority=5), gang("ns/small", pods=1, gpu=8)]
+    queue = [
+        gang("ns/huge", pods=3, gpu=8, priority=5),
+        gang("ns/small", pods=1, gpu=8),
+    ]
     decision = schedule(nodes, {}, queue)
     assert admitted(decision) == {"ns/small": ("a",)}
     huge = by_key(decision)["ns/huge"]
@@ -301,7 +346,10 @@ def test_unschedulable_when_pod_exceeds_every_node() -> None:
     [
         ([node("a", ready=False)], "1 not ready or cordoned"),
         ([node("a", unschedulable=True)], "1 not ready or cordoned"),
-        ([node("a", taints=(Taint("dedicated", "infra", "NoSchedule"),))], "dedicated=infra:NoSchedule"),
+        (
+            [node("a", taints=(Taint("dedicated", "infra", "NoSchedule"),))],
+            "dedicated=infra:NoSchedule",
+        ),
         ([node("a")], "without label rack"),
         ([], "of 0 nodes"),
     ],
@@ -315,7 +363,9 @@ def test_unschedulable_explains_filtering(nodes: list[NodeInfo], expected: str) 
 
 def test_unschedulable_explains_selector() -> None:
     decision = schedule(
-        [node("a", labels={"pool": "cpu"})], {}, [gang("ns/j", node_selector={"pool": "gpu"})]
+        [node("a", labels={"pool": "cpu"})],
+        {},
+        [gang("ns/j", node_selector={"pool": "gpu"})],
     )
     assert "1 not matching nodeSelector pool=gpu" in decision.waiting[0].message
 
@@ -334,15 +384,26 @@ def test_strict_blocking_small_job_waits_behind_big_job() -> None:
     decision = schedule(nodes, usage, queue)
     assert decision.admitted == ()
     big, small = decision.waiting
-    assert (big.key, big.position, big.reason) == ("ns/big", 1, WaitReason.InsufficientCapacity)
-    assert (small.key, small.position, small.reason) == ("ns/small", 2, WaitReason.WaitingForHigherPriority)
+    assert (big.key, big.position, big.reason) == (
+        "ns/big",
+        1,
+        WaitReason.InsufficientCapacity,
+    )
+    assert (small.key, small.position, small.reason) == (
+        "ns/small",
+        2,
+        WaitReason.WaitingForHigherPriority,
+    )
     assert "ns/big" in small.message
 
 
 def test_blocked_job_that_does_not_fit_either_is_insufficient() -> None:
     nodes = [node("a"), node("b")]
     usage = {"a": {GPU: 4}, "b": {GPU: 4}}
-    queue = [gang("ns/big", pods=2, gpu=8, arrival=1), gang("ns/mid", pods=1, gpu=6, arrival=2)]
+    queue = [
+        gang("ns/big", pods=2, gpu=8, arrival=1),
+        gang("ns/mid", pods=1, gpu=6, arrival=2),
+    ]
     decision = schedule(nodes, usage, queue)
     mid = by_key(decision)["ns/mid"]
     assert mid.reason is WaitReason.InsufficientCapacity
@@ -386,7 +447,10 @@ def test_reservations_within_one_call() -> None:
 
 def test_reservations_account_for_cpu_too() -> None:
     nodes = [node("a", cpu=4000)]
-    queue = [gang("ns/x", gpu=1, cpu=3000, arrival=1), gang("ns/y", gpu=1, cpu=2000, arrival=2)]
+    queue = [
+        gang("ns/x", gpu=1, cpu=3000, arrival=1),
+        gang("ns/y", gpu=1, cpu=2000, arrival=2),
+    ]
     decision = schedule(nodes, {}, queue)
     assert admitted(decision) == {"ns/x": ("a",)}
     waiting = by_key(decision)["ns/y"]

@@ -3,7 +3,6 @@
 from typing import Any
 
 import pytest
-
 from largo.sched.inventory import (
     add_usage,
     free_by_node,
@@ -25,7 +24,12 @@ def raw_node(name: str = "node-a", **overrides: Any) -> dict[str, Any]:
         "metadata": {"name": name, "labels": {"rack": "r1"}},
         "spec": {},
         "status": {
-            "allocatable": {"cpu": "31500m", "memory": "250Gi", "nvidia.com/gpu": "8", "pods": "110"},
+            "allocatable": {
+                "cpu": "31500m",
+                "memory": "250Gi",
+                "nvidia.com/gpu": "8",
+                "pods": "110",
+            },
             "conditions": [
                 {"type": "MemoryPressure", "status": "False"},
                 {"type": "Ready", "status": "True"},
@@ -40,7 +44,12 @@ def raw_node(name: str = "node-a", **overrides: Any) -> dict[str, Any]:
 def test_node_info_ready_node() -> None:
     info = node_info(raw_node())
     assert info.name == "node-a"
-    assert info.allocatable == {"cpu": 31500, "memory": 250 * GI, "nvidia.com/gpu": 8, "pods": 110}
+    assert info.allocatable == {
+        "cpu": 31500,
+        "memory": 250 * GI,
+        "nvidia.com/gpu": 8,
+        "pods": 110,
+    }
     assert info.labels == {"rack": "r1"}
     assert info.taints == ()
     assert info.ready
@@ -72,7 +81,11 @@ def test_node_info_cordoned_and_tainted() -> None:
             "unschedulable": True,
             "taints": [
                 {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},
-                {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule", "timeAdded": None},
+                {
+                    "key": "node.kubernetes.io/unschedulable",
+                    "effect": "NoSchedule",
+                    "timeAdded": None,
+                },
             ],
         }
     )
@@ -105,7 +118,12 @@ def test_taints_and_tolerations_from() -> None:
             {"operator": "Exists"},
             {"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"},
             {"key": "dedicated", "value": "ml"},
-            {"key": "x", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+            {
+                "key": "x",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 30,
+            },
         ]
     ) == (
         Toleration(None, "Exists", "", None),
@@ -116,7 +134,9 @@ def test_taints_and_tolerations_from() -> None:
 
 
 def container(
-    requests: dict[str, Any] | None = None, limits: dict[str, Any] | None = None, **extra: Any
+    requests: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> Any:
     resources: dict[str, Any] = {}
     if requests is not None:
@@ -156,7 +176,10 @@ def pod(**spec: Any) -> dict[str, Any]:
         ),
         pytest.param(
             {
-                "initContainers": [container({"cpu": "4", "memory": "1Gi"}), container({"memory": "6Gi"})],
+                "initContainers": [
+                    container({"cpu": "4", "memory": "1Gi"}),
+                    container({"memory": "6Gi"}),
+                ],
                 "containers": [
                     container({"cpu": "1", "memory": "2Gi"}),
                     container({"cpu": "1", "memory": "2Gi"}),
@@ -222,7 +245,10 @@ def test_pod_holds_resources(phase: str | None, deleting: bool, holds: bool) -> 
 def bound_pod(node: str | None, phase: str, cpu: str, gpu: str = "0") -> dict[str, Any]:
     return {
         "metadata": {"name": "p"},
-        "spec": {"nodeName": node, "containers": [container({"cpu": cpu, "nvidia.com/gpu": gpu})]},
+        "spec": {
+            "nodeName": node,
+            "containers": [container({"cpu": cpu, "nvidia.com/gpu": gpu})],
+        },
         "status": {"phase": phase},
     }
 
@@ -252,7 +278,10 @@ def test_add_usage_mutates_in_place() -> None:
 def test_reserve_returns_new_mapping() -> None:
     usage = {"a": {"nvidia.com/gpu": 2}}
     result = reserve(usage, Placement("ns/j", ("a", "a", "b")), {"nvidia.com/gpu": 3, "cpu": 100})
-    assert result == {"a": {"nvidia.com/gpu": 8, "cpu": 200}, "b": {"nvidia.com/gpu": 3, "cpu": 100}}
+    assert result == {
+        "a": {"nvidia.com/gpu": 8, "cpu": 200},
+        "b": {"nvidia.com/gpu": 3, "cpu": 100},
+    }
     assert usage == {"a": {"nvidia.com/gpu": 2}}
 
 
@@ -263,6 +292,9 @@ def test_free_by_node() -> None:
     ]
     usage = {"a": {"cpu": 9000, "nvidia.com/gpu": 3, "memory": 7}, "ghost": {"cpu": 1}}
     assert free_by_node(nodes, usage) == {
-        "a": {"cpu": 0, "nvidia.com/gpu": 5},  # over-committed reads as 0, unknown resources dropped
+        "a": {
+            "cpu": 0,
+            "nvidia.com/gpu": 5,
+        },  # over-committed reads as 0, unknown resources dropped
         "b": {"cpu": 4000},
     }

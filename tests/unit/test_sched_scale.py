@@ -5,10 +5,16 @@ import time
 from collections.abc import Sequence
 
 import pytest
-
 from largo.sched.gang import place, schedule
 from largo.sched.inventory import free_by_node
-from largo.sched.types import BLOCKING_EFFECTS, GangRequest, NodeInfo, Taint, Toleration, WaitReason
+from largo.sched.types import (
+    BLOCKING_EFFECTS,
+    GangRequest,
+    NodeInfo,
+    Taint,
+    Toleration,
+    WaitReason,
+)
 
 GPU = "nvidia.com/gpu"
 GI = 2**30
@@ -22,7 +28,11 @@ def cluster(rng: random.Random, count: int = 200) -> list[NodeInfo]:
         nodes.append(
             NodeInfo(
                 name=f"node-{i:03d}",
-                allocatable={"cpu": rng.choice([32_000, 64_000, 96_000]), "memory": 512 * GI, GPU: gpu},
+                allocatable={
+                    "cpu": rng.choice([32_000, 64_000, 96_000]),
+                    "memory": 512 * GI,
+                    GPU: gpu,
+                },
                 labels={"rack": f"r{i % 10}", "pool": "gpu" if gpu else "cpu"},
                 taints=taints,
                 ready=rng.random() > 0.05,

@@ -1,7 +1,6 @@
 """Toleration semantics and value-type validation."""
 
 import pytest
-
 from largo.sched.types import GangRequest, NodeInfo, Taint, Toleration, WaitReason
 
 GPU_TAINT = Taint("nvidia.com/gpu", "present", "NoSchedule")
@@ -17,11 +16,23 @@ GPU_TAINT = Taint("nvidia.com/gpu", "present", "NoSchedule")
         (Toleration("nvidia.com/gpu", "Exists", effect="NoExecute"), GPU_TAINT, False),
         (Toleration("nvidia.com/gpu", "Equal", "present"), GPU_TAINT, True),
         (Toleration("nvidia.com/gpu", "Equal", "absent"), GPU_TAINT, False),
-        (Toleration("nvidia.com/gpu", value="present", effect="NoSchedule"), GPU_TAINT, True),
+        (
+            Toleration("nvidia.com/gpu", value="present", effect="NoSchedule"),
+            GPU_TAINT,
+            True,
+        ),
         (Toleration("other", "Exists"), GPU_TAINT, False),
-        (Toleration("dedicated", "Equal", ""), Taint("dedicated", "", "NoSchedule"), True),
+        (
+            Toleration("dedicated", "Equal", ""),
+            Taint("dedicated", "", "NoSchedule"),
+            True,
+        ),
         (Toleration("dedicated"), Taint("dedicated", "ml", "NoSchedule"), False),
-        (Toleration("nvidia.com/gpu", "", "present"), GPU_TAINT, True),  # empty operator means Equal
+        (
+            Toleration("nvidia.com/gpu", "", "present"),
+            GPU_TAINT,
+            True,
+        ),  # empty operator means Equal
         (Toleration("nvidia.com/gpu", "Bogus", "present"), GPU_TAINT, False),
     ],
 )
@@ -31,7 +42,12 @@ def test_tolerates(toleration: Toleration, taint: Taint, expected: bool) -> None
 
 @pytest.mark.parametrize(
     ("ready", "unschedulable", "usable"),
-    [(True, False, True), (False, False, False), (True, True, False), (False, True, False)],
+    [
+        (True, False, True),
+        (False, False, False),
+        (True, True, False),
+        (False, True, False),
+    ],
 )
 def test_node_usable(ready: bool, unschedulable: bool, usable: bool) -> None:
     node = NodeInfo("n", {"cpu": 1000}, {}, (), ready, unschedulable)

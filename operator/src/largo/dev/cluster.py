@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,10 @@ class LocalCluster:
             ],
         )
         wait_for(
-            lambda: http_ok(f"http://127.0.0.1:{etcd_port}/health"), timeout, "etcd health", self.assert_running
+            lambda: http_ok(f"http://127.0.0.1:{etcd_port}/health"),
+            timeout,
+            "etcd health",
+            self.assert_running,
         )
 
         self._spawn(
@@ -292,12 +296,9 @@ class LocalCluster:
         )
         self._spawn("kwok", self._kwok_command(tools))
         for name, port in (("kube-controller-manager", controller_port), ("kube-scheduler", scheduler_port)):
-            wait_for(
-                lambda port=port: http_ok(f"https://127.0.0.1:{port}/healthz", insecure=True),
-                timeout,
-                f"{name} /healthz",
-                self.assert_running,
-            )
+            healthz = f"https://127.0.0.1:{port}/healthz"
+            healthy = partial(http_ok, healthz, insecure=True)
+            wait_for(healthy, timeout, f"{name} /healthz", self.assert_running)
         # The controller-manager's ServiceAccount controller must be working before pods can be created.
         wait_for(
             lambda: self._api_ok("/api/v1/namespaces/default/serviceaccounts/default"),
@@ -358,7 +359,9 @@ class LocalCluster:
                     },
                 }
             ],
-            "contexts": [{"name": "largo-local", "context": {"cluster": "largo-local", "user": "largo-admin"}}],
+            "contexts": [
+                {"name": "largo-local", "context": {"cluster": "largo-local", "user": "largo-admin"}}
+            ],
             "current-context": "largo-local",
         }
         self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))

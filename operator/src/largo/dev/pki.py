@@ -52,7 +52,7 @@ def _issue(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
     subject: x509.Name,
-    usage: ExtendedKeyUsageOID,
+    usage: x509.ObjectIdentifier,
     sans: list[x509.GeneralName] | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())

@@ -10,7 +10,15 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-TOOL_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok", "helm")
+TOOL_NAMES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+    "helm",
+)
 
 
 class ToolsMissingError(RuntimeError):
@@ -47,7 +55,9 @@ def repo_root() -> Path | None:
 def _build_script() -> Path:
     root = repo_root()
     if root is None:
-        raise ToolsMissingError("hack/build-tools.sh not found: set LARGO_TOOLS_DIR to a built tools directory")
+        raise ToolsMissingError(
+            "hack/build-tools.sh not found: set LARGO_TOOLS_DIR to a built tools directory"
+        )
     return root / "hack" / "build-tools.sh"
 
 

@@ -15,7 +15,10 @@ def timestamp(epoch: float) -> str:
 def parse_timestamp(value: str | None) -> float | None:
     if not value:
         return None
-    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+    parsed = datetime.datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
 
 
 def set_condition(

@@ -9,57 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from typing import Any
 
+from largo.api.v1alpha1 import ConditionType, Phase, Reason
+from largo.build.names import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_NODE_RANK
 from largo.policy.conditions import parse_timestamp, set_condition, timestamp
 
-TRAINER_CONTAINER = "trainer"
-LABEL_JOB = "largo.dev/job-name"
-LABEL_RANK = "largo.dev/node-rank"
-LABEL_ATTEMPT = "largo.dev/attempt"
-
-
-class Phase(StrEnum):
-    QUEUED = "Queued"
-    STARTING = "Starting"
-    RUNNING = "Running"
-    RESTARTING = "Restarting"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    SUSPENDED = "Suspended"
-
-
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
-
-
-class ConditionType(StrEnum):
-    ADMITTED = "Admitted"
-    RUNNING = "Running"
-    RESTARTING = "Restarting"
-    SUSPENDED = "Suspended"
-    COMPLETE = "Complete"
-    FAILED = "Failed"
-
-
-class Reason(StrEnum):
-    QUEUED = "Queued"
-    ADMITTED = "Admitted"
-    PODS_STARTING = "PodsStarting"
-    PODS_RUNNING = "PodsRunning"
-    POD_FAILED = "PodFailed"
-    POD_DELETED = "PodDeleted"
-    NODE_LOST = "NodeLost"
-    BINDING_FAILED = "BindingFailed"
-    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-    PERMANENT_EXIT_CODE = "PermanentExitCode"
-    DEADLINE_EXCEEDED = "DeadlineExceeded"
-    SUSPENDED = "Suspended"
-    RESUMED = "Resumed"
-    SUCCEEDED = "Succeeded"
-    REQUEUED = "Requeued"
-    TTL_EXPIRED = "TTLExpired"
-    INVALID_SPEC = "InvalidSpec"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +63,7 @@ class JobView:
     @property
     def phase(self) -> Phase | None:
         value = self.status.get("phase")
-        return Phase(value) if value in Phase.__members__.values() else None
+        return Phase(value) if isinstance(value, str) and value in Phase.__members__.values() else None
 
     @property
     def attempt(self) -> int:
@@ -154,7 +110,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     metadata = pod.get("metadata") or {}
     labels = metadata.get("labels") or {}
     try:
-        rank, attempt = int(labels[LABEL_RANK]), int(labels[LABEL_ATTEMPT])
+        rank, attempt = int(labels[LABEL_NODE_RANK]), int(labels[LABEL_ATTEMPT])
     except (KeyError, ValueError):
         return None
     status = pod.get("status") or {}
@@ -164,7 +120,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         terminated = (container.get("state") or {}).get("terminated")
         if terminated is not None:
             codes[str(container.get("name"))] = int(terminated.get("exitCode", 0))
-    exit_code = codes.get(TRAINER_CONTAINER)
+    exit_code = codes.get(CONTAINER_NAME)
     if exit_code is None and codes:
         exit_code = next((code for code in codes.values() if code != 0), 0)
     since, message = None, ""
@@ -236,7 +192,11 @@ def plan(
     elif phase is None or phase == Phase.SUSPENDED:
         _enqueue(b, resumed=phase == Phase.SUSPENDED)
     elif _deadline_passed(b):
-        _fail(b, Reason.DEADLINE_EXCEEDED, f"the job ran longer than activeDeadlineSeconds={job.active_deadline_seconds}")
+        _fail(
+            b,
+            Reason.DEADLINE_EXCEEDED,
+            f"the job ran longer than activeDeadlineSeconds={job.active_deadline_seconds}",
+        )
         b.plan.delete_pods = tuple(pod.name for pod in pods if not pod.terminating)
     elif phase == Phase.RESTARTING:
         _restarting(b, pods, lost_nodes)
@@ -289,7 +249,9 @@ def _suspend(b: _Builder, pods: Sequence[PodView]) -> None:
     # As for a Kubernetes Job, the deadline counts again from the next start.
     b.status.pop("startTime", None)
     b.status["attempt"] = b.job.attempt + 1
-    b.condition(ConditionType.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true: pods deleted, GPUs released")
+    b.condition(
+        ConditionType.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true: pods deleted, GPUs released"
+    )
     b.condition(ConditionType.ADMITTED, False, Reason.SUSPENDED, "suspended")
     b.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
     b.event(False, Reason.SUSPENDED, "suspended: pods deleted and GPUs released")
@@ -334,7 +296,9 @@ def _schedule_ttl(b: _Builder) -> None:
 def _finished(b: _Builder, current: Sequence[PodView]) -> None:
     if b.job.phase == Phase.FAILED:
         # A failed gang holds no GPUs: whatever still runs is stopped.
-        b.plan.delete_pods = tuple(p.name for p in current if p.phase in ("Pending", "Running") and not p.terminating)
+        b.plan.delete_pods = tuple(
+            p.name for p in current if p.phase in ("Pending", "Running") and not p.terminating
+        )
     _schedule_ttl(b)
 
 
@@ -353,7 +317,9 @@ def _restarting(b: _Builder, pods: Sequence[PodView], lost_nodes: frozenset[str]
     b.status.pop("nextRestartTime", None)
     b.phase(Phase.QUEUED)
     b.status.pop("placement", None)
-    b.condition(ConditionType.ADMITTED, False, Reason.REQUEUED, "back-off over: waiting for the gang scheduler")
+    b.condition(
+        ConditionType.ADMITTED, False, Reason.REQUEUED, "back-off over: waiting for the gang scheduler"
+    )
     b.event(False, Reason.REQUEUED, f"restart {b.job.restarts}: queued for gang admission")
     b.plan.wake_scheduler = True
 
@@ -369,14 +335,25 @@ def _failure(
     """The first reason the current gang cannot go on, with the failed pod's exit code if any."""
     for pod in sorted(current, key=lambda p: p.rank):
         if pod.phase == "Failed":
-            return Reason.POD_FAILED, f"pod {pod.name} (rank {pod.rank}) failed with exit code {pod.exit_code}", pod.exit_code
+            return (
+                Reason.POD_FAILED,
+                f"pod {pod.name} (rank {pod.rank}) failed with exit code {pod.exit_code}",
+                pod.exit_code,
+            )
         if pod.node_name is not None and pod.node_name in lost and pod.phase in ("Pending", "Running"):
             return Reason.NODE_LOST, f"node {pod.node_name} of pod {pod.name} is gone or NotReady", None
         if pod.node_name is None and not pod.terminating:
             pinned = placement[pod.rank] if pod.rank < len(placement) else None
             if pinned in unusable:
-                return Reason.BINDING_FAILED, f"node {pinned} chosen for rank {pod.rank} can no longer take pods", None
-            if pod.unschedulable_since is not None and now - pod.unschedulable_since >= backoff.binding_timeout:
+                return (
+                    Reason.BINDING_FAILED,
+                    f"node {pinned} chosen for rank {pod.rank} can no longer take pods",
+                    None,
+                )
+            if (
+                pod.unschedulable_since is not None
+                and now - pod.unschedulable_since >= backoff.binding_timeout
+            ):
                 return (
                     Reason.BINDING_FAILED,
                     f"pod {pod.name} could not be bound to {pinned}: {pod.unschedulable_message}",

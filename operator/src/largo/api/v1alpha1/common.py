@@ -1,0 +1,100 @@
+"""Shared API building blocks: base models, conditions and the declarative CEL rule helper.
+
+The same message strings feed both the CRD's `x-kubernetes-validations` and the pydantic
+validators, so an object that bypasses the API server's schema fails with the same text.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "largo.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+PLURAL = "trainjobs"
+SINGULAR = "trainjob"
+
+# Pods are named `<job>-node-<rank>` and must fit a 63-character DNS label; ranks go up to 1023
+# (numNodes <= 1024), so 50 + len("-node-") + 4 digits = 60 leaves headroom.
+MAX_JOB_NAME_LENGTH = 50
+MAX_NUM_NODES = 1024
+# The job name also names the headless Service, which must be an RFC 1035 label.
+JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+def cel(rule: str, message: str, *, reason: str | None = None) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry; every rule carries a message naming its field."""
+    entry = {"rule": rule, "message": message}
+    if reason is not None:
+        entry["reason"] = reason
+    return entry
+
+
+def validations(*rules: dict[str, str]) -> dict[str, Any]:
+    """A `json_schema_extra` fragment attaching CEL rules to a field or model schema."""
+    return {"x-kubernetes-validations": list(rules)}
+
+
+def immutable(field_path: str) -> dict[str, str]:
+    """A transition rule that rejects any change of the field after creation."""
+    return cel("self == oldSelf", immutable_message(field_path))
+
+
+def immutable_message(field_path: str) -> str:
+    return f"{field_path} is immutable"
+
+
+class SpecModel(BaseModel):
+    """Base for user-written objects: unknown fields are errors, not silently dropped."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=False,
+    )
+
+
+class StatusModel(BaseModel):
+    """Base for operator-written objects: tolerate fields written by a newer operator."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(StatusModel):
+    """A Kubernetes-style condition (same shape as metav1.Condition)."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Admitted or Running.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str | None = Field(
+        default=None, max_length=1024, description="CamelCase machine-readable reason."
+    )
+    message: str | None = Field(default=None, max_length=32768, description="Human-readable detail.")
+    last_transition_time: datetime | None = Field(default=None, description="When status last changed.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was computed from."
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the operator reads; everything else is kept as-is."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,546 @@
+"""TrainJob: a gang of identical pods, one per node, that run one distributed torch job.
+
+These models are the single source of truth for the CRD (see `largo.api.crd`). Every CEL rule
+declared here through `json_schema_extra` has a pydantic validator twin raising the same message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from largo.api.v1alpha1.common import (
+    JOB_NAME_PATTERN,
+    MAX_JOB_NAME_LENGTH,
+    MAX_NUM_NODES,
+    Condition,
+    ObjectMeta,
+    SpecModel,
+    StatusModel,
+    cel,
+    immutable,
+    immutable_message,
+    validations,
+)
+
+KIND = "TrainJob"
+GPU_RESOURCE = "nvidia.com/gpu"
+AUTO = "auto"
+
+# Names the runtime contract owns: largo sets PET_* / LARGO_*, torchrun sets the rest per process.
+RESERVED_ENV_PREFIXES = ("PET_", "LARGO_")
+RESERVED_ENV_NAMES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+# Same grammar as resource.Quantity; the API server checks it via `pattern`.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+_WHOLE_RE = re.compile(r"^[0-9]+$")
+_JOB_NAME_RE = re.compile(JOB_NAME_PATTERN)
+
+MSG_NAME_TOO_LONG = (
+    f"metadata.name must be at most {MAX_JOB_NAME_LENGTH} characters: pods are named "
+    "<name>-node-<rank> and must fit a 63-character DNS label"
+)
+MSG_NAME_FORMAT = (
+    "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a "
+    "letter) because it also names the job's headless Service"
+)
+MSG_PROCS_PER_NODE = "spec.procsPerNode must be an integer >= 1 or the string 'auto'"
+MSG_GPU_WHOLE = f"spec.resourcesPerNode['{GPU_RESOURCE}'] must be a whole non-negative number"
+MSG_RESERVED_ENV = (
+    "spec.env: names starting with PET_ or LARGO_ and "
+    + ", ".join(RESERVED_ENV_NAMES)
+    + " are reserved; largo and torchrun set them"
+)
+MSG_ENV_VALUE_EXCLUSIVE = "spec.env: value and valueFrom are mutually exclusive"
+MSG_EXIT_CODE_OVERLAP = (
+    "spec.failurePolicy: an exit code may not be in both permanentExitCodes and retryableExitCodes"
+)
+MSG_TOPOLOGY_KEY_IMMUTABLE = immutable_message("spec.scheduling.topologyKey")
+
+_CEL_RESERVED_NAMES = "[" + ", ".join(f"'{n}'" for n in RESERVED_ENV_NAMES) + "]"
+_CEL_RESERVED_PREFIXES = " && ".join(f"!e.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
+
+
+class Backend(StrEnum):
+    """torch.distributed backend; `auto` picks nccl when the pods get GPUs, else gloo."""
+
+    AUTO = "auto"
+    NCCL = "nccl"
+    GLOO = "gloo"
+
+
+class Phase(StrEnum):
+    QUEUED = "Queued"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class ConditionType(StrEnum):
+    QUEUED = "Queued"
+    ADMITTED = "Admitted"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+
+
+class Reason(StrEnum):
+    # Queueing and admission.
+    QUEUED = "Queued"
+    INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+    UNSCHEDULABLE = "Unschedulable"
+    WAITING_FOR_HIGHER_PRIORITY = "WaitingForHigherPriority"
+    ADMITTED = "Admitted"
+    PREEMPTED = "Preempted"
+    # Running.
+    PODS_STARTING = "PodsStarting"
+    PODS_RUNNING = "PodsRunning"
+    # Restarts and failures.
+    POD_FAILED = "PodFailed"
+    NODE_LOST = "NodeLost"
+    BINDING_FAILED = "BindingFailed"
+    RETRYABLE_EXIT_CODE = "RetryableExitCode"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    PERMANENT_EXIT_CODE = "PermanentExitCode"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    INVALID_SPEC = "InvalidSpec"
+    POD_DELETED = "PodDeleted"
+    REQUEUED = "Requeued"
+    # Lifecycle.
+    TTL_EXPIRED = "TTLExpired"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    SUCCEEDED = "Succeeded"
+
+
+# --- spec ------------------------------------------------------------------------------------
+
+Quantity = Annotated[
+    int | str,
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+ProcsPerNode = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
+
+ExitCode = Annotated[int, Field(ge=0, le=255)]
+
+FreeForm = dict[str, Any]
+
+
+class EnvVar(SpecModel):
+    """An environment variable for the trainer container (same shape as core/v1 EnvVar)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("!has(self.value) || !has(self.valueFrom)", MSG_ENV_VALUE_EXCLUSIVE)
+        )
+    )
+
+    name: str = Field(min_length=1, max_length=253)
+    value: str | None = None
+    value_from: FreeForm | None = Field(
+        default=None, description="A core/v1 EnvVarSource, passed through to the pod unchanged."
+    )
+
+    @model_validator(mode="after")
+    def _value_xor_value_from(self) -> Self:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(MSG_ENV_VALUE_EXCLUSIVE)
+        return self
+
+
+class Checkpoint(SpecModel):
+    """A PersistentVolumeClaim every pod mounts; its path is handed over as LARGO_CHECKPOINT_DIR."""
+
+    claim_name: str = Field(min_length=1, max_length=253, description="Name of the PVC to mount.")
+    path: str = Field(
+        default="/checkpoints",
+        min_length=1,
+        max_length=4096,
+        pattern=r"^/",
+        description="Absolute directory in the container where the claim is mounted.",
+    )
+    sub_path: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^/]",
+        description="Relative directory inside the claim to mount instead of its root.",
+    )
+
+
+class FailurePolicy(SpecModel):
+    """How a failed gang is handled: every restart recreates all pods of the gang."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.permanentExitCodes) || !has(self.retryableExitCodes) || "
+                "!self.permanentExitCodes.exists(c, c in self.retryableExitCodes)",
+                MSG_EXIT_CODE_OVERLAP,
+            )
+        )
+    )
+
+    backoff_limit: int = Field(
+        default=3, ge=0, le=10000, description="Gang restarts allowed before the job fails."
+    )
+    permanent_exit_codes: list[ExitCode] = Field(
+        default_factory=list,
+        max_length=256,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Exit codes that fail the job at once, without a restart.",
+    )
+    retryable_exit_codes: list[ExitCode] = Field(
+        default_factory=list,
+        max_length=256,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Exit codes that trigger a restart; empty means every non-permanent code.",
+    )
+
+    @model_validator(mode="after")
+    def _disjoint_codes(self) -> Self:
+        for field, codes in (
+            ("permanentExitCodes", self.permanent_exit_codes),
+            ("retryableExitCodes", self.retryable_exit_codes),
+        ):
+            if len(set(codes)) != len(codes):
+                raise ValueError(f"spec.failurePolicy.{field} must not contain duplicates")
+        if set(self.permanent_exit_codes) & set(self.retryable_exit_codes):
+            raise ValueError(MSG_EXIT_CODE_OVERLAP)
+        return self
+
+    def is_permanent(self, exit_code: int) -> bool:
+        """Whether a container exit code ends the job without a restart."""
+        if exit_code in self.permanent_exit_codes:
+            return True
+        return bool(self.retryable_exit_codes) and exit_code not in self.retryable_exit_codes
+
+
+class Scheduling(SpecModel):
+    """Gang admission: queue, priority and topology constraints."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.topologyKey) == has(oldSelf.topologyKey) && "
+                "(!has(self.topologyKey) || self.topologyKey == oldSelf.topologyKey)",
+                MSG_TOPOLOGY_KEY_IMMUTABLE,
+            )
+        )
+    )
+
+    priority: int = Field(
+        default=0,
+        ge=-(2**31),
+        le=2**31 - 1,
+        description="Higher runs first within a queue; only largo's queue uses it, not pod priority.",
+    )
+    queue: str = Field(
+        default="default",
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Queue the job waits in.",
+    )
+    topology_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=317,
+        description="Node label key; every pod of the gang lands on nodes sharing one value of it.",
+    )
+    preferred_topology_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=317,
+        description="Node label key the gang preferably stays within one value of.",
+    )
+    scheduler_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="schedulerName for the pods; the cluster default scheduler when unset.",
+    )
+
+
+class PodTemplate(SpecModel):
+    """Pod-level settings passed through to every pod of the gang."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[FreeForm] = Field(default_factory=list, description="core/v1 Tolerations.")
+    volumes: list[FreeForm] = Field(default_factory=list, description="core/v1 Volumes.")
+    volume_mounts: list[FreeForm] = Field(
+        default_factory=list, description="core/v1 VolumeMounts of the trainer container."
+    )
+    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    service_account_name: str | None = Field(default=None, min_length=1, max_length=253)
+    security_context: FreeForm | None = Field(default=None, description="core/v1 PodSecurityContext.")
+    priority_class_name: str | None = Field(default=None, min_length=1, max_length=253)
+
+
+class TrainJobSpec(SpecModel):
+    """Desired state of a TrainJob."""
+
+    image: str = Field(
+        min_length=1,
+        max_length=4096,
+        json_schema_extra=validations(immutable("spec.image")),
+        description="Container image of the trainer.",
+    )
+    command: list[str] | None = Field(default=None, max_length=1024)
+    args: list[str] | None = Field(default=None, max_length=4096)
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=256,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            **validations(
+                cel(
+                    f"self.all(e, !(e.name in {_CEL_RESERVED_NAMES}) && {_CEL_RESERVED_PREFIXES})",
+                    MSG_RESERVED_ENV,
+                )
+            ),
+        },
+        description="Extra environment for the trainer; the rendezvous variables are reserved.",
+    )
+    num_nodes: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_NUM_NODES,
+        json_schema_extra=validations(immutable("spec.numNodes")),
+        description="Number of pods in the gang, one per node.",
+    )
+    procs_per_node: ProcsPerNode = Field(
+        default=AUTO,
+        json_schema_extra=validations(
+            cel("type(self) == string ? self == 'auto' : self >= 1", MSG_PROCS_PER_NODE),
+            immutable("spec.procsPerNode"),
+        ),
+        description="Worker processes per pod; 'auto' means one per GPU (one without GPUs).",
+    )
+    resources_per_node: dict[str, Quantity] = Field(
+        default_factory=dict,
+        json_schema_extra={
+            "default": {},
+            "maxProperties": 32,
+            **validations(
+                cel(
+                    f"!('{GPU_RESOURCE}' in self) || string(self['{GPU_RESOURCE}']).matches('^[0-9]+$')",
+                    MSG_GPU_WHOLE,
+                ),
+                immutable("spec.resourcesPerNode"),
+            ),
+        },
+        description="Requests (and equal limits) of each pod, e.g. nvidia.com/gpu: 8.",
+    )
+    backend: Backend = Field(
+        default=Backend.AUTO,
+        json_schema_extra=validations(immutable("spec.backend")),
+        description="torch.distributed backend; auto is nccl with GPUs, else gloo.",
+    )
+    checkpoint: Checkpoint | None = None
+    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, json_schema_extra={"default": {}})
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job once it has run this long."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the finished job after this many seconds."
+    )
+    suspend: bool = Field(default=False, description="Delete the pods and hold the job in its queue.")
+    scheduling: Scheduling = Field(default_factory=Scheduling, json_schema_extra={"default": {}})
+    pod_template: PodTemplate = Field(default_factory=PodTemplate)
+
+    @field_validator("resources_per_node", mode="before")
+    @classmethod
+    def _fractional_gpus(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and isinstance(value.get(GPU_RESOURCE), float):
+            raise ValueError(MSG_GPU_WHOLE)
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if isinstance(self.procs_per_node, str) and self.procs_per_node != AUTO:
+            raise ValueError(MSG_PROCS_PER_NODE)
+        if isinstance(self.procs_per_node, int) and self.procs_per_node < 1:
+            raise ValueError(MSG_PROCS_PER_NODE)
+        for resource, quantity in self.resources_per_node.items():
+            if isinstance(quantity, str) and not _QUANTITY_RE.match(quantity):
+                raise ValueError(f"spec.resourcesPerNode['{resource}'] is not a valid quantity")
+        gpus = self.resources_per_node.get(GPU_RESOURCE)
+        if gpus is not None and not _WHOLE_RE.match(str(gpus)):
+            raise ValueError(MSG_GPU_WHOLE)
+        if len(self.resources_per_node) > 32:
+            raise ValueError("spec.resourcesPerNode may list at most 32 resources")
+        names = [e.name for e in self.env]
+        if any(is_reserved_env_name(n) for n in names):
+            raise ValueError(MSG_RESERVED_ENV)
+        if len(set(names)) != len(names):
+            raise ValueError("spec.env: names must be unique")
+        return self
+
+
+def is_reserved_env_name(name: str) -> bool:
+    return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
+
+
+def immutable_field_errors(old: TrainJobSpec, new: TrainJobSpec) -> list[str]:
+    """The CEL transition rules, for updates that reach the operator without the API server's check."""
+    checks = {
+        "spec.image": (old.image, new.image),
+        "spec.numNodes": (old.num_nodes, new.num_nodes),
+        "spec.procsPerNode": (old.procs_per_node, new.procs_per_node),
+        "spec.resourcesPerNode": (old.resources_per_node, new.resources_per_node),
+        "spec.backend": (old.backend, new.backend),
+        "spec.scheduling.topologyKey": (old.scheduling.topology_key, new.scheduling.topology_key),
+    }
+    return [immutable_message(path) for path, (a, b) in checks.items() if a != b]
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+class PodCounts(StatusModel):
+    pending: int = Field(default=0, ge=0)
+    running: int = Field(default=0, ge=0)
+    succeeded: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)
+
+
+class QueueStatus(StatusModel):
+    """Why and where the job waits, while it is not admitted."""
+
+    name: str | None = None
+    position: int | None = Field(default=None, ge=1, description="1 is the head of the queue.")
+    reason: str | None = None
+    message: str | None = None
+
+
+class Placement(StatusModel):
+    """Where the admitted gang runs: nodes[i] hosts the pod of rank i."""
+
+    attempt: int | None = Field(default=None, ge=0, description="The gang attempt this placement is for.")
+    nodes: list[str] = Field(default_factory=list)
+    admitted_at: datetime | None = None
+
+
+class TrainJobStatus(StatusModel):
+    """Observed state; written by the operator only."""
+
+    phase: Phase | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(default=None, ge=0)
+    nodes: str | None = Field(default=None, description="Ready pods / numNodes, e.g. 2/2.")
+    gpus: int | None = Field(default=None, ge=0, description="GPUs of the whole gang.")
+    pod_counts: PodCounts | None = None
+    restarts: int | None = Field(default=None, ge=0, description="Gang restarts so far.")
+    attempt: int | None = Field(
+        default=None,
+        ge=0,
+        description="Generation of the current gang; its pods carry it as the largo.dev/attempt label.",
+    )
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    last_restart_time: datetime | None = None
+    next_restart_time: datetime | None = Field(
+        default=None, description="When a gang waiting out its restart backoff is recreated."
+    )
+    queue: QueueStatus | None = None
+    placement: Placement | None = None
+    progress: FreeForm | None = Field(
+        default=None,
+        description="Written by the training runtime; `summary` is shown by kubectl get.",
+    )
+
+
+# --- root ------------------------------------------------------------------------------------
+
+
+class TrainJob(BaseModel):
+    """A distributed torch training job."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        json_schema_extra=validations(
+            cel(f"self.metadata.name.size() <= {MAX_JOB_NAME_LENGTH}", MSG_NAME_TOO_LONG),
+            cel(f"self.metadata.name.matches('{JOB_NAME_PATTERN}')", MSG_NAME_FORMAT),
+        ),
+    )
+
+    api_version: Literal["largo.dev/v1alpha1"] = "largo.dev/v1alpha1"
+    kind: Literal["TrainJob"] = "TrainJob"
+    metadata: ObjectMeta
+    spec: TrainJobSpec
+    status: TrainJobStatus | None = None
+
+    @model_validator(mode="after")
+    def _check_name(self) -> Self:
+        name = self.metadata.name
+        if len(name) > MAX_JOB_NAME_LENGTH:
+            raise ValueError(MSG_NAME_TOO_LONG)
+        if not _JOB_NAME_RE.match(name):
+            raise ValueError(MSG_NAME_FORMAT)
+        return self
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> TrainJob:
+        """Validate a kopf body (or any mapping view of the object)."""
+        return cls.model_validate(_plain(body))
+
+    def to_body(self) -> dict[str, Any]:
+        """The object as Kubernetes JSON, camelCase, without unset optionals."""
+        body: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return body
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        return [_plain(v) for v in value]
+    return value
+
+
+def validation_messages(exc: ValidationError) -> list[str]:
+    """Flatten a pydantic error into one line per problem, for an InvalidSpec condition."""
+    out: list[str] = []
+    for err in exc.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err["loc"])
+        out.append(msg if msg.startswith(("spec", "metadata")) or not loc else f"{loc}: {msg}")
+    return out

@@ -1,0 +1,51 @@
+"""largo.build: pure functions that turn API objects into Kubernetes objects."""
+
+from largo.build.names import (
+    ANNOTATION_PLACEMENT_NODE,
+    CONTAINER_NAME,
+    LABEL_ATTEMPT,
+    LABEL_JOB_NAME,
+    LABEL_NODE_RANK,
+    MASTER_PORT,
+    gang_selector,
+    job_selector,
+    master_addr,
+    pod_name,
+    service_name,
+)
+from largo.build.trainjob import (
+    build_env,
+    build_pod,
+    build_pods,
+    build_service,
+    contract_env,
+    gpus_per_node,
+    per_pod_requests,
+    resolved_backend,
+    resolved_procs_per_node,
+    total_gpus,
+)
+
+__all__ = [
+    "ANNOTATION_PLACEMENT_NODE",
+    "CONTAINER_NAME",
+    "LABEL_ATTEMPT",
+    "LABEL_JOB_NAME",
+    "LABEL_NODE_RANK",
+    "MASTER_PORT",
+    "build_env",
+    "build_pod",
+    "build_pods",
+    "build_service",
+    "contract_env",
+    "gang_selector",
+    "gpus_per_node",
+    "job_selector",
+    "master_addr",
+    "per_pod_requests",
+    "pod_name",
+    "resolved_backend",
+    "resolved_procs_per_node",
+    "service_name",
+    "total_gpus",
+]

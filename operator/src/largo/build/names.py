@@ -1,0 +1,67 @@
+"""Names and labels derived from a TrainJob; the DNS half of the rendezvous contract.
+
+Every pod gets hostname `<job>-node-<rank>` and subdomain `<job>`, which together with the headless
+Service `<job>` (publishNotReadyAddresses) gives rank 0 a DNS name before any pod is ready.
+"""
+
+from __future__ import annotations
+
+from largo.api.v1alpha1.common import GROUP, MAX_JOB_NAME_LENGTH
+
+MASTER_PORT = 29500
+RENDEZVOUS_PORT_NAME = "rendezvous"
+CONTAINER_NAME = "trainer"
+CHECKPOINT_VOLUME = "largo-checkpoint"
+SHM_VOLUME = "largo-dshm"
+
+LABEL_JOB_NAME = f"{GROUP}/job-name"
+LABEL_NODE_RANK = f"{GROUP}/node-rank"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+ANNOTATION_PLACEMENT_NODE = f"{GROUP}/placement-node"
+
+# A pod name is a hostname, so it must fit one DNS label; the API caps job names to keep it so.
+MAX_DNS_LABEL = 63
+MAX_JOB_NAME = MAX_JOB_NAME_LENGTH
+
+
+def service_name(job: str) -> str:
+    """The headless Service that gives the pods DNS names."""
+    return job
+
+
+def pod_name(job: str, rank: int) -> str:
+    return f"{job}-node-{rank}"
+
+
+def hostname(job: str, rank: int) -> str:
+    return pod_name(job, rank)
+
+
+def subdomain(job: str) -> str:
+    return service_name(job)
+
+
+def pod_fqdn(job: str, namespace: str, rank: int) -> str:
+    """`<pod>.<service>.<namespace>.svc`: resolvable through the pod's DNS search path whatever the
+    cluster domain is, and before readiness thanks to publishNotReadyAddresses."""
+    return f"{hostname(job, rank)}.{subdomain(job)}.{namespace}.svc"
+
+
+def master_addr(job: str, namespace: str) -> str:
+    """Rank 0 hosts the torchrun static rendezvous store."""
+    return pod_fqdn(job, namespace, 0)
+
+
+def job_selector(job: str) -> dict[str, str]:
+    """Labels that select every pod (all attempts) and the Service endpoints of a job."""
+    return {LABEL_JOB_NAME: job}
+
+
+def gang_selector(job: str, attempt: int) -> dict[str, str]:
+    """Labels that select the pods of one gang attempt only."""
+    return {LABEL_JOB_NAME: job, LABEL_ATTEMPT: str(attempt)}
+
+
+def label_selector(labels: dict[str, str]) -> str:
+    """A labelSelector query string for the list API."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))

@@ -1,0 +1,271 @@
+"""Pure builders: TrainJob -> the Kubernetes objects of its gang, as plain JSON-shaped dicts.
+
+Nothing here talks to the API server; owner references are added by the caller (kopf.adopt).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from typing import Any
+
+from kubernetes.utils import parse_quantity as _k8s_parse_quantity
+
+from largo.api.v1alpha1 import GPU_RESOURCE, Backend, TrainJob, TrainJobSpec
+from largo.build import names
+
+# Defaults that only make logs more useful; any of them is dropped when the user sets it in env.
+NCCL_DEFAULT_ENV: dict[str, str] = {"NCCL_DEBUG": "WARN"}
+COMMON_DEFAULT_ENV: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+
+JSON = dict[str, Any]
+
+# kubernetes ships no type information; pin the signature once here.
+parse_quantity: Callable[[int | str], Decimal] = _k8s_parse_quantity
+
+
+# --- resolution of "auto" values -------------------------------------------------------------
+
+
+def gpus_per_node(spec: TrainJobSpec) -> int:
+    return int(spec.resources_per_node.get(GPU_RESOURCE, 0))
+
+
+def total_gpus(spec: TrainJobSpec) -> int:
+    return gpus_per_node(spec) * spec.num_nodes
+
+
+def resolved_procs_per_node(spec: TrainJobSpec) -> int:
+    """`auto` starts one worker per GPU, or a single worker on CPU-only pods."""
+    if isinstance(spec.procs_per_node, int):
+        return spec.procs_per_node
+    return max(gpus_per_node(spec), 1)
+
+
+def resolved_backend(spec: TrainJobSpec) -> Backend:
+    """`auto` is nccl when the pods get GPUs (gloo cannot use them efficiently), else gloo."""
+    if spec.backend is not Backend.AUTO:
+        return spec.backend
+    return Backend.NCCL if gpus_per_node(spec) > 0 else Backend.GLOO
+
+
+def quantity_value(resource: str, quantity: int | str) -> int:
+    """A quantity in canonical integer units: cpu in millicores, everything else (memory, storage,
+    devices) in base units (bytes, count); rounded up, as the scheduler does."""
+    value = parse_quantity(quantity)
+    if resource == "cpu":
+        value *= 1000
+    return math.ceil(value)
+
+
+def per_pod_requests(spec: TrainJobSpec) -> dict[str, int]:
+    """What one pod of the gang asks the node for, in canonical units (see quantity_value)."""
+    return {name: quantity_value(name, q) for name, q in sorted(spec.resources_per_node.items())}
+
+
+# --- objects ---------------------------------------------------------------------------------
+
+
+def _namespace(job: TrainJob) -> str:
+    if not job.metadata.namespace:
+        raise ValueError(f"TrainJob {job.metadata.name} has no metadata.namespace")
+    return job.metadata.namespace
+
+
+def build_service(job: TrainJob) -> JSON:
+    """The headless Service that publishes `<job>-node-<rank>.<job>` for every pod, ready or not,
+    so workers can resolve rank 0 while it is still starting."""
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": names.service_name(name),
+            "namespace": _namespace(job),
+            "labels": names.job_selector(name),
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": names.job_selector(name),
+            "ports": [
+                {
+                    "name": names.RENDEZVOUS_PORT_NAME,
+                    "port": names.MASTER_PORT,
+                    "targetPort": names.MASTER_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def contract_env(job: TrainJob, rank: int, attempt: int) -> list[JSON]:
+    """The variables largo promises every trainer container (docs/rendezvous.md).
+
+    PET_* are read by torchrun as its command-line options; WORLD_SIZE, RANK and friends are left
+    to torchrun, which sets them per worker process.
+    """
+    spec = job.spec
+    name = job.metadata.name
+    namespace = _namespace(job)
+    values: dict[str, str] = {
+        "PET_NNODES": str(spec.num_nodes),
+        "PET_NPROC_PER_NODE": str(resolved_procs_per_node(spec)),
+        "PET_NODE_RANK": str(rank),
+        "PET_MASTER_ADDR": names.master_addr(name, namespace),
+        "PET_MASTER_PORT": str(names.MASTER_PORT),
+        "LARGO_JOB_NAME": name,
+        "LARGO_JOB_NAMESPACE": namespace,
+        "LARGO_NODE_RANK": str(rank),
+        "LARGO_NUM_NODES": str(spec.num_nodes),
+        "LARGO_BACKEND": resolved_backend(spec).value,
+        "LARGO_ATTEMPT": str(attempt),
+    }
+    if spec.checkpoint is not None:
+        values["LARGO_CHECKPOINT_DIR"] = spec.checkpoint.path
+    return [{"name": k, "value": v} for k, v in values.items()]
+
+
+def build_env(job: TrainJob, rank: int, attempt: int) -> list[JSON]:
+    """Contract first so user values can reference it as $(VAR), then overridable defaults, then
+    the user's own variables."""
+    spec = job.spec
+    user = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env]
+    user_names = {e.name for e in spec.env}
+    defaults = dict(COMMON_DEFAULT_ENV)
+    if resolved_backend(spec) is Backend.NCCL:
+        defaults.update(NCCL_DEFAULT_ENV)
+    default_env = [{"name": k, "value": v} for k, v in defaults.items() if k not in user_names]
+    return [*contract_env(job, rank, attempt), *default_env, *user]
+
+
+def _resources(spec: TrainJobSpec) -> JSON:
+    # Requests equal limits: extended resources (GPUs) must be limits, and a gang member that can be
+    # throttled or evicted for exceeding requests stalls every other rank.
+    quantities = {k: str(v) for k, v in sorted(spec.resources_per_node.items())}
+    if not quantities:
+        return {}
+    return {"requests": dict(quantities), "limits": dict(quantities)}
+
+
+def pod_tolerations(job: TrainJob) -> list[JSON]:
+    """The user's tolerations, plus the GPU taint's for pods that ask for GPUs.
+
+    GPU nodes are commonly tainted with the resource name; a pod that asks for GPUs wants them.
+    """
+    tolerations = [dict(t) for t in job.spec.pod_template.tolerations]
+    if gpus_per_node(job.spec) > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
+    """Pod `rank` of gang `attempt`, pinned to `node_name` (chosen by largo's gang placement).
+
+    Pinning uses required node affinity rather than spec.nodeName so the kube-scheduler still runs
+    its admission checks (resources, taints) and reports a clear reason when the node cannot fit it.
+    """
+    spec = job.spec
+    if not 0 <= rank < spec.num_nodes:
+        raise ValueError(f"rank {rank} is outside 0..{spec.num_nodes - 1}")
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    name = job.metadata.name
+    template = spec.pod_template
+
+    labels = {
+        **template.labels,
+        names.LABEL_JOB_NAME: name,
+        names.LABEL_NODE_RANK: str(rank),
+        names.LABEL_ATTEMPT: str(attempt),
+    }
+    annotations = {**template.annotations, names.ANNOTATION_PLACEMENT_NODE: node_name}
+
+    volumes = [dict(v) for v in template.volumes]
+    mounts = [dict(m) for m in template.volume_mounts]
+    if spec.checkpoint is not None:
+        volumes.append(
+            {
+                "name": names.CHECKPOINT_VOLUME,
+                "persistentVolumeClaim": {"claimName": spec.checkpoint.claim_name},
+            }
+        )
+        mount: JSON = {"name": names.CHECKPOINT_VOLUME, "mountPath": spec.checkpoint.path}
+        if spec.checkpoint.sub_path is not None:
+            mount["subPath"] = spec.checkpoint.sub_path
+        mounts.append(mount)
+    if not any(m.get("mountPath") == "/dev/shm" for m in mounts):
+        # The container runtime's 64Mi /dev/shm is too small for NCCL and DataLoader workers.
+        volumes.append({"name": names.SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": names.SHM_VOLUME, "mountPath": "/dev/shm"})
+
+    container: JSON = {
+        "name": names.CONTAINER_NAME,
+        "image": spec.image,
+        "env": build_env(job, rank, attempt),
+        "ports": [
+            {"name": names.RENDEZVOUS_PORT_NAME, "containerPort": names.MASTER_PORT, "protocol": "TCP"}
+        ],
+        "volumeMounts": mounts,
+    }
+    if spec.command is not None:
+        container["command"] = list(spec.command)
+    if spec.args is not None:
+        container["args"] = list(spec.args)
+    resources = _resources(spec)
+    if resources:
+        container["resources"] = resources
+
+    tolerations = pod_tolerations(job)
+
+    pod_spec: JSON = {
+        "hostname": names.hostname(name, rank),
+        "subdomain": names.subdomain(name),
+        "restartPolicy": "Never",
+        # Service links would inject <SVC>_PORT-style variables, which can collide with the contract.
+        "enableServiceLinks": False,
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node_name]}]}
+                    ]
+                }
+            }
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if template.service_account_name is not None:
+        pod_spec["serviceAccountName"] = template.service_account_name
+    if template.security_context is not None:
+        pod_spec["securityContext"] = dict(template.security_context)
+    if template.priority_class_name is not None:
+        pod_spec["priorityClassName"] = template.priority_class_name
+    if spec.scheduling.scheduler_name is not None:
+        pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": names.pod_name(name, rank),
+            "namespace": _namespace(job),
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": pod_spec,
+    }
+
+
+def build_pods(job: TrainJob, nodes: Sequence[str], attempt: int) -> list[JSON]:
+    """The whole gang: `nodes[rank]` hosts rank `rank` (status.placement.nodes has this shape)."""
+    if len(nodes) != job.spec.num_nodes:
+        raise ValueError(f"placement has {len(nodes)} nodes, spec.numNodes is {job.spec.num_nodes}")
+    return [build_pod(job, rank, node, attempt) for rank, node in enumerate(nodes)]

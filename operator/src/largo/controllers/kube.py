@@ -1,0 +1,151 @@
+"""The few Kubernetes API calls the controllers make, as async functions.
+
+The official client is synchronous; each call runs in a worker thread so the kopf event loop stays free.
+Creations tolerate AlreadyExists and deletions NotFound: every reconcile may repeat what a previous,
+interrupted one did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+from kubernetes import client, config
+from kubernetes.client import ApiException
+
+from largo.api.v1alpha1 import GROUP, PLURAL, VERSION
+
+logger = logging.getLogger(__name__)
+
+COMPONENT = "largo-operator"
+
+
+class ConflictError(Exception):
+    """The object changed since it was read: read again and decide again."""
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        configuration = client.Configuration.get_default_copy()
+        # Enough connections for every reconcile worker and the scheduler at once.
+        configuration.connection_pool_maxsize = 32
+        return cls(client.ApiClient(configuration))
+
+    async def get_trainjob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        get: Callable[..., Any] = self.custom.get_namespaced_custom_object
+        try:
+            body: dict[str, Any] = await asyncio.to_thread(get, GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return body
+
+    async def patch_trainjob_status(
+        self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Merge-patches status; with ``resource_version``, only if nobody wrote the object since."""
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        patch: Callable[..., Any] = self.custom.patch_namespaced_custom_object_status
+        try:
+            result: dict[str, Any] = await asyncio.to_thread(
+                patch, GROUP, VERSION, namespace, PLURAL, name, body
+            )
+        except ApiException as error:
+            if error.status in (404, 409):
+                raise ConflictError(f"{namespace}/{name}: {error.reason}") from error
+            raise
+        return result
+
+    async def delete_trainjob(self, namespace: str, name: str) -> None:
+        try:
+            await asyncio.to_thread(
+                self.custom.delete_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                propagation_policy="Background",
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        # The raw JSON: the pure code reads Kubernetes' own field names, as kopf hands them over.
+        response = await asyncio.to_thread(
+            self.core.list_namespaced_pod, namespace, label_selector=label_selector, _preload_content=False
+        )
+        items: list[dict[str, Any]] = json.loads(cast(Any, response).data)["items"]
+        return items
+
+    async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        kind = manifest["kind"]
+        creators: dict[str, Callable[..., Any]] = {
+            "Pod": self.core.create_namespaced_pod,
+            "Service": self.core.create_namespaced_service,
+        }
+        create = creators[kind]
+        try:
+            await asyncio.to_thread(create, namespace, manifest)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+
+    async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
+        try:
+            await asyncio.to_thread(
+                self.core.delete_namespaced_pod, name, namespace, grace_period_seconds=0 if force else None
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Posts a core/v1 Event (what ``kubectl describe`` shows); a failure here is logged, not raised."""
+        metadata = involved.get("metadata") or {}
+        now = datetime.datetime.now(datetime.UTC)
+        body = {
+            "metadata": {
+                "name": f"{metadata.get('name')}.{uuid.uuid4().hex[:12]}",
+                "namespace": metadata.get("namespace"),
+            },
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion"),
+                "kind": involved.get("kind"),
+                "name": metadata.get("name"),
+                "namespace": metadata.get("namespace"),
+                "uid": metadata.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        create: Callable[..., Any] = self.core.create_namespaced_event
+        try:
+            await asyncio.to_thread(create, metadata.get("namespace"), body)
+        except ApiException as error:
+            logger.warning("could not post event %s on %s: %s", reason, metadata.get("name"), error.reason)

@@ -1,0 +1,176 @@
+"""The gang scheduler loop: inventory from the kopf indexes in, admissions written to TrainJob status.
+
+One pass reads every node, every resource-holding pod and every TrainJob from the indexes, asks the
+pure ``largo.sched.gang.schedule`` what to admit, and writes each admission as ``status.placement``
+(guarded by the resourceVersion it decided on, so a job that changed meanwhile is decided again).
+Passes run one at a time, whenever something that changes capacity or the queue happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from largo.api.v1alpha1 import ConditionType, Phase, Reason
+from largo.controllers.kube import ConflictError, Kube
+from largo.controllers.state import JobEntry, JobKey, PodUsage, gang_key
+from largo.policy.conditions import set_condition, timestamp
+from largo.sched import gang, inventory
+from largo.sched.types import NodeInfo, Placement, Waiting, WaitReason
+
+logger = logging.getLogger(__name__)
+
+
+class IndexLike(Protocol):
+    """The read side of a kopf index: key -> store of values."""
+
+    def values(self) -> Iterable[Iterable[Any]]: ...
+
+
+def _values(index: IndexLike) -> list[Any]:
+    return [value for store in index.values() for value in store]
+
+
+@dataclass
+class _Admission:
+    attempt: int
+    nodes: tuple[str, ...]
+    per_pod: Mapping[str, int]
+
+
+@dataclass
+class Scheduler:
+    kube: Kube
+    nodes: IndexLike
+    pods: IndexLike
+    jobs: IndexLike
+    wake_job: Callable[[JobKey], None]
+    clock: Callable[[], float]
+    # Admissions written but not yet seen in the jobs index: they keep their capacity reserved.
+    _pending: dict[JobKey, _Admission] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    passes: int = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, resync: float = 30.0) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), resync)
+            self._wake.clear()
+            try:
+                await self.run_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("gang scheduling pass failed; retrying")
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    def usage(self, entries: Iterable[JobEntry]) -> dict[str, dict[str, int]]:
+        """What every node holds: bound pods, plus admitted ranks whose pods are not bound yet."""
+        usage: dict[str, dict[str, int]] = {}
+        bound: set[tuple[JobKey, int, int]] = set()
+        for node, store in self.pods_by_node():
+            for pod in store:
+                inventory.add_usage(usage, node, pod.requests)
+                if pod.job is not None and pod.attempt is not None and pod.rank is not None:
+                    bound.add((pod.job, pod.attempt, pod.rank))
+        reserved: dict[JobKey, _Admission] = {}
+        for entry in entries:
+            if entry.active and entry.placement is not None:
+                reserved[entry.key] = _Admission(entry.attempt, entry.placement, entry.per_pod)
+        reserved.update(self._pending)
+        for key, admission in reserved.items():
+            for rank, node in enumerate(admission.nodes):
+                if (key, admission.attempt, rank) not in bound:
+                    inventory.add_usage(usage, node, admission.per_pod)
+        return usage
+
+    def pods_by_node(self) -> list[tuple[str, list[PodUsage]]]:
+        index: Any = self.pods
+        return [(node, list(store)) for node, store in index.items()]
+
+    async def run_pass(self) -> None:
+        self.passes += 1
+        entries: list[JobEntry] = _values(self.jobs)
+        by_key = {entry.key: entry for entry in entries}
+        # An admission is settled once the index shows it, or the job moved on or went away.
+        for key in list(self._pending):
+            entry = by_key.get(key)
+            if entry is None or entry.phase != Phase.QUEUED or entry.attempt != self._pending[key].attempt:
+                del self._pending[key]
+        nodes: list[NodeInfo] = _values(self.nodes)
+        usage = self.usage(entries)
+        queued = [
+            entry
+            for entry in entries
+            if entry.phase == Phase.QUEUED and entry.request is not None and entry.key not in self._pending
+        ]
+        decision = gang.schedule(nodes, usage, [entry.request for entry in queued if entry.request])
+        by_gang_key = {gang_key(entry.key): entry for entry in queued}
+        await asyncio.gather(
+            *(self._admit(by_gang_key[placement.key], placement) for placement in decision.admitted),
+            *(self._wait(by_gang_key[waiting.key], waiting) for waiting in decision.waiting),
+        )
+
+    async def _admit(self, entry: JobEntry, placement: Placement) -> None:
+        now = self.clock()
+        status = dict(entry.body.get("status") or {})
+        message = f"gang of {len(placement.nodes)} pods placed on {', '.join(sorted(set(placement.nodes)))}"
+        patch = {
+            "phase": Phase.STARTING,
+            "placement": {
+                "attempt": entry.attempt,
+                "nodes": list(placement.nodes),
+                "admittedAt": timestamp(now),
+            },
+            "queue": None,
+            "conditions": set_condition(
+                status.get("conditions") or [], ConditionType.ADMITTED, True, Reason.ADMITTED, message, now
+            ),
+        }
+        try:
+            await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, patch)
+        except ConflictError:
+            self.wake()
+            return
+        self._pending[entry.key] = _Admission(entry.attempt, placement.nodes, entry.per_pod)
+        await self.kube.event(entry.body, "Normal", Reason.ADMITTED, message)
+        self.wake_job(entry.key)
+
+    async def _wait(self, entry: JobEntry, waiting: Waiting) -> None:
+        queue = {
+            "name": entry.queue_name,
+            "position": waiting.position,
+            "reason": str(waiting.reason),
+            "message": waiting.message,
+        }
+        previous = dict(entry.queue)
+        if previous == queue:
+            return
+        status = dict(entry.body.get("status") or {})
+        patch = {
+            "queue": queue,
+            "conditions": set_condition(
+                status.get("conditions") or [],
+                ConditionType.ADMITTED,
+                False,
+                str(waiting.reason),
+                waiting.message,
+                self.clock(),
+            ),
+        }
+        try:
+            await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, patch)
+        except ConflictError:
+            self.wake()
+            return
+        if previous.get("reason") != queue["reason"]:
+            kind = "Warning" if waiting.reason == WaitReason.Unschedulable else "Normal"
+            await self.kube.event(entry.body, kind, str(waiting.reason), waiting.message)

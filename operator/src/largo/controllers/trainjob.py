@@ -1,0 +1,176 @@
+"""One TrainJob reconcile: read the job and its pods fresh, let the pure lifecycle decide, apply the plan.
+
+Order matters: the status is written first, guarded by the resourceVersion the decision was made on;
+only when that write succeeds are pods created or deleted and events posted. A stale decision therefore
+never acts, and a reconcile interrupted at any point is completed by the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import kopf
+import pydantic
+
+from largo.api.v1alpha1 import ConditionType, Reason
+from largo.build import trainjob as build
+from largo.build.names import LABEL_JOB_NAME
+from largo.controllers.kube import ConflictError, Kube
+from largo.controllers.scheduler import IndexLike
+from largo.controllers.state import JobKey, parse
+from largo.policy.conditions import set_condition
+from largo.policy.trainjob import BackoffPolicy, JobView, Plan, plan, pod_view
+from largo.sched.types import NodeInfo
+
+logger = logging.getLogger(__name__)
+
+
+def job_view(job: Any, body: Mapping[str, Any]) -> JobView:
+    spec = job.spec
+    failure = spec.failure_policy
+    return JobView(
+        num_nodes=spec.num_nodes,
+        gpus_per_node=build.gpus_per_node(spec),
+        backoff_limit=failure.backoff_limit,
+        permanent_exit_codes=frozenset(failure.permanent_exit_codes),
+        retryable_exit_codes=frozenset(failure.retryable_exit_codes),
+        active_deadline_seconds=spec.active_deadline_seconds,
+        ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
+        suspend=spec.suspend,
+        generation=(body.get("metadata") or {}).get("generation"),
+        status=body.get("status") or {},
+    )
+
+
+def _invalid_message(error: pydantic.ValidationError) -> str:
+    parts = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        parts.append(f"{where}: {problem['msg']}")
+    return "; ".join(parts)
+
+
+@dataclass
+class TrainJobReconciler:
+    kube: Kube
+    nodes: IndexLike
+    wake_scheduler: Callable[[], None]
+    clock: Callable[[], float]
+    backoff: BackoffPolicy
+
+    def node_sets(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(unusable, lost): lost nodes are gone or NotReady; unusable ones are also cordoned."""
+        infos: list[NodeInfo] = [info for store in self.nodes.values() for info in store]
+        lost = frozenset(info.name for info in infos if not info.ready)
+        unusable = frozenset(info.name for info in infos if not info.usable)
+        return unusable, lost
+
+    def known_nodes(self) -> frozenset[str]:
+        return frozenset(info.name for store in self.nodes.values() for info in store)
+
+    async def reconcile(self, key: JobKey) -> float | None:
+        namespace, name = key
+        body = await self.kube.get_trainjob(namespace, name)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            # Deleted: the API server's garbage collector removes what it owned.
+            self.wake_scheduler()
+            return None
+        try:
+            job = parse(body)
+        except pydantic.ValidationError as error:
+            await self._reject(body, _invalid_message(error))
+            return None
+        uid = body["metadata"]["uid"]
+        raw_pods = await self.kube.list_pods(namespace, f"{LABEL_JOB_NAME}={name}")
+        owned = [
+            pod
+            for pod in raw_pods
+            if any(ref.get("uid") == uid for ref in (pod["metadata"].get("ownerReferences") or []))
+        ]
+        views = [view for view in map(pod_view, owned) if view is not None]
+        unusable, lost = self.node_sets()
+        known = self.known_nodes()
+        # A node missing from the inventory is gone: it counts as lost for pods bound to it.
+        missing = frozenset(pod.node_name for pod in views if pod.node_name and pod.node_name not in known)
+        placement = (body.get("status") or {}).get("placement") or {}
+        missing |= frozenset(node for node in placement.get("nodes") or [] if node not in known)
+        now = self.clock()
+        decision = plan(job_view(job, body), views, unusable | missing, lost | missing, now, self.backoff)
+        return await self._apply(body, job, decision)
+
+    async def _apply(self, body: Mapping[str, Any], job: Any, decision: Plan) -> float | None:
+        metadata = body["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
+        current = {k: v for k, v in (body.get("status") or {}).items() if k != "progress"}
+        if decision.status != current:
+            removed = {key: None for key in current if key not in decision.status}
+            try:
+                await self.kube.patch_trainjob_status(
+                    namespace, name, metadata.get("resourceVersion"), {**removed, **decision.status}
+                )
+            except ConflictError:
+                return 0.0
+        if decision.create_ranks:
+            await self.kube.create(namespace, _owned(build.build_service(job), body))
+            nodes = decision.status["placement"]["nodes"]
+            attempt = int(decision.status.get("attempt") or 0)
+            await asyncio.gather(
+                *(
+                    self.kube.create(
+                        namespace, _owned(build.build_pod(job, rank, nodes[rank], attempt), body)
+                    )
+                    for rank in decision.create_ranks
+                )
+            )
+        if decision.delete_pods:
+            await asyncio.gather(
+                *(self.kube.delete_pod(namespace, pod, decision.force_delete) for pod in decision.delete_pods)
+            )
+        for event in decision.events:
+            await self.kube.event(body, event.type, event.reason, event.message)
+        if decision.delete_job:
+            await self.kube.event(
+                body, "Normal", Reason.TTL_EXPIRED, "ttlSecondsAfterFinished passed: deleting"
+            )
+            await self.kube.delete_trainjob(namespace, name)
+            return None
+        if decision.wake_scheduler:
+            self.wake_scheduler()
+        return decision.requeue_after
+
+    async def _reject(self, body: Mapping[str, Any], message: str) -> None:
+        """A spec the schema let through but largo cannot run: say why, once, and wait for a fix."""
+        metadata = body["metadata"]
+        status = body.get("status") or {}
+        conditions = status.get("conditions") or []
+        if any(c.get("reason") == Reason.INVALID_SPEC and c.get("message") == message for c in conditions):
+            return
+        patch = {
+            "observedGeneration": metadata.get("generation"),
+            "conditions": set_condition(
+                conditions,
+                ConditionType.ADMITTED,
+                False,
+                Reason.INVALID_SPEC,
+                message,
+                self.clock(),
+                metadata.get("generation"),
+            ),
+        }
+        try:
+            await self.kube.patch_trainjob_status(
+                metadata["namespace"], metadata["name"], metadata.get("resourceVersion"), patch
+            )
+        except ConflictError:
+            return
+        await self.kube.event(body, "Warning", Reason.INVALID_SPEC, message)
+
+
+def _owned(manifest: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
+    """Sets the TrainJob as controller owner, so deleting the job deletes the child."""
+    kopf.adopt(manifest, owner=kopf.Body(cast(Any, dict(owner))))
+    return manifest

@@ -1,0 +1,423 @@
+"""TrainJob end to end on the local cluster: the operator as a process, real API server, scheduler,
+controller-manager and kwok GPU nodes. Pods finish on cue through largo's kwok stage (an annotation)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from largo.dev.cluster import LocalCluster, NodePool, wait_for
+
+pytestmark = pytest.mark.integration
+
+GROUP, VERSION, PLURAL = "largo.dev", "v1alpha1", "trainjobs"
+EXIT_ANNOTATION = "kwok.largo.dev/exit-code"
+TIMEOUT = 90
+
+
+class Jobs:
+    """Small verbs over the TrainJob API for one test namespace."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, operator: Any) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.namespace = namespace
+        self.operator = operator
+
+    def create(
+        self,
+        name: str,
+        pool: NodePool | None,
+        num_nodes: int = 2,
+        gpus: int = 8,
+        **spec: Any,
+    ) -> None:
+        template = dict(spec.pop("podTemplate", {}))
+        if pool is not None:
+            template["nodeSelector"] = dict(pool.labels)
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TrainJob",
+            "metadata": {"name": name},
+            "spec": {
+                "image": "trainer:test",
+                "command": ["python", "train.py"],
+                "numNodes": num_nodes,
+                "resourcesPerNode": {
+                    "nvidia.com/gpu": gpus,
+                    "cpu": "1",
+                    "memory": "1Gi",
+                },
+                "podTemplate": template,
+                **spec,
+            },
+        }
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+
+    def get(self, name: str) -> dict[str, Any]:
+        job: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return job
+
+    def status(self, name: str) -> dict[str, Any]:
+        status: dict[str, Any] = self.get(name).get("status") or {}
+        return status
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
+        )
+
+    def wait(self, name: str, condition: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        wait_for(
+            lambda: condition(self.status(name)),
+            TIMEOUT,
+            f"{name}: {what}",
+            self.operator.assert_alive,
+        )
+        return self.status(name)
+
+    def wait_phase(self, name: str, phase: str) -> dict[str, Any]:
+        return self.wait(name, lambda s: s.get("phase") == phase, f"phase {phase}")
+
+    def pods(self, name: str) -> list[Any]:
+        items = self.core.list_namespaced_pod(
+            self.namespace, label_selector=f"largo.dev/job-name={name}"
+        ).items
+        return sorted(items, key=lambda pod: pod.metadata.name)
+
+    def live_pods(self, name: str) -> list[Any]:
+        return [pod for pod in self.pods(name) if pod.metadata.deletion_timestamp is None]
+
+    def exit(self, name: str, code: int, rank: int | None = None) -> None:
+        """Makes the job's running pods (or one rank) end with ``code``."""
+        for pod in self.live_pods(name):
+            if rank is None or pod.metadata.labels["largo.dev/node-rank"] == str(rank):
+                self.core.patch_namespaced_pod(
+                    pod.metadata.name,
+                    self.namespace,
+                    {"metadata": {"annotations": {EXIT_ANNOTATION: str(code)}}},
+                )
+
+    def events(self, name: str) -> list[tuple[str, str]]:
+        items = self.core.list_namespaced_event(
+            self.namespace,
+            field_selector=f"involvedObject.name={name},involvedObject.kind=TrainJob",
+        ).items
+        return [(event.reason, event.message) for event in items]
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        for condition in self.status(name).get("conditions") or []:
+            if condition["type"] == type_:
+                return dict(condition)
+        raise AssertionError(f"{name} has no condition {type_}: {self.status(name)}")
+
+
+@pytest.fixture
+def jobs(api: client.ApiClient, namespace: str, operator: Any) -> Jobs:
+    return Jobs(api, namespace, operator)
+
+
+def _env(pod: Any) -> dict[str, str]:
+    return {item.name: item.value for item in pod.spec.containers[0].env or []}
+
+
+def test_two_node_job_is_wired_runs_and_succeeds(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("llm", gpu_pool, env=[{"name": "NCCL_DEBUG", "value": "INFO"}])
+    status = jobs.wait_phase("llm", "Running")
+    assert status["nodes"] == "2/2"
+    assert status["gpus"] == 16
+    assert sorted(status["placement"]["nodes"]) == sorted(gpu_pool.node_names())
+
+    pods = jobs.pods("llm")
+    assert [pod.metadata.name for pod in pods] == ["llm-node-0", "llm-node-1"]
+    assert sorted(pod.spec.node_name for pod in pods) == sorted(gpu_pool.node_names())
+    master = f"llm-node-0.llm.{jobs.namespace}.svc"
+    for rank, pod in enumerate(pods):
+        env = _env(pod)
+        assert pod.spec.hostname == f"llm-node-{rank}"
+        assert pod.spec.subdomain == "llm"
+        assert env["PET_NNODES"] == "2"
+        assert env["PET_NPROC_PER_NODE"] == "8"
+        assert env["PET_NODE_RANK"] == str(rank)
+        assert env["PET_MASTER_ADDR"] == master
+        assert env["PET_MASTER_PORT"] == "29500"
+        assert env["LARGO_BACKEND"] == "nccl"
+        assert env["NCCL_DEBUG"] == "INFO"  # a user's value wins over largo's default
+        assert "WORLD_SIZE" not in env
+        assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "8"
+        assert pod.metadata.owner_references[0].kind == "TrainJob"
+    service = jobs.core.read_namespaced_service("llm", jobs.namespace)
+    assert service.spec.cluster_ip == "None"
+    assert service.spec.publish_not_ready_addresses is True
+
+    jobs.exit("llm", 0)
+    status = jobs.wait_phase("llm", "Succeeded")
+    assert status["completionTime"]
+    assert jobs.condition("llm", "Complete")["status"] == "True"
+    reasons = [reason for reason, _ in jobs.events("llm")]
+    for expected in ("Queued", "Admitted", "PodsRunning", "Succeeded"):
+        assert expected in reasons
+
+
+def test_second_gang_waits_with_a_reason_and_runs_when_capacity_frees(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("first", gpu_pool, gpus=6)
+    jobs.wait_phase("first", "Running")
+    jobs.create("second", gpu_pool, gpus=6)
+    status = jobs.wait("second", lambda s: bool(s.get("queue")), "queue status")
+    assert status["phase"] == "Queued"
+    assert status["queue"]["reason"] == "InsufficientCapacity"
+    assert status["queue"]["position"] == 1
+    assert "nvidia.com/gpu" in status["queue"]["message"]
+    assert jobs.condition("second", "Admitted")["reason"] == "InsufficientCapacity"
+    assert jobs.pods("second") == []
+
+    jobs.exit("first", 0)
+    jobs.wait_phase("first", "Succeeded")
+    jobs.wait_phase("second", "Running")
+    assert "queue" not in jobs.status("second")
+
+
+def test_higher_priority_job_queued_later_is_admitted_first(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("busy", gpu_pool)
+    jobs.wait_phase("busy", "Running")
+    jobs.create("low", gpu_pool)
+    jobs.wait("low", lambda s: bool(s.get("queue")), "queued")
+    jobs.create("high", gpu_pool, scheduling={"priority": 100})
+    jobs.wait("high", lambda s: s.get("queue", {}).get("position") == 1, "first in the queue")
+    jobs.wait("low", lambda s: s.get("queue", {}).get("position") == 2, "second in the queue")
+
+    jobs.exit("busy", 0)
+    jobs.wait_phase("high", "Running")
+    assert jobs.status("low")["phase"] == "Queued"
+    assert jobs.pods("low") == []
+
+
+def test_a_gang_that_can_never_fit_says_so(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("huge", gpu_pool, num_nodes=3)
+    status = jobs.wait(
+        "huge",
+        lambda s: s.get("queue", {}).get("reason") == "Unschedulable",
+        "Unschedulable",
+    )
+    assert "3" in status["queue"]["message"]
+    assert any(reason == "Unschedulable" for reason, _ in jobs.events("huge"))
+    # It blocks nobody: a job that fits runs.
+    jobs.create("small", gpu_pool, num_nodes=1)
+    jobs.wait_phase("small", "Running")
+
+
+def test_failed_pod_restarts_the_whole_gang_until_the_backoff_limit(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("flaky", gpu_pool, failurePolicy={"backoffLimit": 1})
+    jobs.wait_phase("flaky", "Running")
+    first = {pod.metadata.uid for pod in jobs.pods("flaky")}
+    jobs.exit("flaky", 1, rank=1)
+    status = jobs.wait(
+        "flaky",
+        lambda s: s.get("restarts") == 1 and s.get("phase") == "Running",
+        "restarted",
+    )
+    second = jobs.pods("flaky")
+    assert {pod.metadata.uid for pod in second}.isdisjoint(first)
+    assert [pod.metadata.labels["largo.dev/attempt"] for pod in second] == ["1", "1"]
+    assert status["attempt"] == 1
+
+    jobs.exit("flaky", 1, rank=0)
+    jobs.wait_phase("flaky", "Failed")
+    failed = jobs.condition("flaky", "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "exit code 1" in failed["message"]
+    wait_for(
+        lambda: (
+            not jobs.live_pods("flaky")
+            or all(p.status.phase in ("Succeeded", "Failed") for p in jobs.live_pods("flaky"))
+        ),
+        TIMEOUT,
+        "gang stopped",
+    )
+
+
+def test_permanent_exit_code_fails_at_once(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create(
+        "bad-config",
+        gpu_pool,
+        failurePolicy={"backoffLimit": 5, "permanentExitCodes": [42]},
+    )
+    jobs.wait_phase("bad-config", "Running")
+    jobs.exit("bad-config", 42, rank=0)
+    status = jobs.wait_phase("bad-config", "Failed")
+    assert status["restarts"] == 0
+    assert jobs.condition("bad-config", "Failed")["reason"] == "PermanentExitCode"
+
+
+def test_lost_node_restarts_the_gang_on_other_nodes(
+    jobs: Jobs, make_pool: Callable[..., NodePool], cluster: LocalCluster
+) -> None:
+    pool = make_pool(count=3)
+    jobs.create("survivor", pool)
+    status = jobs.wait_phase("survivor", "Running")
+    lost = status["placement"]["nodes"][1]
+    client.CoreV1Api(jobs.core.api_client).delete_node(lost)
+    status = jobs.wait(
+        "survivor",
+        lambda s: s.get("restarts") == 1 and s.get("phase") == "Running",
+        "running again",
+    )
+    assert lost not in status["placement"]["nodes"]
+    assert jobs.condition("survivor", "Restarting")["reason"] in (
+        "NodeLost",
+        "PodDeleted",
+    )
+
+
+def test_suspend_releases_gpus_and_resume_requeues(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("pausable", gpu_pool)
+    jobs.wait_phase("pausable", "Running")
+    jobs.patch_spec("pausable", {"suspend": True})
+    jobs.wait_phase("pausable", "Suspended")
+    wait_for(lambda: not jobs.pods("pausable"), TIMEOUT, "pods deleted")
+    # The released GPUs are really free: another full-size gang is admitted.
+    jobs.create("meanwhile", gpu_pool)
+    jobs.wait_phase("meanwhile", "Running")
+    jobs.exit("meanwhile", 0)
+    jobs.wait_phase("meanwhile", "Succeeded")
+    jobs.patch_spec("pausable", {"suspend": False})
+    jobs.wait_phase("pausable", "Running")
+    assert jobs.condition("pausable", "Suspended")["status"] == "False"
+
+
+def test_active_deadline_fails_the_job(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("slow", gpu_pool, activeDeadlineSeconds=2)
+    jobs.wait_phase("slow", "Failed")
+    assert jobs.condition("slow", "Failed")["reason"] == "DeadlineExceeded"
+    wait_for(lambda: not jobs.live_pods("slow"), TIMEOUT, "pods deleted")
+
+
+def test_ttl_deletes_a_finished_job(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("short-lived", gpu_pool, ttlSecondsAfterFinished=1)
+    jobs.wait_phase("short-lived", "Running")
+    jobs.exit("short-lived", 0)
+
+    def gone() -> bool:
+        try:
+            jobs.get("short-lived")
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(gone, TIMEOUT, "TrainJob deleted by TTL", jobs.operator.assert_alive)
+
+
+def test_deleting_a_job_removes_everything_it_created(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("doomed", gpu_pool)
+    jobs.wait_phase("doomed", "Running")
+    jobs.custom.delete_namespaced_custom_object(GROUP, VERSION, jobs.namespace, PLURAL, "doomed")
+    wait_for(lambda: not jobs.pods("doomed"), TIMEOUT, "pods collected")
+
+    def service_gone() -> bool:
+        try:
+            jobs.core.read_namespaced_service("doomed", jobs.namespace)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(service_gone, TIMEOUT, "service collected")
+
+
+INVALID = [
+    ({"numNodes": 0}, "numNodes"),
+    ({"resourcesPerNode": {"nvidia.com/gpu": "0.5"}}, "nvidia.com/gpu"),
+    ({"backend": "mpi"}, "backend"),
+    ({"procsPerNode": "many"}, "procsPerNode"),
+    ({"env": [{"name": "WORLD_SIZE", "value": "4"}]}, "reserved"),
+    ({"env": [{"name": "PET_NNODES", "value": "4"}]}, "reserved"),
+    (
+        {"failurePolicy": {"permanentExitCodes": [3], "retryableExitCodes": [3]}},
+        "ExitCodes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "needle"), INVALID, ids=[needle for _, needle in INVALID])
+def test_invalid_spec_is_refused_by_the_api_server(
+    api: client.ApiClient, namespace: str, crds: None, spec: dict[str, Any], needle: str
+) -> None:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainJob",
+        "metadata": {"name": f"bad-{uuid.uuid4().hex[:6]}"},
+        "spec": {"image": "trainer:test", "numNodes": 1, **spec},
+    }
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    assert refused.value.status == 422
+    assert needle in refused.value.body
+
+
+def test_name_too_long_for_dns_is_refused(api: client.ApiClient, namespace: str, crds: None) -> None:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainJob",
+        "metadata": {"name": "x" * 51},
+        "spec": {"image": "trainer:test", "numNodes": 1},
+    }
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    assert refused.value.status == 422
+    assert "50" in refused.value.body
+
+
+def test_immutable_fields_cannot_change(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("fixed", gpu_pool, num_nodes=1)
+    with pytest.raises(ApiException) as refused:
+        jobs.patch_spec("fixed", {"numNodes": 2})
+    assert refused.value.status == 422
+    assert "numNodes" in refused.value.body
+    with pytest.raises(ApiException) as refused_image:
+        jobs.patch_spec("fixed", {"image": "other:tag"})
+    assert "image" in refused_image.value.body
+
+
+def test_operator_killed_while_admitting_converges_without_duplicates(
+    jobs: Jobs, make_pool: Callable[..., NodePool]
+) -> None:
+    pool = make_pool(count=4)  # 32 GPUs: eight 4-GPU jobs at a time
+    names = [f"burst-{index}" for index in range(20)]
+    for name in names:
+        jobs.create(name, pool, num_nodes=1, gpus=4)
+    wait_for(
+        lambda: (
+            any(jobs.status(name).get("phase") == "Starting" for name in names)
+            or any(jobs.status(name).get("phase") == "Running" for name in names)
+        ),
+        TIMEOUT,
+        "admissions under way",
+    )
+    jobs.operator.kill()
+    jobs.operator.start()
+
+    finished: set[str] = set()
+
+    def progress() -> bool:
+        for name in names:
+            if name in finished:
+                continue
+            pods = jobs.live_pods(name)
+            assert len(pods) <= 1, f"{name} has duplicate pods: {[p.metadata.name for p in pods]}"
+            status = jobs.status(name)
+            if status.get("phase") == "Succeeded":
+                finished.add(name)
+            elif status.get("phase") == "Running":
+                jobs.exit(name, 0)
+        return len(finished) == len(names)
+
+    wait_for(progress, 240, "all 20 jobs Succeeded", jobs.operator.assert_alive)
+    for name in names:
+        status = jobs.status(name)
+        assert status["restarts"] == 0, (name, status)
+        assert len(jobs.pods(name)) == 1
