@@ -283,6 +283,7 @@ def test_pod_template_and_scheduling_pass_through() -> None:
             "serviceAccountName": "trainer",
             "securityContext": {"runAsNonRoot": True},
             "priorityClassName": "high",
+            "terminationGracePeriodSeconds": 120,
         },
     )
     pod = build_pod(job, 0, "n0", attempt=1)
@@ -295,6 +296,8 @@ def test_pod_template_and_scheduling_pass_through() -> None:
     assert spec["serviceAccountName"] == "trainer"
     assert spec["securityContext"] == {"runAsNonRoot": True}
     assert spec["priorityClassName"] == "high"
+    assert spec["terminationGracePeriodSeconds"] == 120
+    assert "terminationGracePeriodSeconds" not in build_pod(make_job(), 0, "n0", attempt=0)["spec"]
     assert pod["metadata"]["labels"]["team"] == "x"
     assert pod["metadata"]["labels"]["largo.dev/attempt"] == "1"
     assert pod["metadata"]["annotations"] == {

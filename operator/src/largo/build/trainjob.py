@@ -244,6 +244,8 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         pod_spec["tolerations"] = tolerations
     if template.service_account_name is not None:
         pod_spec["serviceAccountName"] = template.service_account_name
+    if template.termination_grace_period_seconds is not None:
+        pod_spec["terminationGracePeriodSeconds"] = template.termination_grace_period_seconds
     if template.security_context is not None:
         pod_spec["securityContext"] = dict(template.security_context)
     if template.priority_class_name is not None:

@@ -306,6 +306,12 @@ class PodTemplate(SpecModel):
     service_account_name: str | None = Field(default=None, min_length=1, max_length=253)
     security_context: FreeForm | None = Field(default=None, description="core/v1 PodSecurityContext.")
     priority_class_name: str | None = Field(default=None, min_length=1, max_length=253)
+    termination_grace_period_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        le=86400,
+        description="Seconds between SIGTERM and SIGKILL when a pod is stopped: time to write a checkpoint.",
+    )
 
 
 class TrainJobSpec(SpecModel):
