@@ -18,6 +18,7 @@ $(VENV_STAMP): operator/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check 'pip==25.3'
 	$(BIN)/pip install --quiet --disable-pip-version-check -e 'operator[dev]'
+	./hack/install-torch.sh $(VENV)
 	rm -f $(VENV)/.installed-* && touch $@
 
 tools:

@@ -93,6 +93,7 @@ class OperatorProcess:
             "LARGO_RESTART_BACKOFF_SECONDS": "1",
             "LARGO_RESTART_BACKOFF_MAX_SECONDS": "2",
             "LARGO_BINDING_TIMEOUT_SECONDS": "10",
+            "LARGO_PROGRESS_STALE_SECONDS": "3",
         }
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
         self.process = subprocess.Popen(

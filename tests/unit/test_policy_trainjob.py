@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from largo.api.v1alpha1 import Phase, Reason
 from largo.policy.conditions import condition_status, timestamp
-from largo.policy.trainjob import BackoffPolicy, JobView, PodView, plan, pod_view
+from largo.policy.trainjob import JobView, PodView, Timings, plan, pod_view
 
 NOW = 1_800_000_000.0
 NONE: frozenset[str] = frozenset()
@@ -95,7 +95,7 @@ def test_success_needs_every_pod_of_the_attempt() -> None:
 
 
 def test_retryable_failure_restarts_the_whole_gang_with_backoff() -> None:
-    backoff = BackoffPolicy(base=10, cap=300)
+    backoff = Timings(base=10, cap=300)
     pods = [pod(0), pod(1, "Failed", exit_code=1)]
     result = plan(job(status=admitted(Phase.RUNNING)), pods, NONE, NONE, NOW, backoff)
     assert result.status["phase"] == Phase.RESTARTING
@@ -111,7 +111,7 @@ def test_retryable_failure_restarts_the_whole_gang_with_backoff() -> None:
 
 @pytest.mark.parametrize(("restarts", "delay"), [(1, 10), (2, 20), (3, 40), (6, 300), (9, 300)])
 def test_backoff_grows_and_is_capped(restarts: int, delay: float) -> None:
-    assert BackoffPolicy(base=10, cap=300).delay(restarts) == delay
+    assert Timings(base=10, cap=300).delay(restarts) == delay
 
 
 def test_backoff_limit_fails_the_job() -> None:
@@ -199,7 +199,7 @@ def test_binding_timeout() -> None:
         NONE,
         NONE,
         NOW,
-        BackoffPolicy(binding_timeout=30),
+        Timings(binding_timeout=30),
     )
     assert early.status["phase"] == Phase.STARTING
     assert early.requeue_after == pytest.approx(25)
@@ -209,7 +209,7 @@ def test_binding_timeout() -> None:
         NONE,
         NONE,
         NOW + 30,
-        BackoffPolicy(binding_timeout=30),
+        Timings(binding_timeout=30),
     )
     assert late.status["phase"] == Phase.QUEUED
 
@@ -345,3 +345,23 @@ def test_pod_view_reads_labels_exit_codes_and_scheduling() -> None:
     assert view.unschedulable_since == NOW
     assert view.unschedulable_message == "0/2 nodes"
     assert pod_view({"metadata": {"name": "x", "labels": {}}}) is None
+
+
+def test_progress_is_marked_stale_when_reports_stop() -> None:
+    progress = {
+        "step": 40,
+        "summary": "40% 40/100 loss 1.2",
+        "updatedAt": timestamp(NOW - 30),
+        "stale": False,
+    }
+    fresh = plan(job(status=admitted(Phase.RUNNING, progress=progress)), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert "progress" not in fresh.status  # the runtime's field: left alone while it reports
+    assert fresh.requeue_after == pytest.approx(90)
+    late = plan(
+        job(status=admitted(Phase.RUNNING, progress=progress)), [pod(0), pod(1)], NONE, NONE, NOW + 100
+    )
+    assert late.status["progress"]["stale"] is True
+    assert late.status["progress"]["step"] == 40
+    assert late.status["progress"]["summary"].startswith("stale: no report for 130s (last: 40%")
+    done = plan(job(status={"phase": Phase.SUCCEEDED, "progress": progress}), [], NONE, NONE, NOW + 1000)
+    assert "progress" not in done.status

@@ -11,18 +11,19 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 
-from largo.api.v1alpha1 import GROUP, PLURAL, VERSION
+from largo.api.v1alpha1 import GROUP, PLURAL, VERSION, Phase
 from largo.build.names import LABEL_JOB_NAME
 from largo.controllers.kube import Kube
 from largo.controllers.scheduler import Scheduler
 from largo.controllers.state import JobKey, job_entry, pod_usage
 from largo.controllers.trainjob import TrainJobReconciler
 from largo.controllers.workqueue import WorkQueue
-from largo.policy.trainjob import BackoffPolicy
+from largo.policy.trainjob import Timings
 from largo.sched import inventory
 
 logger = logging.getLogger(__name__)
@@ -33,18 +34,35 @@ def _float_env(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No last-handled state: largo registers no create/update/resume handlers, only event handlers,
+    indexes and its own loops, so kopf never compares an object with its previous essence. The default
+    storage deep-copies every pod, node and job on every event to build one: the operator's main CPU
+    cost at scale, for nothing."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     # largo posts its own events with reasons; kopf's per-handler log events would only add noise.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.connect_timeout = 10
 
+    # Every API call runs in a worker thread: enough of them for the reconcile workers and the
+    # scheduler's parallel writes.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32))
     kube = Kube.from_environment()
     jobs: WorkQueue[JobKey] = WorkQueue()
     scheduler = Scheduler(
@@ -58,12 +76,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     reconciler = TrainJobReconciler(
         kube=kube,
         nodes=kwargs["node_inventory"],
+        jobs=kwargs["trainjob_queue"],
+        pods=kwargs["trainjob_pods"],
         wake_scheduler=scheduler.wake,
         clock=time.time,
-        backoff=BackoffPolicy(
+        timings=Timings(
             base=_float_env("LARGO_RESTART_BACKOFF_SECONDS", 10.0),
             cap=_float_env("LARGO_RESTART_BACKOFF_MAX_SECONDS", 300.0),
             binding_timeout=_float_env("LARGO_BINDING_TIMEOUT_SECONDS", 30.0),
+            progress_stale_after=_float_env("LARGO_PROGRESS_STALE_SECONDS", 120.0),
         ),
     )
     workers = int(_float_env("LARGO_RECONCILE_WORKERS", 8))
@@ -86,20 +107,27 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index("nodes")
-def node_inventory(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+async def node_inventory(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
     return {name: inventory.node_info(body)}
 
 
 @kopf.index("pods")
-def pod_inventory(body: kopf.Body, **_: Any) -> dict[str, Any]:
+async def pod_inventory(body: kopf.Body, **_: Any) -> dict[str, Any]:
     usage = pod_usage(body)
     if usage is None:
         return {}
     return {body["spec"]["nodeName"]: usage}
 
 
+@kopf.index("pods", labels={LABEL_JOB_NAME: kopf.PRESENT})
+async def trainjob_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[JobKey, Any]:
+    return {(str(namespace), labels[LABEL_JOB_NAME]): dict(body)}
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
-def trainjob_queue(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[JobKey, Any]:
+async def trainjob_queue(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[JobKey, Any]:
     return {(str(namespace), name): job_entry(body)}
 
 
@@ -107,28 +135,44 @@ def trainjob_queue(namespace: str | None, name: str, body: kopf.Body, **_: Any) 
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def trainjob_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def trainjob_changed(
+    namespace: str | None, name: str, status: kopf.Status, memo: kopf.Memo, **_: Any
+) -> None:
     memo.jobs.add((str(namespace), name))
-    memo.scheduler.wake()
-
-
-@kopf.on.event("pods", labels={LABEL_JOB_NAME: kopf.PRESENT})
-def trainjob_pod_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    memo.jobs.add((str(namespace), labels[LABEL_JOB_NAME]))
+    # The index already holds this version: a queued job is visible to the very next pass.
+    if status.get("phase") == Phase.QUEUED:
+        memo.scheduler.wake()
 
 
 @kopf.on.event("pods")
-def capacity_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A pod that stops holding resources frees capacity for the queue."""
+async def pod_changed(
+    namespace: str | None,
+    labels: kopf.Labels,
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """A TrainJob's pod changed: reconcile the job. Any pod that stops holding resources frees capacity."""
+    job = labels.get(LABEL_JOB_NAME)
+    if job is not None:
+        memo.jobs.add((str(namespace), job))
     if event.get("type") == "DELETED" or not inventory.pod_holds_resources(body):
         memo.scheduler.wake()
 
 
 @kopf.on.event("nodes")
-def node_changed(name: str, body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+async def node_changed(
+    name: str, body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    info = None if event.get("type") == "DELETED" else inventory.node_info(body)
+    seen: dict[str, Any] = memo.setdefault("nodes_seen", {})
+    # Heartbeats change nothing the scheduler reads: only capacity, labels, taints or readiness do.
+    if seen.get(name) == info and name in seen:
+        return
+    seen[name] = info
     memo.scheduler.wake()
-    info = inventory.node_info(body)
-    if event.get("type") == "DELETED" or not info.ready or not info.usable:
+    if info is None or not info.usable:
         # Jobs with pods or placements on this node must notice at once, not at the next resync.
         for store in kwargs["trainjob_queue"].values():
             for entry in store:

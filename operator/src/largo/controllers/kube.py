@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import logging
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client import ApiException
@@ -45,16 +44,6 @@ class Kube:
         # Enough connections for every reconcile worker and the scheduler at once.
         configuration.connection_pool_maxsize = 32
         return cls(client.ApiClient(configuration))
-
-    async def get_trainjob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        get: Callable[..., Any] = self.custom.get_namespaced_custom_object
-        try:
-            body: dict[str, Any] = await asyncio.to_thread(get, GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        return body
 
     async def patch_trainjob_status(
         self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
@@ -88,14 +77,6 @@ class Kube:
         except ApiException as error:
             if error.status != 404:
                 raise
-
-    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        # The raw JSON: the pure code reads Kubernetes' own field names, as kopf hands them over.
-        response = await asyncio.to_thread(
-            self.core.list_namespaced_pod, namespace, label_selector=label_selector, _preload_content=False
-        )
-        items: list[dict[str, Any]] = json.loads(cast(Any, response).data)["items"]
-        return items
 
     async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         kind = manifest["kind"]

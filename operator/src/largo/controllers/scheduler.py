@@ -31,6 +31,12 @@ class IndexLike(Protocol):
     def values(self) -> Iterable[Iterable[Any]]: ...
 
 
+class KeyedIndex(Protocol):
+    """A kopf index read by key."""
+
+    def get(self, key: Any) -> Iterable[Any] | None: ...
+
+
 def _values(index: IndexLike) -> list[Any]:
     return [value for store in index.values() for value in store]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pydantic
 
-from largo.api.v1alpha1 import Phase, TrainJob
+from largo.api.v1alpha1 import Phase, TrainJob, validation_messages
 from largo.build import trainjob as build
 from largo.build.names import LABEL_ATTEMPT, LABEL_JOB_NAME, LABEL_NODE_RANK
 from largo.policy.conditions import parse_timestamp
@@ -47,6 +47,9 @@ class JobEntry:
     queue_name: str
     queue: Mapping[str, Any]
     body: Mapping[str, Any]
+    # The spec parsed once per version of the object, or why it cannot be run.
+    job: TrainJob | None
+    invalid: str | None
 
     @property
     def active(self) -> bool:
@@ -91,10 +94,12 @@ def job_entry(body: Mapping[str, Any]) -> JobEntry:
     request: GangRequest | None = None
     per_pod: Mapping[str, int] = {}
     queue_name = ""
+    job: TrainJob | None = None
+    invalid: str | None = None
     try:
         job = parse(body)
-    except pydantic.ValidationError:
-        pass
+    except pydantic.ValidationError as error:
+        invalid = "; ".join(validation_messages(error))
     else:
         request = gang_request(job, key, metadata)
         per_pod = request.per_pod
@@ -110,7 +115,9 @@ def job_entry(body: Mapping[str, Any]) -> JobEntry:
         request=request,
         queue_name=queue_name,
         queue=status.get("queue") or {},
-        body=body,
+        body=dict(body),
+        job=job,
+        invalid=invalid,
     )
 
 

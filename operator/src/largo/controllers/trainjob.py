@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
-import pydantic
 
 from largo.api.v1alpha1 import ConditionType, Reason
 from largo.build import trainjob as build
-from largo.build.names import LABEL_JOB_NAME
 from largo.controllers.kube import ConflictError, Kube
-from largo.controllers.scheduler import IndexLike
-from largo.controllers.state import JobKey, parse
+from largo.controllers.scheduler import KeyedIndex
+from largo.controllers.state import JobEntry, JobKey
 from largo.policy.conditions import set_condition
-from largo.policy.trainjob import BackoffPolicy, JobView, Plan, plan, pod_view
+from largo.policy.trainjob import JobView, Plan, Timings, plan, pod_view
 from largo.sched.types import NodeInfo
 
 logger = logging.getLogger(__name__)
@@ -46,60 +44,62 @@ def job_view(job: Any, body: Mapping[str, Any]) -> JobView:
     )
 
 
-def _invalid_message(error: pydantic.ValidationError) -> str:
-    parts = []
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"])
-        parts.append(f"{where}: {problem['msg']}")
-    return "; ".join(parts)
-
-
 @dataclass
 class TrainJobReconciler:
     kube: Kube
-    nodes: IndexLike
+    nodes: KeyedIndex
+    jobs: KeyedIndex
+    pods: KeyedIndex
     wake_scheduler: Callable[[], None]
     clock: Callable[[], float]
-    backoff: BackoffPolicy
+    timings: Timings
 
-    def node_sets(self) -> tuple[frozenset[str], frozenset[str]]:
-        """(unusable, lost): lost nodes are gone or NotReady; unusable ones are also cordoned."""
-        infos: list[NodeInfo] = [info for store in self.nodes.values() for info in store]
-        lost = frozenset(info.name for info in infos if not info.ready)
-        unusable = frozenset(info.name for info in infos if not info.usable)
-        return unusable, lost
+    def node_sets(self, names: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
+        """(unusable, lost) among ``names``: lost nodes are gone or NotReady; unusable ones also cordoned."""
+        unusable, lost = set(), set()
+        for name in names:
+            infos: list[NodeInfo] = list(self.nodes.get(name) or [])
+            if not infos or not infos[-1].ready:
+                lost.add(name)
+            if not infos or not infos[-1].usable:
+                unusable.add(name)
+        return frozenset(unusable), frozenset(lost)
 
-    def known_nodes(self) -> frozenset[str]:
-        return frozenset(info.name for store in self.nodes.values() for info in store)
+    def _latest(self, key: JobKey) -> JobEntry | None:
+        store = self.jobs.get(key)
+        entries: list[JobEntry] = list(store) if store is not None else []
+        return entries[-1] if entries else None
 
     async def reconcile(self, key: JobKey) -> float | None:
-        namespace, name = key
-        body = await self.kube.get_trainjob(namespace, name)
-        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        """One cycle for one job, from the indexes' view of it and its pods.
+
+        The view may lag the API server by a moment; the resourceVersion guard on the status write
+        turns a lagging decision into a no-op, and the event that brings the newer version wakes the
+        job again.
+        """
+        entry = self._latest(key)
+        if entry is None or (entry.body.get("metadata") or {}).get("deletionTimestamp"):
             # Deleted: the API server's garbage collector removes what it owned.
             self.wake_scheduler()
             return None
-        try:
-            job = parse(body)
-        except pydantic.ValidationError as error:
-            await self._reject(body, _invalid_message(error))
+        body, job = entry.body, entry.job
+        if job is None:
+            await self._reject(body, entry.invalid or "invalid spec")
             return None
         uid = body["metadata"]["uid"]
-        raw_pods = await self.kube.list_pods(namespace, f"{LABEL_JOB_NAME}={name}")
+        store = self.pods.get(key)
         owned = [
             pod
-            for pod in raw_pods
+            for pod in (store or [])
             if any(ref.get("uid") == uid for ref in (pod["metadata"].get("ownerReferences") or []))
         ]
         views = [view for view in map(pod_view, owned) if view is not None]
-        unusable, lost = self.node_sets()
-        known = self.known_nodes()
-        # A node missing from the inventory is gone: it counts as lost for pods bound to it.
-        missing = frozenset(pod.node_name for pod in views if pod.node_name and pod.node_name not in known)
         placement = (body.get("status") or {}).get("placement") or {}
-        missing |= frozenset(node for node in placement.get("nodes") or [] if node not in known)
+        # Only the job's own nodes matter; one missing from the inventory is gone, hence lost.
+        relevant = {pod.node_name for pod in views if pod.node_name} | set(placement.get("nodes") or [])
+        unusable, lost = self.node_sets(relevant)
         now = self.clock()
-        decision = plan(job_view(job, body), views, unusable | missing, lost | missing, now, self.backoff)
+        decision = plan(job_view(job, body), views, unusable, lost, now, self.timings)
         return await self._apply(body, job, decision)
 
     async def _apply(self, body: Mapping[str, Any], job: Any, decision: Plan) -> float | None:
@@ -113,7 +113,8 @@ class TrainJobReconciler:
                     namespace, name, metadata.get("resourceVersion"), {**removed, **decision.status}
                 )
             except ConflictError:
-                return 0.0
+                # A newer version exists; its watch event enqueues the job again.
+                return None
         if decision.create_ranks:
             await self.kube.create(namespace, _owned(build.build_service(job), body))
             nodes = decision.status["placement"]["nodes"]

@@ -19,13 +19,15 @@ TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 
 
 @dataclass(frozen=True, slots=True)
-class BackoffPolicy:
-    """Restart delay: ``base * 2**(restarts-1)``, at most ``cap`` seconds."""
+class Timings:
+    """The lifecycle's clocks. Restart delay: ``base * 2**(restarts-1)``, at most ``cap`` seconds."""
 
     base: float = 10.0
     cap: float = 300.0
     # An unbound pod pinned to a usable node gets this long before its gang is released and re-queued.
     binding_timeout: float = 30.0
+    # A running job whose runtime has not reported progress for this long is shown as stale.
+    progress_stale_after: float = 120.0
 
     def delay(self, restarts: int) -> float:
         return float(min(self.cap, self.base * 2 ** max(restarts - 1, 0)))
@@ -171,14 +173,14 @@ def plan(
     unusable_nodes: frozenset[str],
     lost_nodes: frozenset[str],
     now: float,
-    backoff: BackoffPolicy | None = None,
+    timings: Timings | None = None,
 ) -> Plan:
     """Decides one reconcile cycle of a TrainJob.
 
     ``lost_nodes``: nodes that are gone or NotReady (pods on them are dead). ``unusable_nodes``: also
     cordoned ones (an unbound pod pinned there can never start).
     """
-    backoff = backoff or BackoffPolicy()
+    timings = timings or Timings()
     status: dict[str, Any] = {key: value for key, value in job.status.items() if key != "progress"}
     b = _Builder(job, now, status, Plan(status=status))
     current = [pod for pod in pods if pod.attempt == job.attempt]
@@ -201,17 +203,42 @@ def plan(
     elif phase == Phase.RESTARTING:
         _restarting(b, pods, lost_nodes)
     elif phase in (Phase.STARTING, Phase.RUNNING) and job.placement_nodes is not None:
-        _active(b, current, job.placement_nodes, unusable_nodes, lost_nodes, backoff)
+        _active(b, current, job.placement_nodes, unusable_nodes, lost_nodes, timings)
     elif phase in (Phase.STARTING, Phase.RUNNING):
         # Admitted without a placement for this attempt (written by hand or lost): queue again.
         _enqueue(b, resumed=False)
 
+    if b.status.get("phase") == Phase.RUNNING:
+        _progress(b, timings.progress_stale_after)
     if phase not in TERMINAL and not job.suspend and stale:
         b.plan.delete_pods = tuple(dict.fromkeys((*b.plan.delete_pods, *stale)))
     _count(b, current)
     if job.generation is not None:
         status["observedGeneration"] = job.generation
     return b.plan
+
+
+def _progress(b: _Builder, stale_after: float) -> None:
+    """Marks the runtime's progress stale when its reports stopped while the job runs.
+
+    The runtime owns ``status.progress``; the operator writes it only to say it is out of date, so that
+    ``kubectl get`` never shows frozen progress as current.
+    """
+    progress = b.job.status.get("progress")
+    if not isinstance(progress, Mapping) or progress.get("stale"):
+        return
+    updated = parse_timestamp(progress.get("updatedAt"))
+    if updated is None:
+        return
+    silent = b.now - updated
+    if silent < stale_after:
+        b.plan.after(stale_after - silent)
+        return
+    b.status["progress"] = {
+        **progress,
+        "stale": True,
+        "summary": f"stale: no report for {int(silent)}s (last: {progress.get('summary', '')})",
+    }
 
 
 def _count(b: _Builder, current: Sequence[PodView]) -> None:
@@ -330,7 +357,7 @@ def _failure(
     unusable: frozenset[str],
     lost: frozenset[str],
     now: float,
-    backoff: BackoffPolicy,
+    timings: Timings,
 ) -> tuple[Reason, str, int | None] | None:
     """The first reason the current gang cannot go on, with the failed pod's exit code if any."""
     for pod in sorted(current, key=lambda p: p.rank):
@@ -352,7 +379,7 @@ def _failure(
                 )
             if (
                 pod.unschedulable_since is not None
-                and now - pod.unschedulable_since >= backoff.binding_timeout
+                and now - pod.unschedulable_since >= timings.binding_timeout
             ):
                 return (
                     Reason.BINDING_FAILED,
@@ -368,19 +395,19 @@ def _active(
     placement: tuple[str, ...],
     unusable: frozenset[str],
     lost: frozenset[str],
-    backoff: BackoffPolicy,
+    timings: Timings,
 ) -> None:
     job = b.job
     if "startTime" not in b.status:
         b.status["startTime"] = timestamp(b.now)
-    failure = _failure(current, placement, unusable, lost, b.now, backoff)
+    failure = _failure(current, placement, unusable, lost, b.now, timings)
     by_rank = {pod.rank: pod for pod in current}
     if failure is None and job.phase == Phase.RUNNING:
         missing = [rank for rank in range(job.num_nodes) if rank not in by_rank]
         if missing:
             failure = (Reason.POD_DELETED, f"pod of rank {missing[0]} disappeared while the job ran", None)
     if failure is not None:
-        _handle_failure(b, current, lost, backoff, *failure)
+        _handle_failure(b, current, lost, timings, *failure)
         return
 
     if job.phase == Phase.STARTING:
@@ -388,7 +415,7 @@ def _active(
         # Pods that wait on binding are looked at again when the binding timeout is up.
         waiting = [pod.unschedulable_since for pod in current if pod.unschedulable_since is not None]
         if waiting:
-            b.plan.after(max(0.0, min(waiting) + backoff.binding_timeout - b.now))
+            b.plan.after(max(0.0, min(waiting) + timings.binding_timeout - b.now))
 
     if len(current) == job.num_nodes and all(pod.phase == "Succeeded" for pod in current):
         b.phase(Phase.SUCCEEDED)
@@ -413,7 +440,7 @@ def _handle_failure(
     b: _Builder,
     current: Sequence[PodView],
     lost: frozenset[str],
-    backoff: BackoffPolicy,
+    timings: Timings,
     reason: Reason,
     message: str,
     exit_code: int | None,
@@ -437,7 +464,7 @@ def _handle_failure(
         _fail(b, Reason.BACKOFF_LIMIT_EXCEEDED, f"{message}; backoffLimit {job.backoff_limit} reached")
         return
     restarts = job.restarts + 1
-    delay = backoff.delay(restarts)
+    delay = timings.delay(restarts)
     b.status["restarts"] = restarts
     b.status["attempt"] = job.attempt + 1
     b.status["lastRestartTime"] = timestamp(b.now)

@@ -1,1 +1,1 @@
-"""largo.runtime."""
+"""largo's data plane: the trainer runtime. The only package that imports torch (extra "runtime")."""

@@ -1,0 +1,115 @@
+"""Training progress, reported by rank 0 into its TrainJob's ``status.progress``.
+
+Why the status subresource: it is where ``kubectl get trainjobs`` reads the PROGRESS column, it needs
+no network path from the operator to the pods, and RBAC can grant exactly ``trainjobs/status``.
+The operator never writes ``progress`` except to mark it stale when reports stop.
+Reports go out from a background thread, at most every ``interval`` seconds: the training loop never
+waits on the API server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "largo.dev", "v1alpha1", "trainjobs"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def progress_fields(
+    step: int, total: int, loss: float, tokens_per_second: float, steps_per_second: float, now: float
+) -> dict[str, Any]:
+    """The ``status.progress`` object for one report (pure)."""
+    percent = round(100.0 * step / total, 1) if total else 0.0
+    eta = (total - step) / steps_per_second if steps_per_second > 0 else None
+    summary = f"{percent:g}% {step}/{total} loss {loss:.3f}"
+    if eta is not None:
+        summary += f" ETA {_duration(eta)}"
+    fields: dict[str, Any] = {
+        "step": step,
+        "totalSteps": total,
+        "percent": percent,
+        "loss": round(loss, 6),
+        "tokensPerSecond": round(tokens_per_second, 1),
+        "updatedAt": datetime.datetime.fromtimestamp(int(now), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "summary": summary,
+        "stale": False,
+    }
+    if eta is not None:
+        fields["etaSeconds"] = int(eta)
+    return fields
+
+
+class ProgressReporter:
+    """Sends the latest progress of rank 0 to the TrainJob named by ``LARGO_JOB_NAME``."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.job = os.environ.get("LARGO_JOB_NAME")
+        self.namespace = os.environ.get("LARGO_JOB_NAMESPACE")
+        self._latest: dict[str, Any] | None = None
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._api: Any = None
+        self._thread: threading.Thread | None = None
+        if self.job and self.namespace:
+            self._thread = threading.Thread(target=self._run, name="largo-progress", daemon=True)
+            self._thread.start()
+
+    @property
+    def enabled(self) -> bool:
+        return self._thread is not None
+
+    def report(self, fields: dict[str, Any]) -> None:
+        self._latest = fields
+        self._wake.set()
+
+    def close(self) -> None:
+        """Sends the last report, then stops."""
+        self._closing.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _client(self) -> Any:
+        if self._api is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException:
+                config.load_kube_config()  # type: ignore[no-untyped-call]
+            self._api = client.CustomObjectsApi()
+        return self._api
+
+    def _run(self) -> None:
+        sent: dict[str, Any] | None = None
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            latest = self._latest
+            if latest is not None and latest is not sent:
+                try:
+                    self._client().patch_namespaced_custom_object_status(
+                        GROUP, VERSION, self.namespace, PLURAL, self.job, {"status": {"progress": latest}}
+                    )
+                    sent = latest
+                except Exception as error:  # progress is best effort: training goes on regardless
+                    logger.warning("could not report progress to %s/%s: %s", self.namespace, self.job, error)
+            if self._closing.is_set():
+                return
+            # At most one report per interval; closing cuts the wait short for the last report.
+            self._closing.wait(self.interval)

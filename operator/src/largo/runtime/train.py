@@ -1,0 +1,213 @@
+"""The reference trainer: ``torchrun -m largo.runtime.train`` under a TrainJob.
+
+Reads the TrainJob contract (torchrun's RANK/WORLD_SIZE/LOCAL_RANK per process; LARGO_BACKEND,
+LARGO_CHECKPOINT_DIR and LARGO_JOB_* from the pod), trains a small decoder-only transformer on text
+files with DDP (or FSDP), checkpoints atomically every N steps and on SIGTERM, resumes from the newest
+complete checkpoint, serves Prometheus metrics on rank 0 and reports progress into the TrainJob.
+
+Every step's batch is a function of (seed, step, rank) and the checkpoint carries model, optimizer and
+RNG state, so a resumed run continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from largo.runtime import checkpoint, data, metrics
+from largo.runtime.model import ModelConfig, TinyGPT
+from largo.runtime.progress import ProgressReporter, progress_fields
+
+logger = logging.getLogger("largo.runtime.train")
+
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell would report it
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="largo.runtime.train", description=__doc__)
+    parser.add_argument("--steps", type=int, default=300, help="total optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per process and step")
+    parser.add_argument("--context", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--data", type=Path, action="append", default=None, help="text file or directory (repeatable)"
+    )
+    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="default: $LARGO_CHECKPOINT_DIR")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest)")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of replicating (DDP)")
+    parser.add_argument("--backend", choices=("nccl", "gloo"), default=None, help="default: $LARGO_BACKEND")
+    parser.add_argument("--metrics-port", type=int, default=None, help="rank 0 serves /metrics here")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    parser.add_argument("--report-every-seconds", type=float, default=10.0)
+    return parser.parse_args(argv)
+
+
+class Termination:
+    """Remembers a SIGTERM; the loop checkpoints and leaves at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        # Gathered whole on every rank, so that one file holds the full model.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    else:
+        model_state, optimizer_state = _unwrap(model).state_dict(), optimizer.state_dict()
+    return {"model": model_state, "optimizer": optimizer_state, "rng": torch.get_rng_state()}
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+    else:
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+    default_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = args.backend or os.environ.get("LARGO_BACKEND") or default_backend
+    device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    distributed = world > 1
+    if distributed:
+        dist.init_process_group(backend)
+
+    # The same seed on every rank: identical initial weights, as DDP expects.
+    torch.manual_seed(args.seed)
+    config = ModelConfig(context=args.context, width=args.width, depth=args.depth, heads=args.heads)
+    model: nn.Module = TinyGPT(config).to(device)
+    corpus = data.load_bytes(args.data or data.default_corpus())
+    recorder = metrics.TrainMetrics() if rank == 0 else None
+
+    if distributed and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _unwrap(model).blocks:  # type: ignore[union-attr]
+            fully_shard(block)
+        fully_shard(model)
+    elif distributed:
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model.register_comm_hook(None, metrics.timed_allreduce(recorder, default_hooks.allreduce_hook))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+
+    directory = args.checkpoint_dir or (
+        Path(os.environ["LARGO_CHECKPOINT_DIR"]) if os.environ.get("LARGO_CHECKPOINT_DIR") else None
+    )
+    start = 0
+    if directory is not None:
+        state = checkpoint.load_latest(directory)
+        if state is not None:
+            _restore(model, optimizer, state, args.fsdp)
+            start = int(state["step"])
+            logger.info("resumed from checkpoint of step %d in %s", start, directory)
+    if recorder is not None and args.metrics_port is not None:
+        metrics.serve(args.metrics_port)
+    reporter = ProgressReporter(args.report_every_seconds) if rank == 0 else None
+    termination = Termination()
+    tokens_per_step = args.batch_size * args.context * world
+    started, started_step = time.perf_counter(), start
+
+    code = 0
+    step = start
+    for step in range(start + 1, args.steps + 1):
+        step_started = time.perf_counter()
+        inputs, targets = data.batch(corpus, args.context, args.batch_size, args.seed, step, rank)
+        loss = model(inputs.to(device), targets.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        stop = termination.requested
+        if distributed:
+            # Every rank must leave at the same step boundary, with the same checkpoint.
+            flag = torch.tensor([1.0 if stop else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if directory is not None and (step % args.checkpoint_every == 0 or step == args.steps or stop):
+            _checkpoint(directory, step, model, optimizer, args, rank, distributed)
+        if recorder is not None:
+            elapsed = time.perf_counter() - started
+            rate = (step - started_step) / elapsed if elapsed > 0 else 0.0
+            value = float(loss.item())
+            recorder.step(step, value, time.perf_counter() - step_started, rate * tokens_per_step)
+            if step % args.log_every == 0 or step == args.steps or stop:
+                print(json.dumps({"step": step, "loss": value, "tokens_per_second": rate * tokens_per_step}))
+                sys.stdout.flush()
+            if reporter is not None:
+                fields = progress_fields(step, args.steps, value, rate * tokens_per_step, rate, time.time())
+                reporter.report(fields)
+        if stop:
+            logger.info("SIGTERM: checkpoint of step %d written, leaving", step)
+            code = EXIT_TERMINATED
+            break
+    if reporter is not None:
+        reporter.close()
+    if distributed:
+        dist.destroy_process_group()
+    return code
+
+
+def _checkpoint(
+    directory: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    rank: int,
+    distributed: bool,
+) -> None:
+    state = _state(model, optimizer, args.fsdp)  # collective under FSDP: every rank takes part
+    if rank == 0:
+        checkpoint.save(directory, step, state)
+        checkpoint.prune(directory, args.keep)
+    if distributed:
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

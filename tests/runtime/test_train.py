@@ -1,0 +1,224 @@
+"""The trainer runtime with real torch.distributed process groups (gloo, CPU), launched by torchrun
+with exactly the environment the TrainJob builder renders (the master address mapped to loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from largo.api.v1alpha1 import TrainJob
+from largo.build.trainjob import build_pod
+from largo.dev.cluster import free_port, wait_for
+from largo.runtime import checkpoint
+
+pytestmark = pytest.mark.runtime
+
+STEPS = 60
+# Small and single-threaded: four ranks share two cores, and one thread per rank keeps results exact.
+TRAIN_ARGS = ["--batch-size", "8", "--context", "32", "--width", "32", "--log-every", "1"]
+
+
+def contract_env(rank: int, port: int, checkpoints: Path) -> dict[str, str]:
+    """The trainer container's env for ``rank`` as largo renders it, with DNS mapped to loopback."""
+    job = TrainJob.from_body(
+        {
+            "metadata": {"name": "demo", "namespace": "research"},
+            "spec": {
+                "image": "trainer",
+                "numNodes": 2,
+                "procsPerNode": 2,
+                "checkpoint": {"claimName": "demo-checkpoints"},
+            },
+        }
+    )
+    container = build_pod(job, rank, f"node-{rank}", attempt=0)["spec"]["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["PET_MASTER_ADDR"] == "demo-node-0.demo.research.svc"
+    assert env["LARGO_BACKEND"] == "gloo"
+    env["PET_MASTER_ADDR"] = "127.0.0.1"
+    env["PET_MASTER_PORT"] = str(port)
+    env["LARGO_CHECKPOINT_DIR"] = str(checkpoints)
+    return env
+
+
+class Gang:
+    """Two torchrun "nodes" of two processes each, as two pods of one TrainJob would run."""
+
+    def __init__(self, workdir: Path, checkpoints: Path, steps: int = STEPS, extra: list[str] | None = None):
+        self.workdir = workdir
+        self.checkpoints = checkpoints
+        self.steps = steps
+        self.extra = extra or []
+        self.nodes: list[subprocess.Popen[bytes]] = []
+        self.attempt = 0
+
+    def start(self) -> None:
+        port = free_port()
+        self.attempt += 1
+        self.nodes = []
+        for rank in range(2):
+            env = {**os.environ, **contract_env(rank, port, self.checkpoints), "OMP_NUM_THREADS": "1"}
+            env.pop("LARGO_JOB_NAME", None)  # no cluster to report progress to here
+            log = (self.workdir / f"attempt{self.attempt}-node{rank}.log").open("wb")
+            command = [sys.executable, "-m", "torch.distributed.run", "-m", "largo.runtime.train"]
+            self.nodes.append(
+                subprocess.Popen(
+                    [
+                        *command,
+                        "--steps",
+                        str(self.steps),
+                        *TRAIN_ARGS,
+                        "--checkpoint-every",
+                        "20",
+                        *self.extra,
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    def wait(self, timeout: float = 240) -> list[int]:
+        return [node.wait(timeout=timeout) for node in self.nodes]
+
+    def log(self, rank: int = 0, attempt: int | None = None) -> str:
+        return (self.workdir / f"attempt{attempt or self.attempt}-node{rank}.log").read_text(errors="replace")
+
+    def losses(self, attempt: int | None = None) -> dict[int, float]:
+        """Rank 0's loss per step, from its JSON log lines."""
+        out = {}
+        for line in self.log(0, attempt).splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                out[record["step"]] = record["loss"]
+        return out
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def gang(tmp_path: Path) -> Iterator[Gang]:
+    running = Gang(tmp_path, tmp_path / "checkpoints")
+    yield running
+    running.kill()
+
+
+def test_contract_env_forms_a_gloo_process_group_and_the_loss_goes_down(gang: Gang) -> None:
+    gang.start()
+    assert gang.wait() == [0, 0], gang.log(0) + gang.log(1)
+    losses = gang.losses()
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert sum(losses[s] for s in range(51, 61)) / 10 < 0.8 * sum(losses[s] for s in range(1, 11)) / 10
+    assert [step for step, _ in checkpoint.complete(gang.checkpoints)] == [60, 40, 20]
+
+
+def test_a_killed_rank_restarts_from_the_checkpoint_and_matches_an_uninterrupted_run(
+    tmp_path: Path, gang: Gang
+) -> None:
+    reference = Gang(tmp_path / "reference", tmp_path / "reference-checkpoints")
+    reference.workdir.mkdir()
+    reference.start()
+    assert reference.wait() == [0, 0], reference.log(0)
+    expected = reference.losses()
+
+    gang.start()
+    wait_for(
+        lambda: any(step >= 20 for step, _ in checkpoint.complete(gang.checkpoints)), 180, "a checkpoint"
+    )
+    wait_for(lambda: max(gang.losses(), default=0) >= 25, 180, "training past the checkpoint")
+    workers = _children(gang.nodes[1].pid)
+    assert workers, "torchrun of node 1 has no worker processes"
+    os.kill(workers[0], signal.SIGKILL)  # one rank dies
+    gang.nodes[1].wait(timeout=60)
+    gang.kill()  # the operator tears the whole gang down
+
+    resumed_from = checkpoint.complete(gang.checkpoints)[0][0]
+    gang.start()
+    assert gang.wait() == [0, 0], gang.log(0)
+    assert f"resumed from checkpoint of step {resumed_from}" in gang.log(0)
+    after = gang.losses()
+    assert min(after) == resumed_from + 1
+    for step in range(resumed_from + 1, STEPS + 1):
+        assert after[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+
+
+def test_sigterm_writes_a_checkpoint_before_exit(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LARGO_CHECKPOINT_DIR": str(checkpoints)}
+    out = (tmp_path / "train.log").open("wb")
+    command = [sys.executable, "-m", "largo.runtime.train", "--steps", "100000", "--checkpoint-every", "1000"]
+    process = subprocess.Popen([*command, *TRAIN_ARGS], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (tmp_path / "train.log").read_text().count('"step"') >= 7, 120, "some steps")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 143
+    finally:
+        process.kill()
+    steps = [step for step, _ in checkpoint.complete(checkpoints)]
+    assert len(steps) == 1
+    assert steps[0] >= 7
+    assert steps[0] % 1000 != 0  # written because of the signal, not the schedule
+    assert not list(checkpoints.glob("*.partial"))
+
+
+def test_a_truncated_checkpoint_is_skipped_on_resume(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LARGO_CHECKPOINT_DIR": str(checkpoints)}
+    command = [sys.executable, "-m", "largo.runtime.train", *TRAIN_ARGS, "--checkpoint-every", "10"]
+    first = subprocess.run([*command, "--steps", "30"], env=env, capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    newest = checkpoint.checkpoint_path(checkpoints, 30)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    resumed = subprocess.run(
+        [*command, "--steps", "40"], env=env, capture_output=True, text=True, check=False
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipping unreadable checkpoint {newest}" in resumed.stderr
+    assert "resumed from checkpoint of step 20" in resumed.stderr
+    steps = [json.loads(line)["step"] for line in resumed.stdout.splitlines() if line.startswith("{")]
+    assert steps[0] == 21
+
+
+def test_checkpoints_are_pruned_to_the_newest(tmp_path: Path) -> None:
+    state: dict[str, Any] = {"weights": [1, 2, 3]}
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, step, state)
+    (tmp_path / "step-000000050.pt.partial").write_bytes(b"interrupted")
+    removed = checkpoint.prune(tmp_path, keep=2)
+    assert sorted(path.name for path in removed) == [
+        "step-000000010.pt",
+        "step-000000020.pt",
+        "step-000000050.pt.partial",
+    ]
+    assert [step for step, _ in checkpoint.complete(tmp_path)] == [40, 30]
+    loaded = checkpoint.load_latest(tmp_path)
+    assert loaded is not None
+    assert loaded["step"] == 40
+    assert loaded["weights"] == [1, 2, 3]
+    assert checkpoint.latest_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 40)
