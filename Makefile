@@ -52,8 +52,9 @@ demo: venv tools
 	./hack/demo.sh
 
 images:
-	@command -v docker >/dev/null || { echo "make images needs a container engine (docker)"; exit 1; }
+	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running container engine (docker)"; exit 1; }
 	docker build -f images/operator/Dockerfile -t largo-operator:dev .
+	docker build -f images/trainer/Dockerfile -t largo-trainer:dev .
 
 clean:
 	rm -rf $(VENV)

@@ -147,8 +147,8 @@ class Scheduler:
             self.wake()
             return
         self._pending[entry.key] = _Admission(entry.attempt, placement.nodes, entry.per_pod)
-        await self.kube.event(entry.body, "Normal", Reason.ADMITTED, message)
         self.wake_job(entry.key)
+        await self.kube.event(entry.body, "Normal", Reason.ADMITTED, message)
 
     async def _wait(self, entry: JobEntry, waiting: Waiting) -> None:
         queue = {

@@ -116,17 +116,11 @@ class TrainJobReconciler:
                 # A newer version exists; its watch event enqueues the job again.
                 return None
         if decision.create_ranks:
-            await self.kube.create(namespace, _owned(build.build_service(job), body))
             nodes = decision.status["placement"]["nodes"]
             attempt = int(decision.status.get("attempt") or 0)
-            await asyncio.gather(
-                *(
-                    self.kube.create(
-                        namespace, _owned(build.build_pod(job, rank, nodes[rank], attempt), body)
-                    )
-                    for rank in decision.create_ranks
-                )
-            )
+            children = [build.build_service(job)]
+            children += [build.build_pod(job, rank, nodes[rank], attempt) for rank in decision.create_ranks]
+            await asyncio.gather(*(self.kube.create(namespace, _owned(child, body)) for child in children))
         if decision.delete_pods:
             await asyncio.gather(
                 *(self.kube.delete_pod(namespace, pod, decision.force_delete) for pod in decision.delete_pods)
