@@ -1,6 +1,8 @@
-"""Rank 0's Prometheus metrics: step, loss, throughput, step time and time in collectives."""
+"""Rank 0's Prometheus metrics: step, loss, throughput, step time and time in collectives.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: DDP checks a communication hook's annotations at
+run time, against the real ``GradBucket`` and ``Future[Tensor]`` objects.
+"""
 
 import time
 from collections.abc import Callable
@@ -8,6 +10,7 @@ from typing import Any
 
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from torch._C._distributed_c10d import GradBucket  # what torch.distributed exports as GradBucket
 
 
 class TrainMetrics:
@@ -40,13 +43,13 @@ def serve(port: int) -> None:
     start_http_server(port)
 
 
-Hook = Callable[[Any, Any], torch.futures.Future[torch.Tensor]]
+Hook = Callable[[Any, GradBucket], torch.futures.Future[torch.Tensor]]
 
 
 def timed_allreduce(recorder: TrainMetrics | None, hook: Hook) -> Hook:
     """A DDP communication hook that runs ``hook`` and counts the time until each bucket is reduced."""
 
-    def timed(state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+    def timed(state: Any, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
         started = time.perf_counter()
         future = hook(state, bucket)
         if recorder is None:
