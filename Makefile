@@ -43,13 +43,13 @@ format: venv
 	$(BIN)/ruff format --config operator/pyproject.toml operator tests bench
 
 crds: venv
-	$(BIN)/python -m largo.api.crd --out crds
+	$(BIN)/python -m largo.api.crd --out crds --chart charts/largo
 
 verify: venv
-	$(BIN)/python -m largo.api.crd --out crds --check
+	$(BIN)/python -m largo.api.crd --out crds --chart charts/largo --check
 
 demo: venv tools
-	./hack/demo.sh
+	./hack/demo.sh $(ARGS)
 
 images:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running container engine (docker)"; exit 1; }

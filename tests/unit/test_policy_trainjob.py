@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from largo.api.v1alpha1 import Phase, Reason
 from largo.policy.conditions import condition_status, timestamp
-from largo.policy.trainjob import JobView, PodView, Timings, plan, pod_view
+from largo.policy.trainjob import JobView, PodView, Timings, counts_only, plan, pod_view
 
 NOW = 1_800_000_000.0
 NONE: frozenset[str] = frozenset()
@@ -365,3 +365,13 @@ def test_progress_is_marked_stale_when_reports_stop() -> None:
     assert late.status["progress"]["summary"].startswith("stale: no report for 130s (last: 40%")
     done = plan(job(status={"phase": Phase.SUCCEEDED, "progress": progress}), [], NONE, NONE, NOW + 1000)
     assert "progress" not in done.status
+
+
+def test_count_only_changes_are_recognised() -> None:
+    starting = plan(job(status=admitted()), [pod(0, "Pending"), pod(1, "Pending")], NONE, NONE, NOW)
+    one_up = plan(job(status=starting.status), [pod(0), pod(1, "Pending")], NONE, NONE, NOW)
+    assert one_up.status["nodes"] == "1/2"
+    assert counts_only(one_up, starting.status)
+    both_up = plan(job(status=starting.status), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert not counts_only(both_up, starting.status)  # the phase changes too: written at once
+    assert not counts_only(starting, starting.status)  # nothing changes at all

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import kopf
@@ -21,7 +21,7 @@ from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobEntry, JobKey
 from largo.policy.conditions import set_condition
-from largo.policy.trainjob import JobView, Plan, Timings, plan, pod_view
+from largo.policy.trainjob import JobView, Plan, Timings, counts_only, plan, pod_view
 from largo.sched.types import NodeInfo
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ class TrainJobReconciler:
     wake_scheduler: Callable[[], None]
     clock: Callable[[], float]
     timings: Timings
+    count_interval: float = 1.0
+    # When each job's status was last written: only paces count updates, so losing it costs nothing.
+    _last_write: dict[JobKey, float] = field(default_factory=dict)
 
     def node_sets(self, names: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
         """(unusable, lost) among ``names``: lost nodes are gone or NotReady; unusable ones also cordoned."""
@@ -80,6 +83,7 @@ class TrainJobReconciler:
         entry = self._latest(key)
         if entry is None or (entry.body.get("metadata") or {}).get("deletionTimestamp"):
             # Deleted: the API server's garbage collector removes what it owned.
+            self._last_write.pop(key, None)
             self.wake_scheduler()
             return None
         body, job = entry.body, entry.job
@@ -100,6 +104,13 @@ class TrainJobReconciler:
         unusable, lost = self.node_sets(relevant)
         now = self.clock()
         decision = plan(job_view(job, body), views, unusable, lost, now, self.timings)
+        current = {k: v for k, v in (body.get("status") or {}).items() if k != "progress"}
+        if counts_only(decision, current):
+            # The pods of a starting gang change one by one: count them at most every interval.
+            wait = self._last_write.get(key, 0.0) + self.count_interval - now
+            if wait > 0:
+                return wait
+        self._last_write[key] = now
         return await self._apply(body, job, decision)
 
     async def _apply(self, body: Mapping[str, Any], job: Any, decision: Plan) -> float | None:

@@ -107,6 +107,18 @@ class Plan:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
+# Status fields that only count pods: they change with every pod transition of a starting gang.
+COUNT_FIELDS = frozenset({"podCounts", "nodes"})
+
+
+def counts_only(plan: Plan, current: Mapping[str, Any]) -> bool:
+    """Whether ``plan`` does nothing but update pod counts: such a write may wait for the next one."""
+    if plan.create_ranks or plan.delete_pods or plan.events or plan.delete_job:
+        return False
+    changed = {key for key in plan.status.keys() | current.keys() if plan.status.get(key) != current.get(key)}
+    return bool(changed) and changed <= COUNT_FIELDS
+
+
 def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     """Reads one pod of a TrainJob; None for pods without largo's labels."""
     metadata = pod.get("metadata") or {}

@@ -1,0 +1,95 @@
+"""The Helm chart: lints, renders the CRD generated from the models, installs for real, and grants the
+operator what it needs and no more."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+from largo.dev.cluster import LocalCluster, wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "largo"
+
+
+def helm(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [cluster.tools.path("helm"), "--kubeconfig", str(cluster.kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> None:
+    lint = helm(cluster, "lint", str(CHART), "--strict")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    rendered = helm(cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3")
+    assert rendered.returncode == 0, rendered.stderr
+    documents = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    kinds = sorted(doc["kind"] for doc in documents)
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+    ]
+    crd = next(doc for doc in documents if doc["kind"] == "CustomResourceDefinition")
+    generated = yaml.safe_load((REPO / "crds" / "trainjobs.largo.dev.yaml").read_text())
+    assert crd["spec"] == generated["spec"]
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    without = helm(
+        cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--set", "crds.enabled=false"
+    )
+    assert "CustomResourceDefinition" not in without.stdout
+    wrong = helm(cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--set", "replicas=3")
+    assert wrong.returncode != 0
+    assert "additional properties" in wrong.stderr.lower() or "replicas" in wrong.stderr
+
+
+def test_helm_install_runs_the_operator_with_least_privilege(
+    cluster: LocalCluster, api: client.ApiClient, crds: None
+) -> None:
+    namespace = f"largo-{uuid.uuid4().hex[:6]}"
+    release = f"largo-{uuid.uuid4().hex[:6]}"
+    # The session's CRD is already installed from crds/: the chart leaves it to that.
+    install = helm(
+        cluster, "install", release, str(CHART), "--namespace", namespace, "--create-namespace",
+        "--set", "crds.enabled=false", "--wait", "--timeout", "120s",
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    try:
+        apps = client.AppsV1Api(api)
+        deployment = apps.read_namespaced_deployment("largo-operator", namespace)
+        assert deployment.status.ready_replicas == 1
+        account = f"system:serviceaccount:{namespace}:largo-operator"
+
+        def can(verb: str, resource: str) -> bool:
+            answer = cluster.kubectl("auth", "can-i", verb, resource, "--as", account, "-A", check=False)
+            return answer.stdout.strip() == "yes"
+
+        for verb, resource in [
+            ("watch", "nodes"),
+            ("create", "pods"),
+            ("delete", "pods"),
+            ("create", "services"),
+            ("patch", "trainjobs.largo.dev/status"),
+            ("delete", "trainjobs.largo.dev"),
+            ("create", "events"),
+        ]:
+            assert can(verb, resource), (verb, resource)
+        for verb, resource in [("delete", "nodes"), ("patch", "trainjobs.largo.dev"), ("get", "secrets")]:
+            assert not can(verb, resource), (verb, resource)
+    finally:
+        uninstall = helm(cluster, "uninstall", release, "--namespace", namespace, "--wait")
+        assert uninstall.returncode == 0, uninstall.stderr
+    wait_for(
+        lambda: not client.AppsV1Api(api).list_namespaced_deployment(namespace).items, 60, "release removed"
+    )
