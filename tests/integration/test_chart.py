@@ -72,7 +72,9 @@ def test_helm_install_runs_the_operator_with_least_privilege(
         account = f"system:serviceaccount:{namespace}:largo-operator"
 
         def can(verb: str, resource: str) -> bool:
-            answer = cluster.kubectl("auth", "can-i", verb, resource, "--as", account, "-A", check=False)
+            name, _, subresource = resource.partition("/")
+            extra = [f"--subresource={subresource}"] if subresource else []
+            answer = cluster.kubectl("auth", "can-i", verb, name, *extra, "--as", account, "-A", check=False)
             return answer.stdout.strip() == "yes"
 
         for verb, resource in [

@@ -128,11 +128,17 @@ def _env(pod: Any) -> dict[str, str]:
     return {item.name: item.value for item in pod.spec.containers[0].env or []}
 
 
-def test_two_node_job_is_wired_runs_and_succeeds(jobs: Jobs, gpu_pool: NodePool) -> None:
+def test_two_node_job_is_wired_runs_and_succeeds(
+    jobs: Jobs, gpu_pool: NodePool, cluster: LocalCluster
+) -> None:
     jobs.create("llm", gpu_pool, env=[{"name": "NCCL_DEBUG", "value": "INFO"}])
     status = jobs.wait_phase("llm", "Running")
     assert status["nodes"] == "2/2"
     assert status["gpus"] == 16
+    # `kubectl get largo` lists TrainJobs by category, with their printer columns.
+    table = cluster.kubectl("get", "largo", "-n", jobs.namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "PHASE", "NODES", "GPUS", "RESTARTS", "PROGRESS", "AGE"]
+    assert table[1].split()[:5] == ["llm", "Running", "2/2", "16", "0"]
     assert sorted(status["placement"]["nodes"]) == sorted(gpu_pool.node_names())
 
     pods = jobs.pods("llm")

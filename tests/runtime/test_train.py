@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from largo.api.v1alpha1 import TrainJob
 from largo.build.trainjob import build_pod
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
 
@@ -222,3 +224,51 @@ def test_checkpoints_are_pruned_to_the_newest(tmp_path: Path) -> None:
     assert loaded["step"] == 40
     assert loaded["weights"] == [1, 2, 3]
     assert checkpoint.latest_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 40)
+
+
+def test_rank_zero_serves_prometheus_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "largo.runtime.train", "--steps", "100000", *TRAIN_ARGS]
+    out = (tmp_path / "train.log").open("wb")
+    process = subprocess.Popen(
+        [*command, "--metrics-port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+    )
+    try:
+        samples: dict[str, float] = {}
+
+        def scraped() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                    text = response.read().decode()
+            except OSError:
+                return False
+            samples.clear()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    samples[sample.name] = sample.value
+            return samples.get("largo_train_step", 0) >= 5
+
+        wait_for(scraped, 120, "metrics with a few steps")
+        assert samples["largo_train_loss"] > 0
+        assert samples["largo_train_tokens_per_second"] > 0
+        assert samples["largo_train_step_seconds_count"] >= 5
+        assert "largo_train_collective_seconds_total" in samples  # no collectives in a single process: 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def test_fsdp_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
+    gang = Gang(tmp_path, tmp_path / "checkpoints", steps=30, extra=["--fsdp"])
+    try:
+        gang.start()
+        assert gang.wait() == [0, 0], gang.log(0) + gang.log(1)
+        assert [step for step, _ in checkpoint.complete(gang.checkpoints)] == [30, 20]
+        gang.steps = 40
+        gang.start()
+        assert gang.wait() == [0, 0], gang.log(0)
+        assert "resumed from checkpoint of step 30" in gang.log(0)
+        assert min(gang.losses()) == 31
+    finally:
+        gang.kill()
