@@ -56,10 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\n== events")
             print(cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}").stdout)
             print("== what next")
+            if not args.keep:
+                print("  `make demo ARGS=--keep` keeps the cluster up afterwards, to try:")
             print(f"  export KUBECONFIG={cluster.kubeconfig}")
-            print("  kubectl get largo                   # every largo object")
+            print(f"  {cluster.tools.path('kubectl')} get largo            # every largo object")
             print(f"  kubectl describe trainjob {name}")
             print("  kubectl apply -f examples/          # more jobs; try two at once to see gang queueing")
+            print(f"  operator log: {log}")
             if args.keep:
                 print("== the cluster stays up; Ctrl-C stops it")
                 threading.Event().wait()
@@ -84,8 +87,9 @@ def _follow(cluster: LocalCluster, name: str) -> None:
 
     def changed_to(target: str) -> bool:
         row = show()
-        if row and row not in seen:
-            seen.add(row)
+        state = " ".join(row.split()[:-1])  # without AGE, which changes every second
+        if row and state not in seen:
+            seen.add(state)
             print("  " + row)
         return phase() == target
 
