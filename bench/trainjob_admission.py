@@ -12,9 +12,7 @@ Prints p50 and p99 of both, their ratios, and the operator's RSS at the end.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -29,10 +27,9 @@ from largo.dev.cluster import (
     ClusterSpec,
     LocalCluster,
     NodePool,
-    free_port,
-    http_ok,
     wait_for,
 )
+from largo.dev.operator_process import OperatorProcess
 
 GROUP, VERSION, PLURAL = "largo.dev", "v1alpha1", "trainjobs"
 # The client's generated types do not accept plain manifests; the benchmark talks JSON.
@@ -190,18 +187,10 @@ def main() -> int:
             "baseline pods gone",
         )
 
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-        log = (cluster.workdir / "operator.log").open("wb")
-        liveness = f"http://127.0.0.1:{free_port()}/healthz"
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "largo", "operator", "--liveness", liveness],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        # Measure admissions, not the operator's start-up: start() waits for its liveness endpoint.
+        operator = OperatorProcess(cluster.kubeconfig, cluster.workdir / "operator.log")
+        operator.start()
         try:
-            # Measure admissions, not the operator's start-up.
-            wait_for(lambda: http_ok(liveness), 60, "the operator's liveness endpoint")
 
             def create_trainjob(job: str) -> None:
                 custom.create_namespaced_custom_object(
@@ -215,8 +204,7 @@ def main() -> int:
             largo, largo_created = measure(api, "largo", args.jobs, args.nodes_per_job, create_trainjob)
             rss = rss_kib(operator.pid)
         finally:
-            operator.terminate()
-            operator.wait(timeout=30)
+            operator.stop()
 
     rows: list[tuple[str, list[float]]] = [
         ("baseline: pods Running", baseline),

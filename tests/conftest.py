@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes import client, config
-from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, free_port, wait_for
+from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, wait_for
+from largo.dev.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,64 +73,6 @@ def gpu_pool(make_pool: PoolFactory) -> NodePool:
     return make_pool()
 
 
-class OperatorProcess:
-    """The operator as users run it (`largo operator`), in a subprocess that tests may kill and restart."""
-
-    def __init__(self, cluster: LocalCluster, log_dir: Path) -> None:
-        self.cluster = cluster
-        self.log_dir = log_dir
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.cluster.kubeconfig),
-            # Short delays keep the lifecycle tests quick; the behaviour is the same as with defaults.
-            "LARGO_RESTART_BACKOFF_SECONDS": "1",
-            "LARGO_RESTART_BACKOFF_MAX_SECONDS": "2",
-            "LARGO_BINDING_TIMEOUT_SECONDS": "10",
-            "LARGO_PROGRESS_STALE_SECONDS": "3",
-        }
-        log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "largo",
-                "operator",
-                "--liveness",
-                f"http://127.0.0.1:{free_port()}/healthz",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def kill(self) -> None:
-        """SIGKILL: the operator gets no chance to tidy up, as when its node dies."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def assert_alive(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            logs = sorted(self.log_dir.glob("operator-*.log"))
-            tail = logs[-1].read_text(errors="replace")[-4000:] if logs else ""
-            raise AssertionError(f"the operator is not running; log tail:\n{tail}")
-
-
 @pytest.fixture(scope="session")
 def crds(cluster: LocalCluster, api: client.ApiClient) -> None:
     """largo's CRDs as generated into crds/, applied and Established."""
@@ -146,7 +86,15 @@ def crds(cluster: LocalCluster, api: client.ApiClient) -> None:
 def operator(
     cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"))
+    """The operator, started once per session; tests may kill and restart it."""
+    # Short delays keep the lifecycle tests quick; the behaviour is the same as with defaults.
+    env = {
+        "LARGO_RESTART_BACKOFF_SECONDS": "1",
+        "LARGO_RESTART_BACKOFF_MAX_SECONDS": "2",
+        "LARGO_BINDING_TIMEOUT_SECONDS": "10",
+        "LARGO_PROGRESS_STALE_SECONDS": "3",
+    }
+    process = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env)
     process.start()
     try:
         yield process

@@ -8,15 +8,14 @@ through largo's kwok stage. Real training processes come with the localnode agen
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import yaml
 
-from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, free_port, http_ok, wait_for
+from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, wait_for
+from largo.dev.operator_process import OperatorProcess
 from largo.dev.tools import repo_root
 
 EXIT_ANNOTATION = "kwok.largo.dev/exit-code"
@@ -37,18 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print("== installing largo's CRDs")
         for path in sorted((root / "crds").glob("*.yaml")):
             print(cluster.kubectl("apply", "--server-side", "-f", str(path)).stdout, end="")
-        liveness = f"http://127.0.0.1:{free_port()}/healthz"
         log = cluster.workdir / "operator.log"
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-        with log.open("wb") as out:
-            operator = subprocess.Popen(
-                [sys.executable, "-m", "largo", "operator", "--liveness", liveness],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        operator = OperatorProcess(cluster.kubeconfig, log)
         try:
-            wait_for(lambda: http_ok(liveness), 60, "the operator")
+            operator.start()
             print(f"== operator running (log: {log})")
             print(f"== applying {example.relative_to(root)}")
             print(cluster.kubectl("apply", "-f", str(example)).stdout, end="")
@@ -69,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         finally:
-            operator.terminate()
-            operator.wait(timeout=30)
+            operator.stop()
     print("== stopped; nothing left running")
     return 0
 
