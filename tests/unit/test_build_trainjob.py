@@ -13,11 +13,11 @@ from largo.build.trainjob import (
     build_service,
     gpus_per_node,
     per_pod_requests,
-    quantity_value,
     resolved_backend,
     resolved_procs_per_node,
     total_gpus,
 )
+from largo.sched.quantity import parse_resource
 
 
 def make_job(name: str = "llama", namespace: str | None = "ml", **spec: Any) -> TrainJob:
@@ -98,9 +98,9 @@ def test_per_pod_requests_canonical_units() -> None:
         "memory": 64 * 2**30,
         "nvidia.com/gpu": 8,
     }
-    assert quantity_value("cpu", 2) == 2000
-    assert quantity_value("cpu", "0.1") == 100
-    assert quantity_value("memory", "1.5Ki") == 1536
+    assert parse_resource("cpu", 2) == 2000
+    assert parse_resource("cpu", "0.1") == 100
+    assert parse_resource("memory", "1.5Ki") == 1536
 
 
 def test_service() -> None:

@@ -5,24 +5,18 @@ Nothing here talks to the API server; owner references are added by the caller (
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from decimal import Decimal
+from collections.abc import Sequence
 from typing import Any
-
-from kubernetes.utils import parse_quantity as _k8s_parse_quantity
 
 from largo.api.v1alpha1 import GPU_RESOURCE, Backend, TrainJob, TrainJobSpec
 from largo.build import names
+from largo.sched.quantity import parse_resources
 
 # Defaults that only make logs more useful; any of them is dropped when the user sets it in env.
 NCCL_DEFAULT_ENV: dict[str, str] = {"NCCL_DEBUG": "WARN"}
 COMMON_DEFAULT_ENV: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
 
 JSON = dict[str, Any]
-
-# kubernetes ships no type information; pin the signature once here.
-parse_quantity: Callable[[int | str], Decimal] = _k8s_parse_quantity
 
 
 # --- resolution of "auto" values -------------------------------------------------------------
@@ -50,18 +44,10 @@ def resolved_backend(spec: TrainJobSpec) -> Backend:
     return Backend.NCCL if gpus_per_node(spec) > 0 else Backend.GLOO
 
 
-def quantity_value(resource: str, quantity: int | str) -> int:
-    """A quantity in canonical integer units: cpu in millicores, everything else (memory, storage,
-    devices) in base units (bytes, count); rounded up, as the scheduler does."""
-    value = parse_quantity(quantity)
-    if resource == "cpu":
-        value *= 1000
-    return math.ceil(value)
-
-
 def per_pod_requests(spec: TrainJobSpec) -> dict[str, int]:
-    """What one pod of the gang asks the node for, in canonical units (see quantity_value)."""
-    return {name: quantity_value(name, q) for name, q in sorted(spec.resources_per_node.items())}
+    """What one pod of the gang asks the node for, in the scheduler's canonical units: cpu in
+    millicores, everything else in base units, rounded up as kube-scheduler does."""
+    return parse_resources(dict(sorted(spec.resources_per_node.items())))
 
 
 # --- objects ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -428,14 +428,3 @@ def _terminate(process: subprocess.Popen[bytes], grace: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-@contextlib.contextmanager
-def running(spec: ClusterSpec | None = None, workdir: Path | None = None) -> Iterator[LocalCluster]:
-    """A started cluster for the duration of the block; stopped and cleaned up however the block ends."""
-    cluster = LocalCluster(spec, workdir)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()

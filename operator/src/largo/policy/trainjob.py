@@ -8,7 +8,7 @@ Each policy (suspend, deadline, failure, success, TTL) is a small function of it
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from largo.api.v1alpha1 import ConditionType, Phase, Reason
@@ -495,7 +495,3 @@ def _permanent(job: JobView, exit_code: int) -> bool:
     if exit_code in job.permanent_exit_codes:
         return True
     return bool(job.retryable_exit_codes) and exit_code not in job.retryable_exit_codes
-
-
-def with_status(job: JobView, status: Mapping[str, Any]) -> JobView:
-    return replace(job, status=status)
