@@ -59,9 +59,12 @@ class Scheduler:
     # Admissions written but not yet seen in the jobs index: they keep their capacity reserved.
     _pending: dict[JobKey, _Admission] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    passes: int = 0
+    _ready: bool = False
 
     def wake(self) -> None:
+        # Handlers, the only callers, run once kopf has filled every index: from then on a pass
+        # sees the whole inventory.
+        self._ready = True
         self._wake.set()
 
     async def run(self, resync: float = 30.0) -> None:
@@ -103,7 +106,6 @@ class Scheduler:
         return [(node, list(store)) for node, store in index.items()]
 
     async def run_pass(self) -> None:
-        self.passes += 1
         entries: list[JobEntry] = _values(self.jobs)
         by_key = {entry.key: entry for entry in entries}
         # An admission is settled once the index shows it, or the job moved on or went away.
