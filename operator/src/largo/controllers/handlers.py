@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,12 +66,17 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32))
     kube = Kube.from_environment()
     jobs: WorkQueue[JobKey] = WorkQueue()
+
+    def admitted(key: JobKey, body: Mapping[str, Any]) -> None:
+        reconciler.hint(key, body)
+        jobs.add(key)
+
     scheduler = Scheduler(
         kube=kube,
         nodes=kwargs["node_inventory"],
         pods=kwargs["pod_inventory"],
         jobs=kwargs["trainjob_queue"],
-        wake_job=jobs.add,
+        admitted=admitted,
         clock=time.time,
     )
     reconciler = TrainJobReconciler(
@@ -139,8 +145,8 @@ async def trainjob_changed(
     namespace: str | None, name: str, status: kopf.Status, memo: kopf.Memo, **_: Any
 ) -> None:
     memo.jobs.add((str(namespace), name))
-    # The index already holds this version: a queued job is visible to the very next pass.
-    if status.get("phase") == Phase.QUEUED:
+    # The index already holds this version: a new or queued job is visible to the very next pass.
+    if status.get("phase") in (None, Phase.QUEUED):
         memo.scheduler.wake()
 
 

@@ -54,7 +54,9 @@ class Scheduler:
     nodes: IndexLike
     pods: IndexLike
     jobs: IndexLike
-    wake_job: Callable[[JobKey], None]
+    # Told of every admission with the object the API server returned, so the job's pods are created
+    # without waiting for the watch event that brings the same version.
+    admitted: Callable[[JobKey, Mapping[str, Any]], None]
     clock: Callable[[], float]
     # Admissions written but not yet seen in the jobs index: they keep their capacity reserved.
     _pending: dict[JobKey, _Admission] = field(default_factory=dict)
@@ -111,20 +113,22 @@ class Scheduler:
         # An admission is settled once the index shows it, or the job moved on or went away.
         for key in list(self._pending):
             entry = by_key.get(key)
-            if entry is None or entry.phase != Phase.QUEUED or entry.attempt != self._pending[key].attempt:
+            pending = self._pending[key]
+            if entry is None or entry.phase not in (None, Phase.QUEUED) or entry.attempt != pending.attempt:
                 del self._pending[key]
         nodes: list[NodeInfo] = _values(self.nodes)
         usage = self.usage(entries)
-        queued = [
-            entry
-            for entry in entries
-            if entry.phase == Phase.QUEUED and entry.request is not None and entry.key not in self._pending
-        ]
+        queued = [entry for entry in entries if entry.admissible and entry.key not in self._pending]
         decision = gang.schedule(nodes, usage, [entry.request for entry in queued if entry.request])
         by_gang_key = {gang_key(entry.key): entry for entry in queued}
         await asyncio.gather(
             *(self._admit(by_gang_key[placement.key], placement) for placement in decision.admitted),
-            *(self._wait(by_gang_key[waiting.key], waiting) for waiting in decision.waiting),
+            # A new job that must wait is queued by its reconcile first; its place is written after.
+            *(
+                self._wait(by_gang_key[waiting.key], waiting)
+                for waiting in decision.waiting
+                if by_gang_key[waiting.key].phase == Phase.QUEUED
+            ),
         )
 
     async def _admit(self, entry: JobEntry, placement: Placement) -> None:
@@ -144,12 +148,12 @@ class Scheduler:
             ),
         }
         try:
-            await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, patch)
+            updated = await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, patch)
         except ConflictError:
             self.wake()
             return
         self._pending[entry.key] = _Admission(entry.attempt, placement.nodes, entry.per_pod)
-        self.wake_job(entry.key)
+        self.admitted(entry.key, updated)
         await self.kube.event(entry.body, "Normal", Reason.ADMITTED, message)
 
     async def _wait(self, entry: JobEntry, waiting: Waiting) -> None:

@@ -50,6 +50,12 @@ class JobEntry:
     # The spec parsed once per version of the object, or why it cannot be run.
     job: TrainJob | None
     invalid: str | None
+    suspended: bool = False
+
+    @property
+    def admissible(self) -> bool:
+        """Waiting for admission: queued, or new (a job that fits at once skips the Queued round trip)."""
+        return self.request is not None and not self.suspended and self.phase in (None, Phase.QUEUED)
 
     @property
     def active(self) -> bool:
@@ -118,6 +124,7 @@ def job_entry(body: Mapping[str, Any]) -> JobEntry:
         body=dict(body),
         job=job,
         invalid=invalid,
+        suspended=bool(job and job.spec.suspend),
     )
 
 

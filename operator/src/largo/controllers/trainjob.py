@@ -56,6 +56,11 @@ class TrainJobReconciler:
     count_interval: float = 1.0
     # When each job's status was last written: only paces count updates, so losing it costs nothing.
     _last_write: dict[JobKey, float] = field(default_factory=dict)
+    # Objects returned by our own writes, newer than the index until their watch event arrives.
+    _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
+
+    def hint(self, key: JobKey, body: Mapping[str, Any]) -> None:
+        self._hints[key] = body
 
     def node_sets(self, names: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
         """(unusable, lost) among ``names``: lost nodes are gone or NotReady; unusable ones also cordoned."""
@@ -80,13 +85,15 @@ class TrainJobReconciler:
         turns a lagging decision into a no-op, and the event that brings the newer version wakes the
         job again.
         """
+        hint = self._hints.pop(key, None)
         entry = self._latest(key)
         if entry is None or (entry.body.get("metadata") or {}).get("deletionTimestamp"):
             # Deleted: the API server's garbage collector removes what it owned.
             self._last_write.pop(key, None)
             self.wake_scheduler()
             return None
-        body, job = entry.body, entry.job
+        # A hint is at least as new as the index; if it is older after all, the guarded write refuses.
+        body, job = hint or entry.body, entry.job
         if job is None:
             await self._reject(body, entry.invalid or "invalid spec")
             return None
