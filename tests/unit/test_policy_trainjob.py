@@ -41,14 +41,15 @@ def pod(rank: int, phase: str = "Running", attempt: int = 0, **extra: Any) -> Po
     )
 
 
-def test_new_job_is_queued_and_wakes_the_scheduler() -> None:
+def test_a_new_job_is_left_to_the_gang_scheduler() -> None:
     result = plan(job(), [], NONE, NONE, NOW)
-    assert result.status["phase"] == Phase.QUEUED
+    assert "phase" not in result.status  # admitted (Starting) or queued by the scheduler, in one write
     assert result.wake_scheduler
-    assert condition_status(result.status["conditions"], "Admitted") == "False"
-    assert [e.reason for e in result.events] == [Reason.QUEUED]
-    assert result.status["nodes"] == "0/2"
-    assert result.status["gpus"] == 16
+    assert result.events == []
+    assert result.create_ranks == ()
+    assert result.status == {}  # nothing written: the scheduler's write would only conflict
+    suspended = plan(job(suspend=True), [], NONE, NONE, NOW)
+    assert suspended.status["phase"] == Phase.SUSPENDED
 
 
 def test_queued_job_waits_without_pods() -> None:

@@ -123,12 +123,7 @@ class Scheduler:
         by_gang_key = {gang_key(entry.key): entry for entry in queued}
         await asyncio.gather(
             *(self._admit(by_gang_key[placement.key], placement) for placement in decision.admitted),
-            # A new job that must wait is queued by its reconcile first; its place is written after.
-            *(
-                self._wait(by_gang_key[waiting.key], waiting)
-                for waiting in decision.waiting
-                if by_gang_key[waiting.key].phase == Phase.QUEUED
-            ),
+            *(self._wait(by_gang_key[waiting.key], waiting) for waiting in decision.waiting),
         )
 
     async def _admit(self, entry: JobEntry, placement: Placement) -> None:
@@ -164,10 +159,11 @@ class Scheduler:
             "message": waiting.message,
         }
         previous = dict(entry.queue)
-        if previous == queue:
+        new = entry.phase is None
+        if previous == queue and not new:
             return
         status = dict(entry.body.get("status") or {})
-        patch = {
+        patch: dict[str, Any] = {
             "queue": queue,
             "conditions": set_condition(
                 status.get("conditions") or [],
@@ -178,11 +174,15 @@ class Scheduler:
                 self.clock(),
             ),
         }
+        if new:
+            patch["phase"] = Phase.QUEUED
         try:
             await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, patch)
         except ConflictError:
             self.wake()
             return
+        if new:
+            await self.kube.event(entry.body, "Normal", Reason.QUEUED, "queued for gang admission")
         if previous.get("reason") != queue["reason"]:
             kind = "Warning" if waiting.reason == WaitReason.Unschedulable else "Normal"
             await self.kube.event(entry.body, kind, str(waiting.reason), waiting.message)

@@ -203,8 +203,13 @@ def plan(
         _finished(b, current)
     elif job.suspend:
         _suspend(b, pods)
-    elif phase is None or phase == Phase.SUSPENDED:
-        _enqueue(b, resumed=phase == Phase.SUSPENDED)
+    elif phase is None:
+        # New: the gang scheduler decides, in one write, whether it starts now or waits (Queued).
+        # Writing anything first would only make that write conflict.
+        b.plan.wake_scheduler = True
+        return b.plan
+    elif phase == Phase.SUSPENDED:
+        _enqueue(b, resumed=True)
     elif _deadline_passed(b):
         _fail(
             b,
