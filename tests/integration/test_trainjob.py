@@ -113,6 +113,15 @@ class Jobs:
         ).items
         return [(event.reason, event.message) for event in items]
 
+    def wait_event(self, name: str, *reasons: str) -> list[str]:
+        """Waits until the job has an event with one of ``reasons`` (events follow the status write)."""
+
+        def seen() -> bool:
+            return any(reason in reasons for reason, _ in self.events(name))
+
+        wait_for(seen, TIMEOUT, f"{name}: an event {' or '.join(reasons)}")
+        return [reason for reason, _ in self.events(name)]
+
     def condition(self, name: str, type_: str) -> dict[str, Any]:
         for condition in self.status(name).get("conditions") or []:
             if condition["type"] == type_:
@@ -171,8 +180,8 @@ def test_two_node_job_is_wired_runs_and_succeeds(
     status = jobs.wait_phase("llm", "Succeeded")
     assert status["completionTime"]
     assert jobs.condition("llm", "Complete")["status"] == "True"
-    reasons = [reason for reason, _ in jobs.events("llm")]
-    for expected in ("Admitted", "PodsRunning", "Succeeded"):
+    reasons = jobs.wait_event("llm", "Succeeded")
+    for expected in ("Admitted", "PodsRunning"):
         assert expected in reasons
 
 
@@ -181,7 +190,7 @@ def test_second_gang_waits_with_a_reason_and_runs_when_capacity_frees(jobs: Jobs
     jobs.wait_phase("first", "Running")
     jobs.create("second", gpu_pool, gpus=6)
     status = jobs.wait("second", lambda s: bool(s.get("queue")), "queue status")
-    assert "Queued" in [reason for reason, _ in jobs.events("second")]
+    jobs.wait_event("second", "Queued")
     assert status["phase"] == "Queued"
     assert status["queue"]["reason"] == "InsufficientCapacity"
     assert status["queue"]["position"] == 1
@@ -218,7 +227,7 @@ def test_a_gang_that_can_never_fit_says_so(jobs: Jobs, gpu_pool: NodePool) -> No
         "Unschedulable",
     )
     assert "3" in status["queue"]["message"]
-    assert any(reason == "Unschedulable" for reason, _ in jobs.events("huge"))
+    jobs.wait_event("huge", "Unschedulable")
     # It blocks nobody: a job that fits runs.
     jobs.create("small", gpu_pool, num_nodes=1)
     jobs.wait_phase("small", "Running")
@@ -281,8 +290,7 @@ def test_lost_node_restarts_the_gang_on_other_nodes(
         "running again",
     )
     assert lost not in status["placement"]["nodes"]
-    reasons = [reason for reason, _ in jobs.events("survivor")]
-    assert "NodeLost" in reasons or "PodDeleted" in reasons, reasons
+    jobs.wait_event("survivor", "NodeLost", "PodDeleted")
 
 
 def test_suspend_releases_gpus_and_resume_requeues(jobs: Jobs, gpu_pool: NodePool) -> None:
