@@ -1,16 +1,10 @@
-"""Rank 0's Prometheus metrics: step, loss, throughput, step time and time in collectives.
+"""Rank 0's Prometheus metrics: step, loss, throughput, step time and time in collectives."""
 
-No ``from __future__ import annotations`` here: DDP checks a communication hook's annotations at
-run time, against the real ``GradBucket`` and ``Future[Tensor]`` objects.
-"""
+from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
-import torch
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from torch._C._distributed_c10d import GradBucket  # what torch.distributed exports as GradBucket
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram, start_http_server
 
 
 class TrainMetrics:
@@ -26,9 +20,9 @@ class TrainMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
-        self.collective_seconds = Counter(
+        self.collective_seconds = Gauge(
             "largo_train_collective_seconds",
-            "Time from launching a gradient all-reduce to its completion, summed.",
+            "Average time of a step's gradient all-reduce, as DDP samples it (0 without DDP).",
             registry=registry,
         )
 
@@ -38,27 +32,11 @@ class TrainMetrics:
         self.step_seconds.observe(seconds)
         self.tokens.set(tokens_per_second)
 
+    def collectives(self, ddp: Any) -> None:
+        """Reads DDP's own sampled timing: no hook in the gradient path, so measuring costs nothing."""
+        average = ddp._get_ddp_logging_data().get("avg_backward_comm_time", 0)
+        self.collective_seconds.set(average / 1e9)
+
 
 def serve(port: int) -> None:
     start_http_server(port)
-
-
-Hook = Callable[[Any, GradBucket], torch.futures.Future[torch.Tensor]]
-
-
-def timed_allreduce(recorder: TrainMetrics | None, hook: Hook) -> Hook:
-    """A DDP communication hook that runs ``hook`` and counts the time until each bucket is reduced."""
-
-    def timed(state: Any, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
-        started = time.perf_counter()
-        future = hook(state, bucket)
-        if recorder is None:
-            return future
-
-        def done(completed: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-            recorder.collective_seconds.inc(time.perf_counter() - started)
-            return completed.value()
-
-        return future.then(done)
-
-    return timed

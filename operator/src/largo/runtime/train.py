@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from largo.runtime import checkpoint, data, metrics
@@ -139,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         fully_shard(model)
     elif distributed:
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-        model.register_comm_hook(None, metrics.timed_allreduce(recorder, default_hooks.allreduce_hook))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     directory = args.checkpoint_dir or (
@@ -181,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             value = float(loss.item())
             recorder.step(step, value, time.perf_counter() - step_started, rate * tokens_per_step)
             if step % args.log_every == 0 or step == args.steps or stop:
+                if isinstance(model, DistributedDataParallel):
+                    recorder.collectives(model)
                 print(json.dumps({"step": step, "loss": value, "tokens_per_second": rate * tokens_per_step}))
                 sys.stdout.flush()
             if reporter is not None:
