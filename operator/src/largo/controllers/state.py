@@ -14,9 +14,9 @@ import pydantic
 
 from largo.api.v1alpha1 import Phase, TrainJob, validation_messages
 from largo.build import trainjob as build
-from largo.build.names import LABEL_ATTEMPT, LABEL_JOB_NAME, LABEL_NODE_RANK
+from largo.build.names import LABEL_JOB_NAME
 from largo.policy.conditions import parse_timestamp
-from largo.policy.trainjob import JobView
+from largo.policy.trainjob import gang_position, status_attempt, status_placement
 from largo.sched import inventory
 from largo.sched.types import GangRequest
 
@@ -42,15 +42,24 @@ class JobEntry:
     phase: str | None
     attempt: int
     placement: tuple[str, ...] | None
-    per_pod: Mapping[str, int]
     request: GangRequest | None  # None when the spec is invalid: such a job is never admitted
-    queue_name: str
     queue: Mapping[str, Any]
     body: Mapping[str, Any]
     # The spec parsed once per version of the object, or why it cannot be run.
     job: TrainJob | None
     invalid: str | None
-    suspended: bool = False
+
+    @property
+    def per_pod(self) -> Mapping[str, int]:
+        return self.request.per_pod if self.request is not None else {}
+
+    @property
+    def queue_name(self) -> str:
+        return self.job.spec.scheduling.queue if self.job is not None else ""
+
+    @property
+    def suspended(self) -> bool:
+        return self.job is not None and self.job.spec.suspend
 
     @property
     def admissible(self) -> bool:
@@ -77,12 +86,10 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
     metadata = pod.get("metadata") or {}
     labels = metadata.get("labels") or {}
     job, attempt, rank = None, None, None
-    if LABEL_JOB_NAME in labels:
-        try:
-            attempt, rank = int(labels[LABEL_ATTEMPT]), int(labels[LABEL_NODE_RANK])
-            job = (str(metadata.get("namespace")), str(labels[LABEL_JOB_NAME]))
-        except (KeyError, ValueError):
-            job = None
+    position = gang_position(labels)
+    if LABEL_JOB_NAME in labels and position is not None:
+        rank, attempt = position
+        job = (str(metadata.get("namespace")), str(labels[LABEL_JOB_NAME]))
     return PodUsage(
         uid=str(metadata.get("uid")),
         requests=inventory.pod_requests(pod),
@@ -96,10 +103,7 @@ def job_entry(body: Mapping[str, Any]) -> JobEntry:
     metadata = body.get("metadata") or {}
     status = body.get("status") or {}
     key = (str(metadata.get("namespace")), str(metadata.get("name")))
-    view = JobView(num_nodes=1, gpus_per_node=0, status=status)
     request: GangRequest | None = None
-    per_pod: Mapping[str, int] = {}
-    queue_name = ""
     job: TrainJob | None = None
     invalid: str | None = None
     try:
@@ -108,23 +112,18 @@ def job_entry(body: Mapping[str, Any]) -> JobEntry:
         invalid = "; ".join(validation_messages(error))
     else:
         request = gang_request(job, key, metadata)
-        per_pod = request.per_pod
-        queue_name = job.spec.scheduling.queue
     return JobEntry(
         key=key,
         uid=str(metadata.get("uid")),
         resource_version=str(metadata.get("resourceVersion")),
         phase=status.get("phase"),
-        attempt=view.attempt,
-        placement=view.placement_nodes,
-        per_pod=per_pod,
+        attempt=status_attempt(status),
+        placement=status_placement(status),
         request=request,
-        queue_name=queue_name,
         queue=status.get("queue") or {},
         body=dict(body),
         job=job,
         invalid=invalid,
-        suspended=bool(job and job.spec.suspend),
     )
 
 

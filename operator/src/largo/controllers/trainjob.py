@@ -21,7 +21,7 @@ from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobEntry, JobKey
 from largo.policy.conditions import set_condition
-from largo.policy.trainjob import JobView, Plan, Timings, counts_only, plan, pod_view
+from largo.policy.trainjob import JobView, Plan, Timings, counts_only, operator_status, plan, pod_view
 from largo.sched.types import NodeInfo
 
 logger = logging.getLogger(__name__)
@@ -111,19 +111,20 @@ class TrainJobReconciler:
         unusable, lost = self.node_sets(relevant)
         now = self.clock()
         decision = plan(job_view(job, body), views, unusable, lost, now, self.timings)
-        current = {k: v for k, v in (body.get("status") or {}).items() if k != "progress"}
+        current = operator_status(body.get("status") or {})
         if counts_only(decision, current):
             # The pods of a starting gang change one by one: count them at most every interval.
             wait = self._last_write.get(key, 0.0) + self.count_interval - now
             if wait > 0:
                 return wait
         self._last_write[key] = now
-        return await self._apply(body, job, decision)
+        return await self._apply(body, job, decision, current)
 
-    async def _apply(self, body: Mapping[str, Any], job: Any, decision: Plan) -> float | None:
+    async def _apply(
+        self, body: Mapping[str, Any], job: Any, decision: Plan, current: Mapping[str, Any]
+    ) -> float | None:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
-        current = {k: v for k, v in (body.get("status") or {}).items() if k != "progress"}
         if decision.status != current:
             removed = {key: None for key in current if key not in decision.status}
             try:

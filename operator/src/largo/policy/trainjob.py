@@ -69,7 +69,7 @@ class JobView:
 
     @property
     def attempt(self) -> int:
-        return int(self.status.get("attempt") or 0)
+        return status_attempt(self.status)
 
     @property
     def restarts(self) -> int:
@@ -77,10 +77,24 @@ class JobView:
 
     @property
     def placement_nodes(self) -> tuple[str, ...] | None:
-        placement = self.status.get("placement") or {}
-        if placement.get("attempt") != self.attempt or not placement.get("nodes"):
-            return None
-        return tuple(placement["nodes"])
+        return status_placement(self.status)
+
+
+def status_attempt(status: Mapping[str, Any]) -> int:
+    return int(status.get("attempt") or 0)
+
+
+def status_placement(status: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The nodes of the current attempt's admitted gang (index = rank), or None."""
+    placement = status.get("placement") or {}
+    if placement.get("attempt") != status_attempt(status) or not placement.get("nodes"):
+        return None
+    return tuple(placement["nodes"])
+
+
+def operator_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The status without ``progress``, which belongs to the training runtime."""
+    return {key: value for key, value in status.items() if key != "progress"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +133,21 @@ def counts_only(plan: Plan, current: Mapping[str, Any]) -> bool:
     return bool(changed) and changed <= COUNT_FIELDS
 
 
+def gang_position(labels: Mapping[str, str]) -> tuple[int, int] | None:
+    """(rank, attempt) of a TrainJob pod from its labels; None for pods without them."""
+    try:
+        return int(labels[LABEL_NODE_RANK]), int(labels[LABEL_ATTEMPT])
+    except (KeyError, ValueError):
+        return None
+
+
 def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     """Reads one pod of a TrainJob; None for pods without largo's labels."""
     metadata = pod.get("metadata") or {}
-    labels = metadata.get("labels") or {}
-    try:
-        rank, attempt = int(labels[LABEL_NODE_RANK]), int(labels[LABEL_ATTEMPT])
-    except (KeyError, ValueError):
+    position = gang_position(metadata.get("labels") or {})
+    if position is None:
         return None
+    rank, attempt = position
     status = pod.get("status") or {}
     # The trainer container's exit code speaks for the pod; without it, the first non-zero one.
     codes: dict[str, int] = {}
@@ -193,7 +214,7 @@ def plan(
     cordoned ones (an unbound pod pinned there can never start).
     """
     timings = timings or Timings()
-    status: dict[str, Any] = {key: value for key, value in job.status.items() if key != "progress"}
+    status = operator_status(job.status)
     b = _Builder(job, now, status, Plan(status=status))
     current = [pod for pod in pods if pod.attempt == job.attempt]
     stale = tuple(pod.name for pod in pods if pod.attempt != job.attempt and not pod.terminating)
