@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from largo.dev.cluster import ClusterError, ClusterSpec, LocalCluster, NodePool, wait_for
+from largo.dev.localnode import main as localnode_main
 
 _READY_FILE = "ready"
 _PID_FILE = "supervisor.pid"
@@ -41,6 +42,25 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status = commands.add_parser("status", help="say whether the local cluster runs, and its nodes")
     status.add_argument("--workdir", type=Path, default=None)
     status.set_defaults(handler=_status)
+    localnode_main.add_parsers(commands)
+    logs = commands.add_parser("logs", help="print a localnode pod's container log")
+    logs.add_argument("pod")
+    logs.add_argument("-n", "--namespace", default="default")
+    logs.add_argument("-c", "--container", default=None)
+    logs.add_argument("-p", "--previous", action="store_true", help="the run before the current one")
+    logs.add_argument("--logs-dir", type=Path, default=None, help="default: the `largo dev up` cluster's")
+    logs.set_defaults(handler=_logs)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    logs_dir: Path = args.logs_dir or default_workdir() / "cluster" / "localnode" / "logs"
+    try:
+        path = localnode_main.latest_log(logs_dir, args.pod, args.namespace, args.container, args.previous)
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 1
+    sys.stdout.write(path.read_text(errors="replace"))
+    return 0
 
 
 def _supervisor_pid(workdir: Path) -> int | None:

@@ -8,17 +8,21 @@ every process and temporary directory is removed on exit, after a failure too.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -98,8 +102,24 @@ class NodePool:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalNodePool:
+    """Nodes run by localnode agents: their pods are real processes (docs/localnode.md). Needs root."""
+
+    count: int
+    name_prefix: str = "local-node"
+    cpu: str = "4"
+    memory: str = "16Gi"
+    gpus: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def node_names(self) -> list[str]:
+        return [f"{self.name_prefix}-{index}" for index in range(self.count)]
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     node_pools: Sequence[NodePool] = (NodePool(count=2),)
+    local_nodes: Sequence[LocalNodePool] = ()
 
 
 def free_port() -> int:
@@ -131,6 +151,17 @@ class _Component:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    grace: float = 10.0
+
+
+def _pod_network() -> tuple[str, str]:
+    """A bridge name and a /16 pod network no other interface of the host uses, for this cluster."""
+    used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=False).stdout
+    used += subprocess.run(["ip", "-o", "route"], capture_output=True, text=True, check=False).stdout
+    for second in random.sample(range(64, 128), 64):
+        if f" 10.{second}." not in used:
+            return f"largo{uuid.uuid4().hex[:6]}", f"10.{second}.0.1/16"
+    raise ClusterError("no free 10.x.0.0/16 network for localnode pods")
 
 
 class LocalCluster:
@@ -146,6 +177,8 @@ class LocalCluster:
         self._tools: tools_module.Tools | None = None
         self._pki: pki_module.Pki | None = None
         self.api_port = 0
+        self.local_node_names: list[str] = []
+        self._pod_network: tuple[str, str] | None = None
 
     # -- public --------------------------------------------------------------------------------------
 
@@ -170,11 +203,17 @@ class LocalCluster:
             self.stop()
             raise
 
-    def stop(self, grace: float = 10.0) -> None:
+    @property
+    def localnode_dir(self) -> Path:
+        """Where localnode keeps pods' volumes (state/), container logs (logs/) and claims (claims/)."""
+        return self.workdir / "localnode"
+
+    def stop(self) -> None:
         """Stops every component (reverse start order), then removes the work directory if ours."""
         for component in reversed(self._components):
-            _terminate(component.process, grace)
+            _terminate(component.process, component.grace)
         self._components.clear()
+        self._sweep_pod_network()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -216,7 +255,13 @@ class LocalCluster:
         missing = tools.missing()
         if missing:
             raise ClusterError(f"tools missing in {tools.root}: {', '.join(missing)}")
-        self._pki = pki = pki_module.generate(self.workdir / "pki")
+        extra_ips: list[str] = []
+        if self.spec.local_nodes:
+            if os.geteuid() != 0:
+                raise ClusterError("localnode nodes need root: they create network namespaces and mounts")
+            self._pod_network = _pod_network()
+            extra_ips.append(self._pod_network[1].split("/")[0])
+        self._pki = pki = pki_module.generate(self.workdir / "pki", extra_ips)
         (self.workdir / "logs").mkdir(exist_ok=True)
 
         etcd_port, etcd_peer = free_port(), free_port()
@@ -308,6 +353,63 @@ class LocalCluster:
         )
         for pool in self.spec.node_pools:
             self.add_nodes(pool, timeout)
+        for local_pool in self.spec.local_nodes:
+            self.add_local_nodes(local_pool, timeout)
+
+    def add_local_nodes(self, pool: LocalNodePool, timeout: float = 60.0) -> list[str]:
+        """Starts one localnode agent per node of the pool and waits until each node is Ready."""
+        if self._pod_network is None:
+            raise ClusterError("this cluster was started without localnode nodes, so it has no pod network")
+        bridge, gateway = self._pod_network
+        second = gateway.split(".")[1]
+        names = pool.node_names()
+        for name in names:
+            index = len(self.local_node_names) + 1
+            self.local_node_names.append(name)
+            command = [
+                sys.executable,
+                "-m",
+                "largo",
+                "dev",
+                "localnode",
+                f"--name={name}",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--bridge={bridge}",
+                f"--gateway={gateway}",
+                f"--pod-cidr=10.{second}.{index}.0/24",
+                f"--state-dir={self.localnode_dir / 'state' / name}",
+                f"--logs-dir={self.localnode_dir / 'logs'}",
+                f"--claims-dir={self.localnode_dir / 'claims'}",
+                f"--cpu={pool.cpu}",
+                f"--memory={pool.memory}",
+                f"--gpus={pool.gpus}",
+                *(f"--label={k}={v}" for k, v in pool.labels.items()),
+            ]
+            # Stopping a node stops its pods first, each with its grace period.
+            self._spawn(f"localnode-{name}", command, grace=90.0)
+        wait_for(
+            lambda: all(self._node_ready(name) for name in names),
+            timeout,
+            f"nodes {names} Ready",
+            self.assert_running,
+        )
+        return names
+
+    def _sweep_pod_network(self) -> None:
+        """Whatever a killed localnode left: its pods' namespaces (and processes), then the bridge."""
+        if self._pod_network is None:
+            return
+        from largo.dev.localnode import network
+
+        for name in self.local_node_names:
+            net = network.BridgeNetwork(
+                self._pod_network[0],
+                ipaddress.IPv4Interface(self._pod_network[1]),
+                ipaddress.IPv4Network("0.0.0.0/32"),
+            )
+            for sandbox in network.list_sandboxes(net.node_prefix(name)):
+                network.delete_sandbox(sandbox)
+        subprocess.run(["ip", "link", "del", self._pod_network[0]], capture_output=True, check=False)
 
     def _kwok_command(self, tools: tools_module.Tools) -> list[str]:
         configs = [tools.kwok_stages / stage for stage in _KWOK_STAGES]
@@ -327,7 +429,7 @@ class LocalCluster:
             *(f"--config={config}" for config in configs),
         ]
 
-    def _spawn(self, name: str, command: list[str]) -> None:
+    def _spawn(self, name: str, command: list[str], grace: float = 10.0) -> None:
         log = self.workdir / "logs" / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
@@ -338,7 +440,7 @@ class LocalCluster:
                 # Own process group: Ctrl-C in a terminal reaches us, and we stop components in order.
                 start_new_session=True,
             )
-        self._components.append(_Component(name, process, log))
+        self._components.append(_Component(name, process, log, grace))
 
     def _write_kubeconfig(self, pki: pki_module.Pki) -> None:
         config = {

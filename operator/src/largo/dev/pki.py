@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def _issue(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def generate(directory: Path) -> Pki:
+def generate(directory: Path, extra_ips: Sequence[str] = ()) -> Pki:
     """Writes a fresh PKI into ``directory`` and returns where each piece lies."""
     directory.mkdir(parents=True, exist_ok=True)
     pki = Pki(
@@ -125,6 +126,8 @@ def generate(directory: Path) -> Pki:
         x509.DNSName("kubernetes.default.svc.cluster.local"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+        # Where localnode pods reach the API server (the pod bridge's address).
+        *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
     ]
     serving, serving_key = _issue(
         ca_cert, ca_key, _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans
