@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from largo.dev.cluster import ClusterError, ClusterSpec, LocalCluster, NodePool, wait_for
+from largo.dev.cluster import ClusterError, ClusterSpec, LocalCluster, LocalNodePool, NodePool, wait_for
 from largo.dev.localnode import main as localnode_main
 
 _READY_FILE = "ready"
@@ -33,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.add_argument("--cpu", default="64", help="cpu per node (default 64)")
     up.add_argument("--memory", default="512Gi", help="memory per node (default 512Gi)")
     up.add_argument("--nodes-per-rack", type=int, default=0, help="label nodes into racks of this size")
+    up.add_argument(
+        "--local-nodes", type=int, default=0, help="localnode nodes whose pods run as processes (needs root)"
+    )
     up.add_argument("--workdir", type=Path, default=None, help="state directory (default: user cache)")
     up.add_argument("--detach", action="store_true", help="run in the background; stop with `largo dev down`")
     up.set_defaults(handler=_up)
@@ -88,7 +91,9 @@ def _up(args: argparse.Namespace) -> int:
     pool = NodePool(
         count=args.nodes, gpus=args.gpus, cpu=args.cpu, memory=args.memory, nodes_per_rack=args.nodes_per_rack
     )
-    cluster = LocalCluster(ClusterSpec(node_pools=(pool,)), workdir / "cluster")
+    local = (LocalNodePool(count=args.local_nodes),) if args.local_nodes else ()
+    pools = (pool,) if args.nodes else ()
+    cluster = LocalCluster(ClusterSpec(node_pools=pools, local_nodes=local), workdir / "cluster")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -118,6 +123,7 @@ def _detach(args: argparse.Namespace, workdir: Path) -> int:
     command = [sys.executable, "-m", "largo", "dev", "up", "--workdir", str(workdir)]
     command += ["--nodes", str(args.nodes), "--gpus", str(args.gpus), "--cpu", args.cpu]
     command += ["--memory", args.memory, "--nodes-per-rack", str(args.nodes_per_rack)]
+    command += ["--local-nodes", str(args.local_nodes)]
     log = workdir / "supervisor.log"
     with log.open("wb") as out:
         process = subprocess.Popen(

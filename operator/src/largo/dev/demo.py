@@ -1,8 +1,6 @@
-"""``make demo``: a local cluster with kwok GPU nodes, the operator, and a TrainJob from admission to
-success, shown as ``kubectl get trainjobs`` would show it.
-
-kwok nodes run no processes: the demo ends the job's pods itself (as a finished training run would),
-through largo's kwok stage. Real training processes come with the localnode agent.
+"""``make demo``: a local cluster whose two nodes run pods as real processes (localnode), the operator,
+and the demo TrainJob (the reference trainer, 2 nodes x 2 processes over gloo) from admission to success,
+shown as ``kubectl get trainjobs`` would show it.
 """
 
 from __future__ import annotations
@@ -14,81 +12,103 @@ from pathlib import Path
 
 import yaml
 
-from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, wait_for
+from largo.dev.cluster import ClusterError, ClusterSpec, LocalCluster, LocalNodePool, wait_for
 from largo.dev.operator_process import OperatorProcess
 from largo.dev.tools import repo_root
 
-EXIT_ANNOTATION = "kwok.largo.dev/exit-code"
+EXAMPLE = Path("examples") / "trainjob-demo.yaml"
+NAMESPACE = "default"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
     parser.add_argument("--keep", action="store_true", help="keep the cluster running until Ctrl-C")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds the job may take")
     args = parser.parse_args(argv)
     root = repo_root() or Path.cwd()
-    example = root / "examples" / "trainjob-gpu.yaml"
-    name = yaml.safe_load(example.read_text())["metadata"]["name"]
+    example = root / EXAMPLE
+    job = next(d for d in yaml.safe_load_all(example.read_text()) if d["kind"] == "TrainJob")
+    name = job["metadata"]["name"]
 
-    print("== starting the local cluster: etcd, kube-apiserver, controller-manager, scheduler, kwok")
-    pool = NodePool(count=4, name_prefix="gpu-node", nodes_per_rack=2)
-    with LocalCluster(ClusterSpec(node_pools=(pool,))) as cluster:
-        print(cluster.kubectl("get", "nodes", "-L", "topology.largo.dev/rack").stdout)
+    print("== starting the local cluster: etcd, kube-apiserver, controller-manager, scheduler, 2 localnodes")
+    spec = ClusterSpec(node_pools=(), local_nodes=(LocalNodePool(count=2),))
+    try:
+        cluster = LocalCluster(spec)
+        cluster.start()
+    except ClusterError as error:
+        print(f"the local cluster did not start: {error}", file=sys.stderr)
+        return 1
+    operator = OperatorProcess(cluster.kubeconfig, cluster.workdir / "operator.log")
+    try:
+        print(cluster.kubectl("get", "nodes", "-o", "wide").stdout)
         print("== installing largo's CRDs")
         for path in sorted((root / "crds").glob("*.yaml")):
             print(cluster.kubectl("apply", "--server-side", "-f", str(path)).stdout, end="")
-        log = cluster.workdir / "operator.log"
-        operator = OperatorProcess(cluster.kubeconfig, log)
-        try:
-            operator.start()
-            print(f"== operator running (log: {log})")
-            print(f"== applying {example.relative_to(root)}")
-            print(cluster.kubectl("apply", "-f", str(example)).stdout, end="")
-            _follow(cluster, name)
-            print("\n== events")
-            print(cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}").stdout)
-            print("== what next")
-            if not args.keep:
-                print("  `make demo ARGS=--keep` keeps the cluster up afterwards, to try:")
-            print(f"  export KUBECONFIG={cluster.kubeconfig}")
-            print(f"  {cluster.tools.path('kubectl')} get largo            # every largo object")
-            print(f"  kubectl describe trainjob {name}")
-            print("  kubectl apply -f examples/          # more jobs; try two at once to see gang queueing")
-            print(f"  operator log: {log}")
-            if args.keep:
-                print("== the cluster stays up; Ctrl-C stops it")
-                threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            operator.stop()
-    print("== stopped; nothing left running")
-    return 0
+        operator.start()
+        print(f"== operator running (log: {operator.log})")
+        print(f"== applying {EXAMPLE}")
+        print(cluster.kubectl("apply", "-f", str(example)).stdout, end="")
+        phase = _follow(cluster, name, args.timeout)
+        print()
+        print(cluster.kubectl("get", "pods", "-o", "wide", "-l", f"largo.dev/job-name={name}").stdout)
+        print("== events")
+        print(cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}").stdout)
+        _next_steps(cluster, name, args.keep)
+        if args.keep:
+            print("== the cluster stays up; Ctrl-C stops it")
+            threading.Event().wait()
+        return 0 if phase == "Succeeded" else 1
+    except KeyboardInterrupt:
+        return 0
+    except ClusterError as error:
+        print(f"demo failed: {error}\n(operator log: {operator.log})", file=sys.stderr)
+        return 1
+    finally:
+        operator.stop()
+        cluster.stop()
+        print("== stopped; no process, network namespace or mount left behind")
 
 
-def _follow(cluster: LocalCluster, name: str) -> None:
-    """Prints the job's row whenever it changes, and ends the pods once they all run."""
+def _follow(cluster: LocalCluster, name: str, timeout: float) -> str:
+    """Prints the job's row whenever its phase, pods, restarts or progress change; returns the final phase."""
     seen: set[str] = set()
+    columns = (
+        "custom-columns=NAME:.metadata.name,PHASE:.status.phase,NODES:.status.nodes,"
+        "RESTARTS:.status.restarts,PROGRESS:.status.progress.summary"
+    )
+    header = cluster.kubectl("get", "trainjob", name, "-o", columns).stdout.splitlines()
+    print("  " + (header[0] if header else "NAME PHASE NODES RESTARTS PROGRESS"))
+    final = {"phase": ""}
 
-    def show() -> str:
-        return cluster.kubectl("get", "trainjob", name, "--no-headers").stdout.strip()
+    def finished() -> bool:
+        row = cluster.kubectl(
+            "get", "trainjob", name, "-o", columns, "--no-headers", check=False
+        ).stdout.strip()
+        if row and row not in seen:
+            seen.add(row)
+            print("  " + row, flush=True)
+        final["phase"] = row.split()[1] if len(row.split()) > 1 else ""
+        return final["phase"] in ("Succeeded", "Failed")
 
-    def phase() -> str:
-        return cluster.kubectl("get", "trainjob", name, "-o", "jsonpath={.status.phase}").stdout
+    wait_for(finished, timeout, f"TrainJob {name} to finish", cluster.assert_running)
+    return final["phase"]
 
-    def changed_to(target: str) -> bool:
-        row = show()
-        state = " ".join(row.split()[:-1])  # without AGE, which changes every second
-        if row and state not in seen:
-            seen.add(state)
-            print("  " + row)
-        return phase() == target
 
-    print("  " + cluster.kubectl("get", "trainjob", name).stdout.splitlines()[0])
-    wait_for(lambda: changed_to("Running"), 120, "the job to run")
-    print(cluster.kubectl("get", "pods", "-o", "wide", "-l", f"largo.dev/job-name={name}").stdout)
-    print("== training 'finishes': the demo ends both pods with exit code 0")
-    cluster.kubectl("annotate", "pods", "-l", f"largo.dev/job-name={name}", f"{EXIT_ANNOTATION}=0")
-    wait_for(lambda: changed_to("Succeeded"), 120, "the job to succeed")
+def _next_steps(cluster: LocalCluster, name: str, keep: bool) -> None:
+    kubectl = cluster.tools.path("kubectl")
+    claims = cluster.localnode_dir / "claims" / NAMESPACE / "demo-checkpoints"
+    logs = cluster.localnode_dir / "logs"
+    checkpoints = sorted(p.name for p in claims.glob("step-*.pt")) if claims.is_dir() else []
+    print(f"== checkpoints on the claim's directory {claims}: {', '.join(checkpoints) or 'none'}")
+    print("== what next")
+    if not keep:
+        print("  `make demo ARGS=--keep` keeps the cluster up afterwards, to try:")
+    print(f"  export KUBECONFIG={cluster.kubeconfig}")
+    print(f"  {kubectl} get largo                 # every largo object")
+    print(f"  kubectl describe trainjob {name}")
+    print(f"  .venv/bin/largo dev logs --logs-dir {logs} {name}-node-0   # rank 0's output")
+    print(f"  kubectl delete pod {name}-node-1 --grace-period=1   # the gang restarts from its checkpoint")
+    print(f"  operator log: {cluster.workdir / 'operator.log'}")
 
 
 if __name__ == "__main__":
