@@ -7,12 +7,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client, config
 from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, wait_for
 from largo.dev.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[1]
+# Short delays keep the lifecycle tests quick; the behaviour is the same as with defaults.
+QUICK_OPERATOR_ENV = {
+    "LARGO_RESTART_BACKOFF_SECONDS": "1",
+    "LARGO_RESTART_BACKOFF_MAX_SECONDS": "2",
+    "LARGO_BINDING_TIMEOUT_SECONDS": "10",
+    "LARGO_PROGRESS_STALE_SECONDS": "3",
+}
 
 
 @pytest.fixture(scope="session")
@@ -76,10 +82,7 @@ def gpu_pool(make_pool: PoolFactory) -> NodePool:
 @pytest.fixture(scope="session")
 def crds(cluster: LocalCluster, api: client.ApiClient) -> None:
     """largo's CRDs as generated into crds/, applied and Established."""
-    for path in sorted((REPO / "crds").glob("*.yaml")):
-        cluster.kubectl("apply", "--server-side", "-f", str(path))
-        name = yaml.safe_load(path.read_text())["metadata"]["name"]
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    cluster.install_crds(REPO / "crds")
 
 
 @pytest.fixture(scope="session")
@@ -87,14 +90,9 @@ def operator(
     cluster: LocalCluster, crds: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     """The operator, started once per session; tests may kill and restart it."""
-    # Short delays keep the lifecycle tests quick; the behaviour is the same as with defaults.
-    env = {
-        "LARGO_RESTART_BACKOFF_SECONDS": "1",
-        "LARGO_RESTART_BACKOFF_MAX_SECONDS": "2",
-        "LARGO_BINDING_TIMEOUT_SECONDS": "10",
-        "LARGO_PROGRESS_STALE_SECONDS": "3",
-    }
-    process = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env)
+    process = OperatorProcess(
+        cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", QUICK_OPERATOR_ENV
+    )
     process.start()
     try:
         yield process

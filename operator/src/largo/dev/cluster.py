@@ -8,7 +8,6 @@ every process and temporary directory is removed on exit, after a failure too.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import random
@@ -232,6 +231,13 @@ class LocalCluster:
             text=True,
         )
 
+    def install_crds(self, directory: Path) -> None:
+        """Applies every CRD in ``directory`` and waits until each is Established."""
+        for path in sorted(directory.glob("*.yaml")):
+            self.kubectl("apply", "--server-side", "-f", str(path))
+            name = yaml.safe_load(path.read_text())["metadata"]["name"]
+            self.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+
     def add_nodes(self, pool: NodePool, timeout: float = 60.0) -> list[str]:
         """Creates a pool of kwok nodes and waits until every one is Ready."""
         for manifest in pool.manifests():
@@ -402,12 +408,7 @@ class LocalCluster:
         from largo.dev.localnode import network
 
         for name in self.local_node_names:
-            net = network.BridgeNetwork(
-                self._pod_network[0],
-                ipaddress.IPv4Interface(self._pod_network[1]),
-                ipaddress.IPv4Network("0.0.0.0/32"),
-            )
-            for sandbox in network.list_sandboxes(net.node_prefix(name)):
+            for sandbox in network.list_sandboxes(network.node_prefix(name)):
                 network.delete_sandbox(sandbox)
         subprocess.run(["ip", "link", "del", self._pod_network[0]], capture_output=True, check=False)
 

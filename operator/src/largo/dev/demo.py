@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(cluster.kubectl("get", "nodes", "-o", "wide").stdout)
         print("== installing largo's CRDs")
-        for path in sorted((root / "crds").glob("*.yaml")):
-            print(cluster.kubectl("apply", "--server-side", "-f", str(path)).stdout, end="")
+        cluster.install_crds(root / "crds")
         operator.start()
         print(f"== operator running (log: {operator.log})")
         print(f"== applying {EXAMPLE}")

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     distributed = world > 1
     if distributed:
         dist.init_process_group(backend)
+        logger.info(
+            "process group up: %s, rank %d of %d on host %s", backend, rank, world, socket.gethostname()
+        )
 
     # The same seed on every rank: identical initial weights, as DDP expects.
     torch.manual_seed(args.seed)

@@ -121,7 +121,7 @@ class Agent:
 
     def run(self) -> None:
         network.ensure_bridge(self.node.net)
-        for leftover in network.list_sandboxes(self.node.net.node_prefix(self.node.name)):
+        for leftover in network.list_sandboxes(network.node_prefix(self.node.name)):
             network.delete_sandbox(leftover)
         upstream = urllib.parse.urlsplit(self.api.configuration.host)
         self.forwarder = ApiForwarder(
@@ -285,9 +285,8 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 if not resource_version:
-                    listed = self.api.call_api(
-                        "/api/v1/pods", "GET", response_type="object", _return_http_data_only=True
-                    )
+                    response = self.core.list_pod_for_all_namespaces(_preload_content=False)
+                    listed = json.loads(response.data)
                     with self.lock:
                         self.pods = {p["metadata"]["uid"]: p for p in listed["items"]}
                     resource_version = listed["metadata"]["resourceVersion"]
@@ -368,7 +367,7 @@ class PodWorker(threading.Thread):
         self.stop_requested = False
         self.gone = False
         self.finished = False
-        self.sandbox = agent.node.net.sandbox_name(agent.node.name, self.uid)
+        self.sandbox = network.sandbox_name(agent.node.name, self.uid)
         self.sandbox_up = False
         self.pod_ip = ""
         self.pod_dir = agent.node.state_dir / "pods" / self.uid

@@ -36,6 +36,20 @@ def _short_hash(*parts: str) -> str:
     return hashlib.sha1("/".join(parts).encode()).hexdigest()[:8]
 
 
+def node_prefix(node: str) -> str:
+    """Network namespaces of one node's pods start with this."""
+    return f"{NETNS_PREFIX}{_short_hash(node)}-"
+
+
+def sandbox_name(node: str, pod_uid: str) -> str:
+    return f"{node_prefix(node)}{pod_uid[:8]}"
+
+
+def host_veth(sandbox: str) -> str:
+    """The host end of a sandbox's veth pair (interface names have at most 15 characters)."""
+    return f"lv{_short_hash(sandbox)}"
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeNetwork:
     """``gateway`` is the bridge's own address with the whole pod network's prefix (10.88.0.1/16);
@@ -44,12 +58,6 @@ class BridgeNetwork:
     bridge: str
     gateway: ipaddress.IPv4Interface
     pod_cidr: ipaddress.IPv4Network
-
-    def sandbox_name(self, node: str, pod_uid: str) -> str:
-        return f"{NETNS_PREFIX}{_short_hash(node)}-{pod_uid[:8]}"
-
-    def node_prefix(self, node: str) -> str:
-        return f"{NETNS_PREFIX}{_short_hash(node)}-"
 
 
 @dataclass(slots=True)
@@ -100,7 +108,7 @@ def create_sandbox(network: BridgeNetwork, name: str, address: ipaddress.IPv4Add
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "hosts").write_text(hosts)
     (etc / "resolv.conf").write_text(_RESOLV_CONF)
-    host_side = f"lv{_short_hash(name)}"
+    host_side = host_veth(name)
     peer = f"lp{_short_hash(name)}"
     try:
         _ip("netns", "add", name)

@@ -1,0 +1,38 @@
+"""A local cluster of its own for the end-to-end tests: two localnode nodes whose pods are real
+processes, and the operator. Needs root (network namespaces and mounts), as localnode does."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from largo.dev.cluster import ClusterSpec, LocalCluster, LocalNodePool
+from largo.dev.operator_process import OperatorProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="package")
+def local_cluster() -> Iterator[LocalCluster]:
+    if os.geteuid() != 0:
+        pytest.skip("localnode needs root to create network namespaces and mounts")
+    cluster = LocalCluster(ClusterSpec(node_pools=(), local_nodes=(LocalNodePool(count=2),)))
+    cluster.start()
+    try:
+        cluster.install_crds(REPO / "crds")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="package")
+def local_operator(local_cluster: LocalCluster) -> Iterator[OperatorProcess]:
+    env = {"LARGO_RESTART_BACKOFF_SECONDS": "1", "LARGO_RESTART_BACKOFF_MAX_SECONDS": "2"}
+    process = OperatorProcess(local_cluster.kubeconfig, local_cluster.workdir / "operator.log", env)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
