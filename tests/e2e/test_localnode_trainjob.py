@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client, config
-from largo.dev.cluster import LocalCluster, wait_for
+from largo.dev.cluster import ClusterError, LocalCluster, wait_for
 from largo.dev.localnode import network
 from largo.dev.operator_process import OperatorProcess
 
@@ -59,15 +59,35 @@ class Demo:
         return found
 
     def wait(
-        self, name: str, condition: Callable[[dict[str, Any]], bool], what: str, timeout: float = 600
+        self, name: str, condition: Callable[[dict[str, Any]], bool], what: str, timeout: float = 240
     ) -> None:
         def check() -> bool:
-            phase = self.job(name).get("status", {}).get("phase", "")
+            job = self.job(name)
+            phase = job.get("status", {}).get("phase", "")
             if phase and (not self.phases or self.phases[-1] != phase):
                 self.phases.append(phase)
-            return condition(self.job(name))
+            return condition(job)
 
-        wait_for(check, timeout, what, self.cluster.assert_running)
+        try:
+            wait_for(check, timeout, what, self.cluster.assert_running)
+        except ClusterError as error:
+            raise AssertionError(f"{error}\n{self.describe(name)}") from None
+
+    def describe(self, name: str) -> str:
+        """What a failed wait shows: the job's status, its pods' states and the operator's last lines."""
+        pods = [
+            (
+                p.metadata.name,
+                p.spec.node_name,
+                p.status.phase,
+                p.metadata.deletion_timestamp,
+                [(c.state.to_dict(), c.restart_count) for c in p.status.container_statuses or []],
+            )
+            for p in self.pods(name)
+        ]
+        operator_log = (self.cluster.workdir / "operator.log").read_text(errors="replace")[-3000:]
+        status = self.job(name).get("status")
+        return f"phases {self.phases}\nstatus {status}\npods {pods}\noperator:\n{operator_log}"
 
     def wait_phase(self, name: str, *phases: str) -> None:
         self.wait(name, lambda job: job.get("status", {}).get("phase") in phases, f"{name} in {phases}")
@@ -154,7 +174,7 @@ def test_killed_trainer_process_restarts_the_gang_from_its_checkpoint(demo: Demo
 
     demo.wait_phase(name, "Succeeded", "Failed")
     status = demo.job(name)["status"]
-    assert status["phase"] == "Succeeded", demo.phases
+    assert status["phase"] == "Succeeded", demo.describe(name)
     assert status["restarts"] == 1
     assert "Restarting" in demo.phases
     rank0 = demo.log(f"{name}-node-0")

@@ -106,7 +106,7 @@ class LocalNodePool:
 
     count: int
     name_prefix: str = "local-node"
-    cpu: str = "4"
+    cpu: str = "2"
     memory: str = "16Gi"
     gpus: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)

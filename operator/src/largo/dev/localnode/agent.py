@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import ipaddress
 import json
 import logging
@@ -45,6 +46,7 @@ STORAGE_CLASS = "largo-local"
 PROVISIONER = "largo.dev/localnode"
 LEASE_SECONDS = 40
 HEARTBEAT_SECONDS = 10.0
+PROVISION_SECONDS = 1.0
 _POLL_SECONDS = 0.2
 
 
@@ -116,6 +118,7 @@ class Agent:
         self.mount_points = MountPoints(node.mount_registry)
         self.forwarder: ApiForwarder | None = None
         self.api_port = 0
+        self.ready_since = pod_status.timestamp(time.time())
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -132,6 +135,7 @@ class Agent:
         self._register()
         self._ensure_storage_class()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._provisioner, name="provisioner", daemon=True).start()
         logger.info("node %s ready; pods get %s", self.node.name, self.node.net.pod_cidr)
         try:
             self._watch_pods()
@@ -175,7 +179,7 @@ class Agent:
                     "reason": "KubeletReady",
                     "message": "localnode is posting ready status",
                     "lastHeartbeatTime": now,
-                    "lastTransitionTime": now,
+                    "lastTransitionTime": self.ready_since,
                 }
             ],
             "nodeInfo": {
@@ -226,8 +230,10 @@ class Agent:
     def _heartbeat(self) -> None:
         coordination: Any = client.CoordinationV1Api(self.api)
         while not self.stopping.is_set():
-            now = time.time()
-            micro = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(now))
+            # The client re-serializes times with isoformat(), which drops a zero fraction, and a
+            # Lease's MicroTime must carry one.
+            micro = datetime.datetime.now(datetime.UTC)
+            micro = micro.replace(microsecond=micro.microsecond or 1)
             lease = {
                 "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
                 "spec": {
@@ -244,10 +250,26 @@ class Agent:
                         raise
                     coordination.create_namespaced_lease("kube-node-lease", lease)
                 self.core.patch_node_status(self.node.name, {"status": self._node_status()})
-                self._provision_claims()
             except Exception as error:  # the next beat tries again; a node must not die of a blip
                 logger.warning("heartbeat failed: %s", error)
             self.stopping.wait(HEARTBEAT_SECONDS)
+
+    def _provisioner(self) -> None:
+        while not self.stopping.wait(PROVISION_SECONDS):
+            try:
+                self._provision_claims()
+                self._reclaim_volumes()
+            except Exception as error:  # tried again next round
+                logger.warning("claim provisioning failed: %s", error)
+
+    def _reclaim_volumes(self) -> None:
+        """Deletes released volumes of the class and their directories (reclaim policy Delete)."""
+        for volume in self.core.list_persistent_volume(label_selector=f"{NODE_LABEL}=claim").items:
+            if volume.status.phase != "Released" or volume.spec.host_path is None:
+                continue
+            shutil.rmtree(volume.spec.host_path.path, ignore_errors=True)
+            with contextlib.suppress(ApiException):
+                self.core.delete_persistent_volume(volume.metadata.name)
 
     def _provision_claims(self) -> None:
         """Binds pending claims of the ``largo-local`` class to a hostPath volume under the claims
