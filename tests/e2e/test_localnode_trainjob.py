@@ -96,6 +96,11 @@ class Demo:
         selector = f"largo.dev/job-name={name}"
         return list(self.core.list_namespaced_pod(self.namespace, label_selector=selector).items)
 
+    def events(self, name: str) -> list[tuple[str, str]]:
+        selector = f"involvedObject.name={name},involvedObject.kind=TrainJob"
+        items = self.core.list_namespaced_event(self.namespace, field_selector=selector).items
+        return [(event.reason, event.message) for event in items]
+
     def log(self, pod: str) -> str:
         candidates = sorted(
             (self.cluster.localnode_dir / "logs").glob(f"{self.namespace}_{pod}_*/trainer/*.log")
@@ -176,7 +181,9 @@ def test_killed_trainer_process_restarts_the_gang_from_its_checkpoint(demo: Demo
     status = demo.job(name)["status"]
     assert status["phase"] == "Succeeded", demo.describe(name)
     assert status["restarts"] == 1
-    assert "Restarting" in demo.phases
+    restart_events = [message for reason, message in demo.events(name) if reason == "PodFailed"]
+    assert restart_events, demo.events(name)
+    assert f"{name}-node-1" in restart_events[0], restart_events
     rank0 = demo.log(f"{name}-node-0")
     assert "resumed from checkpoint of step" in rank0
     assert '"step": 240' in rank0
