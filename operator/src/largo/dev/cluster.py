@@ -401,6 +401,14 @@ class LocalCluster:
         )
         return names
 
+    def pod_network_leftovers(self) -> list[str]:
+        """Network namespaces of this cluster's localnode pods that still exist (none after stop())."""
+        from largo.dev.localnode import network
+
+        return [
+            s for name in self.local_node_names for s in network.list_sandboxes(network.node_prefix(name))
+        ]
+
     def _sweep_pod_network(self) -> None:
         """Whatever a killed localnode left: its pods' namespaces (and processes), then the bridge."""
         if self._pod_network is None:

@@ -65,29 +65,30 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         operator.stop()
         cluster.stop()
-        print("== stopped; no process, network namespace or mount left behind")
+        left = cluster.pod_network_leftovers()
+        nothing = "no process, network namespace or mount"
+        print(f"== stopped; left behind: {', '.join(left) if left else nothing}")
+
+
+_ROW = "  {:<8} {:<11} {:<6} {:<9} {}"
 
 
 def _follow(cluster: LocalCluster, name: str, timeout: float) -> str:
     """Prints the job's row whenever its phase, pods, restarts or progress change; returns the final phase."""
     seen: set[str] = set()
-    columns = (
-        "custom-columns=NAME:.metadata.name,PHASE:.status.phase,NODES:.status.nodes,"
-        "RESTARTS:.status.restarts,PROGRESS:.status.progress.summary"
-    )
-    header = cluster.kubectl("get", "trainjob", name, "-o", columns).stdout.splitlines()
-    print("  " + (header[0] if header else "NAME PHASE NODES RESTARTS PROGRESS"))
+    fields = "{.status.phase}|{.status.nodes}|{.status.restarts}|{.status.progress.summary}"
+    print(_ROW.format("NAME", "PHASE", "NODES", "RESTARTS", "PROGRESS"))
     final = {"phase": ""}
 
     def finished() -> bool:
-        row = cluster.kubectl(
-            "get", "trainjob", name, "-o", columns, "--no-headers", check=False
-        ).stdout.strip()
-        if row and row not in seen:
+        raw = cluster.kubectl("get", "trainjob", name, "-o", f"jsonpath={fields}", check=False).stdout
+        phase, nodes, restarts, progress = [*raw.split("|"), "", "", ""][:4]
+        row = _ROW.format(name, phase, nodes, restarts or "0", progress)
+        if phase and row not in seen:
             seen.add(row)
-            print("  " + row, flush=True)
-        final["phase"] = row.split()[1] if len(row.split()) > 1 else ""
-        return final["phase"] in ("Succeeded", "Failed")
+            print(row, flush=True)
+        final["phase"] = phase
+        return phase in ("Succeeded", "Failed")
 
     wait_for(finished, timeout, f"TrainJob {name} to finish", cluster.assert_running)
     return final["phase"]
@@ -99,6 +100,11 @@ def _next_steps(cluster: LocalCluster, name: str, keep: bool) -> None:
     logs = cluster.localnode_dir / "logs"
     checkpoints = sorted(p.name for p in claims.glob("step-*.pt")) if claims.is_dir() else []
     print(f"== checkpoints on the claim's directory {claims}: {', '.join(checkpoints) or 'none'}")
+    rank0 = sorted(logs.glob(f"{NAMESPACE}_{name}-node-0_*/trainer/*.log"))
+    if rank0:
+        print(f"== the last lines rank 0 wrote ({rank0[-1]})")
+        for line in rank0[-1].read_text(errors="replace").splitlines()[-4:]:
+            print("  " + line)
     print("== what next")
     if not keep:
         print("  `make demo ARGS=--keep` keeps the cluster up afterwards, to try:")
