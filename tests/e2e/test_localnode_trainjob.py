@@ -181,9 +181,10 @@ def test_killed_trainer_process_restarts_the_gang_from_its_checkpoint(demo: Demo
     status = demo.job(name)["status"]
     assert status["phase"] == "Succeeded", demo.describe(name)
     assert status["restarts"] == 1
+    # Whichever pod noticed first (the killed worker's, or its peer's whose collective broke) fails.
     restart_events = [message for reason, message in demo.events(name) if reason == "PodFailed"]
     assert restart_events, demo.events(name)
-    assert f"{name}-node-1" in restart_events[0], restart_events
+    assert "restarting the whole gang (restart 1)" in restart_events[0], restart_events
     rank0 = demo.log(f"{name}-node-0")
     assert "resumed from checkpoint of step" in rank0
     assert '"step": 240' in rank0

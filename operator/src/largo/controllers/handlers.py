@@ -93,6 +93,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
             progress_stale_after=_float_env("LARGO_PROGRESS_STALE_SECONDS", 120.0),
         ),
     )
+    scheduler.complete_admission = reconciler.complete_admission
     workers = int(_float_env("LARGO_RECONCILE_WORKERS", 8))
     memo.jobs = jobs
     memo.scheduler = scheduler

@@ -58,6 +58,8 @@ class Scheduler:
     # without waiting for the watch event that brings the same version.
     admitted: Callable[[JobKey, Mapping[str, Any]], None]
     clock: Callable[[], float]
+    # Completes an admission's status patch with what the job's reconcile would add (one write, not two).
+    complete_admission: Callable[[JobEntry, Mapping[str, Any]], Mapping[str, Any]] = lambda _, patch: patch
     # Admissions written but not yet seen in the jobs index: they keep their capacity reserved.
     _pending: dict[JobKey, _Admission] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -143,7 +145,9 @@ class Scheduler:
             ),
         }
         try:
-            updated = await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, patch)
+            updated = await self.kube.patch_trainjob_status(
+                *entry.key, entry.resource_version, self.complete_admission(entry, patch)
+            )
         except ConflictError:
             self.wake()
             return

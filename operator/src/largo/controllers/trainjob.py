@@ -97,6 +97,19 @@ class TrainJobReconciler:
         if job is None:
             await self._reject(body, entry.invalid or "invalid spec")
             return None
+        now = self.clock()
+        decision = self._decide(key, body, job, now)
+        current = operator_status(body.get("status") or {})
+        if counts_only(decision, current):
+            # The pods of a starting gang change one by one: count them at most every interval.
+            wait = self._last_write.get(key, 0.0) + self.count_interval - now
+            if wait > 0:
+                return wait
+        self._last_write[key] = now
+        return await self._apply(body, job, decision, current)
+
+    def _decide(self, key: JobKey, body: Mapping[str, Any], job: Any, now: float) -> Plan:
+        """The lifecycle's decision for ``body`` and the job's pods as the index shows them."""
         uid = body["metadata"]["uid"]
         store = self.pods.get(key)
         owned = [
@@ -109,16 +122,21 @@ class TrainJobReconciler:
         # Only the job's own nodes matter; one missing from the inventory is gone, hence lost.
         relevant = {pod.node_name for pod in views if pod.node_name} | set(placement.get("nodes") or [])
         unusable, lost = self.node_sets(relevant)
-        now = self.clock()
-        decision = plan(job_view(job, body), views, unusable, lost, now, self.timings)
-        current = operator_status(body.get("status") or {})
-        if counts_only(decision, current):
-            # The pods of a starting gang change one by one: count them at most every interval.
-            wait = self._last_write.get(key, 0.0) + self.count_interval - now
-            if wait > 0:
-                return wait
-        self._last_write[key] = now
-        return await self._apply(body, job, decision, current)
+        return plan(job_view(job, body), views, unusable, lost, now, self.timings)
+
+    def complete_admission(self, entry: JobEntry, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """The scheduler's admission write, completed with what the first reconcile after it would
+        write (counts, start time, observed generation): that reconcile then creates the pods at once
+        instead of writing the status a second time first."""
+        if entry.job is None:
+            return dict(patch)
+        before = dict(entry.body.get("status") or {})
+        admitted = {k: v for k, v in {**before, **patch}.items() if v is not None}
+        decision = self._decide(entry.key, {**entry.body, "status": admitted}, entry.job, self.clock())
+        if not decision.create_ranks or decision.status.get("placement") != admitted.get("placement"):
+            return dict(patch)
+        removed = {k: None for k in operator_status(admitted) if k not in decision.status}
+        return {**patch, **removed, **decision.status}
 
     async def _apply(
         self, body: Mapping[str, Any], job: Any, decision: Plan, current: Mapping[str, Any]

@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     if reporter is not None:
         reporter.close()
     if distributed:
+        # Gloo aborts the process ("terminate called without an active exception") when a process
+        # group is torn down while its worker threads still hold work: let every rank finish, and drop
+        # DDP's reducer (which owns such work) before the group goes.
+        dist.barrier()
+        del model, optimizer
         dist.destroy_process_group()
     return code
 
