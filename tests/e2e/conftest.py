@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from largo.dev.cluster import ClusterSpec, LocalCluster, LocalNodePool
+from largo.dev.cluster import ClusterSpec, LocalCluster, LocalNodePool, NodePool
 from largo.dev.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,7 +18,11 @@ REPO = Path(__file__).resolve().parents[2]
 def local_cluster() -> Iterator[LocalCluster]:
     if os.geteuid() != 0:
         pytest.skip("localnode needs root to create network namespaces and mounts")
-    cluster = LocalCluster(ClusterSpec(node_pools=(), local_nodes=(LocalNodePool(count=2),)))
+    # One kwok node beside them: both kinds serve one cluster (pods here select localnode nodes).
+    spec = ClusterSpec(
+        node_pools=(NodePool(count=1, name_prefix="kwok"),), local_nodes=(LocalNodePool(count=2),)
+    )
+    cluster = LocalCluster(spec)
     cluster.start()
     try:
         cluster.install_crds(REPO / "crds")

@@ -94,6 +94,8 @@ def test_environment_volumes_and_names_reach_the_process(pods: Pods) -> None:
             'echo "namespace=$(cat /var/run/secrets/kubernetes.io/serviceaccount/namespace)"',
             'echo "resolves=$(getent hosts checker.sub.$NS.svc | cut -f1 -d" ")"',
             "echo written > /scratch/x && echo scratch=$(cat /scratch/x)",
+            'echo "secret-file=$(cat /etc/creds/token)"',
+            'echo "cwd=$(pwd)"',
         ]
     )
     pods.create(
@@ -116,7 +118,9 @@ def test_environment_volumes_and_names_reach_the_process(pods: Pods) -> None:
                 "volumeMounts": [
                     {"name": "settings", "mountPath": "/etc/settings", "readOnly": True},
                     {"name": "scratch", "mountPath": "/scratch"},
+                    {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
                 ],
+                "workingDir": "/tmp",
             }
         ],
         restartPolicy="Never",
@@ -125,6 +129,7 @@ def test_environment_volumes_and_names_reach_the_process(pods: Pods) -> None:
         volumes=[
             {"name": "settings", "configMap": {"name": "settings"}},
             {"name": "scratch", "emptyDir": {}},
+            {"name": "creds", "secret": {"secretName": "creds"}},
         ],
     )
     pod = pods.wait("checker", "Succeeded", lambda p: p.status.phase in ("Succeeded", "Failed"))
@@ -137,6 +142,8 @@ def test_environment_volumes_and_names_reach_the_process(pods: Pods) -> None:
     assert f"namespace={pods.namespace}" in output
     assert f"resolves={ip}" in output
     assert "scratch=written" in output
+    assert "secret-file=s3cret" in output
+    assert "cwd=/tmp" in output
     assert pod.status.container_statuses[0].state.terminated.exit_code == 0
 
 
@@ -199,6 +206,20 @@ def test_readiness_and_liveness_probes(pods: Pods) -> None:
     assert any(c.type == "Ready" and c.status == "True" for c in ready.status.conditions)
 
     pods.create(
+        "exec-ready",
+        [
+            {
+                "name": "main",
+                "command": ["sleep", "600"],
+                "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1},
+            }
+        ],
+    )
+    pods.wait(
+        "exec-ready", "Ready", lambda p: p.status.container_statuses and p.status.container_statuses[0].ready
+    )
+
+    pods.create(
         "unhealthy",
         [
             {
@@ -215,6 +236,22 @@ def test_readiness_and_liveness_probes(pods: Pods) -> None:
     )
     last = restarted.status.container_statuses[0].last_state.terminated
     assert "liveness probe failed" in last.message
+
+
+def test_node_keeps_its_lease_fresh(pods: Pods) -> None:
+    coordination = client.CoordinationV1Api(pods.core.api_client)
+    node = pods.cluster.local_node_names[0]
+    first = coordination.read_namespaced_lease(node, "kube-node-lease").spec
+    assert first.holder_identity == node
+    wait_for(
+        lambda: (
+            coordination.read_namespaced_lease(node, "kube-node-lease").spec.renew_time > first.renew_time
+        ),
+        60,
+        "a lease renewal",
+    )
+    ready = next(c for c in pods.core.read_node(node).status.conditions if c.type == "Ready")
+    assert ready.status == "True"
 
 
 def test_deletion_kills_after_the_grace_period_and_cleans_up(pods: Pods) -> None:
