@@ -4,6 +4,8 @@ processes, and the operator. Needs root (network namespaces and mounts), as loca
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,13 @@ REPO = Path(__file__).resolve().parents[2]
 def local_cluster() -> Iterator[LocalCluster]:
     if os.geteuid() != 0:
         pytest.skip("localnode needs root to create network namespaces and mounts")
+    if shutil.which("ip") is None:
+        pytest.skip("localnode needs iproute2's `ip` (Debian package iproute2)")
+    probe = f"largo-probe-{os.getpid()}"
+    created = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
+    if created.returncode != 0:
+        pytest.skip(f"network namespaces are not available here: {created.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", probe], check=True)
     # One kwok node beside them: both kinds serve one cluster (pods here select localnode nodes).
     spec = ClusterSpec(
         node_pools=(NodePool(count=1, name_prefix="kwok"),), local_nodes=(LocalNodePool(count=2),)
@@ -29,6 +38,8 @@ def local_cluster() -> Iterator[LocalCluster]:
         yield cluster
     finally:
         cluster.stop()
+    # A stopped cluster leaves no pod network namespace (nor, with it, any pod process or mount).
+    assert cluster.pod_network_leftovers() == []
 
 
 @pytest.fixture(scope="package")

@@ -93,6 +93,7 @@ def test_environment_volumes_and_names_reach_the_process(pods: Pods) -> None:
             'echo "host=$(hostname)"',
             'echo "namespace=$(cat /var/run/secrets/kubernetes.io/serviceaccount/namespace)"',
             'echo "resolves=$(getent hosts checker.sub.$NS.svc | cut -f1 -d" ")"',
+            'echo "service=$(getent ahostsv4 sub.$NS.svc.cluster.local | head -1 | cut -f1 -d" ")"',
             "echo written > /scratch/x && echo scratch=$(cat /scratch/x)",
             'echo "secret-file=$(cat /etc/creds/token)"',
             'echo "cwd=$(pwd)"',
@@ -141,6 +142,7 @@ def test_environment_volumes_and_names_reach_the_process(pods: Pods) -> None:
     assert "host=checker" in output
     assert f"namespace={pods.namespace}" in output
     assert f"resolves={ip}" in output
+    assert f"service={ip}" in output
     assert "scratch=written" in output
     assert "secret-file=s3cret" in output
     assert "cwd=/tmp" in output

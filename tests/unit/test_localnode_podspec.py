@@ -207,6 +207,9 @@ def test_hosts_file_names_the_pod_and_its_subdomain_peers_only() -> None:
         in lines
     )
     assert "10.88.2.2\tjob-node-1.job.team.svc.cluster.local job-node-1.job.team.svc job-node-1.job" in lines
+    # The headless Service's name answers with every pod's address, as its DNS would.
+    assert "10.88.1.2\tjob.team.svc.cluster.local job.team.svc" in lines
+    assert "10.88.2.2\tjob.team.svc.cluster.local job.team.svc" in lines
     assert "10.88.2.3" not in hosts
     assert "job-node-2" not in hosts
 

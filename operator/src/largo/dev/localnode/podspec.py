@@ -366,13 +366,23 @@ def dns_names(pod: JSON) -> list[str]:
     return [f"{base}.{CLUSTER_DOMAIN}", base, f"{hostname}.{subdomain}", hostname]
 
 
+def service_names(pod: JSON) -> list[str]:
+    """The headless Service names that answer with this pod's address (its subdomain's)."""
+    subdomain = pod["spec"].get("subdomain")
+    if not subdomain:
+        return []
+    base = f"{subdomain}.{pod['metadata']['namespace']}.svc"
+    return [f"{base}.{CLUSTER_DOMAIN}", base]
+
+
 def hosts_file(own: JSON, own_ip: str, peers: list[JSON]) -> str:
     """/etc/hosts for a pod: itself, then every pod with an IP, a hostname and a subdomain in its
-    namespace (what a headless Service's DNS would answer), sorted so rewrites are stable."""
+    namespace, and their Services' names once per address (what a headless Service's DNS would
+    answer; glibc's files backend returns every line of a name), sorted so rewrites are stable."""
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     lines.append(f"{own_ip}\t{' '.join(dns_names(own))}")
     namespace = own["metadata"]["namespace"]
-    entries = []
+    entries = [f"{own_ip}\t{' '.join(service_names(own))}"] if service_names(own) else []
     for peer in peers:
         ip = (peer.get("status") or {}).get("podIP")
         same = peer["metadata"].get("uid") == own["metadata"].get("uid")
@@ -381,6 +391,7 @@ def hosts_file(own: JSON, own_ip: str, peers: list[JSON]) -> str:
         if not peer["spec"].get("subdomain") or peer["metadata"].get("deletionTimestamp"):
             continue
         entries.append(f"{ip}\t{' '.join(dns_names(peer)[:3])}")
+        entries.append(f"{ip}\t{' '.join(service_names(peer))}")
     return "\n".join([*lines, *sorted(entries)]) + "\n"
 
 
