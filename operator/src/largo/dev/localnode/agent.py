@@ -224,8 +224,11 @@ class Agent:
             "volumeBindingMode": "Immediate",
             "reclaimPolicy": "Delete",
         }
-        with contextlib.suppress(ApiException):
+        try:
             storage.create_storage_class(body)
+        except ApiException as error:
+            if error.status != 409:  # another node of the cluster made it first
+                raise
 
     def _heartbeat(self) -> None:
         coordination: Any = client.CoordinationV1Api(self.api)
