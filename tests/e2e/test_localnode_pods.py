@@ -147,6 +147,8 @@ def test_environment_volumes_and_names_reach_the_process(pods: Pods) -> None:
     assert "secret-file=s3cret" in output
     assert "cwd=/tmp" in output
     assert pod.status.container_statuses[0].state.terminated.exit_code == 0
+    # kubectl logs goes through the API server to the node's endpoint and reads the same file.
+    assert pods.cluster.kubectl("logs", "-n", pods.namespace, "checker").stdout == output
 
 
 def test_on_failure_restarts_the_container_and_counts_it(pods: Pods, tmp_path: Path) -> None:
@@ -171,6 +173,8 @@ def test_on_failure_restarts_the_container_and_counts_it(pods: Pods, tmp_path: P
     assert status.restart_count == 1
     assert status.last_state.terminated.exit_code == 3
     assert pods.logs("flaky").strip() == "second"
+    previous = pods.cluster.kubectl("logs", "-n", pods.namespace, "flaky", "--previous").stdout
+    assert previous.strip() == "first"
 
 
 def test_never_reports_the_failing_exit_code(pods: Pods) -> None:
@@ -238,6 +242,16 @@ def test_readiness_and_liveness_probes(pods: Pods) -> None:
     )
     last = restarted.status.container_statuses[0].last_state.terminated
     assert "liveness probe failed" in last.message
+
+
+def test_kubectl_logs_follows_a_running_container_to_its_end(pods: Pods) -> None:
+    script = "for i in 1 2 3 4 5 6; do echo line-$i; sleep 0.5; done"
+    pods.create("counter", [{"name": "main", "command": ["sh", "-c", script]}], restartPolicy="Never")
+    pods.wait("counter", "Running", lambda p: p.status.phase in ("Running", "Succeeded"))
+    followed = pods.cluster.kubectl("logs", "-f", "-n", pods.namespace, "counter").stdout
+    assert followed.split() == [f"line-{i}" for i in range(1, 7)]
+    tail = pods.cluster.kubectl("logs", "--tail=2", "-n", pods.namespace, "counter").stdout
+    assert tail.split() == ["line-5", "line-6"]
 
 
 def test_node_keeps_its_lease_fresh(pods: Pods) -> None:

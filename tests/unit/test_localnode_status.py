@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from largo.dev.localnode import status
-from largo.dev.localnode.main import latest_log
+from largo.dev.localnode.logs import latest_log
 from largo.dev.localnode.mountpoints import MountPoints
 from largo.dev.localnode.network import AddressPool, NetworkError
 from largo.dev.localnode.status import ContainerState

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from largo.dev.cluster import ClusterError, ClusterSpec, LocalCluster, LocalNodePool, NodePool, wait_for
 from largo.dev.localnode import main as localnode_main
+from largo.dev.localnode.logs import latest_log
 
 _READY_FILE = "ready"
 _PID_FILE = "supervisor.pid"
@@ -58,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _logs(args: argparse.Namespace) -> int:
     logs_dir: Path = args.logs_dir or default_workdir() / "cluster" / "localnode" / "logs"
     try:
-        path = localnode_main.latest_log(logs_dir, args.pod, args.namespace, args.container, args.previous)
+        path = latest_log(logs_dir, args.pod, args.namespace, args.container, args.previous)
     except FileNotFoundError as error:
         print(error, file=sys.stderr)
         return 1

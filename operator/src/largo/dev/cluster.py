@@ -190,6 +190,12 @@ class LocalCluster:
         return [component.process.pid for component in self._components]
 
     @property
+    def pki(self) -> pki_module.Pki:
+        if self._pki is None:
+            raise ClusterError("cluster not started")
+        return self._pki
+
+    @property
     def tools(self) -> tools_module.Tools:
         if self._tools is None:
             raise ClusterError("cluster not started")
@@ -310,6 +316,12 @@ class LocalCluster:
                 f"--service-account-signing-key-file={pki.service_account_key}",
                 f"--service-cluster-ip-range={_SERVICE_CIDR}",
                 "--authorization-mode=Node,RBAC",
+                # `kubectl logs` of localnode pods: the API server calls the node's endpoint over TLS,
+                # both sides with certificates of the cluster's CA.
+                f"--kubelet-client-certificate={pki.kubelet_client_cert}",
+                f"--kubelet-client-key={pki.kubelet_client_key}",
+                f"--kubelet-certificate-authority={pki.ca_cert}",
+                "--kubelet-preferred-address-types=InternalIP",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=0",
@@ -389,6 +401,9 @@ class LocalCluster:
                 f"--cpu={pool.cpu}",
                 f"--memory={pool.memory}",
                 f"--gpus={pool.gpus}",
+                f"--serving-cert={self.pki.kubelet_cert}",
+                f"--serving-key={self.pki.kubelet_key}",
+                f"--client-ca={self.pki.ca_cert}",
                 *(f"--label={k}={v}" for k, v in pool.labels.items()),
             ]
             # Stopping a node stops its pods first, each with its grace period.

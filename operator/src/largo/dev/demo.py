@@ -111,7 +111,7 @@ def _next_steps(cluster: LocalCluster, name: str, keep: bool) -> None:
     print(f"  export KUBECONFIG={cluster.kubeconfig}")
     print(f"  {kubectl} get largo                 # every largo object")
     print(f"  kubectl describe trainjob {name}")
-    print(f"  .venv/bin/largo dev logs --logs-dir {logs} {name}-node-0   # rank 0's output")
+    print(f"  kubectl logs {name}-node-0                 # rank 0's output (files: {logs})")
     print(f"  kubectl delete pod {name}-node-1 --grace-period=1   # the gang restarts from its checkpoint")
     print(f"  operator log: {cluster.workdir / 'operator.log'}")
 

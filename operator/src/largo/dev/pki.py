@@ -29,6 +29,11 @@ class Pki:
     admin_key: Path
     service_account_key: Path
     service_account_pub: Path
+    # localnode's kubelet endpoint (logs), and the API server's client certificate for it.
+    kubelet_cert: Path
+    kubelet_key: Path
+    kubelet_client_cert: Path
+    kubelet_client_key: Path
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
@@ -86,6 +91,10 @@ def generate(directory: Path, extra_ips: Sequence[str] = ()) -> Pki:
         admin_key=directory / "admin.key",
         service_account_key=directory / "sa.key",
         service_account_pub=directory / "sa.pub",
+        kubelet_cert=directory / "kubelet.crt",
+        kubelet_key=directory / "kubelet.key",
+        kubelet_client_cert=directory / "apiserver-kubelet-client.crt",
+        kubelet_client_key=directory / "apiserver-kubelet-client.key",
     )
     ca_key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -140,6 +149,20 @@ def generate(directory: Path, extra_ips: Sequence[str] = ()) -> Pki:
     )
     pki.admin_cert.write_bytes(admin.public_bytes(serialization.Encoding.PEM))
     _write_key(pki.admin_key, admin_key)
+
+    node_sans: list[x509.GeneralName] = [
+        x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *extra_ips)
+    ]
+    kubelet, kubelet_key = _issue(
+        ca_cert, ca_key, _name("localnode"), ExtendedKeyUsageOID.SERVER_AUTH, node_sans
+    )
+    pki.kubelet_cert.write_bytes(kubelet.public_bytes(serialization.Encoding.PEM))
+    _write_key(pki.kubelet_key, kubelet_key)
+    client, client_key = _issue(
+        ca_cert, ca_key, _name("kube-apiserver-kubelet-client"), ExtendedKeyUsageOID.CLIENT_AUTH
+    )
+    pki.kubelet_client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    _write_key(pki.kubelet_client_key, client_key)
 
     # Service-account tokens are signed with RSA, the algorithm every consumer accepts.
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -37,6 +37,7 @@ from kubernetes.client.exceptions import ApiException
 from largo.dev.localnode import network, podspec
 from largo.dev.localnode import status as pod_status
 from largo.dev.localnode.mountpoints import MountPoints
+from largo.dev.localnode.server import KubeletServer
 
 logger = logging.getLogger("largo.localnode")
 
@@ -61,6 +62,10 @@ class NodeConfig:
     capacity: Mapping[str, str]
     labels: Mapping[str, str] = field(default_factory=dict)
     mount_registry: Path = Path("/run/largo-localnode/mountpoints.json")
+    # TLS for the kubelet endpoint (``kubectl logs``); without them the node serves no logs.
+    serving_cert: Path | None = None
+    serving_key: Path | None = None
+    client_ca: Path | None = None
 
 
 def detect_gpus() -> int:
@@ -118,6 +123,7 @@ class Agent:
         self.mount_points = MountPoints(node.mount_registry)
         self.forwarder: ApiForwarder | None = None
         self.api_port = 0
+        self.kubelet: KubeletServer | None = None
         self.ready_since = pod_status.timestamp(time.time())
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -132,6 +138,18 @@ class Agent:
         )
         self.api_port = self.forwarder.server_address[1]
         threading.Thread(target=self.forwarder.serve_forever, name="api-forwarder", daemon=True).start()
+        node = self.node
+        if node.serving_cert is not None and node.serving_key is not None and node.client_ca is not None:
+            self.kubelet = KubeletServer(
+                (str(node.net.gateway.ip), 0),
+                node.logs_dir,
+                self.container_running,
+                self.stopping,
+                node.serving_cert,
+                node.serving_key,
+                node.client_ca,
+            )
+            threading.Thread(target=self.kubelet.serve_forever, name="kubelet-server", daemon=True).start()
         self._register()
         self._ensure_storage_class()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
@@ -154,9 +172,10 @@ class Agent:
             worker.request_stop()
         for worker in workers:
             worker.join(timeout=60)
-        if self.forwarder is not None:
-            self.forwarder.shutdown()
-            self.forwarder.server_close()
+        for server in (self.forwarder, self.kubelet):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         network.remove_bridge_if_unused(self.node.net)
         shutil.rmtree(self.node.state_dir, ignore_errors=True)
 
@@ -172,6 +191,9 @@ class Agent:
                 {"type": "InternalIP", "address": str(self.node.net.gateway.ip)},
                 {"type": "Hostname", "address": self.node.name},
             ],
+            "daemonEndpoints": {
+                "kubeletEndpoint": {"Port": self.kubelet.server_address[1] if self.kubelet else 0}
+            },
             "conditions": [
                 {
                     "type": "Ready",
@@ -372,6 +394,13 @@ class Agent:
             workers = list(self.workers.values())
         for worker in workers:
             worker.refresh_hosts(peers)
+
+    def container_running(self, namespace: str, pod: str, container: str) -> bool:
+        with self.lock:
+            workers = [w for w in self.workers.values() if (w.namespace, w.name) == (namespace, pod)]
+        return any(
+            state.name == container and state.state == "running" for w in workers for state in w.states
+        )
 
     def snapshot(self) -> list[JSON]:
         with self.lock:

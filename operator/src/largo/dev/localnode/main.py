@@ -28,6 +28,11 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     node.add_argument("--gpus", type=int, default=None, help="nvidia.com/gpu (default: nvidia-smi's count)")
     node.add_argument("--pods", type=int, default=32)
     node.add_argument("--label", action="append", default=[], help="KEY=VALUE node label (repeatable)")
+    node.add_argument("--serving-cert", type=Path, default=None, help="TLS certificate of the log endpoint")
+    node.add_argument("--serving-key", type=Path, default=None)
+    node.add_argument(
+        "--client-ca", type=Path, default=None, help="CA of the API server's client certificate"
+    )
     node.set_defaults(handler=run_node)
 
 
@@ -53,6 +58,9 @@ def run_node(args: argparse.Namespace) -> int:
         net=agent_module.parse_network(args.bridge, args.gateway, args.pod_cidr),
         capacity=capacity,
         labels=labels,
+        serving_cert=args.serving_cert,
+        serving_key=args.serving_key,
+        client_ca=args.client_ca,
     )
     agent = agent_module.Agent(node)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -62,20 +70,3 @@ def run_node(args: argparse.Namespace) -> int:
     while runner.is_alive():
         runner.join(0.5)
     return 0
-
-
-def latest_log(logs_dir: Path, pod: str, namespace: str, container: str | None, previous: bool) -> Path:
-    """The newest run's log of a pod's container (or the run before it), across the pod's incarnations."""
-    candidates = sorted(logs_dir.glob(f"{namespace}_{pod}_*"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"no logs for pod {namespace}/{pod} in {logs_dir}")
-    pod_dir = candidates[-1]
-    containers = sorted(p.name for p in pod_dir.iterdir() if p.is_dir())
-    if container is None:
-        if len(containers) != 1:
-            raise FileNotFoundError(f"pod {pod} has containers {', '.join(containers)}: choose one with -c")
-        container = containers[0]
-    runs = sorted((pod_dir / container).glob("*.log"), key=lambda p: int(p.stem))
-    if not runs or (previous and len(runs) < 2):
-        raise FileNotFoundError(f"no {'previous ' if previous else ''}log for {pod}/{container}")
-    return runs[-2] if previous else runs[-1]
