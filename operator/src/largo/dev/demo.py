@@ -112,7 +112,9 @@ def _next_steps(cluster: LocalCluster, name: str, keep: bool) -> None:
     print(f"  {kubectl} get largo                 # every largo object")
     print(f"  kubectl describe trainjob {name}")
     print(f"  kubectl logs {name}-node-0                 # rank 0's output (files: {logs})")
-    print(f"  kubectl delete pod {name}-node-1 --grace-period=1   # the gang restarts from its checkpoint")
+    print(f"  kubectl delete trainjob {name}; kubectl delete pvc demo-checkpoints   # a clean slate, then:")
+    print(f"  kubectl apply -f {EXAMPLE}; and while it runs: kubectl delete pod {name}-node-1")
+    print("      # the whole gang restarts and resumes from its last checkpoint (RESTARTS 1)")
     print(f"  operator log: {cluster.workdir / 'operator.log'}")
 
 
