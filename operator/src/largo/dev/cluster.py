@@ -7,12 +7,10 @@ every process and temporary directory is removed on exit, after a failure too.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -33,6 +31,7 @@ import yaml
 
 from largo.dev import pki as pki_module
 from largo.dev import tools as tools_module
+from largo.dev.processes import terminate_group
 
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_NODE_VALUE = "fake"
@@ -216,7 +215,7 @@ class LocalCluster:
     def stop(self) -> None:
         """Stops every component (reverse start order), then removes the work directory if ours."""
         for component in reversed(self._components):
-            _terminate(component.process, component.grace)
+            terminate_group(component.process, component.grace)
         self._components.clear()
         self._sweep_pod_network()
         if self._own_workdir:
@@ -541,16 +540,3 @@ def http_ok(url: str, insecure: bool = False) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _terminate(process: subprocess.Popen[bytes], grace: float) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()

@@ -38,6 +38,7 @@ from largo.dev.localnode import network, podspec
 from largo.dev.localnode import status as pod_status
 from largo.dev.localnode.mountpoints import MountPoints
 from largo.dev.localnode.server import KubeletServer
+from largo.dev.processes import terminate_group
 
 logger = logging.getLogger("largo.localnode")
 
@@ -693,7 +694,7 @@ class PodWorker(threading.Thread):
                 self.changed.wait(_POLL_SECONDS)
                 self.changed.clear()
             if self.stop_requested:
-                _kill_group(process, podspec.grace_seconds(self.pod))
+                terminate_group(process, podspec.grace_seconds(self.pod))
                 return False
             code = _exit_code(process.returncode)
             self.init_states[index] = self.init_states[index].terminated(code, time.time())
@@ -744,7 +745,7 @@ class PodWorker(threading.Thread):
             if liveness.observe(self._check(liveness.probe, specs[state.name]), now) is False:
                 process = self.processes.get(state.name)
                 if process is not None:
-                    _kill_group(process, podspec.grace_seconds(self.pod))
+                    terminate_group(process, podspec.grace_seconds(self.pod))
                     message = "liveness probe failed: container will be restarted"
                     self._exited(index, _exit_code(process.returncode), "Error", message)
 
@@ -784,7 +785,7 @@ class PodWorker(threading.Thread):
         deadline = time.monotonic() + grace
         for name, process in list(self.processes.items()):
             remaining = max(deadline - time.monotonic(), 0)
-            _kill_group(process, remaining, already_signalled=True)
+            terminate_group(process, remaining, already_signalled=True)
             index = next(i for i, s in enumerate(self.states) if s.name == name)
             self.states[index] = self.states[index].terminated(_exit_code(process.returncode), time.time())
         self.processes.clear()
@@ -840,20 +841,6 @@ def _port(port: int | str, container: JSON) -> int:
         if declared.get("name") == port:
             return int(declared["containerPort"])
     raise ValueError(f"no container port named {port!r}")
-
-
-def _kill_group(process: subprocess.Popen[bytes], grace: float, already_signalled: bool = False) -> None:
-    if process.poll() is not None:
-        return
-    if not already_signalled:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def parse_network(bridge: str, gateway: str, pod_cidr: str) -> network.BridgeNetwork:
