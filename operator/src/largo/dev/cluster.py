@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import ssl
@@ -157,7 +158,7 @@ def _pod_network() -> tuple[str, str]:
     used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=False).stdout
     used += subprocess.run(["ip", "-o", "route"], capture_output=True, text=True, check=False).stdout
     for second in random.sample(range(64, 128), 64):
-        if f" 10.{second}." not in used:
+        if not re.search(rf"(^|\s)10\.{second}\.", used, re.MULTILINE):
             return f"largo{uuid.uuid4().hex[:6]}", f"10.{second}.0.1/16"
     raise ClusterError("no free 10.x.0.0/16 network for localnode pods")
 
