@@ -148,6 +148,9 @@ def test_a_killed_rank_restarts_from_the_checkpoint_and_matches_an_uninterrupted
     assert reference.wait() == [0, 0], reference.log(0)
     expected = reference.losses()
 
+    # The first attempt cannot finish before the kill reaches it, however slow the machine: it is
+    # given more steps than it will live for (the batches and the optimizer do not depend on the total).
+    gang.steps = 100_000
     gang.start()
     wait_for(
         lambda: any(step >= 20 for step, _ in checkpoint.complete(gang.checkpoints)), 180, "a checkpoint"
@@ -160,6 +163,8 @@ def test_a_killed_rank_restarts_from_the_checkpoint_and_matches_an_uninterrupted
     gang.kill()  # the operator tears the whole gang down
 
     resumed_from = checkpoint.complete(gang.checkpoints)[0][0]
+    assert resumed_from < STEPS, "the kill came too late to leave steps to resume"
+    gang.steps = STEPS
     gang.start()
     assert gang.wait() == [0, 0], gang.log(0)
     assert f"resumed from checkpoint of step {resumed_from}" in gang.log(0)
