@@ -142,7 +142,10 @@ def test_contract_env_forms_a_gloo_process_group_and_the_loss_goes_down(gang: Ga
 def test_a_killed_rank_restarts_from_the_checkpoint_and_matches_an_uninterrupted_run(
     tmp_path: Path, gang: Gang
 ) -> None:
-    reference = Gang(tmp_path / "reference", tmp_path / "reference-checkpoints")
+    # Steps take milliseconds: the reference runs long enough that the kill below, however late it
+    # lands, leaves steps to resume and compare.
+    total = 200
+    reference = Gang(tmp_path / "reference", tmp_path / "reference-checkpoints", steps=total)
     reference.workdir.mkdir()
     reference.start()
     assert reference.wait() == [0, 0], reference.log(0)
@@ -163,14 +166,15 @@ def test_a_killed_rank_restarts_from_the_checkpoint_and_matches_an_uninterrupted
     gang.kill()  # the operator tears the whole gang down
 
     resumed_from = checkpoint.complete(gang.checkpoints)[0][0]
-    assert resumed_from < STEPS, "the kill came too late to leave steps to resume"
-    gang.steps = STEPS
+    assert resumed_from < total, "the kill came too late to leave steps to resume"
+    gang.steps = total
     gang.start()
     assert gang.wait() == [0, 0], gang.log(0)
     assert f"resumed from checkpoint of step {resumed_from}" in gang.log(0)
     after = gang.losses()
     assert min(after) == resumed_from + 1
-    for step in range(resumed_from + 1, STEPS + 1):
+    assert max(after) == total
+    for step in range(resumed_from + 1, total + 1):
         assert after[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
 
 
