@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 from kubernetes import client, watch
-from largo.dev.cluster import LocalCluster, NodePool, wait_for
+from largo.dev import cluster as cluster_module
+from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -270,3 +272,31 @@ def test_cli_starts_from_nothing_and_leaves_no_process(tmp_path: Path, cluster: 
     assert down.returncode == 0, down.stderr
     wait_for(lambda: not _processes_under(workdir), 30, "every cluster process to exit")
     assert not (workdir / "cluster" / "etcd").exists()
+
+
+def test_start_tries_again_when_a_chosen_port_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port found free may be taken before a component binds it: the start begins again on new ports."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picks = iter([port])  # etcd's client port, the first pick, is already in use
+        real = cluster_module.free_port
+        monkeypatch.setattr(cluster_module, "free_port", lambda: next(picks, None) or real())
+        attempts: list[int] = []
+        start_once = LocalCluster._start
+
+        def counted(self: LocalCluster, *args: Any) -> None:
+            attempts.append(self.api_port)
+            start_once(self, *args)
+
+        monkeypatch.setattr(LocalCluster, "_start", counted)
+        local = LocalCluster(ClusterSpec(node_pools=()))
+        local.start()
+        try:
+            ready = local.kubectl("get", "--raw", "/readyz").stdout
+        finally:
+            local.stop()
+    assert ready == "ok"
+    assert len(attempts) == 2
+    assert not local.workdir.exists()

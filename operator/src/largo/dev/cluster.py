@@ -46,6 +46,8 @@ _KWOK_STAGES = (
     "pod/general/pod-delete.yaml",
 )
 _SERVICE_CIDR = "10.0.0.0/24"
+_PORT_TAKEN = "address already in use"
+_START_ATTEMPTS = 3
 
 
 class ClusterError(RuntimeError):
@@ -202,11 +204,24 @@ class LocalCluster:
         return self._tools
 
     def start(self, tools: tools_module.Tools | None = None, timeout: float = 120.0) -> None:
-        try:
-            self._start(tools or tools_module.ensure(), timeout)
-        except BaseException:
-            self.stop()
-            raise
+        tools = tools or tools_module.ensure()
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                self._start(tools, timeout)
+                return
+            except ClusterError as error:
+                # A port found free can be taken by another process before its component binds it:
+                # start again on fresh ports, from a clean work directory.
+                if _PORT_TAKEN not in str(error) or attempt == _START_ATTEMPTS:
+                    self.stop()
+                    raise
+                self._halt()
+                self.local_node_names.clear()
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self.workdir.mkdir(parents=True)
+            except BaseException:
+                self.stop()
+                raise
 
     @property
     def localnode_dir(self) -> Path:
@@ -215,12 +230,15 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stops every component (reverse start order), then removes the work directory if ours."""
+        self._halt()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _halt(self) -> None:
         for component in reversed(self._components):
             terminate_group(component.process, component.grace)
         self._components.clear()
         self._sweep_pod_network()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         self.start()
