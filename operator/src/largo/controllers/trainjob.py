@@ -135,8 +135,7 @@ class TrainJobReconciler:
         decision = self._decide(entry.key, {**entry.body, "status": admitted}, entry.job, self.clock())
         if not decision.create_ranks or decision.status.get("placement") != admitted.get("placement"):
             return dict(patch)
-        removed = {k: None for k in operator_status(admitted) if k not in decision.status}
-        return {**patch, **removed, **decision.status}
+        return {**patch, **_status_patch(operator_status(admitted), decision.status)}
 
     async def _apply(
         self, body: Mapping[str, Any], job: Any, decision: Plan, current: Mapping[str, Any]
@@ -144,10 +143,9 @@ class TrainJobReconciler:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
         if decision.status != current:
-            removed = {key: None for key in current if key not in decision.status}
             try:
                 await self.kube.patch_trainjob_status(
-                    namespace, name, metadata.get("resourceVersion"), {**removed, **decision.status}
+                    namespace, name, metadata.get("resourceVersion"), _status_patch(current, decision.status)
                 )
             except ConflictError:
                 # A newer version exists; its watch event enqueues the job again.
@@ -200,6 +198,11 @@ class TrainJobReconciler:
         except ConflictError:
             return
         await self.kube.event(body, "Warning", Reason.INVALID_SPEC, message)
+
+
+def _status_patch(current: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch from the operator's ``current`` status fields to ``status``: absent ones are removed."""
+    return {**{key: None for key in current if key not in status}, **status}
 
 
 def _owned(manifest: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
