@@ -52,6 +52,7 @@ def test_runtime_progress_reaches_the_trainjob_and_goes_stale(
         "KUBECONFIG": str(cluster.kubeconfig),
         "LARGO_JOB_NAME": "reporting",
         "LARGO_JOB_NAMESPACE": namespace,
+        "LARGO_PROGRESS_CONFIGMAP": "reporting-progress",
         "OMP_NUM_THREADS": "1",
     }
     command = [

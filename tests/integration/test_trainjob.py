@@ -439,3 +439,68 @@ def test_operator_killed_while_admitting_converges_without_duplicates(
         status = jobs.status(name)
         assert status["restarts"] == 0, (name, status)
         assert len(jobs.pods(name)) == 1
+
+
+def test_a_refused_pod_create_is_told_and_the_job_runs_once_allowed(
+    jobs: Jobs, gpu_pool: NodePool, cluster: LocalCluster
+) -> None:
+    quota = {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    jobs.core.create_namespaced_resource_quota(jobs.namespace, quota)
+
+    def quota_observed() -> bool:
+        observed = jobs.core.read_namespaced_resource_quota("no-pods", jobs.namespace).status
+        return bool(observed and observed.hard)
+
+    wait_for(quota_observed, TIMEOUT, "the quota observed by the controller-manager")
+    jobs.create("refused", gpu_pool)
+    status = jobs.wait(
+        "refused",
+        lambda s: s.get("reason") == "CreateRefused" and "exceeded quota" in (s.get("message") or ""),
+        "a CreateRefused reason carrying the quota's message",
+    )
+    assert jobs.condition("refused", "PodsCreated")["status"] == "False"
+    assert status["phase"] in ("Starting", "Queued")
+    jobs.wait_event("refused", "CreateRefused")
+    warnings = [message for reason, message in jobs.events("refused") if reason == "CreateRefused"]
+    assert any("exceeded quota: no-pods" in message for message in warnings)
+    wide = cluster.kubectl("get", "tj", "refused", "-n", jobs.namespace, "-o", "wide").stdout
+    assert "REASON" in wide.splitlines()[0]
+    assert "CreateRefused" in wide
+    assert "exceeded quota" in cluster.kubectl("describe", "tj", "refused", "-n", jobs.namespace).stdout
+
+    # The refusal lasts the binding timeout (10 s here): the gang's GPUs are given back.
+    jobs.wait(
+        "refused",
+        lambda s: int(s.get("attempt") or 0) >= 1 and s.get("restarts") == 0,
+        "the gang released without counting a restart",
+    )
+    assert any("gang released and queued again" in message for _, message in jobs.events("refused"))
+
+    jobs.core.delete_namespaced_resource_quota("no-pods", jobs.namespace)
+    jobs.wait_phase("refused", "Running")
+    assert jobs.condition("refused", "PodsCreated")["status"] == "True"
+    assert len(jobs.live_pods("refused")) == 2
+
+
+def test_a_foreign_object_with_the_job_s_child_name_is_a_name_conflict(
+    jobs: Jobs, gpu_pool: NodePool
+) -> None:
+    foreign = {
+        "metadata": {"name": "clash"},
+        "spec": {"clusterIP": "None", "selector": {"app": "not-largo"}, "ports": [{"port": 80}]},
+    }
+    jobs.core.create_namespaced_service(jobs.namespace, foreign)
+    jobs.create("clash", gpu_pool)
+    jobs.wait(
+        "clash",
+        lambda s: (
+            s.get("reason") == "NameConflict" and "Service clash already exists" in (s.get("message") or "")
+        ),
+        "a NameConflict reason",
+    )
+    jobs.wait_event("clash", "NameConflict")
+    assert jobs.live_pods("clash") == []  # no pod is started without its own Service
+    jobs.core.delete_namespaced_service("clash", jobs.namespace)
+    jobs.wait_phase("clash", "Running")
+    service = jobs.core.read_namespaced_service("clash", jobs.namespace)
+    assert service.metadata.owner_references[0].kind == "TrainJob"

@@ -252,7 +252,13 @@ def test_status_round_trip_and_tolerates_unknown_fields() -> None:
         "restarts": 0,
         "attempt": 0,
         "placement": {"nodes": ["n1", "n2"]},
-        "progress": {"summary": "step 10/100", "step": 10},
+        "progress": {
+            "summary": "10% 10/100",
+            "step": 10,
+            "totalSteps": 100,
+            "percent": 10,
+            "updatedAt": "2025-01-02T03:04:05Z",
+        },
         "fieldFromTheFuture": True,
     }
     status = TrainJobStatus.model_validate(raw)
@@ -261,7 +267,9 @@ def test_status_round_trip_and_tolerates_unknown_fields() -> None:
     assert status.pod_counts.pending == 0
     dumped = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     assert dumped["conditions"][0]["lastTransitionTime"] == "2025-01-02T03:04:05Z"
-    assert dumped["progress"] == {"summary": "step 10/100", "step": 10}
+    assert dumped["progress"]["step"] == 10
+    assert dumped["progress"]["updatedAt"] == "2025-01-02T03:04:05Z"
+    assert dumped["progress"]["stale"] is False
     assert "fieldFromTheFuture" not in dumped
 
 

@@ -195,7 +195,11 @@ def test_special_field_shapes(schema: dict[str, Any]) -> None:
         assert template[field]["items"]["x-kubernetes-preserve-unknown-fields"] is True
     assert template["securityContext"]["x-kubernetes-preserve-unknown-fields"] is True
     status = schema["properties"]["status"]["properties"]
-    assert status["progress"]["x-kubernetes-preserve-unknown-fields"] is True
+    # Progress is typed: the API server itself refuses a status.progress of the wrong shape.
+    progress = status["progress"]
+    assert "x-kubernetes-preserve-unknown-fields" not in progress
+    assert progress["properties"]["updatedAt"]["format"] == "date-time"
+    assert progress["properties"]["summary"]["maxLength"] == 200
     assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
     assert status["phase"]["enum"][0] == "Queued"
     assert status["startTime"]["format"] == "date-time"

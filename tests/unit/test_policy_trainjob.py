@@ -7,7 +7,16 @@ from typing import Any
 import pytest
 from largo.api.v1alpha1 import Phase, Reason
 from largo.policy.conditions import condition_status, timestamp
-from largo.policy.trainjob import JobView, PodView, Timings, counts_only, plan, pod_view
+from largo.policy.trainjob import (
+    JobView,
+    PodView,
+    Timings,
+    counts_only,
+    creation_refused,
+    plan,
+    pod_view,
+    summary,
+)
 
 NOW = 1_800_000_000.0
 NONE: frozenset[str] = frozenset()
@@ -356,7 +365,7 @@ def test_progress_is_marked_stale_when_reports_stop() -> None:
         "stale": False,
     }
     fresh = plan(job(status=admitted(Phase.RUNNING, progress=progress)), [pod(0), pod(1)], NONE, NONE, NOW)
-    assert "progress" not in fresh.status  # the runtime's field: left alone while it reports
+    assert fresh.status["progress"] == progress  # left alone while reports are recent
     assert fresh.requeue_after == pytest.approx(90)
     late = plan(
         job(status=admitted(Phase.RUNNING, progress=progress)), [pod(0), pod(1)], NONE, NONE, NOW + 100
@@ -365,7 +374,7 @@ def test_progress_is_marked_stale_when_reports_stop() -> None:
     assert late.status["progress"]["step"] == 40
     assert late.status["progress"]["summary"].startswith("stale: no report for 130s (last: 40%")
     done = plan(job(status={"phase": Phase.SUCCEEDED, "progress": progress}), [], NONE, NONE, NOW + 1000)
-    assert "progress" not in done.status
+    assert done.status["progress"] == progress  # a finished job's last report is not stale
 
 
 def test_count_only_changes_are_recognised() -> None:
@@ -376,3 +385,67 @@ def test_count_only_changes_are_recognised() -> None:
     both_up = plan(job(status=starting.status), [pod(0), pod(1)], NONE, NONE, NOW)
     assert not counts_only(both_up, starting.status)  # the phase changes too: written at once
     assert not counts_only(starting, starting.status)  # nothing changes at all
+
+
+def test_refused_creates_are_recorded_and_release_the_gang_after_the_binding_timeout() -> None:
+
+    timings = Timings(binding_timeout=30)
+    starting = plan(job(status=admitted()), [], NONE, NONE, NOW, timings).status
+    message = 'pods "j-node-0" is forbidden: exceeded quota: no-pods'
+    patch, news = creation_refused(starting, "CreateRefused", message, NOW, 1)
+    assert news
+    refused = {**starting, **patch}
+    assert refused["reason"] == "CreateRefused"
+    assert refused["message"] == message
+    assert condition_status(refused["conditions"], "PodsCreated") == "False"
+    _, again = creation_refused(refused, "CreateRefused", message, NOW + 5, 1)
+    assert not again  # the same refusal is announced once
+
+    waiting = plan(job(status=refused), [], NONE, NONE, NOW + 10, timings)
+    assert waiting.status["phase"] == Phase.STARTING  # still trying, GPUs still held
+    assert waiting.create_ranks == (0, 1)
+    assert waiting.requeue_after == pytest.approx(20)
+    assert waiting.status["reason"] == "CreateRefused"
+
+    released = plan(job(status=refused), [], NONE, NONE, NOW + 30, timings)
+    assert released.status["phase"] == Phase.QUEUED
+    assert released.status["attempt"] == 1
+    assert "placement" not in released.status
+    assert released.status["restarts"] == 0  # not the job's fault
+    assert condition_status(released.status["conditions"], "PodsCreated") is None  # fresh next attempt
+    assert [e.reason for e in released.events] == ["CreateRefused"]
+    assert "exceeded quota" in released.events[0].message
+    assert released.wake_scheduler
+
+
+def test_a_name_conflict_is_its_own_reason() -> None:
+
+    starting = plan(job(status=admitted()), [], NONE, NONE, NOW).status
+    patch, _ = creation_refused(starting, "NameConflict", "Service j already exists", NOW, 1)
+    released = plan(job(status={**starting, **patch}), [], NONE, NONE, NOW + 60, Timings(binding_timeout=30))
+    assert [e.reason for e in released.events] == ["NameConflict"]
+
+
+def test_created_pods_clear_the_refusal() -> None:
+
+    starting = plan(job(status=admitted()), [], NONE, NONE, NOW).status
+    patch, _ = creation_refused(starting, "CreateRefused", "quota", NOW, 1)
+    created = plan(
+        job(status={**starting, **patch}), [pod(0, "Pending"), pod(1, "Pending")], NONE, NONE, NOW + 1
+    )
+    assert condition_status(created.status["conditions"], "PodsCreated") == "True"
+    assert created.status["reason"] != "CreateRefused"
+
+
+def test_the_reason_says_why_the_job_is_where_it_is() -> None:
+
+    assert summary([]) == {"reason": None, "message": None}
+    running = plan(job(status=admitted()), [pod(0), pod(1)], NONE, NONE, NOW).status
+    assert running["reason"] == "PodsRunning"
+    failed = plan(
+        job(status=admitted(Phase.RUNNING)), [pod(0, "Failed", exit_code=1), pod(1)], NONE, NONE, NOW
+    )
+    assert failed.status["reason"] == "PodFailed"
+    assert "exit code 1" in failed.status["message"]
+    queued = [{"type": "Admitted", "status": "False", "reason": "InsufficientCapacity", "message": "m"}]
+    assert summary(queued) == {"reason": "InsufficientCapacity", "message": "m"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from largo.controllers.workqueue import WorkQueue
+from largo.controllers.workqueue import Retry, WorkQueue
 
 
 async def _drain(queue: WorkQueue[str], worker: object, until: asyncio.Event, concurrency: int = 4) -> None:
@@ -70,9 +70,11 @@ def test_a_key_is_never_processed_twice_at_once_and_reruns_when_woken_meanwhile(
     assert runs == 2
 
 
-def test_worker_result_schedules_the_next_look_and_failures_retry() -> None:
+def test_worker_result_schedules_the_next_look_and_failures_retry_on_their_own() -> None:
+    """No one wakes the key after its failures: the queue's back-off alone brings it back."""
+
     async def scenario() -> list[str]:
-        queue: WorkQueue[str] = WorkQueue()
+        queue: WorkQueue[str] = WorkQueue(base_delay=0.01, max_delay=0.05)
         seen: list[str] = []
         done = asyncio.Event()
 
@@ -82,23 +84,45 @@ def test_worker_result_schedules_the_next_look_and_failures_retry() -> None:
                 return 0.01  # asks to come back
             if len(seen) == 2:
                 raise RuntimeError("transient")
+            if len(seen) == 3:
+                raise Retry("the object changed since it was read")
             done.set()
             return None
 
         queue.add("a")
-        loop = asyncio.get_running_loop()
-        # The retry after a failure waits 5 s; pull it in so the test stays short.
-        original = queue.add_after
-
-        def quick(key: str, delay: float) -> None:
-            original(key, min(delay, 0.01))
-
-        queue.add_after = quick  # type: ignore[method-assign]
-        assert loop is not None
         await _drain(queue, worker, done)
         return seen
 
-    assert asyncio.run(scenario()) == ["a", "a", "a"]
+    assert asyncio.run(scenario()) == ["a", "a", "a", "a"]
+
+
+def test_back_off_doubles_per_failure_up_to_the_cap_and_success_forgets_it() -> None:
+    queue: WorkQueue[str] = WorkQueue(base_delay=0.5, max_delay=3.0)
+    assert [queue.backoff("a") for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert queue.backoff("b") == 0.5  # per key
+    queue.forget("a")
+    assert queue.backoff("a") == 0.5
+
+
+def test_a_wakeup_during_a_failed_run_does_not_cut_the_back_off_short() -> None:
+    async def scenario() -> float:
+        queue: WorkQueue[str] = WorkQueue(base_delay=0.3, max_delay=1.0)
+        loop = asyncio.get_running_loop()
+        runs: list[float] = []
+        done = asyncio.Event()
+
+        async def worker(key: str) -> None:
+            runs.append(loop.time())
+            if len(runs) == 1:
+                queue.add("a")  # an event arrives while the failing run is in flight
+                raise Retry("conflict")
+            done.set()
+
+        queue.add("a")
+        await _drain(queue, worker, done)
+        return runs[1] - runs[0]
+
+    assert asyncio.run(scenario()) >= 0.3
 
 
 def test_earlier_delayed_wakeup_wins() -> None:

@@ -35,6 +35,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "priority": 0},
     {"name": "Queue", "type": "string", "jsonPath": ".spec.scheduling.queue", "priority": 1},
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "priority": 1,
+        "description": "Why the job is in its phase: what it waits for, or what went wrong.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -17,6 +17,8 @@ SHM_VOLUME = "largo-dshm"
 LABEL_JOB_NAME = f"{GROUP}/job-name"
 LABEL_NODE_RANK = f"{GROUP}/node-rank"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
+# On a job's progress ConfigMap: the job it reports for.
+LABEL_PROGRESS_OF = f"{GROUP}/progress-of"
 ANNOTATION_PLACEMENT_NODE = f"{GROUP}/placement-node"
 
 # A pod name is a hostname, so it must fit one DNS label; the API caps job names to keep it so.
@@ -27,6 +29,11 @@ MAX_JOB_NAME = MAX_JOB_NAME_LENGTH
 def service_name(job: str) -> str:
     """The headless Service that gives the pods DNS names."""
     return job
+
+
+def progress_configmap(job: str) -> str:
+    """The ConfigMap rank 0 writes its progress reports into (the only object it needs to write)."""
+    return f"{job}-progress"
 
 
 def pod_name(job: str, rank: int) -> str:

@@ -87,6 +87,21 @@ def build_service(job: TrainJob) -> JSON:
     }
 
 
+def build_progress_configmap(job: TrainJob) -> JSON:
+    """The ConfigMap rank 0 reports progress into; the operator validates each report and copies it
+    into ``status.progress``. Created empty with the gang; the runtime only patches it."""
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": names.progress_configmap(name),
+            "namespace": _namespace(job),
+            "labels": {names.LABEL_PROGRESS_OF: name},
+        },
+    }
+
+
 def contract_env(job: TrainJob, rank: int, attempt: int) -> list[JSON]:
     """The variables largo promises every trainer container (docs/rendezvous.md).
 
@@ -108,6 +123,7 @@ def contract_env(job: TrainJob, rank: int, attempt: int) -> list[JSON]:
         "LARGO_NUM_NODES": str(spec.num_nodes),
         "LARGO_BACKEND": resolved_backend(spec).value,
         "LARGO_ATTEMPT": str(attempt),
+        "LARGO_PROGRESS_CONFIGMAP": names.progress_configmap(name),
     }
     if spec.checkpoint is not None:
         values["LARGO_CHECKPOINT_DIR"] = spec.checkpoint.path

@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 
 from largo.api.v1alpha1 import GROUP, PLURAL, VERSION, Phase
-from largo.build.names import LABEL_JOB_NAME
+from largo.build.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF
 from largo.controllers.kube import Kube
 from largo.controllers.scheduler import Scheduler
 from largo.controllers.state import JobKey, job_entry, pod_usage
@@ -84,6 +84,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         nodes=kwargs["node_inventory"],
         jobs=kwargs["trainjob_queue"],
         pods=kwargs["trainjob_pods"],
+        reports=kwargs["progress_reports"],
         wake_scheduler=scheduler.wake,
         clock=time.time,
         timings=Timings(
@@ -133,6 +134,14 @@ async def trainjob_pods(
     return {(str(namespace), labels[LABEL_JOB_NAME]): dict(body)}
 
 
+@kopf.index("configmaps", labels={LABEL_PROGRESS_OF: kopf.PRESENT})
+async def progress_reports(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[JobKey, Any]:
+    """What each job's runtime last reported; read and validated by the job's reconcile."""
+    return {(str(namespace), labels[LABEL_PROGRESS_OF]): dict(body.get("data") or {})}
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 async def trainjob_queue(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[JobKey, Any]:
     return {(str(namespace), name): job_entry(body)}
@@ -166,6 +175,11 @@ async def pod_changed(
         memo.jobs.add((str(namespace), job))
     if event.get("type") == "DELETED" or not inventory.pod_holds_resources(body):
         memo.scheduler.wake()
+
+
+@kopf.on.event("configmaps", labels={LABEL_PROGRESS_OF: kopf.PRESENT})
+async def progress_reported(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    memo.jobs.add((str(namespace), labels[LABEL_PROGRESS_OF]))
 
 
 @kopf.on.event("nodes")

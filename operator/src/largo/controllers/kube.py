@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -18,14 +19,44 @@ from kubernetes import client, config
 from kubernetes.client import ApiException
 
 from largo.api.v1alpha1 import GROUP, PLURAL, VERSION
+from largo.controllers.workqueue import Retry
 
 logger = logging.getLogger(__name__)
 
 COMPONENT = "largo-operator"
 
 
-class ConflictError(Exception):
+# The kinds a TrainJob owns, and their names in the core client's method names.
+_CORE_KINDS = {"Pod": "pod", "Service": "service", "ConfigMap": "config_map"}
+
+
+class ConflictError(Retry):
     """The object changed since it was read: read again and decide again."""
+
+
+class CreateRefused(Retry):
+    """The API server refused to create a child (quota, admission, RBAC, a name taken by an object
+    that is not ours). ``reason`` is CreateRefused or NameConflict; ``message`` is the API's own."""
+
+    def __init__(self, kind: str, name: str, reason: str, message: str) -> None:
+        super().__init__(f"{kind} {name}: {message}")
+        self.kind, self.name, self.reason, self.message = kind, name, reason, message
+
+
+def api_message(error: ApiException) -> str:
+    """The Status message the API server sent, or the HTTP reason."""
+    try:
+        message = json.loads(error.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or error.reason or error.status)
+
+
+def controller_uid(metadata: Mapping[str, Any]) -> str | None:
+    for reference in metadata.get("ownerReferences") or []:
+        if reference.get("controller"):
+            return str(reference.get("uid"))
+    return None
 
 
 class Kube:
@@ -79,17 +110,25 @@ class Kube:
                 raise
 
     async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:
-        kind = manifest["kind"]
-        creators: dict[str, Callable[..., Any]] = {
-            "Pod": self.core.create_namespaced_pod,
-            "Service": self.core.create_namespaced_service,
-        }
-        create = creators[kind]
+        """Creates ``manifest``; an existing object of the same name is fine only if the same controller
+        owns it. Raises CreateRefused with the API's message for anything the API server refuses."""
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        suffix = _CORE_KINDS[kind]
         try:
-            await asyncio.to_thread(create, namespace, manifest)
+            await asyncio.to_thread(getattr(self.core, f"create_namespaced_{suffix}"), namespace, manifest)
+            return
         except ApiException as error:
             if error.status != 409:
-                raise
+                raise CreateRefused(kind, name, "CreateRefused", api_message(error)) from error
+        existing = await asyncio.to_thread(getattr(self.core, f"read_namespaced_{suffix}"), name, namespace)
+        ours = controller_uid(manifest["metadata"])
+        references = existing.metadata.owner_references or []
+        theirs = next((str(ref.uid) for ref in references if ref.controller), None)
+        if ours is not None and theirs != ours:
+            owner = f"controlled by uid {theirs}" if theirs else "not controlled by any object"
+            raise CreateRefused(
+                kind, name, "NameConflict", f"{kind} {name} already exists and is {owner}, not by this job"
+            )
 
     async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
         try:

@@ -19,6 +19,7 @@ from largo.api.v1alpha1 import ConditionType, Phase, Reason
 from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.state import JobEntry, JobKey, PodUsage, gang_key
 from largo.policy.conditions import set_condition, timestamp
+from largo.policy.trainjob import summary
 from largo.sched import gang, inventory
 from largo.sched.types import NodeInfo, Placement, Waiting, WaitReason
 
@@ -132,6 +133,9 @@ class Scheduler:
         now = self.clock()
         status = dict(entry.body.get("status") or {})
         message = f"gang of {len(placement.nodes)} pods placed on {', '.join(sorted(set(placement.nodes)))}"
+        conditions = set_condition(
+            status.get("conditions") or [], ConditionType.ADMITTED, True, Reason.ADMITTED, message, now
+        )
         patch = {
             "phase": Phase.STARTING,
             "placement": {
@@ -140,9 +144,8 @@ class Scheduler:
                 "admittedAt": timestamp(now),
             },
             "queue": None,
-            "conditions": set_condition(
-                status.get("conditions") or [], ConditionType.ADMITTED, True, Reason.ADMITTED, message, now
-            ),
+            "conditions": conditions,
+            **summary(conditions),
         }
         try:
             updated = await self.kube.patch_trainjob_status(
@@ -167,17 +170,15 @@ class Scheduler:
         if previous == queue and not new:
             return
         status = dict(entry.body.get("status") or {})
-        patch: dict[str, Any] = {
-            "queue": queue,
-            "conditions": set_condition(
-                status.get("conditions") or [],
-                ConditionType.ADMITTED,
-                False,
-                str(waiting.reason),
-                waiting.message,
-                self.clock(),
-            ),
-        }
+        conditions = set_condition(
+            status.get("conditions") or [],
+            ConditionType.ADMITTED,
+            False,
+            str(waiting.reason),
+            waiting.message,
+            self.clock(),
+        )
+        patch: dict[str, Any] = {"queue": queue, "conditions": conditions, **summary(conditions)}
         if new:
             patch["phase"] = Phase.QUEUED
         try:

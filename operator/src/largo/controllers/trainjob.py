@@ -17,17 +17,18 @@ import kopf
 
 from largo.api.v1alpha1 import ConditionType, Reason
 from largo.build import trainjob as build
-from largo.controllers.kube import ConflictError, Kube
+from largo.controllers.kube import ConflictError, CreateRefused, Kube
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobEntry, JobKey
 from largo.policy.conditions import set_condition
-from largo.policy.trainjob import JobView, Plan, Timings, counts_only, operator_status, plan, pod_view
+from largo.policy.progress import ReadReport, read_report
+from largo.policy.trainjob import JobView, Plan, Timings, counts_only, creation_refused, plan, pod_view
 from largo.sched.types import NodeInfo
 
 logger = logging.getLogger(__name__)
 
 
-def job_view(job: Any, body: Mapping[str, Any]) -> JobView:
+def job_view(job: Any, body: Mapping[str, Any], report: ReadReport | None = None) -> JobView:
     spec = job.spec
     failure = spec.failure_policy
     return JobView(
@@ -41,6 +42,7 @@ def job_view(job: Any, body: Mapping[str, Any]) -> JobView:
         suspend=spec.suspend,
         generation=(body.get("metadata") or {}).get("generation"),
         status=body.get("status") or {},
+        report=report,
     )
 
 
@@ -50,6 +52,8 @@ class TrainJobReconciler:
     nodes: KeyedIndex
     jobs: KeyedIndex
     pods: KeyedIndex
+    # (namespace, job) -> the data of the job's progress ConfigMap.
+    reports: KeyedIndex
     wake_scheduler: Callable[[], None]
     clock: Callable[[], float]
     timings: Timings
@@ -99,7 +103,7 @@ class TrainJobReconciler:
             return None
         now = self.clock()
         decision = self._decide(key, body, job, now)
-        current = operator_status(body.get("status") or {})
+        current = dict(body.get("status") or {})
         if counts_only(decision, current):
             # The pods of a starting gang change one by one: count them at most every interval.
             wait = self._last_write.get(key, 0.0) + self.count_interval - now
@@ -122,7 +126,9 @@ class TrainJobReconciler:
         # Only the job's own nodes matter; one missing from the inventory is gone, hence lost.
         relevant = {pod.node_name for pod in views if pod.node_name} | set(placement.get("nodes") or [])
         unusable, lost = self.node_sets(relevant)
-        return plan(job_view(job, body), views, unusable, lost, now, self.timings)
+        reports: list[Mapping[str, Any]] = list(self.reports.get(key) or [])
+        report = read_report(reports[-1]) if reports else None
+        return plan(job_view(job, body, report), views, unusable, lost, now, self.timings)
 
     def complete_admission(self, entry: JobEntry, patch: Mapping[str, Any]) -> dict[str, Any]:
         """The scheduler's admission write, completed with what the first reconcile after it would
@@ -135,27 +141,26 @@ class TrainJobReconciler:
         decision = self._decide(entry.key, {**entry.body, "status": admitted}, entry.job, self.clock())
         if not decision.create_ranks or decision.status.get("placement") != admitted.get("placement"):
             return dict(patch)
-        return {**patch, **_status_patch(operator_status(admitted), decision.status)}
+        return {**patch, **_status_patch(admitted, decision.status)}
 
     async def _apply(
         self, body: Mapping[str, Any], job: Any, decision: Plan, current: Mapping[str, Any]
     ) -> float | None:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
+        written: Mapping[str, Any] = body
         if decision.status != current:
-            try:
-                await self.kube.patch_trainjob_status(
-                    namespace, name, metadata.get("resourceVersion"), _status_patch(current, decision.status)
-                )
-            except ConflictError:
-                # A newer version exists; its watch event enqueues the job again.
-                return None
+            # A conflict propagates: the work queue runs the job again after its back-off.
+            written = await self.kube.patch_trainjob_status(
+                namespace, name, metadata.get("resourceVersion"), _status_patch(current, decision.status)
+            )
         if decision.create_ranks:
             nodes = decision.status["placement"]["nodes"]
             attempt = int(decision.status.get("attempt") or 0)
-            children = [build.build_service(job)]
-            children += [build.build_pod(job, rank, nodes[rank], attempt) for rank in decision.create_ranks]
-            await asyncio.gather(*(self.kube.create(namespace, _owned(child, body)) for child in children))
+            # The Service first: a pod without its DNS name (or with a stranger's) cannot rendezvous.
+            await self._create(written, body, [build.build_service(job), build.build_progress_configmap(job)])
+            pods = [build.build_pod(job, rank, nodes[rank], attempt) for rank in decision.create_ranks]
+            await self._create(written, body, pods)
         if decision.delete_pods:
             await asyncio.gather(
                 *(self.kube.delete_pod(namespace, pod, decision.force_delete) for pod in decision.delete_pods)
@@ -171,6 +176,39 @@ class TrainJobReconciler:
         if decision.wake_scheduler:
             self.wake_scheduler()
         return decision.requeue_after
+
+    async def _create(
+        self, written: Mapping[str, Any], owner: Mapping[str, Any], manifests: list[dict[str, Any]]
+    ) -> None:
+        """Creates ``manifests`` at once; a refusal is recorded on the job, then raised for back-off."""
+        namespace = owner["metadata"]["namespace"]
+        results = await asyncio.gather(
+            *(self.kube.create(namespace, _owned(manifest, owner)) for manifest in manifests),
+            return_exceptions=True,
+        )
+        failures = [result for result in results if isinstance(result, BaseException)]
+        refused = [failure for failure in failures if isinstance(failure, CreateRefused)]
+        if refused:
+            await self._record_refusal(written, refused[0])
+        if failures:
+            raise (refused or failures)[0]
+
+    async def _record_refusal(self, body: Mapping[str, Any], refused: CreateRefused) -> None:
+        """Says in the job's status and events what the API server refused and why."""
+        metadata = body["metadata"]
+        patch, news = creation_refused(
+            body.get("status") or {},
+            refused.reason,
+            refused.message,
+            self.clock(),
+            metadata.get("generation"),
+        )
+        await self.kube.patch_trainjob_status(
+            metadata["namespace"], metadata["name"], metadata.get("resourceVersion"), patch
+        )
+        if news:
+            logger.warning("%s/%s: %s", metadata["namespace"], metadata["name"], refused.message)
+            await self.kube.event(body, "Warning", refused.reason, refused.message)
 
     async def _reject(self, body: Mapping[str, Any], message: str) -> None:
         """A spec the schema let through but largo cannot run: say why, once, and wait for a fix."""

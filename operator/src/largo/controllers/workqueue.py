@@ -3,7 +3,10 @@ by two workers at once, and a key can ask to come back later (back-off, deadline
 
 kopf calls handlers per object and per event; a TrainJob's state depends on its pods and nodes too,
 so every such event only enqueues the job's key and one level-triggered reconcile reads everything
-fresh. This is the queue semantics of client-go's workqueue, kept to what largo needs.
+fresh. This is the queue semantics of client-go's workqueue, kept to what largo needs, including its
+per-key rate limiter: a key whose run failed comes back after ``base * 2**(failures-1)`` seconds (at most
+``cap``) on its own, never waiting for a watch event that may already have been folded into the failed
+run; a successful run forgets the failures.
 """
 
 from __future__ import annotations
@@ -19,8 +22,16 @@ K = TypeVar("K", bound=Hashable)
 logger = logging.getLogger(__name__)
 
 
+class Retry(Exception):  # noqa: N818  (a request, not a failure)
+    """An expected reason to run the key again later (a conflict, a refused create): logged in one
+    line, without a traceback, and retried with the key's back-off."""
+
+
 class WorkQueue(Generic[K]):
-    def __init__(self) -> None:
+    def __init__(self, base_delay: float = 0.05, max_delay: float = 60.0) -> None:
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._failures: dict[K, int] = {}
         self._queue: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()
         self._active: set[K] = set()
@@ -48,6 +59,15 @@ class WorkQueue(Generic[K]):
             existing.cancel()
         self._timers[key] = loop.call_at(when, self._fire, key)
 
+    def backoff(self, key: K) -> float:
+        """Counts a failure of ``key`` and returns how long it waits before its next run."""
+        failures = self._failures.get(key, 0) + 1
+        self._failures[key] = failures
+        return float(min(self.max_delay, self.base_delay * 2 ** (failures - 1)))
+
+    def forget(self, key: K) -> None:
+        self._failures.pop(key, None)
+
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
         self.add(key)
@@ -63,19 +83,27 @@ class WorkQueue(Generic[K]):
                 key = await self._queue.get()
                 self._queued.discard(key)
                 self._active.add(key)
+                failed = False
                 try:
                     again = await worker(key)
+                    self.forget(key)
                 except asyncio.CancelledError:
                     raise
+                except Retry as reason:
+                    again, failed = self.backoff(key), True
+                    logger.info("%s: %s; again in %.2fs", key, reason, again)
                 except Exception:
-                    logger.exception("reconcile of %s failed; retrying", key)
-                    again = 5.0
+                    again, failed = self.backoff(key), True
+                    logger.exception("reconcile of %s failed; again in %.2fs", key, again)
                 finally:
                     self._active.discard(key)
-                if key in self._dirty:
+                if key in self._dirty and not failed:
                     self._dirty.discard(key)
                     self.add(key)
                 elif again is not None:
+                    # A wake-up during a failed run does not cut its back-off short (a new event
+                    # after it does, as in client-go).
+                    self._dirty.discard(key)
                     self.add_after(key, again)
 
         tasks = [asyncio.create_task(loop()) for _ in range(concurrency)]

@@ -12,10 +12,15 @@ def timestamp(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(int(epoch), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_timestamp(value: str | None) -> float | None:
-    if not value:
+def parse_timestamp(value: object) -> float | None:
+    """Epoch seconds of an RFC 3339 time; None for a missing or malformed one (never raises: status
+    fields may have been written by hand)."""
+    if not value or not isinstance(value, str):
         return None
-    parsed = datetime.datetime.fromisoformat(value)
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=datetime.UTC)
     return parsed.timestamp()

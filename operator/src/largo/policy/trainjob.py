@@ -13,7 +13,8 @@ from typing import Any
 
 from largo.api.v1alpha1 import ConditionType, Phase, Reason
 from largo.build.names import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_NODE_RANK
-from largo.policy.conditions import parse_timestamp, set_condition, timestamp
+from largo.policy.conditions import condition_status, parse_timestamp, set_condition, timestamp
+from largo.policy.progress import ReadReport
 
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 
@@ -61,6 +62,8 @@ class JobView:
     suspend: bool = False
     generation: int | None = None
     status: Mapping[str, Any] = field(default_factory=dict)
+    # The runtime's latest progress report, read from the job's progress ConfigMap.
+    report: ReadReport | None = None
 
     @property
     def phase(self) -> Phase | None:
@@ -90,11 +93,6 @@ def status_placement(status: Mapping[str, Any]) -> tuple[str, ...] | None:
     if placement.get("attempt") != status_attempt(status) or not placement.get("nodes"):
         return None
     return tuple(placement["nodes"])
-
-
-def operator_status(status: Mapping[str, Any]) -> dict[str, Any]:
-    """The status without ``progress``, which belongs to the training runtime."""
-    return {key: value for key, value in status.items() if key != "progress"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +212,7 @@ def plan(
     cordoned ones (an unbound pod pinned there can never start).
     """
     timings = timings or Timings()
-    status = operator_status(job.status)
+    status = dict(job.status)
     b = _Builder(job, now, status, Plan(status=status))
     current = [pod for pod in pods if pod.attempt == job.attempt]
     stale = tuple(pod.name for pod in pods if pod.attempt != job.attempt and not pod.terminating)
@@ -246,6 +244,7 @@ def plan(
         # Admitted without a placement for this attempt (written by hand or lost): queue again.
         _enqueue(b, resumed=False)
 
+    _accept_report(b)
     if b.status.get("phase") == Phase.RUNNING:
         _progress(b, timings.progress_stale_after)
     if phase not in TERMINAL and not job.suspend and stale:
@@ -253,16 +252,83 @@ def plan(
     _count(b, current)
     if job.generation is not None:
         status["observedGeneration"] = job.generation
+    status.update(summary(status.get("conditions") or []))
     return b.plan
 
 
-def _progress(b: _Builder, stale_after: float) -> None:
-    """Marks the runtime's progress stale when its reports stopped while the job runs.
+# What a job's reason says, most telling first: (condition type, the status that makes it the reason).
+_SUMMARY_ORDER: tuple[tuple[ConditionType, str], ...] = (
+    (ConditionType.FAILED, "True"),
+    (ConditionType.COMPLETE, "True"),
+    (ConditionType.SUSPENDED, "True"),
+    (ConditionType.PODS_CREATED, "False"),
+    (ConditionType.RESTARTING, "True"),
+    (ConditionType.ADMITTED, "False"),
+    (ConditionType.RUNNING, "True"),
+    (ConditionType.ADMITTED, "True"),
+)
 
-    The runtime owns ``status.progress``; the operator writes it only to say it is out of date, so that
-    ``kubectl get`` never shows frozen progress as current.
+
+def summary(conditions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``status.reason`` and ``status.message``: why the job is where it is, from its conditions.
+
+    Both the scheduler's and the reconcile's writes carry it, so ``kubectl get tj -o wide`` shows
+    what a job waits for or what went wrong without reading the conditions."""
+    by_type = {condition.get("type"): condition for condition in conditions}
+    for type_, value in _SUMMARY_ORDER:
+        condition = by_type.get(type_)
+        if condition is not None and condition.get("status") == value:
+            return {"reason": condition.get("reason"), "message": condition.get("message")}
+    return {"reason": None, "message": None}
+
+
+def creation_refused(
+    status: Mapping[str, Any], reason: str, message: str, now: float, generation: int | None
+) -> tuple[dict[str, Any], bool]:
+    """The status patch that records a refused create, and whether it is news (worth an event).
+
+    The condition's transition time is when the refusals began: the gang is released once they
+    have lasted the binding timeout (see ``_active``)."""
+    conditions = status.get("conditions") or []
+    before = next((c for c in conditions if c.get("type") == ConditionType.PODS_CREATED), None)
+    news = before is None or before.get("status") != "False" or before.get("message") != message
+    updated = set_condition(conditions, ConditionType.PODS_CREATED, False, reason, message, now, generation)
+    return {"conditions": updated, **summary(updated)}, news
+
+
+def _accept_report(b: _Builder) -> None:
+    """Copies the runtime's report into ``status.progress``, or says why it was refused.
+
+    A refused report changes nothing else: the previous progress stays, the lifecycle goes on.
     """
-    progress = b.job.status.get("progress")
+    report = b.job.report
+    if report is None:
+        return
+    conditions = b.status.get("conditions") or []
+    if report.refused is not None:
+        message = f"the runtime's last progress report was refused: {report.refused}"
+        if condition_status(conditions, ConditionType.PROGRESS_REPORTED) != "False":
+            b.event(True, Reason.INVALID_PROGRESS, message)
+        b.condition(ConditionType.PROGRESS_REPORTED, False, Reason.INVALID_PROGRESS, message)
+        return
+    accepted = report.progress or {}
+    current = b.status.get("progress")
+    # The report already copied (perhaps marked stale since, which rewrites its summary) is not news.
+    if not isinstance(current, Mapping) or _measured(current) != _measured(accepted):
+        b.status["progress"] = accepted
+    b.condition(
+        ConditionType.PROGRESS_REPORTED, True, Reason.PROGRESS_ACCEPTED, "the runtime reports progress"
+    )
+
+
+def _measured(progress: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in progress.items() if key not in ("stale", "summary")}
+
+
+def _progress(b: _Builder, stale_after: float) -> None:
+    """Marks the progress stale when the runtime's reports stopped while the job runs, so that
+    ``kubectl get`` never shows frozen progress as current."""
+    progress = b.status.get("progress")
     if not isinstance(progress, Mapping) or progress.get("stale"):
         return
     updated = parse_timestamp(progress.get("updatedAt"))
@@ -275,7 +341,7 @@ def _progress(b: _Builder, stale_after: float) -> None:
     b.status["progress"] = {
         **progress,
         "stale": True,
-        "summary": f"stale: no report for {int(silent)}s (last: {progress.get('summary', '')})",
+        "summary": f"stale: no report for {int(silent)}s (last: {progress.get('summary', '')})"[:200],
     }
 
 
@@ -438,7 +504,7 @@ def _active(
     job = b.job
     if "startTime" not in b.status:
         b.status["startTime"] = timestamp(b.now)
-    failure = _failure(current, placement, unusable, lost, b.now, timings)
+    failure = _failure(current, placement, unusable, lost, b.now, timings) or _refused_too_long(b, timings)
     by_rank = {pod.rank: pod for pod in current}
     if failure is None and job.phase == Phase.RUNNING:
         missing = [rank for rank in range(job.num_nodes) if rank not in by_rank]
@@ -450,6 +516,10 @@ def _active(
 
     if job.phase == Phase.STARTING:
         b.plan.create_ranks = tuple(rank for rank in range(job.num_nodes) if rank not in by_rank)
+        if not b.plan.create_ranks and _refusal(b) is not None:
+            b.condition(
+                ConditionType.PODS_CREATED, True, Reason.PODS_CREATED, f"all {job.num_nodes} pods created"
+            )
         # Pods that wait on binding are looked at again when the binding timeout is up.
         waiting = [pod.unschedulable_since for pod in current if pod.unschedulable_since is not None]
         if waiting:
@@ -474,6 +544,33 @@ def _active(
         b.event(False, Reason.PODS_RUNNING, message)
 
 
+def _refusal(b: _Builder) -> Mapping[str, Any] | None:
+    """The PodsCreated=False condition of the current attempt, if its creates are being refused."""
+    for condition in b.status.get("conditions") or []:
+        if condition.get("type") == ConditionType.PODS_CREATED and condition.get("status") == "False":
+            return dict(condition)
+    return None
+
+
+def _refused_too_long(b: _Builder, timings: Timings) -> tuple[Reason, str, int | None] | None:
+    """A gang whose creates the API server has refused for the binding timeout gives its GPUs back."""
+    refusal = _refusal(b)
+    if refusal is None:
+        return None
+    since = parse_timestamp(refusal.get("lastTransitionTime")) or b.now
+    remaining = since + timings.binding_timeout - b.now
+    if remaining > 0:
+        b.plan.after(remaining)
+        return None
+    reason = Reason.NAME_CONFLICT if refusal.get("reason") == Reason.NAME_CONFLICT else Reason.CREATE_REFUSED
+    return reason, str(refusal.get("message") or "the API server refused the gang's pods"), None
+
+
+# Failures of placement or creation, not of the job: the gang is released and queued again without
+# counting a restart.
+_RELEASE_REASONS = frozenset({Reason.BINDING_FAILED, Reason.CREATE_REFUSED, Reason.NAME_CONFLICT})
+
+
 def _handle_failure(
     b: _Builder,
     current: Sequence[PodView],
@@ -489,11 +586,15 @@ def _handle_failure(
     if exit_code is not None and _permanent(job, exit_code):
         _fail(b, Reason.PERMANENT_EXIT_CODE, f"{message}; exit code {exit_code} is permanent")
         return
-    if reason == Reason.BINDING_FAILED:
+    if reason in _RELEASE_REASONS:
         # Not the job's fault: release the gang and queue it again without counting a restart.
         b.status["attempt"] = job.attempt + 1
         b.phase(Phase.QUEUED)
         b.status.pop("placement", None)
+        # The next attempt's creates start with a clean slate (and a fresh binding timeout).
+        b.status["conditions"] = [
+            c for c in b.status.get("conditions") or [] if c.get("type") != ConditionType.PODS_CREATED
+        ]
         b.condition(ConditionType.ADMITTED, False, reason, message)
         b.event(True, reason, f"{message}; gang released and queued again")
         b.plan.wake_scheduler = True

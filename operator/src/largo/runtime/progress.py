@@ -1,8 +1,9 @@
-"""Training progress, reported by rank 0 into its TrainJob's ``status.progress``.
+"""Training progress, reported by rank 0 into its job's progress ConfigMap (``LARGO_PROGRESS_CONFIGMAP``).
 
-Why the status subresource: it is where ``kubectl get trainjobs`` reads the PROGRESS column, it needs
-no network path from the operator to the pods, and RBAC can grant exactly ``trainjobs/status``.
-The operator never writes ``progress`` except to mark it stale when reports stop.
+Why a ConfigMap of its own: the runtime's identity then needs to write that one object only (a Role
+with ``resourceNames``), never the TrainJob's status, which it could otherwise forge. The operator
+validates each report and copies it into ``status.progress`` (the PROGRESS column); a malformed one is
+refused with a reason in the job's conditions. No network path from the operator to the pods is needed.
 Reports go out from a background thread, at most every ``interval`` seconds: the training loop never
 waits on the API server.
 """
@@ -10,6 +11,7 @@ waits on the API server.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import threading
@@ -17,7 +19,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "largo.dev", "v1alpha1", "trainjobs"
+# The ConfigMap key the operator reads (largo.policy.progress.REPORT_KEY).
+REPORT_KEY = "progress"
 
 
 def _duration(seconds: float) -> str:
@@ -46,7 +49,6 @@ def progress_fields(
         "tokensPerSecond": round(tokens_per_second, 1),
         "updatedAt": datetime.datetime.fromtimestamp(int(now), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "summary": summary,
-        "stale": False,
     }
     if eta is not None:
         fields["etaSeconds"] = int(eta)
@@ -54,18 +56,18 @@ def progress_fields(
 
 
 class ProgressReporter:
-    """Sends the latest progress of rank 0 to the TrainJob named by ``LARGO_JOB_NAME``."""
+    """Sends the latest progress of rank 0 to the ConfigMap named by ``LARGO_PROGRESS_CONFIGMAP``."""
 
     def __init__(self, interval: float = 10.0) -> None:
         self.interval = interval
-        self.job = os.environ.get("LARGO_JOB_NAME")
+        self.configmap = os.environ.get("LARGO_PROGRESS_CONFIGMAP")
         self.namespace = os.environ.get("LARGO_JOB_NAMESPACE")
         self._latest: dict[str, Any] | None = None
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._api: Any = None
         self._thread: threading.Thread | None = None
-        if self.job and self.namespace:
+        if self.configmap and self.namespace:
             self._thread = threading.Thread(target=self._run, name="largo-progress", daemon=True)
             self._thread.start()
 
@@ -92,7 +94,7 @@ class ProgressReporter:
                 config.load_incluster_config()  # type: ignore[no-untyped-call]
             except config.ConfigException:
                 config.load_kube_config()  # type: ignore[no-untyped-call]
-            self._api = client.CustomObjectsApi()
+            self._api = client.CoreV1Api()
         return self._api
 
     def _run(self) -> None:
@@ -103,12 +105,14 @@ class ProgressReporter:
             latest = self._latest
             if latest is not None and latest is not sent:
                 try:
-                    self._client().patch_namespaced_custom_object_status(
-                        GROUP, VERSION, self.namespace, PLURAL, self.job, {"status": {"progress": latest}}
+                    self._client().patch_namespaced_config_map(
+                        self.configmap, self.namespace, {"data": {REPORT_KEY: json.dumps(latest)}}
                     )
                     sent = latest
                 except Exception as error:  # progress is best effort: training goes on regardless
-                    logger.warning("could not report progress to %s/%s: %s", self.namespace, self.job, error)
+                    logger.warning(
+                        "could not report progress to %s/%s: %s", self.namespace, self.configmap, error
+                    )
             if self._closing.is_set():
                 return
             # At most one report per interval; closing cuts the wait short for the last report.

@@ -99,6 +99,8 @@ class Phase(StrEnum):
 
 class ConditionType(StrEnum):
     QUEUED = "Queued"
+    PODS_CREATED = "PodsCreated"
+    PROGRESS_REPORTED = "ProgressReported"
     ADMITTED = "Admitted"
     RUNNING = "Running"
     RESTARTING = "Restarting"
@@ -129,6 +131,13 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     POD_DELETED = "PodDeleted"
     REQUEUED = "Requeued"
+    # Creating the gang's objects.
+    PODS_CREATED = "PodsCreated"
+    CREATE_REFUSED = "CreateRefused"
+    NAME_CONFLICT = "NameConflict"
+    # Progress reports from the training runtime.
+    PROGRESS_ACCEPTED = "ProgressAccepted"
+    INVALID_PROGRESS = "InvalidProgressReport"
     # Lifecycle.
     TTL_EXPIRED = "TTLExpired"
     SUSPENDED = "Suspended"
@@ -460,10 +469,35 @@ class Placement(StatusModel):
     admitted_at: datetime | None = None
 
 
+class ProgressReport(StatusModel):
+    """What rank 0 reports into the job's progress ConfigMap (docs/runtime.md). The operator validates
+    it with this model and copies it into ``status.progress``; anything else is refused with a reason."""
+
+    step: int = Field(ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(ge=0, description="Steps the run will take.")
+    percent: float = Field(ge=0, le=100, allow_inf_nan=False)
+    loss: float | None = Field(default=None, allow_inf_nan=False, description="Loss of the last step.")
+    tokens_per_second: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds to the end.")
+    updated_at: datetime = Field(description="When the runtime measured this report.")
+    summary: str = Field(default="", max_length=200, description="Shown in the PROGRESS column.")
+
+
+class Progress(ProgressReport):
+    """The last accepted progress report; ``stale`` once reports stop while the job runs."""
+
+    stale: bool = Field(default=False, description="True when the runtime stopped reporting.")
+
+
 class TrainJobStatus(StatusModel):
     """Observed state; written by the operator only."""
 
     phase: Phase | None = None
+    reason: str | None = Field(
+        default=None,
+        description="Why the job is in its phase now, from its conditions (kubectl get -o wide).",
+    )
+    message: str | None = Field(default=None, description="The same, for people.")
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
@@ -486,9 +520,10 @@ class TrainJobStatus(StatusModel):
     )
     queue: QueueStatus | None = None
     placement: Placement | None = None
-    progress: FreeForm | None = Field(
+    progress: Progress | None = Field(
         default=None,
-        description="Written by the training runtime; `summary` is shown by kubectl get.",
+        description="The runtime's last accepted progress report (copied by the operator from the "
+        "job's progress ConfigMap); `summary` is shown by kubectl get.",
     )
 
 

@@ -1,0 +1,70 @@
+"""Creating a child: what the API server refuses is raised with its own message; an object of the same
+name is adopted only when this job already controls it. A fake core API stands in for the server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiException
+from largo.controllers.kube import CreateRefused, Kube
+
+OURS = "uid-of-the-job"
+
+
+def _refusal(status: int, message: str) -> ApiException:
+    error = ApiException(status=status, reason="Forbidden" if status == 403 else "Conflict")
+    error.body = json.dumps({"kind": "Status", "message": message})
+    return error
+
+
+class FakeCore:
+    def __init__(self, refusal: ApiException | None, existing_controller: str | None = None) -> None:
+        self.refusal = refusal
+        self.existing_controller = existing_controller
+
+    def create_namespaced_service(self, namespace: str, body: Any) -> None:
+        if self.refusal is not None:
+            raise self.refusal
+
+    def read_namespaced_service(self, name: str, namespace: str) -> Any:
+        refs = []
+        if self.existing_controller is not None:
+            refs = [SimpleNamespace(uid=self.existing_controller, controller=True)]
+        return SimpleNamespace(metadata=SimpleNamespace(owner_references=refs))
+
+
+def _kube(core: FakeCore) -> Kube:
+    kube = Kube.__new__(Kube)
+    kube.core = core  # type: ignore[assignment]
+    return kube
+
+
+SERVICE = {
+    "kind": "Service",
+    "metadata": {"name": "j", "ownerReferences": [{"uid": OURS, "controller": True}]},
+}
+
+
+def test_a_refused_create_carries_the_api_message() -> None:
+    quota = 'services "j" is forbidden: exceeded quota: q, requested: services=1, limited: services=0'
+    with pytest.raises(CreateRefused) as raised:
+        asyncio.run(_kube(FakeCore(_refusal(403, quota))).create("ns", SERVICE))
+    assert raised.value.reason == "CreateRefused"
+    assert raised.value.message == quota
+
+
+def test_a_name_taken_by_a_foreign_object_is_a_conflict() -> None:
+    for foreign in ("uid-of-someone-else", None):
+        with pytest.raises(CreateRefused) as raised:
+            asyncio.run(_kube(FakeCore(_refusal(409, "exists"), foreign)).create("ns", SERVICE))
+        assert raised.value.reason == "NameConflict"
+        assert "Service j already exists" in raised.value.message
+
+
+def test_our_own_object_is_fine() -> None:
+    asyncio.run(_kube(FakeCore(_refusal(409, "exists"), OURS)).create("ns", SERVICE))
+    asyncio.run(_kube(FakeCore(None)).create("ns", SERVICE))
