@@ -504,3 +504,85 @@ def test_a_foreign_object_with_the_job_s_child_name_is_a_name_conflict(
     jobs.wait_phase("clash", "Running")
     service = jobs.core.read_namespaced_service("clash", jobs.namespace)
     assert service.metadata.owner_references[0].kind == "TrainJob"
+
+
+# kwok keeps a deleted pod for this long, as a kubelet does a container that takes its whole grace period.
+SLOW_TERMINATION = {
+    "terminationGracePeriodSeconds": 15,
+    "annotations": {"pod-delete.stage.kwok.x-k8s.io/delay": "15s"},
+}
+
+
+class AttemptWatch:
+    """Samples the job's pods and status until stopped, and remembers what it must never see."""
+
+    def __init__(self, jobs: Jobs, name: str) -> None:
+        self.jobs, self.name = jobs, name
+        self.mixed: list[list[str]] = []
+        self.suspended_with_pods: list[list[str]] = []
+
+    def sample(self) -> None:
+        pods = self.jobs.pods(self.name)
+        attempts = {pod.metadata.labels["largo.dev/attempt"] for pod in pods}
+        shown = [f"{pod.metadata.name}@{pod.metadata.labels['largo.dev/attempt']}" for pod in pods]
+        if len(attempts) > 1:
+            self.mixed.append(shown)
+        if pods and self.jobs.status(self.name).get("phase") == "Suspended":
+            self.suspended_with_pods.append(shown)
+
+
+def test_resume_while_the_old_pods_terminate_starts_the_new_gang_whole(jobs: Jobs, make_pool: Any) -> None:
+    pool = make_pool(count=3)
+    jobs.create("resume", pool, podTemplate=dict(SLOW_TERMINATION))
+    jobs.wait_phase("resume", "Running")
+    watch = AttemptWatch(jobs, "resume")
+    jobs.patch_spec("resume", {"suspend": True})
+    status = jobs.wait(
+        "resume", lambda s: s.get("phase") == "Suspending", "Suspending while the pods terminate"
+    )
+    assert "to terminate" in status["message"]
+    watch.sample()
+    jobs.patch_spec("resume", {"suspend": False})  # resumed before the old pods are gone
+
+    def whole_new_gang() -> bool:
+        watch.sample()
+        pods = jobs.live_pods("resume")
+        return len(pods) == 2 and all(p.metadata.labels["largo.dev/attempt"] == "1" for p in pods)
+
+    wait_for(whole_new_gang, TIMEOUT, "the new attempt's gang", jobs.operator.assert_alive)
+    assert watch.mixed == []
+    assert watch.suspended_with_pods == []
+    jobs.wait_phase("resume", "Running")
+
+
+def test_a_released_gang_is_recreated_whole_after_its_terminating_pod(jobs: Jobs, make_pool: Any) -> None:
+    # One pod may exist: one rank is created and runs, the other is refused until the gang is released.
+    quota = {"metadata": {"name": "one-pod"}, "spec": {"hard": {"pods": "1"}}}
+    jobs.core.create_namespaced_resource_quota(jobs.namespace, quota)
+    wait_for(
+        lambda: bool(jobs.core.read_namespaced_resource_quota("one-pod", jobs.namespace).status.hard),
+        TIMEOUT,
+        "the quota observed",
+    )
+    pool = make_pool(count=3)
+    jobs.create("release", pool, podTemplate=dict(SLOW_TERMINATION))
+    watch = AttemptWatch(jobs, "release")
+    jobs.wait("release", lambda s: int(s.get("attempt") or 0) >= 1, "the gang released")
+    jobs.core.delete_namespaced_resource_quota("one-pod", jobs.namespace)
+    # A third node is free: the new attempt is admitted at once, while the old rank still terminates.
+    status = jobs.wait(
+        "release",
+        lambda s: s.get("reason") == "PreviousAttemptTerminating" or len(jobs.live_pods("release")) == 2,
+        "the new attempt waiting for the old pod",
+    )
+    watch.sample()
+    assert status.get("reason") == "PreviousAttemptTerminating", status
+
+    def whole_new_gang() -> bool:
+        watch.sample()
+        pods = jobs.live_pods("release")
+        return len(pods) == 2 and all(p.metadata.labels["largo.dev/attempt"] != "0" for p in pods)
+
+    wait_for(whole_new_gang, TIMEOUT, "the new attempt's gang", jobs.operator.assert_alive)
+    assert watch.mixed == []
+    jobs.wait_phase("release", "Running")

@@ -282,6 +282,7 @@ def test_constants_are_str_enums() -> None:
         "Starting",
         "Running",
         "Restarting",
+        "Suspending",
         "Succeeded",
         "Failed",
         "Suspended",

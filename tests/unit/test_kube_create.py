@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException
 from largo.controllers.kube import CreateRefused, Kube
+from largo.controllers.workqueue import Retry
 
 OURS = "uid-of-the-job"
 
@@ -25,6 +26,7 @@ class FakeCore:
     def __init__(self, refusal: ApiException | None, existing_controller: str | None = None) -> None:
         self.refusal = refusal
         self.existing_controller = existing_controller
+        self.existing_labels: dict[str, str] = {}
 
     def create_namespaced_service(self, namespace: str, body: Any) -> None:
         if self.refusal is not None:
@@ -34,7 +36,10 @@ class FakeCore:
         refs = []
         if self.existing_controller is not None:
             refs = [SimpleNamespace(uid=self.existing_controller, controller=True)]
-        return SimpleNamespace(metadata=SimpleNamespace(owner_references=refs))
+        return SimpleNamespace(metadata=SimpleNamespace(owner_references=refs, labels=self.existing_labels))
+
+    create_namespaced_pod = create_namespaced_service
+    read_namespaced_pod = read_namespaced_service
 
 
 def _kube(core: FakeCore) -> Kube:
@@ -68,3 +73,16 @@ def test_a_name_taken_by_a_foreign_object_is_a_conflict() -> None:
 def test_our_own_object_is_fine() -> None:
     asyncio.run(_kube(FakeCore(_refusal(409, "exists"), OURS)).create("ns", SERVICE))
     asyncio.run(_kube(FakeCore(None)).create("ns", SERVICE))
+
+
+def test_our_pod_of_an_earlier_attempt_is_not_taken_for_the_new_one() -> None:
+    core = FakeCore(_refusal(409, "exists"), OURS)
+    core.existing_labels = {"largo.dev/attempt": "0"}
+    pod = {
+        "kind": "Pod",
+        "metadata": {**SERVICE["metadata"], "labels": {"largo.dev/attempt": "1"}},  # type: ignore[dict-item]
+    }
+    with pytest.raises(Retry, match="attempt 0 still exists"):
+        asyncio.run(_kube(core).create("ns", pod))
+    core.existing_labels = {"largo.dev/attempt": "1"}
+    asyncio.run(_kube(core).create("ns", pod))

@@ -275,36 +275,67 @@ def test_ttl_after_finished() -> None:
 
 
 def test_suspend_and_resume() -> None:
-    suspended = plan(
+    suspending = plan(
         job(status=admitted(Phase.RUNNING), suspend=True),
         [pod(0), pod(1)],
         NONE,
         NONE,
         NOW,
     )
+    # The pods still hold their GPUs until they are gone: the status does not say otherwise.
+    assert suspending.status["phase"] == Phase.SUSPENDING
+    assert "waiting for 2 pod(s) to terminate" in suspending.status["message"]
+    assert set(suspending.delete_pods) == {"j-node-0", "j-node-1"}
+    assert "placement" not in suspending.status
+    assert "startTime" not in suspending.status
+    assert suspending.status["attempt"] == 1
+    assert suspending.wake_scheduler
+    assert suspending.events == []
+    terminating = [pod(0, terminating=True), pod(1, terminating=True)]
+    still = plan(job(status=suspending.status, suspend=True), terminating, NONE, NONE, NOW + 20)
+    assert still.status["phase"] == Phase.SUSPENDING
+    assert still.status["attempt"] == 1  # the transition happens once
+    assert still.delete_pods == ()
+    suspended = plan(job(status=still.status, suspend=True), [], NONE, NONE, NOW + 27)
     assert suspended.status["phase"] == Phase.SUSPENDED
-    assert set(suspended.delete_pods) == {"j-node-0", "j-node-1"}
-    assert "placement" not in suspended.status
-    assert "startTime" not in suspended.status
-    assert suspended.status["attempt"] == 1
-    assert suspended.wake_scheduler
+    assert suspended.status["message"] == "spec.suspend is true: pods deleted, GPUs released"
+    assert [e.reason for e in suspended.events] == ["Suspended"]
     resumed = plan(job(status=suspended.status), [], NONE, NONE, NOW)
     assert resumed.status["phase"] == Phase.QUEUED
     assert condition_status(resumed.status["conditions"], "Suspended") == "False"
     queued_then_suspended = plan(job(Phase.QUEUED, suspend=True), [], NONE, NONE, NOW)
     assert queued_then_suspended.status["phase"] == Phase.SUSPENDED
+    resumed_early = plan(job(status=suspending.status), terminating, NONE, NONE, NOW)
+    assert resumed_early.status["phase"] == Phase.QUEUED
 
 
-def test_pods_of_an_older_attempt_are_deleted() -> None:
+def test_a_new_attempt_is_created_whole_once_the_earlier_one_is_gone() -> None:
     result = plan(
         job(status=admitted(attempt=2)),
-        [pod(0, attempt=1), pod(0, attempt=2)],
+        [pod(0, attempt=1), pod(1, attempt=1, terminating=True)],
         NONE,
         NONE,
         NOW,
     )
     assert result.delete_pods == ("j-node-0",)
-    assert result.create_ranks == (1,)
+    assert result.create_ranks == ()  # not rank 0 of attempt 2 beside rank 1 of attempt 1
+    assert result.status["reason"] == "PreviousAttemptTerminating"
+    assert "2 pod(s) of an earlier attempt" in result.status["message"]
+    assert result.status["phase"] == Phase.STARTING
+    # The wait is not a refusal: however long it lasts, the gang keeps its placement.
+    later = plan(job(status=result.status), [pod(1, attempt=1, terminating=True)], NONE, NONE, NOW + 600)
+    assert later.status["phase"] == Phase.STARTING
+    assert later.create_ranks == ()
+    gone = plan(job(status=later.status), [], NONE, NONE, NOW + 601)
+    assert gone.create_ranks == (0, 1)
+    created = plan(
+        job(status=gone.status),
+        [pod(0, "Pending", attempt=2), pod(1, "Pending", attempt=2)],
+        NONE,
+        NONE,
+        NOW + 602,
+    )
+    assert condition_status(created.status["conditions"], "PodsCreated") == "True"
 
 
 def test_failed_job_stops_what_still_runs() -> None:

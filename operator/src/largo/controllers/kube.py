@@ -19,6 +19,7 @@ from kubernetes import client, config
 from kubernetes.client import ApiException
 
 from largo.api.v1alpha1 import GROUP, PLURAL, VERSION
+from largo.build.names import LABEL_ATTEMPT
 from largo.controllers.workqueue import Retry
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,11 @@ class Kube:
             raise CreateRefused(
                 kind, name, "NameConflict", f"{kind} {name} already exists and is {owner}, not by this job"
             )
+        wanted = (manifest["metadata"].get("labels") or {}).get(LABEL_ATTEMPT)
+        found = (existing.metadata.labels or {}).get(LABEL_ATTEMPT)
+        if wanted != found:
+            # Our own pod of an earlier attempt, still terminating: never mistake it for the new one.
+            raise Retry(f"{kind} {name} of attempt {found} still exists; attempt {wanted} waits for it")
 
     async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
         try:

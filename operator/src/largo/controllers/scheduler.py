@@ -67,8 +67,8 @@ class Scheduler:
     _ready: bool = False
 
     def wake(self) -> None:
-        # Handlers, the only callers, run once kopf has filled every index: from then on a pass
-        # sees the whole inventory.
+        # Handlers, the only callers, run once kopf has filled every index from its initial listing:
+        # from then on a pass sees the whole inventory.
         self._ready = True
         self._wake.set()
 
@@ -77,6 +77,10 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), resync)
             self._wake.clear()
+            if not self._ready:
+                # However slowly the indexes fill, no pass runs on a partial inventory: it could
+                # admit a gang onto GPUs that pods not listed yet already hold.
+                continue
             try:
                 await self.run_pass()
             except asyncio.CancelledError:

@@ -227,7 +227,7 @@ def plan(
         # Writing anything first would only make that write conflict.
         b.plan.wake_scheduler = True
         return b.plan
-    elif phase == Phase.SUSPENDED:
+    elif phase in (Phase.SUSPENDED, Phase.SUSPENDING):
         _enqueue(b, resumed=True)
     elif _deadline_passed(b):
         _fail(
@@ -239,7 +239,8 @@ def plan(
     elif phase == Phase.RESTARTING:
         _restarting(b, pods, lost_nodes)
     elif phase in (Phase.STARTING, Phase.RUNNING) and job.placement_nodes is not None:
-        _active(b, current, job.placement_nodes, unusable_nodes, lost_nodes, timings)
+        earlier = [pod for pod in pods if pod.attempt != job.attempt]
+        _active(b, current, earlier, job.placement_nodes, unusable_nodes, lost_nodes, timings)
     elif phase in (Phase.STARTING, Phase.RUNNING):
         # Admitted without a placement for this attempt (written by hand or lost): queue again.
         _enqueue(b, resumed=False)
@@ -371,20 +372,32 @@ def _enqueue(b: _Builder, resumed: bool) -> None:
 
 
 def _suspend(b: _Builder, pods: Sequence[PodView]) -> None:
+    """Suspending while any pod still terminates (its GPUs are not free yet), Suspended once none is left."""
     b.plan.delete_pods = tuple(pod.name for pod in pods if not pod.terminating)
+    if b.job.phase not in (Phase.SUSPENDING, Phase.SUSPENDED):
+        b.status.pop("placement", None)
+        b.status.pop("queue", None)
+        # As for a Kubernetes Job, the deadline counts again from the next start.
+        b.status.pop("startTime", None)
+        b.status["attempt"] = b.job.attempt + 1
+        b.condition(ConditionType.ADMITTED, False, Reason.SUSPENDED, "suspended")
+        b.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
+        b.plan.wake_scheduler = True
+    if pods:
+        b.phase(Phase.SUSPENDING)
+        b.condition(
+            ConditionType.SUSPENDED,
+            True,
+            Reason.SUSPENDED,
+            f"spec.suspend is true: waiting for {len(pods)} pod(s) to terminate before the GPUs are free",
+        )
+        return
     if b.job.phase == Phase.SUSPENDED:
         return
     b.phase(Phase.SUSPENDED)
-    b.status.pop("placement", None)
-    b.status.pop("queue", None)
-    # As for a Kubernetes Job, the deadline counts again from the next start.
-    b.status.pop("startTime", None)
-    b.status["attempt"] = b.job.attempt + 1
     b.condition(
         ConditionType.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true: pods deleted, GPUs released"
     )
-    b.condition(ConditionType.ADMITTED, False, Reason.SUSPENDED, "suspended")
-    b.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
     b.event(False, Reason.SUSPENDED, "suspended: pods deleted and GPUs released")
     b.plan.wake_scheduler = True
 
@@ -496,6 +509,7 @@ def _failure(
 def _active(
     b: _Builder,
     current: Sequence[PodView],
+    earlier: Sequence[PodView],
     placement: tuple[str, ...],
     unusable: frozenset[str],
     lost: frozenset[str],
@@ -514,9 +528,18 @@ def _active(
         _handle_failure(b, current, lost, timings, *failure)
         return
 
-    if job.phase == Phase.STARTING:
+    if job.phase == Phase.STARTING and earlier:
+        # Pods of an earlier attempt share the new pods' names and DNS names: the new gang is created
+        # whole once they are gone, never one rank beside a sibling's terminating namesake.
+        b.condition(
+            ConditionType.PODS_CREATED,
+            False,
+            Reason.PREVIOUS_ATTEMPT_TERMINATING,
+            f"waiting for {len(earlier)} pod(s) of an earlier attempt to terminate",
+        )
+    elif job.phase == Phase.STARTING:
         b.plan.create_ranks = tuple(rank for rank in range(job.num_nodes) if rank not in by_rank)
-        if not b.plan.create_ranks and _refusal(b) is not None:
+        if not b.plan.create_ranks and _pods_created_false(b):
             b.condition(
                 ConditionType.PODS_CREATED, True, Reason.PODS_CREATED, f"all {job.num_nodes} pods created"
             )
@@ -544,10 +567,18 @@ def _active(
         b.event(False, Reason.PODS_RUNNING, message)
 
 
+def _pods_created_false(b: _Builder) -> bool:
+    return condition_status(b.status.get("conditions") or [], ConditionType.PODS_CREATED) == "False"
+
+
 def _refusal(b: _Builder) -> Mapping[str, Any] | None:
-    """The PodsCreated=False condition of the current attempt, if its creates are being refused."""
+    """The PodsCreated=False condition of the current attempt, if the API server refuses its creates."""
     for condition in b.status.get("conditions") or []:
-        if condition.get("type") == ConditionType.PODS_CREATED and condition.get("status") == "False":
+        if (
+            condition.get("type") == ConditionType.PODS_CREATED
+            and condition.get("status") == "False"
+            and condition.get("reason") in (Reason.CREATE_REFUSED, Reason.NAME_CONFLICT)
+        ):
             return dict(condition)
     return None
 

@@ -94,6 +94,8 @@ class Phase(StrEnum):
     RESTARTING = "Restarting"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    # spec.suspend is true and pods are still terminating: their GPUs are not free yet.
+    SUSPENDING = "Suspending"
     SUSPENDED = "Suspended"
 
 
@@ -135,6 +137,7 @@ class Reason(StrEnum):
     PODS_CREATED = "PodsCreated"
     CREATE_REFUSED = "CreateRefused"
     NAME_CONFLICT = "NameConflict"
+    PREVIOUS_ATTEMPT_TERMINATING = "PreviousAttemptTerminating"
     # Progress reports from the training runtime.
     PROGRESS_ACCEPTED = "ProgressAccepted"
     INVALID_PROGRESS = "InvalidProgressReport"

@@ -1,0 +1,160 @@
+"""The scheduler loop's glue around the pure gang scheduler, with a fake API in place of a cluster:
+no pass on a partial inventory, admissions written but not yet indexed keep their capacity, a
+conflicting write admits nothing, and the admission write carries the first reconcile's status."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from largo.controllers.kube import ConflictError
+from largo.controllers.scheduler import Scheduler
+from largo.controllers.state import JobEntry, JobKey, job_entry
+from largo.sched.inventory import node_info
+
+NOW = 1_800_000_000.0
+
+
+def _node(name: str, gpus: int = 8) -> Any:
+    return node_info(
+        {
+            "metadata": {"name": name, "labels": {}},
+            "spec": {},
+            "status": {
+                "allocatable": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": str(gpus), "pods": "110"},
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+    )
+
+
+def _job(name: str, gpus: int = 8, nodes: int = 1, created: str = "2027-01-15T08:00:00Z") -> JobEntry:
+    return job_entry(
+        {
+            "apiVersion": "largo.dev/v1alpha1",
+            "kind": "TrainJob",
+            "metadata": {
+                "name": name,
+                "namespace": "ns",
+                "uid": f"uid-{name}",
+                "resourceVersion": "1",
+                "creationTimestamp": created,
+                "generation": 1,
+            },
+            "spec": {"image": "i", "numNodes": nodes, "resourcesPerNode": {"nvidia.com/gpu": gpus}},
+        }
+    )
+
+
+class FakeKube:
+    def __init__(self, conflict: set[str] | None = None) -> None:
+        self.writes: list[tuple[str, Mapping[str, Any]]] = []
+        self.events: list[str] = []
+        self.conflict = conflict or set()
+
+    async def patch_trainjob_status(
+        self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        if name in self.conflict:
+            raise ConflictError(f"{namespace}/{name}: Conflict")
+        self.writes.append((name, status))
+        return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": "2"}, "status": status}
+
+    async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append(reason)
+
+
+class Index(dict[Any, list[Any]]):
+    """A kopf index's read side: key -> store."""
+
+
+def _scheduler(kube: FakeKube, nodes: list[Any], jobs: list[JobEntry], **kwargs: Any) -> Scheduler:
+    admitted: list[JobKey] = []
+    scheduler = Scheduler(
+        kube=kube,  # type: ignore[arg-type]
+        nodes=Index({node.name: [node] for node in nodes}),
+        pods=Index(),
+        jobs=Index({entry.key: [entry] for entry in jobs}),
+        admitted=lambda key, body: admitted.append(key),
+        clock=lambda: NOW,
+        **kwargs,
+    )
+    scheduler.admitted_keys = admitted  # type: ignore[attr-defined]
+    return scheduler
+
+
+def test_no_pass_runs_before_the_indexes_are_filled_however_long_that_takes() -> None:
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0")], [_job("a")])
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(scheduler.run(resync=0.01))
+        await asyncio.sleep(0.2)  # twenty resync periods without a handler call
+        assert kube.writes == []
+        scheduler.wake()  # the first handler call: every index is filled
+        for _ in range(100):
+            if kube.writes:
+                break
+            await asyncio.sleep(0.01)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert [name for name, _ in kube.writes] == ["a"]
+
+
+def test_an_admission_not_yet_indexed_keeps_its_capacity() -> None:
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0")], [_job("a")])
+    asyncio.run(scheduler.run_pass())
+    assert [name for name, _ in kube.writes] == ["a"]
+    # A second job arrives; the index still shows "a" as new (its watch event has not come yet).
+    scheduler.jobs[("ns", "b")] = [_job("b", created="2027-01-15T08:00:01Z")]  # type: ignore[index]
+    asyncio.run(scheduler.run_pass())
+    admitted = [name for name, status in kube.writes if status.get("phase") == "Starting"]
+    assert admitted == ["a"]  # b is not admitted onto the GPUs a was given
+    assert ("b", "Queued") in [(name, status.get("phase")) for name, status in kube.writes]
+
+
+def test_a_conflicting_admission_reserves_nothing_and_is_decided_again() -> None:
+    kube = FakeKube(conflict={"a"})
+    scheduler = _scheduler(
+        kube, [_node("n0"), _node("n1")], [_job("a"), _job("b", created="2027-01-15T08:00:01Z")]
+    )
+    asyncio.run(scheduler.run_pass())
+    assert scheduler.admitted_keys == [("ns", "b")]  # type: ignore[attr-defined]
+    assert scheduler._wake.is_set()  # the job that changed is decided again at once
+    kube.conflict.clear()
+    asyncio.run(scheduler.run_pass())
+    # "a" was not held for the refused write: it gets the other node now, not a second one on top.
+    starts = {name: status["placement"]["nodes"] for name, status in kube.writes if "placement" in status}
+    assert sorted(starts) == ["a", "b"]
+    assert starts["a"] != starts["b"]
+
+
+def test_the_admission_write_carries_what_complete_admission_adds() -> None:
+    kube = FakeKube()
+
+    def complete(entry: JobEntry, patch: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {**patch, "observedGeneration": 1, "nodes": "0/1"}
+
+    scheduler = _scheduler(kube, [_node("n0")], [_job("a")], complete_admission=complete)
+    asyncio.run(scheduler.run_pass())
+    ((_, status),) = kube.writes
+    assert status["phase"] == "Starting"
+    assert status["placement"]["nodes"] == ["n0"]
+    assert status["observedGeneration"] == 1
+    assert status["reason"] == "Admitted"
+
+
+@pytest.mark.parametrize("gpus", [9, 16])
+def test_a_gang_that_can_never_fit_is_told_so(gpus: int) -> None:
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0")], [_job("big", gpus=gpus)])
+    asyncio.run(scheduler.run_pass())
+    ((_, status),) = kube.writes
+    assert status["phase"] == "Queued"
+    assert status["reason"] == "Unschedulable"
+    assert status["queue"]["reason"] == "Unschedulable"
