@@ -586,3 +586,28 @@ def test_a_released_gang_is_recreated_whole_after_its_terminating_pod(jobs: Jobs
     wait_for(whole_new_gang, TIMEOUT, "the new attempt's gang", jobs.operator.assert_alive)
     assert watch.mixed == []
     jobs.wait_phase("release", "Running")
+
+
+def test_an_edit_while_running_takes_effect_at_the_next_attempt(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("edited", gpu_pool, args=["--lr", "0.1"])
+    jobs.wait_phase("edited", "Running")
+    before = {pod.metadata.name: pod.metadata.uid for pod in jobs.live_pods("edited")}
+    old_hash = {pod.metadata.annotations["largo.dev/spec-hash"] for pod in jobs.live_pods("edited")}
+    jobs.patch_spec("edited", {"args": ["--lr", "0.05"]})
+    status = jobs.wait("edited", lambda s: s.get("reason") == "SpecChanged", "the edit shown as pending")
+    assert "takes effect at the next attempt" in status["message"]
+    assert status["phase"] == "Running"
+    assert {pod.metadata.name: pod.metadata.uid for pod in jobs.live_pods("edited")} == before
+
+    jobs.exit("edited", 1, rank=1)  # a failure: the gang restarts, now with the edited spec
+    jobs.wait(
+        "edited",
+        lambda s: s.get("phase") == "Running" and s.get("attempt") == 1,
+        "the restarted gang Running",
+    )
+    pods = jobs.live_pods("edited")
+    assert [pod.spec.containers[0].args for pod in pods] == [["--lr", "0.05"]] * 2
+    hashes = {pod.metadata.annotations["largo.dev/spec-hash"] for pod in pods}
+    assert len(hashes) == 1
+    assert hashes != old_hash
+    assert jobs.condition("edited", "PodsUpToDate")["status"] == "True"

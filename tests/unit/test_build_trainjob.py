@@ -13,6 +13,7 @@ from largo.build.trainjob import (
     build_service,
     gpus_per_node,
     per_pod_requests,
+    pod_spec_hash,
     resolved_backend,
     resolved_procs_per_node,
     total_gpus,
@@ -184,7 +185,8 @@ def test_user_env_kept_and_defaults_overridable() -> None:
 
 
 def test_pod_identity_and_dns() -> None:
-    pod = build_pod(make_job(**GPU_JOB), 1, "gpu-node-7", attempt=3)
+    job = make_job(**GPU_JOB)
+    pod = build_pod(job, 1, "gpu-node-7", attempt=3)
     meta = pod["metadata"]
     assert pod["apiVersion"] == "v1"
     assert pod["kind"] == "Pod"
@@ -195,7 +197,10 @@ def test_pod_identity_and_dns() -> None:
         "largo.dev/node-rank": "1",
         "largo.dev/attempt": "3",
     }
-    assert meta["annotations"] == {"largo.dev/placement-node": "gpu-node-7"}
+    assert meta["annotations"] == {
+        "largo.dev/placement-node": "gpu-node-7",
+        "largo.dev/spec-hash": pod_spec_hash(job.spec),
+    }
     assert "ownerReferences" not in meta
     spec = pod["spec"]
     assert spec["hostname"] == "llama-node-1"
@@ -303,6 +308,7 @@ def test_pod_template_and_scheduling_pass_through() -> None:
     assert pod["metadata"]["annotations"] == {
         "team": "x",
         "largo.dev/placement-node": "n0",
+        "largo.dev/spec-hash": pod_spec_hash(job.spec),
     }
 
 
@@ -343,3 +349,18 @@ def test_selectors() -> None:
         names.label_selector(names.gang_selector("llama", 2))
         == "largo.dev/attempt=2,largo.dev/job-name=llama"
     )
+
+
+def test_the_spec_hash_moves_with_the_fields_that_shape_pods_only() -> None:
+    base = make_job(**GPU_JOB)
+    same = pod_spec_hash(base.spec)
+    assert pod_spec_hash(make_job(**GPU_JOB).spec) == same
+    for change in (
+        {"args": ["--lr", "0.1"]},
+        {"command": ["python", "other.py"]},
+        {"env": [{"name": "A", "value": "1"}]},
+        {"podTemplate": {"labels": {"team": "y"}}},
+    ):
+        assert pod_spec_hash(make_job(**{**GPU_JOB, **change}).spec) != same, change
+    for change in ({"suspend": True}, {"activeDeadlineSeconds": 60}, {"ttlSecondsAfterFinished": 5}):
+        assert pod_spec_hash(make_job(**{**GPU_JOB, **change}).spec) == same, change

@@ -480,3 +480,52 @@ def test_the_reason_says_why_the_job_is_where_it_is() -> None:
     assert "exit code 1" in failed.status["message"]
     queued = [{"type": "Admitted", "status": "False", "reason": "InsufficientCapacity", "message": "m"}]
     assert summary(queued) == {"reason": "InsufficientCapacity", "message": "m"}
+
+
+def _hashed(status: dict[str, Any], spec_hash: str) -> dict[str, Any]:
+    return {**status, "placement": {**status["placement"], "specHash": spec_hash}}
+
+
+def test_an_edit_before_any_pod_exists_builds_the_attempt_from_the_new_spec() -> None:
+    result = plan(job(status=_hashed(admitted(), "old"), spec_hash="new"), [], NONE, NONE, NOW)
+    assert result.create_ranks == (0, 1)
+    assert result.status["placement"]["specHash"] == "new"
+    assert result.status["attempt"] == 0
+
+
+def test_an_edit_while_the_gang_is_half_created_starts_a_new_attempt() -> None:
+    status = _hashed(admitted(), "old")
+    result = plan(job(status=status, spec_hash="new"), [pod(0, "Pending")], NONE, NONE, NOW)
+    assert result.create_ranks == ()  # never rank 1 from the new spec beside rank 0 from the old
+    assert result.delete_pods == ("j-node-0",)
+    assert result.status["phase"] == Phase.QUEUED
+    assert result.status["attempt"] == 1
+    assert result.status["restarts"] == 0
+    assert [e.reason for e in result.events] == ["SpecChanged"]
+
+
+def test_an_edit_while_running_waits_for_the_next_attempt_and_says_so() -> None:
+    status = _hashed(admitted(Phase.RUNNING), "old")
+    result = plan(job(status=status, spec_hash="new"), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert result.delete_pods == ()
+    assert result.status["phase"] == Phase.RUNNING
+    assert condition_status(result.status["conditions"], "PodsUpToDate") == "False"
+    assert result.status["reason"] == "SpecChanged"
+    assert "takes effect at the next attempt" in result.status["message"]
+    # The next attempt (here: a restart after a failure) is admitted with the new spec's hash.
+    restarted = _hashed(
+        {**result.status, "attempt": 1, "placement": {"attempt": 1, "nodes": ["n0", "n1"]}}, "new"
+    )
+    fresh = plan(
+        job(status={**restarted, "phase": Phase.STARTING}, spec_hash="new"),
+        [pod(0, "Pending", attempt=1), pod(1, "Pending", attempt=1)],
+        NONE,
+        NONE,
+        NOW,
+    )
+    assert condition_status(fresh.status["conditions"], "PodsUpToDate") == "True"
+
+
+def test_jobs_admitted_before_spec_hashes_are_left_alone() -> None:
+    result = plan(job(status=admitted(Phase.RUNNING), spec_hash="new"), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert condition_status(result.status.get("conditions") or [], "PodsUpToDate") is None

@@ -20,6 +20,8 @@ LABEL_ATTEMPT = f"{GROUP}/attempt"
 # On a job's progress ConfigMap: the job it reports for.
 LABEL_PROGRESS_OF = f"{GROUP}/progress-of"
 ANNOTATION_PLACEMENT_NODE = f"{GROUP}/placement-node"
+# The hash of the spec a pod was built from: every pod of one attempt carries the same one.
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 
 # A pod name is a hostname, so it must fit one DNS label; the API caps job names to keep it so.
 MAX_DNS_LABEL = 63

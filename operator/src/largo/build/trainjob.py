@@ -5,6 +5,8 @@ Nothing here talks to the API server; owner references are added by the caller (
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +50,18 @@ def per_pod_requests(spec: TrainJobSpec) -> dict[str, int]:
     """What one pod of the gang asks the node for, in the scheduler's canonical units: cpu in
     millicores, everything else in base units, rounded up as kube-scheduler does."""
     return parse_resources(dict(sorted(spec.resources_per_node.items())))
+
+
+def pod_spec_hash(spec: TrainJobSpec) -> str:
+    """A hash of the mutable fields that shape the pods (the others are immutable): pods built from
+    the same spec carry the same hash, so one attempt never mixes two versions of the spec."""
+    shaping = spec.model_dump(
+        mode="json",
+        by_alias=True,
+        exclude_none=True,
+        include={"command", "args", "env", "checkpoint", "pod_template"},
+    )
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --- objects ---------------------------------------------------------------------------------
@@ -183,7 +197,11 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         names.LABEL_NODE_RANK: str(rank),
         names.LABEL_ATTEMPT: str(attempt),
     }
-    annotations = {**template.annotations, names.ANNOTATION_PLACEMENT_NODE: node_name}
+    annotations = {
+        **template.annotations,
+        names.ANNOTATION_PLACEMENT_NODE: node_name,
+        names.ANNOTATION_SPEC_HASH: pod_spec_hash(spec),
+    }
 
     volumes = [dict(v) for v in template.volumes]
     mounts = [dict(m) for m in template.volume_mounts]

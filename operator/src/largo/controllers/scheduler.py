@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from largo.api.v1alpha1 import ConditionType, Phase, Reason
+from largo.build.trainjob import pod_spec_hash
 from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.state import JobEntry, JobKey, PodUsage, gang_key
 from largo.policy.conditions import set_condition, timestamp
@@ -146,6 +147,7 @@ class Scheduler:
                 "attempt": entry.attempt,
                 "nodes": list(placement.nodes),
                 "admittedAt": timestamp(now),
+                **({"specHash": pod_spec_hash(entry.job.spec)} if entry.job is not None else {}),
             },
             "queue": None,
             "conditions": conditions,

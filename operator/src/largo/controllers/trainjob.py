@@ -43,6 +43,7 @@ def job_view(job: Any, body: Mapping[str, Any], report: ReadReport | None = None
         generation=(body.get("metadata") or {}).get("generation"),
         status=body.get("status") or {},
         report=report,
+        spec_hash=build.pod_spec_hash(spec),
     )
 
 

@@ -64,6 +64,8 @@ class JobView:
     status: Mapping[str, Any] = field(default_factory=dict)
     # The runtime's latest progress report, read from the job's progress ConfigMap.
     report: ReadReport | None = None
+    # Hash of the spec's pod-shaping fields now (build.trainjob.pod_spec_hash).
+    spec_hash: str | None = None
 
     @property
     def phase(self) -> Phase | None:
@@ -264,6 +266,7 @@ _SUMMARY_ORDER: tuple[tuple[ConditionType, str], ...] = (
     (ConditionType.SUSPENDED, "True"),
     (ConditionType.PODS_CREATED, "False"),
     (ConditionType.RESTARTING, "True"),
+    (ConditionType.PODS_UP_TO_DATE, "False"),
     (ConditionType.ADMITTED, "False"),
     (ConditionType.RUNNING, "True"),
     (ConditionType.ADMITTED, "True"),
@@ -538,7 +541,15 @@ def _active(
             f"waiting for {len(earlier)} pod(s) of an earlier attempt to terminate",
         )
     elif job.phase == Phase.STARTING:
-        b.plan.create_ranks = tuple(rank for rank in range(job.num_nodes) if rank not in by_rank)
+        to_create = tuple(rank for rank in range(job.num_nodes) if rank not in by_rank)
+        if to_create and _spec_changed(b):
+            if current:
+                message = f"the spec changed before every pod of attempt {job.attempt} was created"
+                _handle_failure(b, current, lost, timings, Reason.SPEC_CHANGED, message, None)
+                return
+            # Nothing of this attempt exists yet: it is simply built from the new spec.
+            b.status["placement"] = {**b.status["placement"], "specHash": job.spec_hash}
+        b.plan.create_ranks = to_create
         if not b.plan.create_ranks and _pods_created_false(b):
             b.condition(
                 ConditionType.PODS_CREATED, True, Reason.PODS_CREATED, f"all {job.num_nodes} pods created"
@@ -547,6 +558,7 @@ def _active(
         waiting = [pod.unschedulable_since for pod in current if pod.unschedulable_since is not None]
         if waiting:
             b.plan.after(max(0.0, min(waiting) + timings.binding_timeout - b.now))
+    _spec_in_effect(b)
 
     if len(current) == job.num_nodes and all(pod.phase == "Succeeded" for pod in current):
         b.phase(Phase.SUCCEEDED)
@@ -565,6 +577,28 @@ def _active(
         b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
         b.condition(ConditionType.RESTARTING, False, Reason.PODS_RUNNING, message)
         b.event(False, Reason.PODS_RUNNING, message)
+
+
+def _spec_changed(b: _Builder) -> bool:
+    """Whether the spec differs from the one the current attempt's pods are built from."""
+    recorded = (b.status.get("placement") or {}).get("specHash")
+    return b.job.spec_hash is not None and recorded is not None and recorded != b.job.spec_hash
+
+
+def _spec_in_effect(b: _Builder) -> None:
+    """Says when an edit waits for the next attempt: the running gang keeps the spec it started with."""
+    if _spec_changed(b):
+        b.condition(
+            ConditionType.PODS_UP_TO_DATE,
+            False,
+            Reason.SPEC_CHANGED,
+            f"the spec changed after attempt {b.job.attempt} started; the change takes effect at the next "
+            "attempt (a gang restart, or suspend and resume)",
+        )
+    elif condition_status(b.status.get("conditions") or [], ConditionType.PODS_UP_TO_DATE) == "False":
+        b.condition(
+            ConditionType.PODS_UP_TO_DATE, True, Reason.PODS_UP_TO_DATE, "the pods run the current spec"
+        )
 
 
 def _pods_created_false(b: _Builder) -> bool:
@@ -599,7 +633,9 @@ def _refused_too_long(b: _Builder, timings: Timings) -> tuple[Reason, str, int |
 
 # Failures of placement or creation, not of the job: the gang is released and queued again without
 # counting a restart.
-_RELEASE_REASONS = frozenset({Reason.BINDING_FAILED, Reason.CREATE_REFUSED, Reason.NAME_CONFLICT})
+_RELEASE_REASONS = frozenset(
+    {Reason.BINDING_FAILED, Reason.CREATE_REFUSED, Reason.NAME_CONFLICT, Reason.SPEC_CHANGED}
+)
 
 
 def _handle_failure(

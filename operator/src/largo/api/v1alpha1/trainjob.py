@@ -102,6 +102,7 @@ class Phase(StrEnum):
 class ConditionType(StrEnum):
     QUEUED = "Queued"
     PODS_CREATED = "PodsCreated"
+    PODS_UP_TO_DATE = "PodsUpToDate"
     PROGRESS_REPORTED = "ProgressReported"
     ADMITTED = "Admitted"
     RUNNING = "Running"
@@ -138,6 +139,9 @@ class Reason(StrEnum):
     CREATE_REFUSED = "CreateRefused"
     NAME_CONFLICT = "NameConflict"
     PREVIOUS_ATTEMPT_TERMINATING = "PreviousAttemptTerminating"
+    # Spec edits while the job runs.
+    SPEC_CHANGED = "SpecChanged"
+    PODS_UP_TO_DATE = "PodsUpToDate"
     # Progress reports from the training runtime.
     PROGRESS_ACCEPTED = "ProgressAccepted"
     INVALID_PROGRESS = "InvalidProgressReport"
@@ -470,6 +474,10 @@ class Placement(StatusModel):
     attempt: int | None = Field(default=None, ge=0, description="The gang attempt this placement is for.")
     nodes: list[str] = Field(default_factory=list)
     admitted_at: datetime | None = None
+    spec_hash: str | None = Field(
+        default=None,
+        description="Hash of the spec this attempt's pods are built from (their largo.dev/spec-hash).",
+    )
 
 
 class ProgressReport(StatusModel):
