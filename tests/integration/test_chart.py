@@ -39,8 +39,18 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
+        "Role",
+        "RoleBinding",
         "ServiceAccount",
     ]
+    deployment = next(doc for doc in documents if doc["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert "--leader-elect" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    alone = helm(
+        cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3",
+        "--set", "operator.leaderElection.enabled=false", "--set", "operator.replicas=2",
+    )  # fmt: skip
+    assert alone.returncode != 0, "two replicas without leader election must be refused"
     crd = next(doc for doc in documents if doc["kind"] == "CustomResourceDefinition")
     generated = yaml.safe_load((REPO / "crds" / "trainjobs.largo.dev.yaml").read_text())
     assert crd["spec"] == generated["spec"]
@@ -68,7 +78,7 @@ def test_helm_install_runs_the_operator_with_least_privilege(
     try:
         apps = client.AppsV1Api(api)
         deployment = apps.read_namespaced_deployment("largo-operator", namespace)
-        assert deployment.status.ready_replicas == 1
+        assert deployment.status.ready_replicas == 2  # a leader and a standby
         account = f"system:serviceaccount:{namespace}:largo-operator"
 
         def can(verb: str, resource: str) -> bool:
@@ -85,8 +95,34 @@ def test_helm_install_runs_the_operator_with_least_privilege(
             ("patch", "trainjobs.largo.dev/status"),
             ("delete", "trainjobs.largo.dev"),
             ("create", "events"),
+            ("create", "configmaps"),
+            ("update", "trainjobs.largo.dev/finalizers"),
         ]:
             assert can(verb, resource), (verb, resource)
+        lease = cluster.kubectl(
+            "auth",
+            "can-i",
+            "update",
+            "leases.coordination.k8s.io",
+            "--as",
+            account,
+            "-n",
+            namespace,
+            check=False,
+        )
+        assert lease.stdout.strip() == "yes"
+        elsewhere = cluster.kubectl(
+            "auth",
+            "can-i",
+            "update",
+            "leases.coordination.k8s.io",
+            "--as",
+            account,
+            "-n",
+            "default",
+            check=False,
+        )
+        assert elsewhere.stdout.strip() == "no"
         for verb, resource in [("delete", "nodes"), ("patch", "trainjobs.largo.dev"), ("get", "secrets")]:
             assert not can(verb, resource), (verb, resource)
     finally:

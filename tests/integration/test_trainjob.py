@@ -3,6 +3,7 @@ controller-manager and kwok GPU nodes. Pods finish on cue through largo's kwok s
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -12,121 +13,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from largo.dev.cluster import LocalCluster, NodePool, wait_for
+from trainjobs import GROUP, PLURAL, TIMEOUT, VERSION, Jobs, overbooked
 
 pytestmark = pytest.mark.integration
-
-GROUP, VERSION, PLURAL = "largo.dev", "v1alpha1", "trainjobs"
-EXIT_ANNOTATION = "kwok.largo.dev/exit-code"
-TIMEOUT = 90
-
-
-class Jobs:
-    """Small verbs over the TrainJob API for one test namespace."""
-
-    def __init__(self, api: client.ApiClient, namespace: str, operator: Any) -> None:
-        self.custom = client.CustomObjectsApi(api)
-        self.core = client.CoreV1Api(api)
-        self.namespace = namespace
-        self.operator = operator
-
-    def create(
-        self,
-        name: str,
-        pool: NodePool | None,
-        num_nodes: int = 2,
-        gpus: int = 8,
-        **spec: Any,
-    ) -> None:
-        # kwok removes a deleted pod at a random moment within its grace period, as a kubelet might.
-        template = {"terminationGracePeriodSeconds": 1, **spec.pop("podTemplate", {})}
-        if pool is not None:
-            template["nodeSelector"] = dict(pool.labels)
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "TrainJob",
-            "metadata": {"name": name},
-            "spec": {
-                "image": "trainer:test",
-                "command": ["python", "train.py"],
-                "numNodes": num_nodes,
-                "resourcesPerNode": {
-                    "nvidia.com/gpu": gpus,
-                    "cpu": "1",
-                    "memory": "1Gi",
-                },
-                "podTemplate": template,
-                **spec,
-            },
-        }
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
-
-    def get(self, name: str) -> dict[str, Any]:
-        job: dict[str, Any] = self.custom.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name
-        )
-        return job
-
-    def status(self, name: str) -> dict[str, Any]:
-        status: dict[str, Any] = self.get(name).get("status") or {}
-        return status
-
-    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
-        )
-
-    def wait(self, name: str, condition: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
-        wait_for(
-            lambda: condition(self.status(name)),
-            TIMEOUT,
-            f"{name}: {what}",
-            self.operator.assert_alive,
-        )
-        return self.status(name)
-
-    def wait_phase(self, name: str, phase: str) -> dict[str, Any]:
-        return self.wait(name, lambda s: s.get("phase") == phase, f"phase {phase}")
-
-    def pods(self, name: str) -> list[Any]:
-        items = self.core.list_namespaced_pod(
-            self.namespace, label_selector=f"largo.dev/job-name={name}"
-        ).items
-        return sorted(items, key=lambda pod: pod.metadata.name)
-
-    def live_pods(self, name: str) -> list[Any]:
-        return [pod for pod in self.pods(name) if pod.metadata.deletion_timestamp is None]
-
-    def exit(self, name: str, code: int, rank: int | None = None) -> None:
-        """Makes the job's running pods (or one rank) end with ``code``."""
-        for pod in self.live_pods(name):
-            if rank is None or pod.metadata.labels["largo.dev/node-rank"] == str(rank):
-                self.core.patch_namespaced_pod(
-                    pod.metadata.name,
-                    self.namespace,
-                    {"metadata": {"annotations": {EXIT_ANNOTATION: str(code)}}},
-                )
-
-    def events(self, name: str) -> list[tuple[str, str]]:
-        items = self.core.list_namespaced_event(
-            self.namespace,
-            field_selector=f"involvedObject.name={name},involvedObject.kind=TrainJob",
-        ).items
-        return [(event.reason, event.message) for event in items]
-
-    def wait_event(self, name: str, *reasons: str) -> list[str]:
-        """Waits until the job has an event with one of ``reasons`` (events follow the status write)."""
-
-        def seen() -> bool:
-            return any(reason in reasons for reason, _ in self.events(name))
-
-        wait_for(seen, TIMEOUT, f"{name}: an event {' or '.join(reasons)}")
-        return [reason for reason, _ in self.events(name)]
-
-    def condition(self, name: str, type_: str) -> dict[str, Any]:
-        for condition in self.status(name).get("conditions") or []:
-            if condition["type"] == type_:
-                return dict(condition)
-        raise AssertionError(f"{name} has no condition {type_}: {self.status(name)}")
 
 
 @pytest.fixture
@@ -226,7 +115,8 @@ def test_a_gang_that_can_never_fit_says_so(jobs: Jobs, gpu_pool: NodePool) -> No
         lambda s: s.get("queue", {}).get("reason") == "Unschedulable",
         "Unschedulable",
     )
-    assert "3" in status["queue"]["message"]
+    assert "room for 2 of 3 pods" in status["queue"]["message"]
+    assert "position" not in status["queue"]  # it has no place in the order: it blocks nobody
     jobs.wait_event("huge", "Unschedulable")
     # It blocks nobody: a job that fits runs.
     jobs.create("small", gpu_pool, num_nodes=1)
@@ -387,7 +277,9 @@ def test_name_too_long_for_dns_is_refused(api: client.ApiClient, namespace: str,
     with pytest.raises(ApiException) as refused:
         client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
     assert refused.value.status == 422
-    assert "50" in refused.value.body
+    causes = json.loads(refused.value.body)["details"]["causes"]
+    assert [cause["field"] for cause in causes] == ["metadata.name"]  # the field, not <nil>
+    assert "at most 50 characters" in causes[0]["message"]
 
 
 def test_immutable_fields_cannot_change(jobs: Jobs, gpu_pool: NodePool) -> None:
@@ -401,7 +293,7 @@ def test_immutable_fields_cannot_change(jobs: Jobs, gpu_pool: NodePool) -> None:
     assert "image" in refused_image.value.body
 
 
-def test_operator_killed_while_admitting_converges_without_duplicates(
+def test_operator_killed_while_admitting_never_overbooks_a_node(
     jobs: Jobs, make_pool: Callable[..., NodePool]
 ) -> None:
     pool = make_pool(count=4)  # 32 GPUs: eight 4-GPU jobs at a time
@@ -420,13 +312,13 @@ def test_operator_killed_while_admitting_converges_without_duplicates(
     jobs.operator.start()
 
     finished: set[str] = set()
+    samples: list[dict[str, int]] = []
 
     def progress() -> bool:
+        samples.append(overbooked(jobs, names, gpus_per_job=4, gpus_per_node=8))
         for name in names:
             if name in finished:
                 continue
-            pods = jobs.live_pods(name)
-            assert len(pods) <= 1, f"{name} has duplicate pods: {[p.metadata.name for p in pods]}"
             status = jobs.status(name)
             if status.get("phase") == "Succeeded":
                 finished.add(name)
@@ -435,10 +327,12 @@ def test_operator_killed_while_admitting_converges_without_duplicates(
         return len(finished) == len(names)
 
     wait_for(progress, 240, "all 20 jobs Succeeded", jobs.operator.assert_alive)
+    assert len(samples) > 1
+    assert [sample for sample in samples if sample] == []
     for name in names:
         status = jobs.status(name)
-        assert status["restarts"] == 0, (name, status)
-        assert len(jobs.pods(name)) == 1
+        # Admitted once: no second attempt, no restart.
+        assert (status["restarts"], status["attempt"]) == (0, 0), (name, status)
 
 
 def test_a_refused_pod_create_is_told_and_the_job_runs_once_allowed(

@@ -14,7 +14,6 @@ from largo.api.v1alpha1 import (
     TrainJob,
     TrainJobSpec,
     TrainJobStatus,
-    immutable_field_errors,
     validation_messages,
 )
 from largo.api.v1alpha1 import trainjob as tj
@@ -211,27 +210,6 @@ def test_name_too_long() -> None:
 @pytest.mark.parametrize("name", ["1job", "Job", "job.v1", "job-"])
 def test_name_must_be_dns_1035_label(name: str) -> None:
     assert errors(body(name=name)) == [tj.MSG_NAME_FORMAT]
-
-
-def test_failure_policy_classification() -> None:
-    policy = FailurePolicy(permanent_exit_codes=[1], retryable_exit_codes=[])
-    assert policy.is_permanent(1)
-    assert not policy.is_permanent(137)
-    policy = FailurePolicy(permanent_exit_codes=[1], retryable_exit_codes=[137])
-    assert policy.is_permanent(2)
-    assert not policy.is_permanent(137)
-
-
-def test_immutable_field_errors() -> None:
-    old = TrainJobSpec(image="a", num_nodes=2)
-    new = old.model_copy(update={"image": "b", "num_nodes": 3, "suspend": True})
-    assert immutable_field_errors(old, new) == [
-        "spec.image is immutable",
-        "spec.numNodes is immutable",
-    ]
-    moved = old.model_copy(update={"scheduling": old.scheduling.model_copy(update={"topology_key": "rack"})})
-    assert immutable_field_errors(old, moved) == ["spec.scheduling.topologyKey is immutable"]
-    assert immutable_field_errors(old, old.model_copy(update={"active_deadline_seconds": 5})) == []
 
 
 def test_status_round_trip_and_tolerates_unknown_fields() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException
 from largo.controllers.kube import CreateRefused, Kube
+from largo.controllers.leader import LeaderGate, NotLeader
 from largo.controllers.workqueue import Retry
 
 OURS = "uid-of-the-job"
@@ -27,8 +28,10 @@ class FakeCore:
         self.refusal = refusal
         self.existing_controller = existing_controller
         self.existing_labels: dict[str, str] = {}
+        self.calls: list[str] = []
 
-    def create_namespaced_service(self, namespace: str, body: Any) -> None:
+    def create_namespaced_service(self, namespace: str, body: Any, field_manager: str) -> None:
+        self.calls.append(field_manager)
         if self.refusal is not None:
             raise self.refusal
 
@@ -45,6 +48,8 @@ class FakeCore:
 def _kube(core: FakeCore) -> Kube:
     kube = Kube.__new__(Kube)
     kube.core = core  # type: ignore[assignment]
+    kube.gate = LeaderGate()
+    kube.field_manager = "largo-operator"
     return kube
 
 
@@ -86,3 +91,23 @@ def test_our_pod_of_an_earlier_attempt_is_not_taken_for_the_new_one() -> None:
         asyncio.run(_kube(core).create("ns", pod))
     core.existing_labels = {"largo.dev/attempt": "1"}
     asyncio.run(_kube(core).create("ns", pod))
+
+
+def test_a_replica_that_does_not_lead_sends_nothing() -> None:
+    core = FakeCore(None)
+    kube = _kube(core)
+    clock = [100.0]
+    kube.gate = LeaderGate(renew_deadline=6, clock=lambda: clock[0])
+    with pytest.raises(NotLeader):
+        asyncio.run(kube.create("ns", SERVICE))  # never elected
+    kube.gate.renewed(98.0)
+    asyncio.run(kube.create("ns", SERVICE))
+    assert core.calls == ["largo-operator"]  # sent, and named by its field manager
+    clock[0] = 104.5  # no renewal for longer than the renew deadline: frozen, or cut off
+    with pytest.raises(NotLeader):
+        asyncio.run(kube.create("ns", SERVICE))
+    kube.gate.renewed(104.0)
+    kube.gate.lose()  # once lost, never again in this process
+    with pytest.raises(NotLeader):
+        asyncio.run(kube.create("ns", SERVICE))
+    assert core.calls == ["largo-operator"]

@@ -4,7 +4,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 from largo.sched.gang import place, schedule
-from largo.sched.inventory import free_by_node, reserve
+from largo.sched.inventory import add_usage, free_by_node
 from largo.sched.types import (
     Decision,
     GangRequest,
@@ -328,7 +328,7 @@ def test_unschedulable_does_not_block_smaller_job() -> None:
     assert admitted(decision) == {"ns/small": ("a",)}
     huge = by_key(decision)["ns/huge"]
     assert huge.reason is WaitReason.Unschedulable
-    assert huge.position == 1
+    assert huge.position is None  # it blocks nobody: no place in the order
     assert "never" in huge.message
     assert "room for 2 of 3 pods" in huge.message
 
@@ -392,7 +392,7 @@ def test_strict_blocking_small_job_waits_behind_big_job() -> None:
     assert (small.key, small.position, small.reason) == (
         "ns/small",
         2,
-        WaitReason.WaitingForHigherPriority,
+        WaitReason.QueuedBehindHead,
     )
     assert "ns/big" in small.message
 
@@ -423,9 +423,9 @@ def test_jobs_ahead_of_blocker_are_admitted_and_later_unschedulable_still_report
     assert [(w.key, w.reason) for w in decision.waiting] == [
         ("ns/blocked", WaitReason.InsufficientCapacity),
         ("ns/never", WaitReason.Unschedulable),
-        ("ns/tiny", WaitReason.WaitingForHigherPriority),
+        ("ns/tiny", WaitReason.QueuedBehindHead),
     ]
-    assert [w.position for w in decision.waiting] == [1, 2, 3]
+    assert [w.position for w in decision.waiting] == [1, None, 2]
 
 
 def test_fragmentation_keeps_whole_node_for_later_big_pod() -> None:
@@ -462,7 +462,9 @@ def test_reserve_then_schedule_does_not_double_book() -> None:
     nodes = [node("a")]
     first = schedule(nodes, {}, [gang("ns/x", gpu=8)])
     (placement,) = first.admitted
-    usage = reserve({}, placement, {"cpu": 1000, GPU: 8})
+    usage: dict[str, dict[str, int]] = {}
+    for name in placement.nodes:  # as the scheduler loop reserves an admitted gang's unbound ranks
+        add_usage(usage, name, {"cpu": 1000, GPU: 8})
     second = schedule(nodes, usage, [gang("ns/y", gpu=1)])
     assert second.admitted == ()
     assert second.waiting[0].reason is WaitReason.InsufficientCapacity
@@ -481,7 +483,7 @@ def test_topology_gang_blocks_when_no_rack_has_room() -> None:
     assert ring.reason is WaitReason.InsufficientCapacity
     assert "in one rack" in ring.message
     assert "best rack=r2 has room for 2 of 3 pods" in ring.message
-    assert one.reason is WaitReason.WaitingForHigherPriority
+    assert one.reason is WaitReason.QueuedBehindHead
 
 
 def test_empty_queue() -> None:

@@ -9,12 +9,11 @@ from largo.sched.inventory import (
     node_info,
     pod_holds_resources,
     pod_requests,
-    reserve,
     taints_from,
     tolerations_from,
     usage_by_node,
 )
-from largo.sched.types import NodeInfo, Placement, Taint, Toleration
+from largo.sched.types import NodeInfo, Taint, Toleration
 
 GI = 2**30
 
@@ -273,16 +272,6 @@ def test_add_usage_mutates_in_place() -> None:
     add_usage(usage, "a", {"cpu": 2, "memory": 5})
     add_usage(usage, "b", {"nvidia.com/gpu": 1})
     assert usage == {"a": {"cpu": 3, "memory": 5}, "b": {"nvidia.com/gpu": 1}}
-
-
-def test_reserve_returns_new_mapping() -> None:
-    usage = {"a": {"nvidia.com/gpu": 2}}
-    result = reserve(usage, Placement("ns/j", ("a", "a", "b")), {"nvidia.com/gpu": 3, "cpu": 100})
-    assert result == {
-        "a": {"nvidia.com/gpu": 8, "cpu": 200},
-        "b": {"nvidia.com/gpu": 3, "cpu": 100},
-    }
-    assert usage == {"a": {"nvidia.com/gpu": 2}}
 
 
 def test_free_by_node() -> None:

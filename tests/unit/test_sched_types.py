@@ -74,4 +74,4 @@ def test_gang_request_defaults_are_independent() -> None:
 def test_wait_reason_is_string() -> None:
     assert WaitReason.Unschedulable == "Unschedulable"
     assert str(WaitReason.InsufficientCapacity) == "InsufficientCapacity"
-    assert f"{WaitReason.WaitingForHigherPriority}" == "WaitingForHigherPriority"
+    assert f"{WaitReason.QueuedBehindHead}" == "QueuedBehindHead"

@@ -109,7 +109,8 @@ def openapi_schema() -> Schema:
     # The API server owns these; a tighter schema would only get in the way of its handling.
     props["apiVersion"] = {"type": "string"}
     props["kind"] = {"type": "string"}
-    props["metadata"] = {"type": "object"}
+    # Only the name is described: the root's name rules point at it with fieldPath.
+    props["metadata"] = {"type": "object", "properties": {"name": {"type": "string"}}}
     schema["required"] = ["spec"]
     return schema
 

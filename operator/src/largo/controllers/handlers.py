@@ -19,7 +19,9 @@ import kopf
 
 from largo.api.v1alpha1 import GROUP, PLURAL, VERSION, Phase
 from largo.build.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF
-from largo.controllers.kube import Kube
+from largo.controllers.kube import COMPONENT, Kube
+from largo.controllers.leader import ElectionTimings, LeaderGate, identity, start_election
+from largo.controllers.main import LEADER_ELECTION_ENV
 from largo.controllers.scheduler import Scheduler
 from largo.controllers.state import JobKey, job_entry, pod_usage
 from largo.controllers.trainjob import TrainJobReconciler
@@ -63,9 +65,21 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
 
     # Every API call runs in a worker thread: enough of them for the reconcile workers and the
     # scheduler's parallel writes.
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32))
-    kube = Kube.from_environment()
-    jobs: WorkQueue[JobKey] = WorkQueue()
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=32))
+    election = os.environ.get(LEADER_ELECTION_ENV)
+    election_timings = ElectionTimings(
+        lease_duration=int(_float_env("LARGO_LEASE_DURATION_SECONDS", 10)),
+        renew_deadline=int(_float_env("LARGO_RENEW_DEADLINE_SECONDS", 6)),
+        retry_period=int(_float_env("LARGO_RETRY_PERIOD_SECONDS", 1)),
+    )
+    holder = identity()
+    gate = LeaderGate(renew_deadline=election_timings.renew_deadline) if election else LeaderGate()
+    kube = Kube.from_environment(gate, field_manager=holder if election else COMPONENT)
+    jobs: WorkQueue[JobKey] = WorkQueue(
+        base_delay=_float_env("LARGO_RETRY_BASE_SECONDS", 0.05),
+        max_delay=_float_env("LARGO_RETRY_MAX_SECONDS", 60.0),
+    )
 
     def admitted(key: JobKey, body: Mapping[str, Any]) -> None:
         reconciler.hint(key, body)
@@ -98,10 +112,40 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     workers = int(_float_env("LARGO_RECONCILE_WORKERS", 8))
     memo.jobs = jobs
     memo.scheduler = scheduler
-    memo.tasks = [
-        asyncio.create_task(jobs.run(reconciler.reconcile, workers), name="largo-trainjob-workers"),
-        asyncio.create_task(scheduler.run(), name="largo-gang-scheduler"),
-    ]
+    memo.tasks = []
+
+    def lead() -> None:
+        """This replica acts: the reconcile workers and the scheduler run, every known job is looked at.
+
+        A standby's handlers have kept the indexes warm and the keys queued meanwhile."""
+        logger.info("%s leads: gang scheduler and %d reconcile workers started", holder, workers)
+        memo.tasks = [
+            asyncio.create_task(jobs.run(reconciler.reconcile, workers), name="largo-trainjob-workers"),
+            asyncio.create_task(scheduler.run(), name="largo-gang-scheduler"),
+        ]
+        for store in kwargs["trainjob_queue"].values():
+            for entry in store:
+                jobs.add(entry.key)
+        scheduler.nudge()
+
+    if election is None:
+        lead()
+        return
+    namespace, lease = election.split("/", 1)
+
+    def stopped() -> None:
+        # Never lead again in this process: no task, reservation or queued decision of the old term
+        # survives. The Deployment starts a fresh standby.
+        logging.shutdown()
+        os._exit(1)
+
+    logger.info("%s is a candidate for the Lease %s/%s", holder, namespace, lease)
+
+    def started() -> None:
+        # Called from the election's thread: the work starts on the operator's event loop.
+        loop.call_soon_threadsafe(lead)
+
+    start_election(gate, lease, namespace, holder, election_timings, started, stopped)
 
 
 @kopf.on.cleanup()

@@ -20,6 +20,7 @@ from kubernetes.client import ApiException
 
 from largo.api.v1alpha1 import GROUP, PLURAL, VERSION
 from largo.build.names import LABEL_ATTEMPT
+from largo.controllers.leader import LeaderGate, NotLeader
 from largo.controllers.workqueue import Retry
 
 logger = logging.getLogger(__name__)
@@ -61,13 +62,28 @@ def controller_uid(metadata: Mapping[str, Any]) -> str | None:
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(
+        self, api_client: client.ApiClient, gate: LeaderGate | None = None, field_manager: str = COMPONENT
+    ) -> None:
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.gate = gate or LeaderGate()
+        # Named in every object's managedFields: which replica wrote what can be read back.
+        self.field_manager = field_manager
+
+    async def _write(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Runs one API write in a worker thread, checking the leader fence as it is sent."""
+
+        def fenced() -> Any:
+            if not self.gate.leading():
+                raise NotLeader("not the leader: write not sent")
+            return call(*args, **kwargs)
+
+        return await asyncio.to_thread(fenced)
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, gate: LeaderGate | None = None, field_manager: str = COMPONENT) -> Kube:
         try:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
@@ -75,7 +91,7 @@ class Kube:
         configuration = client.Configuration.get_default_copy()
         # Enough connections for every reconcile worker and the scheduler at once.
         configuration.connection_pool_maxsize = 32
-        return cls(client.ApiClient(configuration))
+        return cls(client.ApiClient(configuration), gate, field_manager)
 
     async def patch_trainjob_status(
         self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
@@ -86,8 +102,8 @@ class Kube:
             body["metadata"] = {"resourceVersion": resource_version}
         patch: Callable[..., Any] = self.custom.patch_namespaced_custom_object_status
         try:
-            result: dict[str, Any] = await asyncio.to_thread(
-                patch, GROUP, VERSION, namespace, PLURAL, name, body
+            result: dict[str, Any] = await self._write(
+                patch, GROUP, VERSION, namespace, PLURAL, name, body, field_manager=self.field_manager
             )
         except ApiException as error:
             if error.status in (404, 409):
@@ -97,7 +113,7 @@ class Kube:
 
     async def delete_trainjob(self, namespace: str, name: str) -> None:
         try:
-            await asyncio.to_thread(
+            await self._write(
                 self.custom.delete_namespaced_custom_object,
                 GROUP,
                 VERSION,
@@ -116,7 +132,8 @@ class Kube:
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         suffix = _CORE_KINDS[kind]
         try:
-            await asyncio.to_thread(getattr(self.core, f"create_namespaced_{suffix}"), namespace, manifest)
+            create = getattr(self.core, f"create_namespaced_{suffix}")
+            await self._write(create, namespace, manifest, field_manager=self.field_manager)
             return
         except ApiException as error:
             if error.status != 409:
@@ -138,7 +155,7 @@ class Kube:
 
     async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
         try:
-            await asyncio.to_thread(
+            await self._write(
                 self.core.delete_namespaced_pod, name, namespace, grace_period_seconds=0 if force else None
             )
         except ApiException as error:
@@ -170,8 +187,19 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
+        log = logger.warning if type_ == "Warning" else logger.info
+        log(
+            "%s/%s %s: %s",
+            metadata.get("namespace"),
+            metadata.get("name"),
+            reason,
+            message,
+            extra={"object": f"{metadata.get('namespace')}/{metadata.get('name')}", "reason": reason},
+        )
         create: Callable[..., Any] = self.core.create_namespaced_event
         try:
-            await asyncio.to_thread(create, metadata.get("namespace"), body)
+            await self._write(create, metadata.get("namespace"), body, field_manager=self.field_manager)
+        except NotLeader:
+            return
         except ApiException as error:
             logger.warning("could not post event %s on %s: %s", reason, metadata.get("name"), error.reason)

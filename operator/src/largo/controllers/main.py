@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+
+# "<namespace>/<lease name>" when the operator runs for leader election.
+LEADER_ELECTION_ENV = "LARGO_LEADER_ELECTION"
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,7 +21,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--liveness", default=None, help="serve health checks, e.g. http://0.0.0.0:8080/healthz"
     )
     operator.add_argument(
-        "--peering", default=None, help="kopf peering name for several replicas (default: standalone)"
+        "--leader-elect",
+        action="store_true",
+        help="one of several replicas: only the holder of a coordination.k8s.io Lease acts",
+    )
+    operator.add_argument(
+        "--leader-election-namespace",
+        default=None,
+        help="namespace of the Lease (default: the operator's own)",
+    )
+    operator.add_argument("--leader-election-id", default="largo-operator", help="name of the Lease")
+    operator.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line"
     )
     operator.add_argument("--verbose", action="store_true")
     operator.set_defaults(handler=run)
@@ -27,19 +42,35 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     import largo.controllers.handlers  # noqa: F401  (registers the handlers)
+    from largo.controllers.leader import default_namespace
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    if args.leader_elect:
+        # Read by the start-up handler, which kopf calls without our arguments.
+        os.environ[LEADER_ELECTION_ENV] = (
+            f"{args.leader_election_namespace or default_namespace()}/{args.leader_election_id}"
+        )
     if not args.verbose:
         # kopf logs every handler call at INFO; largo's own lines and kopf's warnings are what matter.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
-        standalone=args.peering is None,
-        peering_name=args.peering,
+        # Several replicas coordinate through largo's own Lease election (controllers/leader.py), not
+        # kopf peering, which pauses handlers but fences neither the scheduler nor the writes.
+        standalone=True,
         liveness_endpoint=args.liveness,
     )
     return 0

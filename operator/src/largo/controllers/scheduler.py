@@ -19,6 +19,7 @@ from largo.api.v1alpha1 import ConditionType, Phase, Reason
 from largo.build.trainjob import pod_spec_hash
 from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.state import JobEntry, JobKey, PodUsage, gang_key
+from largo.controllers.workqueue import Retry
 from largo.policy.conditions import set_condition, timestamp
 from largo.policy.trainjob import summary
 from largo.sched import gang, inventory
@@ -73,6 +74,10 @@ class Scheduler:
         self._ready = True
         self._wake.set()
 
+    def nudge(self) -> None:
+        """Asks for a pass without claiming the indexes are filled (see ``wake``)."""
+        self._wake.set()
+
     async def run(self, resync: float = 30.0) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
@@ -86,6 +91,11 @@ class Scheduler:
                 await self.run_pass()
             except asyncio.CancelledError:
                 raise
+            except Retry as reason:
+                logger.info("gang scheduling pass: %s; retrying", reason)
+                await asyncio.sleep(1.0)
+                self._wake.set()
+                continue
             except Exception:
                 logger.exception("gang scheduling pass failed; retrying")
                 await asyncio.sleep(1.0)

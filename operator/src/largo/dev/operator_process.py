@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from largo.dev.cluster import ClusterError, free_port, http_ok, wait_for
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
         self.env = dict(env or {})
+        self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
         self.liveness = ""
 
@@ -25,7 +33,7 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "largo", "operator", "--liveness", self.liveness],
+                [sys.executable, "-m", "largo", "operator", "--liveness", self.liveness, *self.args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -45,6 +53,15 @@ class OperatorProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process keeps its state but neither runs nor talks, as when partitioned."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def stop(self, grace: float = 20.0) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -218,8 +218,9 @@ def _explain(
 def schedule(nodes: Sequence[NodeInfo], usage: Usage, queue: Sequence[GangRequest]) -> Decision:
     """Decide which queued gangs start now and why the others wait.
 
-    ``usage`` must already include gangs admitted earlier whose pods are not bound yet (see
-    ``inventory.reserve``); ``queue`` holds only gangs that are not admitted.
+    ``usage`` must already include gangs admitted earlier whose pods are not bound yet (the
+    scheduler loop adds them, see ``controllers.scheduler.Scheduler.usage``); ``queue`` holds only
+    gangs that are not admitted.
     """
     free = free_by_node(nodes, usage)
     empty = free_by_node(nodes, {})
@@ -229,7 +230,9 @@ def schedule(nodes: Sequence[NodeInfo], usage: Usage, queue: Sequence[GangReques
     blocker: str | None = None
 
     def wait(request: GangRequest, reason: WaitReason, message: str) -> None:
-        waiting.append(Waiting(request.key, len(waiting) + 1, reason, message))
+        ordered_so_far = sum(1 for w in waiting if w.position is not None)
+        position = None if reason is WaitReason.Unschedulable else ordered_so_far + 1
+        waiting.append(Waiting(request.key, position, reason, message))
 
     for request in ordered:
         candidates = _candidates(nodes, request)
@@ -240,7 +243,11 @@ def schedule(nodes: Sequence[NodeInfo], usage: Usage, queue: Sequence[GangReques
         placement = _place_among(candidates, free, request)
         if blocker is not None:
             if placement is not None:
-                wait(request, WaitReason.WaitingForHigherPriority, f"fits now but queued behind {blocker}")
+                wait(
+                    request,
+                    WaitReason.QueuedBehindHead,
+                    f"fits now but queued behind {blocker}, the head of the queue, which does not fit yet",
+                )
             else:
                 reason = _explain(nodes, candidates, free, request, "free")
                 wait(request, WaitReason.InsufficientCapacity, f"{reason}; queued behind {blocker}")

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from largo.sched.quantity import parse_resources
-from largo.sched.types import NodeInfo, Placement, Taint, Toleration
+from largo.sched.types import NodeInfo, Taint, Toleration
 
 Resources = Mapping[str, int]
 Usage = Mapping[str, Mapping[str, int]]
@@ -128,18 +128,6 @@ def usage_by_node(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]
         if node and pod_holds_resources(pod):
             add_usage(usage, str(node), pod_requests(pod))
     return usage
-
-
-def reserve(usage: Usage, placement: Placement, per_pod: Resources) -> dict[str, dict[str, int]]:
-    """A copy of ``usage`` with one ``per_pod`` added for every pod of ``placement``.
-
-    Use it for gangs that were admitted but whose pods are not bound yet, so the next decision
-    does not hand their capacity out again.
-    """
-    result = {node: dict(resources) for node, resources in usage.items()}
-    for node in placement.nodes:
-        add_usage(result, node, per_pod)
-    return result
 
 
 def free_by_node(nodes: Iterable[NodeInfo], usage: Usage) -> dict[str, dict[str, int]]:

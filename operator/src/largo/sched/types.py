@@ -96,8 +96,9 @@ class Placement:
 class WaitReason(StrEnum):
     # Fits in the empty cluster, but not in the free capacity right now.
     InsufficientCapacity = "InsufficientCapacity"
-    # Would fit right now, but a job ahead of it in the order does not (strict ordering).
-    WaitingForHigherPriority = "WaitingForHigherPriority"
+    # Would fit right now, but the head of the queue (a job ahead of it in priority, then arrival
+    # order, whatever its priority) does not fit yet: strict order, so big gangs are not starved.
+    QueuedBehindHead = "QueuedBehindHead"
     # Cannot fit even if every usable, matching, tolerated node were empty.
     Unschedulable = "Unschedulable"
 
@@ -105,7 +106,8 @@ class WaitReason(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Waiting:
     key: str
-    position: int
+    # Place in the admission order, 1 the head; None for a gang that can never fit and blocks nobody.
+    position: int | None
     reason: WaitReason
     message: str
 

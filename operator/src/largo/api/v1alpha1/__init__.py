@@ -34,7 +34,6 @@ from largo.api.v1alpha1.trainjob import (
     TrainJob,
     TrainJobSpec,
     TrainJobStatus,
-    immutable_field_errors,
     is_reserved_env_name,
     validation_messages,
 )
@@ -71,7 +70,6 @@ __all__ = [
     "TrainJob",
     "TrainJobSpec",
     "TrainJobStatus",
-    "immutable_field_errors",
     "is_reserved_env_name",
     "validation_messages",
 ]

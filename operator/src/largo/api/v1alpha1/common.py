@@ -27,11 +27,17 @@ MAX_NUM_NODES = 1024
 JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
-def cel(rule: str, message: str, *, reason: str | None = None) -> dict[str, str]:
-    """One `x-kubernetes-validations` entry; every rule carries a message naming its field."""
+def cel(
+    rule: str, message: str, *, reason: str | None = None, field_path: str | None = None
+) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry; every rule carries a message naming its field, and a rule
+    placed on an enclosing object (to see several fields, or an optional one) a ``fieldPath`` relative
+    to it, so the API server's error names the field instead of the object."""
     entry = {"rule": rule, "message": message}
     if reason is not None:
         entry["reason"] = reason
+    if field_path is not None:
+        entry["fieldPath"] = field_path
     return entry
 
 

@@ -113,21 +113,15 @@ class ConditionType(StrEnum):
 
 
 class Reason(StrEnum):
-    # Queueing and admission.
+    # Queueing and admission (why a job waits: largo.sched.types.WaitReason).
     QUEUED = "Queued"
-    INSUFFICIENT_CAPACITY = "InsufficientCapacity"
-    UNSCHEDULABLE = "Unschedulable"
-    WAITING_FOR_HIGHER_PRIORITY = "WaitingForHigherPriority"
     ADMITTED = "Admitted"
-    PREEMPTED = "Preempted"
     # Running.
-    PODS_STARTING = "PodsStarting"
     PODS_RUNNING = "PodsRunning"
     # Restarts and failures.
     POD_FAILED = "PodFailed"
     NODE_LOST = "NodeLost"
     BINDING_FAILED = "BindingFailed"
-    RETRYABLE_EXIT_CODE = "RetryableExitCode"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     PERMANENT_EXIT_CODE = "PermanentExitCode"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
@@ -223,6 +217,7 @@ class FailurePolicy(SpecModel):
                 "!has(self.permanentExitCodes) || !has(self.retryableExitCodes) || "
                 "!self.permanentExitCodes.exists(c, c in self.retryableExitCodes)",
                 MSG_EXIT_CODE_OVERLAP,
+                field_path=".retryableExitCodes",
             )
         )
     )
@@ -255,12 +250,6 @@ class FailurePolicy(SpecModel):
             raise ValueError(MSG_EXIT_CODE_OVERLAP)
         return self
 
-    def is_permanent(self, exit_code: int) -> bool:
-        """Whether a container exit code ends the job without a restart."""
-        if exit_code in self.permanent_exit_codes:
-            return True
-        return bool(self.retryable_exit_codes) and exit_code not in self.retryable_exit_codes
-
 
 class Scheduling(SpecModel):
     """Gang admission: queue, priority and topology constraints."""
@@ -271,6 +260,7 @@ class Scheduling(SpecModel):
                 "has(self.topologyKey) == has(oldSelf.topologyKey) && "
                 "(!has(self.topologyKey) || self.topologyKey == oldSelf.topologyKey)",
                 MSG_TOPOLOGY_KEY_IMMUTABLE,
+                field_path=".topologyKey",
             )
         )
     )
@@ -436,19 +426,6 @@ def is_reserved_env_name(name: str) -> bool:
     return name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
 
 
-def immutable_field_errors(old: TrainJobSpec, new: TrainJobSpec) -> list[str]:
-    """The CEL transition rules, for updates that reach the operator without the API server's check."""
-    checks = {
-        "spec.image": (old.image, new.image),
-        "spec.numNodes": (old.num_nodes, new.num_nodes),
-        "spec.procsPerNode": (old.procs_per_node, new.procs_per_node),
-        "spec.resourcesPerNode": (old.resources_per_node, new.resources_per_node),
-        "spec.backend": (old.backend, new.backend),
-        "spec.scheduling.topologyKey": (old.scheduling.topology_key, new.scheduling.topology_key),
-    }
-    return [immutable_message(path) for path, (a, b) in checks.items() if a != b]
-
-
 # --- status ----------------------------------------------------------------------------------
 
 
@@ -463,7 +440,12 @@ class QueueStatus(StatusModel):
     """Why and where the job waits, while it is not admitted."""
 
     name: str | None = None
-    position: int | None = Field(default=None, ge=1, description="1 is the head of the queue.")
+    position: int | None = Field(
+        default=None,
+        ge=1,
+        description="Place in the admission order, 1 is the head; absent for a job that can never fit "
+        "(it blocks nobody).",
+    )
     reason: str | None = None
     message: str | None = None
 
@@ -549,8 +531,16 @@ class TrainJob(BaseModel):
         populate_by_name=True,
         extra="ignore",
         json_schema_extra=validations(
-            cel(f"self.metadata.name.size() <= {MAX_JOB_NAME_LENGTH}", MSG_NAME_TOO_LONG),
-            cel(f"self.metadata.name.matches('{JOB_NAME_PATTERN}')", MSG_NAME_FORMAT),
+            cel(
+                f"self.metadata.name.size() <= {MAX_JOB_NAME_LENGTH}",
+                MSG_NAME_TOO_LONG,
+                field_path=".metadata.name",
+            ),
+            cel(
+                f"self.metadata.name.matches('{JOB_NAME_PATTERN}')",
+                MSG_NAME_FORMAT,
+                field_path=".metadata.name",
+            ),
         ),
     )
 

@@ -1,0 +1,142 @@
+"""Lease-based leader election for several operator replicas, with a fence on every write.
+
+Every replica watches and keeps its indexes warm; only the holder of the coordination.k8s.io Lease runs
+the gang scheduler and the reconcile workers. The election itself is the kubernetes client's
+(``kubernetes.leaderelection`` with its ``LeaseLock``, the same protocol as client-go); largo adds:
+
+- a fence: ``LeaderGate.leading()`` is true only until ``renew_deadline`` after the start of the last
+  successful renewal, measured on the monotonic clock. Every API write checks it at the moment it is
+  sent, so a leader that cannot renew (partitioned, or frozen and then resumed) stops writing before
+  its lease can expire for the others (``renew_deadline < lease_duration``);
+- leadership is never regained in place: once lost, the process exits and its Deployment restarts it
+  as a standby, so no task or reservation of the old term survives into the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kubernetes.leaderelection import electionconfig, leaderelection
+from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+
+from largo.controllers.workqueue import Retry
+
+logger = logging.getLogger(__name__)
+
+_SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+@dataclass(frozen=True, slots=True)
+class ElectionTimings:
+    """client-go's meaning: a standby takes over ``lease_duration`` after the last renewal it saw; a
+    leader gives up after failing to renew for ``renew_deadline``; candidates retry every ``retry_period``.
+    A standby takes over at most ``lease_duration + 2 * retry_period`` after the leader stops."""
+
+    # Whole seconds: the Lease stores leaseDurationSeconds as an integer.
+    lease_duration: int = 10
+    renew_deadline: int = 6
+    retry_period: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.retry_period + self.renew_deadline < self.lease_duration:
+            raise ValueError("leader election needs retry_period + renew_deadline < lease_duration")
+        if not self.renew_deadline > 1.2 * self.retry_period:
+            raise ValueError("leader election needs renew_deadline > 1.2 * retry_period")
+
+
+@dataclass
+class LeaderGate:
+    """Whether this replica may write now. Without an election (one replica) it always may."""
+
+    renew_deadline: int | None = None
+    clock: Callable[[], float] = time.monotonic
+    _valid_until: float = field(default=float("-inf"))
+    _lost: bool = False
+
+    def leading(self) -> bool:
+        if self.renew_deadline is None:
+            return True
+        return not self._lost and self.clock() < self._valid_until
+
+    def renewed(self, attempt_started: float) -> None:
+        """A renewal that began at ``attempt_started`` (monotonic) succeeded."""
+        if self.renew_deadline is not None and not self._lost:
+            self._valid_until = max(self._valid_until, attempt_started + self.renew_deadline)
+
+    def lose(self) -> None:
+        self._lost = True
+
+
+class NotLeader(Retry):
+    """This replica is not (or no longer) the leader: the write was not sent."""
+
+
+class _FencedElection(leaderelection.LeaderElection):
+    """The client's election, telling the gate of every successful acquire or renewal."""
+
+    def __init__(self, config: electionconfig.Config, gate: LeaderGate) -> None:
+        super().__init__(config)  # type: ignore[no-untyped-call]
+        self.gate = gate
+
+    def try_acquire_or_renew(self) -> bool:
+        started = self.gate.clock()
+        succeeded = bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
+        record = self.observed_record
+        if succeeded and record is not None and self.election_config.lock.identity == record.holder_identity:
+            self.gate.renewed(started)
+        return succeeded
+
+
+def default_namespace() -> str:
+    """The operator's own namespace: POD_NAMESPACE, else the service account's, else default."""
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        with open(_SERVICE_ACCOUNT_NAMESPACE) as handle:
+            return handle.read().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def identity() -> str:
+    """Unique per process: the pod's name (POD_NAME, else the hostname) and a random suffix, so a
+    restarted replica never mistakes its predecessor's Lease for its own."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+
+
+def start_election(
+    gate: LeaderGate,
+    lease_name: str,
+    namespace: str,
+    holder: str,
+    timings: ElectionTimings,
+    started_leading: Callable[[], None],
+    stopped_leading: Callable[[], None],
+) -> threading.Thread:
+    """Runs the election in a daemon thread: ``started_leading`` once the Lease is ours,
+    ``stopped_leading`` once it is lost (after which this process must not act again)."""
+
+    def stopped() -> None:
+        gate.lose()
+        logger.warning("%s lost the lease %s/%s: stopping", holder, namespace, lease_name)
+        stopped_leading()
+
+    config = electionconfig.Config(  # type: ignore[no-untyped-call]
+        LeaseLock(lease_name, namespace, holder),  # type: ignore[no-untyped-call]
+        lease_duration=timings.lease_duration,
+        renew_deadline=timings.renew_deadline,
+        retry_period=timings.retry_period,
+        onstarted_leading=started_leading,
+        onstopped_leading=stopped,
+    )
+    election = _FencedElection(config, gate)
+    thread = threading.Thread(target=election.run, name="largo-leader-election", daemon=True)
+    thread.start()
+    return thread
