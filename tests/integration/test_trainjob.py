@@ -505,3 +505,17 @@ def test_an_edit_while_running_takes_effect_at_the_next_attempt(jobs: Jobs, gpu_
     assert len(hashes) == 1
     assert hashes != old_hash
     assert jobs.condition("edited", "PodsUpToDate")["status"] == "True"
+
+
+def test_exclusive_nodes_give_each_pod_a_node_of_its_own(jobs: Jobs, gpu_pool: NodePool) -> None:
+    jobs.create("alone", gpu_pool, num_nodes=2, gpus=4, scheduling={"exclusiveNodes": True})
+    jobs.wait_phase("alone", "Running")
+    nodes = [pod.spec.node_name for pod in jobs.live_pods("alone")]
+    assert len(set(nodes)) == 2, nodes  # packing would have put both 4-GPU pods on one 8-GPU node
+    # Four GPUs are free on each node, yet nothing is placed beside an exclusive pod.
+    jobs.create("beside", gpu_pool, num_nodes=1, gpus=2)
+    status = jobs.wait("beside", lambda s: s.get("phase") == "Queued" and bool(s.get("queue")), "queued")
+    assert status["queue"]["reason"] == "InsufficientCapacity"
+    jobs.exit("alone", 0)
+    jobs.wait_phase("alone", "Succeeded")
+    jobs.wait_phase("beside", "Running")

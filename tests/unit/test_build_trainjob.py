@@ -364,3 +364,10 @@ def test_the_spec_hash_moves_with_the_fields_that_shape_pods_only() -> None:
         assert pod_spec_hash(make_job(**{**GPU_JOB, **change}).spec) != same, change
     for change in ({"suspend": True}, {"activeDeadlineSeconds": 60}, {"ttlSecondsAfterFinished": 5}):
         assert pod_spec_hash(make_job(**{**GPU_JOB, **change}).spec) == same, change
+
+
+def test_exclusive_pods_are_labelled_for_the_scheduler() -> None:
+    shared = build_pod(make_job(**GPU_JOB), 0, "n0", attempt=0)
+    assert "largo.dev/exclusive-node" not in shared["metadata"]["labels"]
+    alone = build_pod(make_job(**GPU_JOB, scheduling={"exclusiveNodes": True}), 0, "n0", attempt=0)
+    assert alone["metadata"]["labels"]["largo.dev/exclusive-node"] == "true"

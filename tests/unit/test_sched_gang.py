@@ -497,3 +497,40 @@ def test_schedule_does_not_mutate_inputs() -> None:
     schedule(nodes, usage, queue)
     assert usage == {"a": {GPU: 1}}
     assert nodes[0].allocatable[GPU] == 8
+
+
+# --- exclusive nodes ---------------------------------------------------------------------------------
+
+
+def test_an_exclusive_gang_gets_one_whole_node_per_pod() -> None:
+    nodes = [node("a"), node("b"), node("c")]
+    packed = schedule(nodes, {}, [gang("ns/packed", pods=2, gpu=4)])
+    assert admitted(packed) == {"ns/packed": ("a", "a")}  # packing shares a node
+    alone = schedule(nodes, {}, [gang("ns/alone", pods=2, gpu=4, exclusive=True)])
+    assert admitted(alone) == {"ns/alone": ("a", "b")}
+
+
+def test_an_exclusive_gang_skips_nodes_with_gpus_in_use_and_says_so() -> None:
+    nodes = [node("a"), node("b")]
+    decision = schedule(nodes, {"a": {GPU: 1}}, [gang("ns/x", pods=2, gpu=4, exclusive=True)])
+    assert decision.admitted == ()
+    (waiting,) = decision.waiting
+    assert waiting.reason is WaitReason.InsufficientCapacity
+    assert "each on a node with no GPU in use" in waiting.message
+    assert "room for 1 of 2 pods" in waiting.message
+    never = schedule([node("a")], {}, [gang("ns/y", pods=2, gpu=1, exclusive=True)])
+    assert never.waiting[0].reason is WaitReason.Unschedulable  # one node can never host two
+
+
+def test_nothing_else_is_placed_beside_an_exclusive_pod_in_the_same_pass() -> None:
+    nodes = [node("a"), node("b")]
+    queue = [
+        gang("ns/alone", pods=1, gpu=4, exclusive=True, arrival=1),
+        gang("ns/small", pods=1, gpu=2, arrival=2),
+        gang("ns/big", pods=1, gpu=8, arrival=3),
+    ]
+    decision = schedule(nodes, {}, queue)
+    placed = admitted(decision)
+    assert placed["ns/alone"] == ("a",)
+    assert placed["ns/small"] == ("b",)  # not onto a's four free GPUs
+    assert by_key(decision)["ns/big"].reason is WaitReason.InsufficientCapacity

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from largo.controllers.kube import ConflictError
 from largo.controllers.scheduler import Scheduler
-from largo.controllers.state import JobEntry, JobKey, job_entry
+from largo.controllers.state import JobEntry, JobKey, PodUsage, job_entry
 from largo.sched.inventory import node_info
 
 NOW = 1_800_000_000.0
@@ -158,3 +158,19 @@ def test_a_gang_that_can_never_fit_is_told_so(gpus: int) -> None:
     assert status["phase"] == "Queued"
     assert status["reason"] == "Unschedulable"
     assert status["queue"]["reason"] == "Unschedulable"
+
+
+def test_a_bound_exclusive_pod_holds_its_whole_node_across_passes() -> None:
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0")], [_job("small", gpus=2)])
+    exclusive = PodUsage(
+        uid="p", requests={"nvidia.com/gpu": 4}, job=("ns", "other"), attempt=0, rank=0, exclusive=True
+    )
+    scheduler.pods[("n0")] = [exclusive]  # type: ignore[index]
+    asyncio.run(scheduler.run_pass())
+    ((_, status),) = kube.writes
+    assert status["phase"] == "Queued"  # four GPUs are free, but the node is the exclusive pod's
+    scheduler.pods["n0"] = [PodUsage("p", {"nvidia.com/gpu": 4})]  # type: ignore[index]
+    scheduler.jobs[("ns", "small")] = [_job("small", gpus=2)]  # type: ignore[index]
+    asyncio.run(scheduler.run_pass())
+    assert kube.writes[-1][1]["phase"] == "Starting"  # an ordinary 4-GPU pod leaves room

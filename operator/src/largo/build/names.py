@@ -17,6 +17,8 @@ SHM_VOLUME = "largo-dshm"
 LABEL_JOB_NAME = f"{GROUP}/job-name"
 LABEL_NODE_RANK = f"{GROUP}/node-rank"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
+# On pods of a gang with scheduling.exclusiveNodes: largo's admission holds the whole node for them.
+LABEL_EXCLUSIVE = f"{GROUP}/exclusive-node"
 # On a job's progress ConfigMap: the job it reports for.
 LABEL_PROGRESS_OF = f"{GROUP}/progress-of"
 ANNOTATION_PLACEMENT_NODE = f"{GROUP}/placement-node"

@@ -196,6 +196,7 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         names.LABEL_JOB_NAME: name,
         names.LABEL_NODE_RANK: str(rank),
         names.LABEL_ATTEMPT: str(attempt),
+        **({names.LABEL_EXCLUSIVE: "true"} if spec.scheduling.exclusive_nodes else {}),
     }
     annotations = {
         **template.annotations,

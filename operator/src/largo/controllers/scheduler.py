@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from largo.api.v1alpha1 import ConditionType, Phase, Reason
+from largo.api.v1alpha1 import GPU_RESOURCE, ConditionType, Phase, Reason
 from largo.build.trainjob import pod_spec_hash
 from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.state import JobEntry, JobKey, PodUsage, gang_key
@@ -49,6 +49,7 @@ class _Admission:
     attempt: int
     nodes: tuple[str, ...]
     per_pod: Mapping[str, int]
+    exclusive: bool = False
 
 
 @dataclass
@@ -105,20 +106,32 @@ class Scheduler:
         """What every node holds: bound pods, plus admitted ranks whose pods are not bound yet."""
         usage: dict[str, dict[str, int]] = {}
         bound: set[tuple[JobKey, int, int]] = set()
+        whole: set[str] = set()  # nodes an exclusive pod holds
         for node, store in self.pods_by_node():
             for pod in store:
                 inventory.add_usage(usage, node, pod.requests)
                 if pod.job is not None and pod.attempt is not None and pod.rank is not None:
                     bound.add((pod.job, pod.attempt, pod.rank))
+                if pod.exclusive:
+                    whole.add(node)
         reserved: dict[JobKey, _Admission] = {}
         for entry in entries:
             if entry.active and entry.placement is not None:
-                reserved[entry.key] = _Admission(entry.attempt, entry.placement, entry.per_pod)
+                exclusive = entry.request is not None and entry.request.exclusive
+                reserved[entry.key] = _Admission(entry.attempt, entry.placement, entry.per_pod, exclusive)
         reserved.update(self._pending)
         for key, admission in reserved.items():
             for rank, node in enumerate(admission.nodes):
                 if (key, admission.attempt, rank) not in bound:
                     inventory.add_usage(usage, node, admission.per_pod)
+                    if admission.exclusive:
+                        whole.add(node)
+        if whole:
+            allocatable = {info.name: info.allocatable for info in _values(self.nodes)}
+            for node in whole:
+                gpus = allocatable.get(node, {}).get(GPU_RESOURCE, 0)
+                used = usage.setdefault(node, {})
+                used[GPU_RESOURCE] = max(used.get(GPU_RESOURCE, 0), gpus)
         return usage
 
     def pods_by_node(self) -> list[tuple[str, list[PodUsage]]]:
@@ -170,7 +183,8 @@ class Scheduler:
         except ConflictError:
             self.wake()
             return
-        self._pending[entry.key] = _Admission(entry.attempt, placement.nodes, entry.per_pod)
+        exclusive = entry.request is not None and entry.request.exclusive
+        self._pending[entry.key] = _Admission(entry.attempt, placement.nodes, entry.per_pod, exclusive)
         self.admitted(entry.key, updated)
         await self.kube.event(entry.body, "Normal", Reason.ADMITTED, message)
 

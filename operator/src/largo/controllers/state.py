@@ -14,7 +14,7 @@ import pydantic
 
 from largo.api.v1alpha1 import Phase, TrainJob, validation_messages
 from largo.build import trainjob as build
-from largo.build.names import LABEL_JOB_NAME
+from largo.build.names import LABEL_EXCLUSIVE, LABEL_JOB_NAME
 from largo.policy.conditions import parse_timestamp
 from largo.policy.trainjob import gang_position, status_attempt, status_placement
 from largo.sched import inventory
@@ -32,6 +32,8 @@ class PodUsage:
     job: JobKey | None = None
     attempt: int | None = None
     rank: int | None = None
+    # A pod of an exclusiveNodes gang: its node is held whole.
+    exclusive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,7 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
         job=job,
         attempt=attempt,
         rank=rank,
+        exclusive=labels.get(LABEL_EXCLUSIVE) == "true",
     )
 
 
@@ -147,4 +150,5 @@ def gang_request(job: TrainJob, key: JobKey, metadata: Mapping[str, Any]) -> Gan
         tolerations=inventory.tolerations_from(build.pod_tolerations(job)),
         required_topology_key=scheduling.topology_key,
         preferred_topology_key=scheduling.preferred_topology_key,
+        exclusive=scheduling.exclusive_nodes,
     )

@@ -62,6 +62,33 @@ def _room(free: Mapping[str, int], per_pod: Mapping[str, int], limit: int) -> in
 
 
 def _pack(candidates: Sequence[NodeInfo], free: Free, request: GangRequest) -> tuple[str, ...] | None:
+    """Best-fit packing (below); an exclusive gang gets one pod per node and nodes without GPUs in use."""
+    if request.exclusive:
+        return _pack_exclusive(candidates, free, request)
+    return _pack_shared(candidates, free, request)
+
+
+def _fits_whole(node: NodeInfo, free: Free, request: GangRequest) -> bool:
+    """No GPU of ``node`` is in use, and one pod of ``request`` fits it."""
+    node_free = free.get(node.name, _NO_FREE)
+    return node_free.get(GPU, 0) == node.allocatable.get(GPU, 0) and _room(node_free, request.per_pod, 1) == 1
+
+
+def _pack_exclusive(
+    candidates: Sequence[NodeInfo], free: Free, request: GangRequest
+) -> tuple[str, ...] | None:
+    """One pod on each of the smallest whole nodes that fit it (then cpu, then name)."""
+    fitting = sorted(
+        (free.get(node.name, _NO_FREE).get(GPU, 0), free.get(node.name, _NO_FREE).get(CPU, 0), node.name)
+        for node in candidates
+        if _fits_whole(node, free, request)
+    )
+    if len(fitting) < request.pod_count:
+        return None
+    return tuple(name for _gpu, _cpu, name in fitting[: request.pod_count])
+
+
+def _pack_shared(candidates: Sequence[NodeInfo], free: Free, request: GangRequest) -> tuple[str, ...] | None:
     """Best-fit packing of identical pods, or None if the set cannot hold the whole gang.
 
     Pods go to the feasible node with the fewest free GPUs (then cpu, then name). Placing a pod
@@ -198,16 +225,20 @@ def _explain(
         key=lambda item: (-item[0], item[1]),
     )
     head = f"needs {_pods(n)} x {format_resource(short, per)} {short}"
+    if request.exclusive:
+        head += ", each on a node with no GPU in use"
     largest_text = f"largest {word} {short}: {format_resource(short, largest)} on {largest_on}"
+
+    def room_in(members: Sequence[NodeInfo]) -> int:
+        if request.exclusive:
+            return sum(1 for m in members if _fits_whole(m, free, request))
+        return sum(_room(free.get(m.name, _NO_FREE), request.per_pod, n) for m in members)
+
     key = request.required_topology_key
     if key is None:
-        room = sum(_room(free.get(c.name, _NO_FREE), request.per_pod, n) for c in candidates)
-        return f"{head}; {largest_text}; room for {min(room, n)} of {n} pods"
+        return f"{head}; {largest_text}; room for {min(room_in(candidates), n)} of {n} pods"
     best_room, best_value = min(
-        (
-            (min(n, sum(_room(free.get(m.name, _NO_FREE), request.per_pod, n) for m in members)), value)
-            for value, members in _domains(candidates, key).items()
-        ),
+        ((min(n, room_in(members)), value) for value, members in _domains(candidates, key).items()),
         key=lambda item: (-item[0], item[1]),
     )
     return (
@@ -261,4 +292,6 @@ def schedule(nodes: Sequence[NodeInfo], usage: Usage, queue: Sequence[GangReques
                 for resource, amount in request.per_pod.items():
                     if resource in node_free:
                         node_free[resource] -= amount
+                if request.exclusive and GPU in node_free:
+                    node_free[GPU] = 0  # the node is the pod's: nothing else is placed there
     return Decision(admitted=tuple(admitted), waiting=tuple(waiting))

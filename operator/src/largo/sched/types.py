@@ -76,6 +76,8 @@ class GangRequest:
     tolerations: tuple[Toleration, ...] = ()
     required_topology_key: str | None = None
     preferred_topology_key: str | None = None
+    # One pod per node, on nodes with no GPU in use, each holding all of its node's GPUs.
+    exclusive: bool = False
 
     def __post_init__(self) -> None:
         if self.pod_count < 1:

@@ -296,6 +296,12 @@ class Scheduling(SpecModel):
         max_length=253,
         description="schedulerName for the pods; the cluster default scheduler when unset.",
     )
+    exclusive_nodes: bool = Field(
+        default=False,
+        description="Give each pod a node of its own: only nodes with no GPU in use are chosen, one pod "
+        "each, and largo places nothing else there while the pod holds it (pods outside largo are not "
+        "stopped: taint the nodes for that). Without it, pods are packed: several share a node with room.",
+    )
 
 
 class PodTemplate(SpecModel):
@@ -351,7 +357,8 @@ class TrainJobSpec(SpecModel):
         ge=1,
         le=MAX_NUM_NODES,
         json_schema_extra=validations(immutable("spec.numNodes")),
-        description="Number of pods in the gang, one per node.",
+        description="Number of pods in the gang. Pods share a node when it has room for several "
+        "(packing keeps whole nodes free); scheduling.exclusiveNodes gives each its own.",
     )
     procs_per_node: ProcsPerNode = Field(
         default=AUTO,
