@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 from largo.api.v1alpha1 import TrainJob
-from largo.build.trainjob import build_pod
 from largo.dev.cluster import free_port, wait_for
+from largo.manifests.trainjob import build_pod
 from largo.runtime import checkpoint
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -18,7 +18,6 @@ from typing import Any
 import kopf
 
 from largo.api.v1alpha1 import GROUP, PLURAL, VERSION, Phase
-from largo.build.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF
 from largo.controllers.kube import COMPONENT, Kube
 from largo.controllers.leader import ElectionTimings, LeaderGate, identity, start_election
 from largo.controllers.main import LEADER_ELECTION_ENV
@@ -26,6 +25,7 @@ from largo.controllers.scheduler import Scheduler
 from largo.controllers.state import JobKey, job_entry, pod_usage
 from largo.controllers.trainjob import TrainJobReconciler
 from largo.controllers.workqueue import WorkQueue
+from largo.manifests.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF
 from largo.policy.trainjob import Timings
 from largo.sched import inventory
 

@@ -19,9 +19,9 @@ from kubernetes import client, config
 from kubernetes.client import ApiException
 
 from largo.api.v1alpha1 import GROUP, PLURAL, VERSION
-from largo.build.names import LABEL_ATTEMPT
 from largo.controllers.leader import LeaderGate, NotLeader
 from largo.controllers.workqueue import Retry
+from largo.manifests.names import LABEL_ATTEMPT
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from largo.api.v1alpha1 import GPU_RESOURCE, ConditionType, Phase, Reason
-from largo.build.trainjob import pod_spec_hash
 from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.state import JobEntry, JobKey, PodUsage, gang_key
 from largo.controllers.workqueue import Retry
+from largo.manifests.trainjob import pod_spec_hash
 from largo.policy.conditions import set_condition, timestamp
 from largo.policy.trainjob import summary
 from largo.sched import gang, inventory

@@ -13,8 +13,8 @@ from typing import Any
 import pydantic
 
 from largo.api.v1alpha1 import Phase, TrainJob, validation_messages
-from largo.build import trainjob as build
-from largo.build.names import LABEL_EXCLUSIVE, LABEL_JOB_NAME
+from largo.manifests import trainjob as build
+from largo.manifests.names import LABEL_EXCLUSIVE, LABEL_JOB_NAME
 from largo.policy.conditions import parse_timestamp
 from largo.policy.trainjob import gang_position, status_attempt, status_placement
 from largo.sched import inventory

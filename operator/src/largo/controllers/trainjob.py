@@ -16,10 +16,10 @@ from typing import Any, cast
 import kopf
 
 from largo.api.v1alpha1 import ConditionType, Reason
-from largo.build import trainjob as build
 from largo.controllers.kube import ConflictError, CreateRefused, Kube
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobEntry, JobKey
+from largo.manifests import trainjob as build
 from largo.policy.conditions import set_condition
 from largo.policy.progress import ReadReport, read_report
 from largo.policy.trainjob import JobView, Plan, Timings, counts_only, creation_refused, plan, pod_view

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from largo.api.v1alpha1 import ConditionType, Phase, Reason
-from largo.build.names import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_NODE_RANK
+from largo.manifests.names import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_NODE_RANK
 from largo.policy.conditions import condition_status, parse_timestamp, set_condition, timestamp
 from largo.policy.progress import ReadReport
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 from largo.api.v1alpha1 import MAX_JOB_NAME_LENGTH, Backend, TrainJob
-from largo.build import names
-from largo.build.trainjob import (
+from largo.manifests import names
+from largo.manifests.trainjob import (
     build_pod,
     build_pods,
     build_service,

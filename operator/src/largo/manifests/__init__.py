@@ -1,6 +1,6 @@
-"""largo.build: pure functions that turn API objects into Kubernetes objects."""
+"""largo.manifests: pure functions that turn API objects into Kubernetes objects."""
 
-from largo.build.names import (
+from largo.manifests.names import (
     ANNOTATION_PLACEMENT_NODE,
     CONTAINER_NAME,
     LABEL_ATTEMPT,
@@ -13,7 +13,7 @@ from largo.build.names import (
     pod_name,
     service_name,
 )
-from largo.build.trainjob import (
+from largo.manifests.trainjob import (
     build_env,
     build_pod,
     build_pods,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from largo.api.v1alpha1 import GPU_RESOURCE, Backend, TrainJob, TrainJobSpec
-from largo.build import names
+from largo.manifests import names
 from largo.sched.quantity import parse_resources
 
 # Defaults that only make logs more useful; any of them is dropped when the user sets it in env.
