@@ -84,8 +84,12 @@ def _up(args: argparse.Namespace) -> int:
     if _supervisor_pid(workdir) is not None:
         print(f"a local cluster already runs from {workdir}; `largo dev down` stops it", file=sys.stderr)
         return 1
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    # Only the cluster's own state is wiped: a detached start's supervisor.log, written by the parent
+    # into the same workdir before this process started, must survive to tell why a start failed.
+    shutil.rmtree(workdir / "cluster", ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        (workdir / _READY_FILE).unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
     if args.detach:
         return _detach(args, workdir)
 
@@ -133,7 +137,8 @@ def _detach(args: argparse.Namespace, workdir: Path) -> int:
 
     def exited() -> None:
         if process.poll() is not None:
-            raise ClusterError(f"the cluster supervisor exited; see {log}:\n{log.read_text()[-3000:]}")
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+            raise ClusterError(f"the cluster supervisor exited; see {log}:\n{tail}")
 
     try:
         wait_for(lambda: (workdir / _READY_FILE).exists(), 900, "the local cluster", exited)
