@@ -503,7 +503,7 @@ class TrainJobStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed_generation: int | None = Field(default=None, ge=0)
-    nodes: str | None = Field(default=None, description="Ready pods / numNodes, e.g. 2/2.")
+    nodes: str | None = Field(default=None, description="Running pods of the current attempt / numNodes, e.g. 2/2.")
     gpus: int | None = Field(default=None, ge=0, description="GPUs of the whole gang.")
     pod_counts: PodCounts | None = None
     restarts: int | None = Field(default=None, ge=0, description="Gang restarts so far.")
