@@ -391,6 +391,8 @@ def test_pod_view_reads_labels_exit_codes_and_scheduling() -> None:
 def test_progress_is_marked_stale_when_reports_stop() -> None:
     progress = {
         "step": 40,
+        "totalSteps": 100,
+        "percent": 40,
         "summary": "40% 40/100 loss 1.2",
         "updatedAt": timestamp(NOW - 30),
         "stale": False,
@@ -529,3 +531,25 @@ def test_an_edit_while_running_waits_for_the_next_attempt_and_says_so() -> None:
 def test_jobs_admitted_before_spec_hashes_are_left_alone() -> None:
     result = plan(job(status=admitted(Phase.RUNNING), spec_hash="new"), [pod(0), pod(1)], NONE, NONE, NOW)
     assert condition_status(result.status.get("conditions") or [], "PodsUpToDate") is None
+
+
+def test_malformed_status_fields_are_dropped_with_a_warning_not_carried_over() -> None:
+    status = admitted(Phase.RUNNING, progress={"step": "?", "updatedAt": "garbage"}, nodes=7, fromTheFuture=1)
+    result = plan(job(status=status), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert "progress" not in result.status
+    assert result.status["nodes"] == "2/2"
+    assert "fromTheFuture" not in result.status
+    warning = next(e for e in result.events if e.reason == "MalformedStatus")
+    assert "progress" in warning.message
+    assert "fromTheFuture" in warning.message
+    assert result.status["phase"] == Phase.RUNNING  # the lifecycle goes on
+
+
+def test_every_status_the_lifecycle_writes_fits_the_model() -> None:
+    from largo.api.v1alpha1 import check_status
+
+    with pytest.raises(ValueError, match=r"status\.madeUp"):
+        check_status({"phase": "Running", "madeUp": 1})
+    with pytest.raises(ValueError, match="does not fit"):
+        check_status({"restarts": "many"})
+    check_status(plan(job(status=admitted()), [pod(0), pod(1)], NONE, NONE, NOW).status)

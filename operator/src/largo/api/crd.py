@@ -30,7 +30,12 @@ Schema = dict[str, Any]
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Nodes", "type": "string", "jsonPath": ".status.nodes", "description": "Running/total pods of the current attempt."},
+    {
+        "name": "Nodes",
+        "type": "string",
+        "jsonPath": ".status.nodes",
+        "description": "Running/total pods of the current attempt.",
+    },
     {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "priority": 0},

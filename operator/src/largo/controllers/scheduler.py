@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from largo.api.v1alpha1 import GPU_RESOURCE, ConditionType, Phase, Reason
+from largo.api.v1alpha1 import GPU_RESOURCE, ConditionType, Phase, Reason, check_status
 from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.state import JobEntry, JobKey, PodUsage, gang_key
 from largo.controllers.workqueue import Retry
@@ -176,10 +176,10 @@ class Scheduler:
             "conditions": conditions,
             **summary(conditions),
         }
+        complete = self.complete_admission(entry, patch)
+        check_status({k: v for k, v in complete.items() if v is not None})
         try:
-            updated = await self.kube.patch_trainjob_status(
-                *entry.key, entry.resource_version, self.complete_admission(entry, patch)
-            )
+            updated = await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, complete)
         except ConflictError:
             self.wake()
             return
@@ -211,6 +211,7 @@ class Scheduler:
         patch: dict[str, Any] = {"queue": queue, "conditions": conditions, **summary(conditions)}
         if new:
             patch["phase"] = Phase.QUEUED
+        check_status(patch)
         try:
             await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, patch)
         except ConflictError:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from largo.api.v1alpha1 import ConditionType, Phase, Reason
+from largo.api.v1alpha1 import ConditionType, Phase, Reason, check_status, sanitize_status
 from largo.manifests.names import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_NODE_RANK
 from largo.policy.conditions import condition_status, parse_timestamp, set_condition, timestamp
 from largo.policy.progress import ReadReport
@@ -214,8 +214,11 @@ def plan(
     cordoned ones (an unbound pod pinned there can never start).
     """
     timings = timings or Timings()
-    status = dict(job.status)
+    status, malformed = sanitize_status(job.status)
     b = _Builder(job, now, status, Plan(status=status))
+    if malformed:
+        # Written by hand or by an older operator: dropped rather than carried into every write.
+        b.event(True, Reason.MALFORMED_STATUS, f"dropped malformed status fields: {', '.join(malformed)}")
     current = [pod for pod in pods if pod.attempt == job.attempt]
     stale = tuple(pod.name for pod in pods if pod.attempt != job.attempt and not pod.terminating)
     phase = job.phase
@@ -256,6 +259,7 @@ def plan(
     if job.generation is not None:
         status["observedGeneration"] = job.generation
     status.update(summary(status.get("conditions") or []))
+    check_status(status)
     return b.plan
 
 

@@ -34,7 +34,9 @@ from largo.api.v1alpha1.trainjob import (
     TrainJob,
     TrainJobSpec,
     TrainJobStatus,
+    check_status,
     is_reserved_env_name,
+    sanitize_status,
     validation_messages,
 )
 
@@ -70,6 +72,8 @@ __all__ = [
     "TrainJob",
     "TrainJobSpec",
     "TrainJobStatus",
+    "check_status",
     "is_reserved_env_name",
+    "sanitize_status",
     "validation_messages",
 ]

@@ -126,6 +126,7 @@ class Reason(StrEnum):
     PERMANENT_EXIT_CODE = "PermanentExitCode"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     INVALID_SPEC = "InvalidSpec"
+    MALFORMED_STATUS = "MalformedStatus"
     POD_DELETED = "PodDeleted"
     REQUEUED = "Requeued"
     # Creating the gang's objects.
@@ -503,7 +504,9 @@ class TrainJobStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed_generation: int | None = Field(default=None, ge=0)
-    nodes: str | None = Field(default=None, description="Running pods of the current attempt / numNodes, e.g. 2/2.")
+    nodes: str | None = Field(
+        default=None, description="Running pods of the current attempt / numNodes, e.g. 2/2."
+    )
     gpus: int | None = Field(default=None, ge=0, description="GPUs of the whole gang.")
     pod_counts: PodCounts | None = None
     restarts: int | None = Field(default=None, ge=0, description="Gang restarts so far.")
@@ -525,6 +528,46 @@ class TrainJobStatus(StatusModel):
         description="The runtime's last accepted progress report (copied by the operator from the "
         "job's progress ConfigMap); `summary` is shown by kubectl get.",
     )
+
+
+def check_status(status: Mapping[str, Any]) -> None:
+    """Raises ValueError unless ``status`` is a TrainJobStatus: right types, and no field the model (so
+    the CRD and the docs generated from it) does not have. Every status the operator writes passes
+    through it, so the writer cannot drift from the schema."""
+    try:
+        known = TrainJobStatus.model_validate(_plain(status)).model_dump(mode="json", by_alias=True)
+    except ValidationError as error:
+        raise ValueError(f"status does not fit TrainJobStatus: {error}") from error
+    unknown = list(_unknown_fields(_plain(status), known, "status"))
+    if unknown:
+        raise ValueError(f"status fields missing from TrainJobStatus: {', '.join(unknown)}")
+
+
+def sanitize_status(status: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``status`` without the top-level fields that do not fit TrainJobStatus (written by hand, or by an
+    older operator), and their names: what the operator carries over must pass ``check_status``."""
+    clean: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, value in status.items():
+        try:
+            check_status({key: value})
+        except ValueError:
+            dropped.append(key)
+        else:
+            clean[key] = value
+    return clean, dropped
+
+
+def _unknown_fields(given: Any, known: Any, path: str) -> Iterable[str]:
+    if isinstance(given, dict) and isinstance(known, dict):
+        for key, value in given.items():
+            if key not in known:
+                yield f"{path}.{key}"
+            else:
+                yield from _unknown_fields(value, known[key], f"{path}.{key}")
+    elif isinstance(given, list) and isinstance(known, list):
+        for index, (value, model) in enumerate(zip(given, known, strict=False)):
+            yield from _unknown_fields(value, model, f"{path}[{index}]")
 
 
 # --- root ------------------------------------------------------------------------------------
