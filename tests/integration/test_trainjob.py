@@ -519,3 +519,14 @@ def test_exclusive_nodes_give_each_pod_a_node_of_its_own(jobs: Jobs, gpu_pool: N
     jobs.exit("alone", 0)
     jobs.wait_phase("alone", "Succeeded")
     jobs.wait_phase("beside", "Running")
+
+
+def test_kubectl_explain_shows_ranges_defaults_and_immutability(cluster: LocalCluster, crds: None) -> None:
+    def explain() -> str:
+        return cluster.kubectl("explain", "trainjobs.spec.numNodes", check=False).stdout
+
+    # The API server publishes a new CRD's OpenAPI a moment after it is Established.
+    wait_for(lambda: "numNodes" in explain(), TIMEOUT, "the TrainJob schema in the OpenAPI document")
+    explained = explain()
+    assert "1..1024" in explained
+    assert "immutable" in explained

@@ -231,3 +231,11 @@ def test_cli_write_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "-    - tx" in out
     assert "+    - tj" in out
+
+
+def test_kubectl_explain_shows_defaults_ranges_and_immutability(schema: dict[str, Any]) -> None:
+    spec = schema["properties"]["spec"]["properties"]
+    assert spec["numNodes"]["description"].endswith("(default 1; 1..1024; immutable)")
+    assert spec["image"]["description"].endswith("immutable)")
+    assert "default 3; 0..10000" in spec["failurePolicy"]["properties"]["backoffLimit"]["description"]
+    assert "one of auto, nccl, gloo" in spec["backend"]["description"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -105,11 +106,50 @@ def _structural(node: Schema, defs: dict[str, Schema]) -> Schema:
     return node
 
 
+def _facts(node: Schema) -> list[str]:
+    """What `kubectl explain` should say of a field besides its description: its default, its range
+    or size limits, and whether it is immutable, all read from the schema itself."""
+    facts = []
+    if "default" in node and node["default"] not in ({}, ""):
+        facts.append(f"default {json.dumps(node['default'])}")
+    low, high = node.get("minimum"), node.get("maximum")
+    if low is not None and high is not None:
+        facts.append(f"{low}..{high}")
+    elif low is not None:
+        facts.append(f">= {low}")
+    elif high is not None:
+        facts.append(f"<= {high}")
+    if "maxLength" in node:
+        facts.append(f"at most {node['maxLength']} characters")
+    if "maxItems" in node:
+        facts.append(f"at most {node['maxItems']} items")
+    if "enum" in node and len(node["enum"]) > 1:
+        facts.append("one of " + ", ".join(str(value) for value in node["enum"]))
+    rules = node.get("x-kubernetes-validations") or []
+    if any(rule.get("rule") == "self == oldSelf" for rule in rules):
+        facts.append("immutable")
+    return facts
+
+
+def _explained(node: Schema) -> Schema:
+    """Every property's description ends with its facts, so `kubectl explain` shows them."""
+    for sub in (node.get("properties") or {}).values():
+        facts = _facts(sub)
+        if facts:
+            text = sub.get("description", "").rstrip()
+            suffix = f"({'; '.join(facts)})"
+            sub["description"] = f"{text} {suffix}" if text else suffix.strip("()").capitalize() + "."
+        _explained(sub)
+    if isinstance(node.get("items"), dict):
+        _explained(node["items"])
+    return node
+
+
 def openapi_schema() -> Schema:
     """The structural openAPIV3Schema of the TrainJob kind."""
     raw = TrainJob.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
-    schema = _structural(raw, defs)
+    schema = _explained(_structural(raw, defs))
     props = schema["properties"]
     # The API server owns these; a tighter schema would only get in the way of its handling.
     props["apiVersion"] = {"type": "string"}
