@@ -53,6 +53,13 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """kopf's watches authenticate exactly as largo's own client does (``Kube.from_environment``): the
+    kubernetes client's loader, in-cluster first, then KUBECONFIG. One way of loading credentials."""
+    return kopf.login_via_client(**kwargs)
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     settings.persistence.finalizer = f"{GROUP}/finalizer"
