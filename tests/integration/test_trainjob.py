@@ -4,6 +4,7 @@ controller-manager and kwok GPU nodes. Pods finish on cue through largo's kwok s
 from __future__ import annotations
 
 import json
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from largo.dev.cluster import LocalCluster, NodePool, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from trainjobs import GROUP, PLURAL, TIMEOUT, VERSION, Jobs, overbooked
 
 pytestmark = pytest.mark.integration
@@ -530,3 +532,39 @@ def test_kubectl_explain_shows_ranges_defaults_and_immutability(cluster: LocalCl
     explained = explain()
     assert "1..1024" in explained
     assert "immutable" in explained
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_the_operator_s_metrics_follow_a_gang_s_gpus(jobs: Jobs, gpu_pool: NodePool) -> None:
+    def held_by_largo() -> float:
+        series = _scrape(jobs.operator.metrics_url)
+        return sum(
+            value
+            for (name, labels), value in series.items()
+            if name == "largo_node_gpus_allocated"
+            and dict(labels)["owner"] == "largo"
+            and dict(labels)["node"].startswith(gpu_pool.name_prefix)
+        )
+
+    jobs.create("metered", gpu_pool, num_nodes=2, gpus=8)
+    jobs.wait_phase("metered", "Running")
+    wait_for(lambda: held_by_largo() == 16, TIMEOUT, "16 GPUs held by largo on the pool")
+    series = _scrape(jobs.operator.metrics_url)
+    assert series[("largo_leader", ())] == 1
+    assert series[("largo_trainjobs", (("phase", "Running"),))] >= 1
+    assert series[("largo_events_total", (("reason", "Admitted"), ("type", "Normal")))] >= 1
+    assert series[("largo_reconcile_duration_seconds_count", ())] > 0
+    assert series[("largo_scheduler_pass_duration_seconds_count", ())] > 0
+    assert series[("largo_queue_wait_seconds_count", ())] >= 1
+    jobs.exit("metered", 0)
+    jobs.wait_phase("metered", "Succeeded")
+    wait_for(lambda: held_by_largo() == 0, TIMEOUT, "the GPUs given back")

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import kopf
@@ -26,6 +27,8 @@ from largo.controllers.state import JobKey, job_entry, pod_usage
 from largo.controllers.trainjob import TrainJobReconciler
 from largo.controllers.workqueue import WorkQueue
 from largo.manifests.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF
+from largo.metrics import Snapshot
+from largo.metrics import serve as serve_metrics
 from largo.policy.trainjob import Timings
 from largo.sched import inventory
 
@@ -120,14 +123,29 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     memo.jobs = jobs
     memo.scheduler = scheduler
     memo.tasks = []
+    reconcile = reconciler.reconcile
+    metrics_port = int(_float_env("LARGO_METRICS_PORT", 0))
+    metrics = serve_metrics(metrics_port, partial(_snapshot, kwargs)) if metrics_port else None
+    if metrics is not None:
+        kube.on_event = metrics.count_event
+        jobs.on_failure = metrics.count_failure
+        metrics.queue_depth.set_function(lambda: len(jobs))
+        scheduler.observe_pass = metrics.observe_pass
+        scheduler.observe_admission = metrics.queue_wait.observe
+
+        async def reconcile(key: JobKey) -> float | None:
+            with metrics.reconcile_seconds.time():
+                return await reconciler.reconcile(key)
 
     def lead() -> None:
         """This replica acts: the reconcile workers and the scheduler run, every known job is looked at.
 
         A standby's handlers have kept the indexes warm and the keys queued meanwhile."""
         logger.info("%s leads: gang scheduler and %d reconcile workers started", holder, workers)
+        if metrics is not None:
+            metrics.leader.set(1)
         memo.tasks = [
-            asyncio.create_task(jobs.run(reconciler.reconcile, workers), name="largo-trainjob-workers"),
+            asyncio.create_task(jobs.run(reconcile, workers), name="largo-trainjob-workers"),
             asyncio.create_task(scheduler.run(), name="largo-gang-scheduler"),
         ]
         for store in kwargs["trainjob_queue"].values():
@@ -153,6 +171,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         loop.call_soon_threadsafe(lead)
 
     start_election(gate, lease, namespace, holder, election_timings, started, stopped)
+
+
+def _snapshot(indexes: Mapping[str, Any]) -> Snapshot:
+    """The indexes as they are now, for one scrape of /metrics."""
+    nodes = [info for store in indexes["node_inventory"].values() for info in store]
+    pods = [(node, usage) for node, store in indexes["pod_inventory"].items() for usage in store]
+    jobs = [entry for store in indexes["trainjob_queue"].values() for entry in store]
+    return Snapshot(nodes=nodes, pods=pods, jobs=jobs)
 
 
 @kopf.on.cleanup()

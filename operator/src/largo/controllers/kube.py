@@ -71,6 +71,8 @@ class Kube:
         self.gate = gate or LeaderGate()
         # Named in every object's managedFields: which replica wrote what can be read back.
         self.field_manager = field_manager
+        # Told of every event posted (reason, type): the operator's decisions, for its metrics.
+        self.on_event: Callable[[str, str], None] = lambda reason, type_: None
 
     async def _write(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Runs one API write in a worker thread, checking the leader fence as it is sent."""
@@ -187,6 +189,7 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
+        self.on_event(reason, type_)
         log = logger.warning if type_ == "Warning" else logger.info
         log(
             "%s/%s %s: %s",

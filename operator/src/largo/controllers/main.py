@@ -34,6 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     operator.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line"
     )
+    operator.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (default: off)"
+    )
     operator.add_argument("--verbose", action="store_true")
     operator.set_defaults(handler=run)
 
@@ -57,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    # Read by the start-up handler, which kopf calls without our arguments.
+    if args.metrics_port:
+        os.environ["LARGO_METRICS_PORT"] = str(args.metrics_port)
     if args.leader_elect:
-        # Read by the start-up handler, which kopf calls without our arguments.
         os.environ[LEADER_ELECTION_ENV] = (
             f"{args.leader_election_namespace or default_namespace()}/{args.leader_election_id}"
         )

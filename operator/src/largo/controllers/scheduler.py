@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -64,6 +65,9 @@ class Scheduler:
     clock: Callable[[], float]
     # Completes an admission's status patch with what the job's reconcile would add (one write, not two).
     complete_admission: Callable[[JobEntry, Mapping[str, Any]], Mapping[str, Any]] = lambda _, patch: patch
+    # Told of each pass (seconds, jobs decided) and each admission (the job, seconds since it arrived).
+    observe_pass: Callable[[float, int], None] = lambda seconds, jobs: None
+    observe_admission: Callable[[float], None] = lambda waited: None
     # Admissions written but not yet seen in the jobs index: they keep their capacity reserved.
     _pending: dict[JobKey, _Admission] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -139,6 +143,12 @@ class Scheduler:
         return [(node, list(store)) for node, store in index.items()]
 
     async def run_pass(self) -> None:
+        started = time.monotonic()
+        decided = await self._pass()
+        self.observe_pass(time.monotonic() - started, decided)
+
+    async def _pass(self) -> int:
+        """One pass; returns how many queued jobs it decided on."""
         entries: list[JobEntry] = _values(self.jobs)
         by_key = {entry.key: entry for entry in entries}
         # An admission is settled once the index shows it, or the job moved on or went away.
@@ -156,6 +166,7 @@ class Scheduler:
             *(self._admit(by_gang_key[placement.key], placement) for placement in decision.admitted),
             *(self._wait(by_gang_key[waiting.key], waiting) for waiting in decision.waiting),
         )
+        return len(queued)
 
     async def _admit(self, entry: JobEntry, placement: Placement) -> None:
         now = self.clock()
@@ -186,6 +197,8 @@ class Scheduler:
         exclusive = entry.request is not None and entry.request.exclusive
         self._pending[entry.key] = _Admission(entry.attempt, placement.nodes, entry.per_pod, exclusive)
         self.admitted(entry.key, updated)
+        if entry.attempt == 0 and entry.request is not None and entry.request.arrival:
+            self.observe_admission(max(0.0, now - entry.request.arrival))
         await self.kube.event(entry.body, "Normal", Reason.ADMITTED, message)
 
     async def _wait(self, entry: JobEntry, waiting: Waiting) -> None:

@@ -31,6 +31,8 @@ class WorkQueue(Generic[K]):
     def __init__(self, base_delay: float = 0.05, max_delay: float = 60.0) -> None:
         self.base_delay = base_delay
         self.max_delay = max_delay
+        # Told of every failed run, with the error's class name (for the operator's metrics).
+        self.on_failure: Callable[[str], None] = lambda kind: None
         self._failures: dict[K, int] = {}
         self._queue: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()
@@ -91,9 +93,11 @@ class WorkQueue(Generic[K]):
                     raise
                 except Retry as reason:
                     again, failed = self.backoff(key), True
+                    self.on_failure(type(reason).__name__)
                     logger.info("%s: %s; again in %.2fs", key, reason, again)
-                except Exception:
+                except Exception as error:
                     again, failed = self.backoff(key), True
+                    self.on_failure(type(error).__name__)
                     logger.exception("reconcile of %s failed; again in %.2fs", key, again)
                 finally:
                     self._active.discard(key)

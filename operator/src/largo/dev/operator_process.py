@@ -26,14 +26,20 @@ class OperatorProcess:
         self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
         self.liveness = ""
+        # /metrics of the running process: a fresh port at every start, as for the liveness endpoint.
+        self.metrics_url = ""
 
     def start(self, timeout: float = 60.0) -> None:
         """Starts the operator and waits until its liveness endpoint answers."""
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}
+        command = [sys.executable, "-m", "largo", "operator", "--liveness", self.liveness]
+        command += ["--metrics-port", str(metrics_port), *self.args]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "largo", "operator", "--liveness", self.liveness, *self.args],
+                command,
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -295,3 +295,25 @@ def schedule(nodes: Sequence[NodeInfo], usage: Usage, queue: Sequence[GangReques
                 if request.exclusive and GPU in node_free:
                     node_free[GPU] = 0  # the node is the pod's: nothing else is placed there
     return Decision(admitted=tuple(admitted), waiting=tuple(waiting))
+
+
+# --- fragmentation -----------------------------------------------------------------------------------
+
+
+def stranded_gpus(nodes: Sequence[NodeInfo], free: Free, request: GangRequest) -> int:
+    """Free GPUs that ``request`` cannot use at all: on nodes it may not run on, or where not even one
+    of its pods fits. Capacity that exists but is in the wrong place for the job that waits first."""
+    candidates = {node.name for node in _candidates(nodes, request)}
+    stranded = 0
+    for node in nodes:
+        if not node.usable:
+            continue
+        node_free = free.get(node.name, _NO_FREE)
+        if node.name not in candidates or _room(node_free, request.per_pod, 1) == 0:
+            stranded += node_free.get(GPU, 0)
+    return stranded
+
+
+def largest_gang(nodes: Sequence[NodeInfo], free: Free, gpus_per_pod: int) -> int:
+    """How many pods of ``gpus_per_pod`` GPUs would fit now, across all usable nodes (GPUs only)."""
+    return sum(free.get(node.name, _NO_FREE).get(GPU, 0) // gpus_per_pod for node in nodes if node.usable)

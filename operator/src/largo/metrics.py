@@ -1,0 +1,246 @@
+"""The operator's Prometheus metrics (docs/observability.md).
+
+Resource and workload series are computed from kopf's indexes at scrape time by a custom collector,
+so there is no second copy of the state to drift; the operator's own timings and counts are ordinary
+prometheus-client instruments updated where they happen. Labels are bounded: nodes, namespaces,
+queues, phases and reasons, never a pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from largo.api.v1alpha1 import GPU_RESOURCE, Phase
+from largo.controllers.state import JobEntry, PodUsage
+from largo.sched import gang
+from largo.sched.inventory import free_by_node
+from largo.sched.types import NodeInfo
+
+GPU = GPU_RESOURCE
+# The gang shapes fragmentation is reported for: pods of this many GPUs.
+GANG_SHAPES = (1, 2, 4, 8)
+_QUEUE_STATES = ("requested", "allocated", "waiting")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the indexes hold at one scrape."""
+
+    nodes: Sequence[NodeInfo]
+    pods: Sequence[tuple[str, PodUsage]]  # (node, a bound pod that holds resources)
+    jobs: Sequence[JobEntry]
+
+
+def _job_gpus(entry: JobEntry) -> int:
+    request = entry.request
+    return request.per_pod.get(GPU, 0) * request.pod_count if request is not None else 0
+
+
+def _slot() -> dict[str, int]:
+    return {"allocatable": 0, "largo": 0, "other": 0}
+
+
+def node_gpus(snapshot: Snapshot) -> dict[str, dict[str, int]]:
+    """Per node: allocatable, allocated by largo (bound gang pods and admitted ranks not bound yet),
+    allocated by anything else, and free."""
+    by_node: dict[str, dict[str, int]] = {}
+    for node in snapshot.nodes:
+        by_node[node.name] = {**_slot(), "allocatable": node.allocatable.get(GPU, 0)}
+    bound: set[tuple[tuple[str, str], int, int]] = set()
+    for node_name, pod in snapshot.pods:
+        owner = "largo" if pod.job is not None else "other"
+        by_node.setdefault(node_name, _slot())[owner] += pod.requests.get(GPU, 0)
+        if pod.job is not None and pod.attempt is not None and pod.rank is not None:
+            bound.add((pod.job, pod.attempt, pod.rank))
+    for entry in snapshot.jobs:
+        if not entry.active or entry.placement is None:
+            continue
+        for rank, node_name in enumerate(entry.placement):
+            if (entry.key, entry.attempt, rank) not in bound:
+                by_node.setdefault(node_name, _slot())["largo"] += entry.per_pod.get(GPU, 0)
+    for counts in by_node.values():
+        counts["free"] = max(0, counts["allocatable"] - counts["largo"] - counts["other"])
+    return by_node
+
+
+def resource_families(snapshot: Snapshot) -> list[Metric]:
+    """Every resource and workload series for one snapshot (pure)."""
+    per_node = node_gpus(snapshot)
+    return [*_gpu_families(per_node), *_fragmentation(snapshot, per_node), *_workload_families(snapshot.jobs)]
+
+
+def _gpu_families(per_node: Mapping[str, Mapping[str, int]]) -> list[Metric]:
+    allocatable = GaugeMetricFamily("largo_node_gpus_allocatable", "GPUs the node offers.", labels=["node"])
+    allocated = GaugeMetricFamily(
+        "largo_node_gpus_allocated",
+        "GPUs held on the node, by largo's gangs (bound or admitted) or by other pods.",
+        labels=["node", "owner"],
+    )
+    free = GaugeMetricFamily("largo_node_gpus_free", "GPUs nobody holds on the node.", labels=["node"])
+    for name, counts in sorted(per_node.items()):
+        allocatable.add_metric([name], counts["allocatable"])
+        allocated.add_metric([name, "largo"], counts["largo"])
+        allocated.add_metric([name, "other"], counts["other"])
+        free.add_metric([name], counts["free"])
+    total = sum(counts["allocatable"] for counts in per_node.values())
+    held = sum(counts["largo"] + counts["other"] for counts in per_node.values())
+    ratio = GaugeMetricFamily(
+        "largo_cluster_gpu_allocation_ratio", "Held GPUs / allocatable GPUs over all nodes (0 without GPUs)."
+    )
+    ratio.add_metric([], held / total if total else 0.0)
+    return [allocatable, allocated, free, ratio]
+
+
+def _fragmentation(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]]) -> list[Metric]:
+    usable = [node for node in snapshot.nodes if node.usable]
+    free = {node.name: {GPU: per_node.get(node.name, _slot()).get("free", 0)} for node in usable}
+    largest = GaugeMetricFamily(
+        "largo_cluster_largest_gang_pods",
+        "Pods of gpus_per_pod GPUs that would fit on the free GPUs now.",
+        labels=["gpus_per_pod"],
+    )
+    for shape in GANG_SHAPES:
+        largest.add_metric([str(shape)], gang.largest_gang(usable, free, shape))
+    stranded = GaugeMetricFamily(
+        "largo_cluster_gpus_stranded",
+        "Free GPUs the head of the queue cannot use (wrong nodes, or too few in one place); 0 with no queue.",
+    )
+    head = _head(snapshot.jobs)
+    if head is not None and head.request is not None:
+        full_free = free_by_node(snapshot.nodes, _usage(per_node))
+        stranded.add_metric([], gang.stranded_gpus(snapshot.nodes, full_free, head.request))
+    else:
+        stranded.add_metric([], 0)
+    return [largest, stranded]
+
+
+def _workload_families(jobs: Sequence[JobEntry]) -> list[Metric]:
+    phases = GaugeMetricFamily(
+        "largo_trainjobs", "TrainJobs by phase (New: not decided yet).", labels=["phase"]
+    )
+    by_phase: dict[str, int] = {str(phase): 0 for phase in Phase}
+    by_phase["New"] = 0
+    for entry in jobs:
+        phase = str(entry.phase) if entry.phase else "New"
+        by_phase[phase] = by_phase.get(phase, 0) + 1
+    for phase, count in sorted(by_phase.items()):
+        phases.add_metric([phase], count)
+
+    queue_gpus = GaugeMetricFamily(
+        "largo_queue_gpus",
+        "GPUs of a namespace's jobs in a queue: requested by every unfinished job, allocated to admitted "
+        "ones, waiting for admission.",
+        labels=["namespace", "queue", "state"],
+    )
+    queue_length = GaugeMetricFamily("largo_queue_length", "Jobs waiting for admission.", labels=["queue"])
+    gpus: dict[tuple[str, str], dict[str, int]] = {}
+    lengths: dict[str, int] = {}
+    for entry in jobs:
+        if entry.job is None or entry.phase in (Phase.SUCCEEDED, Phase.FAILED):
+            continue
+        states = gpus.setdefault((entry.key[0], entry.queue_name), dict.fromkeys(_QUEUE_STATES, 0))
+        states["requested"] += _job_gpus(entry)
+        if entry.active:
+            states["allocated"] += _job_gpus(entry)
+        lengths.setdefault(entry.queue_name, 0)
+        if entry.admissible:
+            states["waiting"] += _job_gpus(entry)
+            lengths[entry.queue_name] += 1
+    for (namespace, queue), states in sorted(gpus.items()):
+        for state, value in states.items():
+            queue_gpus.add_metric([namespace, queue, state], value)
+    for queue, length in sorted(lengths.items()):
+        queue_length.add_metric([queue], length)
+    return [phases, queue_gpus, queue_length]
+
+
+def _usage(per_node: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    return {name: {GPU: counts["largo"] + counts["other"]} for name, counts in per_node.items()}
+
+
+def _head(jobs: Iterable[JobEntry]) -> JobEntry | None:
+    """The job the scheduler last named the head of the queue (status.queue.position 1)."""
+    for entry in jobs:
+        if entry.admissible and entry.queue.get("position") == 1:
+            return entry
+    return None
+
+
+class ResourceCollector(Collector):
+    """Reads a snapshot of the indexes at each scrape."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        yield from resource_families(self.snapshot())
+
+
+class OperatorMetrics:
+    """The operator's own instruments, on their own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.reconcile_seconds = Histogram(
+            "largo_reconcile_duration_seconds",
+            "Time of one TrainJob reconcile.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.reconcile_errors = Counter(
+            "largo_reconcile_errors_total",
+            "Reconciles that failed and were retried with back-off, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "largo_workqueue_depth", "Job keys waiting for a reconcile.", registry=registry
+        )
+        self.pass_seconds = Histogram(
+            "largo_scheduler_pass_duration_seconds",
+            "Time of one gang scheduling pass.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        self.pass_jobs = Gauge(
+            "largo_scheduler_pass_jobs", "Jobs the last scheduling pass decided on.", registry=registry
+        )
+        self.queue_wait = Histogram(
+            "largo_queue_wait_seconds",
+            "From a job's creation (or its gang's release) to its admission.",
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+            registry=registry,
+        )
+        self.events = Counter(
+            "largo_events_total",
+            "Events largo posted, by reason and type: its decisions (admissions, restarts, refusals).",
+            ["reason", "type"],
+            registry=registry,
+        )
+        self.leader = Gauge(
+            "largo_leader", "1 while this replica holds the Lease and acts, else 0.", registry=registry
+        )
+
+    def observe_pass(self, seconds: float, decided: int) -> None:
+        self.pass_seconds.observe(seconds)
+        self.pass_jobs.set(decided)
+
+    def count_event(self, reason: str, type_: str) -> None:
+        self.events.labels(reason, type_).inc()
+
+    def count_failure(self, kind: str) -> None:
+        self.reconcile_errors.labels(kind).inc()
+
+
+def serve(port: int, snapshot: Callable[[], Snapshot]) -> OperatorMetrics:
+    """Starts /metrics on ``port`` with the resource collector and the operator's instruments."""
+    registry = CollectorRegistry()
+    registry.register(ResourceCollector(snapshot))
+    metrics = OperatorMetrics(registry)
+    start_http_server(port, registry=registry)
+    return metrics

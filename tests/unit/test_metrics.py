@@ -1,0 +1,102 @@
+"""The operator's resource and workload series, computed from a snapshot of the indexes (no cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from largo.controllers.state import JobEntry, PodUsage, job_entry
+from largo.metrics import Snapshot, node_gpus, resource_families
+from largo.sched.types import NodeInfo
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+GPU = "nvidia.com/gpu"
+
+
+def _node(name: str, gpus: int = 8, **extra: Any) -> NodeInfo:
+    return NodeInfo(name, {"cpu": 32_000, GPU: gpus, "pods": 110}, {}, (), **extra)
+
+
+def _job(name: str, gpus: int, nodes: int, phase: str | None = None, **status: Any) -> JobEntry:
+    body = {
+        "metadata": {
+            "name": name,
+            "namespace": "team-a",
+            "uid": f"uid-{name}",
+            "resourceVersion": "1",
+            "creationTimestamp": "2027-01-15T08:00:00Z",
+        },
+        "spec": {"image": "i", "numNodes": nodes, "resourcesPerNode": {GPU: gpus}},
+        "status": {"phase": phase, **status} if phase else status,
+    }
+    return job_entry(body)
+
+
+def _series(snapshot: Snapshot) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    registry = CollectorRegistry()
+
+    class Fixed:
+        def collect(self) -> Any:
+            return resource_families(snapshot)
+
+    registry.register(Fixed())  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_gpus_held_by_largo_by_others_and_free_per_node() -> None:
+    running = _job("run", 4, 2, "Running", attempt=0, placement={"attempt": 0, "nodes": ["a", "b"]})
+    snapshot = Snapshot(
+        nodes=[_node("a"), _node("b"), _node("c")],
+        pods=[
+            ("a", PodUsage("p0", {GPU: 4}, ("team-a", "run"), 0, 0)),  # rank 1 on b is admitted, not bound
+            ("c", PodUsage("x", {GPU: 3})),  # not largo's
+        ],
+        jobs=[running],
+    )
+    per_node = node_gpus(snapshot)
+    assert per_node["a"] == {"allocatable": 8, "largo": 4, "other": 0, "free": 4}
+    assert per_node["b"] == {"allocatable": 8, "largo": 4, "other": 0, "free": 4}
+    assert per_node["c"] == {"allocatable": 8, "largo": 0, "other": 3, "free": 5}
+    series = _series(snapshot)
+    assert series[("largo_node_gpus_allocated", (("node", "c"), ("owner", "other")))] == 3
+    assert series[("largo_cluster_gpu_allocation_ratio", ())] == 11 / 24
+    assert series[("largo_cluster_largest_gang_pods", (("gpus_per_pod", "4"),))] == 3  # 4 + 4 + 5 free
+    assert series[("largo_cluster_largest_gang_pods", (("gpus_per_pod", "8"),))] == 0  # fragmented
+
+
+def test_stranded_gpus_are_the_free_ones_the_head_of_the_queue_cannot_use() -> None:
+    head = _job("head", 8, 1, "Queued", queue={"position": 1, "reason": "InsufficientCapacity"})
+    snapshot = Snapshot(
+        nodes=[_node("a"), _node("b")],
+        pods=[("a", PodUsage("x", {GPU: 2})), ("b", PodUsage("y", {GPU: 1}))],
+        jobs=[head],
+    )
+    series = _series(snapshot)
+    assert series[("largo_cluster_gpus_stranded", ())] == 13  # 6 + 7 free, none of it 8 in one place
+    no_queue = _series(Snapshot(nodes=snapshot.nodes, pods=snapshot.pods, jobs=[]))
+    assert no_queue[("largo_cluster_gpus_stranded", ())] == 0
+
+
+def test_jobs_by_phase_and_gpus_by_namespace_and_queue() -> None:
+    jobs = [
+        _job("new", 8, 1),
+        _job("queued", 8, 2, "Queued"),
+        _job("run", 4, 2, "Running", attempt=0, placement={"attempt": 0, "nodes": ["a", "a"]}),
+        _job("done", 8, 4, "Succeeded"),
+    ]
+    series = _series(Snapshot(nodes=[_node("a")], pods=[], jobs=jobs))
+    assert series[("largo_trainjobs", (("phase", "New"),))] == 1
+    assert series[("largo_trainjobs", (("phase", "Queued"),))] == 1
+    assert series[("largo_trainjobs", (("phase", "Running"),))] == 1
+    assert series[("largo_trainjobs", (("phase", "Succeeded"),))] == 1
+    assert series[("largo_trainjobs", (("phase", "Failed"),))] == 0
+    key = (("namespace", "team-a"), ("queue", "default"))
+    assert series[("largo_queue_gpus", (*key, ("state", "requested")))] == 8 + 16 + 8
+    assert series[("largo_queue_gpus", (*key, ("state", "allocated")))] == 8
+    assert series[("largo_queue_gpus", (*key, ("state", "waiting")))] == 8 + 16
+    assert series[("largo_queue_length", (("queue", "default"),))] == 2
