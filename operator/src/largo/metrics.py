@@ -212,7 +212,7 @@ class OperatorMetrics:
         )
         self.queue_wait = Histogram(
             "largo_queue_wait_seconds",
-            "From a job's creation (or its gang's release) to its admission.",
+            "From a job's creation to its first admission.",
             buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
             registry=registry,
         )
