@@ -41,14 +41,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     operator.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import kopf
-
-    import largo.controllers.handlers  # noqa: F401  (registers the handlers)
-    from largo.controllers.leader import default_namespace
-
+def log_handler(log_format: str) -> logging.Handler:
+    """Text for people, or one JSON object per line (time, level, logger, message and any extra
+    fields such as ``object`` and ``reason``) for log pipelines."""
     handler = logging.StreamHandler()
-    if args.log_format == "json":
+    if log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
         handler.setFormatter(
@@ -59,6 +56,16 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+
+    import largo.controllers.handlers  # noqa: F401  (registers the handlers)
+    from largo.controllers.leader import default_namespace
+
+    handler = log_handler(args.log_format)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     # Read by the start-up handler, which kopf calls without our arguments.
     if args.metrics_port:

@@ -1,0 +1,120 @@
+"""The reconciler's glue, with a fake API: the scheduler's hint is acted on before the index catches up,
+a stale decision never acts, and a refused create is recorded and raised for back-off."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from largo.controllers.kube import ConflictError, CreateRefused
+from largo.controllers.state import job_entry
+from largo.controllers.trainjob import TrainJobReconciler
+from largo.policy.trainjob import Timings
+from largo.sched.inventory import node_info
+
+NOW = 1_800_000_000.0
+KEY = ("ns", "j")
+
+
+def _body(phase: str | None, version: str, **status: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "largo.dev/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {
+            "name": "j",
+            "namespace": "ns",
+            "uid": "uid-j",
+            "resourceVersion": version,
+            "generation": 1,
+        },
+        "spec": {"image": "i", "numNodes": 1, "resourcesPerNode": {"nvidia.com/gpu": 8}},
+        "status": {"phase": phase, **status} if phase else {},
+    }
+
+
+class FakeKube:
+    def __init__(self, conflict: bool = False, refuse: str | None = None) -> None:
+        self.conflict, self.refuse = conflict, refuse
+        self.writes: list[tuple[str | None, Mapping[str, Any]]] = []
+        self.created: list[str] = []
+        self.events: list[str] = []
+
+    async def patch_trainjob_status(
+        self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        if self.conflict:
+            raise ConflictError("Conflict")
+        self.writes.append((resource_version, status))
+        return {**_body(None, "3"), "status": dict(status)}
+
+    async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        if manifest["kind"] == "Pod" and self.refuse:
+            raise CreateRefused("Pod", manifest["metadata"]["name"], "CreateRefused", self.refuse)
+        self.created.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
+
+    async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
+        raise AssertionError("nothing to delete")
+
+    async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append(reason)
+
+
+def _reconciler(kube: FakeKube, indexed: dict[str, Any]) -> TrainJobReconciler:
+    node = node_info(
+        {
+            "metadata": {"name": "n0"},
+            "status": {
+                "allocatable": {"nvidia.com/gpu": "8", "cpu": "8", "pods": "110"},
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+    )
+    return TrainJobReconciler(
+        kube=kube,  # type: ignore[arg-type]
+        nodes={"n0": [node]},
+        jobs={KEY: [job_entry(indexed)]},
+        pods={},
+        reports={},
+        wake_scheduler=lambda: None,
+        clock=lambda: NOW,
+        timings=Timings(),
+    )
+
+
+def _hinted() -> dict[str, Any]:
+    placement = {"attempt": 0, "nodes": ["n0"]}
+    return _body("Starting", "2", attempt=0, placement=placement, startTime="2027-01-15T08:00:00Z")
+
+
+def test_the_scheduler_s_hint_creates_the_gang_before_the_index_catches_up() -> None:
+    kube = FakeKube()
+    reconciler = _reconciler(kube, _body("Queued", "1"))
+    asyncio.run(reconciler.reconcile(KEY))
+    assert kube.created == []  # the index alone says Queued: nothing to create
+    reconciler.hint(KEY, _hinted())
+    asyncio.run(reconciler.reconcile(KEY))
+    assert kube.created == ["Service/j", "ConfigMap/j-progress", "Pod/j-node-0"]
+
+
+def test_a_decision_on_a_stale_version_never_acts() -> None:
+    kube = FakeKube(conflict=True)
+    reconciler = _reconciler(kube, _body("Queued", "1"))
+    reconciler.hint(KEY, {**_hinted(), "status": {**_hinted()["status"], "nodes": "stale"}})
+    with pytest.raises(ConflictError):
+        asyncio.run(reconciler.reconcile(KEY))
+    assert kube.created == []
+    assert kube.events == []
+
+
+def test_a_refused_pod_is_recorded_then_raised_for_back_off() -> None:
+    kube = FakeKube(refuse='pods "j-node-0" is forbidden: exceeded quota: q')
+    reconciler = _reconciler(kube, _hinted())
+    with pytest.raises(CreateRefused):
+        asyncio.run(reconciler.reconcile(KEY))
+    assert kube.created == ["Service/j", "ConfigMap/j-progress"]  # the Service first, then the pods
+    refusal = kube.writes[-1][1]
+    assert refusal["reason"] == "CreateRefused"
+    assert "exceeded quota" in refusal["message"]
+    assert kube.events[-1] == "CreateRefused"
