@@ -484,6 +484,66 @@ def test_a_released_gang_is_recreated_whole_after_its_terminating_pod(jobs: Jobs
     jobs.wait_phase("release", "Running")
 
 
+def test_a_gang_released_after_a_binding_failure_is_recreated_whole(jobs: Jobs, make_pool: Any) -> None:
+    """A real binding failure: the checkpoint volume can only be mounted on the pool's first node, which
+    largo's admission does not know and kube-scheduler does. The rank placed there binds and runs; the
+    other stays unschedulable, so after the binding timeout the gang is released while that rank takes
+    its long grace period to terminate."""
+    pool = make_pool(count=3)
+    here = pool.node_names()[0]
+    jobs.core.patch_node(here, {"metadata": {"labels": {"largo.dev/test-volume": jobs.namespace}}})
+    volume = f"pinned-{jobs.namespace}"
+    only_here = {"key": "largo.dev/test-volume", "operator": "In", "values": [jobs.namespace]}
+    jobs.core.create_persistent_volume(
+        {
+            "metadata": {"name": volume},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "local": {"path": "/checkpoints"},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [only_here]}]}},
+                "claimRef": {"namespace": jobs.namespace, "name": "pinned"},
+            },
+        }
+    )
+    try:
+        claim = {
+            "metadata": {"name": "pinned"},
+            "spec": {
+                "storageClassName": "",
+                "volumeName": volume,
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+        jobs.core.create_namespaced_persistent_volume_claim(jobs.namespace, claim)
+        jobs.create("bind", pool, checkpoint={"claimName": "pinned"}, podTemplate=dict(SLOW_TERMINATION))
+        watch = AttemptWatch(jobs, "bind")
+        admitted = jobs.wait("bind", lambda s: bool(s.get("placement")), "the first admission")
+        assert here in admitted["placement"]["nodes"], admitted["placement"]  # packing fills by name
+        jobs.wait_event("bind", "BindingFailed")
+        status = jobs.wait(
+            "bind",
+            lambda s: s.get("reason") == "PreviousAttemptTerminating" or len(jobs.live_pods("bind")) == 2,
+            "the new attempt waiting for the old rank",
+        )
+        watch.sample()
+        assert status.get("reason") == "PreviousAttemptTerminating", status
+        assert status["restarts"] == 0  # a binding failure is not the job's fault
+
+        def whole_new_gang() -> bool:
+            watch.sample()
+            pods = jobs.live_pods("bind")
+            return len(pods) == 2 and all(p.metadata.labels["largo.dev/attempt"] != "0" for p in pods)
+
+        wait_for(whole_new_gang, TIMEOUT, "the new attempt's gang", jobs.operator.assert_alive)
+        assert watch.mixed == []
+    finally:
+        jobs.custom.delete_namespaced_custom_object(GROUP, VERSION, jobs.namespace, PLURAL, "bind")
+        jobs.core.delete_persistent_volume(volume)
+
+
 def test_an_edit_while_running_takes_effect_at_the_next_attempt(jobs: Jobs, gpu_pool: NodePool) -> None:
     jobs.create("edited", gpu_pool, args=["--lr", "0.1"])
     jobs.wait_phase("edited", "Running")
