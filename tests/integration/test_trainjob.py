@@ -4,6 +4,9 @@ controller-manager and kwok GPU nodes. Pods finish on cue through largo's kwok s
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -628,3 +631,23 @@ def test_the_operator_s_metrics_follow_a_gang_s_gpus(jobs: Jobs, gpu_pool: NodeP
     jobs.exit("metered", 0)
     jobs.wait_phase("metered", "Succeeded")
     wait_for(lambda: held_by_largo() == 0, TIMEOUT, "the GPUs given back")
+
+
+def test_largo_top_shows_the_cluster_as_it_is(jobs: Jobs, gpu_pool: NodePool, cluster: LocalCluster) -> None:
+    jobs.create("watched", gpu_pool, num_nodes=2, gpus=8)
+    jobs.wait_phase("watched", "Running")
+    top = subprocess.run(
+        [sys.executable, "-m", "largo", "top"],  # not a terminal: plain output, once
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = top.stdout.splitlines()
+    for node in gpu_pool.node_names():
+        row = next(line for line in lines if line.startswith(node))
+        assert "[########]" in row  # both nodes held whole by the gang
+        assert row.split()[-3:] == ["8", "0", "0"]
+    row = next(line for line in lines if line.startswith(f"{jobs.namespace}/watched"))
+    assert row.split()[1:3] == ["Running", "2/2"]

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from largo import top
 from largo.controllers import main as operator_cli
 
 
@@ -14,6 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="largo", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     operator_cli.add_parser(subparsers)
+    top.add_parser(subparsers)
     if arguments[:1] != ["operator"]:
         # The development tooling (local cluster, PKI, localnode) and its dependencies stay out of the
         # operator's process and image: `largo operator` never imports largo.dev.

@@ -96,67 +96,85 @@ def _gpu_families(per_node: Mapping[str, Mapping[str, int]]) -> list[Metric]:
     return [allocatable, allocated, free, ratio]
 
 
-def _fragmentation(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]]) -> list[Metric]:
+def largest_gangs(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]]) -> dict[int, int]:
+    """Per gang shape (GPUs per pod): how many such pods would fit on the free GPUs now."""
     usable = [node for node in snapshot.nodes if node.usable]
     free = {node.name: {GPU: per_node.get(node.name, _slot()).get("free", 0)} for node in usable}
+    return {shape: gang.largest_gang(usable, free, shape) for shape in GANG_SHAPES}
+
+
+def stranded(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]]) -> int:
+    """Free GPUs the head of the queue cannot use; 0 with no queue."""
+    head = _head(snapshot.jobs)
+    if head is None or head.request is None:
+        return 0
+    return gang.stranded_gpus(snapshot.nodes, free_by_node(snapshot.nodes, _usage(per_node)), head.request)
+
+
+def jobs_by_phase(jobs: Sequence[JobEntry]) -> dict[str, int]:
+    """Every phase (and New: not decided yet) with its count of jobs."""
+    by_phase: dict[str, int] = {str(phase): 0 for phase in Phase}
+    by_phase["New"] = 0
+    for entry in jobs:
+        phase = str(entry.phase) if entry.phase else "New"
+        by_phase[phase] = by_phase.get(phase, 0) + 1
+    return by_phase
+
+
+def queue_gpus(jobs: Sequence[JobEntry]) -> dict[tuple[str, str], dict[str, int]]:
+    """Per (namespace, queue): GPUs requested by unfinished jobs, allocated, waiting; and ``jobs``
+    waiting for admission."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for entry in jobs:
+        if entry.job is None or entry.phase in (Phase.SUCCEEDED, Phase.FAILED):
+            continue
+        states = out.setdefault((entry.key[0], entry.queue_name), dict.fromkeys((*_QUEUE_STATES, "jobs"), 0))
+        states["requested"] += _job_gpus(entry)
+        if entry.active:
+            states["allocated"] += _job_gpus(entry)
+        if entry.admissible:
+            states["waiting"] += _job_gpus(entry)
+            states["jobs"] += 1
+    return out
+
+
+def _fragmentation(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]]) -> list[Metric]:
     largest = GaugeMetricFamily(
         "largo_cluster_largest_gang_pods",
         "Pods of gpus_per_pod GPUs that would fit on the free GPUs now.",
         labels=["gpus_per_pod"],
     )
-    for shape in GANG_SHAPES:
-        largest.add_metric([str(shape)], gang.largest_gang(usable, free, shape))
-    stranded = GaugeMetricFamily(
+    for shape, pods in largest_gangs(snapshot, per_node).items():
+        largest.add_metric([str(shape)], pods)
+    lost = GaugeMetricFamily(
         "largo_cluster_gpus_stranded",
         "Free GPUs the head of the queue cannot use (wrong nodes, or too few in one place); 0 with no queue.",
     )
-    head = _head(snapshot.jobs)
-    if head is not None and head.request is not None:
-        full_free = free_by_node(snapshot.nodes, _usage(per_node))
-        stranded.add_metric([], gang.stranded_gpus(snapshot.nodes, full_free, head.request))
-    else:
-        stranded.add_metric([], 0)
-    return [largest, stranded]
+    lost.add_metric([], stranded(snapshot, per_node))
+    return [largest, lost]
 
 
 def _workload_families(jobs: Sequence[JobEntry]) -> list[Metric]:
     phases = GaugeMetricFamily(
         "largo_trainjobs", "TrainJobs by phase (New: not decided yet).", labels=["phase"]
     )
-    by_phase: dict[str, int] = {str(phase): 0 for phase in Phase}
-    by_phase["New"] = 0
-    for entry in jobs:
-        phase = str(entry.phase) if entry.phase else "New"
-        by_phase[phase] = by_phase.get(phase, 0) + 1
-    for phase, count in sorted(by_phase.items()):
+    for phase, count in sorted(jobs_by_phase(jobs).items()):
         phases.add_metric([phase], count)
-
-    queue_gpus = GaugeMetricFamily(
+    gpus = GaugeMetricFamily(
         "largo_queue_gpus",
         "GPUs of a namespace's jobs in a queue: requested by every unfinished job, allocated to admitted "
         "ones, waiting for admission.",
         labels=["namespace", "queue", "state"],
     )
-    queue_length = GaugeMetricFamily("largo_queue_length", "Jobs waiting for admission.", labels=["queue"])
-    gpus: dict[tuple[str, str], dict[str, int]] = {}
+    length = GaugeMetricFamily("largo_queue_length", "Jobs waiting for admission.", labels=["queue"])
     lengths: dict[str, int] = {}
-    for entry in jobs:
-        if entry.job is None or entry.phase in (Phase.SUCCEEDED, Phase.FAILED):
-            continue
-        states = gpus.setdefault((entry.key[0], entry.queue_name), dict.fromkeys(_QUEUE_STATES, 0))
-        states["requested"] += _job_gpus(entry)
-        if entry.active:
-            states["allocated"] += _job_gpus(entry)
-        lengths.setdefault(entry.queue_name, 0)
-        if entry.admissible:
-            states["waiting"] += _job_gpus(entry)
-            lengths[entry.queue_name] += 1
-    for (namespace, queue), states in sorted(gpus.items()):
-        for state, value in states.items():
-            queue_gpus.add_metric([namespace, queue, state], value)
-    for queue, length in sorted(lengths.items()):
-        queue_length.add_metric([queue], length)
-    return [phases, queue_gpus, queue_length]
+    for (namespace, queue), states in sorted(queue_gpus(jobs).items()):
+        for state in _QUEUE_STATES:
+            gpus.add_metric([namespace, queue, state], states[state])
+        lengths[queue] = lengths.get(queue, 0) + states["jobs"]
+    for queue, count in sorted(lengths.items()):
+        length.add_metric([queue], count)
+    return [phases, gpus, length]
 
 
 def _usage(per_node: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
