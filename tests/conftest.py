@@ -58,7 +58,9 @@ PoolFactory = Callable[..., NodePool]
 def make_pool(cluster: LocalCluster) -> PoolFactory:
     """Fake GPU nodes of the test's own, selected by a label, so capacity tests do not interfere."""
 
-    def make(count: int = 2, gpus: int = 8, nodes_per_rack: int = 0) -> NodePool:
+    def make(
+        count: int = 2, gpus: int = 8, nodes_per_rack: int = 0, extended: dict[str, str] | None = None
+    ) -> NodePool:
         pool_id = uuid.uuid4().hex[:6]
         pool = NodePool(
             count=count,
@@ -66,6 +68,7 @@ def make_pool(cluster: LocalCluster) -> PoolFactory:
             name_prefix=f"pool-{pool_id}",
             labels={"largo.dev/test-pool": pool_id},
             nodes_per_rack=nodes_per_rack,
+            extended=extended or {},
         )
         cluster.add_nodes(pool)
         return pool

@@ -651,3 +651,20 @@ def test_largo_top_shows_the_cluster_as_it_is(jobs: Jobs, gpu_pool: NodePool, cl
         assert row.split()[-3:] == ["8", "0", "0"]
     row = next(line for line in lines if line.startswith(f"{jobs.namespace}/watched"))
     assert row.split()[1:3] == ["Running", "2/2"]
+
+
+def test_an_rdma_adapter_is_counted_like_gpus(jobs: Jobs, make_pool: Any) -> None:
+    """Network hardware a gang needs (here one RDMA adapter per node) is admitted exactly like GPUs."""
+    pool = make_pool(count=2, extended={"rdma/hca": "1"})
+    rdma = {"nvidia.com/gpu": 4, "rdma/hca": 1, "cpu": "1", "memory": "1Gi"}
+    jobs.create("first", pool, num_nodes=1, resourcesPerNode=rdma)
+    jobs.wait_phase("first", "Running")
+    jobs.create("second", pool, num_nodes=1, resourcesPerNode=rdma)
+    jobs.wait_phase("second", "Running")
+    # GPU packing alone would have put both 4-GPU pods on one node: the adapter forbids it.
+    nodes = {jobs.live_pods(name)[0].spec.node_name for name in ("first", "second")}
+    assert len(nodes) == 2
+    jobs.create("third", pool, num_nodes=1, resourcesPerNode={**rdma, "nvidia.com/gpu": 1})
+    status = jobs.wait("third", lambda s: bool(s.get("queue")), "queued")
+    assert status["queue"]["reason"] == "InsufficientCapacity"
+    assert "rdma/hca" in status["queue"]["message"]  # 8 GPUs are free, the adapters are not

@@ -100,3 +100,30 @@ def test_jobs_by_phase_and_gpus_by_namespace_and_queue() -> None:
     assert series[("largo_queue_gpus", (*key, ("state", "allocated")))] == 8
     assert series[("largo_queue_gpus", (*key, ("state", "waiting")))] == 8 + 16
     assert series[("largo_queue_length", (("queue", "default"),))] == 2
+
+
+def test_other_extended_resources_are_counted_like_gpus() -> None:
+    snapshot = Snapshot(
+        nodes=[
+            NodeInfo("a", {GPU: 8, "rdma/hca": 1, "cpu": 8000}, {}, ()),
+            NodeInfo("b", {GPU: 8, "rdma/hca": 1}, {}, ()),
+        ],
+        pods=[("a", PodUsage("p", {GPU: 4, "rdma/hca": 1}, ("team-a", "x"), 0, 0))],
+        jobs=[],
+    )
+    series = _series(snapshot)
+    assert (
+        series[
+            ("largo_node_extended_resource", (("node", "a"), ("resource", "rdma/hca"), ("state", "largo")))
+        ]
+        == 1
+    )
+    assert (
+        series[("largo_node_extended_resource", (("node", "a"), ("resource", "rdma/hca"), ("state", "free")))]
+        == 0
+    )
+    assert (
+        series[("largo_node_extended_resource", (("node", "b"), ("resource", "rdma/hca"), ("state", "free")))]
+        == 1
+    )
+    assert not any(labels and dict(labels).get("resource") == "cpu" for _, labels in series)

@@ -46,15 +46,20 @@ def _slot() -> dict[str, int]:
 
 
 def node_gpus(snapshot: Snapshot) -> dict[str, dict[str, int]]:
-    """Per node: allocatable, allocated by largo (bound gang pods and admitted ranks not bound yet),
-    allocated by anything else, and free."""
+    """Per node: GPUs allocatable, allocated by largo (bound gang pods and admitted ranks not bound
+    yet), allocated by anything else, and free."""
+    return node_resource(snapshot, GPU)
+
+
+def node_resource(snapshot: Snapshot, resource: str) -> dict[str, dict[str, int]]:
+    """``node_gpus`` for any resource the scheduler counts (an RDMA adapter, for one)."""
     by_node: dict[str, dict[str, int]] = {}
     for node in snapshot.nodes:
-        by_node[node.name] = {**_slot(), "allocatable": node.allocatable.get(GPU, 0)}
+        by_node[node.name] = {**_slot(), "allocatable": node.allocatable.get(resource, 0)}
     bound: set[tuple[tuple[str, str], int, int]] = set()
     for node_name, pod in snapshot.pods:
         owner = "largo" if pod.job is not None else "other"
-        by_node.setdefault(node_name, _slot())[owner] += pod.requests.get(GPU, 0)
+        by_node.setdefault(node_name, _slot())[owner] += pod.requests.get(resource, 0)
         if pod.job is not None and pod.attempt is not None and pod.rank is not None:
             bound.add((pod.job, pod.attempt, pod.rank))
     for entry in snapshot.jobs:
@@ -62,7 +67,7 @@ def node_gpus(snapshot: Snapshot) -> dict[str, dict[str, int]]:
             continue
         for rank, node_name in enumerate(entry.placement):
             if (entry.key, entry.attempt, rank) not in bound:
-                by_node.setdefault(node_name, _slot())["largo"] += entry.per_pod.get(GPU, 0)
+                by_node.setdefault(node_name, _slot())["largo"] += entry.per_pod.get(resource, 0)
     for counts in by_node.values():
         counts["free"] = max(0, counts["allocatable"] - counts["largo"] - counts["other"])
     return by_node
@@ -71,7 +76,32 @@ def node_gpus(snapshot: Snapshot) -> dict[str, dict[str, int]]:
 def resource_families(snapshot: Snapshot) -> list[Metric]:
     """Every resource and workload series for one snapshot (pure)."""
     per_node = node_gpus(snapshot)
-    return [*_gpu_families(per_node), *_fragmentation(snapshot, per_node), *_workload_families(snapshot.jobs)]
+    return [
+        *_gpu_families(per_node),
+        _extended_family(snapshot),
+        *_fragmentation(snapshot, per_node),
+        *_workload_families(snapshot.jobs),
+    ]
+
+
+def extended_resources(nodes: Iterable[NodeInfo]) -> list[str]:
+    """Extended resources the nodes offer besides GPUs (vendor-domain names such as rdma/hca)."""
+    names = {name for node in nodes for name in node.allocatable if "/" in name and name != GPU}
+    return sorted(names)
+
+
+def _extended_family(snapshot: Snapshot) -> Metric:
+    family = GaugeMetricFamily(
+        "largo_node_extended_resource",
+        "Other extended resources (an RDMA adapter, for one), counted like GPUs: allocatable, held by "
+        "largo's gangs, held by other pods, free.",
+        labels=["node", "resource", "state"],
+    )
+    for resource in extended_resources(snapshot.nodes):
+        for name, counts in sorted(node_resource(snapshot, resource).items()):
+            for state in ("allocatable", "largo", "other", "free"):
+                family.add_metric([name, resource, state], counts[state])
+    return family
 
 
 def _gpu_families(per_node: Mapping[str, Mapping[str, int]]) -> list[Metric]:

@@ -67,12 +67,14 @@ class NodePool:
     labels: Mapping[str, str] = field(default_factory=dict)
     # Nodes are spread over racks of this many nodes: the topology label largo keeps gangs inside.
     nodes_per_rack: int = 0
+    # Other extended resources the nodes declare, e.g. {"rdma/hca": "1"} for an RDMA adapter.
+    extended: Mapping[str, str] = field(default_factory=dict)
 
     def node_names(self) -> list[str]:
         return [f"{self.name_prefix}-{index}" for index in range(self.count)]
 
     def manifests(self) -> list[dict[str, Any]]:
-        capacity = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods)}
+        capacity = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods), **self.extended}
         if self.gpus:
             capacity["nvidia.com/gpu"] = str(self.gpus)
         out = []
