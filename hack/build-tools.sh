@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the upstream Kubernetes tools the tests and the demo need, from the Go module proxy only:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok and helm.
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm, and Prometheus
+# with promtool.
 # Idempotent: every tool lands in a version-keyed cache directory outside the repository and is
 # skipped when already there. Prints the tools directory on its last line.
 set -euo pipefail
@@ -9,8 +10,11 @@ K8S_VERSION=v1.36.3
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
+# Prometheus 3.16.0: its Go module is versioned v0.<major><minor>.<patch>.
+PROMETHEUS_VERSION=v0.316.0
+PROMETHEUS_RELEASE=3.16.0
 
-key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}"
+key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_prometheus-${PROMETHEUS_RELEASE}"
 TOOLS_DIR="${LARGO_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/largo/tools/$key}"
 BIN="$TOOLS_DIR/bin"
 if [ "${1:-}" = "--print-dir" ]; then echo "$TOOLS_DIR"; exit 0; fi
@@ -119,9 +123,20 @@ build_helm() {
   mv "$dir/helm" "$BIN/helm"
 }
 
+build_prometheus() {
+  if have prometheus promtool; then log "prometheus $PROMETHEUS_RELEASE: cached"; return; fi
+  log "prometheus $PROMETHEUS_RELEASE: building prometheus and promtool (without the web UI's assets)"
+  GOBIN="$SRC/prometheus-bin" go install \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_RELEASE" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+  mv "$SRC/prometheus-bin/prometheus" "$SRC/prometheus-bin/promtool" "$BIN/"
+}
+
 build_etcd
 build_kwok
 build_helm
+build_prometheus
 build_kubernetes
 log "all tools in $BIN"
 echo "$TOOLS_DIR"

@@ -76,7 +76,10 @@ def test_runtime_progress_reaches_the_trainjob_and_goes_stale(
     assert progress["percent"] == 100
     assert progress["loss"] > 0
     assert progress["tokensPerSecond"] > 0
-    assert progress["summary"].startswith("100% 30/30 loss ")
+    # On a busy machine the 3 s stale limit may already have passed when it is read: then the summary
+    # says so and keeps the last report's.
+    last = progress["summary"].split("(last: ", 1)[-1] if progress["stale"] else progress["summary"]
+    assert last.startswith("100% 30/30 loss ")
     shown = cluster.kubectl("get", "trainjob", "reporting", "-n", namespace).stdout
     assert "100% 30/30" in shown
     assert status()["phase"] == "Running"  # the operator's writes leave the runtime's field alone

@@ -18,6 +18,8 @@ TOOL_NAMES = (
     "kubectl",
     "kwok",
     "helm",
+    "prometheus",
+    "promtool",
 )
 
 
