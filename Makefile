@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell cat operator/pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: all venv tools test unit integration lint format crds verify demo images clean
+.PHONY: all venv tools test unit integration lint format crds dashboard verify demo images clean
 
 all: test
 
@@ -45,8 +45,12 @@ format: venv
 crds: venv
 	$(BIN)/python -m largo.api.crd --out crds --chart charts/largo
 
+dashboard: venv
+	$(BIN)/python -m largo.dev.dashboard
+
 verify: venv
 	$(BIN)/python -m largo.api.crd --out crds --chart charts/largo --check
+	$(BIN)/python -m largo.dev.dashboard --check
 
 demo: venv tools
 	./hack/demo.sh $(ARGS)

@@ -4,6 +4,7 @@ pass their promtool unit tests."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import urllib.parse
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from trainjobs import TIMEOUT, Jobs
 pytestmark = pytest.mark.integration
 
 TESTS = Path(__file__).resolve().parents[1] / "prometheus"
+DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "largo" / "files" / "dashboard.json"
 
 
 def test_the_alert_rules_pass_their_unit_tests(cluster: LocalCluster) -> None:
@@ -97,6 +99,18 @@ def test_prometheus_discovers_the_operator_and_sees_a_gang_s_gpus(
     assert (prometheus.value(f'sum(largo_node_gpus_free{{node=~"{gpu_pool.name_prefix}-.*"}})') or 0) == 0
     assert (prometheus.value("largo_queue_wait_seconds_count") or 0) >= 1
     assert prometheus.value("largo_leader") == 1
+
+    # Every panel of the dashboard parses and shows something while a gang runs.
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [
+        target["expr"].replace("$__rate_interval", "1m")
+        for panel in dashboard["panels"]
+        for target in panel.get("targets") or []
+    ]
+    assert len(queries) >= 8
+    for query in queries:
+        assert prometheus.query(query), f"dashboard query returns nothing: {query}"
+
     jobs.exit("scraped", 0)
     jobs.wait_phase("scraped", "Succeeded")
     wait_for(lambda: prometheus.value(held) == 0, TIMEOUT, "the GPUs given back, in PromQL")
