@@ -118,3 +118,24 @@ def test_a_refused_pod_is_recorded_then_raised_for_back_off() -> None:
     assert refusal["reason"] == "CreateRefused"
     assert "exceeded quota" in refusal["message"]
     assert kube.events[-1] == "CreateRefused"
+
+
+def test_the_next_reconcile_decides_on_the_version_its_own_write_returned() -> None:
+    kube = FakeKube()
+    reconciler = _reconciler(kube, _hinted())  # the index shows version 2, and keeps showing it
+    reconciler.count_interval = 0.0
+    reconciler.hint(KEY, {**_hinted(), "status": {**_hinted()["status"], "nodes": "stale"}})
+    asyncio.run(reconciler.reconcile(KEY))  # writes on version 2; the fake API answers with version 3
+    assert [version for version, _ in kube.writes] == ["2"]
+    pod = {
+        "metadata": {
+            "name": "j-node-0",
+            "labels": {"largo.dev/node-rank": "0", "largo.dev/attempt": "0"},
+            "ownerReferences": [{"uid": "uid-j"}],
+        },
+        "spec": {"nodeName": "n0"},
+        "status": {"phase": "Pending"},
+    }
+    reconciler.pods = {KEY: [pod]}
+    asyncio.run(reconciler.reconcile(KEY))  # a pod appeared: the counts change
+    assert [version for version, _ in kube.writes] == ["2", "3"]  # not 2 again: that would conflict

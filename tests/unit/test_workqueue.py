@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from largo.controllers.workqueue import Retry, WorkQueue
 
@@ -145,3 +146,26 @@ def test_earlier_delayed_wakeup_wins() -> None:
         return fired_at
 
     assert asyncio.run(scenario()) < 5
+
+
+def test_a_conflict_is_retried_soon_however_often_it_repeats() -> None:
+    class Conflict(Retry):
+        max_delay = 0.05
+
+    async def scenario() -> float:
+        queue: WorkQueue[str] = WorkQueue(base_delay=0.01, max_delay=60.0)
+        loop = asyncio.get_running_loop()
+        times: list[float] = []
+        done = asyncio.Event()
+
+        async def worker(key: str) -> None:
+            times.append(loop.time())
+            if len(times) < 12:  # unchecked doubling would wait 0.01 * 2**10 = 10 s by now
+                raise Conflict("the object changed since it was read")
+            done.set()
+
+        queue.add("a")
+        await _drain(queue, worker, done)
+        return max(b - a for a, b in itertools.pairwise(times))
+
+    assert asyncio.run(scenario()) < 1.0

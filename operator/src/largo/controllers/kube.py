@@ -33,7 +33,10 @@ _CORE_KINDS = {"Pod": "pod", "Service": "service", "ConfigMap": "config_map"}
 
 
 class ConflictError(Retry):
-    """The object changed since it was read: read again and decide again."""
+    """The object changed since it was read: read again and decide again. Soon: a conflict says the
+    view was behind, not that the API server refuses, so its back-off stays short."""
+
+    max_delay = 1.0
 
 
 class CreateRefused(Retry):

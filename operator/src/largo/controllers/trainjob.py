@@ -98,7 +98,7 @@ class TrainJobReconciler:
             self.wake_scheduler()
             return None
         # A hint is at least as new as the index; if it is older after all, the guarded write refuses.
-        body, job = hint or entry.body, entry.job
+        body, job = _newer(hint, entry.body) if hint else entry.body, entry.job
         if job is None:
             await self._reject(body, entry.invalid or "invalid spec")
             return None
@@ -155,6 +155,9 @@ class TrainJobReconciler:
             written = await self.kube.patch_trainjob_status(
                 namespace, name, metadata.get("resourceVersion"), _status_patch(current, decision.status)
             )
+            # The next reconcile decides on this version, not on an index that may not show it yet:
+            # deciding on the older one would only make its write conflict.
+            self._hints[(namespace, name)] = written
         if decision.create_ranks:
             nodes = decision.status["placement"]["nodes"]
             attempt = int(decision.status.get("attempt") or 0)
@@ -237,6 +240,17 @@ class TrainJobReconciler:
         except ConflictError:
             return
         await self.kube.event(body, "Warning", Reason.INVALID_SPEC, message)
+
+
+def _newer(hint: Mapping[str, Any], indexed: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The newer of two versions of the job. resourceVersions are opaque to clients, but the API server
+    hands out increasing integers; where they are not, the hint (the object a write returned) wins."""
+    try:
+        ours = int((hint.get("metadata") or {}).get("resourceVersion") or 0)
+        theirs = int((indexed.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return hint
+    return hint if ours >= theirs else indexed
 
 
 def _status_patch(current: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 class Retry(Exception):  # noqa: N818  (a request, not a failure)
     """An expected reason to run the key again later (a conflict, a refused create): logged in one
-    line, without a traceback, and retried with the key's back-off."""
+    line, without a traceback, and retried with the key's back-off, at most ``max_delay`` seconds."""
+
+    max_delay: float | None = None
 
 
 class WorkQueue(Generic[K]):
@@ -93,6 +95,8 @@ class WorkQueue(Generic[K]):
                     raise
                 except Retry as reason:
                     again, failed = self.backoff(key), True
+                    if reason.max_delay is not None:
+                        again = min(again, reason.max_delay)
                     self.on_failure(type(reason).__name__)
                     logger.info("%s: %s; again in %.2fs", key, reason, again)
                 except Exception as error:
