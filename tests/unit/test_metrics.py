@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 from largo.controllers.state import JobEntry, PodUsage, job_entry
@@ -127,3 +128,18 @@ def test_other_extended_resources_are_counted_like_gpus() -> None:
         == 1
     )
     assert not any(labels and dict(labels).get("resource") == "cpu" for _, labels in series)
+
+
+def test_the_age_of_each_running_job_s_newest_checkpoint() -> None:
+    written = datetime.datetime(2027, 1, 15, 7, tzinfo=datetime.UTC)
+    now = written.timestamp() + 900
+    checkpointed = {"checkpointedAt": "2027-01-15T07:00:00Z", "step": 5}
+    running = _job("llm", 8, 1, "Running", progress=checkpointed)
+    queued = _job("later", 8, 1, "Queued", progress=checkpointed)  # holds no work at risk
+    series = _series(Snapshot(nodes=[], pods=[], jobs=[running, queued], now=now))
+    ages = {
+        dict(labels)["trainjob"]: value
+        for (name, labels), value in series.items()
+        if name == "largo_trainjob_checkpoint_age_seconds"
+    }
+    assert ages == {"llm": 900}

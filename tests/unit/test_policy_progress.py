@@ -157,3 +157,14 @@ def test_a_stale_report_is_not_replaced_by_the_same_report() -> None:
     fresh = _plan(stale.status, good(step=41, updatedAt=timestamp(NOW + 1000)), now=NOW + 1001)
     assert fresh.status["progress"]["stale"] is False
     assert fresh.status["progress"]["step"] == 41
+
+
+def test_a_report_carries_the_newest_checkpoint() -> None:
+    report = progress_fields(40, 100, 1.25, 5000.0, 2.0, NOW, checkpoint=(30, NOW - 120))
+    read = read_report(data(report))
+    assert read is not None
+    assert read.progress is not None
+    assert read.progress["checkpointStep"] == 30
+    assert read.progress["checkpointedAt"] == timestamp(NOW - 120)
+    without = progress_fields(40, 100, 1.25, 5000.0, 2.0, NOW)
+    assert "checkpointedAt" not in without

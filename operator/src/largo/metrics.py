@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from largo.api.v1alpha1 import GPU_RESOURCE, Phase
 from largo.controllers.state import JobEntry, PodUsage
+from largo.policy.conditions import parse_timestamp
 from largo.sched import gang
 from largo.sched.inventory import free_by_node
 from largo.sched.types import NodeInfo
@@ -34,6 +35,7 @@ class Snapshot:
     nodes: Sequence[NodeInfo]
     pods: Sequence[tuple[str, PodUsage]]  # (node, a bound pod that holds resources)
     jobs: Sequence[JobEntry]
+    now: float = 0.0  # epoch seconds of the scrape
 
 
 def _job_gpus(entry: JobEntry) -> int:
@@ -81,7 +83,33 @@ def resource_families(snapshot: Snapshot) -> list[Metric]:
         _extended_family(snapshot),
         *_fragmentation(snapshot, per_node),
         *_workload_families(snapshot.jobs),
+        _checkpoint_family(snapshot),
     ]
+
+
+def checkpoint_ages(jobs: Iterable[JobEntry], now: float) -> dict[tuple[str, str], float]:
+    """Per running job that reported a checkpoint: seconds since it was written (the work a failure
+    would lose now)."""
+    ages = {}
+    for entry in jobs:
+        if entry.phase != Phase.RUNNING:
+            continue
+        progress = (entry.body.get("status") or {}).get("progress") or {}
+        written = parse_timestamp(progress.get("checkpointedAt"))
+        if written is not None:
+            ages[entry.key] = max(0.0, now - written)
+    return ages
+
+
+def _checkpoint_family(snapshot: Snapshot) -> Metric:
+    family = GaugeMetricFamily(
+        "largo_trainjob_checkpoint_age_seconds",
+        "Seconds since a running job's newest complete checkpoint: the work a failure would lose.",
+        labels=["namespace", "trainjob"],
+    )
+    for (namespace, name), age in sorted(checkpoint_ages(snapshot.jobs, snapshot.now).items()):
+        family.add_metric([namespace, name], age)
+    return family
 
 
 def extended_resources(nodes: Iterable[NodeInfo]) -> list[str]:

@@ -178,7 +178,7 @@ def _snapshot(indexes: Mapping[str, Any]) -> Snapshot:
     nodes = [info for store in indexes["node_inventory"].values() for info in store]
     pods = [(node, usage) for node, store in indexes["pod_inventory"].items() for usage in store]
     jobs = [entry for store in indexes["trainjob_queue"].values() for entry in store]
-    return Snapshot(nodes=nodes, pods=pods, jobs=jobs)
+    return Snapshot(nodes=nodes, pods=pods, jobs=jobs, now=time.time())
 
 
 @kopf.on.cleanup()

@@ -64,5 +64,7 @@ def read_report(data: Mapping[str, Any] | None) -> ReadReport | None:
         return ReadReport(refused="; ".join(problems)[:500])
     progress = report.model_dump(mode="json", by_alias=True, exclude_none=True)
     progress["updatedAt"] = _utc(report.updated_at)
+    if report.checkpointed_at is not None:
+        progress["checkpointedAt"] = _utc(report.checkpointed_at)
     progress["stale"] = False
     return ReadReport(progress=progress)

@@ -32,10 +32,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def _utc(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(int(epoch), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def progress_fields(
-    step: int, total: int, loss: float, tokens_per_second: float, steps_per_second: float, now: float
+    step: int,
+    total: int,
+    loss: float,
+    tokens_per_second: float,
+    steps_per_second: float,
+    now: float,
+    checkpoint: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
-    """The ``status.progress`` object for one report (pure)."""
+    """One progress report (pure); ``checkpoint`` is (step, epoch seconds) of the newest complete
+    checkpoint this run wrote, from which the operator tells how much work a failure would lose."""
     percent = round(100.0 * step / total, 1) if total else 0.0
     eta = (total - step) / steps_per_second if steps_per_second > 0 else None
     summary = f"{percent:g}% {step}/{total} loss {loss:.3f}"
@@ -47,9 +58,11 @@ def progress_fields(
         "percent": percent,
         "loss": round(loss, 6),
         "tokensPerSecond": round(tokens_per_second, 1),
-        "updatedAt": datetime.datetime.fromtimestamp(int(now), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "updatedAt": _utc(now),
         "summary": summary,
     }
+    if checkpoint is not None:
+        fields["checkpointStep"], fields["checkpointedAt"] = checkpoint[0], _utc(checkpoint[1])
     if eta is not None:
         fields["etaSeconds"] = int(eta)
     return fields

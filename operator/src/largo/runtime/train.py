@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code = 0
     step = start
+    saved: tuple[int, float] | None = None  # the newest checkpoint this run wrote: (step, when)
     for step in range(start + 1, args.steps + 1):
         step_started = time.perf_counter()
         inputs, targets = data.batch(corpus, args.context, args.batch_size, args.seed, step, rank)
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             stop = step % args.stop_check_every == 0 and _agree(stop, device)
         if directory is not None and (step % args.checkpoint_every == 0 or step == args.steps or stop):
             _checkpoint(directory, step, model, optimizer, args, rank, distributed)
+            saved = (step, time.time())
         if recorder is not None:
             elapsed = time.perf_counter() - started
             rate = (step - started_step) / elapsed if elapsed > 0 else 0.0
@@ -188,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"step": step, "loss": value, "tokens_per_second": rate * tokens_per_step}))
                 sys.stdout.flush()
             if reporter is not None:
-                fields = progress_fields(step, args.steps, value, rate * tokens_per_step, rate, time.time())
+                fields = progress_fields(
+                    step, args.steps, value, rate * tokens_per_step, rate, time.time(), saved
+                )
                 reporter.report(fields)
         if stop:
             logger.info("SIGTERM: checkpoint of step %d written, leaving", step)

@@ -482,6 +482,10 @@ class ProgressReport(StatusModel):
     eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds to the end.")
     updated_at: datetime = Field(description="When the runtime measured this report.")
     summary: str = Field(default="", max_length=200, description="Shown in the PROGRESS column.")
+    checkpoint_step: int | None = Field(default=None, ge=0, description="Step of the newest checkpoint.")
+    checkpointed_at: datetime | None = Field(
+        default=None, description="When the newest complete checkpoint was written."
+    )
 
 
 class Progress(ProgressReport):
