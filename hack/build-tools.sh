@@ -10,6 +10,8 @@ K8S_VERSION=v1.36.3
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
+# The Prometheus Operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule), to validate the chart's.
+PROMETHEUS_OPERATOR_VERSION=v0.94.0
 # Prometheus 3.16.0: its Go module is versioned v0.<major><minor>.<patch>.
 PROMETHEUS_VERSION=v0.316.0
 PROMETHEUS_RELEASE=3.16.0
@@ -133,10 +135,25 @@ build_prometheus() {
   mv "$SRC/prometheus-bin/prometheus" "$SRC/prometheus-bin/promtool" "$BIN/"
 }
 
+fetch_prometheus_operator_crds() {
+  local crds="$TOOLS_DIR/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION"
+  if [ -d "$crds" ]; then log "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: cached"; return; fi
+  log "prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION: taking them from the module source"
+  local source
+  source=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  rm -rf "$crds.tmp" && mkdir -p "$crds.tmp"
+  for kind in servicemonitors podmonitors prometheusrules; do
+    cp "$source/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$crds.tmp/"
+  done
+  chmod -R u+w "$crds.tmp" && mv "$crds.tmp" "$crds"
+}
+
 build_etcd
 build_kwok
 build_helm
 build_prometheus
+fetch_prometheus_operator_crds
 build_kubernetes
 log "all tools in $BIN"
 echo "$TOOLS_DIR"

@@ -41,6 +41,7 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
         "Deployment",
         "Role",
         "RoleBinding",
+        "Service",
         "ServiceAccount",
     ]
     deployment = next(doc for doc in documents if doc["kind"] == "Deployment")
@@ -117,3 +118,37 @@ def test_helm_install_runs_the_operator_with_least_privilege(
     wait_for(
         lambda: not client.AppsV1Api(api).list_namespaced_deployment(namespace).items, 60, "release removed"
     )
+
+
+def test_the_monitoring_objects_are_valid_for_the_prometheus_operator(
+    cluster: LocalCluster, api: client.ApiClient, namespace: str
+) -> None:
+    """ServiceMonitor, PrometheusRule and the dashboard ConfigMap, rendered with their toggles on and
+    checked by the API server against the Prometheus Operator's own CRDs (server-side dry run)."""
+    for crd in sorted(cluster.tools.prometheus_operator_crds.glob("*.yaml")):
+        cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    for kind in ("servicemonitors", "prometheusrules"):
+        cluster.kubectl(
+            "wait", "--for=condition=Established", f"crd/{kind}.monitoring.coreos.com", "--timeout=60s"
+        )
+    rendered = helm(
+        cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--namespace", namespace,
+        "--set", "monitoring.serviceMonitor.enabled=true", "--set", "monitoring.prometheusRule.enabled=true",
+        "--set", "monitoring.dashboard.enabled=true",
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    documents = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    wanted = {"ServiceMonitor", "PrometheusRule", "ConfigMap", "Service"}
+    monitoring = [doc for doc in documents if doc["kind"] in wanted]
+    assert sorted(doc["kind"] for doc in monitoring) == sorted(wanted)
+    rule = next(doc for doc in monitoring if doc["kind"] == "PrometheusRule")
+    rule_file = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
+    assert rule["spec"]["groups"] == rule_file["groups"]  # the file promtool tests, unchanged
+    dashboard = next(doc for doc in monitoring if doc["kind"] == "ConfigMap")
+    assert dashboard["data"]["largo.json"] == (CHART / "files" / "dashboard.json").read_text()
+    manifest = Path(cluster.kubeconfig).parent / f"monitoring-{namespace}.yaml"
+    manifest.write_text(yaml.safe_dump_all(monitoring))
+    applied = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(manifest), check=False)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert "servicemonitor.monitoring.coreos.com/largo-operator created (server dry run)" in applied.stdout
+    assert "prometheusrule.monitoring.coreos.com/largo-operator created (server dry run)" in applied.stdout

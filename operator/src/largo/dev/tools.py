@@ -39,6 +39,11 @@ class Tools:
     def kwok_stages(self) -> Path:
         return self.root / "kwok-stages"
 
+    @property
+    def prometheus_operator_crds(self) -> Path:
+        """ServiceMonitor, PodMonitor and PrometheusRule CRDs (one version-named directory)."""
+        return sorted(self.root.glob("prometheus-operator-crds-*"))[-1]
+
     def path(self, name: str) -> str:
         return str(self.bin / name)
 
