@@ -18,6 +18,7 @@ from kubernetes import client, config
 from largo.dev.cluster import ClusterError, LocalCluster, wait_for
 from largo.dev.localnode import network
 from largo.dev.operator_process import OperatorProcess
+from largo.dev.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.e2e
 
@@ -161,6 +162,45 @@ def test_demo_job_trains_across_two_pods_and_succeeds(demo: Demo) -> None:
     assert "rank 2 of 4 on host demo-node-1" in rank1
     assert '"step": 120' in rank0
     assert demo.checkpoints() == ["step-000000040.pt", "step-000000080.pt", "step-000000120.pt"]
+
+
+def test_prometheus_finds_the_trainer_and_reads_its_throughput_and_network(demo: Demo) -> None:
+    """A real Prometheus discovers rank 0 through the API server (pod role, the annotations largo sets)
+    and reads the running trainer's throughput, the share of a step in the all-reduce and its bytes."""
+    prometheus = PrometheusServer(demo.cluster.tools, demo.cluster.kubeconfig, [demo.namespace])
+    prometheus.start()
+    try:
+        name = demo.apply(
+            [
+                "--steps",
+                "100000",
+                "--checkpoint-every",
+                "50",
+                "--log-every",
+                "10",
+                "--report-every-seconds",
+                "1",
+            ]
+        )
+        where = f'job="largo-trainers", namespace="{demo.namespace}", trainjob="{name}"'
+
+        def reading(metric: str) -> float:
+            return prometheus.value(f"max(largo_train_{metric}{{{where}}})") or 0.0
+
+        wait_for(
+            lambda: reading("tokens_per_second") > 0 and reading("allreduce_bytes_per_step") > 0,
+            180,
+            "the trainer's series in Prometheus",
+            prometheus.assert_alive,
+        )
+        assert 0 < reading("collective_share") <= 1
+        assert reading("step") > 0
+        # The same run's checkpoints reach the job's status, for the operator's checkpoint age.
+        demo.wait(
+            name, lambda job: "checkpointedAt" in job.get("status", {}).get("progress", {}), "a checkpoint"
+        )
+    finally:
+        prometheus.stop()
 
 
 def test_killed_trainer_process_restarts_the_gang_from_its_checkpoint(demo: Demo) -> None:

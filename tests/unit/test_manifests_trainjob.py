@@ -200,6 +200,9 @@ def test_pod_identity_and_dns() -> None:
     assert meta["annotations"] == {
         "largo.dev/placement-node": "gpu-node-7",
         "largo.dev/spec-hash": pod_spec_hash(job.spec),
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9400",
+        "prometheus.io/path": "/metrics",
     }
     assert "ownerReferences" not in meta
     spec = pod["spec"]
@@ -309,6 +312,9 @@ def test_pod_template_and_scheduling_pass_through() -> None:
         "team": "x",
         "largo.dev/placement-node": "n0",
         "largo.dev/spec-hash": pod_spec_hash(job.spec),
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9400",
+        "prometheus.io/path": "/metrics",
     }
 
 
@@ -371,3 +377,18 @@ def test_exclusive_pods_are_labelled_for_the_scheduler() -> None:
     assert "largo.dev/exclusive-node" not in shared["metadata"]["labels"]
     alone = build_pod(make_job(**GPU_JOB, scheduling={"exclusiveNodes": True}), 0, "n0", attempt=0)
     assert alone["metadata"]["labels"]["largo.dev/exclusive-node"] == "true"
+
+
+def test_rank_0_s_metrics_port_is_declared_and_discoverable() -> None:
+    pod = build_pod(make_job(**GPU_JOB), 0, "n0", attempt=0)
+    (container,) = pod["spec"]["containers"]
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
+    assert env_of(pod)["LARGO_METRICS_PORT"] == "9400"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9400"
+    quiet = build_pod(
+        make_job(**GPU_JOB, podTemplate={"annotations": {"prometheus.io/scrape": "false"}}),
+        0,
+        "n0",
+        attempt=0,
+    )
+    assert quiet["metadata"]["annotations"]["prometheus.io/scrape"] == "false"  # the user's word wins

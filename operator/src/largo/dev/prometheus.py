@@ -57,6 +57,41 @@ def scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, Any]:
     }
 
 
+def trainer_scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, Any]:
+    """Training pods, found as Prometheus finds annotated pods: TrainJob pods with
+    ``prometheus.io/scrape: "true"``, scraped at their pod IP and ``prometheus.io/port``."""
+    return {
+        "job_name": "largo-trainers",
+        "kubernetes_sd_configs": [
+            {"role": "pod", "kubeconfig_file": str(kubeconfig), "namespaces": {"names": namespaces}}
+        ],
+        "relabel_configs": [
+            {
+                "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
+                "regex": "true",
+                "action": "keep",
+            },
+            {
+                "source_labels": ["__meta_kubernetes_pod_label_largo_dev_job_name"],
+                "regex": ".+",
+                "action": "keep",
+            },
+            {
+                "source_labels": [
+                    "__meta_kubernetes_pod_ip",
+                    "__meta_kubernetes_pod_annotation_prometheus_io_port",
+                ],
+                "regex": "(.+);(.+)",
+                "replacement": "$1:$2",
+                "target_label": "__address__",
+            },
+            {"source_labels": ["__meta_kubernetes_pod_label_largo_dev_job_name"], "target_label": "trainjob"},
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        ],
+    }
+
+
 class PrometheusServer:
     def __init__(self, tools: Tools, kubeconfig: Path, namespaces: list[str], interval: str = "1s") -> None:
         self.tools = tools
@@ -65,7 +100,10 @@ class PrometheusServer:
         config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
             "rule_files": [str(RULES)],
-            "scrape_configs": [scrape_config(kubeconfig, namespaces)],
+            "scrape_configs": [
+                scrape_config(kubeconfig, namespaces),
+                trainer_scrape_config(kubeconfig, namespaces),
+            ],
         }
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.process: subprocess.Popen[bytes] | None = None

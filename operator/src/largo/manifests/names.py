@@ -9,6 +9,9 @@ from __future__ import annotations
 from largo.api.v1alpha1.common import GROUP, MAX_JOB_NAME_LENGTH
 
 MASTER_PORT = 29500
+# Rank 0 serves the trainer's Prometheus metrics here (container port `metrics`).
+METRICS_PORT = 9400
+METRICS_PORT_NAME = "metrics"
 RENDEZVOUS_PORT_NAME = "rendezvous"
 CONTAINER_NAME = "trainer"
 CHECKPOINT_VOLUME = "largo-checkpoint"

@@ -138,6 +138,7 @@ def contract_env(job: TrainJob, rank: int, attempt: int) -> list[JSON]:
         "LARGO_BACKEND": resolved_backend(spec).value,
         "LARGO_ATTEMPT": str(attempt),
         "LARGO_PROGRESS_CONFIGMAP": names.progress_configmap(name),
+        "LARGO_METRICS_PORT": str(names.METRICS_PORT),
     }
     if spec.checkpoint is not None:
         values["LARGO_CHECKPOINT_DIR"] = spec.checkpoint.path
@@ -199,6 +200,10 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         **({names.LABEL_EXCLUSIVE: "true"} if spec.scheduling.exclusive_nodes else {}),
     }
     annotations = {
+        # Prometheus' pod discovery finds rank 0's metrics (docs/observability.md); the user's win.
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(names.METRICS_PORT),
+        "prometheus.io/path": "/metrics",
         **template.annotations,
         names.ANNOTATION_PLACEMENT_NODE: node_name,
         names.ANNOTATION_SPEC_HASH: pod_spec_hash(spec),
@@ -227,7 +232,8 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         "image": spec.image,
         "env": build_env(job, rank, attempt),
         "ports": [
-            {"name": names.RENDEZVOUS_PORT_NAME, "containerPort": names.MASTER_PORT, "protocol": "TCP"}
+            {"name": names.RENDEZVOUS_PORT_NAME, "containerPort": names.MASTER_PORT, "protocol": "TCP"},
+            {"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"},
         ],
         "volumeMounts": mounts,
     }

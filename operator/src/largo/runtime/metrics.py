@@ -1,4 +1,5 @@
-"""Rank 0's Prometheus metrics: step, loss, throughput, step time and time in collectives."""
+"""Rank 0's Prometheus metrics: step, loss, throughput, step time, and the network: time and share of
+a step in the gradient all-reduce, and the bytes it moves."""
 
 from __future__ import annotations
 
@@ -25,6 +26,16 @@ class TrainMetrics:
             "Average time of a step's gradient all-reduce, as DDP samples it (0 without DDP).",
             registry=registry,
         )
+        self.collective_share = Gauge(
+            "largo_train_collective_share",
+            "Share of a step's time spent in the gradient all-reduce (0..1; 0 without DDP).",
+            registry=registry,
+        )
+        self.allreduce_bytes = Gauge(
+            "largo_train_allreduce_bytes_per_step",
+            "Bytes of gradients each rank all-reduces per step (0 without DDP).",
+            registry=registry,
+        )
 
     def step(self, step: int, loss: float, seconds: float, tokens_per_second: float) -> None:
         self.step_number.set(step)
@@ -32,10 +43,17 @@ class TrainMetrics:
         self.step_seconds.observe(seconds)
         self.tokens.set(tokens_per_second)
 
-    def collectives(self, ddp: Any) -> None:
-        """Reads DDP's own sampled timing: no hook in the gradient path, so measuring costs nothing."""
-        average = ddp._get_ddp_logging_data().get("avg_backward_comm_time", 0)
-        self.collective_seconds.set(average / 1e9)
+    def collectives(self, ddp: Any, step_seconds: float) -> None:
+        """Reads DDP's own sampled timing: no hook in the gradient path, so measuring costs nothing.
+        ``step_seconds``: the average step time over the same stretch, for the share of it spent in
+        the all-reduce."""
+        average = ddp._get_ddp_logging_data().get("avg_backward_comm_time", 0) / 1e9
+        self.collective_seconds.set(average)
+        self.collective_share.set(min(1.0, average / step_seconds) if step_seconds > 0 else 0.0)
+        # DDP all-reduces every gradient once per step: the bytes of the trainable parameters.
+        self.allreduce_bytes.set(
+            sum(p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)
+        )
 
 
 def serve(port: int) -> None:

@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             _restore(model, optimizer, state, args.fsdp)
             start = int(state["step"])
             logger.info("resumed from checkpoint of step %d in %s", start, directory)
-    if recorder is not None and args.metrics_port is not None:
-        metrics.serve(args.metrics_port)
+    # The port the pod declares (LARGO_METRICS_PORT, named `metrics`) unless the command line says.
+    port = args.metrics_port or int(os.environ.get("LARGO_METRICS_PORT") or 0) or None
+    if recorder is not None and port is not None:
+        metrics.serve(port)
     reporter = ProgressReporter(args.report_every_seconds) if rank == 0 else None
     termination = Termination()
     tokens_per_step = args.batch_size * args.context * world
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             recorder.step(step, value, time.perf_counter() - step_started, rate * tokens_per_step)
             if step % args.log_every == 0 or step == args.steps or stop:
                 if isinstance(model, DistributedDataParallel):
-                    recorder.collectives(model)
+                    recorder.collectives(model, 1 / rate if rate > 0 else 0.0)
                 print(json.dumps({"step": step, "loss": value, "tokens_per_second": rate * tokens_per_step}))
                 sys.stdout.flush()
             if reporter is not None:
