@@ -18,7 +18,7 @@ from kubernetes import client, config
 from largo.dev.cluster import ClusterError, LocalCluster, wait_for
 from largo.dev.localnode import network
 from largo.dev.operator_process import OperatorProcess
-from largo.dev.prometheus import PrometheusServer
+from largo.dev.prometheus import PrometheusServer, publish_operator
 
 pytestmark = pytest.mark.e2e
 
@@ -39,6 +39,7 @@ class Demo:
         self.core.create_namespace({"metadata": {"name": self.namespace}})
         wait_for(self._has_default_account, 60, "the namespace's default ServiceAccount")
         self.phases: list[str] = []
+        self.operator: OperatorProcess | None = None
 
     def _has_default_account(self) -> bool:
         accounts = self.core.list_namespaced_service_account(self.namespace).items
@@ -116,6 +117,7 @@ class Demo:
 @pytest.fixture
 def demo(local_cluster: LocalCluster, local_operator: OperatorProcess, tmp_path: Path) -> Iterator[Demo]:
     demo = Demo(local_cluster, tmp_path)
+    demo.operator = local_operator
     yield demo
     demo.core.delete_namespace(demo.namespace)
 
@@ -167,6 +169,8 @@ def test_demo_job_trains_across_two_pods_and_succeeds(demo: Demo) -> None:
 def test_prometheus_finds_the_trainer_and_reads_its_throughput_and_network(demo: Demo) -> None:
     """A real Prometheus discovers rank 0 through the API server (pod role, the annotations largo sets)
     and reads the running trainer's throughput, the share of a step in the all-reduce and its bytes."""
+    assert demo.operator is not None
+    publish_operator(demo.core.api_client, demo.namespace, demo.operator.metrics_url)
     prometheus = PrometheusServer(demo.cluster.tools, demo.cluster.kubeconfig, [demo.namespace])
     prometheus.start()
     try:

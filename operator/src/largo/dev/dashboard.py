@@ -20,6 +20,7 @@ from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
 OUT = Path("charts/largo/files/dashboard.json")
+PER_JOB = "{{namespace}}/{{trainjob}}"
 
 
 def _query(expr: str, legend: str = "") -> Dataquery:
@@ -102,6 +103,34 @@ def build() -> Dashboard:
                 "Decisions",
                 "short",
                 _query("sum by (reason) (increase(largo_events_total[$__rate_interval]))", "{{reason}}"),
+            )
+        )
+        .with_row(Row("Training"))
+        .with_panel(
+            _series(
+                "Training throughput",
+                "short",
+                _query(
+                    "sum by (namespace, trainjob) (largo_train_tokens_per_second)",
+                    "{{namespace}}/{{trainjob}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Share of a step in the all-reduce",
+                "percentunit",
+                _query(
+                    "max by (namespace, trainjob) (largo_train_collective_share)",
+                    "{{namespace}}/{{trainjob}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Work at risk: seconds since the newest checkpoint",
+                "s",
+                _query("max by (namespace, trainjob) (largo_trainjob_checkpoint_age_seconds)", PER_JOB),
             )
         )
         .with_row(Row("Operator"))

@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from largo.dev.cluster import ClusterError, free_port, http_ok, wait_for
 from largo.dev.processes import terminate_group
 from largo.dev.tools import Tools
 
-RULES = Path(__file__).resolve().parents[4] / "charts" / "largo" / "files" / "prometheus-rules.yaml"
+CHART_FILES = Path(__file__).resolve().parents[4] / "charts" / "largo" / "files"
+RULES = CHART_FILES / "prometheus-rules.yaml"
+DASHBOARD = CHART_FILES / "dashboard.json"
 
 
 def host_address() -> str:
@@ -90,6 +93,45 @@ def trainer_scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, 
             {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         ],
     }
+
+
+def publish_operator(api: Any, namespace: str, metrics_url: str) -> None:
+    """A Service and an EndpointSlice for an operator running on this machine (not in a pod), as the
+    chart's Service publishes one in a cluster: the slice names this machine's address."""
+    from kubernetes import client
+
+    port = urllib.parse.urlsplit(metrics_url).port
+    # JSON-shaped bodies, as the API takes them.
+    core: Any = client.CoreV1Api(api)
+    discovery: Any = client.DiscoveryV1Api(api)
+    core.create_namespaced_service(
+        namespace,
+        {
+            "metadata": {"name": "largo-operator-metrics", "labels": {"app.kubernetes.io/name": "largo"}},
+            "spec": {"ports": [{"name": "metrics", "port": port, "targetPort": port}]},
+        },
+    )
+    discovery.create_namespaced_endpoint_slice(
+        namespace,
+        {
+            "metadata": {
+                "name": "largo-operator-metrics",
+                "labels": {"kubernetes.io/service-name": "largo-operator-metrics"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [host_address()], "conditions": {"ready": True}}],
+            "ports": [{"name": "metrics", "port": port, "protocol": "TCP"}],
+        },
+    )
+
+
+def dashboard_queries(dashboard: Mapping[str, Any], rate_interval: str = "1m") -> list[str]:
+    """Every panel's PromQL, with Grafana's ``$__rate_interval`` made concrete."""
+    return [
+        target["expr"].replace("$__rate_interval", rate_interval)
+        for panel in dashboard["panels"]
+        for target in panel.get("targets") or []
+    ]
 
 
 class PrometheusServer:
