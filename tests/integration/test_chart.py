@@ -127,18 +127,18 @@ def test_the_monitoring_objects_are_valid_for_the_prometheus_operator(
     checked by the API server against the Prometheus Operator's own CRDs (server-side dry run)."""
     for crd in sorted(cluster.tools.prometheus_operator_crds.glob("*.yaml")):
         cluster.kubectl("apply", "--server-side", "-f", str(crd))
-    for kind in ("servicemonitors", "prometheusrules"):
+    for kind in ("servicemonitors", "podmonitors", "prometheusrules"):
         cluster.kubectl(
             "wait", "--for=condition=Established", f"crd/{kind}.monitoring.coreos.com", "--timeout=60s"
         )
     rendered = helm(
         cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--namespace", namespace,
         "--set", "monitoring.serviceMonitor.enabled=true", "--set", "monitoring.prometheusRule.enabled=true",
-        "--set", "monitoring.dashboard.enabled=true",
+        "--set", "monitoring.dashboard.enabled=true", "--set", "monitoring.podMonitor.enabled=true",
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
     documents = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
-    wanted = {"ServiceMonitor", "PrometheusRule", "ConfigMap", "Service"}
+    wanted = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap", "Service"}
     monitoring = [doc for doc in documents if doc["kind"] in wanted]
     assert sorted(doc["kind"] for doc in monitoring) == sorted(wanted)
     rule = next(doc for doc in monitoring if doc["kind"] == "PrometheusRule")
@@ -152,3 +152,6 @@ def test_the_monitoring_objects_are_valid_for_the_prometheus_operator(
     assert applied.returncode == 0, applied.stdout + applied.stderr
     assert "servicemonitor.monitoring.coreos.com/largo-operator created (server dry run)" in applied.stdout
     assert "prometheusrule.monitoring.coreos.com/largo-operator created (server dry run)" in applied.stdout
+    assert (
+        "podmonitor.monitoring.coreos.com/largo-operator-trainers created (server dry run)" in applied.stdout
+    )
