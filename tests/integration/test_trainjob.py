@@ -628,6 +628,8 @@ def test_the_operator_s_metrics_follow_a_gang_s_gpus(jobs: Jobs, gpu_pool: NodeP
     assert series[("largo_reconcile_duration_seconds_count", ())] > 0
     assert series[("largo_scheduler_pass_duration_seconds_count", ())] > 0
     assert series[("largo_queue_wait_seconds_count", ())] >= 1
+    assert series[("largo_gang_start_seconds_count", ())] >= 1  # this gang went Starting -> Running
+    assert series[("largo_workqueue_wait_seconds_count", ())] > 0
     jobs.exit("metered", 0)
     jobs.wait_phase("metered", "Succeeded")
     wait_for(lambda: held_by_largo() == 0, TIMEOUT, "the GPUs given back")

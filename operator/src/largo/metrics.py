@@ -298,6 +298,18 @@ class OperatorMetrics:
             ["reason", "type"],
             registry=registry,
         )
+        self.queue_latency = Histogram(
+            "largo_workqueue_wait_seconds",
+            "How long a job key waited in the work queue before a worker took it.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30),
+            registry=registry,
+        )
+        self.gang_start = Histogram(
+            "largo_gang_start_seconds",
+            "From a gang's admission to all its pods Running (creation, binding and container start).",
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+            registry=registry,
+        )
         self.leader = Gauge(
             "largo_leader", "1 while this replica holds the Lease and acts, else 0.", registry=registry
         )

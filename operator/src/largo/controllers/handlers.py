@@ -132,6 +132,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         metrics.queue_depth.set_function(lambda: len(jobs))
         scheduler.observe_pass = metrics.observe_pass
         scheduler.observe_admission = metrics.queue_wait.observe
+        jobs.on_wait = metrics.queue_latency.observe
+        reconciler.observe_start = metrics.gang_start.observe
 
         async def reconcile(key: JobKey) -> float | None:
             with metrics.reconcile_seconds.time():

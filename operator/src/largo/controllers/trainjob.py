@@ -15,12 +15,12 @@ from typing import Any, cast
 
 import kopf
 
-from largo.api.v1alpha1 import ConditionType, Reason
+from largo.api.v1alpha1 import ConditionType, Phase, Reason
 from largo.controllers.kube import ConflictError, CreateRefused, Kube
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobEntry, JobKey
 from largo.manifests import trainjob as build
-from largo.policy.conditions import set_condition
+from largo.policy.conditions import parse_timestamp, set_condition
 from largo.policy.progress import ReadReport, read_report
 from largo.policy.trainjob import JobView, Plan, Timings, counts_only, creation_refused, plan, pod_view
 from largo.sched.types import NodeInfo
@@ -63,6 +63,8 @@ class TrainJobReconciler:
     _last_write: dict[JobKey, float] = field(default_factory=dict)
     # Objects returned by our own writes, newer than the index until their watch event arrives.
     _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
+    # Told, when a gang becomes Running, how long it took since its admission (for the metrics).
+    observe_start: Callable[[float], None] = lambda seconds: None
 
     def hint(self, key: JobKey, body: Mapping[str, Any]) -> None:
         self._hints[key] = body
@@ -158,6 +160,10 @@ class TrainJobReconciler:
             # The next reconcile decides on this version, not on an index that may not show it yet:
             # deciding on the older one would only make its write conflict.
             self._hints[(namespace, name)] = written
+            if decision.status.get("phase") == Phase.RUNNING and current.get("phase") == Phase.STARTING:
+                admitted = parse_timestamp((decision.status.get("placement") or {}).get("admittedAt"))
+                if admitted is not None:
+                    self.observe_start(max(0.0, self.clock() - admitted))
         if decision.create_ranks:
             nodes = decision.status["placement"]["nodes"]
             attempt = int(decision.status.get("attempt") or 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -35,6 +36,9 @@ class WorkQueue(Generic[K]):
         self.max_delay = max_delay
         # Told of every failed run, with the error's class name (for the operator's metrics).
         self.on_failure: Callable[[str], None] = lambda kind: None
+        # Told how long each key waited in the queue before a worker took it.
+        self.on_wait: Callable[[float], None] = lambda seconds: None
+        self._since: dict[K, float] = {}
         self._failures: dict[K, int] = {}
         self._queue: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()
@@ -50,6 +54,7 @@ class WorkQueue(Generic[K]):
         if key in self._queued:
             return
         self._queued.add(key)
+        self._since[key] = time.monotonic()
         self._queue.put_nowait(key)
 
     def add_after(self, key: K, delay: float) -> None:
@@ -87,6 +92,7 @@ class WorkQueue(Generic[K]):
                 key = await self._queue.get()
                 self._queued.discard(key)
                 self._active.add(key)
+                self.on_wait(time.monotonic() - self._since.pop(key, time.monotonic()))
                 failed = False
                 try:
                     again = await worker(key)
