@@ -429,6 +429,29 @@ class AttemptWatch:
         if pods and self.jobs.status(self.name).get("phase") == "Suspended":
             self.suspended_with_pods.append(shown)
 
+    def new_attempt_waits_for_the_old_pods(self) -> dict[str, Any]:
+        def waiting_or_created() -> bool:
+            status = self.jobs.status(self.name)
+            return (
+                status.get("reason") == "PreviousAttemptTerminating"
+                or len(self.jobs.live_pods(self.name)) == 2
+            )
+
+        wait_for(waiting_or_created, TIMEOUT, "the new attempt waiting for the old pods")
+        status = self.jobs.status(self.name)
+        self.sample()
+        assert status.get("reason") == "PreviousAttemptTerminating", status
+        return status
+
+    def new_gang_is_created_whole(self) -> None:
+        def whole_new_gang() -> bool:
+            self.sample()
+            pods = self.jobs.live_pods(self.name)
+            return len(pods) == 2 and all(p.metadata.labels["largo.dev/attempt"] != "0" for p in pods)
+
+        wait_for(whole_new_gang, TIMEOUT, "the new attempt's gang", self.jobs.operator.assert_alive)
+        assert self.mixed == []  # never a rank of the new attempt beside one of the old
+
 
 def test_resume_while_the_old_pods_terminate_starts_the_new_gang_whole(jobs: Jobs, make_pool: Any) -> None:
     pool = make_pool(count=3)
@@ -442,14 +465,7 @@ def test_resume_while_the_old_pods_terminate_starts_the_new_gang_whole(jobs: Job
     assert "to terminate" in status["message"]
     watch.sample()
     jobs.patch_spec("resume", {"suspend": False})  # resumed before the old pods are gone
-
-    def whole_new_gang() -> bool:
-        watch.sample()
-        pods = jobs.live_pods("resume")
-        return len(pods) == 2 and all(p.metadata.labels["largo.dev/attempt"] == "1" for p in pods)
-
-    wait_for(whole_new_gang, TIMEOUT, "the new attempt's gang", jobs.operator.assert_alive)
-    assert watch.mixed == []
+    watch.new_gang_is_created_whole()
     assert watch.suspended_with_pods == []
     jobs.wait_phase("resume", "Running")
 
@@ -469,21 +485,8 @@ def test_a_released_gang_is_recreated_whole_after_its_terminating_pod(jobs: Jobs
     jobs.wait("release", lambda s: int(s.get("attempt") or 0) >= 1, "the gang released")
     jobs.core.delete_namespaced_resource_quota("one-pod", jobs.namespace)
     # A third node is free: the new attempt is admitted at once, while the old rank still terminates.
-    status = jobs.wait(
-        "release",
-        lambda s: s.get("reason") == "PreviousAttemptTerminating" or len(jobs.live_pods("release")) == 2,
-        "the new attempt waiting for the old pod",
-    )
-    watch.sample()
-    assert status.get("reason") == "PreviousAttemptTerminating", status
-
-    def whole_new_gang() -> bool:
-        watch.sample()
-        pods = jobs.live_pods("release")
-        return len(pods) == 2 and all(p.metadata.labels["largo.dev/attempt"] != "0" for p in pods)
-
-    wait_for(whole_new_gang, TIMEOUT, "the new attempt's gang", jobs.operator.assert_alive)
-    assert watch.mixed == []
+    watch.new_attempt_waits_for_the_old_pods()
+    watch.new_gang_is_created_whole()
     jobs.wait_phase("release", "Running")
 
 
@@ -526,22 +529,9 @@ def test_a_gang_released_after_a_binding_failure_is_recreated_whole(jobs: Jobs, 
         admitted = jobs.wait("bind", lambda s: bool(s.get("placement")), "the first admission")
         assert here in admitted["placement"]["nodes"], admitted["placement"]  # packing fills by name
         jobs.wait_event("bind", "BindingFailed")
-        status = jobs.wait(
-            "bind",
-            lambda s: s.get("reason") == "PreviousAttemptTerminating" or len(jobs.live_pods("bind")) == 2,
-            "the new attempt waiting for the old rank",
-        )
-        watch.sample()
-        assert status.get("reason") == "PreviousAttemptTerminating", status
+        status = watch.new_attempt_waits_for_the_old_pods()
         assert status["restarts"] == 0  # a binding failure is not the job's fault
-
-        def whole_new_gang() -> bool:
-            watch.sample()
-            pods = jobs.live_pods("bind")
-            return len(pods) == 2 and all(p.metadata.labels["largo.dev/attempt"] != "0" for p in pods)
-
-        wait_for(whole_new_gang, TIMEOUT, "the new attempt's gang", jobs.operator.assert_alive)
-        assert watch.mixed == []
+        watch.new_gang_is_created_whole()
     finally:
         jobs.custom.delete_namespaced_custom_object(GROUP, VERSION, jobs.namespace, PLURAL, "bind")
         jobs.core.delete_persistent_volume(volume)
