@@ -1,0 +1,168 @@
+"""How many replicas an InferenceService wants now: a pure function of its policy, the replicas' recent
+load samples, the replicas it has, the state of earlier decisions, and ``now``.
+
+The shape is Knative's KPA with HPA's scale-down stabilisation:
+- desired = ceil(load / target), where load is the sum over replicas of each replica's average over
+  the *stable* window (60 s by default);
+- a *panic* window (6 s) catches sudden bursts: when it asks for at least ``panic_threshold`` times
+  the ready replicas, the service scales up at once and does not scale down until the burst has been
+  gone for a whole stable window;
+- scale-down takes the highest recommendation of the last ``scale_down_delay`` seconds, so a load that
+  flaps does not make replicas flap; scale-up is immediate;
+- a ready replica whose samples are missing or stale counts as fully busy (at ``target``): missing
+  metrics never cause a scale-down;
+- with no sample at all the service holds where it is; bounds clamp everything; with
+  ``scale_to_zero``, no load for the whole stable window (and the grace) goes to zero, and any demand
+  comes back to one.
+
+The controller keeps ``State`` between calls (it is small and can be rebuilt: losing it only makes the
+next decisions more conservative).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    min_replicas: int
+    max_replicas: int
+    # Per-replica load wanted, e.g. 4 in-flight requests.
+    target: float
+    stable_window: float = 60.0
+    panic_window: float = 6.0
+    panic_threshold: float = 2.0
+    scale_down_delay: float = 300.0
+    # A replica's samples older than this no longer describe it.
+    stale_after: float = 10.0
+    scale_to_zero: bool = False
+    scale_to_zero_grace: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0 or self.max_replicas < max(self.min_replicas, 1):
+            raise ValueError("need 0 <= minReplicas <= maxReplicas and maxReplicas >= 1")
+        if self.target <= 0:
+            raise ValueError("the target load per replica must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One replica's load (in-flight requests, or requests per second) at one moment."""
+
+    time: float
+    replica: str
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """What decisions remember: recent recommendations (for scale-down stabilisation) and the panic."""
+
+    recommendations: tuple[tuple[float, int], ...] = ()
+    panic_until: float | None = None
+    idle_since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    replicas: int
+    reason: str
+    # The load the decision was made on (sum over replicas, stable window), if any.
+    load: float | None
+    panic: bool
+    state: State = field(default_factory=State)
+
+
+def _average_load(
+    samples: Iterable[Sample], ready: Sequence[str], since: float, now: float, policy: Policy
+) -> tuple[float, int] | None:
+    """The service's total load averaged over the seconds since ``since`` (per second: the sum of the
+    replicas' samples, as KPA sums its pods), and how many ready replicas are silent. A ready replica
+    without a fresh sample counts as busy, at ``target``, in every second. None without any sample."""
+    seconds: dict[int, dict[str, float]] = {}
+    latest: dict[str, float] = {}
+    for sample in samples:
+        latest[sample.replica] = max(latest.get(sample.replica, -math.inf), sample.time)
+        if since <= sample.time <= now:
+            seconds.setdefault(int(sample.time), {})[sample.replica] = sample.value
+    if not seconds:
+        return None
+    silent = sum(1 for replica in ready if now - latest.get(replica, -math.inf) > policy.stale_after)
+    totals = [sum(values.values()) + silent * policy.target for values in seconds.values()]
+    return sum(totals) / len(totals), silent
+
+
+def decide(
+    policy: Policy, samples: Sequence[Sample], ready: Sequence[str], current: int, state: State, now: float
+) -> Decision:
+    """The replicas wanted now, and why. ``ready``: the ready replicas' names; ``current``: replicas
+    desired before this decision."""
+    stable = _average_load(samples, ready, now - policy.stable_window, now, policy)
+    panic = _average_load(samples, ready, now - policy.panic_window, now, policy)
+    recent = tuple((t, r) for t, r in state.recommendations if now - t <= policy.scale_down_delay)
+    if stable is None or panic is None:
+        if current == 0 and any(s.value > 0 for s in samples if now - s.time <= policy.stale_after):
+            return _bounded(policy, 1, "demand at zero replicas: starting one", None, False, state)
+        return Decision(
+            _clamp(policy, current),
+            "no fresh load samples: holding",
+            None,
+            False,
+            State(recent, state.panic_until, state.idle_since),
+        )
+    stable_load, silent = stable
+    panic_load = panic[0]
+    # Zero is reached only through scale_to_zero below, after its grace.
+    wanted = max(1, math.ceil(stable_load / policy.target))
+    panic_wanted = math.ceil(panic_load / policy.target)
+    ready_count = max(len(ready), 1)
+    panic_until = state.panic_until if state.panic_until is not None and now < state.panic_until else None
+    in_panic = panic_wanted >= policy.panic_threshold * ready_count and panic_wanted > current
+    if in_panic:
+        panic_until = now + policy.stable_window
+    if panic_until is not None:
+        # In a panic: scale up on the short window, never down.
+        target = max(current, panic_wanted, wanted)
+        reason = (
+            f"panic: load {panic_load:.1f} over {policy.panic_window:g}s needs {panic_wanted} "
+            f"(ready {len(ready)})"
+        )
+        return _bounded(policy, target, reason, stable_load, True, State(recent, panic_until, None))
+    history = (*recent, (now, wanted))
+    idle_since = (state.idle_since or now) if stable_load == 0 else None
+    if policy.scale_to_zero and stable_load == 0 and now - (idle_since or now) >= policy.scale_to_zero_grace:
+        reason = f"no load for {now - (idle_since or now):.0f}s: scaling to zero"
+        return _bounded(policy, 0, reason, stable_load, False, State(history, None, idle_since))
+    stabilized = max(r for _, r in history)
+    if wanted >= current:
+        target, why = wanted, "up" if wanted > current else "steady"
+    else:
+        target, why = max(stabilized, wanted), "down"
+    note = f" ({silent} replica(s) without fresh samples counted busy)" if silent else ""
+    if why == "down" and target > wanted:
+        reason = (
+            f"load {stable_load:.1f} needs {wanted}, but {target} was needed within "
+            f"{policy.scale_down_delay:g}s: scaling down slowly{note}"
+        )
+    else:
+        reason = f"load {stable_load:.1f} / target {policy.target:g} per replica = {wanted}{note}"
+    return _bounded(policy, target, reason, stable_load, False, State(history, None, idle_since))
+
+
+def _clamp(policy: Policy, replicas: int) -> int:
+    """Within [minReplicas, maxReplicas], and never below one unless scaling to zero is allowed."""
+    if replicas == 0 and policy.scale_to_zero:
+        return 0
+    return max(policy.min_replicas, 1, min(policy.max_replicas, replicas))
+
+
+def _bounded(
+    policy: Policy, replicas: int, reason: str, load: float | None, panic: bool, state: State
+) -> Decision:
+    clamped = _clamp(policy, replicas)
+    if clamped != replicas:
+        reason += f"; clamped to {clamped} by [{policy.min_replicas}, {policy.max_replicas}]"
+    return Decision(clamped, reason, load, panic, state)

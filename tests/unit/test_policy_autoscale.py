@@ -1,0 +1,130 @@
+"""The autoscaling decision on recorded load streams: step up, step down, flapping, panic, missing and
+stale metrics, bounds, scale to zero and back. Each test runs the decision once a second, as the
+controller would, feeding each decision's replicas and state into the next."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+from largo.policy.autoscale import Decision, Policy, Sample, State, decide
+
+POLICY = Policy(min_replicas=1, max_replicas=10, target=4.0, stable_window=60, panic_window=6)
+
+
+def run(
+    policy: Policy,
+    load: Callable[[int, int], float | None],
+    seconds: int,
+    replicas: int = 1,
+    silent: Callable[[int, str], bool] = lambda t, r: False,
+) -> list[Decision]:
+    """``load(t, replicas)``: total load at second t, spread evenly over the ready replicas (None: no
+    sample at all). Replicas are ready as soon as they are wanted."""
+    samples: list[Sample] = []
+    state, decisions = State(), []
+    for t in range(seconds):
+        names = [f"r{i}" for i in range(replicas)]
+        total = load(t, replicas)
+        if total is not None:
+            samples += [
+                Sample(float(t), name, total / max(replicas, 1)) for name in names if not silent(t, name)
+            ]
+            if not names and total > 0:
+                samples.append(Sample(float(t), "activator", total))
+        decision = decide(policy, samples, names, replicas, state, float(t))
+        decisions.append(decision)
+        replicas, state = decision.replicas, decision.state
+    return decisions
+
+
+def test_a_step_up_in_load_adds_replicas_within_the_stable_window() -> None:
+    decisions = run(POLICY, lambda t, n: 4.0 if t < 100 else 16.0, 200)
+    assert decisions[99].replicas == 1
+    assert decisions[-1].replicas == 4  # 16 in flight / 4 per replica
+    assert "load 16.0 / target 4" in decisions[-1].reason
+
+
+def test_a_step_down_waits_out_the_stabilisation_then_scales_down() -> None:
+    policy = Policy(min_replicas=1, max_replicas=10, target=4.0, scale_down_delay=120)
+    decisions = run(policy, lambda t, n: 16.0 if t < 100 else 4.0, 400, replicas=4)
+    assert decisions[150].replicas == 4  # load fell at 100, but 4 were needed within 120 s
+    assert "scaling down slowly" in decisions[150].reason
+    assert decisions[-1].replicas == 1
+
+
+def test_flapping_load_does_not_flap_the_replicas() -> None:
+    # A minute at 16 in flight, a minute at 4: the stable window's average swings between them.
+    flapping = lambda t, n: 16.0 if (t // 60) % 2 == 0 else 4.0  # noqa: E731
+    counts = [d.replicas for d in run(POLICY, flapping, 900, replicas=4)[100:]]
+    assert set(counts) == {4}  # held at the peak's need, never down and up again
+    quick = Policy(min_replicas=1, max_replicas=10, target=4.0, scale_down_delay=0)
+    quick_counts = [d.replicas for d in run(quick, flapping, 900, replicas=4)[100:]]
+    assert sum(1 for a, b in itertools.pairwise(quick_counts) if a != b) > 10  # what stabilisation stops
+
+
+def test_a_sudden_burst_panics_up_at_once_and_does_not_scale_down_during_the_panic() -> None:
+    decisions = run(POLICY, lambda t, n: 4.0 if t < 100 or t > 110 else 40.0, 600)
+    assert decisions[99].replicas == 1
+    assert decisions[100].panic  # one second of the burst is enough to act
+    assert "panic" in decisions[100].reason
+    assert decisions[106].replicas == 10  # 40 / 4 within a panic window, not after a minute
+    assert all(d.replicas == 10 for d in decisions[106:160])  # the burst is gone at 111; still holding
+    assert decisions[-1].replicas == 1
+
+
+def test_replicas_without_fresh_metrics_count_as_busy_so_nothing_scales_down() -> None:
+    # Load falls to nothing, but two of four replicas stop reporting: they might be the busy ones. (The
+    # simulation keeps the lowest-numbered replicas when scaling down, so the silent ones stay.)
+    decisions = run(
+        Policy(min_replicas=1, max_replicas=10, target=4.0, scale_down_delay=30),
+        lambda t, n: 16.0 if t < 60 else 0.0,
+        300,
+        replicas=4,
+        silent=lambda t, r: t >= 60 and r in ("r0", "r1"),
+    )
+    assert all(d.replicas >= 2 for d in decisions[60:])  # never fewer than the silent ones need
+    assert decisions[-1].replicas == 2
+    assert any("2 replica(s) without fresh samples counted busy" in d.reason for d in decisions[60:])
+
+
+def test_no_samples_at_all_holds_where_it_is() -> None:
+    decisions = run(POLICY, lambda t, n: None, 100, replicas=3)
+    assert {d.replicas for d in decisions} == {3}
+    assert decisions[-1].reason == "no fresh load samples: holding"
+
+
+@pytest.mark.parametrize(("load", "expected"), [(400.0, 10), (0.0, 2)])
+def test_bounds_clamp_and_say_so(load: float, expected: int) -> None:
+    policy = Policy(min_replicas=2, max_replicas=10, target=4.0, scale_down_delay=10)
+    decisions = run(policy, lambda t, n: load, 200, replicas=5)
+    assert decisions[-1].replicas == expected
+    if load:
+        assert "clamped to 10 by [2, 10]" in decisions[-1].reason
+
+
+def test_scale_to_zero_after_the_grace_and_back_on_demand() -> None:
+    policy = Policy(
+        min_replicas=0,
+        max_replicas=5,
+        target=4.0,
+        scale_down_delay=10,
+        scale_to_zero=True,
+        scale_to_zero_grace=30,
+    )
+    decisions = run(policy, lambda t, n: 4.0 if t < 60 or t >= 300 else 0.0, 400)
+    assert any(d.replicas == 0 for d in decisions[100:300])
+    zero = next(d for d in decisions if d.replicas == 0)
+    assert "scaling to zero" in zero.reason
+    assert decisions[310].replicas >= 1  # demand at zero replicas brings one back
+    assert decisions[-1].replicas == 1
+    without = Policy(min_replicas=1, max_replicas=5, target=4.0, scale_down_delay=10)
+    assert min(d.replicas for d in run(without, lambda t, n: 0.0, 200)) == 1
+
+
+def test_a_policy_must_make_sense() -> None:
+    with pytest.raises(ValueError, match="minReplicas <= maxReplicas"):
+        Policy(min_replicas=5, max_replicas=2, target=1.0)
+    with pytest.raises(ValueError, match="target"):
+        Policy(min_replicas=1, max_replicas=2, target=0.0)
