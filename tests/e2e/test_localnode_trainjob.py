@@ -4,6 +4,7 @@ resumes from them, and deletion that leaves nothing behind on the host."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from kubernetes import client, config
 from largo.dev.cluster import ClusterError, LocalCluster, wait_for
 from largo.dev.localnode import network
 from largo.dev.operator_process import OperatorProcess
-from largo.dev.prometheus import PrometheusServer, publish_operator
+from largo.dev.prometheus import DASHBOARD, PrometheusServer, dashboard_queries, publish_operator
 
 pytestmark = pytest.mark.e2e
 
@@ -168,24 +169,15 @@ def test_demo_job_trains_across_two_pods_and_succeeds(demo: Demo) -> None:
 
 def test_prometheus_finds_the_trainer_and_reads_its_throughput_and_network(demo: Demo) -> None:
     """A real Prometheus discovers rank 0 through the API server (pod role, the annotations largo sets)
-    and reads the running trainer's throughput, the share of a step in the all-reduce and its bytes."""
+    and the operator through its EndpointSlice, reads the running trainer's throughput, the share of
+    a step in the all-reduce and its bytes, and every panel of the dashboard shows something."""
     assert demo.operator is not None
     publish_operator(demo.core.api_client, demo.namespace, demo.operator.metrics_url)
     prometheus = PrometheusServer(demo.cluster.tools, demo.cluster.kubeconfig, [demo.namespace])
     prometheus.start()
     try:
-        name = demo.apply(
-            [
-                "--steps",
-                "100000",
-                "--checkpoint-every",
-                "50",
-                "--log-every",
-                "10",
-                "--report-every-seconds",
-                "1",
-            ]
-        )
+        # Long enough to be running while it is scraped; the namespace's deletion ends it.
+        name = demo.apply(["--steps", "100000", "--checkpoint-every", "50", "--log-every", "10"])
         where = f'job="largo-trainers", namespace="{demo.namespace}", trainjob="{name}"'
 
         def reading(metric: str) -> float:
@@ -199,10 +191,16 @@ def test_prometheus_finds_the_trainer_and_reads_its_throughput_and_network(demo:
         )
         assert 0 < reading("collective_share") <= 1
         assert reading("step") > 0
-        # The same run's checkpoints reach the job's status, for the operator's checkpoint age.
-        demo.wait(
-            name, lambda job: "checkpointedAt" in job.get("status", {}).get("progress", {}), "a checkpoint"
-        )
+
+        def checkpointed(job: dict[str, Any]) -> bool:
+            return "checkpointedAt" in job.get("status", {}).get("progress", {})
+
+        # The same run's checkpoints reach the job's status, and the operator's checkpoint age.
+        demo.wait(name, checkpointed, "a checkpoint in the job's progress")
+        age = f'largo_trainjob_checkpoint_age_seconds{{trainjob="{name}"}}'
+        wait_for(lambda: prometheus.value(age) is not None, 60, "the checkpoint age from the operator")
+        for query in dashboard_queries(json.loads(DASHBOARD.read_text())):
+            assert prometheus.query(query), f"dashboard query returns nothing: {query}"
     finally:
         prometheus.stop()
 

@@ -67,7 +67,9 @@ class Gang:
         self.nodes = []
         for rank in range(2):
             env = {**os.environ, **contract_env(rank, port, self.checkpoints), "OMP_NUM_THREADS": "1"}
-            env.pop("LARGO_JOB_NAME", None)  # no cluster to report progress to here
+            # No cluster to report progress to here, and no metrics port to take on the host.
+            for name in ("LARGO_PROGRESS_CONFIGMAP", "LARGO_METRICS_PORT"):
+                env.pop(name, None)
             log = (self.workdir / f"attempt{self.attempt}-node{rank}.log").open("wb")
             command = [sys.executable, "-m", "torch.distributed.run", "-m", "largo.runtime.train"]
             self.nodes.append(

@@ -197,12 +197,9 @@ def test_pod_identity_and_dns() -> None:
         "largo.dev/node-rank": "1",
         "largo.dev/attempt": "3",
     }
-    assert meta["annotations"] == {
+    assert meta["annotations"] == {  # rank 1: no metrics to scrape, only rank 0 serves them
         "largo.dev/placement-node": "gpu-node-7",
         "largo.dev/spec-hash": pod_spec_hash(job.spec),
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": "9400",
-        "prometheus.io/path": "/metrics",
     }
     assert "ownerReferences" not in meta
     spec = pod["spec"]
@@ -392,3 +389,5 @@ def test_rank_0_s_metrics_port_is_declared_and_discoverable() -> None:
         attempt=0,
     )
     assert quiet["metadata"]["annotations"]["prometheus.io/scrape"] == "false"  # the user's word wins
+    other = build_pod(make_job(**GPU_JOB), 1, "n1", attempt=0)
+    assert [port["name"] for port in other["spec"]["containers"][0]["ports"]] == ["rendezvous"]

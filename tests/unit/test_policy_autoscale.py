@@ -128,3 +128,11 @@ def test_a_policy_must_make_sense() -> None:
         Policy(min_replicas=5, max_replicas=2, target=1.0)
     with pytest.raises(ValueError, match="target"):
         Policy(min_replicas=1, max_replicas=2, target=0.0)
+
+
+def test_replicas_sampled_at_different_moments_all_count() -> None:
+    # Two replicas with 8 in flight each, scraped in alternate seconds and half a second apart.
+    samples = [Sample(t + 0.5 * (t % 2), f"r{t % 2}", 8.0) for t in range(0, 120)]
+    decision = decide(POLICY, samples, ["r0", "r1"], 2, State(), 120.0)
+    assert decision.load == pytest.approx(16.0, rel=0.05)
+    assert decision.replicas == 4

@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
 import kopf
@@ -125,11 +124,18 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     memo.tasks = []
     reconcile = reconciler.reconcile
     metrics_port = int(_float_env("LARGO_METRICS_PORT", 0))
-    metrics = serve_metrics(metrics_port, partial(_snapshot, kwargs)) if metrics_port else None
+
+    def snapshot() -> Snapshot:
+        # Scrapes run in prometheus-client's thread; the indexes change on the event loop, so the
+        # snapshot is taken there.
+        return asyncio.run_coroutine_threadsafe(_snapshot(kwargs), loop).result(timeout=10)
+
+    metrics = serve_metrics(metrics_port, snapshot) if metrics_port else None
     if metrics is not None:
         kube.on_event = metrics.count_event
         jobs.on_failure = metrics.count_failure
-        metrics.queue_depth.set_function(lambda: len(jobs))
+        # A standby queues keys it does not work on: its depth would only grow and alarm.
+        metrics.queue_depth.set_function(lambda: len(jobs) if gate.leading() else 0)
         scheduler.observe_pass = metrics.observe_pass
         scheduler.observe_admission = metrics.queue_wait.observe
         jobs.on_wait = metrics.queue_latency.observe
@@ -175,7 +181,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     start_election(gate, lease, namespace, holder, election_timings, started, stopped)
 
 
-def _snapshot(indexes: Mapping[str, Any]) -> Snapshot:
+async def _snapshot(indexes: Mapping[str, Any]) -> Snapshot:
     """The indexes as they are now, for one scrape of /metrics."""
     nodes = [info for store in indexes["node_inventory"].values() for info in store]
     pods = [(node, usage) for node, store in indexes["pod_inventory"].items() for usage in store]

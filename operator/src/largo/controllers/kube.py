@@ -143,7 +143,14 @@ class Kube:
         except ApiException as error:
             if error.status != 409:
                 raise CreateRefused(kind, name, "CreateRefused", api_message(error)) from error
-        existing = await asyncio.to_thread(getattr(self.core, f"read_namespaced_{suffix}"), name, namespace)
+        try:
+            existing = await asyncio.to_thread(
+                getattr(self.core, f"read_namespaced_{suffix}"), name, namespace
+            )
+        except ApiException as error:
+            if error.status == 404:  # gone between the create and the read: try the create again
+                raise Retry(f"{kind} {name} went away while being created") from error
+            raise
         ours = controller_uid(manifest["metadata"])
         references = existing.metadata.owner_references or []
         theirs = next((str(ref.uid) for ref in references if ref.controller), None)
@@ -192,6 +199,14 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
+        create: Callable[..., Any] = self.core.create_namespaced_event
+        try:
+            await self._write(create, metadata.get("namespace"), body, field_manager=self.field_manager)
+        except NotLeader:
+            return
+        except ApiException as error:
+            logger.warning("could not post event %s on %s: %s", reason, metadata.get("name"), error.reason)
+            return
         self.on_event(reason, type_)
         log = logger.warning if type_ == "Warning" else logger.info
         log(
@@ -202,10 +217,3 @@ class Kube:
             message,
             extra={"object": f"{metadata.get('namespace')}/{metadata.get('name')}", "reason": reason},
         )
-        create: Callable[..., Any] = self.core.create_namespaced_event
-        try:
-            await self._write(create, metadata.get("namespace"), body, field_manager=self.field_manager)
-        except NotLeader:
-            return
-        except ApiException as error:
-            logger.warning("could not post event %s on %s: %s", reason, metadata.get("name"), error.reason)

@@ -73,6 +73,10 @@ class LeaderGate:
     def lose(self) -> None:
         self._lost = True
 
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
 
 class NotLeader(Retry):
     """This replica is not (or no longer) the leader: the write was not sent."""
@@ -87,7 +91,11 @@ class _FencedElection(leaderelection.LeaderElection):
 
     def try_acquire_or_renew(self) -> bool:
         started = self.gate.clock()
-        succeeded = bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
+        try:
+            succeeded = bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
+        except Exception as error:  # a connection error is a failed attempt, not the end of the election
+            logger.warning("leader election: %s", error)
+            return False
         record = self.observed_record
         if succeeded and record is not None and self.election_config.lock.identity == record.holder_identity:
             self.gate.renewed(started)
@@ -137,6 +145,15 @@ def start_election(
         onstopped_leading=stopped,
     )
     election = _FencedElection(config, gate)
-    thread = threading.Thread(target=election.run, name="largo-leader-election", daemon=True)
+
+    def run() -> None:
+        try:
+            election.run()  # type: ignore[no-untyped-call]
+        finally:
+            # However the election ended, this process must not act again.
+            if not gate.lost:
+                stopped()
+
+    thread = threading.Thread(target=run, name="largo-leader-election", daemon=True)
     thread.start()
     return thread

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from largo.api.v1alpha1 import GPU_RESOURCE, ConditionType, Phase, Reason, check_status
+from largo.api.v1alpha1 import GPU_RESOURCE, ConditionType, Phase, Reason, check_status, sanitize_status
 from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.state import JobEntry, JobKey, PodUsage, gang_key
 from largo.controllers.workqueue import Retry
@@ -170,7 +170,8 @@ class Scheduler:
 
     async def _admit(self, entry: JobEntry, placement: Placement) -> None:
         now = self.clock()
-        status = dict(entry.body.get("status") or {})
+        # What a hand or an older operator wrote there must not fail the pass for every job.
+        status, _ = sanitize_status(entry.body.get("status") or {})
         message = f"gang of {len(placement.nodes)} pods placed on {', '.join(sorted(set(placement.nodes)))}"
         conditions = set_condition(
             status.get("conditions") or [], ConditionType.ADMITTED, True, Reason.ADMITTED, message, now
@@ -212,7 +213,8 @@ class Scheduler:
         new = entry.phase is None
         if previous == queue and not new:
             return
-        status = dict(entry.body.get("status") or {})
+        # What a hand or an older operator wrote there must not fail the pass for every job.
+        status, _ = sanitize_status(entry.body.get("status") or {})
         conditions = set_condition(
             status.get("conditions") or [],
             ConditionType.ADMITTED,

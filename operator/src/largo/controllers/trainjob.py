@@ -213,9 +213,10 @@ class TrainJobReconciler:
             self.clock(),
             metadata.get("generation"),
         )
-        await self.kube.patch_trainjob_status(
+        written = await self.kube.patch_trainjob_status(
             metadata["namespace"], metadata["name"], metadata.get("resourceVersion"), patch
         )
+        self._hints[(metadata["namespace"], metadata["name"])] = written
         if news:
             logger.warning("%s/%s: %s", metadata["namespace"], metadata["name"], refused.message)
             await self.kube.event(body, "Warning", refused.reason, refused.message)
@@ -250,7 +251,10 @@ class TrainJobReconciler:
 
 def _newer(hint: Mapping[str, Any], indexed: Mapping[str, Any]) -> Mapping[str, Any]:
     """The newer of two versions of the job. resourceVersions are opaque to clients, but the API server
-    hands out increasing integers; where they are not, the hint (the object a write returned) wins."""
+    hands out increasing integers; where they are not, the hint (the object a write returned) wins. A
+    hint of another generation is not used: its spec is not the one the index parsed."""
+    if (hint.get("metadata") or {}).get("generation") != (indexed.get("metadata") or {}).get("generation"):
+        return indexed
     try:
         ours = int((hint.get("metadata") or {}).get("resourceVersion") or 0)
         theirs = int((indexed.get("metadata") or {}).get("resourceVersion") or 0)

@@ -4,9 +4,9 @@ by two workers at once, and a key can ask to come back later (back-off, deadline
 kopf calls handlers per object and per event; a TrainJob's state depends on its pods and nodes too,
 so every such event only enqueues the job's key and one level-triggered reconcile reads everything
 fresh. This is the queue semantics of client-go's workqueue, kept to what largo needs, including its
-per-key rate limiter: a key whose run failed comes back after ``base * 2**(failures-1)`` seconds (at most
-``cap``) on its own, never waiting for a watch event that may already have been folded into the failed
-run; a successful run forgets the failures.
+per-key rate limiter: a key whose run failed comes back after ``base_delay * 2**(failures-1)``
+seconds (at most ``max_delay``) on its own, never waiting for a watch event that may already have been
+folded into the failed run; a successful run forgets the failures.
 """
 
 from __future__ import annotations

@@ -199,11 +199,19 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         names.LABEL_ATTEMPT: str(attempt),
         **({names.LABEL_EXCLUSIVE: "true"} if spec.scheduling.exclusive_nodes else {}),
     }
+    # Rank 0 serves the trainer's metrics: Prometheus' pod discovery finds it by these annotations
+    # (docs/observability.md); the user's own annotations win.
+    scrape = (
+        {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(names.METRICS_PORT),
+            "prometheus.io/path": "/metrics",
+        }
+        if rank == 0
+        else {}
+    )
     annotations = {
-        # Prometheus' pod discovery finds rank 0's metrics (docs/observability.md); the user's win.
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(names.METRICS_PORT),
-        "prometheus.io/path": "/metrics",
+        **scrape,
         **template.annotations,
         names.ANNOTATION_PLACEMENT_NODE: node_name,
         names.ANNOTATION_SPEC_HASH: pod_spec_hash(spec),
@@ -233,7 +241,11 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         "env": build_env(job, rank, attempt),
         "ports": [
             {"name": names.RENDEZVOUS_PORT_NAME, "containerPort": names.MASTER_PORT, "protocol": "TCP"},
-            {"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"},
+            *(
+                [{"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"}]
+                if rank == 0
+                else []
+            ),
         ],
         "volumeMounts": mounts,
     }

@@ -2,8 +2,8 @@
 load samples, the replicas it has, the state of earlier decisions, and ``now``.
 
 The shape is Knative's KPA with HPA's scale-down stabilisation:
-- desired = ceil(load / target), where load is the sum over replicas of each replica's average over
-  the *stable* window (60 s by default);
+- desired = ceil(load / target), where load is the service's total per second (the sum over replicas
+  of each one's newest sample, carried forward while fresh) averaged over the *stable* window (60 s);
 - a *panic* window (6 s) catches sudden bursts: when it asks for at least ``panic_threshold`` times
   the ready replicas, the service scales up at once and does not scale down until the burst has been
   gone for a whole stable window;
@@ -11,9 +11,9 @@ The shape is Knative's KPA with HPA's scale-down stabilisation:
   flaps does not make replicas flap; scale-up is immediate;
 - a ready replica whose samples are missing or stale counts as fully busy (at ``target``): missing
   metrics never cause a scale-down;
-- with no sample at all the service holds where it is; bounds clamp everything; with
-  ``scale_to_zero``, no load for the whole stable window (and the grace) goes to zero, and any demand
-  comes back to one.
+- with no sample at all the service holds where it is; [minReplicas, maxReplicas] clamp every
+  decision, except that ``scale_to_zero`` lets an idle service (no load for the stable window and the
+  grace) go to zero; any demand then brings one replica back.
 
 The controller keeps ``State`` between calls (it is small and can be rebuilt: losing it only makes the
 next decisions more conservative).
@@ -22,7 +22,7 @@ next decisions more conservative).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -77,22 +77,44 @@ class Decision:
 
 
 def _average_load(
-    samples: Iterable[Sample], ready: Sequence[str], since: float, now: float, policy: Policy
+    samples: Sequence[Sample], ready: Sequence[str], since: float, now: float, policy: Policy
 ) -> tuple[float, int] | None:
-    """The service's total load averaged over the seconds since ``since`` (per second: the sum of the
-    replicas' samples, as KPA sums its pods), and how many ready replicas are silent. A ready replica
-    without a fresh sample counts as busy, at ``target``, in every second. None without any sample."""
-    seconds: dict[int, dict[str, float]] = {}
-    latest: dict[str, float] = {}
-    for sample in samples:
-        latest[sample.replica] = max(latest.get(sample.replica, -math.inf), sample.time)
-        if since <= sample.time <= now:
-            seconds.setdefault(int(sample.time), {})[sample.replica] = sample.value
-    if not seconds:
+    """The service's total load averaged over each second since ``since``. A second's total is the sum
+    over replicas of each one's newest sample at that second (carried forward while fresh, so replicas
+    sampled at different moments all count), as KPA sums its pods; a ready replica with no fresh sample
+    counts as busy, at ``target``. Also returns how many ready replicas are silent now. None when no
+    sample falls in the window."""
+    if not any(since <= sample.time <= now for sample in samples):
         return None
-    silent = sum(1 for replica in ready if now - latest.get(replica, -math.inf) > policy.stale_after)
-    totals = [sum(values.values()) + silent * policy.target for values in seconds.values()]
-    return sum(totals) / len(totals), silent
+    samples = [sample for sample in samples if since - policy.stale_after < sample.time <= now]
+    by_replica: dict[str, list[Sample]] = {}
+    for sample in sorted(samples, key=lambda s: s.time):
+        by_replica.setdefault(sample.replica, []).append(sample)
+    replicas = set(by_replica) | set(ready)
+    # Ready replicas with nothing fresh now: they may be the busy ones, so they count at the target.
+    silent_now = {
+        replica
+        for replica in ready
+        if not any(now - policy.stale_after < s.time <= now for s in by_replica.get(replica, ()))
+    }
+    totals = []
+    # From the first sample on: seconds before the service reported anything say nothing about it.
+    first = min(sample.time for sample in samples)
+    second = math.floor(max(since, first - 1)) + 1
+    while second <= now:
+        total = 0.0
+        for replica in replicas:
+            # A ready replica's newest sample stands until it goes stale; one that is not ready (gone,
+            # or draining) counts only with a sample in that very second.
+            oldest = second - policy.stale_after if replica in ready else second - 1
+            fresh = [s.value for s in by_replica.get(replica, ()) if oldest < s.time <= second]
+            if fresh:
+                total += fresh[-1]
+            elif replica in silent_now:
+                total += policy.target
+        totals.append(total)
+        second += 1
+    return (sum(totals) / len(totals) if totals else 0.0), len(silent_now)
 
 
 def decide(

@@ -300,6 +300,9 @@ def creation_refused(
     conditions = status.get("conditions") or []
     before = next((c for c in conditions if c.get("type") == ConditionType.PODS_CREATED), None)
     news = before is None or before.get("status") != "False" or before.get("message") != message
+    if before is not None and before.get("reason") not in (Reason.CREATE_REFUSED, Reason.NAME_CONFLICT):
+        # False for another reason (waiting for an earlier attempt): the refusals' clock starts now.
+        conditions = [c for c in conditions if c.get("type") != ConditionType.PODS_CREATED]
     updated = set_condition(conditions, ConditionType.PODS_CREATED, False, reason, message, now, generation)
     return {"conditions": updated, **summary(updated)}, news
 

@@ -3,7 +3,8 @@
 Reads the TrainJob contract (torchrun's RANK/WORLD_SIZE/LOCAL_RANK per process; LARGO_BACKEND,
 LARGO_CHECKPOINT_DIR and LARGO_JOB_* from the pod), trains a small decoder-only transformer on text
 files with DDP (or FSDP), checkpoints atomically every N steps and on SIGTERM, resumes from the newest
-complete checkpoint, serves Prometheus metrics on rank 0 and reports progress into the TrainJob.
+complete checkpoint, serves Prometheus metrics on rank 0 and reports progress into the job's progress
+ConfigMap.
 
 Every step's batch is a function of (seed, step, rank) and the checkpoint carries model, optimizer and
 RNG state, so a resumed run continues exactly where an uninterrupted one would be.
