@@ -113,7 +113,8 @@ def test_a_refused_pod_is_recorded_then_raised_for_back_off() -> None:
     reconciler = _reconciler(kube, _hinted())
     with pytest.raises(CreateRefused):
         asyncio.run(reconciler.reconcile(KEY))
-    assert kube.created == ["Service/j", "ConfigMap/j-progress"]  # the Service first, then the pods
+    assert kube.created[0] == "Service/j"  # the Service first, then the pods (refused here)
+    assert "Pod/j-node-0" not in kube.created
     refusal = kube.writes[-1][1]
     assert refusal["reason"] == "CreateRefused"
     assert "exceeded quota" in refusal["message"]

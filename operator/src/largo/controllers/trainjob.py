@@ -168,9 +168,10 @@ class TrainJobReconciler:
             nodes = decision.status["placement"]["nodes"]
             attempt = int(decision.status.get("attempt") or 0)
             # The Service first: a pod without its DNS name (or with a stranger's) cannot rendezvous.
-            await self._create(written, body, [build.build_service(job), build.build_progress_configmap(job)])
+            # The progress ConfigMap is only needed once rank 0 reports: it goes with the pods.
+            await self._create(written, body, [build.build_service(job)])
             pods = [build.build_pod(job, rank, nodes[rank], attempt) for rank in decision.create_ranks]
-            await self._create(written, body, pods)
+            await self._create(written, body, [build.build_progress_configmap(job), *pods])
         if decision.delete_pods:
             await asyncio.gather(
                 *(self.kube.delete_pod(namespace, pod, decision.force_delete) for pod in decision.delete_pods)
