@@ -89,8 +89,7 @@ class TrainJobReconciler:
         """One cycle for one job, from the indexes' view of it and its pods.
 
         The view may lag the API server by a moment; the resourceVersion guard on the status write
-        turns a lagging decision into a no-op, and the event that brings the newer version wakes the
-        job again.
+        turns a lagging decision into a conflict, which the work queue retries within a second.
         """
         hint = self._hints.pop(key, None)
         entry = self._latest(key)
@@ -99,7 +98,7 @@ class TrainJobReconciler:
             self._last_write.pop(key, None)
             self.wake_scheduler()
             return None
-        # A hint is at least as new as the index; if it is older after all, the guarded write refuses.
+        # The newer of the hint (an object our own write returned) and the index's version.
         body, job = _newer(hint, entry.body) if hint else entry.body, entry.job
         if job is None:
             await self._reject(body, entry.invalid or "invalid spec")
