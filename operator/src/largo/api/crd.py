@@ -1,10 +1,10 @@
-"""Generate the TrainJob CustomResourceDefinition from the pydantic models.
+"""Generate largo's CustomResourceDefinitions (TrainJob, InferenceService) from the pydantic models.
 
 The models are the single source of truth; this module turns their JSON schema into the
 structural OpenAPI v3 schema the API server requires (no $ref, no nullable anyOf, no titles,
 a type on every node) and wraps it in an apiextensions.k8s.io/v1 CRD.
 
-    python -m largo.api.crd --out crds/          # write crds/trainjobs.largo.dev.yaml
+    python -m largo.api.crd --out crds/          # write crds/<plural>.largo.dev.yaml, one per kind
     python -m largo.api.crd --out crds/ --check  # exit 1 with a diff when the file is stale
 """
 
@@ -16,12 +16,26 @@ import difflib
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from largo.api.v1alpha1 import GROUP, KIND, PLURAL, SINGULAR, VERSION, TrainJob
+from largo.api.v1alpha1 import (
+    GROUP,
+    KIND,
+    PLURAL,
+    SERVICE_KIND,
+    SERVICE_PLURAL,
+    SERVICE_SHORT_NAMES,
+    SERVICE_SINGULAR,
+    SINGULAR,
+    VERSION,
+    InferenceService,
+    TrainJob,
+)
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 FILENAME = f"{CRD_NAME}.yaml"
@@ -50,6 +64,67 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
+
+SERVICE_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": ".status.ready",
+        "description": "Ready replica groups / replicas wanted.",
+    },
+    {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+    {"name": "Model", "type": "string", "jsonPath": ".status.model.summary"},
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "priority": 1,
+        "description": "Why the service is not (all) ready, or what it is doing.",
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+@dataclass(frozen=True)
+class CrdKind:
+    """One custom resource: its root model and the CRD's names, columns and subresources."""
+
+    model: type[BaseModel]
+    kind: str
+    plural: str
+    singular: str
+    short_names: list[str]
+    printer_columns: list[dict[str, Any]]
+    subresources: dict[str, Any] = field(default_factory=lambda: {"status": {}})
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{GROUP}"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.crd_name}.yaml"
+
+
+TRAINJOB = CrdKind(TrainJob, KIND, PLURAL, SINGULAR, ["tj"], PRINTER_COLUMNS)
+INFERENCE_SERVICE = CrdKind(
+    InferenceService,
+    SERVICE_KIND,
+    SERVICE_PLURAL,
+    SERVICE_SINGULAR,
+    SERVICE_SHORT_NAMES,
+    SERVICE_PRINTER_COLUMNS,
+    # /scale makes `kubectl scale`, HorizontalPodAutoscalers and KEDA work on replica groups.
+    subresources={
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    },
+)
+KINDS = (TRAINJOB, INFERENCE_SERVICE)
 
 # Keys copied from a referenced schema and its referring field are merged; for these the lists
 # are concatenated so that field-level and model-level CEL rules both survive.
@@ -83,6 +158,11 @@ def _structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         else:
             raise ValueError(f"unsupported union in CRD schema: {node}")
     node.pop("title", None)
+    for bound, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        # JSON Schema's numeric exclusive bounds are OpenAPI v3.0's boolean flag on the inclusive one.
+        if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
+            node[inclusive] = node.pop(bound)
+            node[bound] = True
     if "const" in node:
         node["enum"] = [node.pop("const")]
     if "default" in node and node["default"] in (None, []):
@@ -145,9 +225,9 @@ def _explained(node: Schema) -> Schema:
     return node
 
 
-def openapi_schema() -> Schema:
-    """The structural openAPIV3Schema of the TrainJob kind."""
-    raw = TrainJob.model_json_schema(by_alias=True, mode="validation")
+def openapi_schema(kind: CrdKind = TRAINJOB) -> Schema:
+    """The structural openAPIV3Schema of ``kind``."""
+    raw = kind.model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     schema = _explained(_structural(raw, defs))
     props = schema["properties"]
@@ -160,21 +240,21 @@ def openapi_schema() -> Schema:
     return schema
 
 
-def build_crd() -> dict[str, Any]:
-    """The CustomResourceDefinition as a plain dict."""
+def build_crd(kind: CrdKind = TRAINJOB) -> dict[str, Any]:
+    """The CustomResourceDefinition of ``kind`` as a plain dict."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME},
+        "metadata": {"name": kind.crd_name},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "shortNames": ["tj"],
+                "plural": kind.plural,
+                "singular": kind.singular,
+                "kind": kind.kind,
+                "listKind": f"{kind.kind}List",
+                "shortNames": list(kind.short_names),
                 "categories": ["largo", "all"],
             },
             "versions": [
@@ -182,18 +262,18 @@ def build_crd() -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "subresources": copy.deepcopy(kind.subresources),
+                    "additionalPrinterColumns": copy.deepcopy(kind.printer_columns),
+                    "schema": {"openAPIV3Schema": openapi_schema(kind)},
                 }
             ],
         },
     }
 
 
-def render_crd() -> str:
+def render_crd(kind: CrdKind = TRAINJOB) -> str:
     """Deterministic YAML: mapping keys sorted, list order kept (it is meaningful)."""
-    body = yaml.safe_dump(build_crd(), sort_keys=True, default_flow_style=False, width=100)
+    body = yaml.safe_dump(build_crd(kind), sort_keys=True, default_flow_style=False, width=100)
     return HEADER + body
 
 
@@ -219,9 +299,9 @@ CHART_KEEP = (
 )
 
 
-def render_chart_crd() -> str:
+def render_chart_crd(kind: CrdKind = TRAINJOB) -> str:
     """The same CRD as a Helm template: behind ``crds.enabled``, kept on uninstall with ``crds.keep``."""
-    body = render_crd().removeprefix(HEADER)
+    body = render_crd(kind).removeprefix(HEADER)
     metadata = "metadata:\n"
     if metadata not in body:
         raise ValueError("CRD without metadata")
@@ -230,9 +310,11 @@ def render_chart_crd() -> str:
 
 
 def _outputs(out: Path, chart: Path | None) -> list[tuple[Path, str]]:
-    outputs = [(out / FILENAME, render_crd())]
-    if chart is not None:
-        outputs.append((chart / "templates" / "crds" / FILENAME, render_chart_crd()))
+    outputs = []
+    for kind in KINDS:
+        outputs.append((out / kind.filename, render_crd(kind)))
+        if chart is not None:
+            outputs.append((chart / "templates" / "crds" / kind.filename, render_chart_crd(kind)))
     return outputs
 
 
