@@ -91,7 +91,12 @@ def test_a_rollout_stays_within_surge_and_availability_and_completes(surge: int,
     assert min(sum(group.ready for group in seen) for seen in run.seen) == 4 - unavailable
     # Rolling, not all at once: old and new groups served side by side.
     assert any(OLD in by_revision(seen) and NEW in by_revision(seen) for seen in run.seen)
-    assert all(step.reason == "RollingOut" for step in run.steps[:-1])
+    # RollingOut while old groups remain; then at most the last new group coming up.
+    for seen, step in zip(run.seen, run.steps, strict=True):
+        if OLD in by_revision(seen):
+            assert step.reason == "RollingOut", step
+        else:
+            assert step.reason in {"ScalingUp", "WaitingForReady", "RolloutComplete"}, step
     assert len(run.steps) <= 16
 
 
@@ -122,6 +127,12 @@ def test_old_groups_go_first_not_ready_before_ready_then_highest_id() -> None:
     step = plan_rollout(state, 4, NEW, 3, 0)
     assert step.retire == (1, 3, 2)
     assert step.create == 0
+    # Scaling down mid-rollout: old groups before the surplus of new ones, even when the ready old one
+    # takes the only room below the floor.
+    state = [*groups(OLD, 0, 1), *groups(NEW, 2, 3, 4, ready=False), GroupState(5, NEW, True)]
+    step = plan_rollout(state, 2, NEW, 1, 0)
+    assert step.retire == (1, 4, 3)
+    assert (step.create, step.reason) == (0, "RollingOut")
 
 
 def test_plain_scale_up_creates_everything_at_once() -> None:

@@ -1,7 +1,8 @@
 """kopf registrations. Thin on purpose: indexes summarise objects, event handlers only wake work.
 
-- indexes over Nodes, Pods and TrainJobs feed the gang scheduler's inventory;
-- every TrainJob or TrainJob-pod event enqueues that job for one level-triggered reconcile;
+- indexes over Nodes, Pods, TrainJobs and InferenceServices feed the gang scheduler's inventory;
+- every TrainJob or TrainJob-pod event enqueues that job for one level-triggered reconcile, and every
+  InferenceService event (its pods, its TrainJob, its claim, an autoscaler aimed at it) that service;
 - changes that free or take capacity wake the scheduler.
 """
 
@@ -17,15 +18,17 @@ from typing import Any
 
 import kopf
 
-from largo.api.v1alpha1 import GROUP, PLURAL, VERSION, Phase
+from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_KIND, SERVICE_PLURAL, VERSION, Phase
+from largo.controllers.inferenceservice import InferenceServiceReconciler
 from largo.controllers.kube import COMPONENT, Kube
 from largo.controllers.leader import ElectionTimings, LeaderGate, identity, start_election
 from largo.controllers.main import LEADER_ELECTION_ENV
 from largo.controllers.scheduler import Scheduler
-from largo.controllers.state import JobKey, job_entry, pod_usage
+from largo.controllers.state import JobKey, job_entry, pod_usage, service_entry
 from largo.controllers.trainjob import TrainJobReconciler
 from largo.controllers.workqueue import WorkQueue
-from largo.manifests.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF
+from largo.manifests.inferenceservice import DEFAULT_SERVER_IMAGE
+from largo.manifests.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF, LABEL_SERVICE
 from largo.metrics import Snapshot
 from largo.metrics import serve as serve_metrics
 from largo.policy.trainjob import Timings
@@ -90,9 +93,18 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         max_delay=_float_env("LARGO_RETRY_MAX_SECONDS", 60.0),
     )
 
+    services: WorkQueue[JobKey] = WorkQueue(
+        base_delay=_float_env("LARGO_RETRY_BASE_SECONDS", 0.05),
+        max_delay=_float_env("LARGO_RETRY_MAX_SECONDS", 60.0),
+    )
+
     def admitted(key: JobKey, body: Mapping[str, Any]) -> None:
         reconciler.hint(key, body)
         jobs.add(key)
+
+    def group_admitted(key: JobKey, body: Mapping[str, Any]) -> None:
+        serving.hint(key, body)
+        services.add(key)
 
     scheduler = Scheduler(
         kube=kube,
@@ -101,6 +113,20 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         jobs=kwargs["trainjob_queue"],
         admitted=admitted,
         clock=time.time,
+        services=kwargs["service_queue"],
+        service_admitted=group_admitted,
+    )
+    serving = InferenceServiceReconciler(
+        kube=kube,
+        nodes=kwargs["node_inventory"],
+        services=kwargs["service_queue"],
+        pods=kwargs["service_pods"],
+        trainjobs=kwargs["trainjob_queue"],
+        claims=kwargs["claim_names"],
+        autoscalers=kwargs["service_autoscalers"],
+        wake_scheduler=scheduler.wake,
+        clock=time.time,
+        default_image=os.environ.get("LARGO_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
     )
     reconciler = TrainJobReconciler(
         kube=kube,
@@ -120,6 +146,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     scheduler.complete_admission = reconciler.complete_admission
     workers = int(_float_env("LARGO_RECONCILE_WORKERS", 8))
     memo.jobs = jobs
+    memo.services = services
     memo.scheduler = scheduler
     memo.tasks = []
     reconcile = reconciler.reconcile
@@ -155,10 +182,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         memo.tasks = [
             asyncio.create_task(jobs.run(reconcile, workers), name="largo-trainjob-workers"),
             asyncio.create_task(scheduler.run(), name="largo-gang-scheduler"),
+            asyncio.create_task(services.run(serving.reconcile, workers), name="largo-service-workers"),
         ]
         for store in kwargs["trainjob_queue"].values():
             for entry in store:
                 jobs.add(entry.key)
+        for store in kwargs["service_queue"].values():
+            for entry in store:
+                services.add(entry.key)
         scheduler.nudge()
 
     if election is None:
@@ -227,6 +258,34 @@ async def progress_reports(
     return {(str(namespace), labels[LABEL_PROGRESS_OF]): dict(body.get("data") or {})}
 
 
+@kopf.index(GROUP, VERSION, SERVICE_PLURAL)
+async def service_queue(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[JobKey, Any]:
+    return {(str(namespace), name): service_entry(body)}
+
+
+@kopf.index("pods", labels={LABEL_SERVICE: kopf.PRESENT})
+async def service_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[JobKey, Any]:
+    return {(str(namespace), labels[LABEL_SERVICE]): dict(body)}
+
+
+@kopf.index("persistentvolumeclaims")
+async def claim_names(namespace: str | None, name: str, **_: Any) -> dict[JobKey, Any]:
+    """Which claims exist: a service whose model's claim is missing says so instead of pending pods."""
+    return {(str(namespace), name): True}
+
+
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers")
+async def service_autoscalers(
+    namespace: str | None, name: str, spec: kopf.Spec, **_: Any
+) -> dict[JobKey, Any]:
+    target = spec.get("scaleTargetRef") or {}
+    if target.get("kind") != SERVICE_KIND or not str(target.get("apiVersion", "")).startswith(GROUP):
+        return {}
+    return {(str(namespace), str(target.get("name"))): name}
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 async def trainjob_queue(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[JobKey, Any]:
     return {(str(namespace), name): job_entry(body)}
@@ -237,9 +296,15 @@ async def trainjob_queue(namespace: str | None, name: str, body: kopf.Body, **_:
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def trainjob_changed(
-    namespace: str | None, name: str, status: kopf.Status, memo: kopf.Memo, **_: Any
+    namespace: str | None, name: str, status: kopf.Status, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     memo.jobs.add((str(namespace), name))
+    # Services that serve this job's checkpoints look at its newest one.
+    for store in kwargs["service_queue"].values():
+        for entry in store:
+            source = entry.service.spec.model.from_train_job if entry.service is not None else None
+            if source is not None and entry.key[0] == namespace and source.name == name:
+                memo.services.add(entry.key)
     # The index already holds this version: a new or queued job is visible to the very next pass.
     if status.get("phase") in (None, Phase.QUEUED):
         memo.scheduler.wake()
@@ -254,10 +319,14 @@ async def pod_changed(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    """A TrainJob's pod changed: reconcile the job. Any pod that stops holding resources frees capacity."""
+    """A TrainJob's or InferenceService's pod changed: reconcile its owner. Any pod that stops holding
+    resources frees capacity."""
     job = labels.get(LABEL_JOB_NAME)
     if job is not None:
         memo.jobs.add((str(namespace), job))
+    service = labels.get(LABEL_SERVICE)
+    if service is not None:
+        memo.services.add((str(namespace), service))
     if event.get("type") == "DELETED" or not inventory.pod_holds_resources(body):
         memo.scheduler.wake()
 
@@ -284,3 +353,29 @@ async def node_changed(
             for entry in store:
                 if entry.placement and name in entry.placement:
                     memo.jobs.add(entry.key)
+        for store in kwargs["service_queue"].values():
+            for entry in store:
+                if any(name in group.nodes for group in entry.groups):
+                    memo.services.add(entry.key)
+
+
+@kopf.on.event(GROUP, VERSION, SERVICE_PLURAL)
+async def service_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.services.add((str(namespace), name))
+
+
+@kopf.on.event("persistentvolumeclaims")
+async def claim_changed(namespace: str | None, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A claim came or went: the namespace's services look again (their model's claim, or their
+    TrainJob's, may be this one). Claims change rarely."""
+    for store in kwargs["service_queue"].values():
+        for entry in store:
+            if entry.key[0] == namespace:
+                memo.services.add(entry.key)
+
+
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers")
+async def autoscaler_changed(namespace: str | None, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    target = spec.get("scaleTargetRef") or {}
+    if target.get("kind") == SERVICE_KIND:
+        memo.services.add((str(namespace), str(target.get("name"))))

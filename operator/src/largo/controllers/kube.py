@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client import ApiException
 
-from largo.api.v1alpha1 import GROUP, PLURAL, VERSION
+from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_PLURAL, VERSION
 from largo.controllers.leader import LeaderGate, NotLeader
 from largo.controllers.workqueue import Retry
 from largo.manifests.names import LABEL_ATTEMPT
@@ -102,13 +102,24 @@ class Kube:
         self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Merge-patches status; with ``resource_version``, only if nobody wrote the object since."""
+        return await self._patch_status(PLURAL, namespace, name, resource_version, status)
+
+    async def patch_service_status(
+        self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The same for an InferenceService."""
+        return await self._patch_status(SERVICE_PLURAL, namespace, name, resource_version, status)
+
+    async def _patch_status(
+        self, plural: str, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"status": dict(status)}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         patch: Callable[..., Any] = self.custom.patch_namespaced_custom_object_status
         try:
             result: dict[str, Any] = await self._write(
-                patch, GROUP, VERSION, namespace, PLURAL, name, body, field_manager=self.field_manager
+                patch, GROUP, VERSION, namespace, plural, name, body, field_manager=self.field_manager
             )
         except ApiException as error:
             if error.status in (404, 409):
@@ -157,7 +168,10 @@ class Kube:
         if ours is not None and theirs != ours:
             owner = f"controlled by uid {theirs}" if theirs else "not controlled by any object"
             raise CreateRefused(
-                kind, name, "NameConflict", f"{kind} {name} already exists and is {owner}, not by this job"
+                kind,
+                name,
+                "NameConflict",
+                f"{kind} {name} already exists and is {owner}, not by the object it is created for",
             )
         wanted = (manifest["metadata"].get("labels") or {}).get(LABEL_ATTEMPT)
         found = (existing.metadata.labels or {}).get(LABEL_ATTEMPT)

@@ -1,9 +1,11 @@
-"""The gang scheduler loop: inventory from the kopf indexes in, admissions written to TrainJob status.
+"""The gang scheduler loop: inventory from the kopf indexes in, admissions written to status.
 
-One pass reads every node, every resource-holding pod and every TrainJob from the indexes, asks the
-pure ``largo.sched.gang.schedule`` what to admit, and writes each admission as ``status.placement``
-(guarded by the resourceVersion it decided on, so a job that changed meanwhile is decided again).
-Passes run one at a time, whenever something that changes capacity or the queue happens.
+One pass reads every node, every resource-holding pod, every TrainJob and every InferenceService's
+replica groups from the indexes, asks the pure ``largo.sched.gang.schedule`` what to admit (one queue
+for training and serving, ordered by priority, then arrival), and writes each admission: a TrainJob's
+as ``status.placement``, a replica group's as its entry in the service's ``status.groups`` (guarded by
+the resourceVersion it decided on, so an object that changed meanwhile is decided again). Passes run
+one at a time, whenever something that changes capacity or the queue happens.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from largo.api.v1alpha1 import GPU_RESOURCE, ConditionType, Phase, Reason, check_status, sanitize_status
+from largo.api.v1alpha1 import (
+    GPU_RESOURCE,
+    ConditionType,
+    Phase,
+    Reason,
+    ServiceReason,
+    check_service_status,
+    check_status,
+    sanitize_status,
+)
 from largo.controllers.kube import ConflictError, Kube
-from largo.controllers.state import JobEntry, JobKey, PodUsage, gang_key
+from largo.controllers.state import GroupRecord, JobEntry, JobKey, PodUsage, ServiceEntry, gang_key
 from largo.controllers.workqueue import Retry
 from largo.manifests.trainjob import pod_spec_hash
 from largo.policy.conditions import set_condition, timestamp
@@ -68,8 +79,13 @@ class Scheduler:
     # Told of each pass (seconds, jobs decided) and each admission (the job, seconds since it arrived).
     observe_pass: Callable[[float, int], None] = lambda seconds, jobs: None
     observe_admission: Callable[[float], None] = lambda waited: None
+    # InferenceServices, whose replica groups queue beside the TrainJobs; told of admissions like jobs.
+    services: IndexLike = field(default_factory=dict)
+    service_admitted: Callable[[JobKey, Mapping[str, Any]], None] = lambda key, body: None
     # Admissions written but not yet seen in the jobs index: they keep their capacity reserved.
     _pending: dict[JobKey, _Admission] = field(default_factory=dict)
+    # The same for replica groups, by the group's gang key.
+    _pending_groups: dict[JobKey, _Admission] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _ready: bool = False
 
@@ -106,7 +122,9 @@ class Scheduler:
                 await asyncio.sleep(1.0)
                 self._wake.set()
 
-    def usage(self, entries: Iterable[JobEntry]) -> dict[str, dict[str, int]]:
+    def usage(
+        self, entries: Iterable[JobEntry], services: Iterable[ServiceEntry] = ()
+    ) -> dict[str, dict[str, int]]:
         """What every node holds: bound pods, plus admitted ranks whose pods are not bound yet."""
         usage: dict[str, dict[str, int]] = {}
         bound: set[tuple[JobKey, int, int]] = set()
@@ -124,6 +142,13 @@ class Scheduler:
                 exclusive = entry.request is not None and entry.request.exclusive
                 reserved[entry.key] = _Admission(entry.attempt, entry.placement, entry.per_pod, exclusive)
         reserved.update(self._pending)
+        for service in services:
+            exclusive = service.exclusive
+            for group in service.placed():
+                reserved[group.gang(*service.key)] = _Admission(
+                    group.attempt, group.nodes, service.per_pod, exclusive
+                )
+        reserved.update(self._pending_groups)
         for key, admission in reserved.items():
             for rank, node in enumerate(admission.nodes):
                 if (key, admission.attempt, rank) not in bound:
@@ -157,16 +182,114 @@ class Scheduler:
             pending = self._pending[key]
             if entry is None or entry.phase not in (None, Phase.QUEUED) or entry.attempt != pending.attempt:
                 del self._pending[key]
+        services: list[ServiceEntry] = _values(self.services)
+        self._settle_groups(services)
         nodes: list[NodeInfo] = _values(self.nodes)
-        usage = self.usage(entries)
+        usage = self.usage(entries, services)
         queued = [entry for entry in entries if entry.admissible and entry.key not in self._pending]
-        decision = gang.schedule(nodes, usage, [entry.request for entry in queued if entry.request])
+        now = self.clock()
+        groups: dict[str, tuple[ServiceEntry, GroupRecord]] = {}
+        for service in services:
+            for group in service.waiting(now):
+                if group.gang(*service.key) not in self._pending_groups:
+                    groups[gang_key(group.gang(*service.key))] = (service, group)
+        requests = [entry.request for entry in queued if entry.request]
+        requests += [service.request(group) for service, group in groups.values()]
+        decision = gang.schedule(nodes, usage, requests)
         by_gang_key = {gang_key(entry.key): entry for entry in queued}
+        # One status write per service, whatever number of its groups this pass decided.
+        by_service: dict[JobKey, tuple[ServiceEntry, dict[int, Placement], dict[int, Waiting]]] = {}
+        for placement in decision.admitted:
+            if placement.key in groups:
+                service, group = groups[placement.key]
+                by_service.setdefault(service.key, (service, {}, {}))[1][group.replica] = placement
+        for waiting in decision.waiting:
+            if waiting.key in groups:
+                service, group = groups[waiting.key]
+                by_service.setdefault(service.key, (service, {}, {}))[2][group.replica] = waiting
         await asyncio.gather(
-            *(self._admit(by_gang_key[placement.key], placement) for placement in decision.admitted),
-            *(self._wait(by_gang_key[waiting.key], waiting) for waiting in decision.waiting),
+            *(
+                self._admit(by_gang_key[placement.key], placement)
+                for placement in decision.admitted
+                if placement.key in by_gang_key
+            ),
+            *(
+                self._wait(by_gang_key[waiting.key], waiting)
+                for waiting in decision.waiting
+                if waiting.key in by_gang_key
+            ),
+            *(self._decide_groups(*decided) for decided in by_service.values()),
         )
-        return len(queued)
+        return len(queued) + len(groups)
+
+    def _settle_groups(self, services: Iterable[ServiceEntry]) -> None:
+        """A group's admission is settled once the index shows its nodes, or the group moved on."""
+        shown: dict[JobKey, GroupRecord] = {}
+        for service in services:
+            for group in service.groups:
+                shown[group.gang(*service.key)] = group
+        for key, pending in list(self._pending_groups.items()):
+            seen = shown.get(key)
+            if seen is None or seen.nodes or seen.attempt != pending.attempt or seen.retiring:
+                del self._pending_groups[key]
+
+    async def _decide_groups(
+        self, service: ServiceEntry, admitted: Mapping[int, Placement], waiting: Mapping[int, Waiting]
+    ) -> None:
+        """Writes the pass's decisions on one service's queued groups: nodes for the admitted, the
+        queue position and reason for the others (only when it changed)."""
+        now = self.clock()
+        status = dict(service.body.get("status") or {})
+        groups = [dict(group) for group in status.get("groups") or []]
+        changed = False
+        for group in groups:
+            replica = int(group.get("replica", -1))
+            if replica in admitted:
+                group.update(nodes=list(admitted[replica].nodes), admittedAt=timestamp(now), queue=None)
+                group.pop("restartAfter", None)
+                changed = True
+            elif replica in waiting:
+                reason = waiting[replica]
+                queue = {
+                    "name": service.service.spec.scheduling.queue if service.service else "",
+                    "position": reason.position,
+                    "reason": str(reason.reason),
+                    "message": reason.message,
+                }
+                if group.get("queue") != {k: v for k, v in queue.items() if v is not None}:
+                    group["queue"] = queue
+                    changed = True
+        if not changed:
+            return
+        groups = [{k: v for k, v in group.items() if v is not None} for group in groups]
+        for group in groups:
+            if group.get("queue"):
+                group["queue"] = {k: v for k, v in group["queue"].items() if v is not None}
+        check_service_status({"groups": groups})
+        try:
+            updated = await self.kube.patch_service_status(
+                *service.key, service.resource_version, {"groups": groups}
+            )
+        except ConflictError:
+            self.wake()
+            return
+        for replica, placement in admitted.items():
+            record = next(g for g in service.groups if g.replica == replica)
+            self._pending_groups[record.gang(*service.key)] = _Admission(
+                record.attempt, placement.nodes, service.per_pod, service.exclusive
+            )
+            if record.attempt == 0:
+                self.observe_admission(max(0.0, now - record.queued_at))
+        if admitted:
+            self.service_admitted(service.key, updated)
+            replicas = ", ".join(str(r) for r in sorted(admitted))
+            nodes = sorted({n for p in admitted.values() for n in p.nodes})
+            await self.kube.event(
+                service.body,
+                "Normal",
+                ServiceReason.GROUP_ADMITTED,
+                f"replica group {replicas} placed on {', '.join(nodes)}",
+            )
 
     async def _admit(self, entry: JobEntry, placement: Placement) -> None:
         now = self.clock()

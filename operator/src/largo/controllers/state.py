@@ -12,15 +12,23 @@ from typing import Any
 
 import pydantic
 
-from largo.api.v1alpha1 import Phase, TrainJob, validation_messages
+from largo.api.v1alpha1 import InferenceService, Phase, TrainJob, validation_messages
+from largo.manifests import inferenceservice as serve_build
 from largo.manifests import trainjob as build
-from largo.manifests.names import LABEL_EXCLUSIVE, LABEL_JOB_NAME
+from largo.manifests.names import (
+    LABEL_ATTEMPT,
+    LABEL_EXCLUSIVE,
+    LABEL_JOB_NAME,
+    LABEL_MEMBER,
+    LABEL_REPLICA,
+    LABEL_SERVICE,
+)
 from largo.policy.conditions import parse_timestamp
 from largo.policy.trainjob import gang_position, status_attempt, status_placement
 from largo.sched import inventory
 from largo.sched.types import GangRequest
 
-JobKey = tuple[str, str]  # (namespace, name)
+JobKey = tuple[str, str]  # (namespace, name); for a replica group (namespace, <service>#r<replica>)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +95,16 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
         return None
     metadata = pod.get("metadata") or {}
     labels = metadata.get("labels") or {}
-    job, attempt, rank = None, None, None
+    job: JobKey | None = None
+    attempt: int | None = None
+    rank: int | None = None
     position = gang_position(labels)
+    member = service_pod_position(labels, str(metadata.get("namespace")))
     if LABEL_JOB_NAME in labels and position is not None:
         rank, attempt = position
         job = (str(metadata.get("namespace")), str(labels[LABEL_JOB_NAME]))
+    elif member is not None:
+        job, attempt, rank = member
     return PodUsage(
         uid=str(metadata.get("uid")),
         requests=inventory.pod_requests(pod),
@@ -152,3 +165,135 @@ def gang_request(job: TrainJob, key: JobKey, metadata: Mapping[str, Any]) -> Gan
         preferred_topology_key=scheduling.preferred_topology_key,
         exclusive=scheduling.exclusive_nodes,
     )
+
+
+# -- InferenceServices: each replica group is a gang of its own ------------------------------------
+
+
+def group_gang_id(name: str, replica: int) -> str:
+    """The gang name of one replica group; '#' cannot occur in an object name, so it never collides with
+    a TrainJob's."""
+    return f"{name}#r{replica}"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    """What the scheduler reads of one group in status.groups."""
+
+    replica: int
+    attempt: int
+    nodes: tuple[str, ...]
+    retiring: bool
+    queued_at: float
+    restart_after: float | None
+    queue: Mapping[str, Any]
+
+    def gang(self, namespace: str, name: str) -> JobKey:
+        return (namespace, group_gang_id(name, self.replica))
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    key: JobKey
+    uid: str
+    resource_version: str
+    body: Mapping[str, Any]
+    service: InferenceService | None
+    invalid: str | None
+    groups: tuple[GroupRecord, ...]
+
+    @property
+    def per_pod(self) -> Mapping[str, int]:
+        if self.service is None:
+            return {}
+        return {**serve_build.per_pod_requests(self.service.spec), "pods": 1}
+
+    @property
+    def exclusive(self) -> bool:
+        return self.service is not None and self.service.spec.scheduling.exclusive_nodes
+
+    def placed(self) -> list[GroupRecord]:
+        """Groups the scheduler placed: their nodes are held until the group goes."""
+        return [group for group in self.groups if group.nodes]
+
+    def waiting(self, now: float) -> list[GroupRecord]:
+        """Groups to admit now: no nodes, not retiring, any restart back-off over."""
+        if self.service is None:
+            return []
+        return [
+            group
+            for group in self.groups
+            if not group.nodes
+            and not group.retiring
+            and (group.restart_after is None or group.restart_after <= now)
+        ]
+
+    def request(self, group: GroupRecord) -> GangRequest:
+        assert self.service is not None
+        spec = self.service.spec
+        scheduling = spec.scheduling
+        namespace, name = self.key
+        return GangRequest(
+            key=gang_key(group.gang(namespace, name)),
+            priority=scheduling.priority,
+            arrival=group.queued_at,
+            pod_count=spec.nodes_per_replica,
+            per_pod=self.per_pod,
+            node_selector=dict(spec.pod_template.node_selector),
+            tolerations=inventory.tolerations_from(serve_build.pod_tolerations(self.service)),
+            required_topology_key=scheduling.topology_key,
+            preferred_topology_key=scheduling.preferred_topology_key,
+            exclusive=scheduling.exclusive_nodes,
+        )
+
+
+def service_entry(body: Mapping[str, Any]) -> ServiceEntry:
+    metadata = body.get("metadata") or {}
+    status = body.get("status") or {}
+    key = (str(metadata.get("namespace")), str(metadata.get("name")))
+    service: InferenceService | None = None
+    invalid: str | None = None
+    try:
+        service = InferenceService.from_body(body)
+    except pydantic.ValidationError as error:
+        invalid = "; ".join(validation_messages(error))
+    created = parse_timestamp(metadata.get("creationTimestamp")) or 0.0
+    groups = []
+    for raw in status.get("groups") or []:
+        try:
+            replica, attempt = int(raw["replica"]), int(raw.get("attempt") or 0)
+        except (KeyError, TypeError, ValueError):
+            continue  # a malformed entry holds nothing; the reconcile rewrites the list
+        groups.append(
+            GroupRecord(
+                replica=replica,
+                attempt=attempt,
+                nodes=tuple(str(n) for n in raw.get("nodes") or []),
+                retiring=bool(raw.get("retiring")),
+                queued_at=parse_timestamp(raw.get("queuedAt")) or created,
+                restart_after=parse_timestamp(raw.get("restartAfter")),
+                queue=raw.get("queue") or {},
+            )
+        )
+    return ServiceEntry(
+        key=key,
+        uid=str(metadata.get("uid")),
+        resource_version=str(metadata.get("resourceVersion")),
+        body=dict(body),
+        service=service,
+        invalid=invalid,
+        groups=tuple(groups),
+    )
+
+
+def service_pod_position(labels: Mapping[str, str], namespace: str) -> tuple[JobKey, int, int] | None:
+    """(gang, attempt, member) of an InferenceService member pod; None for any other pod."""
+    try:
+        name, replica = labels[LABEL_SERVICE], int(labels[LABEL_REPLICA])
+        return (
+            (namespace, group_gang_id(name, replica)),
+            int(labels[LABEL_ATTEMPT]),
+            int(labels[LABEL_MEMBER]),
+        )
+    except (KeyError, ValueError):
+        return None

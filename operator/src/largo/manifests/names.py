@@ -79,3 +79,40 @@ def gang_selector(job: str, attempt: int) -> dict[str, str]:
 def label_selector(labels: dict[str, str]) -> str:
     """A labelSelector query string for the list API."""
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+# --- InferenceService (docs/serving.md) -----------------------------------------------------------
+
+LABEL_SERVICE = f"{GROUP}/inferenceservice"
+LABEL_REPLICA = f"{GROUP}/replica"
+LABEL_MEMBER = f"{GROUP}/member"
+LABEL_REVISION = f"{GROUP}/revision"
+HTTP_PORT_NAME = "http"
+SERVICE_PORT = 80
+SERVER_CONTAINER_NAME = "server"
+MODEL_VOLUME = "largo-model"
+MODEL_MOUNT = "/model"
+
+
+def members_service(service: str) -> str:
+    """The headless Service that gives every member of every replica group a DNS name."""
+    return f"{service}-members"
+
+
+def member_pod_name(service: str, replica: int, member: int) -> str:
+    return f"{service}-r{replica}-node-{member}"
+
+
+def leader_addr(service: str, namespace: str, replica: int) -> str:
+    """Member 0 of a group: its pipeline's rendezvous, resolvable before it is ready."""
+    return f"{member_pod_name(service, replica, 0)}.{members_service(service)}.{namespace}.svc"
+
+
+def service_url(service: str, namespace: str) -> str:
+    """The stable in-cluster address of an InferenceService (its Service, port 80)."""
+    return f"http://{service}.{namespace}.svc"
+
+
+def leader_selector(service: str) -> dict[str, str]:
+    """The pods that serve HTTP: the leaders of every group (the Service's and /scale's selector)."""
+    return {LABEL_SERVICE: service, LABEL_MEMBER: "0"}

@@ -1,0 +1,242 @@
+"""One InferenceService reconcile: read the service, its pods and its model's source from the indexes,
+let ``largo.policy.inferenceservice`` decide, apply the plan.
+
+As for a TrainJob, the status is written first, guarded by the resourceVersion the decision was made on;
+pods are created or deleted only once that write succeeded, so a stale decision never acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kopf
+
+from largo.api.v1alpha1 import (
+    InferenceService,
+    ServiceConditionType,
+    ServiceReason,
+    check_service_status,
+    sanitize_service_status,
+)
+from largo.controllers.kube import CreateRefused, Kube
+from largo.controllers.scheduler import KeyedIndex
+from largo.controllers.state import JobKey, ServiceEntry
+from largo.controllers.trainjob import _newer, _status_patch
+from largo.manifests import inferenceservice as build
+from largo.manifests import names
+from largo.policy.conditions import set_condition
+from largo.policy.inferenceservice import (
+    ModelResolution,
+    ServicePlan,
+    ServiceView,
+    member_pod,
+    plan,
+    resolve_model,
+)
+from largo.sched.types import NodeInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceServiceReconciler:
+    kube: Kube
+    nodes: KeyedIndex
+    # (namespace, name) -> ServiceEntry
+    services: KeyedIndex
+    # (namespace, service) -> its member pods' bodies
+    pods: KeyedIndex
+    # (namespace, name) -> the TrainJob's JobEntry (for fromTrainJob)
+    trainjobs: KeyedIndex
+    # (namespace, claim) -> present when the PersistentVolumeClaim exists
+    claims: KeyedIndex
+    # (namespace, service) -> names of HorizontalPodAutoscalers that target it
+    autoscalers: KeyedIndex
+    wake_scheduler: Callable[[], None]
+    clock: Callable[[], float]
+    default_image: str = build.DEFAULT_SERVER_IMAGE
+    _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
+    # Services whose two Services this operator already made (by uid): created once, not every cycle.
+    _networked: set[str] = field(default_factory=set)
+
+    def hint(self, key: JobKey, body: Mapping[str, Any]) -> None:
+        self._hints[key] = body
+
+    def _latest(self, key: JobKey) -> ServiceEntry | None:
+        entries: list[ServiceEntry] = list(self.services.get(key) or [])
+        return entries[-1] if entries else None
+
+    def _lost(self, names_: Iterable[str]) -> frozenset[str]:
+        lost = set()
+        for name in names_:
+            infos: list[NodeInfo] = list(self.nodes.get(name) or [])
+            if not infos or not infos[-1].ready:
+                lost.add(name)
+        return frozenset(lost)
+
+    async def reconcile(self, key: JobKey) -> float | None:
+        hint = self._hints.pop(key, None)
+        entry = self._latest(key)
+        if entry is None or (entry.body.get("metadata") or {}).get("deletionTimestamp"):
+            self.wake_scheduler()
+            return None
+        body = _newer(hint, entry.body) if hint else entry.body
+        if entry.service is None:
+            await self._reject(body, entry.invalid or "invalid spec")
+            return None
+        decision = self.decide(key, body, entry.service)
+        return await self._apply(body, entry.service, decision)
+
+    def decide(self, key: JobKey, body: Mapping[str, Any], service: InferenceService) -> ServicePlan:
+        namespace, name = key
+        metadata = body.get("metadata") or {}
+        status, _ = sanitize_service_status(body.get("status") or {})
+        spec = service.spec
+        resolution = self._resolve(namespace, service, status.get("model"))
+        revision = (
+            build.revision(spec, resolution.mount, self.default_image)
+            if resolution.mount is not None
+            else None
+        )
+        uid = metadata.get("uid")
+        owned = [
+            pod
+            for pod in self.pods.get(key) or []
+            if any(ref.get("uid") == uid for ref in (pod["metadata"].get("ownerReferences") or []))
+        ]
+        members = [view for view in map(member_pod, owned) if view is not None]
+        placed = {n for g in status.get("groups") or [] for n in g.get("nodes") or []}
+        view = ServiceView(
+            name=name,
+            namespace=namespace,
+            spec=spec,
+            generation=metadata.get("generation"),
+            status=status,
+            revision=revision,
+        )
+        decision = plan(
+            view,
+            resolution,
+            members,
+            self._lost(placed | {m.node_name for m in members if m.node_name}),
+            self.clock(),
+            selector=",".join(f"{k}={v}" for k, v in sorted(names.leader_selector(name).items())),
+            url=names.service_url(name, namespace),
+        )
+        autoscalers = sorted(str(n) for n in self.autoscalers.get(key) or [])
+        conflict = bool(autoscalers) and spec.autoscaling is not None
+        conditions = set_condition(
+            decision.status.get("conditions") or [],
+            ServiceConditionType.SCALING_CONFLICT,
+            conflict,
+            ServiceReason.HORIZONTAL_POD_AUTOSCALER if conflict else ServiceReason.NO_CONFLICT,
+            (
+                f"HorizontalPodAutoscaler {', '.join(autoscalers)} targets this service, but "
+                "spec.autoscaling is set and largo owns spec.replicas: remove one of them"
+                if conflict
+                else "no other autoscaler targets this service"
+            ),
+            self.clock(),
+            metadata.get("generation"),
+        )
+        decision.status["conditions"] = conditions
+        return decision
+
+    def _resolve(self, namespace: str, service: InferenceService, served: Any) -> ModelResolution:
+        source = service.spec.model
+        job_body: Mapping[str, Any] | None = None
+        if source.from_train_job is not None:
+            entries = list(self.trainjobs.get((namespace, source.from_train_job.name)) or [])
+            job_body = entries[-1].body if entries else None
+        resolution = resolve_model(service.spec, served if isinstance(served, Mapping) else None, job_body)
+        mount = resolution.mount
+        if mount is not None and not list(self.claims.get((namespace, mount.claim_name)) or []):
+            return ModelResolution(
+                None,
+                ServiceReason.CLAIM_NOT_FOUND,
+                f"PersistentVolumeClaim {mount.claim_name} (the model's) does not exist in {namespace}",
+            )
+        return resolution
+
+    async def _apply(
+        self, body: Mapping[str, Any], service: InferenceService, decision: ServicePlan
+    ) -> float | None:
+        metadata = body["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
+        current, dropped = sanitize_service_status(body.get("status") or {})
+        written: Mapping[str, Any] = body
+        if decision.status != current or dropped:
+            check_service_status(decision.status)
+            patch = _status_patch(dict(body.get("status") or {}), decision.status)
+            written = await self.kube.patch_service_status(
+                namespace, name, metadata.get("resourceVersion"), patch
+            )
+            self._hints[(namespace, name)] = written
+        if decision.wake_scheduler:
+            self.wake_scheduler()
+        if str(metadata.get("uid")) not in self._networked:
+            await self._create(written, [build.build_members_service(service), build.build_service(service)])
+            self._networked.add(str(metadata.get("uid")))
+        if decision.create and decision.model is not None:
+            model = decision.model
+            pods = [
+                build.build_pod(service, model, c.replica, c.member, c.node, c.attempt, self.default_image)
+                for c in decision.create
+            ]
+            await self._create(written, pods)
+        if decision.delete:
+            await asyncio.gather(*(self.kube.delete_pod(namespace, pod) for pod in decision.delete))
+        for event in decision.events:
+            await self.kube.event(written, event.type, event.reason, event.message)
+        return decision.requeue_after
+
+    async def _create(self, owner: Mapping[str, Any], manifests: list[dict[str, Any]]) -> None:
+        namespace = owner["metadata"]["namespace"]
+        results = await asyncio.gather(
+            *(self.kube.create(namespace, _owned(manifest, owner)) for manifest in manifests),
+            return_exceptions=True,
+        )
+        failures = [result for result in results if isinstance(result, BaseException)]
+        refused = [failure for failure in failures if isinstance(failure, CreateRefused)]
+        if refused:
+            logger.warning("%s/%s: %s", namespace, owner["metadata"]["name"], refused[0].message)
+            await self.kube.event(owner, "Warning", refused[0].reason, refused[0].message)
+        if failures:
+            raise (refused or failures)[0]
+
+    async def _reject(self, body: Mapping[str, Any], message: str) -> None:
+        """A spec the schema let through but largo cannot run: say why, once, and wait for a fix."""
+        metadata = body["metadata"]
+        conditions = (body.get("status") or {}).get("conditions") or []
+        if any(
+            c.get("reason") == ServiceReason.INVALID_SPEC and c.get("message") == message for c in conditions
+        ):
+            return
+        updated = set_condition(
+            conditions,
+            ServiceConditionType.READY,
+            False,
+            ServiceReason.INVALID_SPEC,
+            message,
+            self.clock(),
+            metadata.get("generation"),
+        )
+        patch = {
+            "observedGeneration": metadata.get("generation"),
+            "conditions": updated,
+            "reason": ServiceReason.INVALID_SPEC.value,
+            "message": message,
+        }
+        await self.kube.patch_service_status(
+            metadata["namespace"], metadata["name"], metadata.get("resourceVersion"), patch
+        )
+        await self.kube.event(body, "Warning", ServiceReason.INVALID_SPEC, message)
+
+
+def _owned(manifest: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
+    kopf.adopt(manifest, owner=kopf.Body(cast(Any, dict(owner))))
+    return manifest

@@ -1,0 +1,557 @@
+"""One InferenceService cycle, decided purely: the service, its pods and its model's source in; the new
+status, the pods to create and delete, and the events out.
+
+Replica groups live in ``status.groups``. A group without nodes waits for the gang scheduler, which
+admits it whole and writes its nodes; this plan then creates its pods, watches them, and restarts the
+whole group when a member fails or its node is lost (a pipeline missing a stage cannot serve). How
+many groups exist, and at which revision, is ``largo.policy.rollout``'s call; the groups it retires are
+drained (their pods deleted, each finishing its requests within its grace period) and dropped from the
+status once their pods are gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from largo.api.v1alpha1 import (
+    MAX_SCALING_DECISIONS,
+    InferenceServiceSpec,
+    ServiceConditionType,
+    ServicePhase,
+    ServiceReason,
+)
+from largo.api.v1alpha1 import Phase as JobPhase
+from largo.manifests.inferenceservice import ModelMount
+from largo.manifests.names import LABEL_ATTEMPT, LABEL_MEMBER, LABEL_REPLICA, LABEL_REVISION
+from largo.policy.conditions import parse_timestamp, set_condition, timestamp
+from largo.policy.rollout import GroupState, plan_rollout
+
+# A failed group waits base * 2**(restarts-1), capped, before it queues again.
+RESTART_BACKOFF_BASE = 1.0
+RESTART_BACKOFF_CAP = 60.0
+# Group restarts of the new revision after which a rollout counts as stalled.
+STALL_AFTER_RESTARTS = 3
+
+
+# -- the model's source ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResolution:
+    """What spec.model resolves to now: a mount (ModelReady) or why there is none yet."""
+
+    mount: ModelMount | None
+    reason: str
+    message: str
+
+
+def resolve_model(
+    spec: InferenceServiceSpec,
+    served: Mapping[str, Any] | None,
+    train_job: Mapping[str, Any] | None,
+) -> ModelResolution:
+    """``served``: status.model as last written; ``train_job``: the referenced TrainJob's body, if any.
+
+    A TrainJob's newest complete checkpoint is the step its runtime last reported as checkpointed.
+    Without ``follow`` the step first served stays pinned; with it, each newer step becomes a new
+    revision (and so a rollout)."""
+    source = spec.model
+    if source.claim_name is not None:
+        mount = ModelMount(claim_name=source.claim_name, sub_path=source.path)
+        return ModelResolution(mount, ServiceReason.MODEL_RESOLVED, f"serving claim {mount.summary()}")
+    reference = source.from_train_job
+    assert reference is not None  # the model's validator allows exactly one source
+    pinned = _pinned(served, reference.name)
+    if train_job is None:
+        if pinned is not None:
+            return ModelResolution(
+                pinned,
+                ServiceReason.TRAIN_JOB_NOT_FOUND,
+                f"TrainJob {reference.name} is gone; still serving {pinned.summary()}",
+            )
+        return ModelResolution(
+            None, ServiceReason.TRAIN_JOB_NOT_FOUND, f"TrainJob {reference.name} not found"
+        )
+    job_spec = train_job.get("spec") or {}
+    checkpoint = job_spec.get("checkpoint") or {}
+    if not checkpoint.get("claimName"):
+        return ModelResolution(
+            None,
+            ServiceReason.TRAIN_JOB_WITHOUT_CHECKPOINT,
+            f"TrainJob {reference.name} has no spec.checkpoint: it writes no checkpoint to serve",
+        )
+    job_status = train_job.get("status") or {}
+    step = (job_status.get("progress") or {}).get("checkpointStep")
+    if not isinstance(step, int):
+        if job_status.get("phase") == JobPhase.FAILED:
+            return ModelResolution(
+                None,
+                ServiceReason.TRAIN_JOB_FAILED,
+                f"TrainJob {reference.name} failed without a complete checkpoint",
+            )
+        return ModelResolution(
+            None,
+            ServiceReason.WAITING_FOR_CHECKPOINT,
+            f"waiting for TrainJob {reference.name} to write its first complete checkpoint",
+        )
+    newest = ModelMount(
+        claim_name=str(checkpoint["claimName"]),
+        sub_path=checkpoint.get("subPath"),
+        step=step,
+        train_job=reference.name,
+    )
+    if pinned is not None and pinned.claim_name == newest.claim_name and not reference.follow:
+        return ModelResolution(pinned, ServiceReason.MODEL_RESOLVED, f"serving {pinned.summary()} (pinned)")
+    if pinned is not None and pinned.step is not None and step > pinned.step:
+        return ModelResolution(
+            newest, ServiceReason.NEWER_CHECKPOINT, f"rolling out {newest.summary()} (was step {pinned.step})"
+        )
+    return ModelResolution(newest, ServiceReason.MODEL_RESOLVED, f"serving {newest.summary()}")
+
+
+def _pinned(served: Mapping[str, Any] | None, job: str) -> ModelMount | None:
+    if not served or served.get("trainJob") != job or not served.get("claimName"):
+        return None
+    step = served.get("checkpointStep")
+    return ModelMount(
+        claim_name=str(served["claimName"]),
+        sub_path=served.get("path"),
+        step=step if isinstance(step, int) else None,
+        train_job=job,
+    )
+
+
+def served_model(mount: ModelMount) -> dict[str, Any]:
+    """status.model for ``mount``."""
+    out: dict[str, Any] = {"claimName": mount.claim_name, "summary": mount.summary()}
+    if mount.sub_path:
+        out["path"] = mount.sub_path
+    if mount.train_job is not None:
+        out["trainJob"] = mount.train_job
+    if mount.step is not None:
+        out["checkpointStep"] = mount.step
+    return out
+
+
+# -- replicas ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredReplicas:
+    replicas: int
+    limited: bool
+    message: str
+
+
+def desired_replicas(spec: InferenceServiceSpec) -> DesiredReplicas:
+    """spec.replicas, within autoscaling's bounds when it is on (largo owns the field then): a write
+    through /scale outside them is clamped, and the condition says so."""
+    wanted = spec.replicas
+    scaling = spec.autoscaling
+    if scaling is None:
+        return DesiredReplicas(wanted, False, f"spec.replicas is {wanted}; no autoscaling bounds")
+    low = 0 if scaling.scale_to_zero and wanted == 0 else scaling.min_replicas
+    clamped = min(max(wanted, low), scaling.max_replicas)
+    if clamped != wanted:
+        bound = "maxReplicas" if wanted > clamped else "minReplicas"
+        return DesiredReplicas(
+            clamped,
+            True,
+            f"spec.replicas {wanted} is outside autoscaling "
+            f"[{scaling.min_replicas}, {scaling.max_replicas}]: clamped to {bound} {clamped}",
+        )
+    return DesiredReplicas(
+        wanted, False, f"{wanted} within autoscaling [{scaling.min_replicas}, {scaling.max_replicas}]"
+    )
+
+
+# -- pods -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemberPod:
+    name: str
+    replica: int
+    member: int
+    attempt: int
+    revision: str
+    phase: str
+    ready: bool
+    node_name: str | None
+    terminating: bool
+
+
+def member_pod(pod: Mapping[str, Any]) -> MemberPod | None:
+    """Reads one pod of an InferenceService; None for a pod without largo's labels."""
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    try:
+        replica, member, attempt = (
+            int(labels[LABEL_REPLICA]),
+            int(labels[LABEL_MEMBER]),
+            int(labels[LABEL_ATTEMPT]),
+        )
+    except (KeyError, ValueError):
+        return None
+    status = pod.get("status") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+    return MemberPod(
+        name=str(metadata.get("name")),
+        replica=replica,
+        member=member,
+        attempt=attempt,
+        revision=str(labels.get(LABEL_REVISION, "")),
+        phase=str(status.get("phase") or "Pending"),
+        ready=ready,
+        node_name=(pod.get("spec") or {}).get("nodeName"),
+        terminating=metadata.get("deletionTimestamp") is not None,
+    )
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CreateMember:
+    replica: int
+    member: int
+    node: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class ServicePlan:
+    status: dict[str, Any]
+    create: list[CreateMember] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    # The model every new group is built from (None: no group can be built yet).
+    model: ModelMount | None = None
+    wake_scheduler: bool = False
+    requeue_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceView:
+    name: str
+    namespace: str
+    spec: InferenceServiceSpec
+    generation: int | None
+    status: Mapping[str, Any]
+    # The revision of groups built now (from spec and the resolved model); None without a model.
+    revision: str | None
+
+
+def _backoff(restarts: int) -> float:
+    return float(min(RESTART_BACKOFF_BASE * 2 ** max(restarts - 1, 0), RESTART_BACKOFF_CAP))
+
+
+def plan(
+    view: ServiceView,
+    resolution: ModelResolution,
+    pods: Sequence[MemberPod],
+    lost_nodes: frozenset[str],
+    now: float,
+    selector: str,
+    url: str,
+) -> ServicePlan:
+    status = dict(view.status)
+    spec = view.spec
+    conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
+    generation = view.generation
+    out = ServicePlan(status={}, model=resolution.mount)
+    by_group: dict[int, list[MemberPod]] = {}
+    for pod in pods:
+        by_group.setdefault(pod.replica, []).append(pod)
+
+    groups: list[dict[str, Any]] = [dict(g) for g in status.get("groups") or []]
+    kept: list[dict[str, Any]] = []
+    for group in groups:
+        replica, attempt = int(group["replica"]), int(group.get("attempt") or 0)
+        members = by_group.get(replica, [])
+        if group.get("retiring"):
+            # Drained and deleted: the group leaves the status once its last pod is gone.
+            out.delete += [p.name for p in members if not p.terminating]
+            if members:
+                kept.append(group)
+            continue
+        stale = [p for p in members if p.attempt != attempt]
+        current = {p.member: p for p in members if p.attempt == attempt}
+        out.delete += [p.name for p in stale if not p.terminating]
+        nodes = list(group.get("nodes") or [])
+        if not nodes:
+            group["ready"] = False
+            kept.append(group)
+            continue
+        failed = [p for p in current.values() if p.phase == "Failed" or p.terminating]
+        lost = sorted({n for n in nodes if n in lost_nodes})
+        if failed or lost:
+            if failed:
+                pod = failed[0]
+                what = "was deleted" if pod.terminating else pod.phase.lower()
+                cause = f"member {pod.member} ({pod.name}) {what}"
+            else:
+                cause = f"node {', '.join(lost)} lost"
+            restarts = int(group.get("restarts") or 0) + 1
+            after = now + _backoff(restarts)
+            out.delete += [p.name for p in current.values() if not p.terminating]
+            group.update(
+                attempt=attempt + 1,
+                nodes=[],
+                ready=False,
+                restarts=restarts,
+                admittedAt=None,
+                restartAfter=timestamp(after),
+                queuedAt=timestamp(after),
+            )
+            out.events.append(
+                Event(
+                    "Warning",
+                    ServiceReason.GROUP_RESTARTED,
+                    f"replica {replica} restarted whole (restart {restarts}): {cause}",
+                )
+            )
+            out.requeue_after = _soonest(out.requeue_after, after - now)
+            kept.append(group)
+            continue
+        missing = [member for member in range(len(nodes)) if member not in current]
+        if missing and group.get("revision") != view.revision:
+            # Only the current revision's pods can be built: a group of an older one that lacks a
+            # member (admitted before the spec changed, or a member deleted) makes way for a new one.
+            group.update(retiring=True, ready=False)
+            out.delete += [p.name for p in current.values() if not p.terminating]
+            if members:
+                kept.append(group)
+            continue
+        if not stale:
+            out.create += [CreateMember(replica, member, nodes[member], attempt) for member in missing]
+        group["ready"] = len(current) == len(nodes) and all(
+            p.phase == "Running" and p.ready for p in current.values()
+        )
+        kept.append(group)
+
+    # How many groups, at which revision: the rollout's call, over the groups that are not leaving.
+    desired = desired_replicas(spec)
+    live = [g for g in kept if not g.get("retiring")]
+    progressing: tuple[bool, str, str]
+    if view.revision is None:
+        progressing = (False, resolution.reason, resolution.message)
+    else:
+        step = plan_rollout(
+            [
+                GroupState(
+                    int(g["replica"]), str(g["revision"]), bool(g.get("ready")), int(g.get("restarts") or 0)
+                )
+                for g in live
+            ],
+            desired.replicas,
+            view.revision,
+            spec.rollout.max_surge,
+            spec.rollout.max_unavailable,
+            STALL_AFTER_RESTARTS,
+        )
+        progressing = (not step.stalled, step.reason, step.message)
+        retire = set(step.retire)
+        for group in live:
+            if int(group["replica"]) in retire:
+                group["retiring"] = True
+                group["ready"] = False
+                out.delete += [p.name for p in by_group.get(int(group["replica"]), []) if not p.terminating]
+                out.create = [c for c in out.create if c.replica != int(group["replica"])]
+                out.events.append(
+                    Event(
+                        "Normal",
+                        ServiceReason.GROUP_RETIRED,
+                        f"replica {group['replica']} drained and removed",
+                    )
+                )
+        taken = {int(g["replica"]) for g in kept} | set(by_group)
+        fresh = 0
+        for _ in range(step.create):
+            replica = next(i for i in range(len(taken) + 1) if i not in taken)
+            taken.add(replica)
+            kept.append(
+                {
+                    "replica": replica,
+                    "revision": view.revision,
+                    "attempt": 0,
+                    "nodes": [],
+                    "queuedAt": timestamp(now),
+                    "ready": False,
+                    "restarts": 0,
+                }
+            )
+            fresh += 1
+        if fresh:
+            out.wake_scheduler = True
+    kept.sort(key=lambda g: int(g["replica"]))
+    if any(not g.get("nodes") and not g.get("retiring") for g in kept):
+        # Restarted groups rejoin the queue when their back-off ends: the scheduler must look then.
+        out.wake_scheduler = True
+
+    live = [g for g in kept if not g.get("retiring")]
+    ready = sum(1 for g in live if g.get("ready"))
+    updated = sum(1 for g in live if g.get("revision") == view.revision)
+    replicas = len(live)
+    conditions = set_condition(
+        conditions,
+        ServiceConditionType.MODEL_READY,
+        resolution.mount is not None,
+        resolution.reason,
+        resolution.message,
+        now,
+        generation,
+    )
+    conditions = set_condition(
+        conditions,
+        ServiceConditionType.PROGRESSING,
+        progressing[0],
+        progressing[1],
+        progressing[2],
+        now,
+        generation,
+    )
+    conditions = set_condition(
+        conditions,
+        ServiceConditionType.SCALING_LIMITED,
+        desired.limited,
+        ServiceReason.CLAMPED if desired.limited else ServiceReason.WITHIN_BOUNDS,
+        desired.message,
+        now,
+        generation,
+    )
+    all_ready = ready >= desired.replicas and desired.replicas > 0
+    if desired.replicas == 0:
+        phase, ready_reason, ready_message = (
+            ServicePhase.SCALED_TO_ZERO,
+            ServiceReason.SCALED_TO_ZERO,
+            "0 replicas wanted",
+        )
+    elif all_ready:
+        phase, ready_reason = ServicePhase.READY, ServiceReason.ALL_REPLICAS_READY
+        ready_message = f"{ready}/{desired.replicas} replicas ready"
+    else:
+        phase = ServicePhase.DEGRADED if ready > 0 else ServicePhase.PENDING
+        ready_reason = ServiceReason.REPLICAS_NOT_READY
+        ready_message = f"{ready}/{desired.replicas} replicas ready" + _waiting_summary(kept)
+    conditions = set_condition(
+        conditions, ServiceConditionType.READY, all_ready, ready_reason, ready_message, now, generation
+    )
+    scaling = list(status.get("scaling") or [])
+    before = status.get("desiredReplicas")
+    if isinstance(before, int) and before != desired.replicas:
+        scaling.append(
+            {
+                "time": timestamp(now),
+                "from": before,
+                "to": desired.replicas,
+                "reason": _scale_reason(spec, desired),
+            }
+        )
+        scaling = scaling[-MAX_SCALING_DECISIONS:]
+        out.events.append(
+            Event(
+                "Normal",
+                ServiceReason.SCALED,
+                f"replicas {before} -> {desired.replicas}: {scaling[-1]['reason']}",
+            )
+        )
+    reason, message = _summary(conditions)
+    out.status = {
+        "phase": phase,
+        "reason": reason,
+        "message": message,
+        "conditions": conditions,
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "desiredReplicas": desired.replicas,
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "ready": f"{ready}/{desired.replicas}",
+        "selector": selector,
+        "url": url,
+        "groups": kept,
+        "scaling": scaling,
+        **({"revision": view.revision} if view.revision is not None else {}),
+        **(
+            {"model": _model_status(resolution.mount)}
+            if resolution.mount is not None
+            else ({"model": status["model"]} if status.get("model") else {})
+        ),
+    }
+    out.status = {k: v for k, v in out.status.items() if v is not None}
+    # Groups waiting out a restart back-off are looked at again when it ends.
+    for group in kept:
+        until = parse_timestamp(group.get("restartAfter"))
+        if until is not None and until > now:
+            out.requeue_after = _soonest(out.requeue_after, until - now)
+    return out
+
+
+def _model_status(mount: ModelMount) -> dict[str, Any]:
+    return served_model(mount)
+
+
+def _soonest(current: float | None, delay: float) -> float:
+    soon = max(delay, 0.1)
+    return soon if current is None else min(current, soon)
+
+
+def _waiting_summary(groups: Sequence[Mapping[str, Any]]) -> str:
+    """Why the first queued group waits, for status.message."""
+    for group in groups:
+        queue = group.get("queue") or {}
+        if not group.get("nodes") and not group.get("retiring") and queue.get("message"):
+            return f"; replica {group['replica']} waits: {queue['message']}"
+    return ""
+
+
+def _scale_reason(spec: InferenceServiceSpec, desired: DesiredReplicas) -> str:
+    if desired.limited:
+        return desired.message
+    if spec.autoscaling is not None:
+        return f"spec.replicas set to {desired.replicas} (autoscaling owns it)"
+    return f"spec.replicas set to {desired.replicas}"
+
+
+_SUMMARY_ORDER = (
+    (ServiceConditionType.MODEL_READY, "False"),
+    (ServiceConditionType.PROGRESSING, "False"),
+    (ServiceConditionType.READY, "False"),
+    (ServiceConditionType.SCALING_CONFLICT, "True"),
+    (ServiceConditionType.SCALING_LIMITED, "True"),
+    (ServiceConditionType.READY, "True"),
+)
+
+
+def _summary(conditions: Sequence[Mapping[str, Any]]) -> tuple[str | None, str | None]:
+    by_type = {c.get("type"): c for c in conditions}
+    for type_, value in _SUMMARY_ORDER:
+        condition = by_type.get(type_)
+        if condition is not None and condition.get("status") == value:
+            return condition.get("reason"), condition.get("message")
+    return None, None
+
+
+def group_requests_pending(status: Mapping[str, Any], now: float) -> list[Mapping[str, Any]]:
+    """Groups the gang scheduler should admit now: no nodes, not retiring, back-off over."""
+    out = []
+    for group in status.get("groups") or []:
+        if group.get("nodes") or group.get("retiring"):
+            continue
+        after = parse_timestamp(group.get("restartAfter"))
+        if after is not None and after > now:
+            continue
+        out.append(group)
+    return out
