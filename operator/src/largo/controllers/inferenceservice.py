@@ -79,12 +79,19 @@ class InferenceServiceReconciler:
         return frozenset(lost)
 
     async def reconcile(self, key: JobKey) -> float | None:
-        hint = self._hints.pop(key, None)
         entry = self._latest(key)
         if entry is None or (entry.body.get("metadata") or {}).get("deletionTimestamp"):
+            self._hints.pop(key, None)
             self.wake_scheduler()
             return None
-        body = _newer(hint, entry.body) if hint else entry.body
+        # Our last write's result stays the view until the index shows it: a decision on an older
+        # status could take the pods of a group it does not know yet for leftovers.
+        body = entry.body
+        hint = self._hints.get(key)
+        if hint is not None:
+            body = _newer(hint, entry.body)
+            if body is entry.body:
+                del self._hints[key]
         if entry.service is None:
             await self._reject(body, entry.invalid or "invalid spec")
             return None

@@ -102,13 +102,14 @@ def resolve_model(
         step=step,
         train_job=reference.name,
     )
+    mode = "following the job's checkpoints" if reference.follow else "pinned: follow is off"
     if pinned is not None and pinned.claim_name == newest.claim_name and not reference.follow:
-        return ModelResolution(pinned, ServiceReason.MODEL_RESOLVED, f"serving {pinned.summary()} (pinned)")
+        return ModelResolution(pinned, ServiceReason.MODEL_RESOLVED, f"serving {pinned.summary()} ({mode})")
     if pinned is not None and pinned.step is not None and step > pinned.step:
         return ModelResolution(
             newest, ServiceReason.NEWER_CHECKPOINT, f"rolling out {newest.summary()} (was step {pinned.step})"
         )
-    return ModelResolution(newest, ServiceReason.MODEL_RESOLVED, f"serving {newest.summary()}")
+    return ModelResolution(newest, ServiceReason.MODEL_RESOLVED, f"serving {newest.summary()} ({mode})")
 
 
 def _pinned(served: Mapping[str, Any] | None, job: str) -> ModelMount | None:
@@ -286,15 +287,19 @@ def plan(
             if members:
                 kept.append(group)
             continue
-        stale = [p for p in members if p.attempt != attempt]
-        current = {p.member: p for p in members if p.attempt == attempt}
+        # A pod of another attempt or revision under this group's name is a leftover (an earlier group
+        # with the same id, dropped while the pod index lagged): never a member.
+        revision = str(group.get("revision"))
+        stale = [p for p in members if p.attempt != attempt or p.revision != revision]
+        current = {p.member: p for p in members if p.attempt == attempt and p.revision == revision}
         out.delete += [p.name for p in stale if not p.terminating]
         nodes = list(group.get("nodes") or [])
         if not nodes:
             group["ready"] = False
             kept.append(group)
             continue
-        failed = [p for p in current.values() if p.phase == "Failed" or p.terminating]
+        # A server never ends by itself: a member that exited, however, is gone from the pipeline.
+        failed = [p for p in current.values() if p.phase in ("Failed", "Succeeded") or p.terminating]
         lost = sorted({n for n in nodes if n in lost_nodes})
         if failed or lost:
             if failed:
@@ -341,6 +346,12 @@ def plan(
         )
         kept.append(group)
 
+    # Pods of no group at all (their group left the status while the pod index lagged): removed.
+    known = {int(g["replica"]) for g in kept}
+    out.delete += [
+        p.name for replica, ps in by_group.items() if replica not in known for p in ps if not p.terminating
+    ]
+
     # How many groups, at which revision: the rollout's call, over the groups that are not leaving.
     desired = desired_replicas(spec)
     live = [g for g in kept if not g.get("retiring")]
@@ -350,8 +361,12 @@ def plan(
     else:
         step = plan_rollout(
             [
+                # Only a group not ready now is failing: restarts it recovered from stall nothing.
                 GroupState(
-                    int(g["replica"]), str(g["revision"]), bool(g.get("ready")), int(g.get("restarts") or 0)
+                    int(g["replica"]),
+                    str(g["revision"]),
+                    bool(g.get("ready")),
+                    0 if g.get("ready") else int(g.get("restarts") or 0),
                 )
                 for g in live
             ],
@@ -404,6 +419,11 @@ def plan(
     ready = sum(1 for g in live if g.get("ready"))
     updated = sum(1 for g in live if g.get("revision") == view.revision)
     replicas = len(live)
+    before_model = next((c for c in conditions if c.get("type") == ServiceConditionType.MODEL_READY), {})
+    if (before_model.get("reason"), before_model.get("message")) != (resolution.reason, resolution.message):
+        # Said once per change, in `kubectl describe`: what is served now, or why nothing can be.
+        waiting = resolution.mount is not None or resolution.reason == ServiceReason.WAITING_FOR_CHECKPOINT
+        out.events.append(Event("Normal" if waiting else "Warning", resolution.reason, resolution.message))
     conditions = set_condition(
         conditions,
         ServiceConditionType.MODEL_READY,

@@ -318,7 +318,8 @@ class InferenceServiceSpec(SpecModel):
         default=1,
         ge=1,
         le=MAX_NODES_PER_REPLICA,
-        description="Pods per replica group, one per node: the model's pipeline stages.",
+        description="Pods per replica group: the model's pipeline stages. Like a TrainJob's pods they "
+        "share a node that has room for several, unless scheduling.exclusiveNodes gives each its own.",
     )
     resources_per_node: dict[str, Quantity] = Field(
         default_factory=dict,
