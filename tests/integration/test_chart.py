@@ -38,6 +38,7 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
         "ClusterRole",
         "ClusterRoleBinding",
         "CustomResourceDefinition",
+        "CustomResourceDefinition",
         "Deployment",
         "Role",
         "RoleBinding",
@@ -52,10 +53,12 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
         "--set", "operator.leaderElection.enabled=false", "--set", "operator.replicas=2",
     )  # fmt: skip
     assert alone.returncode != 0, "two replicas without leader election must be refused"
-    crd = next(doc for doc in documents if doc["kind"] == "CustomResourceDefinition")
-    generated = yaml.safe_load((REPO / "crds" / "trainjobs.largo.dev.yaml").read_text())
-    assert crd["spec"] == generated["spec"]
-    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    crds = {doc["metadata"]["name"]: doc for doc in documents if doc["kind"] == "CustomResourceDefinition"}
+    assert sorted(crds) == ["inferenceservices.largo.dev", "trainjobs.largo.dev"]
+    for name, crd in crds.items():
+        generated = yaml.safe_load((REPO / "crds" / f"{name}.yaml").read_text())
+        assert crd["spec"] == generated["spec"]
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     without = helm(
         cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--set", "crds.enabled=false"
     )
@@ -98,6 +101,12 @@ def test_helm_install_runs_the_operator_with_least_privilege(
             ("create", "events"),
             ("create", "configmaps"),
             ("update", "trainjobs.largo.dev/finalizers"),
+            ("watch", "inferenceservices.largo.dev"),
+            ("patch", "inferenceservices.largo.dev"),
+            ("patch", "inferenceservices.largo.dev/status"),
+            ("update", "inferenceservices.largo.dev/finalizers"),
+            ("watch", "persistentvolumeclaims"),
+            ("watch", "horizontalpodautoscalers.autoscaling"),
         ]:
             assert can(verb, resource), (verb, resource)
 
@@ -110,7 +119,14 @@ def test_helm_install_runs_the_operator_with_least_privilege(
 
         assert can_update_lease(namespace)
         assert not can_update_lease("default")  # the Lease in its own namespace only
-        for verb, resource in [("delete", "nodes"), ("patch", "trainjobs.largo.dev"), ("get", "secrets")]:
+        for verb, resource in [
+            ("delete", "nodes"),
+            ("patch", "trainjobs.largo.dev"),
+            ("get", "secrets"),
+            ("delete", "inferenceservices.largo.dev"),
+            ("create", "persistentvolumeclaims"),
+            ("patch", "horizontalpodautoscalers.autoscaling"),
+        ]:
             assert not can(verb, resource), (verb, resource)
     finally:
         uninstall = helm(cluster, "uninstall", release, "--namespace", namespace, "--wait")

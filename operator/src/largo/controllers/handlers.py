@@ -19,6 +19,7 @@ from typing import Any
 import kopf
 
 from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_KIND, SERVICE_PLURAL, VERSION, Phase
+from largo.controllers.autoscaler import Autoscaler
 from largo.controllers.inferenceservice import InferenceServiceReconciler
 from largo.controllers.kube import COMPONENT, Kube
 from largo.controllers.leader import ElectionTimings, LeaderGate, identity, start_election
@@ -144,6 +145,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         ),
     )
     scheduler.complete_admission = reconciler.complete_admission
+    autoscaler = Autoscaler(
+        kube=kube,
+        services=kwargs["service_queue"],
+        pods=kwargs["service_pods"],
+        clock=time.time,
+        period=_float_env("LARGO_AUTOSCALE_PERIOD_SECONDS", 2.0),
+    )
     workers = int(_float_env("LARGO_RECONCILE_WORKERS", 8))
     memo.jobs = jobs
     memo.services = services
@@ -183,6 +191,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
             asyncio.create_task(jobs.run(reconcile, workers), name="largo-trainjob-workers"),
             asyncio.create_task(scheduler.run(), name="largo-gang-scheduler"),
             asyncio.create_task(services.run(serving.reconcile, workers), name="largo-service-workers"),
+            asyncio.create_task(autoscaler.run(), name="largo-autoscaler"),
         ]
         for store in kwargs["trainjob_queue"].values():
             for entry in store:

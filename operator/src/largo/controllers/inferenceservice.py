@@ -8,6 +8,7 @@ pods are created or deleted only once that write succeeded, so a stale decision 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from largo.api.v1alpha1 import (
     check_service_status,
     sanitize_service_status,
 )
+from largo.controllers.autoscaler import ANNOTATION_SCALING
 from largo.controllers.kube import CreateRefused, Kube
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobKey, ServiceEntry
@@ -124,6 +126,7 @@ class InferenceServiceReconciler:
             generation=metadata.get("generation"),
             status=status,
             revision=revision,
+            scaling_note=_note((metadata.get("annotations") or {}).get(ANNOTATION_SCALING)),
         )
         decision = plan(
             view,
@@ -242,6 +245,17 @@ class InferenceServiceReconciler:
             metadata["namespace"], metadata["name"], metadata.get("resourceVersion"), patch
         )
         await self.kube.event(body, "Warning", ServiceReason.INVALID_SPEC, message)
+
+
+def _note(raw: Any) -> Mapping[str, Any] | None:
+    """The autoscaler's last note (a JSON object in an annotation); None when absent or not one."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        note = json.loads(raw)
+    except ValueError:
+        return None
+    return note if isinstance(note, dict) else None
 
 
 def _owned(manifest: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:

@@ -110,6 +110,33 @@ class Kube:
         """The same for an InferenceService."""
         return await self._patch_status(SERVICE_PLURAL, namespace, name, resource_version, status)
 
+    async def scale_service(
+        self,
+        namespace: str,
+        name: str,
+        resource_version: str | None,
+        replicas: int,
+        annotations: Mapping[str, str],
+    ) -> dict[str, Any]:
+        """Sets an InferenceService's spec.replicas (with ``annotations``) if nobody wrote it since."""
+        body: dict[str, Any] = {
+            "metadata": {
+                "annotations": dict(annotations),
+                **({"resourceVersion": resource_version} if resource_version else {}),
+            },
+            "spec": {"replicas": replicas},
+        }
+        patch: Callable[..., Any] = self.custom.patch_namespaced_custom_object
+        try:
+            result: dict[str, Any] = await self._write(
+                patch, GROUP, VERSION, namespace, SERVICE_PLURAL, name, body, field_manager=self.field_manager
+            )
+        except ApiException as error:
+            if error.status in (404, 409):
+                raise ConflictError(f"{namespace}/{name}: {error.reason}") from error
+            raise
+        return result
+
     async def _patch_status(
         self, plural: str, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
     ) -> dict[str, Any]:

@@ -252,6 +252,8 @@ class ServiceView:
     status: Mapping[str, Any]
     # The revision of groups built now (from spec and the resolved model); None without a model.
     revision: str | None
+    # What the autoscaler said when it last set spec.replicas: {to, reason, metricValue, time}.
+    scaling_note: Mapping[str, Any] | None = None
 
 
 def _backoff(restarts: int) -> float:
@@ -471,12 +473,18 @@ def plan(
     scaling = list(status.get("scaling") or [])
     before = status.get("desiredReplicas")
     if isinstance(before, int) and before != desired.replicas:
+        note = view.scaling_note or {}
+        by_autoscaler = (
+            note.get("to") == desired.replicas and not desired.limited and spec.autoscaling is not None
+        )
+        value = note.get("metricValue") if by_autoscaler else None
         scaling.append(
             {
                 "time": timestamp(now),
                 "from": before,
                 "to": desired.replicas,
-                "reason": _scale_reason(spec, desired),
+                "reason": str(note.get("reason"))[:1024] if by_autoscaler else _scale_reason(spec, desired),
+                **({"metricValue": float(value)} if isinstance(value, int | float) else {}),
             }
         )
         scaling = scaling[-MAX_SCALING_DECISIONS:]

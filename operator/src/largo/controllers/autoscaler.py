@@ -1,0 +1,170 @@
+"""The autoscaling loop: every period (2 s; HPA syncs every 15 s, KEDA polls every 30 s), each
+InferenceService with ``spec.autoscaling`` has its ready leaders' ``/metrics`` scraped, the pure
+``largo.policy.autoscale.decide`` asked for the replicas it wants, and ``spec.replicas`` written when
+that changes, with the decision's reason and load in an annotation for the service's status.
+
+What the loop remembers (samples, the decision state, counters) is small and rebuilt by running: a
+new leader of the operator starts from nothing, which only makes its first decisions hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from largo.api.v1alpha1 import GROUP, InferenceServiceSpec, RuntimeType
+from largo.controllers.kube import ConflictError, Kube
+from largo.controllers.scheduler import IndexLike, KeyedIndex, _values
+from largo.controllers.state import JobKey, ServiceEntry
+from largo.manifests import names
+from largo.policy.autoscale import Policy, Sample, State, decide
+from largo.policy.conditions import timestamp
+from largo.policy.load import Counter, replica_load
+
+logger = logging.getLogger(__name__)
+
+# Set with spec.replicas by the loop: why, and on what load (read by the service's reconcile).
+ANNOTATION_SCALING = f"{GROUP}/scaling-decision"
+
+Scrape = Callable[[str], Awaitable[str]]
+
+
+def policy_of(spec: InferenceServiceSpec) -> Policy:
+    scaling = spec.autoscaling
+    assert scaling is not None
+    window = float(scaling.stable_window_seconds)
+    return Policy(
+        min_replicas=scaling.min_replicas,
+        max_replicas=scaling.max_replicas,
+        target=scaling.target,
+        stable_window=window,
+        # Knative's default: a tenth of the stable window.
+        panic_window=max(window / 10, 1.0),
+        scale_down_delay=float(scaling.scale_down_delay_seconds),
+        scale_to_zero=scaling.scale_to_zero,
+    )
+
+
+def metrics_url(pod: Mapping[str, Any], spec: InferenceServiceSpec) -> str | None:
+    """Where a leader's load is read: vLLM on its HTTP port, largo's server (and a custom one, which
+    speaks the same names) on `metrics`."""
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    port = spec.runtime.port if spec.runtime.type is RuntimeType.VLLM else names.METRICS_PORT
+    return f"http://{ip}:{port}/metrics"
+
+
+def ready_leaders(pods: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Leader pods that serve now (Running, Ready, not terminating), by name."""
+    out = {}
+    for pod in pods:
+        metadata = pod.get("metadata") or {}
+        status = pod.get("status") or {}
+        if (metadata.get("labels") or {}).get(names.LABEL_MEMBER) != "0" or metadata.get("deletionTimestamp"):
+            continue
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+        )
+        if status.get("phase") == "Running" and ready:
+            out[str(metadata.get("name"))] = pod
+    return out
+
+
+@dataclass
+class _Memory:
+    samples: list[Sample] = field(default_factory=list)
+    state: State = field(default_factory=State)
+    counters: dict[str, Counter] = field(default_factory=dict)
+
+
+async def http_scrape(url: str) -> str:
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+        response.raise_for_status()
+        return await response.text()
+
+
+@dataclass
+class Autoscaler:
+    kube: Kube
+    services: IndexLike
+    pods: KeyedIndex
+    clock: Callable[[], float]
+    scrape: Scrape = http_scrape
+    period: float = 2.0
+    # Told of each change it writes: "up" or "down".
+    observe_decision: Callable[[str], None] = lambda direction: None
+    _memory: dict[JobKey, _Memory] = field(default_factory=dict)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("autoscaling pass failed; retrying")
+            await asyncio.sleep(self.period)
+
+    async def tick(self) -> None:
+        entries: list[ServiceEntry] = _values(self.services)
+        scaled = [e for e in entries if e.service is not None and e.service.spec.autoscaling is not None]
+        for key in set(self._memory) - {e.key for e in scaled}:
+            del self._memory[key]
+        await asyncio.gather(*(self._decide(entry) for entry in scaled))
+
+    async def _decide(self, entry: ServiceEntry) -> None:
+        assert entry.service is not None
+        spec = entry.service.spec
+        scaling = spec.autoscaling
+        assert scaling is not None
+        memory = self._memory.setdefault(entry.key, _Memory())
+        leaders = ready_leaders(list(self.pods.get(entry.key) or []))
+        urls = {name: metrics_url(pod, spec) for name, pod in leaders.items()}
+        texts = await asyncio.gather(
+            *(self.scrape(url) for url in urls.values() if url is not None), return_exceptions=True
+        )
+        now = self.clock()
+        for name, text in zip([n for n, u in urls.items() if u is not None], texts, strict=True):
+            if isinstance(text, BaseException):
+                # A leader that does not answer counts as busy (the policy's rule for silence).
+                continue
+            value, counter = replica_load(
+                text, scaling.metric, spec.runtime.type, now, memory.counters.get(name)
+            )
+            if counter is not None:
+                memory.counters[name] = counter
+            if value is not None:
+                memory.samples.append(Sample(now, name, value))
+        policy = policy_of(spec)
+        horizon = now - policy.stable_window - policy.stale_after
+        memory.samples = [s for s in memory.samples if s.time > horizon]
+        for gone in set(memory.counters) - set(leaders):
+            del memory.counters[gone]
+        decision = decide(policy, memory.samples, sorted(leaders), spec.replicas, memory.state, now)
+        memory.state = decision.state
+        if decision.replicas == spec.replicas:
+            return
+        note = {
+            "to": decision.replicas,
+            "reason": decision.reason,
+            "time": timestamp(now),
+            **({"metricValue": round(decision.load, 3)} if decision.load is not None else {}),
+        }
+        logger.info(
+            "%s/%s: replicas %d -> %d: %s", *entry.key, spec.replicas, decision.replicas, decision.reason
+        )
+        try:
+            await self.kube.scale_service(
+                *entry.key, entry.resource_version, decision.replicas, {ANNOTATION_SCALING: json.dumps(note)}
+            )
+        except ConflictError:
+            return  # the service changed meanwhile: the next period decides on the new version
+        self.observe_decision("up" if decision.replicas > spec.replicas else "down")

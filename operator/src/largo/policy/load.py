@@ -1,0 +1,72 @@
+"""A replica's load, read from the text its server exports on ``/metrics`` (docs/serving.md): pure, so
+the autoscaler's input is tested without a server.
+
+In-flight requests are a gauge read as is. Requests per second come from a counter: the difference to
+the previous scrape of the same replica over the time between them; a counter that went down (the
+server restarted) gives no value for that scrape rather than a negative one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from largo.api.v1alpha1 import RuntimeType, ScalingMetric
+
+# What each runtime exports; a custom server speaks largo's names.
+IN_FLIGHT = {
+    RuntimeType.LARGO: ("largo_serve_requests_in_flight",),
+    RuntimeType.CUSTOM: ("largo_serve_requests_in_flight",),
+    # vLLM: admitted and not finished = running + waiting.
+    RuntimeType.VLLM: ("vllm:num_requests_running", "vllm:num_requests_waiting"),
+}
+FINISHED = {
+    RuntimeType.LARGO: "largo_serve_requests_total",
+    RuntimeType.CUSTOM: "largo_serve_requests_total",
+    RuntimeType.VLLM: "vllm:request_success_total",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """A replica's finished-requests counter at one scrape."""
+
+    time: float
+    total: float
+
+
+def _sums(text: str, names: Iterable[str]) -> dict[str, float]:
+    """Each named series summed over its labels; a name absent from the text is absent here."""
+    wanted = set(names)
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
+    return sums
+
+
+def replica_load(
+    text: str, metric: ScalingMetric, runtime: RuntimeType, now: float, previous: Counter | None
+) -> tuple[float | None, Counter | None]:
+    """(the load to sample, the counter to keep for the next scrape). The load is None when the text
+    lacks the series, cannot be parsed, or (requests per second) there is no earlier scrape yet."""
+    try:
+        if metric is ScalingMetric.IN_FLIGHT:
+            names = IN_FLIGHT[runtime]
+            sums = _sums(text, names)
+            if not sums:
+                return None, previous
+            return sum(sums.values()), previous
+        name = FINISHED[runtime]
+        sums = _sums(text, (name,))
+    except ValueError:
+        return None, previous
+    if name not in sums:
+        return None, previous
+    counter = Counter(now, sums[name])
+    if previous is None or now <= previous.time or counter.total < previous.total:
+        return None, counter
+    return (counter.total - previous.total) / (now - previous.time), counter

@@ -1,0 +1,217 @@
+"""The autoscaler's input and loop: a replica's load read from real Prometheus text (largo's and
+vLLM's names, a counter's rate and its reset), and the loop's glue with a fake API and fake scrapes:
+ready leaders only, a silent leader counted busy, a write only when the replicas change, the reason
+and load handed to the status through the annotation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from largo.api.v1alpha1 import RuntimeType, ScalingMetric
+from largo.controllers.autoscaler import ANNOTATION_SCALING, Autoscaler, metrics_url, ready_leaders
+from largo.controllers.kube import ConflictError
+from largo.controllers.state import service_entry
+from largo.policy.load import Counter, replica_load
+
+LARGO_TEXT = """# HELP largo_serve_requests_in_flight Requests admitted and not finished.
+# TYPE largo_serve_requests_in_flight gauge
+largo_serve_requests_in_flight 3.0
+# HELP largo_serve_requests_total Finished requests.
+# TYPE largo_serve_requests_total counter
+largo_serve_requests_total{code="200"} 90.0
+largo_serve_requests_total{code="429"} 10.0
+"""
+VLLM_TEXT = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m"} 5.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} 2.0
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{finished_reason="stop",model_name="m"} 40.0
+vllm:request_success_total{finished_reason="length",model_name="m"} 2.0
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "runtime", "expected"),
+    [
+        (LARGO_TEXT, RuntimeType.LARGO, 3.0),
+        (LARGO_TEXT, RuntimeType.CUSTOM, 3.0),
+        (VLLM_TEXT, RuntimeType.VLLM, 7.0),
+    ],
+)
+def test_in_flight_is_the_gauge_or_running_plus_waiting(
+    text: str, runtime: RuntimeType, expected: float
+) -> None:
+    assert replica_load(text, ScalingMetric.IN_FLIGHT, runtime, 10.0, None) == (expected, None)
+
+
+def test_requests_per_second_is_the_counter_rate_over_its_labels() -> None:
+    metric = ScalingMetric.REQUESTS_PER_SECOND
+    first, counter = replica_load(LARGO_TEXT, metric, RuntimeType.LARGO, 10.0, None)
+    assert first is None  # a rate needs two scrapes
+    assert counter == Counter(10.0, 100.0)
+    later = LARGO_TEXT.replace("90.0", "110.0")
+    rate, counter = replica_load(later, metric, RuntimeType.LARGO, 12.0, counter)
+    assert rate == pytest.approx(10.0)  # 20 more over 2 s
+    assert replica_load(VLLM_TEXT, metric, RuntimeType.VLLM, 1.0, None)[1] == Counter(1.0, 42.0)
+
+
+def test_a_reset_counter_or_missing_series_gives_no_value() -> None:
+    metric = ScalingMetric.REQUESTS_PER_SECOND
+    value, counter = replica_load(LARGO_TEXT, metric, RuntimeType.LARGO, 20.0, Counter(10.0, 500.0))
+    assert value is None
+    assert counter == Counter(20.0, 100.0)  # the next scrape rates from here
+    assert replica_load("other_metric 1\n", ScalingMetric.IN_FLIGHT, RuntimeType.LARGO, 1.0, None) == (
+        None,
+        None,
+    )
+    assert replica_load("{{ not prometheus", ScalingMetric.IN_FLIGHT, RuntimeType.LARGO, 1.0, None)[0] is None
+
+
+def _pod(
+    name: str, member: str = "0", ready: bool = True, ip: str | None = "10.0.0.1", **meta: Any
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"largo.dev/member": member}, **meta},
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def test_only_ready_serving_leaders_are_scraped() -> None:
+    pods = [
+        _pod("a-r0-node-0"),
+        _pod("a-r0-node-1", member="1"),
+        _pod("a-r1-node-0", ready=False),
+        _pod("a-r2-node-0", deletionTimestamp="2030-01-01T00:00:00Z"),
+    ]
+    assert list(ready_leaders(pods)) == ["a-r0-node-0"]
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str, int, Mapping[str, str]]] = []
+        self.conflict = False
+
+    async def scale_service(
+        self, namespace: str, name: str, version: str | None, replicas: int, annotations: Mapping[str, str]
+    ) -> dict[str, Any]:
+        if self.conflict:
+            raise ConflictError("changed")
+        self.writes.append((namespace, name, replicas, annotations))
+        return {}
+
+
+def _service(replicas: int, **autoscaling: Any) -> Any:
+    return service_entry(
+        {
+            "metadata": {"name": "chat", "namespace": "ns", "uid": "u", "resourceVersion": "7"},
+            "spec": {
+                "model": {"claimName": "w"},
+                "replicas": replicas,
+                "autoscaling": {"maxReplicas": 5, "target": 2, "stableWindowSeconds": 10, **autoscaling},
+            },
+        }
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _autoscaler(
+    entry: Any, pods: list[dict[str, Any]], loads: dict[str, float | None]
+) -> tuple[Autoscaler, FakeKube, Clock]:
+    kube = FakeKube()
+    clock = Clock()
+
+    async def scrape(url: str) -> str:
+        value = loads[url]
+        if value is None:
+            raise OSError("connection refused")
+        return f"largo_serve_requests_in_flight {value}\n"
+
+    scaler = Autoscaler(
+        kube=kube,  # type: ignore[arg-type]
+        services={entry.key: [entry]},
+        pods={entry.key: pods},
+        clock=clock,
+        scrape=scrape,
+    )
+    return scaler, kube, clock
+
+
+def test_load_above_target_scales_up_with_the_reason_and_load_in_the_annotation() -> None:
+    entry = _service(1)
+    scaler, kube, clock = _autoscaler(entry, [_pod("chat-r0-node-0")], {"http://10.0.0.1:9400/metrics": 8.0})
+    for _ in range(6):
+        asyncio.run(scaler.tick())
+        clock.now += 1
+    (namespace, name, replicas, annotations) = kube.writes[0]
+    assert (namespace, name, replicas) == ("ns", "chat", 4)  # 8 in flight / target 2
+    note = json.loads(annotations[ANNOTATION_SCALING])
+    assert note["to"] == 4
+    assert note["metricValue"] == pytest.approx(8.0)
+    assert "8.0" in note["reason"]
+
+
+def test_steady_load_writes_nothing_and_a_conflict_is_left_to_the_next_period() -> None:
+    entry = _service(4)
+    scaler, kube, clock = _autoscaler(entry, [_pod("chat-r0-node-0")], {"http://10.0.0.1:9400/metrics": 8.0})
+    for _ in range(5):
+        asyncio.run(scaler.tick())
+        clock.now += 1
+    assert kube.writes == []
+    scaler, kube, clock = _autoscaler(
+        _service(1), [_pod("chat-r0-node-0")], {"http://10.0.0.1:9400/metrics": 8.0}
+    )
+    kube.conflict = True
+    asyncio.run(scaler.tick())  # must not raise
+    assert kube.writes == []
+
+
+def test_a_silent_leader_counts_busy_and_never_causes_a_scale_down() -> None:
+    entry = _service(3)
+    pods = [
+        _pod("chat-r0-node-0"),
+        _pod("chat-r1-node-0", ip="10.0.0.2"),
+        _pod("chat-r2-node-0", ip="10.0.0.3"),
+    ]
+    loads: dict[str, float | None] = {
+        "http://10.0.0.1:9400/metrics": 0.0,
+        "http://10.0.0.2:9400/metrics": None,
+        "http://10.0.0.3:9400/metrics": None,
+    }
+    scaler, kube, clock = _autoscaler(entry, pods, loads)
+    for _ in range(30):
+        asyncio.run(scaler.tick())
+        clock.now += 1
+    # Two silent replicas at the target (2 each) = 4 in flight = 2 replicas at least: never below.
+    assert all(replicas >= 2 for _, _, replicas, _ in kube.writes)
+
+
+def test_metrics_are_read_from_vllm_s_http_port() -> None:
+    entry = service_entry(
+        {
+            "metadata": {"name": "v", "namespace": "ns"},
+            "spec": {
+                "model": {"claimName": "w"},
+                "runtime": {"type": "vllm", "port": 8080},
+                "resourcesPerNode": {"nvidia.com/gpu": 1},
+            },
+        }
+    )
+    assert entry.service is not None
+    assert metrics_url(_pod("v-r0-node-0"), entry.service.spec) == "http://10.0.0.1:8080/metrics"
+    assert metrics_url(_pod("v-r0-node-0", ip=None), entry.service.spec) is None
