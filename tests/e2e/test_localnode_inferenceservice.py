@@ -1,0 +1,135 @@
+"""InferenceService autoscaling end to end on localnode nodes: real server processes in their own network
+namespaces export their load on /metrics, the operator scrapes the ready leaders every 2 s, and the
+service scales up under load and back down when it stops, each decision in its status.
+
+The server here is a stand-in that reports the load the test sets (a file on a hostPath volume): the
+decision loop, the scrape over the pod network and the writes are the real ones. The model server
+itself is the serving runtime's to test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client, config
+from largo.dev.cluster import LocalCluster, wait_for
+from largo.dev.operator_process import OperatorProcess
+
+pytestmark = pytest.mark.e2e
+
+GROUP, VERSION, PLURAL = "largo.dev", "v1alpha1", "inferenceservices"
+
+# Serves `largo_serve_requests_in_flight` (docs/serving.md) with the number in $LOAD_FILE.
+LOAD_SERVER = """
+import http.server, os
+class Metrics(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            load = open(os.environ["LOAD_FILE"]).read().strip() or "0"
+        except OSError:
+            load = "0"
+        body = f"largo_serve_requests_in_flight {float(load)}\\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["LARGO_METRICS_PORT"])), Metrics).serve_forever()
+"""
+
+
+@pytest.fixture
+def namespace(local_cluster: LocalCluster) -> Iterator[str]:
+    api = config.new_client_from_config(config_file=str(local_cluster.kubeconfig))
+    core = client.CoreV1Api(api)
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name}})
+    wait_for(
+        lambda: any(a.metadata.name == "default" for a in core.list_namespaced_service_account(name).items),
+        60,
+        "the default ServiceAccount",
+    )
+    yield name
+    core.delete_namespace(name)
+
+
+def test_load_scales_the_service_up_and_its_end_scales_it_down(
+    local_cluster: LocalCluster, local_operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    api = config.new_client_from_config(config_file=str(local_cluster.kubeconfig))
+    core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    load = tmp_path / "load"
+    load.write_text("0")
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "weights"},
+            "spec": {
+                "storageClassName": "largo-local",
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "InferenceService",
+        "metadata": {"name": "echo"},
+        "spec": {
+            "model": {"claimName": "weights"},
+            "runtime": {
+                "type": "custom",
+                "image": "largo-trainer:dev",
+                "command": ["python", "-c", LOAD_SERVER],
+            },
+            "env": [{"name": "LOAD_FILE", "value": "/load/load"}],
+            "resourcesPerNode": {"cpu": "100m", "memory": "64Mi"},
+            "replicas": 1,
+            "autoscaling": {
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "target": 2,
+                "stableWindowSeconds": 6,
+                "scaleDownDelaySeconds": 6,
+            },
+            "podTemplate": {
+                "nodeSelector": {"largo.dev/localnode": "true"},
+                "terminationGracePeriodSeconds": 2,
+                "volumes": [{"name": "load", "hostPath": {"path": str(tmp_path), "type": "Directory"}}],
+                "volumeMounts": [{"name": "load", "mountPath": "/load"}],
+            },
+        },
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+    def status() -> dict[str, Any]:
+        found: dict[str, Any] = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "echo")
+        return found.get("status") or {}
+
+    def wait(predicate: Any, what: str) -> dict[str, Any]:
+        wait_for(lambda: predicate(status()), 180, what, local_operator.assert_alive)
+        return status()
+
+    wait(lambda s: s.get("ready") == "1/1", "one replica ready")
+    load.write_text("6")  # 6 in flight at a target of 2 per replica: 3 replicas
+    up = wait(lambda s: s.get("ready") == "3/3", "three replicas ready under load")
+    first = up["scaling"][0]
+    assert (first["from"], first["to"]) == (1, 3)
+    assert first["metricValue"] > 0  # the stable window's load the decision saw
+    assert "panic" in first["reason"] or "target 2" in first["reason"]
+
+    load.write_text("0")
+    down = wait(lambda s: s.get("ready") == "1/1" and s.get("replicas") == 1, "back to one replica")
+    downs = [d for d in down["scaling"] if d["to"] < d["from"]]
+    assert downs[0]["from"] == 3
+    assert downs[-1]["to"] == 1
+    assert all("load" in d["reason"] for d in downs)
+    spec = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "echo")["spec"]
+    assert spec["replicas"] == 1  # written by largo, which owns it with autoscaling
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=echo").items
+    assert {"Scaled", "GroupAdmitted", "GroupRetired"} <= {event.reason for event in events}
