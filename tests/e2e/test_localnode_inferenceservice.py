@@ -8,6 +8,7 @@ itself is the serving runtime's to test."""
 
 from __future__ import annotations
 
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from kubernetes import client, config
 from largo.dev.cluster import LocalCluster, wait_for
 from largo.dev.operator_process import OperatorProcess
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
 
@@ -122,6 +124,16 @@ def test_load_scales_the_service_up_and_its_end_scales_it_down(
     assert (first["from"], first["to"]) == (1, 3)
     assert first["metricValue"] > 0  # the stable window's load the decision saw
     assert "panic" in first["reason"] or "target 2" in first["reason"]
+
+    scraped = urllib.request.urlopen(local_operator.metrics_url, timeout=5).read().decode()
+    ups = [
+        sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "largo_autoscaler_decisions_total" and sample.labels == {"direction": "up"}
+    ]
+    assert ups
+    assert ups[0] >= 1
 
     load.write_text("0")
     down = wait(lambda s: s.get("ready") == "1/1" and s.get("replicas") == 1, "back to one replica")

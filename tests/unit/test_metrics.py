@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from largo.controllers.state import JobEntry, PodUsage, job_entry
+from largo.controllers.state import JobEntry, PodUsage, job_entry, service_entry
 from largo.metrics import Snapshot, node_gpus, resource_families
 from largo.sched.types import NodeInfo
 from prometheus_client import CollectorRegistry, generate_latest
@@ -143,3 +143,48 @@ def test_the_age_of_each_running_job_s_newest_checkpoint() -> None:
         if name == "largo_trainjob_checkpoint_age_seconds"
     }
     assert ages == {"llm": 900}
+
+
+def test_serving_groups_hold_gpus_and_services_are_counted_by_phase_and_replicas() -> None:
+    service = service_entry(
+        {
+            "metadata": {"name": "chat", "namespace": "team-b", "uid": "u", "resourceVersion": "3"},
+            "spec": {"model": {"claimName": "w"}, "nodesPerReplica": 2, "resourcesPerNode": {GPU: 8}},
+            "status": {
+                "phase": "Degraded",
+                "desiredReplicas": 2,
+                "replicas": 2,
+                "readyReplicas": 1,
+                "updatedReplicas": 2,
+                # Group 0 is bound on a and b; group 1 is placed on c and d, its pods not bound yet.
+                "groups": [
+                    {"replica": 0, "revision": "r", "attempt": 0, "nodes": ["a", "b"]},
+                    {"replica": 1, "revision": "r", "attempt": 0, "nodes": ["c", "d"]},
+                    {"replica": 2, "revision": "r", "attempt": 0, "nodes": []},
+                ],
+            },
+        }
+    )
+    snapshot = Snapshot(
+        nodes=[_node(name) for name in "abcde"],
+        pods=[
+            ("a", PodUsage("p0", {GPU: 8}, ("team-b", "chat#r0"), 0, 0)),
+            ("b", PodUsage("p1", {GPU: 8}, ("team-b", "chat#r0"), 0, 1)),
+        ],
+        jobs=[],
+        services=[service],
+    )
+    held = {node: counts["largo"] for node, counts in node_gpus(snapshot).items()}
+    assert held == {"a": 8, "b": 8, "c": 8, "d": 8, "e": 0}
+    series = _series(snapshot)
+    assert series[("largo_inferenceservices", (("phase", "Degraded"),))] == 1
+    replicas = {
+        state: series[
+            (
+                "largo_inferenceservice_replicas",
+                (("namespace", "team-b"), ("service", "chat"), ("state", state)),
+            )
+        ]
+        for state in ("desired", "existing", "ready", "updated")
+    }
+    assert replicas == {"desired": 2, "existing": 2, "ready": 1, "updated": 2}

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from largo.api.v1alpha1 import GPU_RESOURCE, Phase
-from largo.controllers.state import JobEntry, PodUsage
+from largo.controllers.state import JobEntry, PodUsage, ServiceEntry
 from largo.policy.conditions import parse_timestamp
 from largo.sched import gang
 from largo.sched.inventory import free_by_node
@@ -36,6 +36,7 @@ class Snapshot:
     pods: Sequence[tuple[str, PodUsage]]  # (node, a bound pod that holds resources)
     jobs: Sequence[JobEntry]
     now: float = 0.0  # epoch seconds of the scrape
+    services: Sequence[ServiceEntry] = ()
 
 
 def _job_gpus(entry: JobEntry) -> int:
@@ -70,6 +71,11 @@ def node_resource(snapshot: Snapshot, resource: str) -> dict[str, dict[str, int]
         for rank, node_name in enumerate(entry.placement):
             if (entry.key, entry.attempt, rank) not in bound:
                 by_node.setdefault(node_name, _slot())["largo"] += entry.per_pod.get(resource, 0)
+    for service in snapshot.services:
+        for group in service.placed():
+            for member, node_name in enumerate(group.nodes):
+                if (group.gang(*service.key), group.attempt, member) not in bound:
+                    by_node.setdefault(node_name, _slot())["largo"] += service.per_pod.get(resource, 0)
     for counts in by_node.values():
         counts["free"] = max(0, counts["allocatable"] - counts["largo"] - counts["other"])
     return by_node
@@ -84,7 +90,42 @@ def resource_families(snapshot: Snapshot) -> list[Metric]:
         *_fragmentation(snapshot, per_node),
         *_workload_families(snapshot.jobs),
         _checkpoint_family(snapshot),
+        *_service_families(snapshot.services),
     ]
+
+
+def services_by_phase(services: Iterable[ServiceEntry]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in services:
+        phase = str((entry.body.get("status") or {}).get("phase") or "New")
+        counts[phase] = counts.get(phase, 0) + 1
+    return counts
+
+
+def _service_families(services: Sequence[ServiceEntry]) -> list[Metric]:
+    phases = GaugeMetricFamily(
+        "largo_inferenceservices", "InferenceServices by phase (New: not decided yet).", labels=["phase"]
+    )
+    for phase, count in sorted(services_by_phase(services).items()):
+        phases.add_metric([phase], count)
+    replicas = GaugeMetricFamily(
+        "largo_inferenceservice_replicas",
+        "Replica groups of a service: desired (spec.replicas within the bounds), existing, ready, and at "
+        "the current revision (updated).",
+        labels=["namespace", "service", "state"],
+    )
+    for entry in sorted(services, key=lambda e: e.key):
+        status = entry.body.get("status") or {}
+        for state, field in (
+            ("desired", "desiredReplicas"),
+            ("existing", "replicas"),
+            ("ready", "readyReplicas"),
+            ("updated", "updatedReplicas"),
+        ):
+            value = status.get(field)
+            if isinstance(value, int):
+                replicas.add_metric([entry.key[0], entry.key[1], state], value)
+    return [phases, replicas]
 
 
 def checkpoint_ages(jobs: Iterable[JobEntry], now: float) -> dict[tuple[str, str], float]:
@@ -308,6 +349,12 @@ class OperatorMetrics:
             "largo_gang_start_seconds",
             "From a gang's admission to all its pods Running (creation, binding and container start).",
             buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+            registry=registry,
+        )
+        self.autoscaler_decisions = Counter(
+            "largo_autoscaler_decisions_total",
+            "Changes of an InferenceService's replicas written by the autoscaler, by direction (up, down).",
+            ["direction"],
             registry=registry,
         )
         self.leader = Gauge(

@@ -175,6 +175,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         scheduler.observe_admission = metrics.queue_wait.observe
         jobs.on_wait = metrics.queue_latency.observe
         reconciler.observe_start = metrics.gang_start.observe
+        autoscaler.observe_decision = lambda direction: metrics.autoscaler_decisions.labels(direction).inc()
 
         async def reconcile(key: JobKey) -> float | None:
             with metrics.reconcile_seconds.time():
@@ -226,7 +227,8 @@ async def _snapshot(indexes: Mapping[str, Any]) -> Snapshot:
     nodes = [info for store in indexes["node_inventory"].values() for info in store]
     pods = [(node, usage) for node, store in indexes["pod_inventory"].items() for usage in store]
     jobs = [entry for store in indexes["trainjob_queue"].values() for entry in store]
-    return Snapshot(nodes=nodes, pods=pods, jobs=jobs, now=time.time())
+    services = [entry for store in indexes["service_queue"].values() for entry in store]
+    return Snapshot(nodes=nodes, pods=pods, jobs=jobs, now=time.time(), services=services)
 
 
 @kopf.on.cleanup()
