@@ -4,6 +4,7 @@ largo's kwok stage (an annotation)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -523,3 +524,54 @@ def test_bad_input_is_refused_with_the_field_named_or_told_in_a_condition(
     # Fixing the input is enough: the claim appears, the service serves.
     services.claim("nowhere")
     services.wait_ready("no-claim", 1)
+
+
+def test_a_rollout_whose_new_pods_keep_failing_stops_and_the_old_replicas_keep_serving(
+    services: Services, make_pool: Callable[..., NodePool]
+) -> None:
+    pool = make_pool(count=3)
+    # kwok marks a pod Ready the moment it runs, as a server without a readiness probe would be: a new
+    # group counts as available only after 10 s ready, and these crash well before.
+    rollout = {"maxSurge": 1, "maxUnavailable": 0, "minReadySeconds": 10}
+    services.create("bad", pool, replicas=2, rollout=rollout)
+    before = services.wait_ready("bad", 2)["revision"]
+    old = {p.metadata.name: p.metadata.uid for p in services.live_pods("bad")}
+    services.patch_spec("bad", {"runtime": {"image": "example/broken:1"}})
+    done = threading.Event()
+
+    def crash_new_pods() -> None:
+        """Every pod of the new revision exits 1 as soon as it runs, as a crash-looping server would."""
+        while not done.is_set():
+            for pod in services.live_pods("bad"):
+                broken = pod.spec.containers[0].image == "example/broken:1"
+                annotated = EXIT_ANNOTATION in (pod.metadata.annotations or {})
+                if broken and not annotated and pod.status.phase == "Running":
+                    with contextlib.suppress(ApiException):
+                        services.core.patch_namespaced_pod(
+                            pod.metadata.name,
+                            services.namespace,
+                            {"metadata": {"annotations": {EXIT_ANNOTATION: "1"}}},
+                        )
+            done.wait(0.2)
+
+    crasher = threading.Thread(target=crash_new_pods, daemon=True)
+    crasher.start()
+    try:
+        stalled = services.wait_condition("bad", "Progressing", "False", "RolloutStalled")
+    finally:
+        done.set()
+        crasher.join()
+    assert "restarted 3" in stalled["message"] or "3 times" in stalled["message"]
+    status = services.status("bad")
+    assert status["reason"] == "RolloutStalled"
+    assert status["ready"] == "2/2"  # the old groups serve on
+    assert status["revision"] != before
+    serving = {
+        p.metadata.name: p.metadata.uid
+        for p in services.live_pods("bad")
+        if p.spec.containers[0].image != "example/broken:1"
+    }
+    assert serving == old
+    # Fixing the spec (back to a working image) ends the stall.
+    services.patch_spec("bad", {"runtime": {"image": None}})
+    services.wait_condition("bad", "Progressing", "True", "RolloutComplete")

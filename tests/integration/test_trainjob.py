@@ -39,13 +39,14 @@ def test_two_node_job_is_wired_runs_and_succeeds(
     status = jobs.wait_phase("llm", "Running")
     assert status["nodes"] == "2/2"
     assert status["gpus"] == 16
-    # `kubectl get largo` lists TrainJobs by category, with their printer columns. A fresh discovery
+    # `kubectl get largo` lists largo's kinds by category, each with its printer columns. A fresh discovery
     # cache: kubectl keeps one per server, possibly from before the CRD existed.
     table = cluster.kubectl(
         "--cache-dir", str(tmp_path), "get", "largo", "-n", jobs.namespace
     ).stdout.splitlines()
     assert table[0].split() == ["NAME", "PHASE", "NODES", "GPUS", "RESTARTS", "PROGRESS", "AGE"]
-    assert table[1].split()[:5] == ["llm", "Running", "2/2", "16", "0"]
+    # The category spans TrainJobs and InferenceServices: kubectl names each row's kind.
+    assert table[1].split()[:5] == ["trainjob.largo.dev/llm", "Running", "2/2", "16", "0"]
     assert sorted(status["placement"]["nodes"]) == sorted(gpu_pool.node_names())
 
     pods = jobs.pods("llm")

@@ -12,6 +12,7 @@ from typing import Any
 
 from largo.api.v1alpha1 import GPU_RESOURCE, InferenceService, InferenceServiceSpec, RuntimeType
 from largo.manifests import names
+from largo.manifests.pods import pinned_pod_spec
 from largo.manifests.vllm import VLLM_IMAGE, vllm_launch
 from largo.sched.quantity import parse_resources
 
@@ -287,39 +288,16 @@ def build_pod(
             }
 
     tolerations = pod_tolerations(service)
-    pod_spec: JSON = {
-        "hostname": names.member_pod_name(name, replica, member),
-        "subdomain": names.members_service(name),
-        # A member that exits fails its pod, and the whole group is restarted: a pipeline missing a
-        # stage cannot serve, and restarting one member alone would not rejoin it.
-        "restartPolicy": "Never",
-        "enableServiceLinks": False,
-        "affinity": {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [
-                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node_name]}]}
-                    ]
-                }
-            }
-        },
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if template.node_selector:
-        pod_spec["nodeSelector"] = dict(template.node_selector)
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if template.service_account_name is not None:
-        pod_spec["serviceAccountName"] = template.service_account_name
-    if template.termination_grace_period_seconds is not None:
-        pod_spec["terminationGracePeriodSeconds"] = template.termination_grace_period_seconds
-    if template.security_context is not None:
-        pod_spec["securityContext"] = dict(template.security_context)
-    if template.priority_class_name is not None:
-        pod_spec["priorityClassName"] = template.priority_class_name
-    if spec.scheduling.scheduler_name is not None:
-        pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    pod_spec = pinned_pod_spec(
+        hostname=names.member_pod_name(name, replica, member),
+        subdomain=names.members_service(name),
+        node_name=node_name,
+        container=container,
+        volumes=volumes,
+        template=template,
+        tolerations=tolerations,
+        scheduler_name=spec.scheduling.scheduler_name,
+    )
     return {
         "apiVersion": "v1",
         "kind": "Pod",

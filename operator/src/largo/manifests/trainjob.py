@@ -12,6 +12,7 @@ from typing import Any
 
 from largo.api.v1alpha1 import GPU_RESOURCE, Backend, TrainJob, TrainJobSpec
 from largo.manifests import names
+from largo.manifests.pods import pinned_pod_spec
 from largo.sched.quantity import parse_resources
 
 # Defaults that only make logs more useful; any of them is dropped when the user sets it in env.
@@ -259,38 +260,16 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
 
     tolerations = pod_tolerations(job)
 
-    pod_spec: JSON = {
-        "hostname": names.hostname(name, rank),
-        "subdomain": names.subdomain(name),
-        "restartPolicy": "Never",
-        # Service links would inject <SVC>_PORT-style variables, which can collide with the contract.
-        "enableServiceLinks": False,
-        "affinity": {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [
-                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node_name]}]}
-                    ]
-                }
-            }
-        },
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if template.node_selector:
-        pod_spec["nodeSelector"] = dict(template.node_selector)
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if template.service_account_name is not None:
-        pod_spec["serviceAccountName"] = template.service_account_name
-    if template.termination_grace_period_seconds is not None:
-        pod_spec["terminationGracePeriodSeconds"] = template.termination_grace_period_seconds
-    if template.security_context is not None:
-        pod_spec["securityContext"] = dict(template.security_context)
-    if template.priority_class_name is not None:
-        pod_spec["priorityClassName"] = template.priority_class_name
-    if spec.scheduling.scheduler_name is not None:
-        pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    pod_spec = pinned_pod_spec(
+        hostname=names.hostname(name, rank),
+        subdomain=names.subdomain(name),
+        node_name=node_name,
+        container=container,
+        volumes=volumes,
+        template=template,
+        tolerations=tolerations,
+        scheduler_name=spec.scheduling.scheduler_name,
+    )
 
     return {
         "apiVersion": "v1",

@@ -346,6 +346,10 @@ def plan(
         group["ready"] = len(current) == len(nodes) and all(
             p.phase == "Running" and p.ready for p in current.values()
         )
+        if not group["ready"]:
+            group.pop("readySince", None)
+        elif not group.get("readySince"):
+            group["readySince"] = timestamp(now)
         kept.append(group)
 
     # Pods of no group at all (their group left the status while the pod index lagged): removed.
@@ -367,7 +371,11 @@ def plan(
                 GroupState(
                     int(g["replica"]),
                     str(g["revision"]),
-                    bool(g.get("ready")),
+                    # minReadySeconds holds back the new revision's groups only: an old one that
+                    # serves is never taken for idle.
+                    _available(
+                        g, spec.rollout.min_ready_seconds if g["revision"] == view.revision else 0, now
+                    ),
                     0 if g.get("ready") else int(g.get("restarts") or 0),
                 )
                 for g in live
@@ -519,12 +527,24 @@ def plan(
         ),
     }
     out.status = {k: v for k, v in out.status.items() if v is not None}
+    # Groups ready but not yet for minReadySeconds are looked at again when they have been.
+    for group in kept:
+        since = parse_timestamp(group.get("readySince"))
+        if since is not None and now - since < spec.rollout.min_ready_seconds:
+            out.requeue_after = _soonest(out.requeue_after, since + spec.rollout.min_ready_seconds - now)
     # Groups waiting out a restart back-off are looked at again when it ends.
     for group in kept:
         until = parse_timestamp(group.get("restartAfter"))
         if until is not None and until > now:
             out.requeue_after = _soonest(out.requeue_after, until - now)
     return out
+
+
+def _available(group: Mapping[str, Any], min_ready_seconds: int, now: float) -> bool:
+    """Ready for ``min_ready_seconds`` at least: what a rollout counts on before it retires an old group
+    (a server that crashes soon after its first ready moment never counts)."""
+    since = parse_timestamp(group.get("readySince"))
+    return bool(group.get("ready")) and since is not None and now - since >= min_ready_seconds
 
 
 def _model_status(mount: ModelMount) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from largo.api.v1alpha1.common import (
@@ -38,8 +38,9 @@ from largo.api.v1alpha1.trainjob import (
     QueueStatus,
     Scheduling,
     _plain,
-    _unknown_fields,
+    check_status_of,
     is_reserved_env_name,
+    sanitize_status_of,
 )
 
 SERVICE_KIND = "InferenceService"
@@ -279,6 +280,13 @@ class Rollout(SpecModel):
     max_unavailable: int = Field(
         default=0, ge=0, le=MAX_REPLICAS, description="Ready replicas below spec.replicas."
     )
+    min_ready_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=3600,
+        description="How long a new group must have been ready before it counts as available: an old "
+        "group is retired only then (a server that crashes soon after it first turns ready never counts).",
+    )
 
     @model_validator(mode="after")
     def _not_both_zero(self) -> Self:
@@ -352,7 +360,8 @@ class InferenceServiceSpec(SpecModel):
     )
     autoscaling: Autoscaling | None = None
     rollout: Rollout = Field(
-        default_factory=Rollout, json_schema_extra={"default": {"maxSurge": 1, "maxUnavailable": 0}}
+        default_factory=Rollout,
+        json_schema_extra={"default": {"maxSurge": 1, "maxUnavailable": 0, "minReadySeconds": 0}},
     )
     scheduling: Scheduling = Field(default_factory=Scheduling, json_schema_extra={"default": {}})
     pod_template: PodTemplate = Field(default_factory=PodTemplate)
@@ -405,6 +414,7 @@ class GroupStatus(StatusModel):
     queued_at: datetime | None = Field(default=None, description="When it joined the admission queue.")
     admitted_at: datetime | None = None
     ready: bool = Field(default=False, description="Every member running and ready.")
+    ready_since: datetime | None = Field(default=None, description="Since when, without interruption.")
     restarts: int = Field(default=0, ge=0, description="Restarts after a failure.")
     restart_after: datetime | None = Field(default=None, description="A failed group waits till then.")
     retiring: bool = Field(default=False, description="Being drained and removed (rollout or scale-down).")
@@ -501,24 +511,9 @@ class InferenceService(BaseModel):
 
 def check_service_status(status: Mapping[str, Any]) -> None:
     """Raises ValueError unless ``status`` fits InferenceServiceStatus exactly (see ``check_status``)."""
-    try:
-        known = InferenceServiceStatus.model_validate(_plain(status)).model_dump(mode="json", by_alias=True)
-    except ValidationError as error:
-        raise ValueError(f"status does not fit InferenceServiceStatus: {error}") from error
-    unknown = list(_unknown_fields(_plain(status), known, "status"))
-    if unknown:
-        raise ValueError(f"status fields missing from InferenceServiceStatus: {', '.join(unknown)}")
+    check_status_of(InferenceServiceStatus, status)
 
 
 def sanitize_service_status(status: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """``status`` without the top-level fields that do not fit InferenceServiceStatus, and their names."""
-    clean: dict[str, Any] = {}
-    dropped: list[str] = []
-    for key, value in status.items():
-        try:
-            check_service_status({key: value})
-        except ValueError:
-            dropped.append(key)
-        else:
-            clean[key] = value
-    return clean, dropped
+    return sanitize_status_of(InferenceServiceStatus, status)

@@ -538,23 +538,33 @@ def check_status(status: Mapping[str, Any]) -> None:
     """Raises ValueError unless ``status`` is a TrainJobStatus: right types, and no field the model (so
     the CRD and the docs generated from it) does not have. Every status the operator writes passes
     through it, so the writer cannot drift from the schema."""
-    try:
-        known = TrainJobStatus.model_validate(_plain(status)).model_dump(mode="json", by_alias=True)
-    except ValidationError as error:
-        raise ValueError(f"status does not fit TrainJobStatus: {error}") from error
-    unknown = list(_unknown_fields(_plain(status), known, "status"))
-    if unknown:
-        raise ValueError(f"status fields missing from TrainJobStatus: {', '.join(unknown)}")
+    check_status_of(TrainJobStatus, status)
 
 
 def sanitize_status(status: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """``status`` without the top-level fields that do not fit TrainJobStatus (written by hand, or by an
     older operator), and their names: what the operator carries over must pass ``check_status``."""
+    return sanitize_status_of(TrainJobStatus, status)
+
+
+def check_status_of(model: type[BaseModel], status: Mapping[str, Any]) -> None:
+    """``check_status`` for any kind's status model."""
+    try:
+        known = model.model_validate(_plain(status)).model_dump(mode="json", by_alias=True)
+    except ValidationError as error:
+        raise ValueError(f"status does not fit {model.__name__}: {error}") from error
+    unknown = list(_unknown_fields(_plain(status), known, "status"))
+    if unknown:
+        raise ValueError(f"status fields missing from {model.__name__}: {', '.join(unknown)}")
+
+
+def sanitize_status_of(model: type[BaseModel], status: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``sanitize_status`` for any kind's status model."""
     clean: dict[str, Any] = {}
     dropped: list[str] = []
     for key, value in status.items():
         try:
-            check_status({key: value})
+            check_status_of(model, {key: value})
         except ValueError:
             dropped.append(key)
         else:
