@@ -13,6 +13,7 @@ RNG state, so a resumed run continues exactly where an uninterrupted one would b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -91,7 +92,14 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> di
         model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     else:
         model_state, optimizer_state = _unwrap(model).state_dict(), optimizer.state_dict()
-    return {"model": model_state, "optimizer": optimizer_state, "rng": torch.get_rng_state()}
+    # The model's shape, so that a server loads the checkpoint without being told it.
+    config = getattr(_unwrap(model), "config", None)
+    shape = (
+        dataclasses.asdict(config)
+        if dataclasses.is_dataclass(config) and not isinstance(config, type)
+        else None
+    )
+    return {"model": model_state, "optimizer": optimizer_state, "rng": torch.get_rng_state(), "config": shape}
 
 
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:

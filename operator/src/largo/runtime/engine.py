@@ -1,0 +1,224 @@
+"""Continuous batching for the reference model: iteration-level scheduling over a KV cache.
+
+Each request's prompt is run once alone (prefill), filling its slot of a preallocated key/value cache;
+from then on every iteration runs one decoding step for all running requests together, each attending
+over its own cached keys through a mask. A request that arrives joins the batch at the next iteration,
+one that finishes leaves it and frees its slot: the batch stays full under load without waiting for the
+slowest member, as in Orca and vLLM. The running batch and the waiting queue are bounded; a request
+that finds the queue full is refused, never queued without bound.
+
+The maths are the model's own (``TinyGPT.forward``) split into prefill and cached decoding, so a
+request's greedy tokens do not depend on what else runs in the batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+from torch.nn import functional
+
+from largo.runtime.model import Block, TinyGPT
+
+
+@dataclass
+class Request:
+    """One completion: its prompt's tokens, its sampling settings, and where its tokens go."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    # Called from the engine's thread with each new token, then once with the finish reason.
+    on_token: Callable[[int], None] = lambda token: None
+    on_finish: Callable[[str], None] = lambda reason: None
+    # Decided by the caller from the text so far (stop sequences): True ends the request.
+    should_stop: Callable[[], bool] = lambda: False
+    cancelled: bool = False
+    generated: int = 0
+    slot: int = -1
+    position: int = 0  # tokens in the cache
+    next_token: int = 0
+    generator: torch.Generator | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    cached_tokens: int
+    cache_capacity: int
+
+
+def sample(logits: torch.Tensor, request: Request) -> int:
+    """The next token: argmax at temperature 0, else nucleus sampling with the request's generator."""
+    if request.temperature <= 0:
+        return int(torch.argmax(logits).item())
+    probabilities = torch.softmax(logits.float() / request.temperature, dim=-1)
+    if request.top_p < 1.0:
+        sorted_probs, order = torch.sort(probabilities, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (at least one token).
+        keep = cumulative - sorted_probs < request.top_p
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        probabilities = torch.zeros_like(probabilities).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probabilities, 1, generator=request.generator).item())
+
+
+class Engine:
+    """Runs requests through ``model`` on one thread of its own (``run``), ``max_batch`` at a time."""
+
+    def __init__(self, model: TinyGPT, max_batch: int = 32, max_waiting: int = 64) -> None:
+        self.model = model.eval()
+        config = model.config
+        self.context = config.context
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.heads = config.heads
+        head_width = config.width // config.heads
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        # keys and values of every slot: [slot, layer, k|v, head, position, head width]
+        self.cache = torch.zeros(
+            (max_batch, config.depth, 2, config.heads, config.context, head_width), device=device, dtype=dtype
+        )
+        self.device = device
+        self._free = list(range(max_batch))
+        self._running: list[Request] = []
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Condition()
+        self._stopped = False
+        # Told of each iteration: how many requests it decoded together.
+        self.observe_batch: Callable[[int], None] = lambda size: None
+
+    # -- the caller's side (any thread) -------------------------------------------------------------
+
+    def submit(self, request: Request) -> bool:
+        """Queues ``request``; False when the waiting queue is full (the caller answers 429)."""
+        if not request.prompt or len(request.prompt) + request.max_tokens > self.context:
+            raise ValueError("the prompt plus max_tokens must fit the model's context")
+        if request.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting:
+                return False
+            self._waiting.append(request)
+            self._lock.notify()
+        return True
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            cached = sum(r.position for r in self._running)
+            return EngineStats(len(self._running), len(self._waiting), cached, self.max_batch * self.context)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+
+    # -- the engine's thread ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._running and not self._waiting:
+                    self._lock.wait()
+                if self._stopped:
+                    return
+                admitted = []
+                while self._waiting and self._free:
+                    request = self._waiting.popleft()
+                    request.slot = self._free.pop()
+                    admitted.append(request)
+            with torch.inference_mode():
+                for request in admitted:
+                    self._prefill(request)
+                decoding = [r for r in self._running if r not in admitted]
+                if decoding:
+                    self._decode(decoding)
+            self._retire()
+
+    def _prefill(self, request: Request) -> None:
+        model = self.model
+        tokens = torch.tensor([request.prompt], device=self.device)
+        length = tokens.shape[1]
+        x = model.tokens(tokens) + model.positions(torch.arange(length, device=self.device))
+        for layer, module in enumerate(model.blocks):
+            block = cast(Block, module)
+            q, k, v = self._project(block, x)
+            self.cache[request.slot, layer, 0, :, :length] = k[0]
+            self.cache[request.slot, layer, 1, :, :length] = v[0]
+            attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = self._finish_block(block, x, attended)
+        logits = model.head(model.norm(x[:, -1]))[0]
+        request.position = length
+        self._running.append(request)
+        self._emit(request, sample(logits, request))
+
+    def _decode(self, batch: list[Request]) -> None:
+        model = self.model
+        slots = torch.tensor([r.slot for r in batch], device=self.device)
+        positions = torch.tensor([r.position for r in batch], device=self.device)
+        tokens = torch.tensor([[r.next_token] for r in batch], device=self.device)
+        x = model.tokens(tokens) + model.positions(positions)[:, None, :]
+        # Each request attends to its own cached positions and the new one.
+        visible = torch.arange(self.context, device=self.device)[None, :] <= positions[:, None]
+        mask = visible[:, None, None, :]
+        for layer, module in enumerate(model.blocks):
+            block = cast(Block, module)
+            q, k, v = self._project(block, x)
+            self.cache[slots, layer, 0, :, positions] = k[:, :, 0]
+            self.cache[slots, layer, 1, :, positions] = v[:, :, 0]
+            keys = self.cache[slots, layer, 0]
+            values = self.cache[slots, layer, 1]
+            attended = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            x = self._finish_block(block, x, attended)
+        logits = model.head(model.norm(x[:, -1]))
+        self.observe_batch(len(batch))
+        for index, request in enumerate(batch):
+            request.position += 1
+            self._emit(request, sample(logits[index], request))
+
+    def _project(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch, length, width = x.shape
+        q, k, v = block.qkv(block.norm_attention(x)).split(width, dim=2)
+        shape = (batch, length, self.heads, width // self.heads)
+        return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))
+
+    @staticmethod
+    def _finish_block(block: Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        x = x + block.projection(attended.transpose(1, 2).reshape(batch, length, width))
+        out: torch.Tensor = x + block.mlp(block.norm_mlp(x))
+        return out
+
+    def _emit(self, request: Request, token: int) -> None:
+        request.next_token = token
+        request.generated += 1
+        request.on_token(token)
+
+    def _retire(self) -> None:
+        """Requests that are done leave the batch and free their slots."""
+        still = []
+        for request in self._running:
+            reason = None
+            if request.cancelled:
+                reason = "cancelled"
+            elif request.should_stop():
+                reason = "stop"
+            elif request.generated >= request.max_tokens or request.position >= self.context:
+                reason = "length"
+            if reason is None:
+                still.append(request)
+                continue
+            request.on_finish(reason)
+            with self._lock:
+                self._free.append(request.slot)
+        self._running = still

@@ -1,0 +1,491 @@
+"""The built-in model server (``python -m largo.runtime.serve``): the reference model from the trainer's
+checkpoints behind an OpenAI-compatible HTTP API, with continuous batching (``largo.runtime.engine``).
+
+The contract with the controller is docs/serving.md: HTTP on ``LARGO_HTTP_PORT`` (``/v1/completions``,
+``/v1/models``, ``/healthz``, ``/readyz``), Prometheus metrics on ``LARGO_METRICS_PORT``, the model in
+``LARGO_MODEL_DIR`` (step ``LARGO_MODEL_STEP`` when set, else the newest complete checkpoint). A
+checkpoint that cannot be loaded keeps the server up but never ready, with the reason in its log and
+in ``/readyz``: nothing is served from a model that is not the one asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import codecs
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from largo.runtime import checkpoint
+from largo.runtime.engine import Engine, Request
+from largo.runtime.model import ModelConfig, TinyGPT
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_BYTES = 1 << 20
+
+
+class ModelError(Exception):
+    """The checkpoint cannot be served: missing, unreadable, or not the reference model's."""
+
+
+def model_config(state: dict[str, Any]) -> ModelConfig:
+    """The model's shape: recorded in the checkpoint by the trainer, else read from its tensors."""
+    recorded = state.get("config")
+    weights = state["model"]
+    if isinstance(recorded, dict):
+        return ModelConfig(**recorded)
+    try:
+        vocab, width = weights["tokens.weight"].shape
+        context = weights["positions.weight"].shape[0]
+        depth = len({key.split(".")[1] for key in weights if key.startswith("blocks.")})
+    except (KeyError, ValueError) as error:
+        raise ModelError(f"not a checkpoint of the reference model: {error}") from error
+    return ModelConfig(vocab_size=vocab, context=context, width=width, depth=depth)
+
+
+def load_model(directory: Path, step: int | None, device: torch.device) -> tuple[TinyGPT, int]:
+    """The model of checkpoint ``step`` (the newest complete one when None), and its step."""
+    if step is not None:
+        path = checkpoint.checkpoint_path(directory, step)
+        if not path.is_file():
+            raise ModelError(f"checkpoint of step {step} not found in {directory}")
+        try:
+            state: dict[str, Any] | None = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # any unreadable file: refuse it, never serve garbage
+            raise ModelError(f"checkpoint {path} cannot be read: {error}") from error
+        if state is None or state.get("format") != checkpoint.FORMAT or state.get("step") != step:
+            raise ModelError(f"{path} is not a {checkpoint.FORMAT} checkpoint of step {step}")
+    else:
+        state = checkpoint.load_latest(directory)
+        if state is None:
+            raise ModelError(f"no complete checkpoint in {directory}")
+    config = model_config(state)
+    model = TinyGPT(config)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as error:
+        raise ModelError(f"checkpoint does not fit the reference model {config}: {error}") from error
+    return model.to(device).eval(), int(state["step"])
+
+
+class Metrics:
+    """The series the autoscaler and dashboards read (docs/serving.md)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.in_flight = Gauge(
+            "largo_serve_requests_in_flight", "Requests admitted and not finished.", registry=registry
+        )
+        self.running = Gauge(
+            "largo_serve_requests_running", "Requests in the running batch.", registry=registry
+        )
+        self.waiting = Gauge(
+            "largo_serve_requests_waiting", "Requests queued for the batch.", registry=registry
+        )
+        self.requests = Counter(
+            "largo_serve_requests", "Finished requests by HTTP status code.", ["code"], registry=registry
+        )
+        self.latency = Histogram(
+            "largo_serve_request_seconds",
+            "A request's latency, first byte in to last byte out.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.first_token = Histogram(
+            "largo_serve_time_to_first_token_seconds",
+            "From a request's arrival to its first generated token.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        self.per_token = Histogram(
+            "largo_serve_time_per_output_token_seconds",
+            "Mean time between a request's generated tokens after the first.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "largo_serve_prompt_tokens", "Prompt tokens processed.", registry=registry
+        )
+        self.generated_tokens = Counter(
+            "largo_serve_generated_tokens", "Tokens generated.", registry=registry
+        )
+        self.batch_size = Histogram(
+            "largo_serve_batch_size",
+            "Requests decoded together in one iteration.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+        self.cache_usage = Gauge(
+            "largo_serve_kv_cache_usage_ratio", "Cached tokens / the KV cache's capacity.", registry=registry
+        )
+        self.load_seconds = Gauge(
+            "largo_serve_model_load_seconds", "How long loading the model took.", registry=registry
+        )
+        self.errors = Counter(
+            "largo_serve_errors",
+            "Requests refused or failed, by HTTP status code.",
+            ["code"],
+            registry=registry,
+        )
+
+
+def _error(status: int, message: str, kind: str, retry_after: int | None = None) -> web.Response:
+    """An OpenAI-style error body."""
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@dataclass
+class Completion:
+    """What the HTTP side keeps of one request while the engine generates it."""
+
+    request: Request
+    stops: list[bytes]
+    queue: asyncio.Queue[int | str] = field(default_factory=asyncio.Queue)
+    text: bytearray = field(default_factory=bytearray)
+    first_token_at: float | None = None
+
+
+class Server:
+    def __init__(
+        self, name: str, engine: Engine | None, metrics: Metrics, problem: str | None = None
+    ) -> None:
+        self.name = name
+        self.engine = engine
+        self.metrics = metrics
+        self.problem = problem  # why the model is not loaded, if it is not
+        self.draining = False
+        self.in_flight = 0
+        self.created = int(time.time())
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_PROMPT_BYTES * 2)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        return app
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        if self.problem is not None:
+            return web.Response(status=503, text=f"model not loaded: {self.problem}\n")
+        if self.draining:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ready\n")
+
+    async def models(self, _: web.Request) -> web.Response:
+        model = {"id": self.name, "object": "model", "created": self.created, "owned_by": "largo"}
+        return web.json_response({"object": "list", "data": [model] if self.engine is not None else []})
+
+    def _parse(self, body: Any) -> tuple[Completion, bool] | web.Response:
+        if not isinstance(body, dict):
+            return _error(400, "the request body must be a JSON object", "invalid_request_error")
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            return _error(400, "prompt must be a non-empty string", "invalid_request_error")
+        checks: list[tuple[str, Any, type | tuple[type, ...], float, float]] = [
+            ("max_tokens", body.get("max_tokens", 16), int, 1, 1 << 20),
+            ("temperature", body.get("temperature", 1.0), (int, float), 0.0, 2.0),
+            ("top_p", body.get("top_p", 1.0), (int, float), 0.0, 1.0),
+        ]
+        values: dict[str, Any] = {}
+        for name, value, kind, low, high in checks:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, kind)
+                or not low <= cast(float, value) <= high
+            ):
+                return _error(400, f"{name} must be a number in [{low:g}, {high:g}]", "invalid_request_error")
+            values[name] = value
+        if values["top_p"] == 0:
+            return _error(400, "top_p must be > 0", "invalid_request_error")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            return _error(400, "seed must be an integer", "invalid_request_error")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            return _error(
+                400, "stop must be a string or a list of at most 4 non-empty strings", "invalid_request_error"
+            )
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            return _error(400, "stream must be a boolean", "invalid_request_error")
+        model = body.get("model")
+        if model is not None and model != self.name:
+            return _error(
+                404,
+                f"model {model!r} is not served here; this server serves {self.name!r}",
+                "not_found_error",
+            )
+        tokens = list(prompt.encode())
+        assert self.engine is not None
+        context = self.engine.context
+        if len(tokens) + values["max_tokens"] > context:
+            return _error(
+                400,
+                f"the prompt ({len(tokens)} tokens) plus max_tokens ({values['max_tokens']}) exceeds the "
+                f"model's context of {context} tokens",
+                "invalid_request_error",
+            )
+        request = Request(
+            prompt=tokens,
+            max_tokens=values["max_tokens"],
+            temperature=float(values["temperature"]),
+            top_p=float(values["top_p"]),
+            seed=seed,
+        )
+        return Completion(request, [s.encode() for s in stop]), stream
+
+    async def completions(self, http: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        if self.engine is None:
+            return self._refused(_error(503, f"model not loaded: {self.problem}", "service_unavailable", 5))
+        if self.draining:
+            return self._refused(_error(503, "the server is draining", "service_unavailable", 1))
+        try:
+            body = await http.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._refused(_error(400, "the request body is not valid JSON", "invalid_request_error"))
+        parsed = self._parse(body)
+        if isinstance(parsed, web.Response):
+            return self._refused(parsed)
+        completion, stream = parsed
+        self._wire(completion, asyncio.get_running_loop())
+        if not self.engine.submit(completion.request):
+            return self._refused(
+                _error(429, "too many requests waiting; retry shortly", "rate_limit_error", 1)
+            )
+        self._enter()
+        try:
+            if stream:
+                response = await self._stream(http, completion)
+            else:
+                response = await self._whole(completion)
+        except (asyncio.CancelledError, ConnectionResetError):
+            completion.request.cancelled = True  # the client went away: free its slot
+            raise
+        finally:
+            self._leave()
+        self.metrics.requests.labels(str(response.status)).inc()
+        self.metrics.latency.observe(time.monotonic() - started)
+        return response
+
+    def _refused(self, response: web.Response) -> web.Response:
+        self.metrics.requests.labels(str(response.status)).inc()
+        self.metrics.errors.labels(str(response.status)).inc()
+        return response
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+        self.metrics.in_flight.set(self.in_flight)
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+        if self.in_flight == 0:
+            self.idle.set()
+
+    def _wire(self, completion: Completion, loop: asyncio.AbstractEventLoop) -> None:
+        """Connects the engine's callbacks (its thread) to the request's queue (the event loop)."""
+        request = completion.request
+        stops = completion.stops
+
+        def on_token(token: int) -> None:
+            completion.text.append(token)
+            loop.call_soon_threadsafe(completion.queue.put_nowait, token)
+
+        def on_finish(reason: str) -> None:
+            loop.call_soon_threadsafe(completion.queue.put_nowait, reason)
+
+        request.on_token = on_token
+        request.on_finish = on_finish
+        request.should_stop = lambda: any(completion.text.endswith(s) for s in stops)
+        self.metrics.prompt_tokens.inc(len(request.prompt))
+
+    async def _tokens(self, completion: Completion) -> AsyncIterator[bytes | str]:
+        """Generated bytes safe to show (never the start of a stop sequence), then the finish reason."""
+        held = bytearray()
+        produced = 0
+        while True:
+            item = await completion.queue.get()
+            if isinstance(item, str):
+                finish = "stop" if item == "stop" else "length"
+                if held:
+                    yield bytes(held)
+                if produced > 1 and completion.first_token_at is not None:
+                    elapsed = time.monotonic() - completion.first_token_at
+                    self.metrics.per_token.observe(elapsed / (produced - 1))
+                yield finish
+                return
+            produced += 1
+            self.metrics.generated_tokens.inc()
+            if completion.first_token_at is None:
+                completion.first_token_at = time.monotonic()
+                self.metrics.first_token.observe(completion.first_token_at - completion.request.submitted)
+            held.append(item)
+            for stop in completion.stops:
+                if held.endswith(stop):
+                    del held[len(held) - len(stop) :]
+            # Hold back what could still become a stop sequence; release the rest.
+            keep = max((_overlap(held, stop) for stop in completion.stops), default=0)
+            if len(held) > keep:
+                yield bytes(held[: len(held) - keep])
+                del held[: len(held) - keep]
+
+    async def _whole(self, completion: Completion) -> web.Response:
+        text = bytearray()
+        finish = "length"
+        async for item in self._tokens(completion):
+            if isinstance(item, str):
+                finish = item
+            else:
+                text += item
+        return web.json_response(self._body(completion, text.decode(errors="replace"), finish, usage=True))
+
+    async def _stream(self, http: web.Request, completion: Completion) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(http)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        async for item in self._tokens(completion):
+            if isinstance(item, str):
+                tail = decoder.decode(b"", final=True)
+                chunk = self._body(completion, tail, item, usage=True)
+            else:
+                chunk = self._body(completion, decoder.decode(item), None, usage=False)
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _body(self, completion: Completion, text: str, finish: str | None, usage: bool) -> dict[str, Any]:
+        request = completion.request
+        body: dict[str, Any] = {
+            "id": f"cmpl-{id(completion):x}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        }
+        if usage:
+            body["usage"] = {
+                "prompt_tokens": len(request.prompt),
+                "completion_tokens": request.generated,
+                "total_tokens": len(request.prompt) + request.generated,
+            }
+        return body
+
+
+def _overlap(text: bytearray, stop: bytes) -> int:
+    """The longest end of ``text`` that is a proper start of ``stop``."""
+    for size in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:size]):
+            return size
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="largo.runtime.serve", description=__doc__.split("\n")[0])
+    env = os.environ.get
+    parser.add_argument("--model-dir", type=Path, default=Path(env("LARGO_MODEL_DIR", "/model")))
+    parser.add_argument(
+        "--step", type=int, default=int(env("LARGO_MODEL_STEP") or -1), help="default: newest"
+    )
+    parser.add_argument("--name", default=env("LARGO_SERVED_MODEL_NAME", "largo"), help="the model's name")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=int(env("LARGO_HTTP_PORT", "8000")))
+    parser.add_argument("--metrics-port", type=int, default=int(env("LARGO_METRICS_PORT", "9400")))
+    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    parser.add_argument("--max-waiting", type=int, default=64, help="requests queued before 429s")
+    parser.add_argument(
+        "--drain-seconds", type=float, default=25.0, help="time to finish requests on SIGTERM"
+    )
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace, ready: threading.Event | None = None) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, registry=registry)
+    engine: Engine | None = None
+    problem: str | None = None
+    started = time.monotonic()
+    try:
+        model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, torch.device("cpu"))
+    except ModelError as error:
+        problem = str(error)
+        logger.error("not serving: %s", problem)
+    else:
+        engine = Engine(model, max_batch=args.max_batch, max_waiting=args.max_waiting)
+        engine.observe_batch = metrics.batch_size.observe
+        threading.Thread(target=engine.run, name="largo-engine", daemon=True).start()
+        metrics.load_seconds.set(time.monotonic() - started)
+        logger.info("serving %s: step %d of %s (%s)", args.name, step, args.model_dir, model.config)
+    server = Server(args.name, engine, metrics, problem)
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def sample_engine() -> None:
+        while engine is not None:
+            stats = engine.stats()
+            metrics.running.set(stats.running)
+            metrics.waiting.set(stats.waiting)
+            metrics.cache_usage.set(stats.cached_tokens / stats.cache_capacity)
+            await asyncio.sleep(0.5)
+
+    sampler = asyncio.create_task(sample_engine())
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    # Drain: unready at once (the Service stops sending), finish what is in flight, then exit.
+    server.draining = True
+    logger.info("draining %d request(s)", server.in_flight)
+    try:
+        await asyncio.wait_for(server.idle.wait(), args.drain_seconds)
+    except TimeoutError:
+        logger.warning("%d request(s) still in flight after %.0fs", server.in_flight, args.drain_seconds)
+    sampler.cancel()
+    if engine is not None:
+        engine.stop()
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    asyncio.run(serve(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The built-in model server on a real model trained for a few steps in the test: the engine's continuous
+batching (a request's greedy tokens alone = in a batch), and the HTTP server as a process (completions,
+streaming, errors, overload, metrics, a refused checkpoint, drain on SIGTERM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from largo.dev.cluster import free_port, wait_for
+from largo.runtime import checkpoint
+from largo.runtime.engine import Engine, Request
+from largo.runtime.serve import ModelError, load_model
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.runtime
+
+TRAIN_ARGS = ["--batch-size", "8", "--context", "32", "--width", "32", "--log-every", "10"]
+PROMPTS = ["def ", "import os\n", "class Foo", "return self", "for i in ", "# ", "if __name__", "    x = "]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of the reference model after 40 steps on Python sources."""
+    checkpoints = tmp_path_factory.mktemp("served") / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LARGO_CHECKPOINT_DIR": str(checkpoints)}
+    command = [
+        sys.executable,
+        "-m",
+        "largo.runtime.train",
+        *TRAIN_ARGS,
+        "--steps",
+        "40",
+        "--checkpoint-every",
+        "20",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return checkpoints
+
+
+def _generate(engine: Engine, prompts: list[str], max_tokens: int = 12) -> list[list[int]]:
+    """Greedy tokens of each prompt, all submitted at once (they share the running batch)."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = threading.Semaphore(0)
+    for index, prompt in enumerate(prompts):
+        request = Request(prompt=list(prompt.encode()), max_tokens=max_tokens, temperature=0.0)
+        request.on_token = outputs[index].append
+        request.on_finish = lambda reason: finished.release()
+        assert engine.submit(request)
+    for _ in prompts:
+        assert finished.acquire(timeout=60)
+    return outputs
+
+
+def test_greedy_tokens_are_the_same_alone_and_in_a_batch(trained: Path) -> None:
+    model, step = load_model(trained, None, torch.device("cpu"))
+    assert step == 40
+    engine = Engine(model, max_batch=8)
+    sizes: list[int] = []
+    engine.observe_batch = sizes.append
+    threading.Thread(target=engine.run, daemon=True).start()
+    try:
+        alone = [_generate(engine, [prompt])[0] for prompt in PROMPTS]
+        together = _generate(engine, PROMPTS)
+    finally:
+        engine.stop()
+    assert together == alone
+    assert all(len(tokens) == 12 for tokens in alone)
+    assert max(sizes) >= 4  # they really ran together
+    # And the cached decoding is the model's own maths: the full forward pass agrees on every token.
+    for prompt, tokens in zip(PROMPTS, alone, strict=True):
+        sequence = list(prompt.encode())
+        for token in tokens:
+            with torch.inference_mode():
+                x = torch.tensor([sequence])
+                positions = torch.arange(len(sequence))
+                hidden = model.tokens(x) + model.positions(positions)
+                for block in model.blocks:
+                    hidden = block(hidden)
+                expected = int(torch.argmax(model.head(model.norm(hidden[:, -1]))[0]))
+            assert token == expected
+            sequence.append(token)
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path: Path, trained: Path) -> None:
+    with pytest.raises(ModelError, match="no complete checkpoint"):
+        load_model(tmp_path, None, torch.device("cpu"))
+    with pytest.raises(ModelError, match="step 7 not found"):
+        load_model(trained, 7, torch.device("cpu"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    checkpoint.save(bad, 5, {"model": {"something.else": torch.zeros(3)}})
+    with pytest.raises(ModelError, match="not a checkpoint of the reference model"):
+        load_model(bad, 5, torch.device("cpu"))
+    path = checkpoint.checkpoint_path(bad, 6)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match="cannot be read"):
+        load_model(bad, 6, torch.device("cpu"))
+
+
+class Served:
+    """``python -m largo.runtime.serve`` as a process, as the leader's container runs it."""
+
+    def __init__(self, model_dir: Path, workdir: Path, *extra: str) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "LARGO_MODEL_DIR": str(model_dir),
+            "LARGO_HTTP_PORT": str(self.port),
+            "LARGO_METRICS_PORT": str(self.metrics_port),
+            "LARGO_SERVED_MODEL_NAME": "tiny",
+        }
+        self.log = workdir / f"serve-{self.port}.log"
+        command = [sys.executable, "-m", "largo.runtime.serve", "--host", "127.0.0.1", *extra]
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT
+        )
+        wait_for(lambda: self.status("/healthz")[0] == 200, 60, "the server up", self.alive)
+
+    def alive(self) -> None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"server exited {self.process.returncode}:\n{self.log.read_text()}")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def status(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError:
+            return 0, ""
+
+    def post(self, body: dict[str, Any]) -> tuple[int, dict[str, str], str]:
+        request = urllib.request.Request(
+            self.url("/v1/completions"), json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, dict(response.headers), response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                label = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                values[f"{sample.name}{{{label}}}" if label else sample.name] = sample.value
+        return values
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            self.process.kill()
+
+
+@pytest.fixture
+def served(trained: Path, tmp_path: Path) -> Iterator[Served]:
+    server = Served(trained, tmp_path)
+    wait_for(lambda: server.status("/readyz")[0] == 200, 60, "the model loaded", server.alive)
+    yield server
+    server.stop()
+
+
+def test_completions_streaming_models_and_metrics(served: Served) -> None:
+    status, _, text = served.post({"model": "tiny", "prompt": "def ", "max_tokens": 10, "temperature": 0})
+    assert status == 200
+    body = json.loads(text)
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 10, "total_tokens": 14}
+    whole = body["choices"][0]["text"]
+
+    status, headers, text = served.post(
+        {"prompt": "def ", "max_tokens": 10, "temperature": 0, "stream": True}
+    )
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(chunks) > 2  # tokens arrive as they are made
+
+    # A stop sequence ends the text before it; the same seed samples the same text.
+    stop = whole[2:4] if len(whole) >= 4 else whole[:1]
+    _, _, text = served.post({"prompt": "def ", "max_tokens": 10, "temperature": 0, "stop": stop})
+    stopped = json.loads(text)["choices"][0]
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["text"] == whole[: whole.index(stop)]
+    sampled = [
+        json.loads(served.post({"prompt": "x = ", "max_tokens": 8, "temperature": 1.0, "seed": 7})[2])
+        for _ in range(2)
+    ]
+    assert sampled[0]["choices"][0]["text"] == sampled[1]["choices"][0]["text"]
+
+    status, models = served.status("/v1/models")
+    assert status == 200
+    assert [model["id"] for model in json.loads(models)["data"]] == ["tiny"]
+
+    metrics = served.metrics()
+    assert metrics["largo_serve_requests_total{code=200}"] >= 5
+    assert metrics["largo_serve_requests_in_flight"] == 0
+    assert metrics["largo_serve_time_to_first_token_seconds_count"] >= 5
+    assert metrics["largo_serve_generated_tokens_total"] >= 30
+    assert metrics["largo_serve_prompt_tokens_total"] >= 20
+    assert metrics["largo_serve_model_load_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"prompt": ""}, 400, "prompt must be a non-empty string"),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 100}, 400, "exceeds the model's context of 32 tokens"),
+        ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+        ({"prompt": "hi", "stop": [1]}, 400, "stop must be"),
+        ({"prompt": "hi", "model": "gpt-9"}, 404, "is not served here"),
+    ],
+)
+def test_bad_requests_get_an_openai_style_error(
+    served: Served, body: dict[str, Any], status: int, says: str
+) -> None:
+    code, _, text = served.post(body)
+    assert code == status
+    error = json.loads(text)["error"]
+    assert says in error["message"]
+    assert error["type"]
+
+
+def test_overload_is_refused_with_retry_after_not_queued_without_bound(trained: Path, tmp_path: Path) -> None:
+    server = Served(trained, tmp_path, "--max-batch", "1", "--max-waiting", "1")
+    try:
+        wait_for(lambda: server.status("/readyz")[0] == 200, 60, "ready", server.alive)
+        body = {"prompt": "def ", "max_tokens": 25, "temperature": 0}
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda _: server.post(body), range(16)))
+        codes = [code for code, _, _ in results]
+        assert codes.count(200) >= 1
+        assert codes.count(429) >= 1
+        assert set(codes) <= {200, 429}
+        assert all(headers.get("Retry-After") == "1" for code, headers, _ in results if code == 429)
+        assert server.metrics()["largo_serve_errors_total{code=429}"] == codes.count(429)
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(trained: Path, tmp_path: Path) -> None:
+    server = Served(trained, tmp_path, "--max-batch", "1")
+    wait_for(lambda: server.status("/readyz")[0] == 200, 60, "ready", server.alive)
+    body = {"prompt": "def ", "max_tokens": 25, "temperature": 0}
+    with ThreadPoolExecutor(48) as pool:
+        pending = [pool.submit(server.post, body) for _ in range(48)]
+        # Queued one behind the other in a batch of one: many are in flight when the signal comes.
+        wait_for(lambda: server.metrics()["largo_serve_requests_in_flight"] >= 8, 30, "requests in flight")
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: server.status("/readyz")[0] in (503, 0), 30, "unready while draining")
+        results = [future.result(timeout=60) for future in pending]
+    codes = [code for code, _, _ in results]
+    # Everything in flight at the signal (8 at least) finished whole; a request that came after it
+    # was refused with 503 and Retry-After, never cut short.
+    assert codes.count(200) >= 8
+    assert set(codes) <= {200, 503}
+    assert all(
+        json.loads(text)["usage"]["completion_tokens"] == 25 for code, _, text in results if code == 200
+    )
+    assert all(headers.get("Retry-After") for code, headers, _ in results if code == 503)
+    assert server.process.wait(timeout=60) == 0
+
+
+def test_a_server_without_its_model_is_alive_but_never_ready(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = Served(empty, tmp_path)
+    try:
+        status, reason = server.status("/readyz")
+        assert status == 503
+        assert "no complete checkpoint" in reason
+        code, headers, text = server.post({"prompt": "hi"})
+        assert code == 503
+        assert "model not loaded" in json.loads(text)["error"]["message"]
+        assert headers.get("Retry-After")
+    finally:
+        assert server.stop() == 0
