@@ -22,6 +22,7 @@ import torch
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
 from largo.runtime.engine import Engine, Request
+from largo.runtime.model import stage_layers
 from largo.runtime.serve import ModelError, load_model
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -68,10 +69,10 @@ def _generate(engine: Engine, prompts: list[str], max_tokens: int = 12) -> list[
 def test_greedy_tokens_are_the_same_alone_and_in_a_batch(trained: Path) -> None:
     model, step = load_model(trained, None, torch.device("cpu"))
     assert step == 40
-    engine = Engine(model, max_batch=8)
+    engine = Engine.local(model, max_batch=8)
     sizes: list[int] = []
     engine.observe_batch = sizes.append
-    threading.Thread(target=engine.run, daemon=True).start()
+    engine.start()
     try:
         alone = [_generate(engine, [prompt])[0] for prompt in PROMPTS]
         together = _generate(engine, PROMPTS)
@@ -307,3 +308,90 @@ def test_a_server_without_its_model_is_alive_but_never_ready(tmp_path: Path) -> 
         assert headers.get("Retry-After")
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("depth", "stages", "expected"),
+    [
+        (2, 1, [[0, 1]]),
+        (2, 2, [[0], [1]]),
+        (5, 3, [[0, 1], [2, 3], [4]]),
+        (8, 3, [[0, 1, 2], [3, 4, 5], [6, 7]]),
+    ],
+)
+def test_the_model_is_split_into_contiguous_even_stages(
+    depth: int, stages: int, expected: list[list[int]]
+) -> None:
+    assert [list(stage_layers(depth, stages, stage)) for stage in range(stages)] == expected
+
+
+def test_more_stages_than_blocks_are_refused() -> None:
+    with pytest.raises(ValueError, match="3 stages cannot split 2 blocks"):
+        stage_layers(2, 3, 0)
+
+
+class Replica:
+    """A replica of two pods, as the controller renders it: the leader serves HTTP and drives the
+    pipeline, the worker holds the second stage; the leader's address mapped to loopback."""
+
+    def __init__(self, model_dir: Path, workdir: Path) -> None:
+        rendezvous = free_port()
+        stage = ["--members", "2", "--leader-addr", "127.0.0.1", "--leader-port", str(rendezvous)]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "LARGO_MODEL_DIR": str(model_dir),
+            "LARGO_METRICS_PORT": "0",
+        }
+        self.worker_log = workdir / "worker.log"
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "largo.runtime.serve", *stage, "--member", "1"],
+            env=env,
+            stdout=self.worker_log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.leader = Served(model_dir, workdir, *stage, "--member", "0")
+        wait_for(
+            lambda: self.leader.status("/readyz")[0] == 200, 120, "the pipeline formed", self.leader.alive
+        )
+
+    def stop(self) -> None:
+        for process in (self.leader.process, self.worker):
+            process.kill()
+
+
+def _greedy(server: Served, prompts: list[str]) -> list[str]:
+    texts = []
+    for prompt in prompts:
+        status, _, text = server.post({"prompt": prompt, "max_tokens": 12, "temperature": 0})
+        assert status == 200, text
+        texts.append(json.loads(text)["choices"][0]["text"])
+    return texts
+
+
+def test_a_two_pod_replica_answers_as_a_one_pod_replica(
+    served: Served, trained: Path, tmp_path: Path
+) -> None:
+    replica = Replica(trained, tmp_path)
+    try:
+        with ThreadPoolExecutor(4) as pool:  # batched through the pipeline too
+            split = list(pool.map(lambda prompt: _greedy(replica.leader, [prompt])[0], PROMPTS))
+        assert split == _greedy(served, PROMPTS)
+        assert "stage 1 of 2: blocks [1]" in replica.worker_log.read_text()
+    finally:
+        replica.stop()
+
+
+def test_a_member_that_dies_makes_the_leader_unready_and_exit(trained: Path, tmp_path: Path) -> None:
+    replica = Replica(trained, tmp_path)
+    try:
+        replica.worker.kill()
+        replica.worker.wait(timeout=30)
+        code, _, text = replica.leader.post({"prompt": "def ", "max_tokens": 5, "temperature": 0})
+        assert code == 503
+        assert "the model failed" in json.loads(text)["error"]["message"]
+        # Exiting fails the leader's pod: the controller restarts the whole group.
+        assert replica.leader.process.wait(timeout=60) == 1
+        assert "the engine failed" in replica.leader.log.read_text()
+    finally:
+        replica.stop()

@@ -13,12 +13,13 @@ request's greedy tokens do not depend on what else runs in the batch.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 from torch.nn import functional
@@ -72,119 +73,66 @@ def sample(logits: torch.Tensor, request: Request) -> int:
     return int(torch.multinomial(probabilities, 1, generator=request.generator).item())
 
 
-class Engine:
-    """Runs requests through ``model`` on one thread of its own (``run``), ``max_batch`` at a time."""
+class Stage:
+    """The layers ``layers`` of the model with their slice of the KV cache: the whole model on one pod,
+    or one pipeline stage of a replica split over several (``stage_layers``). The first stage also
+    embeds the tokens, the last one also turns hidden states into logits."""
 
-    def __init__(self, model: TinyGPT, max_batch: int = 32, max_waiting: int = 64) -> None:
-        self.model = model.eval()
+    def __init__(self, model: TinyGPT, layers: range, max_batch: int) -> None:
         config = model.config
+        self.model = model.eval()
+        self.layers = layers
+        self.first = layers.start == 0
+        self.last = layers.stop == config.depth
         self.context = config.context
-        self.max_batch = max_batch
-        self.max_waiting = max_waiting
         self.heads = config.heads
-        head_width = config.width // config.heads
-        device = next(model.parameters()).device
+        self.width = config.width
+        self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        # keys and values of every slot: [slot, layer, k|v, head, position, head width]
+        # keys and values of every slot: [slot, layer of this stage, k|v, head, position, head width]
         self.cache = torch.zeros(
-            (max_batch, config.depth, 2, config.heads, config.context, head_width), device=device, dtype=dtype
+            (max_batch, len(layers), 2, config.heads, config.context, config.width // config.heads),
+            device=self.device,
+            dtype=dtype,
         )
-        self.device = device
-        self._free = list(range(max_batch))
-        self._running: list[Request] = []
-        self._waiting: deque[Request] = deque()
-        self._lock = threading.Condition()
-        self._stopped = False
-        # Told of each iteration: how many requests it decoded together.
-        self.observe_batch: Callable[[int], None] = lambda size: None
 
-    # -- the caller's side (any thread) -------------------------------------------------------------
-
-    def submit(self, request: Request) -> bool:
-        """Queues ``request``; False when the waiting queue is full (the caller answers 429)."""
-        if not request.prompt or len(request.prompt) + request.max_tokens > self.context:
-            raise ValueError("the prompt plus max_tokens must fit the model's context")
-        if request.seed is not None:
-            request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        with self._lock:
-            if len(self._waiting) >= self.max_waiting:
-                return False
-            self._waiting.append(request)
-            self._lock.notify()
-        return True
-
-    def stats(self) -> EngineStats:
-        with self._lock:
-            cached = sum(r.position for r in self._running)
-            return EngineStats(len(self._running), len(self._waiting), cached, self.max_batch * self.context)
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopped = True
-            self._lock.notify()
-
-    # -- the engine's thread ------------------------------------------------------------------------
-
-    def run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopped and not self._running and not self._waiting:
-                    self._lock.wait()
-                if self._stopped:
-                    return
-                admitted = []
-                while self._waiting and self._free:
-                    request = self._waiting.popleft()
-                    request.slot = self._free.pop()
-                    admitted.append(request)
-            with torch.inference_mode():
-                for request in admitted:
-                    self._prefill(request)
-                decoding = [r for r in self._running if r not in admitted]
-                if decoding:
-                    self._decode(decoding)
-            self._retire()
-
-    def _prefill(self, request: Request) -> None:
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[batch, length] tokens at [batch, length] positions -> [batch, length, width]."""
         model = self.model
-        tokens = torch.tensor([request.prompt], device=self.device)
-        length = tokens.shape[1]
-        x = model.tokens(tokens) + model.positions(torch.arange(length, device=self.device))
-        for layer, module in enumerate(model.blocks):
-            block = cast(Block, module)
+        out: torch.Tensor = model.tokens(tokens) + model.positions(positions)
+        return out
+
+    def prefill(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """One prompt's hidden states through this stage's layers, filling ``slot``'s cache."""
+        length = x.shape[1]
+        for index, layer in enumerate(self.layers):
+            block = cast(Block, self.model.blocks[layer])
             q, k, v = self._project(block, x)
-            self.cache[request.slot, layer, 0, :, :length] = k[0]
-            self.cache[request.slot, layer, 1, :, :length] = v[0]
+            self.cache[slot, index, 0, :, :length] = k[0]
+            self.cache[slot, index, 1, :, :length] = v[0]
             attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = self._finish_block(block, x, attended)
-        logits = model.head(model.norm(x[:, -1]))[0]
-        request.position = length
-        self._running.append(request)
-        self._emit(request, sample(logits, request))
+        return x
 
-    def _decode(self, batch: list[Request]) -> None:
-        model = self.model
-        slots = torch.tensor([r.slot for r in batch], device=self.device)
-        positions = torch.tensor([r.position for r in batch], device=self.device)
-        tokens = torch.tensor([[r.next_token] for r in batch], device=self.device)
-        x = model.tokens(tokens) + model.positions(positions)[:, None, :]
-        # Each request attends to its own cached positions and the new one.
+    def decode(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per request ([batch, 1, width]), each attending over its own cached positions."""
         visible = torch.arange(self.context, device=self.device)[None, :] <= positions[:, None]
         mask = visible[:, None, None, :]
-        for layer, module in enumerate(model.blocks):
-            block = cast(Block, module)
+        for index, layer in enumerate(self.layers):
+            block = cast(Block, self.model.blocks[layer])
             q, k, v = self._project(block, x)
-            self.cache[slots, layer, 0, :, positions] = k[:, :, 0]
-            self.cache[slots, layer, 1, :, positions] = v[:, :, 0]
-            keys = self.cache[slots, layer, 0]
-            values = self.cache[slots, layer, 1]
+            self.cache[slots, index, 0, :, positions] = k[:, :, 0]
+            self.cache[slots, index, 1, :, positions] = v[:, :, 0]
+            keys = self.cache[slots, index, 0]
+            values = self.cache[slots, index, 1]
             attended = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = self._finish_block(block, x, attended)
-        logits = model.head(model.norm(x[:, -1]))
-        self.observe_batch(len(batch))
-        for index, request in enumerate(batch):
-            request.position += 1
-            self._emit(request, sample(logits[index], request))
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last position's logits of each row: [batch, vocabulary]."""
+        out: torch.Tensor = self.model.head(self.model.norm(x[:, -1]))
+        return out
 
     def _project(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, length, width = x.shape
@@ -198,6 +146,153 @@ class Engine:
         x = x + block.projection(attended.transpose(1, 2).reshape(batch, length, width))
         out: torch.Tensor = x + block.mlp(block.norm_mlp(x))
         return out
+
+
+class Forward(Protocol):
+    """How the engine gets logits: from the whole model here, or through a pipeline of stages."""
+
+    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor: ...
+
+    def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor: ...
+
+
+class LocalForward:
+    """Every layer on this process (a replica of one pod)."""
+
+    def __init__(self, stage: Stage) -> None:
+        if not (stage.first and stage.last):
+            raise ValueError("a local forward needs every layer")
+        self.stage = stage
+
+    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        stage = self.stage
+        x = stage.embed(
+            torch.tensor([tokens], device=stage.device), torch.arange(len(tokens), device=stage.device)
+        )
+        return stage.logits(stage.prefill(x, slot))[0]
+
+    def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+        stage = self.stage
+        at = torch.tensor(positions, device=stage.device)
+        x = stage.embed(torch.tensor(tokens, device=stage.device)[:, None], at[:, None])
+        return stage.logits(stage.decode(x, torch.tensor(slots, device=stage.device), at))
+
+
+class Engine:
+    """Runs requests through ``forward`` on one thread of its own (``run``), ``max_batch`` at a time."""
+
+    def __init__(self, forward: Forward, context: int, max_batch: int = 32, max_waiting: int = 64) -> None:
+        self.forward = forward
+        self.context = context
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.device = torch.device("cpu")
+        self._free = list(range(max_batch))
+        self._running: list[Request] = []
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        # Why the engine stopped serving, if it failed.
+        self.failure: str | None = None
+        # Told of each iteration: how many requests it decoded together.
+        self.observe_batch: Callable[[int], None] = lambda size: None
+
+    @classmethod
+    def local(cls, model: TinyGPT, max_batch: int = 32, max_waiting: int = 64) -> Engine:
+        """The whole model on this process."""
+        stage = Stage(model, range(model.config.depth), max_batch)
+        return cls(LocalForward(stage), model.config.context, max_batch, max_waiting)
+
+    # -- the caller's side (any thread) -------------------------------------------------------------
+
+    def submit(self, request: Request) -> bool:
+        """Queues ``request``; False when the waiting queue is full (the caller answers 429)."""
+        if not request.prompt or len(request.prompt) + request.max_tokens > self.context:
+            raise ValueError("the prompt plus max_tokens must fit the model's context")
+        if request.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        with self._lock:
+            if self._stopped or len(self._waiting) >= self.max_waiting:
+                return False
+            self._waiting.append(request)
+            self._lock.notify()
+        return True
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            cached = sum(r.position for r in self._running)
+            return EngineStats(len(self._running), len(self._waiting), cached, self.max_batch * self.context)
+
+    def start(self) -> None:
+        """Runs the engine on a thread of its own."""
+        self._thread = threading.Thread(target=self.run, name="largo-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops after the current iteration (telling a pipeline's members), and waits for that."""
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # -- the engine's thread ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._running and not self._waiting:
+                    self._lock.wait()
+                if self._stopped:
+                    break
+                admitted = []
+                while self._waiting and self._free:
+                    request = self._waiting.popleft()
+                    request.slot = self._free.pop()
+                    admitted.append(request)
+            try:
+                with torch.inference_mode():
+                    for request in admitted:
+                        self._prefill(request)
+                    decoding = [r for r in self._running if r not in admitted]
+                    if decoding:
+                        self._decode(decoding)
+            except Exception as error:  # a pipeline member gone, for one: nothing more can be served
+                self._fail(f"{type(error).__name__}: {error}", admitted)
+                return
+            self._retire()
+        # Stopped: the pipeline's members are told from this thread, never mid-step.
+        close = getattr(self.forward, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+
+    def _prefill(self, request: Request) -> None:
+        logits = self.forward.prefill(request.slot, request.prompt)
+        request.position = len(request.prompt)
+        self._running.append(request)
+        self._emit(request, sample(logits, request))
+
+    def _decode(self, batch: list[Request]) -> None:
+        logits = self.forward.decode(
+            [r.slot for r in batch], [r.position for r in batch], [r.next_token for r in batch]
+        )
+        self.observe_batch(len(batch))
+        for index, request in enumerate(batch):
+            request.position += 1
+            self._emit(request, sample(logits[index], request))
+
+    def _fail(self, reason: str, admitted: list[Request]) -> None:
+        """Ends every request with ``error`` and stops: the server turns unready and exits."""
+        with self._lock:
+            self.failure = reason
+            self._stopped = True
+            doomed = [*self._running, *(r for r in admitted if r not in self._running), *self._waiting]
+            self._waiting.clear()
+        self._running = []
+        for request in doomed:
+            request.on_finish("error")
 
     def _emit(self, request: Request, token: int) -> None:
         request.next_token = token

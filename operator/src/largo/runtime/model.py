@@ -59,3 +59,17 @@ class TinyGPT(nn.Module):
             x = block(x)
         logits = self.head(self.norm(x))
         return functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def stage_layers(depth: int, stages: int, stage: int) -> range:
+    """The blocks pipeline stage ``stage`` of ``stages`` holds: contiguous ranges as even as possible,
+    the earlier stages taking one more when ``depth`` does not divide (the first stage also embeds the
+    tokens, the last one also computes the logits). The one way the model is split, for serving and
+    for pipeline-parallel training."""
+    if not 1 <= stages <= depth:
+        raise ValueError(f"{stages} stages cannot split {depth} blocks: need 1 <= stages <= depth")
+    if not 0 <= stage < stages:
+        raise ValueError(f"stage {stage} is outside 0..{stages - 1}")
+    size, extra = divmod(depth, stages)
+    start = stage * size + min(stage, extra)
+    return range(start, start + size + (1 if stage < extra else 0))

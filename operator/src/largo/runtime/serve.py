@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,9 +28,10 @@ import torch
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from largo.runtime import checkpoint
-from largo.runtime.engine import Engine, Request
-from largo.runtime.model import ModelConfig, TinyGPT
+from largo.runtime import checkpoint, pipeline
+from largo.runtime.engine import Engine, LocalForward, Request, Stage
+from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
+from largo.runtime.pipeline import PipelineForward
 
 logger = logging.getLogger(__name__)
 
@@ -332,8 +332,8 @@ class Server:
         while True:
             item = await completion.queue.get()
             if isinstance(item, str):
-                finish = "stop" if item == "stop" else "length"
-                if held:
+                finish = item if item in ("stop", "error") else "length"
+                if held and finish != "error":
                     yield bytes(held)
                 if produced > 1 and completion.first_token_at is not None:
                     elapsed = time.monotonic() - completion.first_token_at
@@ -363,7 +363,12 @@ class Server:
                 finish = item
             else:
                 text += item
+        if finish == "error":
+            return _error(503, f"the model failed: {self._failure()}", "service_unavailable", 1)
         return web.json_response(self._body(completion, text.decode(errors="replace"), finish, usage=True))
+
+    def _failure(self) -> str:
+        return (self.engine.failure if self.engine is not None else None) or "unknown"
 
     async def _stream(self, http: web.Request, completion: Completion) -> web.StreamResponse:
         response = web.StreamResponse(
@@ -372,6 +377,12 @@ class Server:
         await response.prepare(http)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         async for item in self._tokens(completion):
+            if item == "error":
+                failed = {
+                    "error": {"message": f"the model failed: {self._failure()}", "type": "server_error"}
+                }
+                await response.write(f"data: {json.dumps(failed)}\n\n".encode())
+                break
             if isinstance(item, str):
                 tail = decoder.decode(b"", final=True)
                 chunk = self._body(completion, tail, item, usage=True)
@@ -424,29 +435,71 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--drain-seconds", type=float, default=25.0, help="time to finish requests on SIGTERM"
     )
+    parser.add_argument("--members", type=int, default=int(env("LARGO_MEMBERS", "1")), help="pipeline stages")
+    parser.add_argument("--member", type=int, default=int(env("LARGO_MEMBER", "0")), help="this pod's stage")
+    parser.add_argument("--leader-addr", default=env("LARGO_LEADER_ADDR", "127.0.0.1"))
+    parser.add_argument("--leader-port", type=int, default=int(env("LARGO_LEADER_PORT", "29500")))
     return parser.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace, ready: threading.Event | None = None) -> None:
+def _start_engine(args: argparse.Namespace, metrics: Metrics) -> Engine:
+    """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
+    member joined). Raises ModelError for a model that cannot be served."""
+    started = time.monotonic()
+    model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, torch.device("cpu"))
+    config = model.config
+    forward: PipelineForward | LocalForward
+    if args.members > 1:
+        stage = Stage(model, stage_layers(config.depth, args.members, 0), args.max_batch)
+        pipeline.join(args.leader_addr, args.leader_port, 0, args.members)
+        forward = PipelineForward(stage, args.members, config.vocab_size)
+    else:
+        forward = LocalForward(Stage(model, range(config.depth), args.max_batch))
+    engine = Engine(forward, config.context, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    engine.observe_batch = metrics.batch_size.observe
+    engine.start()
+    metrics.load_seconds.set(time.monotonic() - started)
+    logger.info(
+        "serving %s: step %d of %s (%s), %d stage(s)", args.name, step, args.model_dir, config, args.members
+    )
+    return engine
+
+
+def member(args: argparse.Namespace) -> int:
+    """A worker of a replica split over pods: its stage of the pipeline, no HTTP of its own."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    load_seconds = Gauge(
+        "largo_serve_model_load_seconds", "How long loading the model took.", registry=registry
+    )
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=registry)
-    engine: Engine | None = None
-    problem: str | None = None
     started = time.monotonic()
     try:
         model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, torch.device("cpu"))
     except ModelError as error:
-        problem = str(error)
-        logger.error("not serving: %s", problem)
-    else:
-        engine = Engine(model, max_batch=args.max_batch, max_waiting=args.max_waiting)
-        engine.observe_batch = metrics.batch_size.observe
-        threading.Thread(target=engine.run, name="largo-engine", daemon=True).start()
-        metrics.load_seconds.set(time.monotonic() - started)
-        logger.info("serving %s: step %d of %s (%s)", args.name, step, args.model_dir, model.config)
-    server = Server(args.name, engine, metrics, problem)
+        logger.error("not serving: %s", error)
+        return 1
+    load_seconds.set(time.monotonic() - started)
+    layers = stage_layers(model.config.depth, args.members, args.member)
+    stage = Stage(model, layers, args.max_batch)
+    logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(layers), step)
+    pipeline.join(args.leader_addr, args.leader_port, args.member, args.members)
+    try:
+        pipeline.run_member(stage, args.member, args.members)
+    except Exception as error:  # the leader or a neighbour went away: the group is restarted whole
+        logger.error("pipeline lost: %s", error)
+        return 1
+    return 0
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """The leader's (or a single pod's) server; returns the process's exit code."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, registry=registry)
+    # Alive at once, ready once the model is loaded (and the pipeline formed): a slow load is no failure.
+    server = Server(args.name, None, metrics, "loading")
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
@@ -454,18 +507,36 @@ async def serve(args: argparse.Namespace, ready: threading.Event | None = None) 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    exit_code = 0
 
-    async def sample_engine() -> None:
-        while engine is not None:
-            stats = engine.stats()
-            metrics.running.set(stats.running)
-            metrics.waiting.set(stats.waiting)
-            metrics.cache_usage.set(stats.cached_tokens / stats.cache_capacity)
-            await asyncio.sleep(0.5)
+    async def load() -> None:
+        try:
+            server.engine = await asyncio.to_thread(_start_engine, args, metrics)
+        except ModelError as error:
+            server.problem = str(error)
+            logger.error("not serving: %s", error)
+        else:
+            server.problem = None
 
-    sampler = asyncio.create_task(sample_engine())
-    if ready is not None:
-        ready.set()
+    async def watch() -> None:
+        nonlocal exit_code
+        while True:
+            engine = server.engine
+            if engine is not None:
+                stats = engine.stats()
+                metrics.running.set(stats.running)
+                metrics.waiting.set(stats.waiting)
+                metrics.cache_usage.set(stats.cached_tokens / stats.cache_capacity)
+                if engine.failure is not None:
+                    # Unready at once; exiting fails the pod, and the controller restarts the group.
+                    server.problem = engine.failure
+                    logger.error("the engine failed: %s", engine.failure)
+                    exit_code = 1
+                    stop.set()
+                    return
+            await asyncio.sleep(0.2)
+
+    tasks = [asyncio.create_task(load()), asyncio.create_task(watch())]
     await stop.wait()
     # Drain: unready at once (the Service stops sending), finish what is in flight, then exit.
     server.draining = True
@@ -474,17 +545,21 @@ async def serve(args: argparse.Namespace, ready: threading.Event | None = None) 
         await asyncio.wait_for(server.idle.wait(), args.drain_seconds)
     except TimeoutError:
         logger.warning("%d request(s) still in flight after %.0fs", server.in_flight, args.drain_seconds)
-    sampler.cancel()
+    for task in tasks:
+        task.cancel()
+    engine = server.engine
     if engine is not None:
-        engine.stop()
+        await asyncio.to_thread(engine.stop)
     await runner.cleanup()
+    return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    asyncio.run(serve(parse_args(argv)))
-    return 0
+    args = parse_args(argv)
+    if args.member > 0:
+        return member(args)
+    return asyncio.run(serve(args))
 
 
 if __name__ == "__main__":
