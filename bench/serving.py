@@ -50,7 +50,7 @@ SHAPES = {
 
 # The model a KServe user would write: the same checkpoint, a plain predict that generates greedily.
 KSERVE_MODEL = """
-import argparse, torch, kserve
+import argparse, pathlib, torch, kserve
 from largo.runtime.serve import load_model
 
 class Tiny(kserve.Model):
@@ -60,7 +60,7 @@ class Tiny(kserve.Model):
         self.load()
 
     def load(self):
-        self.model, _ = load_model(self.directory, None, torch.device("cpu"))
+        self.model, _ = load_model(pathlib.Path(self.directory), None, torch.device("cpu"))
         self.ready = True
 
     def predict(self, payload, headers=None):
@@ -197,7 +197,7 @@ def measure(
 ) -> dict[str, dict[int, Result]]:
     model_dir = workdir / name
     make_checkpoint(model_dir, config)
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    env = dict(os.environ)
     texts = prompts(requests)
     results: dict[str, dict[int, Result]] = {}
     for label, batch in (("largo", "32"), ("one at a time", "1")):

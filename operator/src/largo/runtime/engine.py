@@ -195,6 +195,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         # Why the engine stopped serving, if it failed.
         self.failure: str | None = None
+        # Called after each iteration (its tokens delivered): the server wakes its event loop once.
+        self.after_iteration: Callable[[], None] = lambda: None
         # Told of each iteration: how many requests it decoded together.
         self.observe_batch: Callable[[int], None] = lambda size: None
 
@@ -262,6 +264,7 @@ class Engine:
                 self._fail(f"{type(error).__name__}: {error}", admitted)
                 return
             self._retire()
+            self.after_iteration()
         # Stopped: the pipeline's members are told from this thread, never mid-step.
         close = getattr(self.forward, "close", None)
         if close is not None:
@@ -293,6 +296,7 @@ class Engine:
         self._running = []
         for request in doomed:
             request.on_finish("error")
+        self.after_iteration()
 
     def _emit(self, request: Request, token: int) -> None:
         request.next_token = token
