@@ -106,6 +106,7 @@ def test_helm_install_runs_the_operator_with_least_privilege(
             ("patch", "inferenceservices.largo.dev/status"),
             ("update", "inferenceservices.largo.dev/finalizers"),
             ("watch", "persistentvolumeclaims"),
+            ("watch", "services"),
             ("watch", "horizontalpodautoscalers.autoscaling"),
         ]:
             assert can(verb, resource), (verb, resource)

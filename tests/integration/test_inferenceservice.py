@@ -240,6 +240,16 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
     ).stdout
     assert "Pods per replica group" in explained
 
+    # A Service deleted by hand is made again.
+    services.core.delete_namespaced_service("llm", namespace)
+    wait_for(
+        lambda: any(
+            svc.metadata.name == "llm" for svc in services.core.list_namespaced_service(namespace).items
+        ),
+        TIMEOUT,
+        "the Service made again",
+    )
+
 
 def test_kubectl_scale_works_without_autoscaling_and_is_clamped_with_it(
     services: Services, make_pool: Callable[..., NodePool], cluster: LocalCluster

@@ -155,6 +155,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     workers = int(_float_env("LARGO_RECONCILE_WORKERS", 8))
     memo.jobs = jobs
     memo.services = services
+    memo.serving = serving
     memo.scheduler = scheduler
     memo.tasks = []
     reconcile = reconciler.reconcile
@@ -373,6 +374,17 @@ async def node_changed(
 @kopf.on.event(GROUP, VERSION, SERVICE_PLURAL)
 async def service_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     memo.services.add((str(namespace), name))
+
+
+@kopf.on.event("services", labels={LABEL_SERVICE: kopf.PRESENT})
+async def network_changed(
+    namespace: str | None, labels: kopf.Labels, event: kopf.RawEvent, memo: kopf.Memo, **_: Any
+) -> None:
+    """A service's Service was deleted (by hand, say): it is made again."""
+    if event.get("type") == "DELETED":
+        key = (str(namespace), labels[LABEL_SERVICE])
+        memo.serving.forget_network(key)
+        memo.services.add(key)
 
 
 @kopf.on.event("persistentvolumeclaims")

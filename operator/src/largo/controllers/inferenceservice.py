@@ -62,8 +62,13 @@ class InferenceServiceReconciler:
     clock: Callable[[], float]
     default_image: str = build.DEFAULT_SERVER_IMAGE
     _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
-    # Services whose two Services this operator already made (by uid): created once, not every cycle.
-    _networked: set[str] = field(default_factory=set)
+    # Services whose two Services this operator already made (by key, then uid): created once, not
+    # every cycle; forgotten when one of them is deleted, so that the next cycle makes it again.
+    _networked: dict[JobKey, str] = field(default_factory=dict)
+
+    def forget_network(self, key: JobKey) -> None:
+        """One of the service's Services was deleted: the next cycle creates what is missing."""
+        self._networked.pop(key, None)
 
     def hint(self, key: JobKey, body: Mapping[str, Any]) -> None:
         self._hints[key] = body
@@ -188,9 +193,9 @@ class InferenceServiceReconciler:
             self._hints[(namespace, name)] = written
         if decision.wake_scheduler:
             self.wake_scheduler()
-        if str(metadata.get("uid")) not in self._networked:
+        if self._networked.get((namespace, name)) != str(metadata.get("uid")):
             await self._create(written, [build.build_members_service(service), build.build_service(service)])
-            self._networked.add(str(metadata.get("uid")))
+            self._networked[(namespace, name)] = str(metadata.get("uid"))
         if decision.create and decision.model is not None:
             model = decision.model
             pods = [
