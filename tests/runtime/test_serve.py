@@ -21,9 +21,9 @@ import pytest
 import torch
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
-from largo.runtime.engine import Engine, Request
+from largo.runtime.engine import Engine, Request, sample
 from largo.runtime.model import stage_layers
-from largo.runtime.serve import ModelError, load_model
+from largo.runtime.serve import ModelError, _overlap, load_model
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
@@ -165,9 +165,9 @@ class Served:
             text = response.read().decode()
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                label = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                values[f"{sample.name}{{{label}}}" if label else sample.name] = sample.value
+            for point in family.samples:
+                label = ",".join(f"{k}={v}" for k, v in sorted(point.labels.items()))
+                values[f"{point.name}{{{label}}}" if label else point.name] = point.value
         return values
 
     def stop(self) -> int:
@@ -395,3 +395,30 @@ def test_a_member_that_dies_makes_the_leader_unready_and_exit(trained: Path, tmp
         assert "the engine failed" in replica.leader.log.read_text()
     finally:
         replica.stop()
+
+
+def test_sampling_is_greedy_at_zero_and_nucleus_keeps_the_top_mass() -> None:
+    logits = torch.tensor([0.0, 3.0, 2.9, -5.0])
+    assert sample(logits, Request(prompt=[1], max_tokens=1, temperature=0.0)) == 1
+    # top_p 0.5 keeps only the most likely token (its mass alone is about 0.5); any seed picks it.
+    picks = {
+        sample(
+            logits, Request(prompt=[1], max_tokens=1, top_p=0.5, generator=torch.Generator().manual_seed(s))
+        )
+        for s in range(20)
+    }
+    assert picks == {1}
+    wide = {
+        sample(
+            logits, Request(prompt=[1], max_tokens=1, top_p=0.9, generator=torch.Generator().manual_seed(s))
+        )
+        for s in range(40)
+    }
+    assert wide == {1, 2}  # the unlikely ones stay out
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "held"), [(b"abc", b"cd", 1), (b"abc", b"bcd", 2), (b"abc", b"xy", 0), (b"a", b"abc", 1)]
+)
+def test_text_that_may_start_a_stop_sequence_is_held_back(text: bytes, stop: bytes, held: int) -> None:
+    assert _overlap(bytearray(text), stop) == held
