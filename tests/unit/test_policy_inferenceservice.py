@@ -851,3 +851,68 @@ def test_losing_the_model_keeps_the_last_served_one_in_status() -> None:
     # The running group keeps serving.
     assert decision.delete == []
     assert decision.status["ready"] == "1/1"
+
+
+def test_pods_on_a_lost_node_are_deleted_without_grace() -> None:
+    sim = ready_service()
+    node = sim.pods["llama-r1-node-1"].node_name
+    assert node is not None
+    sim.lost = frozenset({node})
+    decision = sim.plan()
+    on_lost = {name for name, pod in sim.pods.items() if pod.node_name == node}
+    assert decision.force_delete == on_lost
+    assert on_lost <= set(decision.delete)
+    # Other pods of the restarted group go with their grace period.
+    assert "llama-r1-node-0" not in decision.force_delete or sim.pods["llama-r1-node-0"].node_name == node
+
+
+def test_a_member_that_cannot_bind_for_the_binding_timeout_restarts_its_group() -> None:
+    sim = ready_service(replicas=1)
+    stuck = replace(
+        sim.pods["llama-r0-node-1"],
+        phase="Pending",
+        ready=False,
+        node_name=None,
+        unschedulable_since=NOW - 100,
+        unschedulable_message="0/3 nodes are available: 1 Insufficient nvidia.com/gpu",
+    )
+    sim.pods["llama-r0-node-1"] = stuck
+    sim.now = NOW + 50  # 150 s unschedulable, past the default 30 s
+    (message,) = restarted(sim.plan())
+    assert "member 1 (llama-r0-node-1) could not be bound" in message
+    assert "Insufficient nvidia.com/gpu" in message
+    sim.pods["llama-r0-node-1"] = replace(stuck, unschedulable_since=sim.now - 5)
+    assert restarted(sim.plan()) == []  # not yet
+
+
+def test_failures_outside_a_rollout_never_stop_scaling() -> None:
+    sim = ready_service(replicas=1)
+    group = group_of(sim.status, 0)
+    group.update(ready=False, failures=5, restarts=5, nodes=[], attempt=5)
+    sim.pods = {}
+    sim.spec = spec_of(replicas=3, nodesPerReplica=2)
+    decision = sim.plan()
+    assert condition(decision.status, "Progressing")["reason"] != "RolloutStalled"
+    assert len(decision.status["groups"]) == 3  # scaled up though group 0 keeps failing
+
+
+def test_pods_of_a_group_entry_that_cannot_be_read_are_not_taken_for_leftovers() -> None:
+    sim = ready_service(replicas=2)
+    status = dict(sim.status)
+    status["groups"] = [g for g in status["groups"] if g["replica"] == 0]  # entry 1 was unreadable
+    view = ServiceView(NAME, "ml", sim.spec, 1, status, REV_A, sweep_leftovers=False)
+    decision = plan(view, RESOLVED, list(sim.pods.values()), NONE, sim.now, selector=SELECTOR, url=URL)
+    assert not any(name.startswith("llama-r1-") for name in decision.delete)
+    swept = plan(
+        replace(view, sweep_leftovers=True),
+        RESOLVED,
+        list(sim.pods.values()),
+        NONE,
+        sim.now,
+        selector=SELECTOR,
+        url=URL,
+    )
+    assert {name for name in swept.delete if name.startswith("llama-r1-")} == {
+        "llama-r1-node-0",
+        "llama-r1-node-1",
+    }

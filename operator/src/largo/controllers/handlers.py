@@ -128,6 +128,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         wake_scheduler=scheduler.wake,
         clock=time.time,
         default_image=os.environ.get("LARGO_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
+        binding_timeout=_float_env("LARGO_BINDING_TIMEOUT_SECONDS", 30.0),
     )
     reconciler = TrainJobReconciler(
         kube=kube,

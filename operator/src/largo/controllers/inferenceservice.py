@@ -61,6 +61,8 @@ class InferenceServiceReconciler:
     wake_scheduler: Callable[[], None]
     clock: Callable[[], float]
     default_image: str = build.DEFAULT_SERVER_IMAGE
+    # How long a member may stay unschedulable on its pinned node before its group is placed again.
+    binding_timeout: float = 30.0
     _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
     # Services whose two Services this operator already made (by key, then uid): created once, not
     # every cycle; forgotten when one of them is deleted, so that the next cycle makes it again.
@@ -108,7 +110,8 @@ class InferenceServiceReconciler:
     def decide(self, key: JobKey, body: Mapping[str, Any], service: InferenceService) -> ServicePlan:
         namespace, name = key
         metadata = body.get("metadata") or {}
-        status, _ = sanitize_service_status(body.get("status") or {})
+        status = _sanitized(body.get("status") or {})
+        readable = len(status.get("groups") or []) == len((body.get("status") or {}).get("groups") or [])
         spec = service.spec
         resolution = self._resolve(namespace, service, status.get("model"))
         revision = (
@@ -132,6 +135,9 @@ class InferenceServiceReconciler:
             status=status,
             revision=revision,
             scaling_note=_note((metadata.get("annotations") or {}).get(ANNOTATION_SCALING)),
+            binding_timeout=self.binding_timeout,
+            # Pods of a group whose entry cannot be read are not taken for leftovers.
+            sweep_leftovers=readable,
         )
         decision = plan(
             view,
@@ -182,7 +188,8 @@ class InferenceServiceReconciler:
     ) -> float | None:
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
-        current, dropped = sanitize_service_status(body.get("status") or {})
+        current = _sanitized(body.get("status") or {})
+        dropped = current != dict(body.get("status") or {})
         written: Mapping[str, Any] = body
         if decision.status != current or dropped:
             check_service_status(decision.status)
@@ -196,6 +203,17 @@ class InferenceServiceReconciler:
         if self._networked.get((namespace, name)) != str(metadata.get("uid")):
             await self._create(written, [build.build_members_service(service), build.build_service(service)])
             self._networked[(namespace, name)] = str(metadata.get("uid"))
+        # Deletes and events first: a refused create (quota, a webhook) must not hold back the drain of
+        # retired groups or the restart of failed ones.
+        if decision.delete:
+            await asyncio.gather(
+                *(
+                    self.kube.delete_pod(namespace, pod, pod in decision.force_delete)
+                    for pod in dict.fromkeys(decision.delete)
+                )
+            )
+        for event in decision.events:
+            await self.kube.event(written, event.type, event.reason, event.message)
         if decision.create and decision.model is not None:
             model = decision.model
             pods = [
@@ -203,10 +221,6 @@ class InferenceServiceReconciler:
                 for c in decision.create
             ]
             await self._create(written, pods)
-        if decision.delete:
-            await asyncio.gather(*(self.kube.delete_pod(namespace, pod) for pod in decision.delete))
-        for event in decision.events:
-            await self.kube.event(written, event.type, event.reason, event.message)
         return decision.requeue_after
 
     async def _create(self, owner: Mapping[str, Any], manifests: list[dict[str, Any]]) -> None:
@@ -250,6 +264,17 @@ class InferenceServiceReconciler:
             metadata["namespace"], metadata["name"], metadata.get("resourceVersion"), patch
         )
         await self.kube.event(body, "Warning", ServiceReason.INVALID_SPEC, message)
+
+
+def _sanitized(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The status without what does not fit the schema, group by group: one malformed group entry
+    (written by hand, or by a newer operator) must not make every group, and so every pod, look
+    unknown."""
+    groups = status.get("groups")
+    clean, _ = sanitize_service_status({k: v for k, v in status.items() if k != "groups"})
+    if isinstance(groups, list):
+        clean["groups"] = [g for g in groups if not sanitize_service_status({"groups": [g]})[1]]
+    return clean
 
 
 def _note(raw: Any) -> Mapping[str, Any] | None:

@@ -210,6 +210,8 @@ def build_pod(
         names.LABEL_MEMBER: str(member),
         names.LABEL_REVISION: pod_revision,
         names.LABEL_ATTEMPT: str(attempt),
+        # largo's admission holds such a pod's node whole (the scheduler reads it from the label).
+        **({names.LABEL_EXCLUSIVE: "true"} if spec.scheduling.exclusive_nodes else {}),
     }
     # vLLM serves /metrics on its HTTP port, from the leader only; largo's server on `metrics`, everywhere.
     vllm = runtime.type is RuntimeType.VLLM

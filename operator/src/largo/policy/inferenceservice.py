@@ -182,6 +182,9 @@ class MemberPod:
     ready: bool
     node_name: str | None
     terminating: bool
+    # Since when kube-scheduler says the pod cannot go to its pinned node, and why.
+    unschedulable_since: float | None = None
+    unschedulable_message: str = ""
 
 
 def member_pod(pod: Mapping[str, Any]) -> MemberPod | None:
@@ -200,6 +203,11 @@ def member_pod(pod: Mapping[str, Any]) -> MemberPod | None:
     ready = any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
     )
+    since, message = None, ""
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            since = parse_timestamp(condition.get("lastTransitionTime"))
+            message = str(condition.get("message") or "")
     return MemberPod(
         name=str(metadata.get("name")),
         replica=replica,
@@ -210,6 +218,8 @@ def member_pod(pod: Mapping[str, Any]) -> MemberPod | None:
         ready=ready,
         node_name=(pod.get("spec") or {}).get("nodeName"),
         terminating=metadata.get("deletionTimestamp") is not None,
+        unschedulable_since=since,
+        unschedulable_message=message,
     )
 
 
@@ -236,6 +246,8 @@ class ServicePlan:
     status: dict[str, Any]
     create: list[CreateMember] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
+    # Pods on lost nodes: deleted without grace, or they would stay Terminating for ever.
+    force_delete: set[str] = field(default_factory=set)
     events: list[Event] = field(default_factory=list)
     # The model every new group is built from (None: no group can be built yet).
     model: ModelMount | None = None
@@ -254,6 +266,10 @@ class ServiceView:
     revision: str | None
     # What the autoscaler said when it last set spec.replicas: {to, reason, metricValue, time}.
     scaling_note: Mapping[str, Any] | None = None
+    # How long a member may stay unschedulable on its pinned node before its group is placed again.
+    binding_timeout: float = 30.0
+    # Remove pods of no known group (False when some group entry could not be read).
+    sweep_leftovers: bool = True
 
 
 def _backoff(restarts: int) -> float:
@@ -277,6 +293,10 @@ def plan(
     by_group: dict[int, list[MemberPod]] = {}
     for pod in pods:
         by_group.setdefault(pod.replica, []).append(pod)
+        if pod.node_name in lost_nodes:
+            # No kubelet will confirm its end: remove it now (the group's restart below decides why).
+            out.delete.append(pod.name)
+            out.force_delete.add(pod.name)
 
     groups: list[dict[str, Any]] = [dict(g) for g in status.get("groups") or []]
     kept: list[dict[str, Any]] = []
@@ -303,13 +323,26 @@ def plan(
         # A server never ends by itself: a member that exited, however, is gone from the pipeline.
         failed = [p for p in current.values() if p.phase in ("Failed", "Succeeded") or p.terminating]
         lost = sorted({n for n in nodes if n in lost_nodes})
-        if failed or lost:
+        unbound = [
+            p
+            for p in current.values()
+            if p.phase == "Pending"
+            and p.unschedulable_since is not None
+            and now - p.unschedulable_since >= view.binding_timeout
+        ]
+        if failed or lost or unbound:
             if failed:
                 pod = failed[0]
                 what = "was deleted" if pod.terminating else pod.phase.lower()
                 cause = f"member {pod.member} ({pod.name}) {what}"
-            else:
+            elif lost:
                 cause = f"node {', '.join(lost)} lost"
+            else:
+                pod = unbound[0]
+                cause = (
+                    f"member {pod.member} ({pod.name}) could not be bound to {nodes[pod.member]} for "
+                    f"{view.binding_timeout:.0f}s: {pod.unschedulable_message}"
+                )
             restarts = int(group.get("restarts") or 0) + 1
             after = now + _backoff(restarts)
             out.delete += [p.name for p in current.values() if not p.terminating]
@@ -318,6 +351,7 @@ def plan(
                 nodes=[],
                 ready=False,
                 restarts=restarts,
+                failures=int(group.get("failures") or 0) + 1,
                 admittedAt=None,
                 restartAfter=timestamp(after),
                 queuedAt=timestamp(after),
@@ -350,10 +384,13 @@ def plan(
             group.pop("readySince", None)
         elif not group.get("readySince"):
             group["readySince"] = timestamp(now)
+        if group.get("failures") and _available(group, spec.rollout.min_ready_seconds, now):
+            # Serving (for minReadySeconds): earlier failures no longer say the group cannot start.
+            group["failures"] = 0
         kept.append(group)
 
     # Pods of no group at all (their group left the status while the pod index lagged): removed.
-    known = {int(g["replica"]) for g in kept}
+    known = {int(g["replica"]) for g in kept} if view.sweep_leftovers else set(by_group)
     out.delete += [
         p.name for replica, ps in by_group.items() if replica not in known for p in ps if not p.terminating
     ]
@@ -365,9 +402,9 @@ def plan(
     if view.revision is None:
         progressing = (False, resolution.reason, resolution.message)
     else:
+        rolling = any(g.get("revision") != view.revision for g in live)
         step = plan_rollout(
             [
-                # Only a group not ready now is failing: restarts it recovered from stall nothing.
                 GroupState(
                     int(g["replica"]),
                     str(g["revision"]),
@@ -376,7 +413,9 @@ def plan(
                     _available(
                         g, spec.rollout.min_ready_seconds if g["revision"] == view.revision else 0, now
                     ),
-                    0 if g.get("ready") else int(g.get("restarts") or 0),
+                    # Failures since the group last served, and only while a rollout is under way:
+                    # a group that keeps failing outside one is restarted, never a reason to stop scaling.
+                    int(g.get("failures") or 0) if rolling and not g.get("ready") else 0,
                 )
                 for g in live
             ],

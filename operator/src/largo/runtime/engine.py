@@ -193,6 +193,7 @@ class Engine:
         self._lock = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self.heartbeat_seconds = 30.0
         # Why the engine stopped serving, if it failed.
         self.failure: str | None = None
         # Called after each iteration (its tokens delivered): the server wakes its event loop once.
@@ -244,10 +245,23 @@ class Engine:
     def run(self) -> None:
         while True:
             with self._lock:
+                idle_since = time.monotonic()
                 while not self._stopped and not self._running and not self._waiting:
-                    self._lock.wait()
+                    self._lock.wait(self.heartbeat_seconds)
+                    if time.monotonic() - idle_since >= self.heartbeat_seconds:
+                        break
                 if self._stopped:
                     break
+                idle = not self._running and not self._waiting
+            if idle:
+                # A pipeline's members hear from the leader even when no request comes.
+                try:
+                    self._heartbeat()
+                except Exception as error:
+                    self._fail(f"{type(error).__name__}: {error}", [])
+                    return
+                continue
+            with self._lock:
                 admitted = []
                 while self._waiting and self._free:
                     request = self._waiting.popleft()
@@ -265,11 +279,24 @@ class Engine:
                 return
             self._retire()
             self.after_iteration()
-        # Stopped: the pipeline's members are told from this thread, never mid-step.
+        # Stopped: what is still here is ended (the server drained what it could), and the pipeline's
+        # members are told from this thread, never mid-step.
+        with self._lock:
+            leftover = [*self._running, *self._waiting]
+            self._waiting.clear()
+        self._running = []
+        for request in leftover:
+            request.on_finish("error")
+        self.after_iteration()
         close = getattr(self.forward, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):
                 close()
+
+    def _heartbeat(self) -> None:
+        beat = getattr(self.forward, "heartbeat", None)
+        if beat is not None:
+            beat()
 
     def _prefill(self, request: Request) -> None:
         logits = self.forward.prefill(request.slot, request.prompt)

@@ -20,14 +20,18 @@ from largo.runtime.engine import Stage
 
 logger = logging.getLogger(__name__)
 
-PREFILL, DECODE, STOP = 0, 1, 2
+PREFILL, DECODE, STOP, HEARTBEAT = 0, 1, 2, 3
+# The leader says it is alive this often while idle: a member's receive times out after ``TIMEOUT``.
+HEARTBEAT_SECONDS = 30.0
+TIMEOUT_SECONDS = 600.0
 
 
-def join(leader_address: str, port: int, member: int, members: int, timeout: float = 600.0) -> None:
-    """Forms the replica's process group (the leader hosts the store, as rank 0 does for training)."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+def join(leader_address: str, port: int, member: int, members: int, timeout: float = TIMEOUT_SECONDS) -> None:
+    """Forms the replica's process group (the leader hosts the store, as rank 0 does for training).
+
+    gloo: the stages pass CPU tensors (the model runs on the CPU here); a GPU pipeline would use NCCL."""
     dist.init_process_group(
-        backend,
+        "gloo",
         init_method=f"tcp://{leader_address}:{port}",
         rank=member,
         world_size=members,
@@ -69,6 +73,10 @@ class PipelineForward:
         x = stage.embed(torch.tensor(tokens)[:, None], at[:, None])
         return self._through(DECODE, slots, positions, stage.decode(x, torch.tensor(slots), at))
 
+    def heartbeat(self) -> None:
+        """Keeps an idle pipeline's members from timing out (and finds a dead one early)."""
+        _send(HEARTBEAT, [], [], torch.zeros((0, 0, self.stage.width)), 1)
+
     def close(self) -> None:
         """Tells the members to exit (they also exit when the leader's connection drops)."""
         _send(STOP, [], [], torch.zeros((0, 0, self.stage.width)), 1)
@@ -87,10 +95,12 @@ def run_member(stage: Stage, member: int, members: int) -> None:
         dist.recv(positions, source)
         x = torch.empty((batch, length, stage.width))
         dist.recv(x, source)
-        if op == STOP:
+        if op in (STOP, HEARTBEAT):
             if not stage.last:
-                _send(STOP, [], [], x, target)
-            return
+                _send(op, [], [], x, target)
+            if op == STOP:
+                return
+            continue
         with torch.inference_mode():
             x = stage.prefill(x, int(slots[0])) if op == PREFILL else stage.decode(x, slots, positions)
             if stage.last:

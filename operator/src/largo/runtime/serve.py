@@ -535,7 +535,8 @@ async def serve(args: argparse.Namespace) -> int:
         start_http_server(args.metrics_port, registry=registry)
     # Alive at once, ready once the model is loaded (and the pipeline formed): a slow load is no failure.
     server = Server(args.name, None, metrics, "loading")
-    runner = web.AppRunner(server.app(), access_log=None)
+    # What is still open after the drain is cut after 2 s: the pod's grace period is nearly over.
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     stop = asyncio.Event()
@@ -545,11 +546,18 @@ async def serve(args: argparse.Namespace) -> int:
     exit_code = 0
 
     async def load() -> None:
+        nonlocal exit_code
         try:
             server.attach(await asyncio.to_thread(_start_engine, args, metrics), loop)
         except ModelError as error:
+            # The model asked for is not there: alive and unready, saying why, until the spec changes.
             server.problem = str(error)
             logger.error("not serving: %s", error)
+        except Exception as error:  # the pipeline could not form, for one: the group is restarted
+            server.problem = f"{type(error).__name__}: {error}"
+            logger.exception("could not start serving")
+            exit_code = 1
+            stop.set()
         else:
             server.problem = None
 

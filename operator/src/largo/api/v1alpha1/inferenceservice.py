@@ -416,6 +416,9 @@ class GroupStatus(StatusModel):
     ready: bool = Field(default=False, description="Every member running and ready.")
     ready_since: datetime | None = Field(default=None, description="Since when, without interruption.")
     restarts: int = Field(default=0, ge=0, description="Restarts after a failure.")
+    failures: int = Field(
+        default=0, ge=0, description="Restarts since it last served: what tells a rollout that cannot start."
+    )
     restart_after: datetime | None = Field(default=None, description="A failed group waits till then.")
     retiring: bool = Field(default=False, description="Being drained and removed (rollout or scale-down).")
     queue: QueueStatus | None = Field(default=None, description="Why it waits, while not admitted.")
@@ -455,7 +458,8 @@ class InferenceServiceStatus(StatusModel):
     url: str | None = Field(default=None, description="The stable in-cluster address.")
     revision: str | None = Field(default=None, description="The revision replicas are rolled toward.")
     model: ServedModel | None = None
-    groups: list[GroupStatus] = Field(default_factory=list, max_length=MAX_REPLICAS * 2)
+    # Up to replicas + maxSurge live groups, and the retiring ones draining beside them.
+    groups: list[GroupStatus] = Field(default_factory=list, max_length=MAX_REPLICAS * 4)
     scaling: list[ScalingDecision] = Field(
         default_factory=list,
         max_length=MAX_SCALING_DECISIONS,
