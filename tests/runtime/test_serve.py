@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -334,9 +335,9 @@ class Replica:
     """A replica of two pods, as the controller renders it: the leader serves HTTP and drives the
     pipeline, the worker holds the second stage; the leader's address mapped to loopback."""
 
-    def __init__(self, model_dir: Path, workdir: Path) -> None:
+    def __init__(self, model_dir: Path, workdir: Path, *extra: str) -> None:
         rendezvous = free_port()
-        stage = ["--members", "2", "--leader-addr", "127.0.0.1", "--leader-port", str(rendezvous)]
+        stage = ["--members", "2", "--leader-addr", "127.0.0.1", "--leader-port", str(rendezvous), *extra]
         env = {
             **os.environ,
             "OMP_NUM_THREADS": "1",
@@ -422,3 +423,15 @@ def test_sampling_is_greedy_at_zero_and_nucleus_keeps_the_top_mass() -> None:
 )
 def test_text_that_may_start_a_stop_sequence_is_held_back(text: bytes, stop: bytes, held: int) -> None:
     assert _overlap(bytearray(text), stop) == held
+
+
+def test_an_idle_pipeline_outlives_its_receive_timeout(trained: Path, tmp_path: Path) -> None:
+    replica = Replica(trained, tmp_path, "--pipeline-timeout", "3")
+    try:
+        # Idle for twice the members' receive timeout: the leader's heartbeats keep them waiting.
+        time.sleep(6)
+        assert replica.worker.poll() is None, replica.worker_log.read_text()
+        code, _, text = replica.leader.post({"prompt": "def ", "max_tokens": 5, "temperature": 0})
+        assert code == 200, text
+    finally:
+        replica.stop()

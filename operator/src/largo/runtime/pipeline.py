@@ -21,9 +21,12 @@ from largo.runtime.engine import Stage
 logger = logging.getLogger(__name__)
 
 PREFILL, DECODE, STOP, HEARTBEAT = 0, 1, 2, 3
-# The leader says it is alive this often while idle: a member's receive times out after ``TIMEOUT``.
-HEARTBEAT_SECONDS = 30.0
+# A member's receive times out after this; the leader says it is alive every twentieth of it while idle.
 TIMEOUT_SECONDS = 600.0
+
+
+def heartbeat_seconds(timeout: float) -> float:
+    return timeout / 20
 
 
 def join(leader_address: str, port: int, member: int, members: int, timeout: float = TIMEOUT_SECONDS) -> None:

@@ -469,6 +469,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--leader-addr", default=env("LARGO_LEADER_ADDR", "127.0.0.1"))
     parser.add_argument("--leader-port", type=int, default=int(env("LARGO_LEADER_PORT", "29500")))
     parser.add_argument(
+        "--pipeline-timeout",
+        type=float,
+        default=pipeline.TIMEOUT_SECONDS,
+        help="seconds a pipeline member waits for the next message (the leader heartbeats while idle)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=max(1, (os.cpu_count() or 2) - 1),
@@ -486,11 +492,12 @@ def _start_engine(args: argparse.Namespace, metrics: Metrics) -> Engine:
     forward: PipelineForward | LocalForward
     if args.members > 1:
         stage = Stage(model, stage_layers(config.depth, args.members, 0), args.max_batch)
-        pipeline.join(args.leader_addr, args.leader_port, 0, args.members)
+        pipeline.join(args.leader_addr, args.leader_port, 0, args.members, args.pipeline_timeout)
         forward = PipelineForward(stage, args.members, config.vocab_size)
     else:
         forward = LocalForward(Stage(model, range(config.depth), args.max_batch))
     engine = Engine(forward, config.context, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    engine.heartbeat_seconds = pipeline.heartbeat_seconds(args.pipeline_timeout)
     engine.observe_batch = metrics.batch_size.observe
     engine.start()
     metrics.load_seconds.set(time.monotonic() - started)
@@ -518,7 +525,7 @@ def member(args: argparse.Namespace) -> int:
     layers = stage_layers(model.config.depth, args.members, args.member)
     stage = Stage(model, layers, args.max_batch)
     logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(layers), step)
-    pipeline.join(args.leader_addr, args.leader_port, args.member, args.members)
+    pipeline.join(args.leader_addr, args.leader_port, args.member, args.members, args.pipeline_timeout)
     try:
         pipeline.run_member(stage, args.member, args.members)
     except Exception as error:  # the leader or a neighbour went away: the group is restarted whole
