@@ -12,7 +12,7 @@ from typing import Any
 
 from largo.api.v1alpha1 import GPU_RESOURCE, InferenceService, InferenceServiceSpec, RuntimeType
 from largo.manifests import names
-from largo.manifests.pods import pinned_pod_spec
+from largo.manifests.pods import add_shared_memory, equal_resources, gpu_tolerations, pinned_pod_spec
 from largo.manifests.vllm import VLLM_IMAGE, vllm_launch
 from largo.sched.quantity import parse_resources
 
@@ -149,11 +149,8 @@ def contract_env(service: InferenceService, model: ModelMount, replica: int, mem
 
 
 def pod_tolerations(service: InferenceService) -> list[JSON]:
-    """The user's tolerations, plus the GPU taint's for pods that ask for GPUs (as for a TrainJob)."""
-    tolerations = [dict(t) for t in service.spec.pod_template.tolerations]
-    if gpus_per_pod(service.spec) > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
-        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    return tolerations
+    """The user's tolerations, plus the GPU taint's for GPU pods (as for a TrainJob)."""
+    return gpu_tolerations(service.spec.pod_template, gpus_per_pod(service.spec))
 
 
 def _http_probe(path: str, port: int, period: int, failures: int) -> JSON:
@@ -237,10 +234,7 @@ def build_pod(
         },
     ]
     mounts = [*(dict(m) for m in template.volume_mounts), mount]
-    if not any(m.get("mountPath") == "/dev/shm" for m in mounts):
-        # NCCL and vLLM's workers need more than the container runtime's 64Mi of /dev/shm.
-        volumes.append({"name": names.SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
-        mounts.append({"name": names.SHM_VOLUME, "mountPath": "/dev/shm"})
+    add_shared_memory(volumes, mounts)
 
     ports = [
         {"name": names.RENDEZVOUS_PORT_NAME, "containerPort": names.MASTER_PORT, "protocol": "TCP"},
@@ -268,9 +262,9 @@ def build_pod(
         container["command"] = command
     if args:
         container["args"] = args
-    quantities = {k: str(v) for k, v in sorted(spec.resources_per_node.items())}
-    if quantities:
-        container["resources"] = {"requests": dict(quantities), "limits": dict(quantities)}
+    resources = equal_resources(spec.resources_per_node)
+    if resources:
+        container["resources"] = resources
     if leader:
         # Only the leader serves HTTP; a worker is ready once it runs (its leader's readiness covers
         # the pipeline). A slow model load is not a failure: readiness waits, liveness is patient.

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from largo.api.v1alpha1 import PodTemplate
+from largo.api.v1alpha1 import GPU_RESOURCE, PodTemplate
+from largo.manifests import names
 
 JSON = dict[str, Any]
+
+
+def equal_resources(resources_per_node: Mapping[str, Any]) -> JSON:
+    """Requests equal to limits: extended resources (GPUs) must be limits, and a gang member that can
+    be throttled or evicted for exceeding its requests stalls every other one. Empty when none."""
+    quantities = {k: str(v) for k, v in sorted(resources_per_node.items())}
+    return {"requests": dict(quantities), "limits": dict(quantities)} if quantities else {}
+
+
+def gpu_tolerations(template: PodTemplate, gpus: int) -> list[JSON]:
+    """The user's tolerations, plus the GPU taint's for pods that ask for GPUs: GPU nodes are commonly
+    tainted with the resource name, and a pod that asks for GPUs wants them."""
+    tolerations = [dict(t) for t in template.tolerations]
+    if gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def add_shared_memory(volumes: list[JSON], mounts: list[JSON]) -> None:
+    """A memory-backed /dev/shm unless the user mounts one: the container runtime's 64Mi is too small
+    for NCCL, DataLoader workers and vLLM's."""
+    if not any(m.get("mountPath") == "/dev/shm" for m in mounts):
+        volumes.append({"name": names.SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": names.SHM_VOLUME, "mountPath": "/dev/shm"})
 
 
 def pinned_pod_spec(

@@ -12,7 +12,7 @@ from typing import Any
 
 from largo.api.v1alpha1 import GPU_RESOURCE, Backend, TrainJob, TrainJobSpec
 from largo.manifests import names
-from largo.manifests.pods import pinned_pod_spec
+from largo.manifests.pods import add_shared_memory, equal_resources, gpu_tolerations, pinned_pod_spec
 from largo.sched.quantity import parse_resources
 
 # Defaults that only make logs more useful; any of them is dropped when the user sets it in env.
@@ -159,24 +159,9 @@ def build_env(job: TrainJob, rank: int, attempt: int) -> list[JSON]:
     return [*contract_env(job, rank, attempt), *default_env, *user]
 
 
-def _resources(spec: TrainJobSpec) -> JSON:
-    # Requests equal limits: extended resources (GPUs) must be limits, and a gang member that can be
-    # throttled or evicted for exceeding requests stalls every other rank.
-    quantities = {k: str(v) for k, v in sorted(spec.resources_per_node.items())}
-    if not quantities:
-        return {}
-    return {"requests": dict(quantities), "limits": dict(quantities)}
-
-
 def pod_tolerations(job: TrainJob) -> list[JSON]:
-    """The user's tolerations, plus the GPU taint's for pods that ask for GPUs.
-
-    GPU nodes are commonly tainted with the resource name; a pod that asks for GPUs wants them.
-    """
-    tolerations = [dict(t) for t in job.spec.pod_template.tolerations]
-    if gpus_per_node(job.spec) > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
-        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    return tolerations
+    """The user's tolerations, plus the GPU taint's for GPU pods."""
+    return gpu_tolerations(job.spec.pod_template, gpus_per_node(job.spec))
 
 
 def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
@@ -231,10 +216,7 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         if spec.checkpoint.sub_path is not None:
             mount["subPath"] = spec.checkpoint.sub_path
         mounts.append(mount)
-    if not any(m.get("mountPath") == "/dev/shm" for m in mounts):
-        # The container runtime's 64Mi /dev/shm is too small for NCCL and DataLoader workers.
-        volumes.append({"name": names.SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
-        mounts.append({"name": names.SHM_VOLUME, "mountPath": "/dev/shm"})
+    add_shared_memory(volumes, mounts)
 
     container: JSON = {
         "name": names.CONTAINER_NAME,
@@ -254,7 +236,7 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         container["command"] = list(spec.command)
     if spec.args is not None:
         container["args"] = list(spec.args)
-    resources = _resources(spec)
+    resources = equal_resources(spec.resources_per_node)
     if resources:
         container["resources"] = resources
 

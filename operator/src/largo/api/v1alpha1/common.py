@@ -6,6 +6,7 @@ validators, so an object that bypasses the API server's schema fails with the sa
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -44,6 +45,28 @@ def cel(
 def validations(*rules: dict[str, str]) -> dict[str, Any]:
     """A `json_schema_extra` fragment attaching CEL rules to a field or model schema."""
     return {"x-kubernetes-validations": list(rules)}
+
+
+def root_config(max_name_length: int, too_long: str, bad_format: str) -> ConfigDict:
+    """A kind's root model config: camelCase, status and unknown top-level fields ignored, and the CEL
+    rules on metadata.name (length, DNS-1035 format) that its pods' and Services' names rely on."""
+    return ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        json_schema_extra=validations(
+            cel(f"self.metadata.name.size() <= {max_name_length}", too_long, field_path=".metadata.name"),
+            cel(f"self.metadata.name.matches('{JOB_NAME_PATTERN}')", bad_format, field_path=".metadata.name"),
+        ),
+    )
+
+
+def check_name(name: str, max_name_length: int, too_long: str, bad_format: str) -> None:
+    """The pydantic twin of ``root_config``'s rules."""
+    if len(name) > max_name_length:
+        raise ValueError(too_long)
+    if not re.match(JOB_NAME_PATTERN, name):
+        raise ValueError(bad_format)
 
 
 def immutable(field_path: str) -> dict[str, str]:

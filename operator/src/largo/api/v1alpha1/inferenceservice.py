@@ -7,22 +7,21 @@ rule declared here has a pydantic twin raising the same message (see `largo.api.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.alias_generators import to_camel
 
 from largo.api.v1alpha1.common import (
-    JOB_NAME_PATTERN,
     Condition,
     ObjectMeta,
     SpecModel,
     StatusModel,
     cel,
+    check_name,
+    root_config,
     validations,
 )
 from largo.api.v1alpha1.trainjob import (
@@ -81,8 +80,6 @@ MSG_RESERVED_ENV = (
     "spec.env: names starting with PET_ or LARGO_ and the torch.distributed names are reserved; "
     "largo sets them"
 )
-
-_NAME_RE = re.compile(JOB_NAME_PATTERN)
 
 
 class RuntimeType(StrEnum):
@@ -473,23 +470,7 @@ class InferenceServiceStatus(StatusModel):
 class InferenceService(BaseModel):
     """A model served behind one stable address by replica groups of GPU pods."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        json_schema_extra=validations(
-            cel(
-                f"self.metadata.name.size() <= {MAX_SERVICE_NAME_LENGTH}",
-                MSG_SERVICE_NAME_TOO_LONG,
-                field_path=".metadata.name",
-            ),
-            cel(
-                f"self.metadata.name.matches('{JOB_NAME_PATTERN}')",
-                MSG_SERVICE_NAME_FORMAT,
-                field_path=".metadata.name",
-            ),
-        ),
-    )
+    model_config = root_config(MAX_SERVICE_NAME_LENGTH, MSG_SERVICE_NAME_TOO_LONG, MSG_SERVICE_NAME_FORMAT)
 
     api_version: Literal["largo.dev/v1alpha1"] = "largo.dev/v1alpha1"
     kind: Literal["InferenceService"] = "InferenceService"
@@ -499,11 +480,9 @@ class InferenceService(BaseModel):
 
     @model_validator(mode="after")
     def _check_name(self) -> Self:
-        name = self.metadata.name
-        if len(name) > MAX_SERVICE_NAME_LENGTH:
-            raise ValueError(MSG_SERVICE_NAME_TOO_LONG)
-        if not _NAME_RE.match(name):
-            raise ValueError(MSG_SERVICE_NAME_FORMAT)
+        check_name(
+            self.metadata.name, MAX_SERVICE_NAME_LENGTH, MSG_SERVICE_NAME_TOO_LONG, MSG_SERVICE_NAME_FORMAT
+        )
         return self
 
     @classmethod

@@ -21,10 +21,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
 
 from largo.api.v1alpha1.common import (
-    JOB_NAME_PATTERN,
     MAX_JOB_NAME_LENGTH,
     MAX_NUM_NODES,
     Condition,
@@ -32,8 +30,10 @@ from largo.api.v1alpha1.common import (
     SpecModel,
     StatusModel,
     cel,
+    check_name,
     immutable,
     immutable_message,
+    root_config,
     validations,
 )
 
@@ -52,7 +52,6 @@ QUANTITY_PATTERN = (
 )
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 _WHOLE_RE = re.compile(r"^[0-9]+$")
-_JOB_NAME_RE = re.compile(JOB_NAME_PATTERN)
 
 MSG_NAME_TOO_LONG = (
     f"metadata.name must be at most {MAX_JOB_NAME_LENGTH} characters: pods are named "
@@ -590,23 +589,7 @@ def _unknown_fields(given: Any, known: Any, path: str) -> Iterable[str]:
 class TrainJob(BaseModel):
     """A distributed torch training job."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="ignore",
-        json_schema_extra=validations(
-            cel(
-                f"self.metadata.name.size() <= {MAX_JOB_NAME_LENGTH}",
-                MSG_NAME_TOO_LONG,
-                field_path=".metadata.name",
-            ),
-            cel(
-                f"self.metadata.name.matches('{JOB_NAME_PATTERN}')",
-                MSG_NAME_FORMAT,
-                field_path=".metadata.name",
-            ),
-        ),
-    )
+    model_config = root_config(MAX_JOB_NAME_LENGTH, MSG_NAME_TOO_LONG, MSG_NAME_FORMAT)
 
     api_version: Literal["largo.dev/v1alpha1"] = "largo.dev/v1alpha1"
     kind: Literal["TrainJob"] = "TrainJob"
@@ -616,11 +599,7 @@ class TrainJob(BaseModel):
 
     @model_validator(mode="after")
     def _check_name(self) -> Self:
-        name = self.metadata.name
-        if len(name) > MAX_JOB_NAME_LENGTH:
-            raise ValueError(MSG_NAME_TOO_LONG)
-        if not _JOB_NAME_RE.match(name):
-            raise ValueError(MSG_NAME_FORMAT)
+        check_name(self.metadata.name, MAX_JOB_NAME_LENGTH, MSG_NAME_TOO_LONG, MSG_NAME_FORMAT)
         return self
 
     @classmethod
