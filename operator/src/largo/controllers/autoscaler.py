@@ -20,7 +20,7 @@ import aiohttp
 
 from largo.api.v1alpha1 import GROUP, InferenceServiceSpec, RuntimeType
 from largo.controllers.kube import ConflictError, Kube
-from largo.controllers.scheduler import IndexLike, KeyedIndex, _values
+from largo.controllers.scheduler import IndexLike, KeyedIndex, index_values
 from largo.controllers.state import JobKey, ServiceEntry
 from largo.manifests import names
 from largo.policy.autoscale import Policy, Sample, State, decide
@@ -114,7 +114,7 @@ class Autoscaler:
             await asyncio.sleep(self.period)
 
     async def tick(self) -> None:
-        entries: list[ServiceEntry] = _values(self.services)
+        entries: list[ServiceEntry] = index_values(self.services)
         scaled = [e for e in entries if e.service is not None and e.service.spec.autoscaling is not None]
         for key in set(self._memory) - {e.key for e in scaled}:
             del self._memory[key]

@@ -12,9 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-import kopf
+from typing import Any
 
 from largo.api.v1alpha1 import (
     InferenceService,
@@ -25,9 +23,9 @@ from largo.api.v1alpha1 import (
 )
 from largo.controllers.autoscaler import ANNOTATION_SCALING
 from largo.controllers.kube import CreateRefused, Kube
+from largo.controllers.objects import newer, owned, status_patch
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobKey, ServiceEntry
-from largo.controllers.trainjob import _newer, _status_patch
 from largo.manifests import inferenceservice as build
 from largo.manifests import names
 from largo.policy.conditions import set_condition
@@ -98,7 +96,7 @@ class InferenceServiceReconciler:
         body = entry.body
         hint = self._hints.get(key)
         if hint is not None:
-            body = _newer(hint, entry.body)
+            body = newer(hint, entry.body)
             if body is entry.body:
                 del self._hints[key]
         if entry.service is None:
@@ -193,7 +191,7 @@ class InferenceServiceReconciler:
         written: Mapping[str, Any] = body
         if decision.status != current or dropped:
             check_service_status(decision.status)
-            patch = _status_patch(dict(body.get("status") or {}), decision.status)
+            patch = status_patch(dict(body.get("status") or {}), decision.status)
             written = await self.kube.patch_service_status(
                 namespace, name, metadata.get("resourceVersion"), patch
             )
@@ -226,7 +224,7 @@ class InferenceServiceReconciler:
     async def _create(self, owner: Mapping[str, Any], manifests: list[dict[str, Any]]) -> None:
         namespace = owner["metadata"]["namespace"]
         results = await asyncio.gather(
-            *(self.kube.create(namespace, _owned(manifest, owner)) for manifest in manifests),
+            *(self.kube.create(namespace, owned(manifest, owner)) for manifest in manifests),
             return_exceptions=True,
         )
         failures = [result for result in results if isinstance(result, BaseException)]
@@ -286,8 +284,3 @@ def _note(raw: Any) -> Mapping[str, Any] | None:
     except ValueError:
         return None
     return note if isinstance(note, dict) else None
-
-
-def _owned(manifest: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
-    kopf.adopt(manifest, owner=kopf.Body(cast(Any, dict(owner))))
-    return manifest

@@ -52,7 +52,7 @@ class KeyedIndex(Protocol):
     def get(self, key: Any) -> Iterable[Any] | None: ...
 
 
-def _values(index: IndexLike) -> list[Any]:
+def index_values(index: IndexLike) -> list[Any]:
     return [value for store in index.values() for value in store]
 
 
@@ -156,7 +156,7 @@ class Scheduler:
                     if admission.exclusive:
                         whole.add(node)
         if whole:
-            allocatable = {info.name: info.allocatable for info in _values(self.nodes)}
+            allocatable = {info.name: info.allocatable for info in index_values(self.nodes)}
             for node in whole:
                 gpus = allocatable.get(node, {}).get(GPU_RESOURCE, 0)
                 used = usage.setdefault(node, {})
@@ -174,7 +174,7 @@ class Scheduler:
 
     async def _pass(self) -> int:
         """One pass; returns how many queued jobs it decided on."""
-        entries: list[JobEntry] = _values(self.jobs)
+        entries: list[JobEntry] = index_values(self.jobs)
         by_key = {entry.key: entry for entry in entries}
         # An admission is settled once the index shows it, or the job moved on or went away.
         for key in list(self._pending):
@@ -182,9 +182,9 @@ class Scheduler:
             pending = self._pending[key]
             if entry is None or entry.phase not in (None, Phase.QUEUED) or entry.attempt != pending.attempt:
                 del self._pending[key]
-        services: list[ServiceEntry] = _values(self.services)
+        services: list[ServiceEntry] = index_values(self.services)
         self._settle_groups(services)
-        nodes: list[NodeInfo] = _values(self.nodes)
+        nodes: list[NodeInfo] = index_values(self.nodes)
         usage = self.usage(entries, services)
         queued = [entry for entry in entries if entry.admissible and entry.key not in self._pending]
         now = self.clock()

@@ -11,12 +11,11 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-import kopf
+from typing import Any
 
 from largo.api.v1alpha1 import ConditionType, Phase, Reason
 from largo.controllers.kube import ConflictError, CreateRefused, Kube
+from largo.controllers.objects import newer, owned, status_patch
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobEntry, JobKey
 from largo.manifests import trainjob as build
@@ -99,7 +98,7 @@ class TrainJobReconciler:
             self.wake_scheduler()
             return None
         # The newer of the hint (an object our own write returned) and the index's version.
-        body, job = _newer(hint, entry.body) if hint else entry.body, entry.job
+        body, job = newer(hint, entry.body) if hint else entry.body, entry.job
         if job is None:
             await self._reject(body, entry.invalid or "invalid spec")
             return None
@@ -143,7 +142,7 @@ class TrainJobReconciler:
         decision = self._decide(entry.key, {**entry.body, "status": admitted}, entry.job, self.clock())
         if not decision.create_ranks or decision.status.get("placement") != admitted.get("placement"):
             return dict(patch)
-        return {**patch, **_status_patch(admitted, decision.status)}
+        return {**patch, **status_patch(admitted, decision.status)}
 
     async def _apply(
         self, body: Mapping[str, Any], job: Any, decision: Plan, current: Mapping[str, Any]
@@ -154,7 +153,7 @@ class TrainJobReconciler:
         if decision.status != current:
             # A conflict propagates: the work queue runs the job again after its back-off.
             written = await self.kube.patch_trainjob_status(
-                namespace, name, metadata.get("resourceVersion"), _status_patch(current, decision.status)
+                namespace, name, metadata.get("resourceVersion"), status_patch(current, decision.status)
             )
             # The next reconcile decides on this version, not on an index that may not show it yet:
             # deciding on the older one would only make its write conflict.
@@ -193,7 +192,7 @@ class TrainJobReconciler:
         """Creates ``manifests`` at once; a refusal is recorded on the job, then raised for back-off."""
         namespace = owner["metadata"]["namespace"]
         results = await asyncio.gather(
-            *(self.kube.create(namespace, _owned(manifest, owner)) for manifest in manifests),
+            *(self.kube.create(namespace, owned(manifest, owner)) for manifest in manifests),
             return_exceptions=True,
         )
         failures = [result for result in results if isinstance(result, BaseException)]
@@ -247,28 +246,3 @@ class TrainJobReconciler:
         except ConflictError:
             return
         await self.kube.event(body, "Warning", Reason.INVALID_SPEC, message)
-
-
-def _newer(hint: Mapping[str, Any], indexed: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The newer of two versions of the job. resourceVersions are opaque to clients, but the API server
-    hands out increasing integers; where they are not, the hint (the object a write returned) wins. A
-    hint of another generation is not used: its spec is not the one the index parsed."""
-    if (hint.get("metadata") or {}).get("generation") != (indexed.get("metadata") or {}).get("generation"):
-        return indexed
-    try:
-        ours = int((hint.get("metadata") or {}).get("resourceVersion") or 0)
-        theirs = int((indexed.get("metadata") or {}).get("resourceVersion") or 0)
-    except ValueError:
-        return hint
-    return hint if ours >= theirs else indexed
-
-
-def _status_patch(current: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
-    """A merge patch from the operator's ``current`` status fields to ``status``: absent ones are removed."""
-    return {**{key: None for key in current if key not in status}, **status}
-
-
-def _owned(manifest: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
-    """Sets the TrainJob as controller owner, so deleting the job deletes the child."""
-    kopf.adopt(manifest, owner=kopf.Body(cast(Any, dict(owner))))
-    return manifest
