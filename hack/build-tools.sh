@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the upstream Kubernetes tools the tests and the demo need, from the Go module proxy only:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm, and Prometheus
-# with promtool.
+# with promtool; and HAProxy, the serving router's proxy, from Debian's archive (apt-get download, not
+# installed: unpacked beside the other tools with the libraries it needs).
 # Idempotent: every tool lands in a version-keyed cache directory outside the repository and is
 # skipped when already there. Prints the tools directory on its last line.
 set -euo pipefail
@@ -15,6 +16,10 @@ PROMETHEUS_OPERATOR_VERSION=v0.94.0
 # Prometheus 3.16.0: its Go module is versioned v0.<major><minor>.<patch>.
 PROMETHEUS_VERSION=v0.316.0
 PROMETHEUS_RELEASE=3.16.0
+# Debian bookworm's HAProxy (2.6 LTS, built with the Prometheus exporter); the libraries it links that
+# a base system lacks come with it. A version the archive no longer serves falls back to its current one.
+HAPROXY_VERSION=2.6.12-1+deb12u4
+HAPROXY_LIBS=(liblua5.3-0 libopentracing-c-wrapper0 libopentracing1)
 
 key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_prometheus-${PROMETHEUS_RELEASE}"
 TOOLS_DIR="${LARGO_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/largo/tools/$key}"
@@ -149,8 +154,29 @@ fetch_prometheus_operator_crds() {
   chmod -R u+w "$crds.tmp" && mv "$crds.tmp" "$crds"
 }
 
+fetch_haproxy() {
+  if have haproxy && [ -x "$TOOLS_DIR/haproxy/usr/sbin/haproxy" ]; then log "haproxy: cached"; return; fi
+  log "haproxy $HAPROXY_VERSION: downloading Debian's package and unpacking it"
+  local dir="$SRC/haproxy-debs"
+  rm -rf "$dir" "$TOOLS_DIR/haproxy.tmp" && mkdir -p "$dir" "$TOOLS_DIR/haproxy.tmp"
+  (cd "$dir" && { apt-get download "haproxy=$HAPROXY_VERSION" 2>/dev/null || apt-get download haproxy; } &&
+    apt-get download "${HAPROXY_LIBS[@]}") >&2
+  for deb in "$dir"/*.deb; do dpkg-deb -x "$deb" "$TOOLS_DIR/haproxy.tmp"; done
+  rm -rf "$TOOLS_DIR/haproxy" && mv "$TOOLS_DIR/haproxy.tmp" "$TOOLS_DIR/haproxy"
+  cat > "$BIN/haproxy" <<'SH'
+#!/bin/sh
+# Debian's HAProxy unpacked beside this directory, with the libraries that came with it.
+root="$(cd "$(dirname "$0")/../haproxy" && pwd)"
+libs=$(echo "$root"/usr/lib/*-linux-gnu)
+LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$root/usr/sbin/haproxy" "$@"
+SH
+  chmod +x "$BIN/haproxy"
+  "$BIN/haproxy" -v | head -1 >&2
+}
+
 build_etcd
 build_kwok
+fetch_haproxy
 build_helm
 build_prometheus
 fetch_prometheus_operator_crds

@@ -20,6 +20,7 @@ TOOL_NAMES = (
     "helm",
     "prometheus",
     "promtool",
+    "haproxy",
 )
 
 

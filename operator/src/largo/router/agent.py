@@ -1,0 +1,394 @@
+"""The router's agent (``python -m largo.router.agent``): runs HAProxy, keeps its servers equal to the
+ready replicas the InferenceService's EndpointSlices name, holds requests while none is ready (the
+activator), and serves the router's metrics.
+
+HAProxy carries every request while a replica is ready; the agent only changes its servers through
+the runtime API, so a change of replicas never reloads the proxy nor drops a connection. With no
+ready replica, HAProxy sends requests to its backup server, the activator here, which counts them in
+``largo_router_requests_held`` (what the operator's autoscaler reads to scale from zero), waits for
+the first ready replica up to ``--hold-timeout`` and forwards them to it, or answers 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from kubernetes import client, config, watch
+from kubernetes.client import ApiException
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from largo.router.haproxy import (
+    JSON,
+    Ports,
+    Replica,
+    State,
+    command_failed,
+    parse_servers_state,
+    render_config,
+    replicas_from_slices,
+    sync_commands,
+)
+
+logger = logging.getLogger(__name__)
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the forwarding client sets itself.
+_NOT_FORWARDED = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
+)
+RESYNC_SECONDS = 2.0
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.held = Gauge(
+            "largo_router_requests_held",
+            "Requests the activator holds because no replica is ready (the autoscaler's signal at zero).",
+            registry=registry,
+        )
+        self.hold_seconds = Histogram(
+            "largo_router_hold_seconds",
+            "How long held requests waited for a ready replica.",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+            registry=registry,
+        )
+        self.hold_timeouts = Counter(
+            "largo_router_hold_timeouts",
+            "Held requests answered 503 because no replica became ready in time.",
+            registry=registry,
+        )
+        self.replicas = Gauge(
+            "largo_router_replicas", "Replicas HAProxy balances over, by state.", ["state"], registry=registry
+        )
+        self.sync_errors = Counter(
+            "largo_router_sync_errors", "Runtime-API commands HAProxy refused.", registry=registry
+        )
+        self.watch_restarts = Counter(
+            "largo_router_watch_restarts", "EndpointSlice watches started again.", registry=registry
+        )
+
+
+class RuntimeApi:
+    """HAProxy's admin socket: one command per connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def call(self, command: str) -> str:
+        reader, writer = await asyncio.open_unix_connection(str(self.path))
+        try:
+            writer.write(command.encode() + b"\n")
+            await writer.drain()
+            return (await reader.read()).decode()
+        finally:
+            writer.close()
+
+
+class Router:
+    def __init__(self, args: argparse.Namespace, registry: CollectorRegistry) -> None:
+        self.args = args
+        self.ports = Ports(serve=args.port, activator=args.activator_port, exporter=args.exporter_port)
+        self.registry = registry
+        self.metrics = Metrics(registry)
+        self.workdir = Path(tempfile.mkdtemp(prefix="largo-router-"))
+        self.api = RuntimeApi(self.workdir / "admin.sock")
+        self.slices: dict[str, JSON] = {}
+        self.desired: dict[str, Replica] = {}
+        self.servers: dict[str, Replica] = {}
+        self.changed = asyncio.Event()
+        self.ready = asyncio.Event()  # set while a replica is ready: held requests may go
+        self.synced = False
+        self.forwarded: dict[str, int] = {}
+        self.haproxy: asyncio.subprocess.Process | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    # HAProxy
+
+    async def start_haproxy(self) -> None:
+        config_path = self.workdir / "haproxy.cfg"
+        config_path.write_text(render_config(str(self.api.path), self.ports, self.args.connect_timeout))
+        self.haproxy = await asyncio.create_subprocess_exec(self.args.haproxy, "-db", "-f", str(config_path))
+        deadline = time.monotonic() + 10
+        while not self.api.path.exists():
+            if self.haproxy.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy did not start (exit {self.haproxy.returncode})")
+            await asyncio.sleep(0.05)
+
+    async def sync(self) -> None:
+        """Makes HAProxy's servers the desired replicas, then reads back what it has."""
+        self.servers = parse_servers_state(await self.api.call("show servers state replicas"))
+        for command in sync_commands(self.servers, self.desired):
+            answer = await self.api.call(command)
+            if command_failed(command, answer):
+                if command.startswith("del server"):
+                    continue  # requests still on it: deleted on a later sync
+                self.metrics.sync_errors.inc()
+                logger.warning("haproxy refused %r: %s", command, answer.strip())
+        self.servers = parse_servers_state(await self.api.call("show servers state replicas"))
+        for state in State:
+            self.metrics.replicas.labels(state.value).set(
+                sum(1 for s in self.servers.values() if s.state is state)
+            )
+        self.synced = True
+
+    async def keep_synced(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), RESYNC_SECONDS)
+            self.changed.clear()
+            try:
+                await self.sync()
+            except OSError:
+                logger.exception("haproxy's runtime API did not answer; retrying")
+
+    # EndpointSlices
+
+    def on_slices(self, slices: dict[str, JSON]) -> None:
+        self.slices = slices
+        self.desired = replicas_from_slices(slices.values())
+        if any(r.state is State.READY for r in self.desired.values()):
+            self.ready.set()
+        else:
+            self.ready.clear()
+        self.changed.set()
+
+    def watch_slices(self, publish: Callable[[dict[str, JSON]], None], stopping: threading.Event) -> None:
+        """List then watch the EndpointSlices of the replicas' Service, in a thread (the official
+        client is synchronous); every change publishes the whole set. A watch that ends or fails is
+        started again from a fresh list."""
+        discovery = client.DiscoveryV1Api()
+        selector = f"kubernetes.io/service-name={self.args.replicas_service}"
+        to_dict = discovery.api_client.sanitize_for_serialization
+        first = True
+        while not stopping.is_set():
+            if not first:
+                self.metrics.watch_restarts.inc()
+            first = False
+            try:
+                listed: dict[str, Any] = to_dict(
+                    discovery.list_namespaced_endpoint_slice(self.args.namespace, label_selector=selector)
+                )
+                slices: dict[str, JSON] = {item["metadata"]["name"]: item for item in listed["items"]}
+                publish(dict(slices))
+                stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
+                    discovery.list_namespaced_endpoint_slice,
+                    self.args.namespace,
+                    label_selector=selector,
+                    resource_version=listed["metadata"]["resourceVersion"],
+                    timeout_seconds=60,
+                    allow_watch_bookmarks=False,
+                )
+                for event in stream:
+                    item = event["raw_object"]
+                    name = item["metadata"]["name"]
+                    if event["type"] == "DELETED":
+                        slices.pop(name, None)
+                    elif event["type"] in ("ADDED", "MODIFIED"):
+                        slices[name] = item
+                    else:
+                        break
+                    publish(dict(slices))
+                    if stopping.is_set():
+                        return
+            except ApiException as error:
+                if error.status != 410:
+                    logger.warning("watching EndpointSlices failed (%s); listing again", error.status)
+                    stopping.wait(1.0)
+            except Exception:
+                logger.exception("watching EndpointSlices failed; listing again")
+                stopping.wait(1.0)
+
+    # The activator
+
+    async def hold(self, request: web.Request) -> web.StreamResponse:
+        """A request HAProxy had no ready replica for: wait for one, then forward it there."""
+        body = await request.read()
+        started = time.monotonic()
+        deadline = started + self.args.hold_timeout
+        while True:
+            replica = await self.wait_for_replica(deadline)
+            if replica is None:
+                self.metrics.hold_timeouts.inc()
+                return _unavailable(
+                    f"no replica of {self.args.service} became ready within "
+                    f"{self.args.hold_timeout:g}s; try again later"
+                )
+            try:
+                response = await self.forward(request, body, replica, started)
+            except aiohttp.ClientConnectorError:
+                # It went away between its EndpointSlice and now: the next one will do.
+                await asyncio.sleep(0.1)
+                continue
+            return response
+
+    async def wait_for_replica(self, deadline: float) -> Replica | None:
+        """A ready replica, the one with the fewest requests forwarded by the activator so far."""
+        self.metrics.held.inc()
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self.ready.wait(), max(deadline - time.monotonic(), 0))
+                except TimeoutError:
+                    return None
+                ready = [r for r in self.desired.values() if r.state is State.READY]
+                if ready:
+                    return min(ready, key=lambda r: (self.forwarded.get(r.name, 0), r.name))
+                self.ready.clear()
+        finally:
+            self.metrics.held.dec()
+
+    async def forward(
+        self, request: web.Request, body: bytes, replica: Replica, started: float
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+        url = f"http://{replica.address}:{replica.port}{request.rel_url}"
+        self.forwarded[replica.name] = self.forwarded.get(replica.name, 0) + 1
+        async with self.session.request(request.method, url, headers=headers, data=body) as upstream:
+            self.metrics.hold_seconds.observe(time.monotonic() - started)
+            response = web.StreamResponse(
+                status=upstream.status,
+                headers={k: v for k, v in upstream.headers.items() if k.lower() not in _NOT_FORWARDED},
+            )
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    # The agent's own endpoints
+
+    async def metrics_endpoint(self, _: web.Request) -> web.Response:
+        """The agent's series and HAProxy's (per-replica in flight, latency, errors) in one scrape."""
+        assert self.session is not None
+        ours = generate_latest(self.registry).decode()
+        try:
+            async with self.session.get(f"http://127.0.0.1:{self.ports.exporter}/metrics") as answer:
+                theirs = await answer.text()
+        except aiohttp.ClientError:
+            theirs = ""
+        return web.Response(text=ours + theirs, content_type="text/plain", charset="utf-8")
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        alive = self.haproxy is not None and self.haproxy.returncode is None
+        return web.Response(status=200 if alive else 503, text="ok" if alive else "haproxy exited")
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        ready = self.synced and self.haproxy is not None and self.haproxy.returncode is None
+        return web.Response(status=200 if ready else 503, text="ready" if ready else "not synced yet")
+
+
+def _unavailable(message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "service_unavailable", "param": None, "code": 503}}
+    return web.Response(
+        status=503, text=json.dumps(body), content_type="application/json", headers={"Retry-After": "5"}
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env: Mapping[str, str] = os.environ
+    parser = argparse.ArgumentParser(prog="python -m largo.router.agent", description=__doc__)
+    parser.add_argument("--namespace", default=env.get("LARGO_NAMESPACE") or env.get("POD_NAMESPACE"))
+    parser.add_argument("--service", default=env.get("LARGO_SERVICE"), help="the InferenceService")
+    parser.add_argument(
+        "--replicas-service",
+        default=env.get("LARGO_REPLICAS_SERVICE"),
+        help="the Service whose EndpointSlices name the ready replicas (default: <service>-replicas)",
+    )
+    parser.add_argument("--port", type=int, default=int(env.get("LARGO_HTTP_PORT", "8080")))
+    parser.add_argument("--metrics-port", type=int, default=int(env.get("LARGO_METRICS_PORT", "9400")))
+    parser.add_argument("--activator-port", type=int, default=8081)
+    parser.add_argument("--exporter-port", type=int, default=8404)
+    parser.add_argument(
+        "--hold-timeout",
+        type=float,
+        default=float(env.get("LARGO_HOLD_TIMEOUT_SECONDS", "300")),
+        help="seconds a request waits for the first ready replica before a 503",
+    )
+    parser.add_argument("--connect-timeout", type=float, default=2.0)
+    parser.add_argument("--drain-timeout", type=float, default=25.0, help="seconds to finish requests")
+    parser.add_argument("--haproxy", default=env.get("LARGO_HAPROXY", "haproxy"))
+    args = parser.parse_args(argv)
+    if not args.namespace or not args.service:
+        parser.error("--namespace and --service (or LARGO_NAMESPACE and LARGO_SERVICE) are required")
+    args.replicas_service = args.replicas_service or f"{args.service}-replicas"
+    return args
+
+
+async def run(args: argparse.Namespace) -> int:
+    router = Router(args, CollectorRegistry())
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await router.start_haproxy()
+    router.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=2))
+    activator = web.Application()
+    activator.router.add_route("*", "/{tail:.*}", router.hold)
+    own = web.Application()
+    own.router.add_get("/metrics", router.metrics_endpoint)
+    own.router.add_get("/healthz", router.healthz)
+    own.router.add_get("/readyz", router.readyz)
+    runners = [web.AppRunner(activator, access_log=None), web.AppRunner(own, access_log=None)]
+    for runner in runners:
+        await runner.setup()
+    await web.TCPSite(runners[0], "127.0.0.1", args.activator_port).start()
+    await web.TCPSite(runners[1], "0.0.0.0", args.metrics_port).start()
+    stopping = threading.Event()
+    threading.Thread(
+        target=router.watch_slices,
+        args=(lambda slices: loop.call_soon_threadsafe(router.on_slices, slices), stopping),
+        daemon=True,
+        name="endpointslices",
+    ).start()
+    syncing = asyncio.create_task(router.keep_synced())
+    assert router.haproxy is not None
+    exited = asyncio.create_task(router.haproxy.wait())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if router.haproxy.returncode is None:
+        # Soft stop: HAProxy stops listening and finishes the requests in flight.
+        router.haproxy.send_signal(signal.SIGUSR1)
+        try:
+            await asyncio.wait_for(exited, args.drain_timeout)
+        except TimeoutError:
+            router.haproxy.terminate()
+            await exited
+    else:
+        logger.error("haproxy exited with %s", router.haproxy.returncode)
+        code = 1
+    stopping.set()
+    syncing.cancel()
+    stopped.cancel()
+    for runner in runners:
+        await runner.cleanup()
+    await router.session.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return asyncio.run(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""What HAProxy is told: its configuration file, the replicas an EndpointSlice list names, and the
+runtime-API commands that turn the servers HAProxy has into the ones it should have. Pure: no I/O.
+
+Replicas are HAProxy *dynamic servers* named after their pods, so that the built-in Prometheus
+exporter's per-server series (in flight, latency, errors) are per replica without a mapping table.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+JSON = Mapping[str, Any]
+
+BACKEND = "replicas"
+ACTIVATOR = "activator"
+
+
+class State(enum.StrEnum):
+    READY = "ready"  # takes new requests
+    DRAINING = "draining"  # finishes its requests, takes no new one (a terminating replica)
+    OFF = "off"  # in maintenance: a server that left, waiting for its last request to be deleted
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    name: str
+    address: str
+    port: int
+    state: State
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    serve: int = 8080  # requests, through the pod's `http` port
+    activator: int = 8081  # loopback: the backup server that holds requests while no replica is ready
+    exporter: int = 8404  # loopback: HAProxy's own Prometheus exporter, merged into the agent's /metrics
+
+
+def render_config(socket_path: str, ports: Ports, connect_timeout_s: float = 2.0) -> str:
+    """The configuration HAProxy starts with: one frontend, one backend balanced by least outstanding
+    requests, the activator as its backup. Replicas arrive later through the runtime API."""
+    connect_ms = max(1, round(connect_timeout_s * 1000))
+    return f"""\
+global
+  stats socket {socket_path} mode 600 level admin
+  maxconn 8192
+
+defaults
+  mode http
+  option http-keep-alive
+  timeout connect {connect_ms}ms
+  # Completions stream for as long as they generate: the model server bounds a request, not the proxy.
+  timeout client 1h
+  timeout server 1h
+  timeout http-request 30s
+  # A replica that refuses the connection (it died, or is leaving): the request goes to another one.
+  retries 3
+  retry-on conn-failure empty-response
+  option redispatch 1
+
+frontend serve
+  bind :{ports.serve}
+  default_backend {BACKEND}
+
+frontend exporter
+  bind 127.0.0.1:{ports.exporter}
+  http-request use-service prometheus-exporter if {{ path /metrics }}
+
+backend {BACKEND}
+  # leastconn counts each server's requests in progress: outstanding requests, not past ones.
+  balance leastconn
+  http-reuse safe
+  server {ACTIVATOR} 127.0.0.1:{ports.activator} backup
+"""
+
+
+def replicas_from_slices(slices: Iterable[JSON], port_name: str = "http") -> dict[str, Replica]:
+    """The replicas EndpointSlices name: ready endpoints take requests; serving but terminating ones
+    drain; the rest are left out. An endpoint in two slices (a slice being replaced) counts once, ready
+    winning over draining."""
+    replicas: dict[str, Replica] = {}
+    for endpoint_slice in slices:
+        port = next(
+            (p.get("port") for p in endpoint_slice.get("ports") or () if p.get("name") == port_name), None
+        )
+        if not isinstance(port, int):
+            continue
+        for endpoint in endpoint_slice.get("endpoints") or ():
+            conditions = endpoint.get("conditions") or {}
+            addresses = endpoint.get("addresses") or ()
+            if not addresses:
+                continue
+            if conditions.get("ready") is True:
+                state = State.READY
+            elif conditions.get("serving") is True and conditions.get("terminating") is True:
+                state = State.DRAINING
+            else:
+                continue
+            target = endpoint.get("targetRef") or {}
+            name = str(target.get("name") or addresses[0].replace(":", "-").replace(".", "-"))
+            known = replicas.get(name)
+            if known is None or (known.state is State.DRAINING and state is State.READY):
+                replicas[name] = Replica(name, str(addresses[0]), port, state)
+    return replicas
+
+
+def _server(name: str) -> str:
+    return f"{BACKEND}/{name}"
+
+
+def sync_commands(current: Mapping[str, Replica], desired: Mapping[str, Replica]) -> list[str]:
+    """Runtime-API commands from the servers HAProxy has (``current``) to ``desired``.
+
+    A new replica is added in maintenance (as HAProxy adds dynamic servers), given a TCP health check
+    (a dead process is noticed between EndpointSlice updates), then enabled. A replica that left is put
+    in maintenance and deleted; HAProxy refuses the deletion while requests are still on it, and the
+    caller repeats it on the next sync (see ``removals``)."""
+    commands: list[str] = []
+    for name in sorted(set(current) - set(desired)):
+        commands += [f"disable server {_server(name)}", f"del server {_server(name)}"]
+    for name, replica in sorted(desired.items()):
+        known = current.get(name)
+        if known is None:
+            commands += [
+                f"add server {_server(name)} {replica.address}:{replica.port} check inter 1s fall 2 rise 1",
+                f"enable health {_server(name)}",
+                f"enable server {_server(name)}",
+            ]
+            if replica.state is State.DRAINING:
+                commands.append(f"set server {_server(name)} state drain")
+            continue
+        if (known.address, known.port) != (replica.address, replica.port):
+            # The same pod name on a new address: a restarted replica group.
+            commands.append(f"set server {_server(name)} addr {replica.address} port {replica.port}")
+        if known.state is not replica.state:
+            # Either state also takes a server out of maintenance (a replica back under the same name).
+            commands.append(
+                f"set server {_server(name)} state {'drain' if replica.state is State.DRAINING else 'ready'}"
+            )
+    return commands
+
+
+# `show servers state`' admin-state bits (HAProxy's SRV_ADMF_*): forced, inherited, configured,
+# resolution and health-check maintenance; forced and inherited drain.
+_MAINTENANCE = 0x01 | 0x02 | 0x04 | 0x20 | 0x40
+_DRAIN = 0x08 | 0x10
+
+
+def parse_servers_state(text: str) -> dict[str, Replica]:
+    """The replicas HAProxy has, from ``show servers state <backend>`` (version 1 of its format)."""
+    servers: dict[str, Replica] = {}
+    lines = text.splitlines()
+    header = next((line for line in lines if line.startswith("# be_id")), None)
+    if header is None:
+        return servers
+    columns = header[2:].split()
+    for line in lines:
+        fields = line.split()
+        if line.startswith("#") or len(fields) != len(columns):
+            continue
+        row = dict(zip(columns, fields, strict=True))
+        if row["be_name"] != BACKEND or row["srv_name"] == ACTIVATOR:
+            continue
+        admin = int(row["srv_admin_state"])
+        state = State.OFF if admin & _MAINTENANCE else State.DRAINING if admin & _DRAIN else State.READY
+        servers[row["srv_name"]] = Replica(row["srv_name"], row["srv_addr"], int(row["srv_port"]), state)
+    return servers
+
+
+def command_failed(command: str, answer: str) -> bool:
+    """HAProxy answers a successful runtime-API command with an empty line or a confirmation."""
+    text = answer.strip()
+    if command.startswith("add server"):
+        return text != "New server registered."
+    if command.startswith("del server"):
+        return text != "Server deleted."
+    return bool(text)

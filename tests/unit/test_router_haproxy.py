@@ -1,0 +1,136 @@
+"""The router's pure parts: EndpointSlices → replicas, replicas → HAProxy runtime-API commands, and
+HAProxy's `show servers state` read back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from largo.router.haproxy import (
+    Ports,
+    Replica,
+    State,
+    command_failed,
+    parse_servers_state,
+    render_config,
+    replicas_from_slices,
+    sync_commands,
+)
+
+
+def _slice(port: int | None, *endpoints: dict[str, Any], port_name: str = "http") -> dict[str, Any]:
+    return {
+        "ports": [] if port is None else [{"name": port_name, "port": port}],
+        "endpoints": list(endpoints),
+    }
+
+
+def _endpoint(address: str, name: str | None, **conditions: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"addresses": [address], "conditions": conditions}
+    if name is not None:
+        body["targetRef"] = {"kind": "Pod", "name": name}
+    return body
+
+
+def test_ready_endpoints_take_requests_terminating_serving_ones_drain_the_rest_are_left_out() -> None:
+    replicas = replicas_from_slices(
+        [
+            _slice(
+                8000,
+                _endpoint("10.0.0.1", "a", ready=True, serving=True, terminating=False),
+                _endpoint("10.0.0.2", "b", ready=False, serving=True, terminating=True),
+                _endpoint("10.0.0.3", "c", ready=False, serving=False, terminating=False),
+                _endpoint("10.0.0.4", "d", ready=False, serving=False, terminating=True),
+            )
+        ]
+    )
+    assert replicas == {
+        "a": Replica("a", "10.0.0.1", 8000, State.READY),
+        "b": Replica("b", "10.0.0.2", 8000, State.DRAINING),
+    }
+
+
+def test_a_slice_without_the_http_port_names_no_replica_and_a_duplicate_counts_once_ready() -> None:
+    ready = _endpoint("10.0.0.1", "a", ready=True)
+    draining = _endpoint("10.0.0.1", "a", ready=False, serving=True, terminating=True)
+    assert replicas_from_slices([_slice(None, ready), _slice(8000, ready, port_name="metrics")]) == {}
+    for order in ([draining, ready], [ready, draining]):
+        assert replicas_from_slices([_slice(8000, order[0]), _slice(8000, order[1])]) == {
+            "a": Replica("a", "10.0.0.1", 8000, State.READY)
+        }
+    # Without a pod reference the address names the server.
+    assert list(replicas_from_slices([_slice(8000, _endpoint("10.0.0.9", None, ready=True))])) == ["10-0-0-9"]
+
+
+def test_commands_add_enable_drain_move_and_remove() -> None:
+    current = {
+        "kept": Replica("kept", "10.0.0.1", 8000, State.READY),
+        "moved": Replica("moved", "10.0.0.2", 8000, State.READY),
+        "leaving": Replica("leaving", "10.0.0.3", 8000, State.READY),
+        "gone": Replica("gone", "10.0.0.4", 8000, State.OFF),
+        "back": Replica("back", "10.0.0.5", 8000, State.OFF),
+    }
+    desired = {
+        "kept": current["kept"],
+        "moved": Replica("moved", "10.0.0.7", 8001, State.READY),
+        "leaving": Replica("leaving", "10.0.0.3", 8000, State.DRAINING),
+        "back": Replica("back", "10.0.0.5", 8000, State.READY),
+        "new": Replica("new", "10.0.0.6", 8000, State.READY),
+        "late": Replica("late", "10.0.0.8", 8000, State.DRAINING),
+    }
+    assert sync_commands(current, desired) == [
+        "disable server replicas/gone",
+        "del server replicas/gone",
+        "set server replicas/back state ready",
+        "add server replicas/late 10.0.0.8:8000 check inter 1s fall 2 rise 1",
+        "enable health replicas/late",
+        "enable server replicas/late",
+        "set server replicas/late state drain",
+        "set server replicas/leaving state drain",
+        "set server replicas/moved addr 10.0.0.7 port 8001",
+        "add server replicas/new 10.0.0.6:8000 check inter 1s fall 2 rise 1",
+        "enable health replicas/new",
+        "enable server replicas/new",
+    ]
+    assert sync_commands(desired, desired) == []
+
+
+# Captured from HAProxy 2.6: the activator, a ready server, a drained one and one in maintenance.
+SERVERS_STATE = """1
+# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight \
+srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state \
+srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port \
+srv_check_addr srv_agent_addr srv_agent_port
+4 replicas 1 activator 127.0.0.1 2 0 1 1 4 1 0 2 0 0 0 0 - 18999 - 0 0 - - 0
+4 replicas 2 pod-a 10.0.0.1 2 0 1 1 0 1 0 0 0 0 0 0 - 18101 - 0 0 - - 0
+4 replicas 3 pod-b 10.0.0.2 2 8 1 1 0 1 0 2 6 0 0 0 - 18102 - 0 0 - - 0
+4 replicas 4 pod-c 10.0.0.3 0 1 1 1 0 1 0 2 6 0 0 0 - 18103 - 0 0 - - 0
+
+"""
+
+
+def test_servers_state_reads_back_each_replica_and_skips_the_activator() -> None:
+    assert parse_servers_state(SERVERS_STATE) == {
+        "pod-a": Replica("pod-a", "10.0.0.1", 18101, State.READY),
+        "pod-b": Replica("pod-b", "10.0.0.2", 18102, State.DRAINING),
+        "pod-c": Replica("pod-c", "10.0.0.3", 18103, State.OFF),
+    }
+    assert parse_servers_state("No such backend.\n") == {}
+
+
+def test_answers_that_mean_failure() -> None:
+    assert not command_failed("add server replicas/a 1.2.3.4:80", "New server registered.\n\n")
+    assert command_failed("add server replicas/a 1.2.3.4:80", "Already exists a server with the same name.\n")
+    assert command_failed("del server replicas/a", "Server still has connections attached to it.\n")
+    assert not command_failed("del server replicas/a", "Server deleted.\n")
+    assert not command_failed("enable server replicas/a", "\n")
+    assert command_failed("enable server replicas/a", "No such server.\n")
+
+
+def test_the_configuration_balances_by_least_outstanding_with_the_activator_as_backup() -> None:
+    text = render_config("/run/admin.sock", Ports(serve=8080, activator=8081, exporter=8404), 0.5)
+    assert "stats socket /run/admin.sock mode 600 level admin" in text
+    assert "  bind :8080\n" in text and "  bind 127.0.0.1:8404\n" in text
+    assert "  balance leastconn\n" in text
+    assert "  server activator 127.0.0.1:8081 backup\n" in text
+    assert "  timeout connect 500ms\n" in text
+    assert "  retry-on conn-failure empty-response\n" in text
