@@ -28,7 +28,8 @@ SERVICE = "chat"
 
 def _host_address() -> str:
     """An address of this host outside loopback: EndpointSlices refuse 127.0.0.0/8."""
-    shown = subprocess.run(["ip", "-j", "-4", "addr", "show", "scope", "global"], capture_output=True, check=True)
+    command = ["ip", "-j", "-4", "addr", "show", "scope", "global"]
+    shown = subprocess.run(command, capture_output=True, check=True)
     for link in json.loads(shown.stdout):
         for address in link.get("addr_info", ()):
             return str(address["local"])
@@ -192,7 +193,8 @@ def start_router(cluster: LocalCluster, namespace: str) -> Iterator[Any]:
         def ready() -> bool:
             assert router.process.poll() is None, "the router exited"
             try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2).status == 200
+                url = f"http://127.0.0.1:{metrics_port}/readyz"
+                return bool(urllib.request.urlopen(url, timeout=2).status == 200)
             except OSError:
                 return False
 

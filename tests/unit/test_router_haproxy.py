@@ -129,7 +129,8 @@ def test_answers_that_mean_failure() -> None:
 def test_the_configuration_balances_by_least_outstanding_with_the_activator_as_backup() -> None:
     text = render_config("/run/admin.sock", Ports(serve=8080, activator=8081, exporter=8404), 0.5)
     assert "stats socket /run/admin.sock mode 600 level admin" in text
-    assert "  bind :8080\n" in text and "  bind 127.0.0.1:8404\n" in text
+    assert "  bind :8080\n" in text
+    assert "  bind 127.0.0.1:8404\n" in text
     assert "  balance leastconn\n" in text
     assert "  server activator 127.0.0.1:8081 backup\n" in text
     assert "  timeout connect 500ms\n" in text
