@@ -59,6 +59,7 @@ images:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running container engine (docker)"; exit 1; }
 	docker build -f images/operator/Dockerfile -t largo-operator:dev .
 	docker build -f images/trainer/Dockerfile -t largo-trainer:dev .
+	docker build -f images/router/Dockerfile -t largo-router:dev .
 
 clean:
 	rm -rf $(VENV)

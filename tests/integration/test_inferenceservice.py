@@ -27,6 +27,7 @@ class Services:
     """Small verbs over the InferenceService API for one test namespace."""
 
     def __init__(self, api: client.ApiClient, namespace: str, operator: Any) -> None:
+        self.api = api
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.namespace = namespace
@@ -215,11 +216,34 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
         assert ("http" in ports) == (member == 0)
 
     front = services.core.read_namespaced_service("llm", namespace)
-    assert front.spec.selector == {"largo.dev/inferenceservice": "llm", "largo.dev/member": "0"}
+    assert front.spec.selector == {"largo.dev/router": "llm"}
     assert [(p.port, p.target_port) for p in front.spec.ports] == [(80, "http")]
     members = services.core.read_namespaced_service("llm-members", namespace)
     assert members.spec.cluster_ip == "None"
     assert members.spec.publish_not_ready_addresses
+    # The router: its Deployment and narrow RBAC, and the ready leaders in the EndpointSlices of
+    # llm-replicas (written by the controller-manager), which is what it balances over.
+    router = client.AppsV1Api(services.api).read_namespaced_deployment("llm-router", namespace)
+    assert router.spec.template.spec.service_account_name == "llm-router"
+    assert router.metadata.owner_references[0].name == "llm"
+    services.core.read_namespaced_service_account("llm-router", namespace)
+    rbac = client.RbacAuthorizationV1Api(services.api)
+    assert rbac.read_namespaced_role("llm-router", namespace).rules[0].resources == ["endpointslices"]
+    assert rbac.read_namespaced_role_binding("llm-router", namespace).subjects[0].name == "llm-router"
+    leaders = {f"llm-r{replica}-node-0" for replica in range(2)}
+
+    def listed_leaders() -> set[str]:
+        slices = client.DiscoveryV1Api(services.api).list_namespaced_endpoint_slice(
+            namespace, label_selector="kubernetes.io/service-name=llm-replicas"
+        )
+        return {
+            endpoint.target_ref.name
+            for item in slices.items
+            for endpoint in item.endpoints or []
+            if endpoint.conditions.ready
+        }
+
+    wait_for(lambda: listed_leaders() == leaders, TIMEOUT, "the ready leaders in llm-replicas' slices")
 
     # kubectl: the columns, the /scale subresource's view, and the schema's descriptions.
     table = cluster.kubectl(
@@ -240,7 +264,17 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
     ).stdout
     assert "Pods per replica group" in explained
 
-    # A Service deleted by hand is made again.
+    # The router's Deployment and a Service deleted by hand are made again.
+    client.AppsV1Api(services.api).delete_namespaced_deployment("llm-router", namespace)
+    wait_for(
+        lambda: any(
+            d.metadata.name == "llm-router"
+            for d in client.AppsV1Api(services.api).list_namespaced_deployment(namespace).items
+            if d.metadata.deletion_timestamp is None
+        ),
+        TIMEOUT,
+        "the router's Deployment made again",
+    )
     services.core.delete_namespaced_service("llm", namespace)
     wait_for(
         lambda: any(

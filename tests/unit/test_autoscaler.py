@@ -215,3 +215,57 @@ def test_metrics_are_read_from_vllm_s_http_port() -> None:
     assert entry.service is not None
     assert metrics_url(_pod("v-r0-node-0"), entry.service.spec) == "http://10.0.0.1:8080/metrics"
     assert metrics_url(_pod("v-r0-node-0", ip=None), entry.service.spec) is None
+
+
+def test_requests_held_by_the_router_bring_a_service_back_from_zero() -> None:
+    entry = _service(0, scaleToZero=True)
+    router = _pod("chat-router-5d9f-x2k", ip="10.0.0.9")
+    kube = FakeKube()
+    clock = Clock()
+    held = {"value": 0.0}
+    scraped: list[str] = []
+
+    async def scrape(url: str) -> str:
+        scraped.append(url)
+        return f"largo_router_requests_held {held['value']}\n"
+
+    scaler = Autoscaler(
+        kube=kube,  # type: ignore[arg-type]
+        services={entry.key: [entry]},
+        pods={entry.key: []},
+        routers={entry.key: [router]},
+        clock=clock,
+        scrape=scrape,
+    )
+    asyncio.run(scaler.tick())
+    assert kube.writes == []  # nothing held: it stays at zero
+    assert scraped == ["http://10.0.0.9:9400/metrics"]
+    held["value"] = 5.0  # target 2: five waiting requests want three replicas
+    clock.now += 1
+    asyncio.run(scaler.tick())
+    ((_, _, replicas, annotations),) = kube.writes
+    assert replicas == 3
+    decision = json.loads(annotations[ANNOTATION_SCALING])
+    # The second of five held requests against the second of none before it: the short window acts.
+    assert decision["reason"] == "panic: load 5.0 over 1s needs 3 (ready 0)"
+    assert decision["metricValue"] == 2.5
+
+
+def test_routers_are_not_scraped_while_a_leader_serves() -> None:
+    entry = _service(1)
+    scraped: list[str] = []
+
+    async def scrape(url: str) -> str:
+        scraped.append(url)
+        return "largo_serve_requests_in_flight 1\nlargo_router_requests_held 0\n"
+
+    scaler = Autoscaler(
+        kube=FakeKube(),  # type: ignore[arg-type]
+        services={entry.key: [entry]},
+        pods={entry.key: [_pod("chat-r0-node-0")]},
+        routers={entry.key: [_pod("chat-router-a", ip="10.0.0.9")]},
+        clock=Clock(),
+        scrape=scrape,
+    )
+    asyncio.run(scaler.tick())
+    assert scraped == ["http://10.0.0.1:9400/metrics"]

@@ -26,7 +26,7 @@ def test_dockerfile_is_clean(dockerfile: Path) -> None:
 
 
 def test_images_exist_and_hadolint_really_checks(tmp_path: Path) -> None:
-    assert {path.parent.name for path in DOCKERFILES} == {"operator", "trainer"}
+    assert {path.parent.name for path in DOCKERFILES} == {"operator", "router", "trainer"}
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python\nRUN pip install torch\n")
     result = subprocess.run([_hadolint(), str(bad)], capture_output=True, text=True, check=False)

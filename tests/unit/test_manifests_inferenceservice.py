@@ -90,7 +90,7 @@ def port_names(manifest: dict[str, Any]) -> list[str]:
 # --- Services --------------------------------------------------------------------------------
 
 
-def test_service_sends_port_80_to_ready_leaders_http_port() -> None:
+def test_service_sends_port_80_to_the_router_s_http_port() -> None:
     manifest = build_service(make(name="chat"))
     assert manifest["kind"] == "Service"
     assert manifest["metadata"] == {
@@ -98,7 +98,7 @@ def test_service_sends_port_80_to_ready_leaders_http_port() -> None:
         "namespace": "ml",
         "labels": {"largo.dev/inferenceservice": "chat"},
     }
-    assert manifest["spec"]["selector"] == {"largo.dev/inferenceservice": "chat", "largo.dev/member": "0"}
+    assert manifest["spec"]["selector"] == {"largo.dev/router": "chat"}
     assert manifest["spec"]["ports"] == [
         {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
     ]

@@ -1,5 +1,6 @@
 """The autoscaling loop: every period (2 s; HPA syncs every 15 s, KEDA polls every 30 s), each
-InferenceService with ``spec.autoscaling`` has its ready leaders' ``/metrics`` scraped, the pure
+InferenceService with ``spec.autoscaling`` has its ready leaders' ``/metrics`` scraped (with none
+ready, its routers', whose held requests are the demand that brings a service back from zero), the pure
 ``largo.policy.autoscale.decide`` asked for the replicas it wants, and ``spec.replicas`` written when
 that changes, with the decision's reason and load in an annotation for the service's status.
 
@@ -25,7 +26,7 @@ from largo.controllers.state import JobKey, ServiceEntry
 from largo.manifests import names
 from largo.policy.autoscale import Policy, Sample, State, decide
 from largo.policy.conditions import timestamp
-from largo.policy.load import Counter, replica_load
+from largo.policy.load import Counter, held_requests, replica_load
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +62,13 @@ def metrics_url(pod: Mapping[str, Any], spec: InferenceServiceSpec) -> str | Non
     return f"http://{ip}:{port}/metrics"
 
 
-def ready_leaders(pods: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """Leader pods that serve now (Running, Ready, not terminating), by name."""
+def serving(pods: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Pods that serve now (Running, Ready, not terminating), by name."""
     out = {}
     for pod in pods:
         metadata = pod.get("metadata") or {}
         status = pod.get("status") or {}
-        if (metadata.get("labels") or {}).get(names.LABEL_MEMBER) != "0" or metadata.get("deletionTimestamp"):
+        if metadata.get("deletionTimestamp"):
             continue
         ready = any(
             c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
@@ -75,6 +76,19 @@ def ready_leaders(pods: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]
         if status.get("phase") == "Running" and ready:
             out[str(metadata.get("name"))] = pod
     return out
+
+
+def ready_leaders(pods: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Leader pods that serve now, by name."""
+    leaders = [
+        p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(names.LABEL_MEMBER) == "0"
+    ]
+    return serving(leaders)
+
+
+def router_metrics_url(pod: Mapping[str, Any]) -> str | None:
+    ip = (pod.get("status") or {}).get("podIP")
+    return f"http://{ip}:{names.METRICS_PORT}/metrics" if ip else None
 
 
 @dataclass
@@ -98,6 +112,8 @@ class Autoscaler:
     pods: KeyedIndex
     clock: Callable[[], float]
     scrape: Scrape = http_scrape
+    # (namespace, service) -> its router pods
+    routers: KeyedIndex = field(default_factory=dict)
     period: float = 2.0
     # Told of each change it writes: "up" or "down".
     observe_decision: Callable[[str], None] = lambda direction: None
@@ -143,6 +159,8 @@ class Autoscaler:
                 memory.counters[name] = counter
             if value is not None:
                 memory.samples.append(Sample(now, name, value))
+        if not leaders:
+            memory.samples += await self._held(entry.key, now)
         policy = policy_of(spec)
         horizon = now - policy.stable_window - policy.stale_after
         memory.samples = [s for s in memory.samples if s.time > horizon]
@@ -168,3 +186,17 @@ class Autoscaler:
         except ConflictError:
             return  # the service changed meanwhile: the next period decides on the new version
         self.observe_decision("up" if decision.replicas > spec.replicas else "down")
+
+    async def _held(self, key: JobKey, now: float) -> list[Sample]:
+        """Requests the service's routers hold for want of a ready replica, one sample per router."""
+        urls = {
+            name: router_metrics_url(pod) for name, pod in serving(list(self.routers.get(key) or [])).items()
+        }
+        scraped = {name: url for name, url in urls.items() if url is not None}
+        texts = await asyncio.gather(*(self.scrape(url) for url in scraped.values()), return_exceptions=True)
+        samples = []
+        for name, text in zip(scraped, texts, strict=True):
+            held = None if isinstance(text, BaseException) else held_requests(text)
+            if held is not None:
+                samples.append(Sample(now, f"router/{name}", held))
+        return samples

@@ -29,7 +29,8 @@ from largo.controllers.state import JobKey, job_entry, pod_usage, service_entry
 from largo.controllers.trainjob import TrainJobReconciler
 from largo.controllers.workqueue import WorkQueue
 from largo.manifests.inferenceservice import DEFAULT_SERVER_IMAGE
-from largo.manifests.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF, LABEL_SERVICE
+from largo.manifests.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF, LABEL_ROUTER, LABEL_SERVICE
+from largo.manifests.router import DEFAULT_ROUTER_IMAGE
 from largo.metrics import Snapshot
 from largo.metrics import serve as serve_metrics
 from largo.policy.trainjob import Timings
@@ -128,6 +129,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         wake_scheduler=scheduler.wake,
         clock=time.time,
         default_image=os.environ.get("LARGO_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
+        router_image=os.environ.get("LARGO_ROUTER_IMAGE") or DEFAULT_ROUTER_IMAGE,
         binding_timeout=_float_env("LARGO_BINDING_TIMEOUT_SECONDS", 30.0),
     )
     reconciler = TrainJobReconciler(
@@ -150,6 +152,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         kube=kube,
         services=kwargs["service_queue"],
         pods=kwargs["service_pods"],
+        routers=kwargs["service_routers"],
         clock=time.time,
         period=_float_env("LARGO_AUTOSCALE_PERIOD_SECONDS", 2.0),
     )
@@ -283,6 +286,14 @@ async def service_pods(
     return {(str(namespace), labels[LABEL_SERVICE]): dict(body)}
 
 
+@kopf.index("pods", labels={LABEL_ROUTER: kopf.PRESENT})
+async def service_routers(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[JobKey, Any]:
+    """Each service's router pods: at zero replicas, the autoscaler reads their held requests."""
+    return {(str(namespace), labels[LABEL_ROUTER]): dict(body)}
+
+
 @kopf.index("persistentvolumeclaims")
 async def claim_names(namespace: str | None, name: str, **_: Any) -> dict[JobKey, Any]:
     """Which claims exist: a service whose model's claim is missing says so instead of pending pods."""
@@ -378,10 +389,11 @@ async def service_changed(namespace: str | None, name: str, memo: kopf.Memo, **_
 
 
 @kopf.on.event("services", labels={LABEL_SERVICE: kopf.PRESENT})
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_SERVICE: kopf.PRESENT})
 async def network_changed(
     namespace: str | None, labels: kopf.Labels, event: kopf.RawEvent, memo: kopf.Memo, **_: Any
 ) -> None:
-    """A service's Service was deleted (by hand, say): it is made again."""
+    """A service's Service or router Deployment was deleted (by hand, say): it is made again."""
     if event.get("type") == "DELETED":
         key = (str(namespace), labels[LABEL_SERVICE])
         memo.serving.forget_network(key)

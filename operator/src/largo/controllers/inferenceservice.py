@@ -27,7 +27,7 @@ from largo.controllers.objects import newer, owned, status_patch
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobKey, ServiceEntry
 from largo.manifests import inferenceservice as build
-from largo.manifests import names
+from largo.manifests import names, router
 from largo.policy.conditions import set_condition
 from largo.policy.inferenceservice import (
     ModelResolution,
@@ -59,15 +59,16 @@ class InferenceServiceReconciler:
     wake_scheduler: Callable[[], None]
     clock: Callable[[], float]
     default_image: str = build.DEFAULT_SERVER_IMAGE
+    router_image: str = router.DEFAULT_ROUTER_IMAGE
     # How long a member may stay unschedulable on its pinned node before its group is placed again.
     binding_timeout: float = 30.0
     _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
-    # Services whose two Services this operator already made (by key, then uid): created once, not
-    # every cycle; forgotten when one of them is deleted, so that the next cycle makes it again.
+    # Services whose network (Services, router) this operator already made (by key, then uid): made
+    # once, not every cycle; forgotten when a part is deleted, so that the next cycle makes it again.
     _networked: dict[JobKey, str] = field(default_factory=dict)
 
     def forget_network(self, key: JobKey) -> None:
-        """One of the service's Services was deleted: the next cycle creates what is missing."""
+        """A part of the service's network was deleted: the next cycle creates what is missing."""
         self._networked.pop(key, None)
 
     def hint(self, key: JobKey, body: Mapping[str, Any]) -> None:
@@ -199,7 +200,14 @@ class InferenceServiceReconciler:
         if decision.wake_scheduler:
             self.wake_scheduler()
         if self._networked.get((namespace, name)) != str(metadata.get("uid")):
-            await self._create(written, [build.build_members_service(service), build.build_service(service)])
+            network = [
+                build.build_members_service(service),
+                router.build_replicas_service(service),
+                build.build_service(service),
+                *router.build_router_account(service),
+                router.build_router_deployment(service, self.router_image),
+            ]
+            await self._create(written, network)
             self._networked[(namespace, name)] = str(metadata.get("uid"))
         # Deletes and events first: a refused create (quota, a webhook) must not hold back the drain of
         # retired groups or the restart of failed ones.

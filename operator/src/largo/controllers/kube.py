@@ -28,8 +28,16 @@ logger = logging.getLogger(__name__)
 COMPONENT = "largo-operator"
 
 
-# The kinds a TrainJob owns, and their names in the core client's method names.
-_CORE_KINDS = {"Pod": "pod", "Service": "service", "ConfigMap": "config_map"}
+# The kinds the controllers create: which client, and the kind's name in its method names.
+_KINDS = {
+    "Pod": ("core", "pod"),
+    "Service": ("core", "service"),
+    "ConfigMap": ("core", "config_map"),
+    "ServiceAccount": ("core", "service_account"),
+    "Deployment": ("apps", "deployment"),
+    "Role": ("rbac", "role"),
+    "RoleBinding": ("rbac", "role_binding"),
+}
 
 
 class ConflictError(Retry):
@@ -70,6 +78,8 @@ class Kube:
     ) -> None:
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+        self.rbac = client.RbacAuthorizationV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.gate = gate or LeaderGate()
         # Named in every object's managedFields: which replica wrote what can be read back.
@@ -173,18 +183,17 @@ class Kube:
         """Creates ``manifest``; an existing object of the same name is fine only if the same controller
         owns it. Raises CreateRefused with the API's message for anything the API server refuses."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
-        suffix = _CORE_KINDS[kind]
+        group, suffix = _KINDS[kind]
+        api = getattr(self, group)
         try:
-            create = getattr(self.core, f"create_namespaced_{suffix}")
+            create = getattr(api, f"create_namespaced_{suffix}")
             await self._write(create, namespace, manifest, field_manager=self.field_manager)
             return
         except ApiException as error:
             if error.status != 409:
                 raise CreateRefused(kind, name, "CreateRefused", api_message(error)) from error
         try:
-            existing = await asyncio.to_thread(
-                getattr(self.core, f"read_namespaced_{suffix}"), name, namespace
-            )
+            existing = await asyncio.to_thread(getattr(api, f"read_namespaced_{suffix}"), name, namespace)
         except ApiException as error:
             if error.status == 404:  # gone between the create and the read: try the create again
                 raise Retry(f"{kind} {name} went away while being created") from error

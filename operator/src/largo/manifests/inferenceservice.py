@@ -77,14 +77,15 @@ def _namespace(service: InferenceService) -> str:
 
 
 def build_service(service: InferenceService) -> JSON:
-    """The stable address: port 80 to the leaders' `http` port; only ready leaders get traffic."""
+    """The stable address: port 80 to the router's `http` port (the router balances over the ready
+    leaders; docs/serving.md)."""
     name = service.metadata.name
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": _namespace(service), "labels": {names.LABEL_SERVICE: name}},
         "spec": {
-            "selector": names.leader_selector(name),
+            "selector": names.router_selector(name),
             "ports": [
                 {
                     "name": names.HTTP_PORT_NAME,

@@ -116,3 +116,22 @@ def service_url(service: str, namespace: str) -> str:
 def leader_selector(service: str) -> dict[str, str]:
     """The pods that serve HTTP: the leaders of every group (the Service's and /scale's selector)."""
     return {LABEL_SERVICE: service, LABEL_MEMBER: "0"}
+
+
+# The router in front of an InferenceService's replicas (docs/serving.md, "The router").
+LABEL_ROUTER = f"{GROUP}/router"
+ROUTER_HTTP_PORT = 8080
+
+
+def router_name(service: str) -> str:
+    """The router's Deployment, ServiceAccount, Role and RoleBinding."""
+    return f"{service}-router"
+
+
+def replicas_service(service: str) -> str:
+    """The headless Service of the ready leaders, whose EndpointSlices the router follows."""
+    return f"{service}-replicas"
+
+
+def router_selector(service: str) -> dict[str, str]:
+    return {LABEL_ROUTER: service}

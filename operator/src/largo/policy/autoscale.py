@@ -137,6 +137,15 @@ def decide(
         )
     stable_load, silent = stable
     panic_load = panic[0]
+    if current == 0 and stable_load == 0 and panic_load == 0:
+        # At zero, samples come from the routers only: none held means no demand.
+        return Decision(
+            _clamp(policy, 0),
+            "no demand at zero replicas: holding",
+            stable_load,
+            False,
+            State(recent, None, state.idle_since),
+        )
     # Zero is reached only through scale_to_zero below, after its grace.
     wanted = max(1, math.ceil(stable_load / policy.target))
     panic_wanted = math.ceil(panic_load / policy.target)

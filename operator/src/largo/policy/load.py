@@ -70,3 +70,15 @@ def replica_load(
     if previous is None or now <= previous.time or counter.total < previous.total:
         return None, counter
     return (counter.total - previous.total) / (now - previous.time), counter
+
+
+# The router's count of requests waiting for a first ready replica (largo.router.agent).
+HELD = "largo_router_requests_held"
+
+
+def held_requests(text: str) -> float | None:
+    """Requests a router holds for want of a ready replica: demand that no replica can report."""
+    try:
+        return _sums(text, (HELD,)).get(HELD)
+    except ValueError:
+        return None

@@ -152,8 +152,8 @@ class Router:
             self.changed.clear()
             try:
                 await self.sync()
-            except OSError:
-                logger.exception("haproxy's runtime API did not answer; retrying")
+            except Exception:  # the next period tries again; the proxy keeps its last servers
+                logger.exception("syncing haproxy's servers failed; retrying")
 
     # EndpointSlices
 

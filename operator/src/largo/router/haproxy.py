@@ -47,10 +47,12 @@ def render_config(socket_path: str, ports: Ports, connect_timeout_s: float = 2.0
 global
   stats socket {socket_path} mode 600 level admin
   maxconn 8192
+  nbthread 1
 
 defaults
   mode http
   option http-keep-alive
+  option http-no-delay
   timeout connect {connect_ms}ms
   # Completions stream for as long as they generate: the model server bounds a request, not the proxy.
   timeout client 1h

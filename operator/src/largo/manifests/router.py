@@ -1,0 +1,141 @@
+"""Pure builders: an InferenceService's router (docs/serving.md, "The router"): the Deployment that
+runs HAProxy with largo's agent, the ServiceAccount and Role that let it watch the replicas'
+EndpointSlices, and the headless Service of the ready leaders that those EndpointSlices describe.
+
+The router's pods carry ``largo.dev/router``, never ``largo.dev/inferenceservice``: the controller
+counts every pod with the latter as a replica-group member.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from largo.api.v1alpha1 import InferenceService
+from largo.manifests import names
+
+JSON = dict[str, Any]
+
+DEFAULT_ROUTER_IMAGE = "largo-router:dev"
+ROUTER_COMMAND = ["python", "-m", "largo.router.agent"]
+
+
+def _metadata(service: InferenceService, name: str) -> JSON:
+    if not service.metadata.namespace:
+        raise ValueError(f"InferenceService {service.metadata.name} has no metadata.namespace")
+    return {
+        "name": name,
+        "namespace": service.metadata.namespace,
+        "labels": {names.LABEL_SERVICE: service.metadata.name},
+    }
+
+
+def build_replicas_service(service: InferenceService) -> JSON:
+    """Headless, ready leaders only: its EndpointSlices are the router's list of replicas."""
+    name = service.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(service, names.replicas_service(name)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": names.leader_selector(name),
+            "ports": [
+                {
+                    "name": names.HTTP_PORT_NAME,
+                    "port": service.spec.runtime.port,
+                    "targetPort": names.HTTP_PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def build_router_account(service: InferenceService) -> list[JSON]:
+    """ServiceAccount, Role and RoleBinding: the router reads EndpointSlices of its namespace, nothing
+    else."""
+    name = names.router_name(service.metadata.name)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(service, name)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(service, name),
+            "rules": [
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(service, name),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": service.metadata.namespace}],
+        },
+    ]
+
+
+def _probe(path: str, period: int, failures: int) -> JSON:
+    return {
+        "httpGet": {"path": path, "port": names.METRICS_PORT_NAME},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+    }
+
+
+def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUTER_IMAGE) -> JSON:
+    """One router pod, replaced surge-first so that the entry point never has none ready."""
+    name = service.metadata.name
+    labels = names.router_selector(name)
+    container: JSON = {
+        "name": "router",
+        "image": image,
+        "command": ROUTER_COMMAND,
+        "env": [
+            {"name": "LARGO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "LARGO_SERVICE", "value": name},
+            {"name": "LARGO_REPLICAS_SERVICE", "value": names.replicas_service(name)},
+            {"name": "LARGO_HTTP_PORT", "value": str(names.ROUTER_HTTP_PORT)},
+            {"name": "LARGO_METRICS_PORT", "value": str(names.METRICS_PORT)},
+        ],
+        "ports": [
+            {"name": names.HTTP_PORT_NAME, "containerPort": names.ROUTER_HTTP_PORT, "protocol": "TCP"},
+            {"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": _probe("/readyz", period=2, failures=1),
+        "livenessProbe": _probe("/healthz", period=10, failures=3),
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "512Mi"},
+        },
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(service, names.router_name(name)),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(names.METRICS_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": names.router_name(name),
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [container],
+                },
+            },
+        },
+    }

@@ -1,0 +1,94 @@
+"""The router's builders: the Deployment, its narrow RBAC, and the Service of ready leaders whose
+EndpointSlices it follows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from largo.api.v1alpha1 import InferenceService
+from largo.manifests.router import (
+    build_replicas_service,
+    build_router_account,
+    build_router_deployment,
+)
+
+
+def make(namespace: str | None = "ml", **spec: Any) -> InferenceService:
+    metadata: dict[str, Any] = {"name": "chat"}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    return InferenceService.from_body(
+        {"metadata": metadata, "spec": {"model": {"claimName": "weights"}, **spec}}
+    )
+
+
+def test_the_replicas_service_is_headless_over_ready_leaders_on_the_runtime_port() -> None:
+    manifest = build_replicas_service(make(runtime={"port": 9000}))
+    assert manifest["metadata"] == {
+        "name": "chat-replicas",
+        "namespace": "ml",
+        "labels": {"largo.dev/inferenceservice": "chat"},
+    }
+    spec = manifest["spec"]
+    assert spec["clusterIP"] == "None"
+    # Not ready means not listed: the router balances over ready leaders only.
+    assert "publishNotReadyAddresses" not in spec
+    assert spec["selector"] == {"largo.dev/inferenceservice": "chat", "largo.dev/member": "0"}
+    assert spec["ports"] == [{"name": "http", "port": 9000, "targetPort": "http", "protocol": "TCP"}]
+
+
+def test_the_router_may_only_read_endpointslices_of_its_namespace() -> None:
+    account, role, binding = build_router_account(make())
+    assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "chat-router")
+    assert role["kind"] == "Role"
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "chat-router",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chat-router", "namespace": "ml"}]
+
+
+def test_the_router_deployment_runs_the_agent_with_its_contract() -> None:
+    manifest = build_router_deployment(make(), image="registry.example/largo-router:1.0")
+    assert manifest["metadata"]["name"] == "chat-router"
+    # The Deployment is the service's (its deletion is noticed); its pods are not members.
+    assert manifest["metadata"]["labels"] == {"largo.dev/inferenceservice": "chat"}
+    spec = manifest["spec"]
+    template = spec["template"]
+    assert spec["selector"] == {"matchLabels": {"largo.dev/router": "chat"}}
+    assert template["metadata"]["labels"] == {"largo.dev/router": "chat"}
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == "9400"
+    assert template["spec"]["serviceAccountName"] == "chat-router"
+    (container,) = template["spec"]["containers"]
+    assert container["image"] == "registry.example/largo-router:1.0"
+    assert container["command"] == ["python", "-m", "largo.router.agent"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env == {
+        "LARGO_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        "LARGO_SERVICE": "chat",
+        "LARGO_REPLICAS_SERVICE": "chat-replicas",
+        "LARGO_HTTP_PORT": "8080",
+        "LARGO_METRICS_PORT": "9400",
+    }
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
+        ("http", 8080),
+        ("metrics", 9400),
+    ]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+
+
+@pytest.mark.parametrize("build", [build_replicas_service, build_router_account, build_router_deployment])
+def test_builders_refuse_a_service_without_namespace(build: Any) -> None:
+    with pytest.raises(ValueError, match=r"has no metadata\.namespace"):
+        build(make(namespace=None))
