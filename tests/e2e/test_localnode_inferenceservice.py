@@ -8,6 +8,7 @@ itself is the serving runtime's to test."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -41,6 +42,32 @@ class Metrics(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["LARGO_METRICS_PORT"])), Metrics).serve_forever()
+"""
+
+# Answers every POST on the `http` port with its pod's name, and reports no load on /metrics.
+ECHO_SERVER = """
+import http.server, json, os, threading
+class Echo(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"largo_serve_requests_in_flight 0\\n" if self.path == "/metrics" else b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        body = json.dumps({"replica": os.environ["HOSTNAME"]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+for port in ("LARGO_METRICS_PORT", "LARGO_HTTP_PORT"):
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ[port])), Echo)
+    threading.Thread(target=server.serve_forever).start()
 """
 
 
@@ -145,3 +172,80 @@ def test_load_scales_the_service_up_and_its_end_scales_it_down(
     assert spec["replicas"] == 1  # written by largo, which owns it with autoscaling
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=echo").items
     assert {"Scaled", "GroupAdmitted", "GroupRetired"} <= {event.reason for event in events}
+
+
+def test_a_request_at_zero_replicas_is_held_by_the_router_brings_one_up_and_is_answered(
+    local_cluster: LocalCluster, local_operator: OperatorProcess, namespace: str
+) -> None:
+    """The router (HAProxy and its agent, in a pod on a localnode node) holds the request; the
+    autoscaler reads the held count and scales 0 -> 1; the replica's EndpointSlice turns ready and the
+    held request is answered by it. Until localnode routes ClusterIPs, the router is called on its pod's
+    address."""
+    api = config.new_client_from_config(config_file=str(local_cluster.kubeconfig))
+    core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "weights"},
+            "spec": {
+                "storageClassName": "largo-local",
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    localnode = {"largo.dev/localnode": "true"}
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "InferenceService",
+        "metadata": {"name": "idle"},
+        "spec": {
+            "model": {"claimName": "weights"},
+            "runtime": {
+                "type": "custom",
+                "image": "largo-trainer:dev",
+                "command": ["python", "-c", ECHO_SERVER],
+                "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+            },
+            "resourcesPerNode": {"cpu": "100m", "memory": "64Mi"},
+            "replicas": 0,
+            "autoscaling": {"maxReplicas": 2, "target": 4, "stableWindowSeconds": 6, "scaleToZero": True},
+            "router": {"nodeSelector": localnode, "holdTimeoutSeconds": 120},
+            "podTemplate": {"nodeSelector": localnode, "terminationGracePeriodSeconds": 2},
+        },
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+    def router_address() -> str | None:
+        for pod in core.list_namespaced_pod(namespace, label_selector="largo.dev/router=idle").items:
+            ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+            if ready and pod.status.pod_ip:
+                return str(pod.status.pod_ip)
+        return None
+
+    wait_for(lambda: router_address() is not None, 120, "the router ready", local_operator.assert_alive)
+    address = router_address()
+    request = urllib.request.Request(
+        f"http://{address}:8080/v1/completions",
+        data=json.dumps({"prompt": "hi", "max_tokens": 4}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=150) as answer:
+        assert answer.status == 200
+        assert json.loads(answer.read()) == {"replica": "idle-r0-node-0"}
+    found = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "idle")
+    first = found["status"]["scaling"][0]
+    assert (first["from"], first["to"]) == (0, 1)
+    assert first["metricValue"] > 0  # the held request, as the router counted it
+    # Now a replica is ready: the next request goes to it directly.
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert json.loads(answer.read()) == {"replica": "idle-r0-node-0"}
+    metrics = urllib.request.urlopen(f"http://{address}:9400/metrics", timeout=5).read().decode()
+    served = {
+        sample.labels.get("server"): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "haproxy_server_sessions_total" and sample.labels.get("proxy") == "replicas"
+    }
+    assert served.get("idle-r0-node-0") == 1  # the second request; the first went through the activator

@@ -79,7 +79,10 @@ def test_the_router_deployment_runs_the_agent_with_its_contract() -> None:
         "LARGO_REPLICAS_SERVICE": "chat-replicas",
         "LARGO_HTTP_PORT": "8080",
         "LARGO_METRICS_PORT": "9400",
+        "LARGO_HOLD_TIMEOUT_SECONDS": "300",
     }
+    assert spec["replicas"] == 1
+    assert "nodeSelector" not in template["spec"]
     assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
         ("http", 8080),
         ("metrics", 9400),
@@ -92,3 +95,38 @@ def test_the_router_deployment_runs_the_agent_with_its_contract() -> None:
 def test_builders_refuse_a_service_without_namespace(build: Any) -> None:
     with pytest.raises(ValueError, match=r"has no metadata\.namespace"):
         build(make(namespace=None))
+
+
+def test_spec_router_sets_replicas_placement_and_the_hold_timeout() -> None:
+    toleration = {"key": "dedicated", "operator": "Equal", "value": "edge", "effect": "NoSchedule"}
+    manifest = build_router_deployment(
+        make(
+            router={
+                "replicas": 2,
+                "holdTimeoutSeconds": 30,
+                "nodeSelector": {"pool": "cpu"},
+                "tolerations": [toleration],
+            }
+        )
+    )
+    pod_spec = manifest["spec"]["template"]["spec"]
+    assert manifest["spec"]["replicas"] == 2
+    assert pod_spec["nodeSelector"] == {"pool": "cpu"}
+    assert pod_spec["tolerations"] == [toleration]
+    env = {e["name"]: e.get("value") for e in pod_spec["containers"][0]["env"]}
+    assert env["LARGO_HOLD_TIMEOUT_SECONDS"] == "30"
+
+
+@pytest.mark.parametrize(
+    ("router", "field"),
+    [
+        ({"replicas": 0}, "replicas"),
+        ({"replicas": 17}, "replicas"),
+        ({"holdTimeoutSeconds": 0}, "holdTimeoutSeconds"),
+    ],
+)
+def test_router_settings_out_of_bounds_are_refused_naming_the_field(
+    router: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        make(router=router)

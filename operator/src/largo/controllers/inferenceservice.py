@@ -65,7 +65,7 @@ class InferenceServiceReconciler:
     _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
     # Services whose network (Services, router) this operator already made (by key, then uid): made
     # once, not every cycle; forgotten when a part is deleted, so that the next cycle makes it again.
-    _networked: dict[JobKey, str] = field(default_factory=dict)
+    _networked: dict[JobKey, tuple[str, str]] = field(default_factory=dict)
 
     def forget_network(self, key: JobKey) -> None:
         """A part of the service's network was deleted: the next cycle creates what is missing."""
@@ -199,16 +199,19 @@ class InferenceServiceReconciler:
             self._hints[(namespace, name)] = written
         if decision.wake_scheduler:
             self.wake_scheduler()
-        if self._networked.get((namespace, name)) != str(metadata.get("uid")):
+        deployment = router.build_router_deployment(service, self.router_image)
+        networked = (str(metadata.get("uid")), json.dumps(deployment, sort_keys=True))
+        if self._networked.get((namespace, name)) != networked:
             network = [
                 build.build_members_service(service),
                 router.build_replicas_service(service),
                 build.build_service(service),
                 *router.build_router_account(service),
-                router.build_router_deployment(service, self.router_image),
             ]
             await self._create(written, network)
-            self._networked[(namespace, name)] = str(metadata.get("uid"))
+            # Applied, not created: a change of spec.router reaches the running router.
+            await self._apply_owned(written, deployment)
+            self._networked[(namespace, name)] = networked
         # Deletes and events first: a refused create (quota, a webhook) must not hold back the drain of
         # retired groups or the restart of failed ones.
         if decision.delete:
@@ -242,6 +245,16 @@ class InferenceServiceReconciler:
             await self.kube.event(owner, "Warning", refused[0].reason, refused[0].message)
         if failures:
             raise (refused or failures)[0]
+
+    async def _apply_owned(self, owner: Mapping[str, Any], manifest: dict[str, Any]) -> None:
+        try:
+            await self.kube.apply(owner["metadata"]["namespace"], owned(manifest, owner))
+        except CreateRefused as refused:
+            logger.warning(
+                "%s/%s: %s", owner["metadata"]["namespace"], owner["metadata"]["name"], refused.message
+            )
+            await self.kube.event(owner, "Warning", refused.reason, refused.message)
+            raise
 
     async def _reject(self, body: Mapping[str, Any], message: str) -> None:
         """A spec the schema let through but largo cannot run: say why, once, and wait for a fix."""

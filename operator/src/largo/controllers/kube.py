@@ -215,6 +215,26 @@ class Kube:
             # Our own pod of an earlier attempt, still terminating: never mistake it for the new one.
             raise Retry(f"{kind} {name} of attempt {found} still exists; attempt {wanted} waits for it")
 
+    async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        """Server-side apply of ``manifest`` as largo's field manager: created, or brought back to what
+        largo wants for the fields it sets (a user's other fields stay). Raises CreateRefused with the
+        API's message for anything the API server refuses."""
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        group, suffix = _KINDS[kind]
+        patch = getattr(getattr(self, group), f"patch_namespaced_{suffix}")
+        try:
+            await self._write(
+                patch,
+                name,
+                namespace,
+                manifest,
+                field_manager=self.field_manager,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+        except ApiException as error:
+            raise CreateRefused(kind, name, "ApplyRefused", api_message(error)) from error
+
     async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
         try:
             await self._write(

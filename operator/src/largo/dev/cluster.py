@@ -424,6 +424,7 @@ class LocalCluster:
                 f"--serving-cert={self.pki.kubelet_cert}",
                 f"--serving-key={self.pki.kubelet_key}",
                 f"--client-ca={self.pki.ca_cert}",
+                f"--extra-path={self.tools.bin}",
                 *(f"--label={k}={v}" for k, v in pool.labels.items()),
             ]
             # Stopping a node stops its pods first, each with its grace period.

@@ -88,8 +88,10 @@ def _probe(path: str, period: int, failures: int) -> JSON:
 
 
 def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUTER_IMAGE) -> JSON:
-    """One router pod, replaced surge-first so that the entry point never has none ready."""
+    """``spec.router.replicas`` router pods, replaced surge-first so that the entry point never has
+    none ready."""
     name = service.metadata.name
+    settings = service.spec.router
     labels = names.router_selector(name)
     container: JSON = {
         "name": "router",
@@ -101,6 +103,7 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
             {"name": "LARGO_REPLICAS_SERVICE", "value": names.replicas_service(name)},
             {"name": "LARGO_HTTP_PORT", "value": str(names.ROUTER_HTTP_PORT)},
             {"name": "LARGO_METRICS_PORT", "value": str(names.METRICS_PORT)},
+            {"name": "LARGO_HOLD_TIMEOUT_SECONDS", "value": str(settings.hold_timeout_seconds)},
         ],
         "ports": [
             {"name": names.HTTP_PORT_NAME, "containerPort": names.ROUTER_HTTP_PORT, "protocol": "TCP"},
@@ -119,7 +122,7 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
         "kind": "Deployment",
         "metadata": _metadata(service, names.router_name(name)),
         "spec": {
-            "replicas": 1,
+            "replicas": settings.replicas,
             "selector": {"matchLabels": labels},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
@@ -135,6 +138,12 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
                     "serviceAccountName": names.router_name(name),
                     "terminationGracePeriodSeconds": 30,
                     "containers": [container],
+                    **({"nodeSelector": dict(settings.node_selector)} if settings.node_selector else {}),
+                    **(
+                        {"tolerations": [dict(t) for t in settings.tolerations]}
+                        if settings.tolerations
+                        else {}
+                    ),
                 },
             },
         },

@@ -292,6 +292,24 @@ class Rollout(SpecModel):
         return self
 
 
+class Router(SpecModel):
+    """The router in front of the replicas: HAProxy balancing by outstanding requests, holding requests
+    while no replica is ready (docs/serving.md)."""
+
+    replicas: int = Field(default=1, ge=1, le=16, description="Router pods (each balances on its own).")
+    hold_timeout_seconds: int = Field(
+        default=300,
+        ge=1,
+        le=3600,
+        description="How long a request waits for a first ready replica (scale from zero, a replica "
+        "starting) before a 503 with Retry-After.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Where router pods run (they need no GPU)."
+    )
+    tolerations: list[FreeForm] = Field(default_factory=list, description="core/v1 Tolerations.")
+
+
 class InferenceServiceSpec(SpecModel):
     """Desired state of an InferenceService."""
 
@@ -362,6 +380,9 @@ class InferenceServiceSpec(SpecModel):
     )
     scheduling: Scheduling = Field(default_factory=Scheduling, json_schema_extra={"default": {}})
     pod_template: PodTemplate = Field(default_factory=PodTemplate)
+    router: Router = Field(
+        default_factory=Router, json_schema_extra={"default": {"replicas": 1, "holdTimeoutSeconds": 300}}
+    )
 
     @field_validator("resources_per_node", mode="before")
     @classmethod

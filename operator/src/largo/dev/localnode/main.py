@@ -33,6 +33,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     node.add_argument(
         "--client-ca", type=Path, default=None, help="CA of the API server's client certificate"
     )
+    node.add_argument(
+        "--extra-path", action="append", default=[], help="a directory to put in pods' PATH (repeatable)"
+    )
     node.set_defaults(handler=run_node)
 
 
@@ -61,6 +64,7 @@ def run_node(args: argparse.Namespace) -> int:
         serving_cert=args.serving_cert,
         serving_key=args.serving_key,
         client_ca=args.client_ca,
+        extra_path=tuple(args.extra_path),
     )
     agent = agent_module.Agent(node)
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -43,6 +43,9 @@ class NodeConfig:
     serving_cert: Path | None = None
     serving_key: Path | None = None
     client_ca: Path | None = None
+    # Directories put before the host's in every container's PATH: the host's "installed packages"
+    # beyond the virtualenv (the cluster passes its tools' bin, where the router's HAProxy is).
+    extra_path: tuple[str, ...] = ()
 
 
 def detect_gpus() -> int:

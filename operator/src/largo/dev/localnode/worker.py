@@ -255,7 +255,13 @@ class PodWorker(threading.Thread):
             pod,
             str(self.agent.node.net.gateway.ip),
             self.agent.api_port,
-            f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            ":".join(
+                [
+                    str(Path(sys.executable).parent),
+                    *self.agent.node.extra_path,
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                ]
+            ),
         )
         env = podspec.container_env(pod, container, self.refs, base)
         argv = podspec.container_argv(container, env)
