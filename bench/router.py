@@ -130,6 +130,7 @@ def haproxy(port: int, replica: int, workdir: Path) -> Iterator[None]:
         for command in (
             f"add server replicas/bench-r0-node-0 127.0.0.1:{replica} check inter 1s fall 2 rise 1",
             "enable health replicas/bench-r0-node-0",
+            "set server replicas/bench-r0-node-0 health up",
             "enable server replicas/bench-r0-node-0",
         ):
             runtime_api(admin, command)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the upstream Kubernetes tools the tests and the demo need, from the Go module proxy only:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm, and Prometheus
-# with promtool; and HAProxy, the serving router's proxy, from Debian's archive (apt-get download, not
-# installed: unpacked beside the other tools with the libraries it needs).
+# with promtool, kube-proxy and CoreDNS (the local cluster's Service routing and DNS); and, from Debian's
+# archive (apt-get download, not installed: unpacked beside the other tools with the libraries they
+# need), HAProxy, the serving router's proxy, and nft, which kube-proxy's nftables mode drives.
 # Idempotent: every tool lands in a version-keyed cache directory outside the repository and is
 # skipped when already there. Prints the tools directory on its last line.
 set -euo pipefail
@@ -20,6 +21,10 @@ PROMETHEUS_RELEASE=3.16.0
 # a base system lacks come with it. A version the archive no longer serves falls back to its current one.
 HAPROXY_VERSION=2.6.12-1+deb12u4
 HAPROXY_LIBS=(liblua5.3-0 libopentracing-c-wrapper0 libopentracing1)
+NFTABLES_VERSION=1.0.6-2+deb12u2
+NFTABLES_LIBS=(libnftables1 libjansson4 libnftnl11 libxtables12)
+# CoreDNS with the plugins a cluster's DNS needs (hack/coredns/main.go), not its every cloud plugin.
+COREDNS_VERSION=v1.15.0
 
 key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_prometheus-${PROMETHEUS_RELEASE}"
 TOOLS_DIR="${LARGO_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/largo/tools/$key}"
@@ -78,11 +83,13 @@ PY
   } > "$dir/go.mod"
 }
 
+# build_kubernetes DIR TOOL...: the named commands of k8s.io/kubernetes, built in the wrapper module DIR.
 build_kubernetes() {
-  local tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-  if have "${tools[@]}"; then log "kubernetes $K8S_VERSION: cached"; return; fi
+  local dir="$SRC/$1"; shift
+  local tools=("$@")
+  if have "${tools[@]}"; then log "kubernetes $K8S_VERSION: ${tools[*]} cached"; return; fi
   log "kubernetes $K8S_VERSION: building ${tools[*]} (the first build takes tens of minutes)"
-  local dir="$SRC/kubernetes" staging="v0${K8S_VERSION#v1}"
+  local staging="v0${K8S_VERSION#v1}"
   write_wrapper "$dir" k8s.io/kubernetes "$K8S_VERSION" "$staging"
   local minor; minor=$(echo "$K8S_VERSION" | cut -d. -f2)
   local date="1970-01-01T00:00:00Z" flags=""
@@ -174,12 +181,48 @@ SH
   "$BIN/haproxy" -v | head -1 >&2
 }
 
+fetch_nftables() {
+  if have nft && [ -x "$TOOLS_DIR/nftables/usr/sbin/nft" ]; then log "nftables: cached"; return; fi
+  log "nftables $NFTABLES_VERSION: downloading Debian's package and unpacking it"
+  local dir="$SRC/nftables-debs"
+  rm -rf "$dir" "$TOOLS_DIR/nftables.tmp" && mkdir -p "$dir" "$TOOLS_DIR/nftables.tmp"
+  (cd "$dir" && { apt-get download "nftables=$NFTABLES_VERSION" 2>/dev/null || apt-get download nftables; } &&
+    apt-get download "${NFTABLES_LIBS[@]}") >&2
+  for deb in "$dir"/*.deb; do dpkg-deb -x "$deb" "$TOOLS_DIR/nftables.tmp"; done
+  rm -rf "$TOOLS_DIR/nftables" && mv "$TOOLS_DIR/nftables.tmp" "$TOOLS_DIR/nftables"
+  cat > "$BIN/nft" <<'SH'
+#!/bin/sh
+# Debian's nft unpacked beside this directory, with the libraries that came with it.
+root="$(cd "$(dirname "$0")/../nftables" && pwd)"
+libs=$(echo "$root"/usr/lib/*-linux-gnu)
+LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$root/usr/sbin/nft" "$@"
+SH
+  chmod +x "$BIN/nft"
+  "$BIN/nft" --version >&2
+}
+
+build_coredns() {
+  if have coredns; then log "coredns $COREDNS_VERSION: cached"; return; fi
+  log "coredns $COREDNS_VERSION: building with the plugins of hack/coredns/main.go"
+  local dir="$SRC/coredns"
+  rm -rf "$dir" && mkdir -p "$dir"
+  cp "$(dirname "$0")/coredns/main.go" "$dir/"
+  (cd "$dir" && go mod init largo.dev/hack/coredns >/dev/null 2>&1 &&
+    go get "github.com/coredns/coredns@$COREDNS_VERSION" && go mod tidy &&
+    go build -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" -o "$dir/coredns" .)
+  mv "$dir/coredns" "$BIN/coredns"
+}
+
 build_etcd
 build_kwok
 fetch_haproxy
+fetch_nftables
 build_helm
 build_prometheus
 fetch_prometheus_operator_crds
-build_kubernetes
+build_kubernetes kubernetes kube-apiserver kube-controller-manager kube-scheduler kubectl
+# Apart, so that a cache made before it was added keeps the others.
+build_kubernetes kubernetes-proxy kube-proxy
+build_coredns
 log "all tools in $BIN"
 echo "$TOOLS_DIR"

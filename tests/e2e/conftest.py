@@ -38,8 +38,10 @@ def local_cluster() -> Iterator[LocalCluster]:
         yield cluster
     finally:
         cluster.stop()
-    # A stopped cluster leaves no pod network namespace (nor, with it, any pod process or mount).
+    # A stopped cluster leaves no pod network namespace (nor, with it, any pod process or mount), and
+    # no kube-proxy rule.
     assert cluster.pod_network_leftovers() == []
+    assert cluster.service_network_leftovers() == []
 
 
 @pytest.fixture(scope="package")

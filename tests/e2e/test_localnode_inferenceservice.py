@@ -179,8 +179,8 @@ def test_a_request_at_zero_replicas_is_held_by_the_router_brings_one_up_and_is_a
 ) -> None:
     """The router (HAProxy and its agent, in a pod on a localnode node) holds the request; the
     autoscaler reads the held count and scales 0 -> 1; the replica's EndpointSlice turns ready and the
-    held request is answered by it. Until localnode routes ClusterIPs, the router is called on its pod's
-    address."""
+    held request is answered by it. The request goes to the service's address, its ClusterIP (routed
+    by kube-proxy), as a client in the cluster would send it."""
     api = config.new_client_from_config(config_file=str(local_cluster.kubeconfig))
     core = client.CoreV1Api(api)
     custom = client.CustomObjectsApi(api)
@@ -226,8 +226,9 @@ def test_a_request_at_zero_replicas_is_held_by_the_router_brings_one_up_and_is_a
 
     wait_for(lambda: router_address() is not None, 120, "the router ready", local_operator.assert_alive)
     address = router_address()
+    cluster_ip = core.read_namespaced_service("idle", namespace).spec.cluster_ip
     request = urllib.request.Request(
-        f"http://{address}:8080/v1/completions",
+        f"http://{cluster_ip}/v1/completions",
         data=json.dumps({"prompt": "hi", "max_tokens": 4}).encode(),
         headers={"Content-Type": "application/json"},
     )

@@ -219,3 +219,43 @@ def test_grace_prefers_the_deletion_grace() -> None:
     assert podspec.grace_seconds(pod) == 5
     pod["metadata"]["deletionGracePeriodSeconds"] = 1
     assert podspec.grace_seconds(pod) == 1
+
+
+# --- resolv.conf --------------------------------------------------------------------------------
+
+HOST_RESOLV = "# host\nnameserver 192.0.2.53\nsearch corp.example\noptions edns0\n"
+
+
+def _dns_pod(**spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "p", "namespace": "team-a"}, "spec": spec}
+
+
+def test_cluster_first_asks_the_cluster_dns_with_the_namespace_search_path() -> None:
+    assert podspec.resolv_conf(_dns_pod(), "10.77.0.1", "cluster.local", HOST_RESOLV) == (
+        "nameserver 10.77.0.1\n"
+        "search team-a.svc.cluster.local svc.cluster.local cluster.local\n"
+        "options ndots:5\n"
+    )
+
+
+def test_without_cluster_dns_cluster_first_resolves_nothing_and_default_takes_the_host_s() -> None:
+    assert podspec.resolv_conf(_dns_pod(), None, "cluster.local", HOST_RESOLV) == podspec.NO_CLUSTER_DNS
+    assert podspec.resolv_conf(_dns_pod(dnsPolicy="Default"), "10.77.0.1", "cluster.local", HOST_RESOLV) == (
+        "nameserver 192.0.2.53\nsearch corp.example\noptions edns0\n"
+    )
+
+
+def test_dns_config_is_added_and_none_takes_only_it() -> None:
+    config = {
+        "nameservers": ["10.9.9.9"],
+        "searches": ["extra.example"],
+        "options": [{"name": "ndots", "value": "2"}, {"name": "rotate"}],
+    }
+    assert podspec.resolv_conf(_dns_pod(dnsConfig=config), "10.77.0.1", "cluster.local", "") == (
+        "nameserver 10.77.0.1\nnameserver 10.9.9.9\n"
+        "search team-a.svc.cluster.local svc.cluster.local cluster.local extra.example\n"
+        "options ndots:2 rotate\n"
+    )
+    assert podspec.resolv_conf(
+        _dns_pod(dnsPolicy="None", dnsConfig=config), "10.77.0.1", "cluster.local", HOST_RESOLV
+    ) == ("nameserver 10.9.9.9\nsearch extra.example\noptions ndots:2 rotate\n")

@@ -83,12 +83,14 @@ def test_commands_add_enable_drain_move_and_remove() -> None:
         "set server replicas/back state ready",
         "add server replicas/late 10.0.0.8:8000 check inter 1s fall 2 rise 1",
         "enable health replicas/late",
+        "set server replicas/late health up",
         "enable server replicas/late",
         "set server replicas/late state drain",
         "set server replicas/leaving state drain",
         "set server replicas/moved addr 10.0.0.7 port 8001",
         "add server replicas/new 10.0.0.6:8000 check inter 1s fall 2 rise 1",
         "enable health replicas/new",
+        "set server replicas/new health up",
         "enable server replicas/new",
     ]
     assert sync_commands(desired, desired) == []

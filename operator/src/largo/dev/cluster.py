@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from largo.dev import pki as pki_module
+from largo.dev import service_network
 from largo.dev import tools as tools_module
 from largo.dev.processes import terminate_group
 
@@ -178,6 +179,8 @@ class LocalCluster:
         self.kubeconfig = self.workdir / "kubeconfig"
         self._components: list[_Component] = []
         self._tools: tools_module.Tools | None = None
+        self._service_network = False
+        self._forwarding_before: str | None = None
         self._pki: pki_module.Pki | None = None
         self.api_port = 0
         self.local_node_names: list[str] = []
@@ -240,7 +243,16 @@ class LocalCluster:
         for component in reversed(self._components):
             terminate_group(component.process, component.grace)
         self._components.clear()
+        if self._service_network and self._tools is not None:
+            # kube-proxy leaves its rules when it stops, as on a real node: remove them.
+            service_network.cleanup(self._tools)
+            service_network.restore_forwarding(self._forwarding_before)
+            self._service_network = False
         self._sweep_pod_network()
+
+    def service_network_leftovers(self) -> list[str]:
+        """kube-proxy's nftables tables that still exist (none after stop())."""
+        return service_network.kube_proxy_tables(self.tools) if self._tools is not None else []
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -393,6 +405,40 @@ class LocalCluster:
             self.add_nodes(pool, timeout)
         for local_pool in self.spec.local_nodes:
             self.add_local_nodes(local_pool, timeout)
+        if self.local_node_names:
+            self._start_service_network(tools, timeout)
+
+    def _start_service_network(self, tools: tools_module.Tools, timeout: float) -> None:
+        """kube-proxy and CoreDNS for the localnode pods (largo.dev.service_network)."""
+        assert self._pod_network is not None
+        gateway = self._pod_network[1]
+        if not service_network.lock_free():
+            raise ClusterError(
+                "another local cluster with localnode nodes is running (its kube-proxy holds "
+                f"{service_network.LOCK}): stop it first (largo dev down)"
+            )
+        if service_network.kube_proxy_tables(tools):
+            service_network.cleanup(tools)  # what a killed cluster's kube-proxy left
+        self._forwarding_before = service_network.enable_forwarding()
+        self._service_network = True
+        healthz, metrics = free_port(), free_port()
+        command = service_network.kube_proxy_command(
+            tools, self.kubeconfig, self.local_node_names[0], gateway, healthz, metrics
+        )
+        self._spawn("kube-proxy", command, env=service_network.tool_env(tools))
+        wait_for(
+            lambda: http_ok(f"http://127.0.0.1:{healthz}/healthz"),
+            timeout,
+            "kube-proxy /healthz",
+            self.assert_running,
+        )
+        health, ready = free_port(), free_port()
+        corefile = self.workdir / "Corefile"
+        corefile.write_text(service_network.corefile(gateway.split("/")[0], self.kubeconfig, health, ready))
+        self._spawn("coredns", [tools.path("coredns"), "-conf", str(corefile)])
+        wait_for(
+            lambda: http_ok(f"http://127.0.0.1:{ready}/ready"), timeout, "CoreDNS /ready", self.assert_running
+        )
 
     def add_local_nodes(self, pool: LocalNodePool, timeout: float = 60.0) -> list[str]:
         """Starts one localnode agent per node of the pool and waits until each node is Ready."""
@@ -425,6 +471,8 @@ class LocalCluster:
                 f"--serving-key={self.pki.kubelet_key}",
                 f"--client-ca={self.pki.ca_cert}",
                 f"--extra-path={self.tools.bin}",
+                f"--cluster-dns={gateway.split('/')[0]}",
+                f"--cluster-domain={service_network.CLUSTER_DOMAIN}",
                 *(f"--label={k}={v}" for k, v in pool.labels.items()),
             ]
             # Stopping a node stops its pods first, each with its grace period.
@@ -474,11 +522,14 @@ class LocalCluster:
             *(f"--config={config}" for config in configs),
         ]
 
-    def _spawn(self, name: str, command: list[str], grace: float = 10.0) -> None:
+    def _spawn(
+        self, name: str, command: list[str], grace: float = 10.0, env: dict[str, str] | None = None
+    ) -> None:
         log = self.workdir / "logs" / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 command,
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

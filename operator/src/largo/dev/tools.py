@@ -21,6 +21,9 @@ TOOL_NAMES = (
     "prometheus",
     "promtool",
     "haproxy",
+    "nft",
+    "kube-proxy",
+    "coredns",
 )
 
 

@@ -117,7 +117,8 @@ def sync_commands(current: Mapping[str, Replica], desired: Mapping[str, Replica]
     """Runtime-API commands from the servers HAProxy has (``current``) to ``desired``.
 
     A new replica is added in maintenance (as HAProxy adds dynamic servers), given a TCP health check
-    (a dead process is noticed between EndpointSlice updates), then enabled. A replica that left is put
+    (a dead process is noticed between EndpointSlice updates) that starts from up (its EndpointSlice
+    says it is ready), then enabled. A replica that left is put
     in maintenance and deleted; HAProxy refuses the deletion while requests are still on it, and the
     caller repeats it on the next sync (see ``removals``)."""
     commands: list[str] = []
@@ -129,6 +130,8 @@ def sync_commands(current: Mapping[str, Replica], desired: Mapping[str, Replica]
             commands += [
                 f"add server {_server(name)} {replica.address}:{replica.port} check inter 1s fall 2 rise 1",
                 f"enable health {_server(name)}",
+                # Ready by its EndpointSlice already: up now, not after its first check.
+                f"set server {_server(name)} health up",
                 f"enable server {_server(name)}",
             ]
             if replica.state is State.DRAINING:

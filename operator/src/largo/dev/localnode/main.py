@@ -33,6 +33,8 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     node.add_argument(
         "--client-ca", type=Path, default=None, help="CA of the API server's client certificate"
     )
+    node.add_argument("--cluster-dns", default=None, help="the DNS server of ClusterFirst pods")
+    node.add_argument("--cluster-domain", default="cluster.local")
     node.add_argument(
         "--extra-path", action="append", default=[], help="a directory to put in pods' PATH (repeatable)"
     )
@@ -65,6 +67,8 @@ def run_node(args: argparse.Namespace) -> int:
         serving_key=args.serving_key,
         client_ca=args.client_ca,
         extra_path=tuple(args.extra_path),
+        cluster_dns=args.cluster_dns,
+        cluster_domain=args.cluster_domain,
     )
     agent = agent_module.Agent(node)
     for signum in (signal.SIGINT, signal.SIGTERM):

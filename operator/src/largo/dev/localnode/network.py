@@ -18,7 +18,6 @@ from pathlib import Path
 NETNS_PREFIX = "largo-"
 _ETC_NETNS = Path("/etc/netns")
 # No name server is reachable from a pod: unknown names fail at once instead of timing out.
-_RESOLV_CONF = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
 
 
 class NetworkError(RuntimeError):
@@ -101,13 +100,15 @@ def remove_bridge_if_unused(network: BridgeNetwork) -> None:
         _ip("link", "del", network.bridge, check=False)
 
 
-def create_sandbox(network: BridgeNetwork, name: str, address: ipaddress.IPv4Address, hosts: str) -> None:
+def create_sandbox(
+    network: BridgeNetwork, name: str, address: ipaddress.IPv4Address, hosts: str, resolv: str
+) -> None:
     """A network namespace with ``address`` on eth0 (a veth into the bridge), loopback up, a default route
     through the bridge, and /etc/netns/<name>/{hosts,resolv.conf} for ``ip netns exec`` to mount."""
     etc = _ETC_NETNS / name
     etc.mkdir(parents=True, exist_ok=True)
     (etc / "hosts").write_text(hosts)
-    (etc / "resolv.conf").write_text(_RESOLV_CONF)
+    (etc / "resolv.conf").write_text(resolv)
     host_side = host_veth(name)
     peer = f"lp{_short_hash(name)}"
     try:

@@ -46,6 +46,9 @@ class NodeConfig:
     # Directories put before the host's in every container's PATH: the host's "installed packages"
     # beyond the virtualenv (the cluster passes its tools' bin, where the router's HAProxy is).
     extra_path: tuple[str, ...] = ()
+    # The cluster's DNS server for pods with dnsPolicy ClusterFirst; without it they resolve nothing.
+    cluster_dns: str | None = None
+    cluster_domain: str = "cluster.local"
 
 
 def detect_gpus() -> int:

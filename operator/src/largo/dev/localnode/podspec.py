@@ -395,6 +395,50 @@ def hosts_file(own: JSON, own_ip: str, peers: list[JSON]) -> str:
     return "\n".join([*lines, *sorted(entries)]) + "\n"
 
 
+# Without cluster DNS: nothing answers, and lookups fail at once (names come from the hosts file).
+NO_CLUSTER_DNS = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
+
+
+def resolv_conf(pod: JSON, cluster_dns: str | None, cluster_domain: str, host_resolv: str) -> str:
+    """The pod's /etc/resolv.conf as a kubelet writes it for its dnsPolicy: ClusterFirst (the default)
+    asks the cluster's DNS with the namespace's search path; Default takes the host's; None takes only
+    the pod's dnsConfig, which the other policies add to."""
+    spec = pod.get("spec") or {}
+    policy = spec.get("dnsPolicy") or "ClusterFirst"
+    config = spec.get("dnsConfig") or {}
+    nameservers: list[str] = []
+    searches: list[str] = []
+    options: list[str] = []
+    if policy == "Default" or (policy == "ClusterFirst" and cluster_dns is None):
+        if policy == "ClusterFirst":
+            return NO_CLUSTER_DNS
+        for line in host_resolv.splitlines():
+            words = line.split()
+            if words and words[0] == "nameserver":
+                nameservers += words[1:2]
+            elif words and words[0] == "search":
+                searches += words[1:]
+            elif words and words[0] == "options":
+                options += words[1:]
+    elif policy in ("ClusterFirst", "ClusterFirstWithHostNet"):
+        namespace = (pod.get("metadata") or {}).get("namespace") or "default"
+        nameservers.append(str(cluster_dns))
+        searches += [f"{namespace}.svc.{cluster_domain}", f"svc.{cluster_domain}", cluster_domain]
+        options.append("ndots:5")
+    nameservers += [str(n) for n in config.get("nameservers") or []]
+    searches += [str(s) for s in config.get("searches") or []]
+    for option in config.get("options") or []:
+        name = str(option.get("name"))
+        options = [o for o in options if o.split(":")[0] != name]
+        options.append(f"{name}:{option['value']}" if option.get("value") is not None else name)
+    lines = [f"nameserver {n}" for n in nameservers[:3]]
+    if searches:
+        lines.append("search " + " ".join(dict.fromkeys(searches)))
+    if options:
+        lines.append("options " + " ".join(options))
+    return "\n".join(lines) + "\n"
+
+
 def pod_base_env(pod: JSON, api_host: str, api_port: int, path: str) -> dict[str, str]:
     """What every container gets before its own env: the image's would-be defaults and the API server's
     address, as the kubelet provides KUBERNETES_SERVICE_* (here the node's forwarder, not a ClusterIP)."""

@@ -145,7 +145,9 @@ class PodWorker(threading.Thread):
                 address = self.agent.addresses.allocate(self.uid)
                 self.pod_ip = str(address)
                 hosts = podspec.hosts_file(self.pod, self.pod_ip, self.agent.snapshot())
-                network.create_sandbox(self.agent.node.net, self.sandbox, address, hosts)
+                node = self.agent.node
+                resolv = podspec.resolv_conf(self.pod, node.cluster_dns, node.cluster_domain, _host_resolv())
+                network.create_sandbox(node.net, self.sandbox, address, hosts, resolv)
                 self.sandbox_up = True
             self._materialize_volumes(refs)
             self.refs = refs
@@ -480,3 +482,10 @@ def _port(port: int | str, container: JSON) -> int:
         if declared.get("name") == port:
             return int(declared["containerPort"])
     raise ValueError(f"no container port named {port!r}")
+
+
+def _host_resolv() -> str:
+    try:
+        return Path("/etc/resolv.conf").read_text()
+    except OSError:
+        return ""
