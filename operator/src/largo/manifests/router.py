@@ -80,9 +80,11 @@ def build_router_account(service: InferenceService) -> list[JSON]:
 
 
 def _probe(path: str, period: int, failures: int) -> JSON:
+    # A generous timeout: on a node busy serving, one slow answer must not pull the entry point.
     return {
         "httpGet": {"path": path, "port": names.METRICS_PORT_NAME},
         "periodSeconds": period,
+        "timeoutSeconds": 3,
         "failureThreshold": failures,
     }
 
@@ -109,7 +111,7 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
             {"name": names.HTTP_PORT_NAME, "containerPort": names.ROUTER_HTTP_PORT, "protocol": "TCP"},
             {"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"},
         ],
-        "readinessProbe": _probe("/readyz", period=2, failures=1),
+        "readinessProbe": _probe("/readyz", period=2, failures=3),
         "livenessProbe": _probe("/healthz", period=10, failures=3),
         "resources": {
             "requests": {"cpu": "100m", "memory": "128Mi"},

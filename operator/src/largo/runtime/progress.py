@@ -112,21 +112,24 @@ class ProgressReporter:
 
     def _run(self) -> None:
         sent: dict[str, Any] | None = None
-        while True:
+        while not self._closing.is_set():
             self._wake.wait()
             self._wake.clear()
-            latest = self._latest
-            if latest is not None and latest is not sent:
-                try:
-                    self._client().patch_namespaced_config_map(
-                        self.configmap, self.namespace, {"data": {REPORT_KEY: json.dumps(latest)}}
-                    )
-                    sent = latest
-                except Exception as error:  # progress is best effort: training goes on regardless
-                    logger.warning(
-                        "could not report progress to %s/%s: %s", self.namespace, self.configmap, error
-                    )
-            if self._closing.is_set():
-                return
-            # At most one report per interval; closing cuts the wait short for the last report.
+            sent = self._send(sent)
+            # At most one report per interval; closing cuts the wait short.
             self._closing.wait(self.interval)
+        # The last report, including one that came while an earlier one was being sent.
+        self._send(sent)
+
+    def _send(self, sent: dict[str, Any] | None) -> dict[str, Any] | None:
+        latest = self._latest
+        if latest is None or latest is sent:
+            return sent
+        try:
+            self._client().patch_namespaced_config_map(
+                self.configmap, self.namespace, {"data": {REPORT_KEY: json.dumps(latest)}}
+            )
+            return latest
+        except Exception as error:  # progress is best effort: training goes on regardless
+            logger.warning("could not report progress to %s/%s: %s", self.namespace, self.configmap, error)
+            return sent

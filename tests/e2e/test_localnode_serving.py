@@ -1,0 +1,268 @@
+"""Serving for real on localnode: a TrainJob trains the reference model, an InferenceService serves its
+last checkpoint with largo's built-in server behind the router, and clients call the service's
+ClusterIP (kube-proxy) as they would in a cluster. One training run is shared by the module's tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from kubernetes import client, config
+from largo.dev import load
+from largo.dev.cluster import ClusterError, LocalCluster, wait_for
+from largo.dev.operator_process import OperatorProcess
+from largo.runtime.engine import Engine, Request
+from largo.runtime.serve import load_model
+
+pytestmark = pytest.mark.e2e
+
+GROUP, VERSION = "largo.dev", "v1alpha1"
+LOCALNODE = {"largo.dev/localnode": "true"}
+PROMPTS = ["def ", "import ", "class A"]
+STEPS = 30
+
+
+@dataclass
+class Trained:
+    namespace: str
+    cluster: LocalCluster
+    api: client.ApiClient
+    operator: OperatorProcess
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    def status(self, name: str) -> dict[str, Any]:
+        found = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, "inferenceservices", name
+        )
+        return dict(found.get("status") or {})
+
+    def serve(self, name: str, **spec: Any) -> str:
+        """Creates an InferenceService of the trained model; returns its completions URL once Ready."""
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "InferenceService",
+            "metadata": {"name": name},
+            "spec": {
+                "model": {"fromTrainJob": {"name": "tiny"}},
+                "runtime": {"type": "largo", "args": ["--threads", "1"]},
+                "resourcesPerNode": {"cpu": "250m", "memory": "512Mi"},
+                "router": {"nodeSelector": LOCALNODE},
+                "podTemplate": {"nodeSelector": LOCALNODE, "terminationGracePeriodSeconds": 5},
+                **spec,
+            },
+        }
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "inferenceservices", body)
+        wanted = int(spec.get("replicas", 1))
+        try:
+            wait_for(
+                lambda: self.status(name).get("ready") == f"{wanted}/{wanted}",
+                240,
+                f"{name} ready",
+                self.operator.assert_alive,
+            )
+        except ClusterError as error:
+            raise AssertionError(f"{error}; status: {self.status(name)}") from error
+        cluster_ip = self.core.read_namespaced_service(name, self.namespace).spec.cluster_ip
+
+        def routed() -> bool:
+            try:
+                load.complete(f"http://{cluster_ip}/v1/completions", "x", max_tokens=1)
+                return True
+            except Exception:
+                return False  # the router has not seen the ready replica yet
+
+        wait_for(routed, 60, f"{name} answering through its ClusterIP")
+        return f"http://{cluster_ip}/v1/completions"
+
+    def pods(self, name: str) -> dict[str, Any]:
+        selector = f"largo.dev/inferenceservice={name}"
+        return {
+            p.metadata.name: p
+            for p in self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        }
+
+
+@pytest.fixture(scope="module")
+def trained(local_cluster: LocalCluster, local_operator: OperatorProcess) -> Iterator[Trained]:
+    """A namespace where the TrainJob `tiny` trained the reference model for 30 steps onto a claim."""
+    api = config.new_client_from_config(config_file=str(local_cluster.kubeconfig))
+    core = client.CoreV1Api(api)
+    namespace = f"srv-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    wait_for(
+        lambda: any(
+            a.metadata.name == "default" for a in core.list_namespaced_service_account(namespace).items
+        ),
+        60,
+        "the default ServiceAccount",
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "checkpoints"},
+            "spec": {
+                "storageClassName": "largo-local",
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    # Rank 0 reports progress (the checkpoint step a service follows) into tiny-progress: allow it, as
+    # examples/trainjob-demo.yaml does.
+    rbac = client.RbacAuthorizationV1Api(api)
+    rule = {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["tiny-progress"],
+        "verbs": ["get", "patch"],
+    }
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "progress"}, "rules": [rule]})
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "progress"},
+            "subjects": [{"kind": "ServiceAccount", "name": "default"}],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "progress"},
+        },
+    )
+    job = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainJob",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "image": "largo-trainer:dev",
+            "command": ["python", "-m", "largo.runtime.train"],
+            "args": [
+                "--steps",
+                str(STEPS),
+                "--checkpoint-every",
+                "10",
+                "--batch-size",
+                "4",
+                "--report-every-seconds",
+                "1",
+            ],
+            "numNodes": 1,
+            "procsPerNode": 1,
+            "backend": "gloo",
+            "resourcesPerNode": {"cpu": "500m", "memory": "1Gi"},
+            "checkpoint": {"claimName": "checkpoints", "path": "/checkpoints"},
+            "podTemplate": {"nodeSelector": LOCALNODE},
+        },
+    }
+    custom = client.CustomObjectsApi(api)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "trainjobs", job)
+
+    def succeeded() -> bool:
+        found = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "trainjobs", "tiny")
+        phase = (found.get("status") or {}).get("phase")
+        assert phase != "Failed", found.get("status")
+        return phase == "Succeeded"
+
+    wait_for(succeeded, 240, "the TrainJob to succeed", local_operator.assert_alive)
+    yield Trained(namespace, local_cluster, api, local_operator)
+    core.delete_namespace(namespace)
+
+
+def _expected(trained: Trained, max_tokens: int) -> dict[str, str]:
+    """What the last checkpoint answers, computed here from the claim's file with the server's engine."""
+    directory = trained.cluster.localnode_dir / "claims" / trained.namespace / "checkpoints"
+    model, step = load_model(directory, None, torch.device("cpu"))
+    assert step == STEPS
+    engine = Engine.local(model, max_batch=1)
+    engine.start()
+    answers: dict[str, str] = {}
+    try:
+        for prompt in PROMPTS:
+            tokens: list[int] = []
+            done = threading.Event()
+            request = Request(prompt=list(prompt.encode()), max_tokens=max_tokens, temperature=0.0)
+            request.on_token = tokens.append
+            request.on_finish = lambda reason, done=done: done.set()
+            assert engine.submit(request)
+            assert done.wait(60)
+            answers[prompt] = bytes(tokens).decode(errors="replace")
+    finally:
+        engine.stop()
+    return answers
+
+
+def test_the_service_answers_with_the_trainjob_s_last_checkpoint(trained: Trained) -> None:
+    url = trained.serve("chat")
+    model = trained.status("chat")["model"]
+    assert model["trainJob"] == "tiny"
+    assert model["checkpointStep"] == STEPS
+    expected = _expected(trained, 16)
+    assert {prompt: load.complete(url, prompt, max_tokens=16) for prompt in PROMPTS} == expected
+
+
+def test_a_replica_killed_under_load_costs_no_request(trained: Trained) -> None:
+    url = trained.serve("steady", replicas=2)
+    victim = "steady-r0-node-0"
+
+    async def burst_and_kill() -> load.Results:
+        stop = asyncio.Event()
+        running = asyncio.create_task(
+            load.run(url, PROMPTS, concurrency=4, duration=40, max_tokens=24, stop=stop)
+        )
+        await asyncio.sleep(4)
+        # Killed, not drained: no grace period, its in-flight requests cut off.
+        await asyncio.to_thread(
+            trained.core.delete_namespaced_pod, victim, trained.namespace, grace_period_seconds=0
+        )
+        await asyncio.to_thread(
+            wait_for,
+            lambda: (
+                trained.status("steady").get("ready") == "2/2"
+                and trained.status("steady")["groups"][0].get("restarts", 0) >= 1
+            ),
+            120,
+            "the killed replica's group back",
+        )
+        await asyncio.sleep(3)
+        stop.set()
+        return await running
+
+    results = asyncio.run(burst_and_kill())
+    assert results.failed == 0, results.summary()
+    assert results.answered > 20, results.summary()
+
+
+def test_a_two_pod_replica_answers_the_same_and_a_killed_member_restarts_only_its_group(
+    trained: Trained,
+) -> None:
+    url = trained.serve("split", replicas=2, nodesPerReplica=2)
+    expected = _expected(trained, 16)
+    # Through the router, whichever group answers: each splits the model into 2 pipeline stages.
+    for _ in range(2):
+        assert {prompt: load.complete(url, prompt, max_tokens=16) for prompt in PROMPTS} == expected
+    before = {name: pod.metadata.uid for name, pod in trained.pods("split").items()}
+    assert set(before) == {f"split-r{r}-node-{m}" for r in range(2) for m in range(2)}
+    trained.core.delete_namespaced_pod("split-r1-node-1", trained.namespace, grace_period_seconds=0)
+    wait_for(
+        lambda: (
+            trained.status("split").get("ready") == "2/2"
+            and trained.status("split")["groups"][1].get("restarts", 0) >= 1
+        ),
+        120,
+        "group 1 restarted and ready",
+        trained.operator.assert_alive,
+    )
+    after = {name: pod.metadata.uid for name, pod in trained.pods("split").items()}
+    # Group 0 untouched; both of group 1's pods new.
+    assert [after[f"split-r0-node-{m}"] for m in range(2)] == [before[f"split-r0-node-{m}"] for m in range(2)]
+    assert all(after[f"split-r1-node-{m}"] != before[f"split-r1-node-{m}"] for m in range(2))
+    assert {prompt: load.complete(url, prompt, max_tokens=16) for prompt in PROMPTS} == expected
