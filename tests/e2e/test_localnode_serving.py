@@ -266,3 +266,45 @@ def test_a_two_pod_replica_answers_the_same_and_a_killed_member_restarts_only_it
     assert [after[f"split-r0-node-{m}"] for m in range(2)] == [before[f"split-r0-node-{m}"] for m in range(2)]
     assert all(after[f"split-r1-node-{m}"] != before[f"split-r1-node-{m}"] for m in range(2))
     assert {prompt: load.complete(url, prompt, max_tokens=16) for prompt in PROMPTS} == expected
+
+
+def test_a_rollout_under_steady_load_fails_no_request(trained: Trained) -> None:
+    url = trained.serve("rolling", replicas=2)
+    before = {name: pod.metadata.uid for name, pod in trained.pods("rolling").items()}
+    first_revision = trained.status("rolling")["revision"]
+
+    def rolled() -> bool:
+        status = trained.status("rolling")
+        pods = trained.pods("rolling")
+        return (
+            status.get("revision") != first_revision
+            and status.get("updatedReplicas") == 2
+            and status.get("ready") == "2/2"
+            and not set(before) & {name for name, pod in pods.items() if pod.metadata.uid in before.values()}
+        )
+
+    async def roll_under_load() -> load.Results:
+        stop = asyncio.Event()
+        running = asyncio.create_task(
+            load.run(url, PROMPTS, concurrency=4, duration=120, max_tokens=24, stop=stop)
+        )
+        await asyncio.sleep(3)
+        # A new revision: every group is replaced, one at a time (maxSurge 1, maxUnavailable 0).
+        patch = {"spec": {"runtime": {"args": ["--threads", "1", "--max-batch", "16"]}}}
+        await asyncio.to_thread(
+            trained.custom.patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            trained.namespace,
+            "inferenceservices",
+            "rolling",
+            patch,
+        )
+        await asyncio.to_thread(wait_for, rolled, 180, "the rollout to complete")
+        await asyncio.sleep(3)
+        stop.set()
+        return await running
+
+    results = asyncio.run(roll_under_load())
+    assert results.failed == 0, results.summary()
+    assert results.answered > 20, results.summary()

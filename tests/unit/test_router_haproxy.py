@@ -128,12 +128,15 @@ def test_answers_that_mean_failure() -> None:
     assert command_failed("enable server replicas/a", "No such server.\n")
 
 
-def test_the_configuration_balances_by_least_outstanding_with_the_activator_as_backup() -> None:
+def test_the_configuration_balances_by_least_outstanding_and_holds_when_no_replica_is_usable() -> None:
     text = render_config("/run/admin.sock", Ports(serve=8080, activator=8081, exporter=8404), 0.5)
     assert "stats socket /run/admin.sock mode 600 level admin" in text
     assert "  bind :8080\n" in text
     assert "  bind 127.0.0.1:8404\n" in text
     assert "  balance leastconn\n" in text
-    assert "  server activator 127.0.0.1:8081 backup\n" in text
+    assert "  use_backend hold if { nbsrv(replicas) lt 1 }\n" in text
+    # The activator's own backend: its 503 after the hold is not retried like a replica's.
+    assert "backend hold\n  # Its 503 (no replica came in time) is the answer: never retried.\n" in text
+    assert "  server activator 127.0.0.1:8081\n" in text
     assert "  timeout connect 500ms\n" in text
-    assert "  retry-on conn-failure empty-response\n" in text
+    assert "  retry-on conn-failure empty-response 503\n" in text

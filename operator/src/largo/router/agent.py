@@ -4,7 +4,7 @@ activator), and serves the router's metrics.
 
 HAProxy carries every request while a replica is ready; the agent only changes its servers through
 the runtime API, so a change of replicas never reloads the proxy nor drops a connection. With no
-ready replica, HAProxy sends requests to its backup server, the activator here, which counts them in
+ready replica, HAProxy sends requests to its second backend, the activator here, which counts them in
 ``largo_router_requests_held`` (what the operator's autoscaler reads to scale from zero), waits for
 the first ready replica up to ``--hold-timeout`` and forwards them to it, or answers 503.
 """

@@ -15,6 +15,7 @@ from typing import Any
 JSON = Mapping[str, Any]
 
 BACKEND = "replicas"
+HOLD = "hold"
 ACTIVATOR = "activator"
 
 
@@ -35,13 +36,14 @@ class Replica:
 @dataclass(frozen=True, slots=True)
 class Ports:
     serve: int = 8080  # requests, through the pod's `http` port
-    activator: int = 8081  # loopback: the backup server that holds requests while no replica is ready
+    activator: int = 8081  # loopback: the activator, which holds requests while no replica is usable
     exporter: int = 8404  # loopback: HAProxy's own Prometheus exporter, merged into the agent's /metrics
 
 
 def render_config(socket_path: str, ports: Ports, connect_timeout_s: float = 2.0) -> str:
-    """The configuration HAProxy starts with: one frontend, one backend balanced by least outstanding
-    requests, the activator as its backup. Replicas arrive later through the runtime API."""
+    """The configuration HAProxy starts with: one frontend; the replicas' backend, balanced by least
+    outstanding requests; and the activator's, used while the replicas' has no usable server.
+    Replicas arrive later through the runtime API."""
     connect_ms = max(1, round(connect_timeout_s * 1000))
     return f"""\
 global
@@ -58,13 +60,11 @@ defaults
   timeout client 1h
   timeout server 1h
   timeout http-request 30s
-  # A replica that refuses the connection (it died, or is leaving): the request goes to another one.
-  retries 3
-  retry-on conn-failure empty-response
-  option redispatch 1
 
 frontend serve
   bind :{ports.serve}
+  # No replica can take it (none ready, or all leaving): the activator holds it until one is ready.
+  use_backend {HOLD} if {{ nbsrv({BACKEND}) lt 1 }}
   default_backend {BACKEND}
 
 frontend exporter
@@ -75,7 +75,16 @@ backend {BACKEND}
   # leastconn counts each server's requests in progress: outstanding requests, not past ones.
   balance leastconn
   http-reuse safe
-  server {ACTIVATOR} 127.0.0.1:{ports.activator} backup
+  # A replica that refuses the connection (it died), closes it unanswered (killed mid-request) or says
+  # 503 (draining: it is leaving): the request goes to another one. A request body must fit HAProxy's
+  # buffer (16 kB) to be sent again.
+  retries 3
+  retry-on conn-failure empty-response 503
+  option redispatch 1
+
+backend {HOLD}
+  # Its 503 (no replica came in time) is the answer: never retried.
+  server {ACTIVATOR} 127.0.0.1:{ports.activator}
 """
 
 
