@@ -5,6 +5,7 @@ ClusterIP (kube-proxy) as they would in a cluster. One training run is shared by
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -15,8 +16,9 @@ import pytest
 import torch
 from kubernetes import client, config
 from largo.dev import load
-from largo.dev.cluster import ClusterError, LocalCluster, wait_for
+from largo.dev.cluster import ClusterError, LocalCluster, LocalNodePool, wait_for
 from largo.dev.operator_process import OperatorProcess
+from largo.dev.prometheus import DASHBOARD, PrometheusServer, dashboard_queries, publish_operator
 from largo.runtime.engine import Engine, Request
 from largo.runtime.serve import load_model
 
@@ -96,7 +98,20 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(local_cluster: LocalCluster, local_operator: OperatorProcess) -> Iterator[Trained]:
+def serving_nodes(local_cluster: LocalCluster) -> Iterator[list[str]]:
+    """Four more localnode nodes for this module (two 2-pod replicas, a node per pod), cordoned after
+    it so that the other modules see the cluster they expect."""
+    names = local_cluster.add_local_nodes(LocalNodePool(count=4, name_prefix="serving-node"))
+    yield names
+    core = client.CoreV1Api(config.new_client_from_config(config_file=str(local_cluster.kubeconfig)))
+    for name in names:
+        core.patch_node(name, {"spec": {"unschedulable": True}})
+
+
+@pytest.fixture(scope="module")
+def trained(
+    local_cluster: LocalCluster, local_operator: OperatorProcess, serving_nodes: list[str]
+) -> Iterator[Trained]:
     """A namespace where the TrainJob `tiny` trained the reference model for 30 steps onto a claim."""
     api = config.new_client_from_config(config_file=str(local_cluster.kubeconfig))
     core = client.CoreV1Api(api)
@@ -244,7 +259,12 @@ def test_a_replica_killed_under_load_costs_no_request(trained: Trained) -> None:
 def test_a_two_pod_replica_answers_the_same_and_a_killed_member_restarts_only_its_group(
     trained: Trained,
 ) -> None:
-    url = trained.serve("split", replicas=2, nodesPerReplica=2)
+    # 1.1 CPUs a pod on nodes of 2: no two on one node, so each stage runs on a node of its own.
+    resources = {"cpu": "1100m", "memory": "512Mi"}
+    url = trained.serve("split", replicas=2, nodesPerReplica=2, resourcesPerNode=resources)
+    pods = trained.pods("split")
+    # Each group's two pipeline stages on two nodes (a node per pod: 4 of them).
+    assert len({pod.spec.node_name for pod in pods.values()}) == 4
     expected = _expected(trained, 16)
     # Through the router, whichever group answers: each splits the model into 2 pipeline stages.
     for _ in range(2):
@@ -252,19 +272,20 @@ def test_a_two_pod_replica_answers_the_same_and_a_killed_member_restarts_only_it
     before = {name: pod.metadata.uid for name, pod in trained.pods("split").items()}
     assert set(before) == {f"split-r{r}-node-{m}" for r in range(2) for m in range(2)}
     trained.core.delete_namespaced_pod("split-r1-node-1", trained.namespace, grace_period_seconds=0)
-    wait_for(
-        lambda: (
-            trained.status("split").get("ready") == "2/2"
-            and trained.status("split")["groups"][1].get("restarts", 0) >= 1
-        ),
-        120,
-        "group 1 restarted and ready",
-        trained.operator.assert_alive,
-    )
+
+    def group_1_replaced() -> bool:
+        pods = trained.pods("split")
+        group_1 = [pods.get(f"split-r1-node-{m}") for m in range(2)]
+        return (
+            all(p is not None and p.metadata.uid != before[p.metadata.name] for p in group_1)
+            and trained.status("split").get("ready") == "2/2"
+        )
+
+    wait_for(group_1_replaced, 120, "group 1's two pods new and ready", trained.operator.assert_alive)
     after = {name: pod.metadata.uid for name, pod in trained.pods("split").items()}
-    # Group 0 untouched; both of group 1's pods new.
+    # Group 0 untouched: the same two pods.
     assert [after[f"split-r0-node-{m}"] for m in range(2)] == [before[f"split-r0-node-{m}"] for m in range(2)]
-    assert all(after[f"split-r1-node-{m}"] != before[f"split-r1-node-{m}"] for m in range(2))
+    assert trained.status("split")["groups"][1]["restarts"] >= 1
     assert {prompt: load.complete(url, prompt, max_tokens=16) for prompt in PROMPTS} == expected
 
 
@@ -308,3 +329,54 @@ def test_a_rollout_under_steady_load_fails_no_request(trained: Trained) -> None:
     results = asyncio.run(roll_under_load())
     assert results.failed == 0, results.summary()
     assert results.answered > 20, results.summary()
+
+
+def test_prometheus_finds_the_servers_and_the_router_and_every_serving_panel_shows_something(
+    trained: Trained,
+) -> None:
+    """A real Prometheus discovers the model servers and the router by their pods' annotations (and the
+    operator by its EndpointSlice): the servers' latency histogram, the router's per-replica series
+    named after the pods, and the operator's replica counts are there, and so is every panel of the
+    dashboard's Serving row."""
+    publish_operator(trained.api, trained.namespace, trained.operator.metrics_url)
+    prometheus = PrometheusServer(trained.cluster.tools, trained.cluster.kubeconfig, [trained.namespace])
+    prometheus.start()
+    try:
+        url = trained.serve("watched", replicas=2)
+        stop = threading.Event()
+
+        def traffic() -> None:
+            while not stop.is_set():
+                asyncio.run(load.run(url, PROMPTS, concurrency=2, duration=2, max_tokens=8))
+
+        sender = threading.Thread(target=traffic, daemon=True)
+        sender.start()
+        try:
+            where = f'namespace="{trained.namespace}", inferenceservice="watched"'
+            wait_for(
+                lambda: (
+                    (prometheus.value(f"sum(largo_serve_request_seconds_count{{{where}}})") or 0) > 0
+                    and (
+                        prometheus.value(f'sum(haproxy_server_sessions_total{{{where}, proxy="replicas"}})')
+                        or 0
+                    )
+                    > 0
+                ),
+                120,
+                "the servers' and the router's series in Prometheus",
+                prometheus.assert_alive,
+            )
+            replicas = prometheus.query(
+                f'haproxy_server_current_sessions{{{where}, proxy="replicas", component="router"}}'
+            )
+            assert {series["metric"]["server"] for series in replicas} == {
+                "watched-r0-node-0",
+                "watched-r1-node-0",
+            }
+            for query in dashboard_queries(json.loads(DASHBOARD.read_text()), {"Serving"}):
+                wait_for(lambda q=query: bool(prometheus.query(q)), 60, f"dashboard query with data: {query}")
+        finally:
+            stop.set()
+            sender.join()
+    finally:
+        prometheus.stop()

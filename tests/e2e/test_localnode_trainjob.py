@@ -199,7 +199,9 @@ def test_prometheus_finds_the_trainer_and_reads_its_throughput_and_network(demo:
         demo.wait(name, checkpointed, "a checkpoint in the job's progress")
         age = f'largo_trainjob_checkpoint_age_seconds{{trainjob="{name}"}}'
         wait_for(lambda: prometheus.value(age) is not None, 60, "the checkpoint age from the operator")
-        for query in dashboard_queries(json.loads(DASHBOARD.read_text())):
+        # The serving row is shown by tests/e2e/test_localnode_serving.py.
+        rows = {"GPUs", "Jobs", "Training", "Operator"}
+        for query in dashboard_queries(json.loads(DASHBOARD.read_text()), rows):
             assert prometheus.query(query), f"dashboard query returns nothing: {query}"
     finally:
         prometheus.stop()

@@ -157,7 +157,7 @@ def test_the_monitoring_objects_are_valid_for_the_prometheus_operator(
     documents = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
     wanted = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap", "Service"}
     monitoring = [doc for doc in documents if doc["kind"] in wanted]
-    assert sorted(doc["kind"] for doc in monitoring) == sorted(wanted)
+    assert sorted(doc["kind"] for doc in monitoring) == sorted([*wanted, "PodMonitor"])  # trainers, serving
     rule = next(doc for doc in monitoring if doc["kind"] == "PrometheusRule")
     rule_file = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
     assert rule["spec"]["groups"] == rule_file["groups"]  # the file promtool tests, unchanged
@@ -171,4 +171,7 @@ def test_the_monitoring_objects_are_valid_for_the_prometheus_operator(
     assert "prometheusrule.monitoring.coreos.com/largo-operator created (server dry run)" in applied.stdout
     assert (
         "podmonitor.monitoring.coreos.com/largo-operator-trainers created (server dry run)" in applied.stdout
+    )
+    assert (
+        "podmonitor.monitoring.coreos.com/largo-operator-serving created (server dry run)" in applied.stdout
     )

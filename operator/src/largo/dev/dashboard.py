@@ -133,6 +133,54 @@ def build() -> Dashboard:
                 _query("max by (namespace, trainjob) (largo_trainjob_checkpoint_age_seconds)", PER_JOB),
             )
         )
+        .with_row(Row("Serving"))
+        .with_panel(
+            _series(
+                "InferenceService replicas",
+                "short",
+                _query(
+                    "max by (namespace, service, state) (largo_inferenceservice_replicas)",
+                    "{{namespace}}/{{service}} {{state}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Serving latency (99th percentile, first byte to last)",
+                "s",
+                _query(
+                    "histogram_quantile(0.99, sum by (le, namespace, inferenceservice) "
+                    "(rate(largo_serve_request_seconds_bucket[$__rate_interval])))",
+                    "{{namespace}}/{{inferenceservice}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Requests in flight per replica (router)",
+                "short",
+                _query(
+                    "sum by (namespace, inferenceservice, server) "
+                    '(haproxy_server_current_sessions{proxy="replicas"})',
+                    "{{namespace}}/{{server}}",
+                ),
+                _query(
+                    "sum by (namespace, inferenceservice) (largo_router_requests_held)",
+                    "{{namespace}}/{{inferenceservice}} held (no replica ready)",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Replica response time (router, average of the last 1,024)",
+                "s",
+                _query(
+                    "max by (namespace, server) "
+                    '(haproxy_server_response_time_average_seconds{proxy="replicas"})',
+                    "{{namespace}}/{{server}}",
+                ),
+            )
+        )
         .with_row(Row("Operator"))
         .with_panel(
             _series(

@@ -95,6 +95,45 @@ def trainer_scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, 
     }
 
 
+def serving_scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, Any]:
+    """InferenceService pods, found by their annotations: the model servers (``inferenceservice`` =
+    their service, ``component="server"``) and the routers (``component="router"``: per-replica
+    ``haproxy_server_*`` and ``largo_router_*``)."""
+    service, router = (
+        "__meta_kubernetes_pod_label_largo_dev_inferenceservice",
+        "__meta_kubernetes_pod_label_largo_dev_router",
+    )
+    return {
+        "job_name": "largo-serving",
+        "kubernetes_sd_configs": [
+            {"role": "pod", "kubeconfig_file": str(kubeconfig), "namespaces": {"names": namespaces}}
+        ],
+        "relabel_configs": [
+            {
+                "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
+                "regex": "true",
+                "action": "keep",
+            },
+            # One of the two labels, never both: replica members, or a router.
+            {"source_labels": [service, router], "separator": "", "regex": ".+", "action": "keep"},
+            {
+                "source_labels": [
+                    "__meta_kubernetes_pod_ip",
+                    "__meta_kubernetes_pod_annotation_prometheus_io_port",
+                ],
+                "regex": "(.+);(.+)",
+                "replacement": "$1:$2",
+                "target_label": "__address__",
+            },
+            {"source_labels": [service, router], "separator": "", "target_label": "inferenceservice"},
+            {"source_labels": [service], "regex": ".+", "replacement": "server", "target_label": "component"},
+            {"source_labels": [router], "regex": ".+", "replacement": "router", "target_label": "component"},
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        ],
+    }
+
+
 def publish_operator(api: Any, namespace: str, metrics_url: str) -> None:
     """A Service and an EndpointSlice for an operator running on this machine (not in a pod), as the
     chart's Service publishes one in a cluster: the slice names this machine's address."""
@@ -125,13 +164,23 @@ def publish_operator(api: Any, namespace: str, metrics_url: str) -> None:
     )
 
 
-def dashboard_queries(dashboard: Mapping[str, Any], rate_interval: str = "1m") -> list[str]:
-    """Every panel's PromQL, with Grafana's ``$__rate_interval`` made concrete."""
-    return [
-        target["expr"].replace("$__rate_interval", rate_interval)
-        for panel in dashboard["panels"]
-        for target in panel.get("targets") or []
-    ]
+def dashboard_queries(
+    dashboard: Mapping[str, Any], rows: set[str] | None = None, rate_interval: str = "1m"
+) -> list[str]:
+    """Every panel's PromQL (of the named rows only, when given), with Grafana's ``$__rate_interval``
+    made concrete."""
+    queries = []
+    row = ""
+    for panel in dashboard["panels"]:
+        if panel.get("type") == "row":
+            row = str(panel.get("title"))
+            continue
+        if rows is not None and row not in rows:
+            continue
+        queries += [
+            target["expr"].replace("$__rate_interval", rate_interval) for target in panel.get("targets") or []
+        ]
+    return queries
 
 
 class PrometheusServer:
@@ -145,6 +194,7 @@ class PrometheusServer:
             "scrape_configs": [
                 scrape_config(kubeconfig, namespaces),
                 trainer_scrape_config(kubeconfig, namespaces),
+                serving_scrape_config(kubeconfig, namespaces),
             ],
         }
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))

@@ -106,7 +106,6 @@ class Router:
         self.metrics = Metrics(registry)
         self.workdir = Path(tempfile.mkdtemp(prefix="largo-router-"))
         self.api = RuntimeApi(self.workdir / "admin.sock")
-        self.slices: dict[str, JSON] = {}
         self.desired: dict[str, Replica] = {}
         self.servers: dict[str, Replica] = {}
         self.changed = asyncio.Event()
@@ -158,7 +157,6 @@ class Router:
     # EndpointSlices
 
     def on_slices(self, slices: dict[str, JSON]) -> None:
-        self.slices = slices
         self.desired = replicas_from_slices(slices.values())
         if any(r.state is State.READY for r in self.desired.values()):
             self.ready.set()
