@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--burst-seconds", type=float, default=20, help="how long the burst of requests lasts"
     )
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the example's)")
     args = parser.parse_args(argv)
     root = repo_root() or Path.cwd()
     example = root / EXAMPLE
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         operator.start()
         print(f"== operator running (log: {operator.log})")
         print(f"== applying {EXAMPLE}")
-        print(cluster.kubectl("apply", "-f", str(example)).stdout, end="")
+        print(
+            cluster.kubectl("apply", "-f", str(_with_steps(example, args.steps, cluster.workdir))).stdout,
+            end="",
+        )
         phase = _follow(cluster, name, args.timeout)
         print()
         print(cluster.kubectl("get", "pods", "-o", "wide", "-l", f"largo.dev/job-name={name}").stdout)
@@ -82,6 +86,20 @@ def main(argv: list[str] | None = None) -> int:
         left = cluster.pod_network_leftovers() + cluster.service_network_leftovers()
         nothing = "no process, network namespace, mount or kube-proxy rule"
         print(f"== stopped; left behind: {', '.join(left) if left else nothing}")
+
+
+def _with_steps(example: Path, steps: int | None, workdir: Path) -> Path:
+    """The example, or a copy of it whose TrainJob trains ``steps`` steps."""
+    if steps is None:
+        return example
+    documents = list(yaml.safe_load_all(example.read_text()))
+    for document in documents:
+        if document["kind"] == "TrainJob":
+            arguments = document["spec"]["args"]
+            arguments[arguments.index("--steps") + 1] = str(steps)
+    copy = workdir / example.name
+    copy.write_text(yaml.safe_dump_all(documents))
+    return copy
 
 
 _ROW = "  {:<8} {:<11} {:<6} {:<9} {}"
