@@ -161,44 +161,29 @@ fetch_prometheus_operator_crds() {
   chmod -R u+w "$crds.tmp" && mv "$crds.tmp" "$crds"
 }
 
-fetch_haproxy() {
-  if have haproxy && [ -x "$TOOLS_DIR/haproxy/usr/sbin/haproxy" ]; then log "haproxy: cached"; return; fi
-  log "haproxy $HAPROXY_VERSION: downloading Debian's package and unpacking it"
-  local dir="$SRC/haproxy-debs"
-  rm -rf "$dir" "$TOOLS_DIR/haproxy.tmp" && mkdir -p "$dir" "$TOOLS_DIR/haproxy.tmp"
-  (cd "$dir" && { apt-get download "haproxy=$HAPROXY_VERSION" 2>/dev/null || apt-get download haproxy; } &&
-    apt-get download "${HAPROXY_LIBS[@]}") >&2
-  for deb in "$dir"/*.deb; do dpkg-deb -x "$deb" "$TOOLS_DIR/haproxy.tmp"; done
-  rm -rf "$TOOLS_DIR/haproxy" && mv "$TOOLS_DIR/haproxy.tmp" "$TOOLS_DIR/haproxy"
-  cat > "$BIN/haproxy" <<'SH'
+# fetch_debian PACKAGE VERSION COMMAND LIBRARY...: Debian's PACKAGE (VERSION, or the archive's current
+# one when it no longer serves that) and the libraries it links that a base system lacks, downloaded
+# with apt-get and unpacked into $TOOLS_DIR/PACKAGE; $BIN/COMMAND runs its usr/sbin/COMMAND with them.
+fetch_debian() {
+  local package="$1" version="$2" command="$3"; shift 3
+  local root="$TOOLS_DIR/$package"
+  if have "$command" && [ -x "$root/usr/sbin/$command" ]; then log "$package: cached"; return; fi
+  log "$package $version: downloading Debian's package and unpacking it"
+  local dir="$SRC/$package-debs"
+  rm -rf "$dir" "$root.tmp" && mkdir -p "$dir" "$root.tmp"
+  (cd "$dir" && { apt-get download "$package=$version" 2>/dev/null || apt-get download "$package"; } &&
+    apt-get download "$@") >&2
+  for deb in "$dir"/*.deb; do dpkg-deb -x "$deb" "$root.tmp"; done
+  rm -rf "$root" && mv "$root.tmp" "$root"
+  cat > "$BIN/$command" <<SH
 #!/bin/sh
-# Debian's HAProxy unpacked beside this directory, with the libraries that came with it.
-root="$(cd "$(dirname "$0")/../haproxy" && pwd)"
-libs=$(echo "$root"/usr/lib/*-linux-gnu)
-LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$root/usr/sbin/haproxy" "$@"
+# Debian's $command unpacked beside this directory, with the libraries that came with it.
+root="\$(cd "\$(dirname "\$0")/../$package" && pwd)"
+libs=\$(echo "\$root"/usr/lib/*-linux-gnu)
+LD_LIBRARY_PATH="\$libs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "\$root/usr/sbin/$command" "\$@"
 SH
-  chmod +x "$BIN/haproxy"
-  "$BIN/haproxy" -v | head -1 >&2
-}
-
-fetch_nftables() {
-  if have nft && [ -x "$TOOLS_DIR/nftables/usr/sbin/nft" ]; then log "nftables: cached"; return; fi
-  log "nftables $NFTABLES_VERSION: downloading Debian's package and unpacking it"
-  local dir="$SRC/nftables-debs"
-  rm -rf "$dir" "$TOOLS_DIR/nftables.tmp" && mkdir -p "$dir" "$TOOLS_DIR/nftables.tmp"
-  (cd "$dir" && { apt-get download "nftables=$NFTABLES_VERSION" 2>/dev/null || apt-get download nftables; } &&
-    apt-get download "${NFTABLES_LIBS[@]}") >&2
-  for deb in "$dir"/*.deb; do dpkg-deb -x "$deb" "$TOOLS_DIR/nftables.tmp"; done
-  rm -rf "$TOOLS_DIR/nftables" && mv "$TOOLS_DIR/nftables.tmp" "$TOOLS_DIR/nftables"
-  cat > "$BIN/nft" <<'SH'
-#!/bin/sh
-# Debian's nft unpacked beside this directory, with the libraries that came with it.
-root="$(cd "$(dirname "$0")/../nftables" && pwd)"
-libs=$(echo "$root"/usr/lib/*-linux-gnu)
-LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$root/usr/sbin/nft" "$@"
-SH
-  chmod +x "$BIN/nft"
-  "$BIN/nft" --version >&2
+  chmod +x "$BIN/$command"
+  "$BIN/$command" --version 2>&1 | head -1 >&2 || "$BIN/$command" -v | head -1 >&2
 }
 
 build_coredns() {
@@ -215,8 +200,8 @@ build_coredns() {
 
 build_etcd
 build_kwok
-fetch_haproxy
-fetch_nftables
+fetch_debian haproxy "$HAPROXY_VERSION" haproxy "${HAPROXY_LIBS[@]}"
+fetch_debian nftables "$NFTABLES_VERSION" nft "${NFTABLES_LIBS[@]}"
 build_helm
 build_prometheus
 fetch_prometheus_operator_crds
