@@ -60,11 +60,18 @@ def scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, Any]:
     }
 
 
-def trainer_scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, Any]:
-    """Training pods, found as Prometheus finds annotated pods: TrainJob pods with
-    ``prometheus.io/scrape: "true"``, scraped at their pod IP and ``prometheus.io/port``."""
+def _annotated_pods_job(
+    job_name: str,
+    kubeconfig: Path,
+    namespaces: list[str],
+    keep: list[dict[str, Any]],
+    labels: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A job over pods found as Prometheus finds annotated pods: ``prometheus.io/scrape: "true"``,
+    then the ``keep`` rules, scraped at their pod IP and ``prometheus.io/port``, labelled by ``labels``,
+    their namespace and their name."""
     return {
-        "job_name": "largo-trainers",
+        "job_name": job_name,
         "kubernetes_sd_configs": [
             {"role": "pod", "kubeconfig_file": str(kubeconfig), "namespaces": {"names": namespaces}}
         ],
@@ -74,11 +81,7 @@ def trainer_scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, 
                 "regex": "true",
                 "action": "keep",
             },
-            {
-                "source_labels": ["__meta_kubernetes_pod_label_largo_dev_job_name"],
-                "regex": ".+",
-                "action": "keep",
-            },
+            *keep,
             {
                 "source_labels": [
                     "__meta_kubernetes_pod_ip",
@@ -88,50 +91,45 @@ def trainer_scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, 
                 "replacement": "$1:$2",
                 "target_label": "__address__",
             },
-            {"source_labels": ["__meta_kubernetes_pod_label_largo_dev_job_name"], "target_label": "trainjob"},
+            *labels,
             {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
             {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         ],
     }
 
 
+def trainer_scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, Any]:
+    """TrainJob pods (rank 0 carries the annotations), labelled with their job."""
+    job = "__meta_kubernetes_pod_label_largo_dev_job_name"
+    return _annotated_pods_job(
+        "largo-trainers",
+        kubeconfig,
+        namespaces,
+        keep=[{"source_labels": [job], "regex": ".+", "action": "keep"}],
+        labels=[{"source_labels": [job], "target_label": "trainjob"}],
+    )
+
+
 def serving_scrape_config(kubeconfig: Path, namespaces: list[str]) -> dict[str, Any]:
-    """InferenceService pods, found by their annotations: the model servers (``inferenceservice`` =
-    their service, ``component="server"``) and the routers (``component="router"``: per-replica
-    ``haproxy_server_*`` and ``largo_router_*``)."""
+    """InferenceService pods: the model servers (``inferenceservice`` = their service,
+    ``component="server"``) and the routers (``component="router"``: per-replica ``haproxy_server_*``
+    and ``largo_router_*``)."""
     service, router = (
         "__meta_kubernetes_pod_label_largo_dev_inferenceservice",
         "__meta_kubernetes_pod_label_largo_dev_router",
     )
-    return {
-        "job_name": "largo-serving",
-        "kubernetes_sd_configs": [
-            {"role": "pod", "kubeconfig_file": str(kubeconfig), "namespaces": {"names": namespaces}}
-        ],
-        "relabel_configs": [
-            {
-                "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
-                "regex": "true",
-                "action": "keep",
-            },
-            # One of the two labels, never both: replica members, or a router.
-            {"source_labels": [service, router], "separator": "", "regex": ".+", "action": "keep"},
-            {
-                "source_labels": [
-                    "__meta_kubernetes_pod_ip",
-                    "__meta_kubernetes_pod_annotation_prometheus_io_port",
-                ],
-                "regex": "(.+);(.+)",
-                "replacement": "$1:$2",
-                "target_label": "__address__",
-            },
+    return _annotated_pods_job(
+        "largo-serving",
+        kubeconfig,
+        namespaces,
+        # One of the two labels, never both: replica members, or a router.
+        keep=[{"source_labels": [service, router], "separator": "", "regex": ".+", "action": "keep"}],
+        labels=[
             {"source_labels": [service, router], "separator": "", "target_label": "inferenceservice"},
             {"source_labels": [service], "regex": ".+", "replacement": "server", "target_label": "component"},
             {"source_labels": [router], "regex": ".+", "replacement": "router", "target_label": "component"},
-            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         ],
-    }
+    )
 
 
 def publish_operator(api: Any, namespace: str, metrics_url: str) -> None:
