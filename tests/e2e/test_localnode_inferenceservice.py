@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 from kubernetes import client, config
 from largo.dev.cluster import LocalCluster, wait_for
 from largo.dev.operator_process import OperatorProcess
+from localnode_namespaces import fresh_namespace
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
@@ -73,17 +73,8 @@ for port in ("LARGO_METRICS_PORT", "LARGO_HTTP_PORT"):
 
 @pytest.fixture
 def namespace(local_cluster: LocalCluster) -> Iterator[str]:
-    api = config.new_client_from_config(config_file=str(local_cluster.kubeconfig))
-    core = client.CoreV1Api(api)
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name}})
-    wait_for(
-        lambda: any(a.metadata.name == "default" for a in core.list_namespaced_service_account(name).items),
-        60,
-        "the default ServiceAccount",
-    )
-    yield name
-    core.delete_namespace(name)
+    with fresh_namespace(local_cluster, "e2e") as name:
+        yield name
 
 
 def test_load_scales_the_service_up_and_its_end_scales_it_down(

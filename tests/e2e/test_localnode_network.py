@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kubernetes import client, config
 from largo.dev.cluster import LocalCluster, wait_for
+from localnode_namespaces import fresh_namespace
 
 pytestmark = pytest.mark.e2e
 
@@ -50,16 +50,8 @@ print(json.dumps(found))
 
 @pytest.fixture
 def namespace(local_cluster: LocalCluster) -> Iterator[str]:
-    core = client.CoreV1Api(config.new_client_from_config(config_file=str(local_cluster.kubeconfig)))
-    name = f"net-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name}})
-    wait_for(
-        lambda: any(a.metadata.name == "default" for a in core.list_namespaced_service_account(name).items),
-        60,
-        "the default ServiceAccount",
-    )
-    yield name
-    core.delete_namespace(name)
+    with fresh_namespace(local_cluster, "net") as name:
+        yield name
 
 
 def _pod(
