@@ -1,10 +1,14 @@
 """Benchmark: time per step of the reference trainer (largo.runtime.train, with checkpoints every 50
-steps, metrics and progress bookkeeping) against a plain DDP loop on the same model and data.
+steps, metrics and progress bookkeeping) against a plain loop of the same layout on the same model and
+data (bench/plain_loop.py), and each model-parallel layout's step time against plain data parallelism
+on the same model and world size (informative: on CPU over gloo, splitting a small model only adds
+communication).
 
-Both run under torchrun with 2 processes on gloo, alternately, in the same run; prints the median
-seconds per step of each and the ratio (target <= 1.05).
+Both run under torchrun on gloo, alternately, in the same run; prints the median seconds per step of
+each and the ratios (target for trainer / plain loop: <= 1.05 in every layout).
 
-    .venv/bin/python bench/trainer_overhead.py [--steps 200] [--rounds 3]
+    .venv/bin/python bench/trainer_overhead.py [--steps 200] [--rounds 3] [--world 2]
+        [--layouts dp,tp2,pp2]
 """
 
 from __future__ import annotations
@@ -21,14 +25,52 @@ from pathlib import Path
 from largo.dev.cluster import free_port
 
 HERE = Path(__file__).resolve().parent
+BATCH, CONTEXT = 16, 64
 
 
-def torchrun(args: list[str]) -> list[dict[str, float]]:
+def torchrun(world: int, args: list[str]) -> list[dict[str, float]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
     command += ["--master-port", str(free_port()), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def layout_flags(name: str) -> list[str]:
+    """'dp' -> [], 'tp2' -> ['--tp', '2'], 'pp2tp2' -> ['--pp', '2', '--tp', '2']."""
+    flags: list[str] = []
+    rest = name
+    while rest and rest != "dp":
+        kind, rest = rest[:2], rest[2:]
+        digits = ""
+        while rest[:1].isdigit():
+            digits, rest = digits + rest[0], rest[1:]
+        flags += [f"--{kind}", digits]
+    return flags
+
+
+def trainer_seconds_per_step(world: int, steps: int, flags: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as checkpoints:
+        lines = torchrun(
+            world,
+            [
+                "-m",
+                "largo.runtime.train",
+                *flags,
+                "--steps",
+                str(steps),
+                "--checkpoint-dir",
+                checkpoints,
+                "--checkpoint-every",
+                "50",
+                "--metrics-port",
+                str(free_port()),
+                "--log-every",
+                "50",
+            ],
+        )
+    # The trainer reports tokens/s over its whole loop: back to seconds per step.
+    return BATCH * CONTEXT * world / lines[-1]["tokens_per_second"]
 
 
 def main() -> int:
@@ -37,37 +79,27 @@ def main() -> int:
     )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--world", type=int, default=2, help="processes (one machine)")
+    parser.add_argument("--layouts", default="dp", help="comma-separated: dp, tp2, pp2, pp2tp2, ...")
     args = parser.parse_args()
-    batch, context = 16, 64
-    plain, largo = [], []
+    layouts = args.layouts.split(",")
+    plain: dict[str, list[float]] = {name: [] for name in layouts}
+    largo: dict[str, list[float]] = {name: [] for name in layouts}
     for _ in range(args.rounds):
-        lines = torchrun([str(HERE / "plain_ddp.py"), "--steps", str(args.steps)])
-        plain.append(lines[-1]["seconds_per_step"])
-        with tempfile.TemporaryDirectory() as checkpoints:
-            lines = torchrun(
-                [
-                    "-m",
-                    "largo.runtime.train",
-                    "--steps",
-                    str(args.steps),
-                    "--checkpoint-dir",
-                    checkpoints,
-                    "--checkpoint-every",
-                    "50",
-                    "--metrics-port",
-                    str(free_port()),
-                    "--log-every",
-                    "50",
-                ]
-            )
-        # The trainer reports tokens/s over its whole loop: back to seconds per step.
-        largo.append(batch * context * 2 / lines[-1]["tokens_per_second"])
-    p, g = statistics.median(plain), statistics.median(largo)
-    shape = f"TinyGPT (batch {batch}, context {context})"
-    print(f"{args.steps} steps x {args.rounds} rounds, 2 processes on gloo, {shape}")
-    print(f"  plain DDP loop            {p * 1000:7.2f} ms/step")
-    print(f"  largo.runtime.train       {g * 1000:7.2f} ms/step  (checkpoint every 50, metrics, progress)")
-    print(f"  ratio                     {g / p:.3f}x  (target <= 1.05)")
+        for name in layouts:
+            flags = layout_flags(name)
+            lines = torchrun(args.world, [str(HERE / "plain_loop.py"), "--steps", str(args.steps), *flags])
+            plain[name].append(lines[-1]["seconds_per_step"])
+            largo[name].append(trainer_seconds_per_step(args.world, args.steps, flags))
+    shape = f"TinyGPT (batch {BATCH} per process, context {CONTEXT})"
+    print(f"{args.steps} steps x {args.rounds} rounds, {args.world} processes on gloo, {shape}")
+    baseline = statistics.median(largo[layouts[0]])
+    for name in layouts:
+        p, g = statistics.median(plain[name]), statistics.median(largo[name])
+        print(f"  {name:8} plain loop {p * 1000:7.2f} ms/step   largo.runtime.train {g * 1000:7.2f} ms/step")
+        print(
+            f"           trainer / plain {g / p:.3f}x (target <= 1.05)   vs {layouts[0]} {g / baseline:.2f}x"
+        )
     return 0
 
 

@@ -46,10 +46,11 @@ class Demo:
         accounts = self.core.list_namespaced_service_account(self.namespace).items
         return any(a.metadata.name == "default" for a in accounts)
 
-    def apply(self, args: list[str]) -> str:
+    def apply(self, args: list[str], **spec: Any) -> str:
         documents = list(yaml.safe_load_all(EXAMPLE.read_text()))
         job = next(d for d in documents if d["kind"] == "TrainJob")
         job["spec"]["args"] = args
+        job["spec"].update(spec)
         path = self.workdir / f"{self.namespace}.yaml"
         path.write_text(yaml.safe_dump_all(documents))
         self.cluster.kubectl("apply", "-n", self.namespace, "-f", str(path))
@@ -165,6 +166,24 @@ def test_demo_job_trains_across_two_pods_and_succeeds(demo: Demo) -> None:
     assert "rank 2 of 4 on host demo-node-1" in rank1
     assert '"step": 120' in rank0
     assert demo.checkpoints() == ["step-000000040.pt", "step-000000080.pt", "step-000000120.pt"]
+
+
+def test_a_job_with_tensor_and_pipeline_parallelism_trains_across_two_pods_and_succeeds(demo: Demo) -> None:
+    # 2 pods x 2 processes: each pod one pipeline stage, each stage 2-way tensor parallel within its pod.
+    name = demo.apply(
+        ["--steps", "30", "--checkpoint-every", "15", "--log-every", "5", "--report-every-seconds", "2"],
+        parallelism={"tensor": 2, "pipeline": 2},
+    )
+    demo.wait_phase(name, "Succeeded", "Failed")
+    assert demo.phases[-1] == "Succeeded", demo.phases
+    status = demo.job(name)["status"]
+    assert status["progress"]["step"] == 30
+    assert status["progress"]["loss"] > 0
+    first_stage, last_stage = demo.log(f"{name}-node-0"), demo.log(f"{name}-node-1")
+    assert "layout pipeline 2 x data 1 x tensor 2" in first_stage
+    assert '"step": 30' in last_stage  # the loss is known, and reported, where the last stage runs
+    assert '"step"' not in first_stage
+    assert demo.checkpoints() == ["step-000000015.pt", "step-000000030.pt"]
 
 
 def test_prometheus_finds_the_trainer_and_reads_its_throughput_and_network(demo: Demo) -> None:

@@ -254,6 +254,9 @@ INVALID = [
         {"failurePolicy": {"permanentExitCodes": [3], "retryableExitCodes": [3]}},
         "ExitCodes",
     ),
+    ({"procsPerNode": 2, "parallelism": {"tensor": 4}}, "tensor x pipeline must divide"),
+    ({"resourcesPerNode": {"nvidia.com/gpu": "2"}, "parallelism": {"pipeline": 3}}, "tensor x pipeline"),
+    ({"parallelism": {"tensor": 0}}, "parallelism.tensor"),
 ]
 
 
@@ -271,6 +274,41 @@ def test_invalid_spec_is_refused_by_the_api_server(
         client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
     assert refused.value.status == 422
     assert needle in refused.value.body
+
+
+def test_a_parallelism_that_divides_the_processes_is_accepted_and_a_refusal_names_the_field(
+    api: client.ApiClient, namespace: str, crds: None
+) -> None:
+    objects = client.CustomObjectsApi(api)
+
+    def body(name: str, parallelism: dict[str, int]) -> dict[str, Any]:
+        spec = {"image": "trainer:test", "numNodes": 2, "resourcesPerNode": {"nvidia.com/gpu": 4}}
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TrainJob",
+            "metadata": {"name": name},
+            "spec": {**spec, "parallelism": parallelism},
+        }
+
+    # 'auto' processes per node: one per GPU, 8 in all.
+    created = objects.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, body("split", {"tensor": 4, "pipeline": 2})
+    )
+    assert created["spec"]["parallelism"] == {"tensor": 4, "pipeline": 2}
+    with pytest.raises(ApiException) as refused:
+        objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body("odd", {"tensor": 3}))
+    causes = json.loads(refused.value.body)["details"]["causes"]
+    assert [cause["field"] for cause in causes] == ["spec.parallelism"]
+    with pytest.raises(ApiException) as changed:
+        objects.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            "split",
+            {"spec": {"parallelism": {"tensor": 2, "pipeline": 2}}},
+        )
+    assert "spec.parallelism is immutable" in changed.value.body
 
 
 def test_name_too_long_for_dns_is_refused(api: client.ApiClient, namespace: str, crds: None) -> None:

@@ -14,115 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from largo.api.v1alpha1 import TrainJob
+from gangs import STEPS, TRAIN_ARGS, Gang, children
 from largo.dev.cluster import free_port, wait_for
-from largo.manifests.trainjob import build_pod
 from largo.runtime import checkpoint
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
-
-STEPS = 60
-# Small and single-threaded: four ranks share two cores, and one thread per rank keeps results exact.
-TRAIN_ARGS = ["--batch-size", "8", "--context", "32", "--width", "32", "--log-every", "1"]
-
-
-def contract_env(rank: int, port: int, checkpoints: Path) -> dict[str, str]:
-    """The trainer container's env for ``rank`` as largo renders it, with DNS mapped to loopback."""
-    job = TrainJob.from_body(
-        {
-            "metadata": {"name": "demo", "namespace": "research"},
-            "spec": {
-                "image": "trainer",
-                "numNodes": 2,
-                "procsPerNode": 2,
-                "checkpoint": {"claimName": "demo-checkpoints"},
-            },
-        }
-    )
-    container = build_pod(job, rank, f"node-{rank}", attempt=0)["spec"]["containers"][0]
-    env = {item["name"]: item["value"] for item in container["env"]}
-    assert env["PET_MASTER_ADDR"] == "demo-node-0.demo.research.svc"
-    assert env["LARGO_BACKEND"] == "gloo"
-    env["PET_MASTER_ADDR"] = "127.0.0.1"
-    env["PET_MASTER_PORT"] = str(port)
-    env["LARGO_CHECKPOINT_DIR"] = str(checkpoints)
-    return env
-
-
-class Gang:
-    """Two torchrun "nodes" of two processes each, as two pods of one TrainJob would run."""
-
-    def __init__(self, workdir: Path, checkpoints: Path, steps: int = STEPS, extra: list[str] | None = None):
-        self.workdir = workdir
-        self.checkpoints = checkpoints
-        self.steps = steps
-        self.extra = extra or []
-        self.nodes: list[subprocess.Popen[bytes]] = []
-        self.attempt = 0
-
-    def start(self) -> None:
-        port = free_port()
-        self.attempt += 1
-        self.nodes = []
-        for rank in range(2):
-            env = {**os.environ, **contract_env(rank, port, self.checkpoints), "OMP_NUM_THREADS": "1"}
-            # No cluster to report progress to here, and no metrics port to take on the host.
-            for name in ("LARGO_PROGRESS_CONFIGMAP", "LARGO_METRICS_PORT"):
-                env.pop(name, None)
-            log = (self.workdir / f"attempt{self.attempt}-node{rank}.log").open("wb")
-            command = [sys.executable, "-m", "torch.distributed.run", "-m", "largo.runtime.train"]
-            self.nodes.append(
-                subprocess.Popen(
-                    [
-                        *command,
-                        "--steps",
-                        str(self.steps),
-                        *TRAIN_ARGS,
-                        "--checkpoint-every",
-                        "20",
-                        *self.extra,
-                    ],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-
-    def wait(self, timeout: float = 240) -> list[int]:
-        return [node.wait(timeout=timeout) for node in self.nodes]
-
-    def log(self, rank: int = 0, attempt: int | None = None) -> str:
-        return (self.workdir / f"attempt{attempt or self.attempt}-node{rank}.log").read_text(errors="replace")
-
-    def losses(self, attempt: int | None = None) -> dict[int, float]:
-        """Rank 0's loss per step, from its JSON log lines."""
-        out = {}
-        for line in self.log(0, attempt).splitlines():
-            if line.startswith("{"):
-                record = json.loads(line)
-                out[record["step"]] = record["loss"]
-        return out
-
-    def kill(self) -> None:
-        for node in self.nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-                node.wait()
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.fixture
@@ -161,7 +58,7 @@ def test_a_killed_rank_restarts_from_the_checkpoint_and_matches_an_uninterrupted
         lambda: any(step >= 20 for step, _ in checkpoint.complete(gang.checkpoints)), 180, "a checkpoint"
     )
     wait_for(lambda: max(gang.losses(), default=0) >= 25, 180, "training past the checkpoint")
-    workers = _children(gang.nodes[1].pid)
+    workers = children(gang.nodes[1].pid)
     assert workers, "torchrun of node 1 has no worker processes"
     os.kill(workers[0], signal.SIGKILL)  # one rank dies
     gang.nodes[1].wait(timeout=60)
@@ -212,7 +109,7 @@ def test_a_truncated_checkpoint_is_skipped_on_resume(tmp_path: Path) -> None:
         [*command, "--steps", "40"], env=env, capture_output=True, text=True, check=False
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"skipping unreadable checkpoint {newest}" in resumed.stderr
+    assert f"skipping checkpoint {newest}: cannot be read" in resumed.stderr
     assert "resumed from checkpoint of step 20" in resumed.stderr
     steps = [json.loads(line)["step"] for line in resumed.stdout.splitlines() if line.startswith("{")]
     assert steps[0] == 21

@@ -265,3 +265,32 @@ def test_constants_are_str_enums() -> None:
         "Failed",
         "Suspended",
     }
+
+
+@pytest.mark.parametrize(
+    ("spec", "accepted"),
+    [
+        ({"numNodes": 2, "procsPerNode": 2, "parallelism": {"tensor": 2, "pipeline": 2}}, True),
+        (
+            {"numNodes": 2, "procsPerNode": 2, "parallelism": {"tensor": 4}},
+            True,
+        ),  # across pods: slow, allowed
+        ({"numNodes": 1, "procsPerNode": 2, "parallelism": {"tensor": 4}}, False),
+        ({"numNodes": 3, "resourcesPerNode": {"nvidia.com/gpu": "2"}, "parallelism": {"pipeline": 3}}, True),
+        ({"numNodes": 1, "resourcesPerNode": {"nvidia.com/gpu": 8}, "parallelism": {"pipeline": 3}}, False),
+        ({"numNodes": 1, "parallelism": {"tensor": 2}}, False),  # 'auto' without GPUs: one process
+        ({"numNodes": 2, "parallelism": {"pipeline": 2}}, True),
+    ],
+)
+def test_parallelism_must_divide_the_jobs_processes(spec: dict[str, Any], accepted: bool) -> None:
+    if accepted:
+        job = TrainJob.model_validate(body(**spec))
+        assert job.spec.parallelism.tensor * job.spec.parallelism.pipeline > 1
+    else:
+        assert errors(body(**spec)) == [tj.MSG_PARALLELISM_DIVIDES]
+
+
+def test_parallelism_defaults_to_plain_data_parallelism() -> None:
+    parallelism = TrainJob.model_validate(body()).spec.parallelism
+    assert (parallelism.tensor, parallelism.pipeline) == (1, 1)
+    assert "tensor" in errors(body(parallelism={"tensor": 0}))[0]

@@ -143,6 +143,7 @@ def test_contract_env(rank: int) -> None:
     assert env["LARGO_ATTEMPT"] == "2"
     assert env["LARGO_CHECKPOINT_DIR"] == "/checkpoints"
     assert env["NCCL_DEBUG"] == "WARN"
+    assert (env["LARGO_TENSOR_PARALLEL"], env["LARGO_PIPELINE_PARALLEL"]) == ("1", "1")
     for name in (
         "WORLD_SIZE",
         "RANK",
@@ -152,6 +153,13 @@ def test_contract_env(rank: int) -> None:
         "MASTER_PORT",
     ):
         assert name not in env
+
+
+def test_contract_env_hands_every_rank_the_parallelism() -> None:
+    job = make_job(**GPU_JOB, parallelism={"tensor": 8, "pipeline": 2})
+    for rank in (0, 1):
+        env = env_of(build_pod(job, rank, f"n{rank}", attempt=0))
+        assert (env["LARGO_TENSOR_PARALLEL"], env["LARGO_PIPELINE_PARALLEL"]) == ("8", "2")
 
 
 def test_contract_env_cpu_only_without_checkpoint() -> None:

@@ -137,6 +137,8 @@ def contract_env(job: TrainJob, rank: int, attempt: int) -> list[JSON]:
         "LARGO_NODE_RANK": str(rank),
         "LARGO_NUM_NODES": str(spec.num_nodes),
         "LARGO_BACKEND": resolved_backend(spec).value,
+        "LARGO_TENSOR_PARALLEL": str(spec.parallelism.tensor),
+        "LARGO_PIPELINE_PARALLEL": str(spec.parallelism.pipeline),
         "LARGO_ATTEMPT": str(attempt),
         "LARGO_PROGRESS_CONFIGMAP": names.progress_configmap(name),
         "LARGO_METRICS_PORT": str(names.METRICS_PORT),

@@ -17,7 +17,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "largo.checkpoint/v1"
+FORMAT = "largo.checkpoint/v2"
+# v1: one fused qkv projection per block; optimizer state keyed by parameter position (DDP runs).
+FORMAT_V1 = "largo.checkpoint/v1"
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 PARTIAL_SUFFIX = ".partial"
 
@@ -61,15 +63,83 @@ def load_latest(directory: Path) -> dict[str, Any] | None:
     """The newest checkpoint that reads back whole, or None; unreadable ones are skipped and logged."""
     for step, path in complete(directory):
         try:
-            state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # any reason a file cannot be read means: try the previous one
-            logger.warning("skipping unreadable checkpoint %s: %s", path, error)
-            continue
-        if state.get("format") != FORMAT or state.get("step") != step:
-            logger.warning("skipping checkpoint %s: not a %s checkpoint of step %d", path, FORMAT, step)
-            continue
-        return state
+            return read(path, step)
+        except CheckpointError as error:  # any reason a file cannot be read means: try the previous one
+            logger.warning("skipping checkpoint %s: %s", path, error)
     return None
+
+
+class CheckpointError(Exception):
+    """The file is not a readable largo checkpoint of the step its name says."""
+
+
+def read(path: Path, step: int) -> dict[str, Any]:
+    """The checkpoint at ``path``, in the current format whatever format it was written in."""
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds for a damaged file
+        raise CheckpointError(f"cannot be read: {error}") from error
+    if not isinstance(state, dict) or state.get("step") != step:
+        raise CheckpointError(f"not a largo checkpoint of step {step}")
+    if state.get("format") == FORMAT_V1:
+        return upgrade_v1(state)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"format {state.get('format')!r}, expected {FORMAT} or {FORMAT_V1}")
+    return state
+
+
+_FUSED = re.compile(r"^(blocks\.\d+\.)qkv\.(weight|bias)$")
+
+
+def upgrade_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """A v1 checkpoint as v2: each fused qkv projection split into query, key and value (weights, and
+    the optimizer's per-parameter tensors alike), optimizer state keyed by parameter name."""
+    names = list(state["model"])  # v1 wrote the model's state_dict: parameters in optimizer order
+    model: dict[str, Any] = {}
+    for name, tensor in state["model"].items():
+        model.update(_split_fused(name, tensor))
+    optimizer = state.get("optimizer")
+    if optimizer is not None:
+        # DDP runs keyed state by position, FSDP runs by name already.
+        keyed = {
+            names[key] if isinstance(key, int) else key: value for key, value in optimizer["state"].items()
+        }
+        per_name: dict[str, Any] = {}
+        for name, entries in keyed.items():
+            for index, new_name in enumerate(_split_fused(name, None)):
+                per_name[new_name] = {
+                    key: (value.chunk(3)[index] if _is_split(name) and value.dim() > 0 else value)
+                    for key, value in entries.items()
+                }
+        groups = [
+            {
+                **group,
+                "params": [
+                    new
+                    for old in group["params"]
+                    for new in _split_fused(names[old] if isinstance(old, int) else old, None)
+                ],
+            }
+            for group in optimizer["param_groups"]
+        ]
+        optimizer = {"state": per_name, "param_groups": groups}
+    return {**state, "model": model, "optimizer": optimizer, "format": FORMAT}
+
+
+def _is_split(name: str) -> bool:
+    return _FUSED.match(name) is not None
+
+
+def _split_fused(name: str, tensor: torch.Tensor | None) -> dict[str, Any]:
+    """``{name: tensor}``, or for a fused qkv parameter its three parts under their v2 names."""
+    match = _FUSED.match(name)
+    if match is None:
+        return {name: tensor}
+    parts = tensor.chunk(3) if tensor is not None else (None, None, None)
+    return {
+        f"{match.group(1)}{kind}.{match.group(2)}": part
+        for kind, part in zip(("query", "key", "value"), parts, strict=True)
+    }
 
 
 def prune(directory: Path, keep: int) -> list[Path]:

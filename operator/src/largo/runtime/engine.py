@@ -99,6 +99,8 @@ class Stage:
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[batch, length] tokens at [batch, length] positions -> [batch, length, width]."""
         model = self.model
+        assert model.tokens is not None  # serving loads whole models
+        assert model.positions is not None
         out: torch.Tensor = model.tokens(tokens) + model.positions(positions)
         return out
 
@@ -131,14 +133,18 @@ class Stage:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last position's logits of each row: [batch, vocabulary]."""
+        assert self.model.head is not None  # serving loads whole models
+        assert self.model.norm is not None
         out: torch.Tensor = self.model.head(self.model.norm(x[:, -1]))
         return out
 
     def _project(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, length, width = x.shape
-        q, k, v = block.qkv(block.norm_attention(x)).split(width, dim=2)
+        normed = block.norm_attention(x)
         shape = (batch, length, self.heads, width // self.heads)
-        return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))
+        return tuple(
+            proj(normed).view(shape).transpose(1, 2) for proj in (block.query, block.key, block.value)
+        )
 
     @staticmethod
     def _finish_block(block: Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:

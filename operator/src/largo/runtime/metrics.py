@@ -1,5 +1,5 @@
-"""Rank 0's Prometheus metrics: step, loss, throughput, step time, and the network: time and share of
-a step in the gradient all-reduce, and the bytes it moves."""
+"""The reporting rank's Prometheus metrics: step, loss, throughput, step time, and the network: time and
+share of a step in DDP's gradient all-reduce, and the bytes each kind of communication moves."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ class TrainMetrics:
             "Bytes of gradients each rank all-reduces per step (0 without DDP).",
             registry=registry,
         )
+
+        self.communication_bytes = Gauge(
+            "largo_train_communication_bytes_per_step",
+            "Bytes one rank sends per step by kind: data (gradients across replicas), tensor "
+            "(tensor-parallel activations), pipeline (activations between stages). Computed from shapes.",
+            ["kind"],
+            registry=registry,
+        )
+
+    def communication(self, bytes_per_kind: dict[str, int]) -> None:
+        for kind, count in bytes_per_kind.items():
+            self.communication_bytes.labels(kind=kind).set(count)
 
     def step(self, step: int, loss: float, seconds: float, tokens_per_second: float) -> None:
         self.step_number.set(step)

@@ -19,11 +19,16 @@ class ModelConfig:
 
 
 class Block(nn.Module):
+    """Pre-norm attention and MLP. Queries, keys and values are separate projections, so that tensor
+    parallelism can split each by heads (a fused projection would split across q, k and v)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.heads = config.heads
+        self.head_width = config.width // config.heads
         self.norm_attention = nn.LayerNorm(config.width)
-        self.qkv = nn.Linear(config.width, 3 * config.width)
+        self.query = nn.Linear(config.width, config.width)
+        self.key = nn.Linear(config.width, config.width)
+        self.value = nn.Linear(config.width, config.width)
         self.projection = nn.Linear(config.width, config.width)
         self.norm_mlp = nn.LayerNorm(config.width)
         self.mlp = nn.Sequential(
@@ -31,17 +36,26 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(self.norm_attention(x)).split(width, dim=2)
-        shape = (batch, length, self.heads, width // self.heads)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        batch, length, _ = x.shape
+        normed = self.norm_attention(x)
+        # -1 heads: under tensor parallelism each rank holds only its share of them.
+        shape = (batch, length, -1, self.head_width)
+        q, k, v = (proj(normed).view(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
         attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.projection(attended.transpose(1, 2).reshape(batch, length, width))
+        x = x + self.projection(attended.transpose(1, 2).reshape(batch, length, -1))
         out: torch.Tensor = x + self.mlp(self.norm_mlp(x))
         return out
 
 
 class TinyGPT(nn.Module):
+    """The whole model, or one pipeline stage of it (``keep_stage``): a stage keeps the parameter names
+    of the whole model, so checkpoints of any split read and write the same keys."""
+
+    tokens: nn.Embedding | None
+    positions: nn.Embedding | None
+    norm: nn.LayerNorm | None
+    head: nn.Linear | None
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -51,14 +65,33 @@ class TinyGPT(nn.Module):
         self.norm = nn.LayerNorm(config.width)
         self.head = nn.Linear(config.width, config.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of ``tokens`` predicting ``targets``."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.tokens(tokens) + self.positions(positions)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (or, after the first stage, hidden states) in; with ``targets``, the mean next-token
+        cross-entropy out, else the logits (or, before the last stage, hidden states)."""
+        if self.tokens is not None and self.positions is not None:
+            x = self.tokens(x) + self.positions(torch.arange(x.shape[1], device=x.device))
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.norm(x))
-        return functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+        if self.norm is None or self.head is None:
+            return x
+        logits: torch.Tensor = self.head(self.norm(x))
+        return logits if targets is None else next_token_loss(logits, targets)
+
+    def keep_stage(self, stages: int, stage: int) -> TinyGPT:
+        """Drops what pipeline stage ``stage`` of ``stages`` does not hold (``stage_layers``)."""
+        layers = stage_layers(self.config.depth, stages, stage)
+        for index in range(self.config.depth):
+            if index not in layers:
+                self.blocks[index] = nn.Identity()  # no parameters: the kept blocks keep their names
+        if stage > 0:
+            self.tokens = self.positions = None
+        if stage < stages - 1:
+            self.norm = self.head = None
+        return self
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def stage_layers(depth: int, stages: int, stage: int) -> range:

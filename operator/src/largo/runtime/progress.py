@@ -1,4 +1,5 @@
-"""Training progress, reported by rank 0 into its job's progress ConfigMap (``LARGO_PROGRESS_CONFIGMAP``).
+"""Training progress, reported by the reporting rank (rank 0; under pipeline parallelism the first rank
+of the last stage) into its job's progress ConfigMap (``LARGO_PROGRESS_CONFIGMAP``).
 
 Why a ConfigMap of its own: the runtime's identity then needs to write that one object only (a Role
 with ``resourceNames``), never the TrainJob's status, which it could otherwise forge. The operator

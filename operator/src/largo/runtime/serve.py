@@ -65,15 +65,14 @@ def load_model(directory: Path, step: int | None, device: torch.device) -> tuple
         if not path.is_file():
             raise ModelError(f"checkpoint of step {step} not found in {directory}")
         try:
-            state: dict[str, Any] | None = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # any unreadable file: refuse it, never serve garbage
-            raise ModelError(f"checkpoint {path} cannot be read: {error}") from error
-        if state is None or state.get("format") != checkpoint.FORMAT or state.get("step") != step:
-            raise ModelError(f"{path} is not a {checkpoint.FORMAT} checkpoint of step {step}")
+            state = checkpoint.read(path, step)
+        except checkpoint.CheckpointError as error:  # refuse it, never serve garbage
+            raise ModelError(f"checkpoint {path}: {error}") from error
     else:
-        state = checkpoint.load_latest(directory)
-        if state is None:
+        latest = checkpoint.load_latest(directory)
+        if latest is None:
             raise ModelError(f"no complete checkpoint in {directory}")
+        state = latest
     config = model_config(state)
     model = TinyGPT(config)
     try:

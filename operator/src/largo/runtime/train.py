@@ -2,9 +2,10 @@
 
 Reads the TrainJob contract (torchrun's RANK/WORLD_SIZE/LOCAL_RANK per process; LARGO_BACKEND,
 LARGO_CHECKPOINT_DIR and LARGO_JOB_* from the pod), trains a small decoder-only transformer on text
-files with DDP (or FSDP), checkpoints atomically every N steps and on SIGTERM, resumes from the newest
-complete checkpoint, serves Prometheus metrics on rank 0 and reports progress into the job's progress
-ConfigMap.
+files with DDP (or FSDP), or model-parallel with tensor and pipeline parallelism composed with FSDP on
+one device mesh (``largo.runtime.parallel``), checkpoints atomically every N steps and on SIGTERM,
+resumes from the newest complete checkpoint whatever layout wrote it, serves Prometheus metrics on the
+rank that knows the loss and reports progress into the job's progress ConfigMap.
 
 Every step's batch is a function of (seed, step, rank) and the checkpoint carries model, optimizer and
 RNG state, so a resumed run continues exactly where an uninterrupted one would be.
@@ -29,8 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from largo.runtime import checkpoint, data, metrics
-from largo.runtime.model import ModelConfig, TinyGPT
+from largo.runtime import checkpoint, data, metrics, parallel
+from largo.runtime.model import ModelConfig, TinyGPT, next_token_loss
 from largo.runtime.progress import ProgressReporter, progress_fields
 
 logger = logging.getLogger("largo.runtime.train")
@@ -55,6 +56,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of replicating (DDP)")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=int(os.environ.get("LARGO_TENSOR_PARALLEL") or 1),
+        help="tensor-parallel ranks per model replica (default: $LARGO_TENSOR_PARALLEL or 1)",
+    )
+    parser.add_argument(
+        "--pp",
+        type=int,
+        default=int(os.environ.get("LARGO_PIPELINE_PARALLEL") or 1),
+        help="pipeline stages per model replica (default: $LARGO_PIPELINE_PARALLEL or 1); with --tp > 1 "
+        "or --pp > 1 the data-parallel dimension is always sharded with FSDP",
+    )
     parser.add_argument("--backend", choices=("nccl", "gloo"), default=None, help="default: $LARGO_BACKEND")
     parser.add_argument("--metrics-port", type=int, default=None, help="rank 0 serves /metrics here")
     parser.add_argument("--log-every", type=int, default=10, help="steps between log lines")
@@ -83,15 +97,31 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def _state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, layout: parallel.Layout, mesh: Any, rank: int
+) -> dict[str, Any] | None:
+    """The whole model's checkpoint state on rank 0 (None elsewhere), whatever the layout: parameters
+    gathered across the data and tensor dimensions, the pipeline stages' parts merged. Collective: every
+    rank takes part."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.utils._pytree import tree_map_only
 
-        # Gathered whole on every rank, so that one file holds the full model.
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    else:
-        model_state, optimizer_state = _unwrap(model).state_dict(), optimizer.state_dict()
+    # With cpu_offload only rank 0 receives the gathered tensors; a pipeline needs every stage's first
+    # rank to hold its stage's part.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=layout.pipeline == 1)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    if layout.pipeline > 1:
+        _, replica, shard = layout.coordinates(rank)
+        if replica or shard:
+            return None
+        part = tree_map_only(torch.Tensor, lambda tensor: tensor.cpu(), (model_state, optimizer_state))
+        parts: list[Any] | None = [None] * layout.pipeline if rank == 0 else None
+        dist.gather_object(part, parts, dst=0, group=mesh["pipeline"].get_group())
+        if parts is None:
+            return None
+        model_state, optimizer_state = parallel.merge_states(parts)
+    if rank != 0:
+        return None
     # The model's shape, so that a server loads the checkpoint without being told it.
     config = getattr(_unwrap(model), "config", None)
     shape = (
@@ -102,20 +132,21 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> di
     return {"model": model_state, "optimizer": optimizer_state, "rng": torch.get_rng_state(), "config": shape}
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], fsdp: bool) -> None:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Loads a whole-model checkpoint into this rank's part of the model, whatever layout wrote it:
+    each stage takes its parameters' entries, FSDP and tensor parallelism shard them on the way in."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(
-            model,
-            optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
-            options=StateDictOptions(full_state_dict=True),
-        )
-    else:
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    model_state, optimizer_state = parallel.select_state(
+        state["model"], state["optimizer"], _unwrap(model).state_dict().keys()
+    )
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optimizer_state or {},
+        options=StateDictOptions(full_state_dict=True),
+    )
     torch.set_rng_state(state["rng"])
 
 
@@ -130,20 +161,51 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     distributed = world > 1
+    config = ModelConfig(context=args.context, width=args.width, depth=args.depth, heads=args.heads)
+    try:
+        layout = parallel.Layout(world, args.tp, args.pp)
+        layout.check_model(config)
+        microbatches = layout.microbatches(args.batch_size * args.tp * args.pp)
+    except parallel.LayoutError as error:
+        logger.error("layout refused: %s", error)
+        return 2
     if distributed:
         dist.init_process_group(backend)
         logger.info(
-            "process group up: %s, rank %d of %d on host %s", backend, rank, world, socket.gethostname()
+            "process group up: %s, rank %d of %d on host %s; layout pipeline %d x data %d x tensor %d",
+            backend,
+            rank,
+            world,
+            socket.gethostname(),
+            layout.pipeline,
+            layout.data,
+            layout.tensor,
         )
 
-    # The same seed on every rank: identical initial weights, as DDP expects.
+    # The same seed on every rank: identical initial weights, as DDP expects and as the tensor and
+    # pipeline splits of one whole model need.
     torch.manual_seed(args.seed)
-    config = ModelConfig(context=args.context, width=args.width, depth=args.depth, heads=args.heads)
     model: nn.Module = TinyGPT(config).to(device)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     corpus = data.load_bytes(args.data or data.default_corpus())
-    recorder = metrics.TrainMetrics() if rank == 0 else None
+    reporting = rank == layout.reporter
+    recorder = metrics.TrainMetrics() if reporting else None
 
-    if distributed and args.fsdp:
+    mesh: Any = None
+    schedule: Any = None
+    stage, _, _ = layout.coordinates(rank)
+    if layout.model_parallel:
+        model, mesh = parallel.build(model, layout, rank, device)  # type: ignore[arg-type]
+        if layout.pipeline > 1:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+            # 1F1B, not GPipe: the same bubble, but a stage holds at most `pipeline` microbatches'
+            # activations instead of all of them.
+            pipeline_stage = PipelineStage(
+                model, stage, layout.pipeline, device, group=mesh["pipeline"].get_group()
+            )
+            schedule = Schedule1F1B(pipeline_stage, n_microbatches=microbatches, loss_fn=next_token_loss)
+    elif distributed and args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for block in _unwrap(model).blocks:  # type: ignore[union-attr]
@@ -152,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     elif distributed:
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    shards = layout.data_shards(rank)
+    if recorder is not None:
+        recorder.communication(
+            layout.communication_bytes(config, args.batch_size * len(shards), parameter_bytes)
+        )
 
     directory = args.checkpoint_dir or (
         Path(os.environ["LARGO_CHECKPOINT_DIR"]) if os.environ.get("LARGO_CHECKPOINT_DIR") else None
@@ -160,14 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     if directory is not None:
         state = checkpoint.load_latest(directory)
         if state is not None:
-            _restore(model, optimizer, state, args.fsdp)
+            _restore(model, optimizer, state)
             start = int(state["step"])
             logger.info("resumed from checkpoint of step %d in %s", start, directory)
-    # The port the pod declares (LARGO_METRICS_PORT, named `metrics`) unless the command line says.
+    # The port the pod declares (LARGO_METRICS_PORT, named `metrics`) unless the command line says: served
+    # by the reporting rank, on whichever pod it runs.
     port = args.metrics_port or int(os.environ.get("LARGO_METRICS_PORT") or 0) or None
     if recorder is not None and port is not None:
         metrics.serve(port)
-    reporter = ProgressReporter(args.report_every_seconds) if rank == 0 else None
+    reporter = ProgressReporter(args.report_every_seconds) if reporting else None
     termination = Termination()
     tokens_per_step = args.batch_size * args.context * world
     started, started_step = time.perf_counter(), start
@@ -177,10 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     saved: tuple[int, float] | None = None  # the newest checkpoint this run wrote: (step, when)
     for step in range(start + 1, args.steps + 1):
         step_started = time.perf_counter()
-        inputs, targets = data.batch(corpus, args.context, args.batch_size, args.seed, step, rank)
-        loss = model(inputs.to(device), targets.to(device))
+        batches = [
+            data.batch(corpus, args.context, args.batch_size, args.seed, step, shard) for shard in shards
+        ]
+        inputs = torch.cat([inputs for inputs, _ in batches]).to(device)
+        targets = torch.cat([targets for _, targets in batches]).to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _forward_backward(model, schedule, inputs, targets, stage, layout.pipeline)
         optimizer.step()
         stop = termination.requested
         if distributed:
@@ -188,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
             # costs a collective, so ranks agree every few steps rather than every step.
             stop = step % args.stop_check_every == 0 and _agree(stop, device)
         if directory is not None and (step % args.checkpoint_every == 0 or step == args.steps or stop):
-            _checkpoint(directory, step, model, optimizer, args, rank, distributed)
+            _checkpoint(directory, step, model, optimizer, args, layout, mesh, rank)
             saved = (step, time.time())
         if recorder is not None:
             elapsed = time.perf_counter() - started
             rate = (step - started_step) / elapsed if elapsed > 0 else 0.0
+            assert loss is not None  # the reporting rank holds the last stage
             value = float(loss.item())
             recorder.step(step, value, time.perf_counter() - step_started, rate * tokens_per_step)
             if step % args.log_every == 0 or step == args.steps or stop:
@@ -216,9 +288,26 @@ def main(argv: list[str] | None = None) -> int:
         # group is torn down while its worker threads still hold work: let every rank finish, and drop
         # DDP's reducer (which owns such work) before the group goes.
         dist.barrier()
-        del model, optimizer
+        del model, optimizer, schedule
         dist.destroy_process_group()
     return code
+
+
+def _forward_backward(
+    model: nn.Module, schedule: Any, inputs: torch.Tensor, targets: torch.Tensor, stage: int, stages: int
+) -> torch.Tensor | None:
+    """One step's forward and backward; the mean loss where this rank computes it (the last stage)."""
+    if schedule is None:
+        loss = model(inputs, targets)
+        loss.backward()
+        return loss  # type: ignore[no-any-return]
+    losses: list[torch.Tensor] = []
+    last = stage == stages - 1
+    if stage == 0:
+        schedule.step(inputs, losses=losses)
+    else:
+        schedule.step(target=targets if last else None, losses=losses)
+    return torch.stack(losses).mean() if last else None
 
 
 def _agree(stop: bool, device: torch.device) -> bool:
@@ -234,14 +323,15 @@ def _checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     args: argparse.Namespace,
+    layout: parallel.Layout,
+    mesh: Any,
     rank: int,
-    distributed: bool,
 ) -> None:
-    state = _state(model, optimizer, args.fsdp)  # collective under FSDP: every rank takes part
-    if rank == 0:
+    state = _state(model, optimizer, layout, mesh, rank)  # collective: every rank takes part
+    if state is not None:
         checkpoint.save(directory, step, state)
         checkpoint.prune(directory, args.keep)
-    if distributed:
+    if layout.world > 1:
         dist.barrier()
 
 

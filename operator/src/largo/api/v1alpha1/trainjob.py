@@ -73,6 +73,18 @@ MSG_EXIT_CODE_OVERLAP = (
     "spec.failurePolicy: an exit code may not be in both permanentExitCodes and retryableExitCodes"
 )
 MSG_TOPOLOGY_KEY_IMMUTABLE = immutable_message("spec.scheduling.topologyKey")
+MSG_PARALLELISM_DIVIDES = (
+    "spec.parallelism: tensor x pipeline must divide the job's processes, spec.numNodes x "
+    "spec.procsPerNode ('auto': the GPUs per node, or 1)"
+)
+
+# The job's processes per pod as the API server sees them: procsPerNode, 'auto' resolved as
+# largo.manifests.trainjob.resolved_procs_per_node does.
+_CEL_GPUS = f"int(string(self.resourcesPerNode['{GPU_RESOURCE}']))"
+_CEL_PROCS = (
+    f"(type(self.procsPerNode) == string ? ('{GPU_RESOURCE}' in self.resourcesPerNode && "
+    f"{_CEL_GPUS} > 0 ? {_CEL_GPUS} : 1) : int(self.procsPerNode))"
+)
 
 _CEL_RESERVED_NAMES = "[" + ", ".join(f"'{n}'" for n in RESERVED_ENV_NAMES) + "]"
 _CEL_RESERVED_PREFIXES = " && ".join(f"!e.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
@@ -304,6 +316,18 @@ class Scheduling(SpecModel):
     )
 
 
+class Parallelism(SpecModel):
+    """How each model replica is split over the job's processes; the rest is data parallelism. Ranks
+    fill a (pipeline, data, tensor) mesh with tensor fastest, so a tensor-parallel group stays within a
+    pod when tensor divides procsPerNode, and each pipeline stage is a run of consecutive ranks
+    (docs/runtime.md). Handed to every process as LARGO_TENSOR_PARALLEL and LARGO_PIPELINE_PARALLEL."""
+
+    tensor: int = Field(
+        default=1, ge=1, le=1024, description="Processes each layer's matrices are split over (by heads)."
+    )
+    pipeline: int = Field(default=1, ge=1, le=1024, description="Stages the layers are split into.")
+
+
 class PodTemplate(SpecModel):
     """Pod-level settings passed through to every pod of the gang."""
 
@@ -328,6 +352,19 @@ class PodTemplate(SpecModel):
 
 class TrainJobSpec(SpecModel):
     """Desired state of a TrainJob."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.parallelism) || "
+                f"(self.numNodes * {_CEL_PROCS}) % "
+                "((has(self.parallelism.tensor) ? self.parallelism.tensor : 1) * "
+                "(has(self.parallelism.pipeline) ? self.parallelism.pipeline : 1)) == 0",
+                MSG_PARALLELISM_DIVIDES,
+                field_path=".parallelism",
+            )
+        )
+    )
 
     image: str = Field(
         min_length=1,
@@ -388,6 +425,12 @@ class TrainJobSpec(SpecModel):
         json_schema_extra=validations(immutable("spec.backend")),
         description="torch.distributed backend; auto is nccl with GPUs, else gloo.",
     )
+    parallelism: Parallelism = Field(
+        default_factory=Parallelism,
+        json_schema_extra={"default": {}, **validations(immutable("spec.parallelism"))},
+        description="Tensor and pipeline parallelism of each model replica (the reference trainer's "
+        "--tp and --pp); 1 and 1 is plain data parallelism.",
+    )
     checkpoint: Checkpoint | None = None
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, json_schema_extra={"default": {}})
     active_deadline_seconds: int | None = Field(
@@ -421,6 +464,9 @@ class TrainJobSpec(SpecModel):
             raise ValueError(MSG_GPU_WHOLE)
         if len(self.resources_per_node) > 32:
             raise ValueError("spec.resourcesPerNode may list at most 32 resources")
+        procs = self.procs_per_node if isinstance(self.procs_per_node, int) else max(int(str(gpus or 0)), 1)
+        if (self.num_nodes * procs) % (self.parallelism.tensor * self.parallelism.pipeline):
+            raise ValueError(MSG_PARALLELISM_DIVIDES)
         names = [e.name for e in self.env]
         if any(is_reserved_env_name(n) for n in names):
             raise ValueError(MSG_RESERVED_ENV)

@@ -1,0 +1,140 @@
+"""Trainer gangs for the runtime tests: torchrun "nodes" with exactly the environment the TrainJob
+builder renders (the master address mapped to loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from largo.api.v1alpha1 import TrainJob
+from largo.dev.cluster import free_port
+from largo.manifests.trainjob import build_pod
+from largo.runtime.parallel import Layout
+
+STEPS = 60
+# Small and single-threaded: four ranks share two cores, and one thread per rank keeps results exact.
+TRAIN_ARGS = ["--batch-size", "8", "--context", "32", "--width", "32", "--log-every", "1"]
+
+
+NODES, PROCS_PER_NODE = 2, 2
+
+
+def contract_env(
+    rank: int, port: int, checkpoints: Path, parallelism: dict[str, int] | None = None
+) -> dict[str, str]:
+    """The trainer container's env for ``rank`` as largo renders it, with DNS mapped to loopback."""
+    job = TrainJob.from_body(
+        {
+            "metadata": {"name": "demo", "namespace": "research"},
+            "spec": {
+                "image": "trainer",
+                "numNodes": NODES,
+                "procsPerNode": PROCS_PER_NODE,
+                "checkpoint": {"claimName": "demo-checkpoints"},
+                "parallelism": parallelism or {},
+            },
+        }
+    )
+    container = build_pod(job, rank, f"node-{rank}", attempt=0)["spec"]["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["PET_MASTER_ADDR"] == "demo-node-0.demo.research.svc"
+    assert env["LARGO_BACKEND"] == "gloo"
+    env["PET_MASTER_ADDR"] = "127.0.0.1"
+    env["PET_MASTER_PORT"] = str(port)
+    env["LARGO_CHECKPOINT_DIR"] = str(checkpoints)
+    return env
+
+
+class Gang:
+    """Two torchrun "nodes" of two processes each, as two pods of one TrainJob would run."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        checkpoints: Path,
+        steps: int = STEPS,
+        extra: list[str] | None = None,
+        parallelism: dict[str, int] | None = None,
+    ):
+        self.workdir = workdir
+        self.checkpoints = checkpoints
+        self.steps = steps
+        self.extra = extra or []
+        self.parallelism = parallelism or {}
+        layout = Layout(
+            NODES * PROCS_PER_NODE, self.parallelism.get("tensor", 1), self.parallelism.get("pipeline", 1)
+        )
+        self.reporter_node = layout.reporter // PROCS_PER_NODE
+        self.nodes: list[subprocess.Popen[bytes]] = []
+        self.attempt = 0
+
+    def start(self) -> None:
+        port = free_port()
+        self.attempt += 1
+        self.nodes = []
+        for rank in range(NODES):
+            env = {
+                **os.environ,
+                **contract_env(rank, port, self.checkpoints, self.parallelism),
+                "OMP_NUM_THREADS": "1",
+            }
+            # No cluster to report progress to here, and no metrics port to take on the host.
+            for name in ("LARGO_PROGRESS_CONFIGMAP", "LARGO_METRICS_PORT"):
+                env.pop(name, None)
+            log = (self.workdir / f"attempt{self.attempt}-node{rank}.log").open("wb")
+            command = [sys.executable, "-m", "torch.distributed.run", "-m", "largo.runtime.train"]
+            self.nodes.append(
+                subprocess.Popen(
+                    [
+                        *command,
+                        "--steps",
+                        str(self.steps),
+                        *TRAIN_ARGS,
+                        "--checkpoint-every",
+                        "20",
+                        *self.extra,
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    def wait(self, timeout: float = 240) -> list[int]:
+        return [node.wait(timeout=timeout) for node in self.nodes]
+
+    def log(self, rank: int = 0, attempt: int | None = None) -> str:
+        return (self.workdir / f"attempt{attempt or self.attempt}-node{rank}.log").read_text(errors="replace")
+
+    def losses(self, attempt: int | None = None) -> dict[int, float]:
+        """The reporting rank's loss per step, from its JSON log lines."""
+        out = {}
+        for line in self.log(self.reporter_node, attempt).splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                out[record["step"]] = record["loss"]
+        return out
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
