@@ -183,6 +183,12 @@ def test_a_job_with_tensor_and_pipeline_parallelism_trains_across_two_pods_and_s
     assert "layout pipeline 2 x data 1 x tensor 2" in first_stage
     assert '"step": 30' in last_stage  # the loss is known, and reported, where the last stage runs
     assert '"step"' not in first_stage
+    reporting = [
+        pod.metadata.name
+        for pod in demo.pods(name)
+        if (pod.metadata.labels or {}).get("largo.dev/reporting") == "true"
+    ]
+    assert reporting == [f"{name}-node-1"]  # what Prometheus scrapes is where the loss is
     assert demo.checkpoints() == ["step-000000015.pt", "step-000000030.pt"]
 
 

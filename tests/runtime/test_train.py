@@ -162,6 +162,7 @@ def test_rank_zero_serves_prometheus_metrics(tmp_path: Path) -> None:
         assert samples["largo_train_tokens_per_second"] > 0
         assert samples["largo_train_step_seconds_count"] >= 5
         assert samples["largo_train_collective_seconds"] == 0  # a single process has no collectives
+        assert samples["largo_train_communication_bytes_per_step"] == 0
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)

@@ -14,10 +14,12 @@ from largo.manifests.trainjob import (
     gpus_per_node,
     per_pod_requests,
     pod_spec_hash,
+    reporting_pod,
     resolved_backend,
     resolved_procs_per_node,
     total_gpus,
 )
+from largo.runtime.parallel import Layout
 from largo.sched.quantity import parse_resource
 
 
@@ -205,7 +207,7 @@ def test_pod_identity_and_dns() -> None:
         "largo.dev/node-rank": "1",
         "largo.dev/attempt": "3",
     }
-    assert meta["annotations"] == {  # rank 1: no metrics to scrape, only rank 0 serves them
+    assert meta["annotations"] == {  # rank 1: no metrics to scrape, only the reporting pod serves them
         "largo.dev/placement-node": "gpu-node-7",
         "largo.dev/spec-hash": pod_spec_hash(job.spec),
     }
@@ -397,5 +399,26 @@ def test_rank_0_s_metrics_port_is_declared_and_discoverable() -> None:
         attempt=0,
     )
     assert quiet["metadata"]["annotations"]["prometheus.io/scrape"] == "false"  # the user's word wins
+    assert pod["metadata"]["labels"]["largo.dev/reporting"] == "true"
     other = build_pod(make_job(**GPU_JOB), 1, "n1", attempt=0)
     assert [port["name"] for port in other["spec"]["containers"][0]["ports"]] == ["rendezvous"]
+    assert "largo.dev/reporting" not in other["metadata"]["labels"]
+
+
+@pytest.mark.parametrize(
+    ("num_nodes", "procs", "tensor", "pipeline"),
+    [(2, 8, 1, 1), (2, 8, 8, 2), (4, 2, 2, 2), (4, 2, 1, 4), (3, 4, 2, 3), (2, 1, 1, 2), (4, 4, 2, 2)],
+)
+def test_the_reporting_pod_runs_the_trainers_reporting_rank(
+    num_nodes: int, procs: int, tensor: int, pipeline: int
+) -> None:
+    job = make_job(
+        numNodes=num_nodes, procsPerNode=procs, parallelism={"tensor": tensor, "pipeline": pipeline}
+    )
+    layout = Layout(num_nodes * procs, tensor, pipeline)
+    assert reporting_pod(job.spec) == layout.reporter // procs
+    pods = [build_pod(job, rank, f"n{rank}", attempt=0) for rank in range(num_nodes)]
+    serving = [
+        rank for rank, pod in enumerate(pods) if "prometheus.io/scrape" in pod["metadata"]["annotations"]
+    ]
+    assert serving == [layout.reporter // procs]

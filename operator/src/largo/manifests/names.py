@@ -20,6 +20,9 @@ SHM_VOLUME = "largo-dshm"
 LABEL_JOB_NAME = f"{GROUP}/job-name"
 LABEL_NODE_RANK = f"{GROUP}/node-rank"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
+# On the pod whose process reports the loss, progress and metrics (rank 0's, or with pipeline stages
+# the last stage's first): what the chart's PodMonitor selects.
+LABEL_REPORTING = f"{GROUP}/reporting"
 # On pods of a gang with scheduling.exclusiveNodes: largo's admission holds the whole node for them.
 LABEL_EXCLUSIVE = f"{GROUP}/exclusive-node"
 # On a job's progress ConfigMap: the job it reports for.

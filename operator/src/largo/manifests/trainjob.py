@@ -40,6 +40,14 @@ def resolved_procs_per_node(spec: TrainJobSpec) -> int:
     return max(gpus_per_node(spec), 1)
 
 
+def reporting_pod(spec: TrainJobSpec) -> int:
+    """The rank of the pod whose process reports the loss, progress and metrics: the first rank of the
+    last pipeline stage (largo.runtime.parallel.Layout.reporter), rank 0 without pipeline stages."""
+    procs = resolved_procs_per_node(spec)
+    stages = spec.parallelism.pipeline
+    return (stages - 1) * (procs * spec.num_nodes // stages) // procs
+
+
 def resolved_backend(spec: TrainJobSpec) -> Backend:
     """`auto` is nccl when the pods get GPUs (gloo cannot use them efficiently), else gloo."""
     if spec.backend is not Backend.AUTO:
@@ -187,15 +195,18 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         names.LABEL_ATTEMPT: str(attempt),
         **({names.LABEL_EXCLUSIVE: "true"} if spec.scheduling.exclusive_nodes else {}),
     }
-    # Rank 0 serves the trainer's metrics: Prometheus' pod discovery finds it by these annotations
-    # (docs/observability.md); the user's own annotations win.
+    reporting = rank == reporting_pod(spec)
+    if reporting:
+        labels[names.LABEL_REPORTING] = "true"
+    # The reporting pod serves the trainer's metrics: Prometheus' pod discovery finds it by these
+    # annotations (docs/observability.md); the user's own annotations win.
     scrape = (
         {
             "prometheus.io/scrape": "true",
             "prometheus.io/port": str(names.METRICS_PORT),
             "prometheus.io/path": "/metrics",
         }
-        if rank == 0
+        if reporting
         else {}
     )
     annotations = {
@@ -228,7 +239,7 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
             {"name": names.RENDEZVOUS_PORT_NAME, "containerPort": names.MASTER_PORT, "protocol": "TCP"},
             *(
                 [{"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"}]
-                if rank == 0
+                if reporting
                 else []
             ),
         ],

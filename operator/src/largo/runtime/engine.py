@@ -175,13 +175,13 @@ class LocalForward:
         x = stage.embed(
             torch.tensor([tokens], device=stage.device), torch.arange(len(tokens), device=stage.device)
         )
-        return stage.logits(stage.prefill(x, slot))[0]
+        return stage.logits(stage.prefill(x, slot))[0].cpu()  # the engine samples in host memory
 
     def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         stage = self.stage
         at = torch.tensor(positions, device=stage.device)
         x = stage.embed(torch.tensor(tokens, device=stage.device)[:, None], at[:, None])
-        return stage.logits(stage.decode(x, torch.tensor(slots, device=stage.device), at))
+        return stage.logits(stage.decode(x, torch.tensor(slots, device=stage.device), at)).cpu()
 
 
 class Engine:

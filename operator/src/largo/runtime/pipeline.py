@@ -1,4 +1,5 @@
-"""A replica split over several pods: pipeline stages over torch.distributed (gloo on CPU, NCCL on GPUs).
+"""A replica split over several pods: pipeline stages over torch.distributed (gloo on CPU, NCCL on GPUs,
+or gloo between GPUs, through host memory, where NCCL cannot run).
 
 Member 0, the leader, embeds the tokens, runs its layers and sends the hidden states on; each member
 runs its layers (``stage_layers``) over its own slice of the KV cache and passes them to the next; the
@@ -29,12 +30,17 @@ def heartbeat_seconds(timeout: float) -> float:
     return timeout / 20
 
 
-def join(leader_address: str, port: int, member: int, members: int, timeout: float = TIMEOUT_SECONDS) -> None:
-    """Forms the replica's process group (the leader hosts the store, as rank 0 does for training).
-
-    gloo: the stages pass CPU tensors (the model runs on the CPU here); a GPU pipeline would use NCCL."""
+def join(
+    leader_address: str,
+    port: int,
+    member: int,
+    members: int,
+    timeout: float = TIMEOUT_SECONDS,
+    backend: str = "gloo",
+) -> None:
+    """Forms the replica's process group (the leader hosts the store, as rank 0 does for training)."""
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://{leader_address}:{port}",
         rank=member,
         world_size=members,
@@ -42,11 +48,17 @@ def join(leader_address: str, port: int, member: int, members: int, timeout: flo
     )
 
 
+def transport_device(device: torch.device) -> torch.device:
+    """Where the tensors between stages live: the GPU under NCCL, host memory under gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _send(op: int, slots: list[int], positions: list[int], x: torch.Tensor, to: int) -> None:
-    dist.send(torch.tensor([op, x.shape[0], x.shape[1]], dtype=torch.int64), to)
-    dist.send(torch.tensor(slots, dtype=torch.int64), to)
-    dist.send(torch.tensor(positions, dtype=torch.int64), to)
-    dist.send(x.contiguous(), to)
+    on = transport_device(x.device)
+    dist.send(torch.tensor([op, x.shape[0], x.shape[1]], dtype=torch.int64, device=on), to)
+    dist.send(torch.tensor(slots, dtype=torch.int64, device=on), to)
+    dist.send(torch.tensor(positions, dtype=torch.int64, device=on), to)
+    dist.send(x.to(on).contiguous(), to)
 
 
 class PipelineForward:
@@ -60,44 +72,50 @@ class PipelineForward:
         self.vocabulary = vocabulary
 
     def _through(self, op: int, slots: list[int], positions: list[int], x: torch.Tensor) -> torch.Tensor:
+        """The logits, in host memory (where the engine samples), of ``x`` sent down the chain."""
         _send(op, slots, positions, x, 1)
-        logits = torch.empty((x.shape[0], self.vocabulary), dtype=x.dtype)
+        on = transport_device(self.stage.device)
+        logits = torch.empty((x.shape[0], self.vocabulary), dtype=x.dtype, device=on)
         dist.recv(logits, self.members - 1)
-        return logits
+        return logits.cpu()
 
     def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
         stage = self.stage
-        x = stage.embed(torch.tensor([tokens]), torch.arange(len(tokens)))
+        on = stage.device
+        x = stage.embed(torch.tensor([tokens], device=on), torch.arange(len(tokens), device=on))
         return self._through(PREFILL, [slot], [len(tokens)], stage.prefill(x, slot))[0]
 
     def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         stage = self.stage
-        at = torch.tensor(positions)
-        x = stage.embed(torch.tensor(tokens)[:, None], at[:, None])
-        return self._through(DECODE, slots, positions, stage.decode(x, torch.tensor(slots), at))
+        on = stage.device
+        at = torch.tensor(positions, device=on)
+        x = stage.embed(torch.tensor(tokens, device=on)[:, None], at[:, None])
+        return self._through(DECODE, slots, positions, stage.decode(x, torch.tensor(slots, device=on), at))
 
     def heartbeat(self) -> None:
         """Keeps an idle pipeline's members from timing out (and finds a dead one early)."""
-        _send(HEARTBEAT, [], [], torch.zeros((0, 0, self.stage.width)), 1)
+        _send(HEARTBEAT, [], [], torch.zeros((0, 0, self.stage.width), device=self.stage.device), 1)
 
     def close(self) -> None:
         """Tells the members to exit (they also exit when the leader's connection drops)."""
-        _send(STOP, [], [], torch.zeros((0, 0, self.stage.width)), 1)
+        _send(STOP, [], [], torch.zeros((0, 0, self.stage.width), device=self.stage.device), 1)
 
 
 def run_member(stage: Stage, member: int, members: int) -> None:
     """A worker's whole life: receive, run its layers, pass on, until the leader stops or goes away."""
     source, target = member - 1, (member + 1) % members
+    on = transport_device(stage.device)
     while True:
-        header = torch.empty(3, dtype=torch.int64)
+        header = torch.empty(3, dtype=torch.int64, device=on)
         dist.recv(header, source)
-        op, batch, length = (int(value) for value in header)
-        slots = torch.empty(batch, dtype=torch.int64)
-        positions = torch.empty(batch, dtype=torch.int64)
+        op, batch, length = (int(value) for value in header.tolist())
+        slots = torch.empty(batch, dtype=torch.int64, device=on)
+        positions = torch.empty(batch, dtype=torch.int64, device=on)
         dist.recv(slots, source)
         dist.recv(positions, source)
-        x = torch.empty((batch, length, stage.width))
+        x = torch.empty((batch, length, stage.width), device=on)
         dist.recv(x, source)
+        x, slots, positions = x.to(stage.device), slots.to(stage.device), positions.to(stage.device)
         if op in (STOP, HEARTBEAT):
             if not stage.last:
                 _send(op, [], [], x, target)
@@ -107,6 +125,6 @@ def run_member(stage: Stage, member: int, members: int) -> None:
         with torch.inference_mode():
             x = stage.prefill(x, int(slots[0])) if op == PREFILL else stage.decode(x, slots, positions)
             if stage.last:
-                dist.send(stage.logits(x).contiguous(), 0)
+                dist.send(stage.logits(x).to(on).contiguous(), 0)
             else:
                 _send(op, slots.tolist(), positions.tolist(), x, target)

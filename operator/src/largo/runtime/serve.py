@@ -473,6 +473,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=pipeline.TIMEOUT_SECONDS,
         help="seconds a pipeline member waits for the next message (the leader heartbeats while idle)",
     )
+    cuda = torch.cuda.is_available()
+    parser.add_argument(
+        "--device",
+        default=env("LARGO_DEVICE") or ("cuda" if cuda else "cpu"),
+        help="where the model runs (default: $LARGO_DEVICE, else cuda when a GPU is visible, else cpu)",
+    )
+    parser.add_argument(
+        "--pipeline-backend",
+        choices=("nccl", "gloo"),
+        default=env("LARGO_BACKEND") or ("nccl" if cuda else "gloo"),
+        help="the stages' process group (default: $LARGO_BACKEND, else nccl with a GPU); gloo between "
+        "GPUs passes activations through host memory, for GPUs NCCL cannot pair (one GPU for several "
+        "stages, for one)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -486,12 +500,15 @@ def _start_engine(args: argparse.Namespace, metrics: Metrics) -> Engine:
     """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
     member joined). Raises ModelError for a model that cannot be served."""
     started = time.monotonic()
-    model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, torch.device("cpu"))
+    device = torch.device(args.device)
+    model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, device)
     config = model.config
     forward: PipelineForward | LocalForward
     if args.members > 1:
         stage = Stage(model, stage_layers(config.depth, args.members, 0), args.max_batch)
-        pipeline.join(args.leader_addr, args.leader_port, 0, args.members, args.pipeline_timeout)
+        pipeline.join(
+            args.leader_addr, args.leader_port, 0, args.members, args.pipeline_timeout, args.pipeline_backend
+        )
         forward = PipelineForward(stage, args.members, config.vocab_size)
     else:
         forward = LocalForward(Stage(model, range(config.depth), args.max_batch))
@@ -501,7 +518,13 @@ def _start_engine(args: argparse.Namespace, metrics: Metrics) -> Engine:
     engine.start()
     metrics.load_seconds.set(time.monotonic() - started)
     logger.info(
-        "serving %s: step %d of %s (%s), %d stage(s)", args.name, step, args.model_dir, config, args.members
+        "serving %s: step %d of %s (%s), %d stage(s) on %s",
+        args.name,
+        step,
+        args.model_dir,
+        config,
+        args.members,
+        device,
     )
     return engine
 
@@ -516,7 +539,9 @@ def member(args: argparse.Namespace) -> int:
         start_http_server(args.metrics_port, registry=registry)
     started = time.monotonic()
     try:
-        model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, torch.device("cpu"))
+        model, step = load_model(
+            args.model_dir, args.step if args.step >= 0 else None, torch.device(args.device)
+        )
     except ModelError as error:
         logger.error("not serving: %s", error)
         return 1
@@ -524,7 +549,14 @@ def member(args: argparse.Namespace) -> int:
     layers = stage_layers(model.config.depth, args.members, args.member)
     stage = Stage(model, layers, args.max_batch)
     logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(layers), step)
-    pipeline.join(args.leader_addr, args.leader_port, args.member, args.members, args.pipeline_timeout)
+    pipeline.join(
+        args.leader_addr,
+        args.leader_port,
+        args.member,
+        args.members,
+        args.pipeline_timeout,
+        args.pipeline_backend,
+    )
     try:
         pipeline.run_member(stage, args.member, args.members)
     except Exception as error:  # the leader or a neighbour went away: the group is restarted whole
