@@ -56,6 +56,8 @@ def trainer_seconds_per_step(world: int, steps: int, flags: list[str]) -> float:
             [
                 "-m",
                 "largo.runtime.train",
+                "--backend",
+                "gloo",  # a CPU benchmark, also where a GPU is visible
                 *flags,
                 "--steps",
                 str(steps),

@@ -46,6 +46,10 @@ def join(
         world_size=members,
         timeout=datetime.timedelta(seconds=timeout),
     )
+    # NCCL forms its communicator lazily, at the first operation: one now, so that a group that cannot
+    # form (two stages on one GPU, for one) fails here, before the leader reports ready.
+    on = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    dist.all_reduce(torch.zeros(1, device=on))
 
 
 def transport_device(device: torch.device) -> torch.device:
