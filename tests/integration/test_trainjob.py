@@ -659,6 +659,16 @@ def test_the_operator_s_metrics_follow_a_gang_s_gpus(jobs: Jobs, gpu_pool: NodeP
     assert series[("largo_queue_wait_seconds_count", ())] >= 1
     assert series[("largo_gang_start_seconds_count", ())] >= 1  # this gang went Starting -> Running
     assert series[("largo_workqueue_wait_seconds_count", ())] > 0
+
+    def inactive_restarts() -> float:
+        return sum(
+            value
+            for (name, labels), value in _scrape(jobs.operator.metrics_url).items()
+            if name == "largo_operator_watch_restarts_total" and dict(labels)["reason"] == "inactive"
+        )
+
+    # Some watched kind sees no event for the 5 s the test operator allows: kopf reconnects, largo counts.
+    wait_for(lambda: inactive_restarts() >= 1, TIMEOUT, "a watch-stream reconnected for inactivity")
     jobs.exit("metered", 0)
     jobs.wait_phase("metered", "Succeeded")
     wait_for(lambda: held_by_largo() == 0, TIMEOUT, "the GPUs given back")

@@ -225,6 +225,7 @@ def test_labels_and_annotations() -> None:
         "largo.dev/member": "0",
         "largo.dev/revision": revision(service.spec, MODEL),
         "largo.dev/attempt": "5",
+        "largo.dev/runtime": "largo",  # where the chart's PodMonitor looks for its metrics
     }
     annotations = manifest["metadata"]["annotations"]
     assert annotations["owner"] == "search"
@@ -243,9 +244,11 @@ def test_labels_and_annotations() -> None:
 )
 def test_prometheus_scrape_annotations(runtime: str, member: int, scrape_port: str | None) -> None:
     service = vllm(nodes=2) if runtime == "vllm" else make(nodesPerReplica=2)
-    annotations = pod(service, member=member)["metadata"]["annotations"]
+    manifest = pod(service, member=member)
+    annotations = manifest["metadata"]["annotations"]
     assert annotations.get("prometheus.io/port") == scrape_port
     assert ("prometheus.io/scrape" in annotations) == (scrape_port is not None)
+    assert manifest["metadata"]["labels"]["largo.dev/runtime"] == runtime  # the PodMonitor's switch
 
 
 def test_revision_label_is_the_same_on_every_member_and_attempt() -> None:

@@ -188,3 +188,47 @@ def test_serving_groups_hold_gpus_and_services_are_counted_by_phase_and_replicas
         for state in ("desired", "existing", "ready", "updated")
     }
     assert replicas == {"desired": 2, "existing": 2, "ready": 1, "updated": 2}
+
+
+def test_kopf_s_watch_restarts_are_counted_from_its_own_log_lines_which_are_then_dropped() -> None:
+    import logging
+
+    from largo.metrics import KOPF_WATCH_LOGGER, WatchRestartCounter
+
+    counted: list[tuple[str, str]] = []
+    logger = logging.getLogger(KOPF_WATCH_LOGGER)
+    counter = WatchRestartCounter(
+        lambda resource, reason: counted.append((resource, reason)), keep_debug=False
+    )
+    level = logger.level
+    logger.addFilter(counter)
+    logger.setLevel(logging.DEBUG)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        logger.debug("Restarting the watch-stream for trainjobs.v1alpha1.largo.dev cluster-wide.")
+        logger.debug("Watch-stream for pods.v1 in 'ml' is inactive, reconnecting.")
+        logger.debug("Starting the watch-stream for pods.v1 cluster-wide.")
+        logger.warning("Ignoring an unsupported event type: {}")
+    finally:
+        logger.removeHandler(keep)
+        logger.removeFilter(counter)
+        logger.setLevel(level)
+    assert counted == [("trainjobs.v1alpha1.largo.dev", "expired"), ("pods.v1", "inactive")]
+    assert seen == ["Ignoring an unsupported event type: {}"]  # debug lines dropped, warnings kept
+
+
+def test_kopf_still_logs_its_watch_restarts_in_the_words_counted() -> None:
+    import inspect
+
+    from kopf._cogs.clients import watching
+
+    source = inspect.getsource(watching)
+    assert 'logger.debug(f"Restarting the watch-stream for {resource} {where}.")' in source
+    assert 'logger.debug(f"Watch-stream for {resource} {where} is inactive, reconnecting.")' in source

@@ -8,6 +8,8 @@ queues, phases and reasons, never a pod.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -360,6 +362,14 @@ class OperatorMetrics:
         self.leader = Gauge(
             "largo_leader", "1 while this replica holds the Lease and acts, else 0.", registry=registry
         )
+        self.watch_restarts = Counter(
+            "largo_operator_watch_restarts_total",
+            "Restarts of the operator's watch-streams, by resource and reason: expired (410 Gone, the "
+            "resource version too old: listed again) or inactive (no event, not even a bookmark, "
+            "within LARGO_WATCH_INACTIVITY_SECONDS: reconnected).",
+            ["resource", "reason"],
+            registry=registry,
+        )
 
     def observe_pass(self, seconds: float, decided: int) -> None:
         self.pass_seconds.observe(seconds)
@@ -370,6 +380,43 @@ class OperatorMetrics:
 
     def count_failure(self, kind: str) -> None:
         self.reconcile_errors.labels(kind).inc()
+
+
+# kopf has no hook for its watch-streams' restarts; it logs each at debug level, from this logger, in
+# these words (kopf is pinned; tests/unit/test_metrics.py checks the words against kopf's source).
+KOPF_WATCH_LOGGER = "kopf._cogs.clients.watching"
+_WATCH_RESTART = re.compile(
+    r"^(?:Restarting the watch-stream for (?P<expired>\S+) "
+    r"|Watch-stream for (?P<inactive>\S+) .*is inactive, reconnecting\.$)"
+)
+
+
+class WatchRestartCounter(logging.Filter):
+    """Counts kopf's watch-stream restarts off its debug lines, then drops those lines unless the
+    operator logs at debug level anyway (raising that logger's level is what makes kopf write them)."""
+
+    def __init__(self, count: Callable[[str, str], None], keep_debug: bool) -> None:
+        super().__init__()
+        self.count = count
+        self.keep_debug = keep_debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            return True
+        match = _WATCH_RESTART.match(record.getMessage())
+        if match is not None:
+            reason = "expired" if match.group("expired") else "inactive"
+            self.count(match.group(reason), reason)
+        return self.keep_debug
+
+
+def count_watch_restarts(count: Callable[[str, str], None]) -> WatchRestartCounter:
+    """Installs the counter on kopf's watching logger; ``count(resource, reason)`` per restart."""
+    logger = logging.getLogger(KOPF_WATCH_LOGGER)
+    counter = WatchRestartCounter(count, keep_debug=logger.isEnabledFor(logging.DEBUG))
+    logger.setLevel(logging.DEBUG)
+    logger.addFilter(counter)
+    return counter
 
 
 def serve(port: int, snapshot: Callable[[], Snapshot]) -> OperatorMetrics:

@@ -31,7 +31,7 @@ from largo.controllers.workqueue import WorkQueue
 from largo.manifests.inferenceservice import DEFAULT_SERVER_IMAGE
 from largo.manifests.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF, LABEL_ROUTER, LABEL_SERVICE
 from largo.manifests.router import DEFAULT_ROUTER_IMAGE
-from largo.metrics import Snapshot
+from largo.metrics import Snapshot, count_watch_restarts
 from largo.metrics import serve as serve_metrics
 from largo.policy.trainjob import Timings
 from largo.sched import inventory
@@ -75,6 +75,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     # largo posts its own events with reasons; kopf's per-handler log events would only add noise.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # A stream with no event, not even the API server's bookmark (about one a minute), is dead: kopf
+    # reconnects it after this long (its default, 70 s, unless set).
+    settings.watching.inactivity_timeout = _float_env("LARGO_WATCH_INACTIVITY_SECONDS", 70.0)
     settings.networking.connect_timeout = 10
 
     # Every API call runs in a worker thread: enough of them for the reconcile workers and the
@@ -181,6 +184,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         jobs.on_wait = metrics.queue_latency.observe
         reconciler.observe_start = metrics.gang_start.observe
         autoscaler.observe_decision = lambda direction: metrics.autoscaler_decisions.labels(direction).inc()
+        count_watch_restarts(lambda resource, reason: metrics.watch_restarts.labels(resource, reason).inc())
 
         async def reconcile(key: JobKey) -> float | None:
             with metrics.reconcile_seconds.time():

@@ -208,6 +208,7 @@ def build_pod(
         names.LABEL_MEMBER: str(member),
         names.LABEL_REVISION: pod_revision,
         names.LABEL_ATTEMPT: str(attempt),
+        names.LABEL_RUNTIME: runtime.type.value,
         # largo's admission holds such a pod's node whole (the scheduler reads it from the label).
         **({names.LABEL_EXCLUSIVE: "true"} if spec.scheduling.exclusive_nodes else {}),
     }

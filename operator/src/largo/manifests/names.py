@@ -90,6 +90,8 @@ LABEL_SERVICE = f"{GROUP}/inferenceservice"
 LABEL_REPLICA = f"{GROUP}/replica"
 LABEL_MEMBER = f"{GROUP}/member"
 LABEL_REVISION = f"{GROUP}/revision"
+# The runtime a serving pod runs (largo, vllm, custom): where its metrics are, for a PodMonitor.
+LABEL_RUNTIME = f"{GROUP}/runtime"
 HTTP_PORT_NAME = "http"
 SERVICE_PORT = 80
 SERVER_CONTAINER_NAME = "server"
