@@ -1,7 +1,8 @@
 """Continuous batching for the reference model: iteration-level scheduling over a KV cache.
 
-Each request's prompt is run once alone (prefill), filling its slot of a preallocated key/value cache;
-from then on every iteration runs one decoding step for all running requests together, each attending
+Each request's prompt is run once (prefill: the prompts that arrived since the last iteration together,
+padded to the longest), filling its slot of a preallocated key/value cache; from then on every
+iteration runs one decoding step for all running requests together, each attending
 over its own cached keys through a mask. A request that arrives joins the batch at the next iteration,
 one that finishes leaves it and frees its slot: the batch stays full under load without waiting for the
 slowest member, as in Orca and vLLM. The running batch and the waiting queue are bounded; a request
@@ -50,6 +51,15 @@ class Request:
     submitted: float = field(default_factory=time.monotonic)
 
 
+def sample_batch(logits: torch.Tensor, requests: list[Request]) -> list[int]:
+    """The next token of each request (row): one argmax for all the greedy ones."""
+    greedy = logits.argmax(dim=-1).tolist()
+    return [
+        token if r.temperature <= 0 else sample(logits[i], r)
+        for i, (r, token) in enumerate(zip(requests, greedy, strict=True))
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     running: int
@@ -95,6 +105,17 @@ class Stage:
             device=self.device,
             dtype=dtype,
         )
+        # Queries, keys and values in one product per block: the model keeps them apart for tensor
+        # parallelism in training, a server is faster with one matrix (fewer, larger operations).
+        self._fused: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for layer in layers:
+                block = cast(Block, model.blocks[layer])
+                projections = (block.query, block.key, block.value)
+                self._fused[layer] = (
+                    torch.cat([p.weight for p in projections]),
+                    torch.cat([p.bias for p in projections]),
+                )
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[batch, length] tokens at [batch, length] positions -> [batch, length, width]."""
@@ -104,14 +125,17 @@ class Stage:
         out: torch.Tensor = model.tokens(tokens) + model.positions(positions)
         return out
 
-    def prefill(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """One prompt's hidden states through this stage's layers, filling ``slot``'s cache."""
+    def prefill(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Prompts' hidden states ([batch, length, width], shorter ones padded at the end) through this
+        stage's layers, filling each one's slot of the cache. Padding needs no mask of its own: under
+        the causal mask a real position never sees a later one, and decoding overwrites a padded
+        position's cache entry before it can see it."""
         length = x.shape[1]
         for index, layer in enumerate(self.layers):
             block = cast(Block, self.model.blocks[layer])
-            q, k, v = self._project(block, x)
-            self.cache[slot, index, 0, :, :length] = k[0]
-            self.cache[slot, index, 1, :, :length] = v[0]
+            q, k, v = self._project(layer, block, x)
+            self.cache[slots, index, 0, :, :length] = k
+            self.cache[slots, index, 1, :, :length] = v
             attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = self._finish_block(block, x, attended)
         return x
@@ -122,7 +146,7 @@ class Stage:
         mask = visible[:, None, None, :]
         for index, layer in enumerate(self.layers):
             block = cast(Block, self.model.blocks[layer])
-            q, k, v = self._project(block, x)
+            q, k, v = self._project(layer, block, x)
             self.cache[slots, index, 0, :, positions] = k[:, :, 0]
             self.cache[slots, index, 1, :, positions] = v[:, :, 0]
             keys = self.cache[slots, index, 0]
@@ -131,20 +155,20 @@ class Stage:
             x = self._finish_block(block, x, attended)
         return x
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The last position's logits of each row: [batch, vocabulary]."""
+    def logits(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's logits at its position ``last`` (default: the final one): [batch, vocabulary]."""
         assert self.model.head is not None  # serving loads whole models
         assert self.model.norm is not None
-        out: torch.Tensor = self.model.head(self.model.norm(x[:, -1]))
+        rows = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+        out: torch.Tensor = self.model.head(self.model.norm(rows))
         return out
 
-    def _project(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _project(self, layer: int, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, length, width = x.shape
-        normed = block.norm_attention(x)
+        weight, bias = self._fused[layer]
+        fused = functional.linear(block.norm_attention(x), weight, bias)
         shape = (batch, length, self.heads, width // self.heads)
-        return tuple(
-            proj(normed).view(shape).transpose(1, 2) for proj in (block.query, block.key, block.value)
-        )
+        return tuple(t.view(shape).transpose(1, 2) for t in fused.chunk(3, dim=2))
 
     @staticmethod
     def _finish_block(block: Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -154,10 +178,17 @@ class Stage:
         return out
 
 
-class Forward(Protocol):
-    """How the engine gets logits: from the whole model here, or through a pipeline of stages."""
+def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one [batch, longest] tensor padded at the end, and each one's last position."""
+    longest = max(len(prompt) for prompt in prompts)
+    tokens = torch.tensor([prompt + [0] * (longest - len(prompt)) for prompt in prompts])
+    return tokens, torch.tensor([len(prompt) - 1 for prompt in prompts])
 
-    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor: ...
+
+class Forward(Protocol):
+    """How the engine gets logits (in host memory): from the whole model here, or through a pipeline."""
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor: ...
 
     def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor: ...
 
@@ -170,12 +201,13 @@ class LocalForward:
             raise ValueError("a local forward needs every layer")
         self.stage = stage
 
-    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         stage = self.stage
-        x = stage.embed(
-            torch.tensor([tokens], device=stage.device), torch.arange(len(tokens), device=stage.device)
-        )
-        return stage.logits(stage.prefill(x, slot))[0].cpu()  # the engine samples in host memory
+        on = stage.device
+        tokens, last = padded(prompts)
+        x = stage.embed(tokens.to(on), torch.arange(tokens.shape[1], device=on)[None, :])
+        hidden = stage.prefill(x, torch.tensor(slots, device=on))
+        return stage.logits(hidden, last.to(on)).cpu()  # the engine samples in host memory
 
     def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         stage = self.stage
@@ -275,9 +307,9 @@ class Engine:
                     admitted.append(request)
             try:
                 with torch.inference_mode():
-                    for request in admitted:
-                        self._prefill(request)
-                    decoding = [r for r in self._running if r not in admitted]
+                    decoding = list(self._running)
+                    if admitted:
+                        self._prefill(admitted)
                     if decoding:
                         self._decode(decoding)
             except Exception as error:  # a pipeline member gone, for one: nothing more can be served
@@ -304,20 +336,22 @@ class Engine:
         if beat is not None:
             beat()
 
-    def _prefill(self, request: Request) -> None:
-        logits = self.forward.prefill(request.slot, request.prompt)
-        request.position = len(request.prompt)
-        self._running.append(request)
-        self._emit(request, sample(logits, request))
+    def _prefill(self, arrivals: list[Request]) -> None:
+        """The arrivals' prompts in one forward pass, padded to the longest."""
+        logits = self.forward.prefill([r.slot for r in arrivals], [r.prompt for r in arrivals])
+        for request, token in zip(arrivals, sample_batch(logits, arrivals), strict=True):
+            request.position = len(request.prompt)
+            self._running.append(request)
+            self._emit(request, token)
 
     def _decode(self, batch: list[Request]) -> None:
         logits = self.forward.decode(
             [r.slot for r in batch], [r.position for r in batch], [r.next_token for r in batch]
         )
         self.observe_batch(len(batch))
-        for index, request in enumerate(batch):
+        for request, token in zip(batch, sample_batch(logits, batch), strict=True):
             request.position += 1
-            self._emit(request, sample(logits[index], request))
+            self._emit(request, token)
 
     def _fail(self, reason: str, admitted: list[Request]) -> None:
         """Ends every request with ``error`` and stops: the server turns unready and exits."""

@@ -4,9 +4,9 @@ or gloo between GPUs, through host memory, where NCCL cannot run).
 Member 0, the leader, embeds the tokens, runs its layers and sends the hidden states on; each member
 runs its layers (``stage_layers``) over its own slice of the KV cache and passes them to the next; the
 last one computes the logits and sends them back to the leader, which samples. Every step is one
-message down the chain: a header (operation, batch, length), the requests' cache slots and positions,
-then the hidden states. The leader drives the pipeline from its engine's thread; the other members
-only serve it (``run_member``), and exit when it goes away.
+message down the chain: a header (operation, batch, length), the requests' cache slots and positions
+(for a prefill, each prompt's last position), then the hidden states. The leader drives the pipeline
+from its engine's thread; the other members only serve it (``run_member``), and exit when it goes away.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from largo.runtime.engine import Stage
+from largo.runtime.engine import Stage, padded
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,14 @@ class PipelineForward:
         dist.recv(logits, self.members - 1)
         return logits.cpu()
 
-    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """For a prefill the positions sent down are each prompt's last one (padded to the longest)."""
         stage = self.stage
         on = stage.device
-        x = stage.embed(torch.tensor([tokens], device=on), torch.arange(len(tokens), device=on))
-        return self._through(PREFILL, [slot], [len(tokens)], stage.prefill(x, slot))[0]
+        tokens, last = padded(prompts)
+        x = stage.embed(tokens.to(on), torch.arange(tokens.shape[1], device=on)[None, :])
+        hidden = stage.prefill(x, torch.tensor(slots, device=on))
+        return self._through(PREFILL, slots, last.tolist(), hidden)
 
     def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         stage = self.stage
@@ -127,8 +130,9 @@ def run_member(stage: Stage, member: int, members: int) -> None:
                 return
             continue
         with torch.inference_mode():
-            x = stage.prefill(x, int(slots[0])) if op == PREFILL else stage.decode(x, slots, positions)
+            x = stage.prefill(x, slots) if op == PREFILL else stage.decode(x, slots, positions)
             if stage.last:
-                dist.send(stage.logits(x).to(on).contiguous(), 0)
+                last = positions if op == PREFILL else None
+                dist.send(stage.logits(x, last).to(on).contiguous(), 0)
             else:
                 _send(op, slots.tolist(), positions.tolist(), x, target)
