@@ -24,8 +24,10 @@ $(VENV_STAMP): operator/pyproject.toml
 tools:
 	./hack/build-tools.sh >/dev/null
 
+# Three workers: the localnode suites, the kwok-cluster suites, and the processes-only suites run side
+# by side (tests/conftest.py: suite_group).
 test: venv tools
-	$(BIN)/pytest tests $(PYTEST_ARGS)
+	$(BIN)/pytest tests -n 3 --dist loadgroup $(PYTEST_ARGS)
 
 unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

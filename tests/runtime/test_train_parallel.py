@@ -100,7 +100,7 @@ def test_a_killed_rank_restarts_the_gang_which_resumes_with_the_same_layout(
     try:
         split.start()
         wait_for(lambda: checkpoint.complete(split.checkpoints) != [], 180, "a checkpoint")
-        wait_for(lambda: max(split.losses(), default=0) >= EVERY + 2, 180, "training past the checkpoint")
+        wait_for(lambda: max(split.losses(), default=0) >= EVERY + 1, 180, "training past the checkpoint")
         workers = children(split.nodes[0].pid)
         assert workers, "torchrun of node 0 has no worker processes"
         os.kill(workers[0], signal.SIGKILL)  # one rank of the first stage dies
