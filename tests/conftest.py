@@ -32,6 +32,8 @@ def suite_group(path: Path) -> str:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.xdist_group(suite_group(item.path)))
+
+
 # Short delays keep the lifecycle tests quick; the behaviour is the same as with defaults.
 QUICK_OPERATOR_ENV = {
     "LARGO_RESTART_BACKOFF_SECONDS": "1",
