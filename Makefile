@@ -24,10 +24,9 @@ $(VENV_STAMP): operator/pyproject.toml
 tools:
 	./hack/build-tools.sh >/dev/null
 
-# Three workers: the localnode suites, the kwok-cluster suites, and the processes-only suites run side
-# by side (tests/conftest.py: suite_group).
+# Three groups of suites that share nothing run side by side: localnode, kwok cluster, processes.
 test: venv tools
-	$(BIN)/pytest tests -n 3 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python hack/test-suites.py $(PYTEST_ARGS)
 
 unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

@@ -14,26 +14,6 @@ from largo.dev.operator_process import OperatorProcess
 REPO = Path(__file__).resolve().parents[1]
 
 
-def suite_group(path: Path) -> str:
-    """Which worker of `make test` (pytest-xdist, --dist loadgroup) runs a test file. Tests of one
-    group run in order on one worker; groups share nothing, so they run side by side:
-    - localnode: every test that runs a localnode cluster (its kube-proxy holds a host-wide lock, so
-      only one such cluster may run at a time): e2e, make demo, and the local cluster's own tests;
-    - cluster: the other integration tests, on the session's kwok cluster and operator;
-    - processes: the runtime tests (torch.distributed gangs) and the unit tests."""
-    parts = path.relative_to(Path(__file__).parent).parts
-    if parts[0] in ("e2e", "demo") or path.name == "test_local_cluster.py":
-        return "localnode"
-    if parts[0] == "integration":
-        return "cluster"
-    return "processes"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(suite_group(item.path)))
-
-
 # Short delays keep the lifecycle tests quick; the behaviour is the same as with defaults.
 QUICK_OPERATOR_ENV = {
     "LARGO_RESTART_BACKOFF_SECONDS": "1",
