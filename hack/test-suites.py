@@ -24,7 +24,8 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 LOCAL_CLUSTER = "integration/test_local_cluster.py"
 GROUPS = {
-    "localnode": ["e2e", "demo", LOCAL_CLUSTER],
+    # make demo first: e2e's cluster (a fixture of a directory, not a package) lives to the session's end.
+    "localnode": ["demo", "e2e", LOCAL_CLUSTER],
     "cluster": ["integration", f"--ignore={TESTS / LOCAL_CLUSTER}"],
     "processes": ["runtime", "unit"],
 }
