@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 import torch
+from torch import nn
 from torch.nn import functional
 
 from largo.runtime.model import Block, TinyGPT
@@ -105,16 +106,26 @@ class Stage:
             device=self.device,
             dtype=dtype,
         )
-        # Queries, keys and values in one product per block: the model keeps them apart for tensor
-        # parallelism in training, a server is faster with one matrix (fewer, larger operations).
-        self._fused: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Each block's weights, read once: queries, keys and values fused into one product (the model
+        # keeps them apart for tensor parallelism in training; a server is faster with one matrix), and
+        # the layers called as functions, without nn.Module's per-call dispatch (decoding a small model
+        # is many small operations: their overhead is the cost).
+        self._weights: dict[int, _BlockWeights] = {}
         with torch.no_grad():
             for layer in layers:
                 block = cast(Block, model.blocks[layer])
                 projections = (block.query, block.key, block.value)
-                self._fused[layer] = (
-                    torch.cat([p.weight for p in projections]),
-                    torch.cat([p.bias for p in projections]),
+                first, last = cast(nn.Linear, block.mlp[0]), cast(nn.Linear, block.mlp[2])
+                self._weights[layer] = _BlockWeights(
+                    norm_attention=block.norm_attention,
+                    qkv=(
+                        torch.cat([p.weight for p in projections]),
+                        torch.cat([p.bias for p in projections]),
+                    ),
+                    projection=(block.projection.weight, block.projection.bias),
+                    norm_mlp=block.norm_mlp,
+                    mlp_in=(first.weight, first.bias),
+                    mlp_out=(last.weight, last.bias),
                 )
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -132,12 +143,12 @@ class Stage:
         position's cache entry before it can see it."""
         length = x.shape[1]
         for index, layer in enumerate(self.layers):
-            block = cast(Block, self.model.blocks[layer])
-            q, k, v = self._project(layer, block, x)
+            weights = self._weights[layer]
+            q, k, v = self._project(weights, x)
             self.cache[slots, index, 0, :, :length] = k
             self.cache[slots, index, 1, :, :length] = v
             attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = self._finish_block(block, x, attended)
+            x = self._finish_block(weights, x, attended)
         return x
 
     def decode(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -145,14 +156,14 @@ class Stage:
         visible = torch.arange(self.context, device=self.device)[None, :] <= positions[:, None]
         mask = visible[:, None, None, :]
         for index, layer in enumerate(self.layers):
-            block = cast(Block, self.model.blocks[layer])
-            q, k, v = self._project(layer, block, x)
+            weights = self._weights[layer]
+            q, k, v = self._project(weights, x)
             self.cache[slots, index, 0, :, positions] = k[:, :, 0]
             self.cache[slots, index, 1, :, positions] = v[:, :, 0]
             keys = self.cache[slots, index, 0]
             values = self.cache[slots, index, 1]
             attended = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            x = self._finish_block(block, x, attended)
+            x = self._finish_block(weights, x, attended)
         return x
 
     def logits(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,19 +174,32 @@ class Stage:
         out: torch.Tensor = self.model.head(self.model.norm(rows))
         return out
 
-    def _project(self, layer: int, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _project(self, weights: _BlockWeights, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, length, width = x.shape
-        weight, bias = self._fused[layer]
-        fused = functional.linear(block.norm_attention(x), weight, bias)
+        fused = functional.linear(_norm(weights.norm_attention, x), *weights.qkv)
         shape = (batch, length, self.heads, width // self.heads)
         return tuple(t.view(shape).transpose(1, 2) for t in fused.chunk(3, dim=2))
 
     @staticmethod
-    def _finish_block(block: Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    def _finish_block(weights: _BlockWeights, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        x = x + block.projection(attended.transpose(1, 2).reshape(batch, length, width))
-        out: torch.Tensor = x + block.mlp(block.norm_mlp(x))
-        return out
+        x = x + functional.linear(attended.transpose(1, 2).reshape(batch, length, width), *weights.projection)
+        hidden = functional.gelu(functional.linear(_norm(weights.norm_mlp, x), *weights.mlp_in))
+        return x + functional.linear(hidden, *weights.mlp_out)
+
+
+@dataclass(frozen=True, slots=True)
+class _BlockWeights:
+    norm_attention: nn.LayerNorm
+    qkv: tuple[torch.Tensor, torch.Tensor]
+    projection: tuple[torch.Tensor, torch.Tensor]
+    norm_mlp: nn.LayerNorm
+    mlp_in: tuple[torch.Tensor, torch.Tensor]
+    mlp_out: tuple[torch.Tensor, torch.Tensor]
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
