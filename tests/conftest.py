@@ -21,7 +21,7 @@ QUICK_OPERATOR_ENV = {
     "LARGO_BINDING_TIMEOUT_SECONDS": "10",
     "LARGO_PROGRESS_STALE_SECONDS": "3",
     # Streams of resources nothing changes are reconnected within a test (counted in the metrics).
-    "LARGO_WATCH_INACTIVITY_SECONDS": "5",
+    "LARGO_WATCH_INACTIVITY_SECONDS": "30",
 }
 
 

@@ -667,7 +667,7 @@ def test_the_operator_s_metrics_follow_a_gang_s_gpus(jobs: Jobs, gpu_pool: NodeP
             if name == "largo_operator_watch_restarts_total" and dict(labels)["reason"] == "inactive"
         )
 
-    # Some watched kind sees no event for the 5 s the test operator allows: kopf reconnects, largo counts.
+    # Some watched kind sees no event for the 30 s the test operator allows: kopf reconnects, largo counts.
     wait_for(lambda: inactive_restarts() >= 1, TIMEOUT, "a watch-stream reconnected for inactivity")
     jobs.exit("metered", 0)
     jobs.wait_phase("metered", "Succeeded")

@@ -13,6 +13,7 @@ from pathlib import Path
 from largo.api.v1alpha1 import TrainJob
 from largo.dev.cluster import free_port
 from largo.manifests.trainjob import build_pod
+from largo.runtime import checkpoint
 from largo.runtime.parallel import Layout
 
 STEPS = 60
@@ -119,6 +120,16 @@ class Gang:
                 record = json.loads(line)
                 out[record["step"]] = record["loss"]
         return out
+
+    def kill_a_rank(self, node: int) -> int:
+        """SIGKILLs one worker of ``node``'s torchrun, tears the whole gang down as the operator does, and
+        returns the step of the checkpoint a restarted gang resumes from."""
+        workers = children(self.nodes[node].pid)
+        assert workers, f"torchrun of node {node} has no worker processes"
+        os.kill(workers[0], signal.SIGKILL)
+        self.nodes[node].wait(timeout=60)
+        self.kill()
+        return checkpoint.complete(self.checkpoints)[0][0]
 
     def kill(self) -> None:
         for node in self.nodes:

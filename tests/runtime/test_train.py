@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gangs import STEPS, TRAIN_ARGS, Gang, children
+from gangs import STEPS, TRAIN_ARGS, Gang
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
 from prometheus_client.parser import text_string_to_metric_families
@@ -58,13 +58,7 @@ def test_a_killed_rank_restarts_from_the_checkpoint_and_matches_an_uninterrupted
         lambda: any(step >= 20 for step, _ in checkpoint.complete(gang.checkpoints)), 180, "a checkpoint"
     )
     wait_for(lambda: max(gang.losses(), default=0) >= 25, 180, "training past the checkpoint")
-    workers = children(gang.nodes[1].pid)
-    assert workers, "torchrun of node 1 has no worker processes"
-    os.kill(workers[0], signal.SIGKILL)  # one rank dies
-    gang.nodes[1].wait(timeout=60)
-    gang.kill()  # the operator tears the whole gang down
-
-    resumed_from = checkpoint.complete(gang.checkpoints)[0][0]
+    resumed_from = gang.kill_a_rank(1)  # one rank dies, the gang is torn down
     assert resumed_from < total, "the kill came too late to leave steps to resume"
     gang.steps = total
     gang.start()

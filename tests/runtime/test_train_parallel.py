@@ -5,15 +5,13 @@ parallelism reaches, up to floating-point reduction order: the tolerance below (
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from gangs import Gang, children
+from gangs import Gang
 from largo.dev.cluster import wait_for
 from largo.runtime import checkpoint, data
 from largo.runtime.serve import load_model
@@ -101,13 +99,7 @@ def test_a_killed_rank_restarts_the_gang_which_resumes_with_the_same_layout(
         split.start()
         wait_for(lambda: checkpoint.complete(split.checkpoints) != [], 180, "a checkpoint")
         wait_for(lambda: max(split.losses(), default=0) >= EVERY + 1, 180, "training past the checkpoint")
-        workers = children(split.nodes[0].pid)
-        assert workers, "torchrun of node 0 has no worker processes"
-        os.kill(workers[0], signal.SIGKILL)  # one rank of the first stage dies
-        split.nodes[0].wait(timeout=60)
-        split.kill()  # the operator tears the whole gang down
-
-        resumed_from = checkpoint.complete(split.checkpoints)[0][0]
+        resumed_from = split.kill_a_rank(0)  # a rank of the first stage dies, the gang is torn down
         assert resumed_from < STEPS, "the kill came too late to leave steps to resume"
         split.steps = STEPS
         split.start()
