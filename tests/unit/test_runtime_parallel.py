@@ -70,6 +70,8 @@ def test_communication_bytes_name_only_the_kinds_a_layout_uses() -> None:
     config = ModelConfig(context=8, width=16, depth=2)
     plain = Layout(world=4).communication_bytes(config, replica_batch=2, parameter_bytes=1000)
     assert plain == {"data": 2000, "tensor": 0, "pipeline": 0}
+    sharded = Layout(world=4).communication_bytes(config, replica_batch=2, parameter_bytes=1000, fsdp=True)
+    assert sharded["data"] == 3000  # FSDP gathers the parameters twice and reduce-scatters once
     split = Layout(world=4, tensor=2, pipeline=2).communication_bytes(
         config, replica_batch=2, parameter_bytes=1000
     )

@@ -95,18 +95,19 @@ class Layout:
         raise LayoutError(f"a batch of {replica_batch} sequences cannot feed {self.pipeline} stages evenly")
 
     def communication_bytes(
-        self, config: ModelConfig, replica_batch: int, parameter_bytes: int
+        self, config: ModelConfig, replica_batch: int, parameter_bytes: int, fsdp: bool = False
     ) -> dict[str, int]:
         """Bytes one rank sends per step, per kind of communication (computed from the shapes, not
         measured): gradients across replicas (DDP's all-reduce or FSDP's gathers and reduce-scatter),
-        tensor-parallel all-reduces of activations, and activations and their gradients between stages."""
+        tensor-parallel all-reduces of activations, and activations and their gradients between stages.
+        ``fsdp``: plain data parallelism sharded with FSDP (model-parallel layouts always are)."""
         activation = replica_batch * config.context * config.width * 4  # fp32
         blocks = -(-config.depth // self.pipeline)  # the largest stage's
         # Two all-reduces per block forward (attention and MLP outputs), two more backward.
         tensor = 4 * blocks * activation if self.tensor > 1 else 0
         pipeline = 2 * activation if self.pipeline > 1 else 0
         # All-reduce moves ~2x the gradients; FSDP gathers params twice and reduce-scatters once: ~3x.
-        data = (3 if self.model_parallel else 2) * parameter_bytes if self.data > 1 else 0
+        data = (3 if fsdp or self.model_parallel else 2) * parameter_bytes if self.data > 1 else 0
         return {"data": data, "tensor": tensor, "pipeline": pipeline}
 
 

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = layout.data_shards(rank)
     if recorder is not None:
         recorder.communication(
-            layout.communication_bytes(config, args.batch_size * len(shards), parameter_bytes)
+            layout.communication_bytes(config, args.batch_size * len(shards), parameter_bytes, args.fsdp)
         )
 
     directory = args.checkpoint_dir or (
