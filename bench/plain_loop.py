@@ -16,8 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 from largo.runtime import data, parallel
-from largo.runtime.model import ModelConfig, TinyGPT, next_token_loss
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+from largo.runtime.model import ModelConfig, TinyGPT
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -39,11 +38,8 @@ def main() -> None:
     stage, _, _ = layout.coordinates(rank)
     if layout.model_parallel:
         model, mesh = parallel.build(model, layout, rank, torch.device("cpu"))  # type: ignore[arg-type]
-        if layout.pipeline > 1:
-            group = mesh["pipeline"].get_group()
-            pipeline_stage = PipelineStage(model, stage, layout.pipeline, torch.device("cpu"), group=group)
-            microbatches = layout.microbatches(args.batch_size * args.tp * args.pp)
-            schedule = Schedule1F1B(pipeline_stage, n_microbatches=microbatches, loss_fn=next_token_loss)
+        microbatches = layout.microbatches(args.batch_size * args.tp * args.pp)
+        schedule = parallel.pipeline_schedule(model, layout, rank, torch.device("cpu"), mesh, microbatches)
     else:
         model = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -51,9 +47,7 @@ def main() -> None:
     shards = layout.data_shards(rank)
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
-        batches = [data.batch(corpus, args.context, args.batch_size, args.seed, step, s) for s in shards]
-        inputs = torch.cat([b[0] for b in batches])
-        targets = torch.cat([b[1] for b in batches])
+        inputs, targets = data.replica_batch(corpus, args.context, args.batch_size, args.seed, step, shards)
         optimizer.zero_grad(set_to_none=True)
         if schedule is None:
             model(inputs, targets).backward()

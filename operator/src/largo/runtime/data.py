@@ -57,3 +57,11 @@ def batch(
     windows = corpus[starts[:, None] + offsets].long()
     targets = corpus[starts[:, None] + offsets + 1].long()
     return windows, targets
+
+
+def replica_batch(
+    corpus: torch.Tensor, context: int, size: int, seed: int, step: int, shards: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batches of ``shards`` (a model replica's ranks, largo.runtime.parallel) as one batch."""
+    batches = [batch(corpus, context, size, seed, step, shard) for shard in shards]
+    return torch.cat([inputs for inputs, _ in batches]), torch.cat([targets for _, targets in batches])

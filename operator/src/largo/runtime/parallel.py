@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from largo.runtime.model import Block, ModelConfig, TinyGPT
+from largo.runtime.model import Block, ModelConfig, TinyGPT, next_token_loss
 
 # The reference model's tensor-parallel plan, as torchtitan's: the projections that open a sub-layer
 # split their outputs (column-wise: by heads, by MLP units), the ones that close it split their inputs
@@ -146,6 +145,21 @@ def build(model: TinyGPT, layout: Layout, rank: int, device: torch.device) -> tu
     return model, mesh
 
 
+def pipeline_schedule(
+    model: TinyGPT, layout: Layout, rank: int, device: torch.device, mesh: Any, microbatches: int
+) -> Any:
+    """The stage's 1F1B schedule from torch.distributed.pipelining, or None without pipeline stages.
+    1F1B, not GPipe: the same bubble, but a stage holds at most `pipeline` microbatches' activations
+    instead of all of them."""
+    if layout.pipeline == 1:
+        return None
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    stage, _, _ = layout.coordinates(rank)
+    pipeline_stage = PipelineStage(model, stage, layout.pipeline, device, group=mesh["pipeline"].get_group())
+    return Schedule1F1B(pipeline_stage, n_microbatches=microbatches, loss_fn=next_token_loss)
+
+
 def select_state(
     state: Mapping[str, Any], optimizer: Mapping[str, Any] | None, names: Iterable[str]
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -179,7 +193,3 @@ def merge_states(
             else:
                 groups[index]["params"].extend(group["params"])
     return model, {"state": state, "param_groups": groups}
-
-
-def stage_parameter_names(model: nn.Module) -> list[str]:
-    return list(model.state_dict().keys())

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from largo.runtime import checkpoint, data, metrics, parallel
-from largo.runtime.model import ModelConfig, TinyGPT, next_token_loss
+from largo.runtime.model import ModelConfig, TinyGPT
 from largo.runtime.progress import ProgressReporter, progress_fields
 
 logger = logging.getLogger("largo.runtime.train")
@@ -196,15 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     stage, _, _ = layout.coordinates(rank)
     if layout.model_parallel:
         model, mesh = parallel.build(model, layout, rank, device)  # type: ignore[arg-type]
-        if layout.pipeline > 1:
-            from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-
-            # 1F1B, not GPipe: the same bubble, but a stage holds at most `pipeline` microbatches'
-            # activations instead of all of them.
-            pipeline_stage = PipelineStage(
-                model, stage, layout.pipeline, device, group=mesh["pipeline"].get_group()
-            )
-            schedule = Schedule1F1B(pipeline_stage, n_microbatches=microbatches, loss_fn=next_token_loss)
+        schedule = parallel.pipeline_schedule(model, layout, rank, device, mesh, microbatches)
     elif distributed and args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -245,11 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     saved: tuple[int, float] | None = None  # the newest checkpoint this run wrote: (step, when)
     for step in range(start + 1, args.steps + 1):
         step_started = time.perf_counter()
-        batches = [
-            data.batch(corpus, args.context, args.batch_size, args.seed, step, shard) for shard in shards
-        ]
-        inputs = torch.cat([inputs for inputs, _ in batches]).to(device)
-        targets = torch.cat([targets for _, targets in batches]).to(device)
+        inputs, targets = data.replica_batch(corpus, args.context, args.batch_size, args.seed, step, shards)
+        inputs, targets = inputs.to(device), targets.to(device)
         optimizer.zero_grad(set_to_none=True)
         loss = _forward_backward(model, schedule, inputs, targets, stage, layout.pipeline)
         optimizer.step()
