@@ -151,6 +151,16 @@ class Stage:
             x = self._finish_block(weights, x, attended)
         return x
 
+    def prefill_prompts(
+        self, slots: list[int], prompts: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first stage's prefill from the prompts themselves: their hidden states after this stage,
+        and each prompt's last position."""
+        tokens, last = padded(prompts)
+        on = self.device
+        x = self.embed(tokens.to(on), torch.arange(tokens.shape[1], device=on)[None, :])
+        return self.prefill(x, torch.tensor(slots, device=on)), last
+
     def decode(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One new token per request ([batch, 1, width]), each attending over its own cached positions."""
         visible = torch.arange(self.context, device=self.device)[None, :] <= positions[:, None]
@@ -228,9 +238,7 @@ class LocalForward:
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         stage = self.stage
         on = stage.device
-        tokens, last = padded(prompts)
-        x = stage.embed(tokens.to(on), torch.arange(tokens.shape[1], device=on)[None, :])
-        hidden = stage.prefill(x, torch.tensor(slots, device=on))
+        hidden, last = stage.prefill_prompts(slots, prompts)
         return stage.logits(hidden, last.to(on)).cpu()  # the engine samples in host memory
 
     def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:

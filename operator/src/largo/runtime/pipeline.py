@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from largo.runtime.engine import Stage, padded
+from largo.runtime.engine import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +85,7 @@ class PipelineForward:
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """For a prefill the positions sent down are each prompt's last one (padded to the longest)."""
-        stage = self.stage
-        on = stage.device
-        tokens, last = padded(prompts)
-        x = stage.embed(tokens.to(on), torch.arange(tokens.shape[1], device=on)[None, :])
-        hidden = stage.prefill(x, torch.tensor(slots, device=on))
+        hidden, last = self.stage.prefill_prompts(slots, prompts)
         return self._through(PREFILL, slots, last.tolist(), hidden)
 
     def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
