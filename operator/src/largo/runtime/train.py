@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -277,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         # group is torn down while its worker threads still hold work: let every rank finish, and drop
         # DDP's reducer (which owns such work) before the group goes.
         dist.barrier()
-        del model, optimizer, schedule
+        del model, optimizer, schedule, mesh
+        # FSDP and DTensor state sits in reference cycles: collect it while its groups still exist.
+        gc.collect()
         dist.destroy_process_group()
     return code
 
@@ -324,5 +327,22 @@ def _checkpoint(
         dist.barrier()
 
 
+def exit_without_finalizers(code: int) -> None:
+    """Leaves a distributed run once its last checkpoint is on disk, skipping the interpreter's teardown.
+
+    After the group is gone, torch and gloo may still own threads that call back into Python; when the
+    interpreter finalises under them, such a thread is unwound through C++ code that cannot be unwound
+    and the process aborts ("terminate called without an active exception", exit -6). torchrun would
+    report a finished job as failed, and the operator would restart it. Nothing is left to clean up.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_finalizers(exit_code)
+    sys.exit(exit_code)
