@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +127,42 @@ def test_checkpoints_are_pruned_to_the_newest(tmp_path: Path) -> None:
     assert loaded["step"] == 40
     assert loaded["weights"] == [1, 2, 3]
     assert checkpoint.latest_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 40)
+
+
+def test_the_background_writer_writes_prunes_and_keeps_one_write_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_save = checkpoint.save
+
+    def held_save(directory: Path, step: int, state: dict[str, Any]) -> Path:
+        if step == 10:
+            assert release.wait(60)
+        return real_save(directory, step, state)
+
+    monkeypatch.setattr(checkpoint, "save", held_save)
+    writer = checkpoint.BackgroundWriter(tmp_path, keep=1)
+    writer.submit(10, {"weights": [1]})  # returns while the write is held
+    assert writer.written is None
+    second = threading.Thread(target=writer.submit, args=(20, {"weights": [2]}))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive(), "a second write must wait for the one in flight"
+    release.set()
+    second.join(timeout=60)
+    writer.close()
+    assert writer.written is not None and writer.written[0] == 20
+    assert [step for step, _ in checkpoint.complete(tmp_path)] == [20]  # pruned to keep=1
+
+
+def test_a_failed_background_write_is_raised_not_lost(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the checkpoints should go")
+    writer = checkpoint.BackgroundWriter(blocker, keep=3)
+    writer.submit(10, {"weights": [1]})
+    with pytest.raises(OSError):
+        writer.close()
+    assert writer.written is None
 
 
 def test_rank_zero_serves_prometheus_metrics(tmp_path: Path) -> None:

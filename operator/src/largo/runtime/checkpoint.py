@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,48 @@ def save(directory: Path, step: int, state: dict[str, Any]) -> Path:
     finally:
         os.close(descriptor)
     return final
+
+
+class BackgroundWriter:
+    """Writes checkpoints on a thread of their own, so that training goes on while one is pickled,
+    fsynced and renamed. At most one write is in flight (a second waits for the first: memory stays
+    bounded to one snapshot); a failed write is raised by the next ``submit`` or by ``close``.
+
+    The state handed over must be a snapshot the training loop no longer mutates.
+    """
+
+    def __init__(self, directory: Path, keep: int):
+        self.directory = directory
+        self.keep = keep
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future[None] | None = None
+        self._written: tuple[int, float] | None = None
+
+    @property
+    def written(self) -> tuple[int, float] | None:
+        """The newest checkpoint on disk from this writer: (step, when it became durable)."""
+        return self._written
+
+    def submit(self, step: int, state: dict[str, Any]) -> None:
+        self.wait()
+        self._pending = self._executor.submit(self._write, step, state)
+
+    def wait(self) -> None:
+        """Returns when no write is in flight; raises the error of a write that failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _write(self, step: int, state: dict[str, Any]) -> None:
+        save(self.directory, step, state)
+        prune(self.directory, self.keep)
+        self._written = (step, time.time())
 
 
 def complete(directory: Path) -> list[tuple[int, Path]]:

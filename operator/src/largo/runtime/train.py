@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     step = start
     saved: tuple[int, float] | None = None  # the newest checkpoint this run wrote: (step, when)
+    writer = checkpoint.BackgroundWriter(directory, args.keep) if directory is not None else None
     for step in range(start + 1, args.steps + 1):
         step_started = time.perf_counter()
         inputs, targets = data.replica_batch(corpus, args.context, args.batch_size, args.seed, step, shards)
@@ -244,13 +245,18 @@ def main(argv: list[str] | None = None) -> int:
         loss = _forward_backward(model, schedule, inputs, targets, stage, layout.pipeline)
         optimizer.step()
         stop = termination.requested
-        if distributed:
+        written = writer.written if writer is not None and writer.written is not None else saved
+        if not distributed:
+            saved = written
+        elif step % args.stop_check_every == 0:
             # Every rank must leave at the same step boundary, with the same checkpoint. Agreeing
-            # costs a collective, so ranks agree every few steps rather than every step.
-            stop = step % args.stop_check_every == 0 and _agree(stop, device)
-        if directory is not None and (step % args.checkpoint_every == 0 or step == args.steps or stop):
-            _checkpoint(directory, step, model, optimizer, args, layout, mesh, rank)
-            saved = (step, time.time())
+            # costs a collective, so ranks agree every few steps rather than every step; the same
+            # collective tells the reporting rank which checkpoint rank 0 has on disk.
+            stop, saved = _agree(stop, written, device)
+        else:
+            stop = False
+        if writer is not None and (step % args.checkpoint_every == 0 or step == args.steps or stop):
+            _checkpoint(writer, step, model, optimizer, layout, mesh, rank)
         if recorder is not None:
             elapsed = time.perf_counter() - started
             rate = (step - started_step) / elapsed if elapsed > 0 else 0.0
@@ -268,9 +274,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 reporter.report(fields)
         if stop:
+            if writer is not None:
+                writer.wait()
             logger.info("SIGTERM: checkpoint of step %d written, leaving", step)
             code = EXIT_TERMINATED
             break
+    if writer is not None:
+        writer.close()
     if reporter is not None:
         reporter.close()
     if distributed:
@@ -302,29 +312,36 @@ def _forward_backward(
     return torch.stack(losses).mean() if last else None
 
 
-def _agree(stop: bool, device: torch.device) -> bool:
-    """True on every rank when any rank was asked to stop."""
-    flag = torch.tensor([1.0 if stop else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+def _agree(
+    stop: bool, written: tuple[int, float] | None, device: torch.device
+) -> tuple[bool, tuple[int, float] | None]:
+    """On every rank: whether any rank was asked to stop, and the newest checkpoint any rank knows is
+    on disk (only rank 0 writes; the others learn it here)."""
+    step, when = written if written is not None else (-1, 0.0)
+    values = torch.tensor([1.0 if stop else 0.0, step, when], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    any_stop, newest, newest_at = values.tolist()
+    return any_stop > 0, (int(newest), newest_at) if newest >= 0 else None
 
 
 def _checkpoint(
-    directory: Path,
+    writer: checkpoint.BackgroundWriter,
     step: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    args: argparse.Namespace,
     layout: parallel.Layout,
     mesh: Any,
     rank: int,
 ) -> None:
-    state = _state(model, optimizer, layout, mesh, rank)  # collective: every rank takes part
+    """Gathers the state (collective: every rank takes part) and hands rank 0's copy to the writer, so
+    that no rank waits for the disk: training goes on while the file is written."""
+    from torch.utils._pytree import tree_map_only
+
+    state = _state(model, optimizer, layout, mesh, rank)
     if state is not None:
-        checkpoint.save(directory, step, state)
-        checkpoint.prune(directory, args.keep)
-    if layout.world > 1:
-        dist.barrier()
+        # A snapshot: the gathered tensors may share storage with the live parameters and optimizer
+        # state, which the next steps update in place while the writer pickles.
+        writer.submit(step, tree_map_only(torch.Tensor, lambda tensor: tensor.detach().clone(), state))
 
 
 def exit_without_finalizers(code: int) -> None:
