@@ -6,15 +6,17 @@ parallelism reaches, up to floating-point reduction order: the tolerance below (
 from __future__ import annotations
 
 import shutil
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from gangs import Gang
-from largo.dev.cluster import wait_for
+from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint, data
 from largo.runtime.serve import load_model
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
 
@@ -137,3 +139,48 @@ def test_a_checkpoint_resumes_under_another_layout(
     assert held_out_loss(second.checkpoints, STEPS) == pytest.approx(
         baseline.losses[STEPS], abs=LOSS_TOLERANCE
     )
+
+
+@pytest.mark.parametrize(
+    ("parallelism", "used"),
+    [({"tensor": 2, "pipeline": 2}, {"tensor", "pipeline"}), ({"pipeline": 2}, {"data", "pipeline"})],
+    ids=["pp2xtp2", "pp2xdp2"],
+)
+def test_the_reporting_rank_times_each_kind_of_communication(
+    tmp_path: Path, parallelism: dict[str, int], used: set[str]
+) -> None:
+    port = free_port()
+    split = Gang(
+        tmp_path,
+        tmp_path / "checkpoints",
+        steps=100_000,
+        extra=["--metrics-port", str(port), "--communication-sample-every", "5"],
+        parallelism=parallelism,
+    )
+    samples: dict[str, float] = {}
+
+    def sampled() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return False
+        samples.clear()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                kind = sample.labels.get("kind")
+                samples[f"{sample.name}:{kind}" if kind else sample.name] = sample.value
+        return samples.get("largo_train_step", 0) >= 12  # two sampled steps
+
+    try:
+        split.start()
+        wait_for(sampled, 180, "metrics after two sampled steps")
+    finally:
+        split.kill()
+    seconds = {
+        kind: samples[f"largo_train_communication_seconds_per_step:{kind}"]
+        for kind in ("data", "tensor", "pipeline")
+    }
+    assert {kind for kind, value in seconds.items() if value > 0} == used, seconds
+    assert samples["largo_train_collective_seconds"] == pytest.approx(sum(seconds.values()))
+    assert 0 < samples["largo_train_collective_share"] <= 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 from largo.runtime import checkpoint
 from largo.runtime.model import ModelConfig, TinyGPT
-from largo.runtime.parallel import Layout, LayoutError, merge_states, select_state
+from largo.runtime.parallel import Layout, LayoutError, communication_seconds, merge_states, select_state
 
 
 def test_ranks_fill_the_mesh_with_tensor_fastest_then_data_then_pipeline() -> None:
@@ -77,6 +77,24 @@ def test_communication_bytes_name_only_the_kinds_a_layout_uses() -> None:
     )
     activation = 2 * 8 * 16 * 4
     assert split == {"data": 0, "tensor": 4 * 1 * activation, "pipeline": 2 * activation}
+
+
+def test_gloo_operations_are_counted_by_the_kind_of_communication_they_serve() -> None:
+    events = [
+        ("gloo:send", 0.002),
+        ("gloo:recv", 0.003),
+        ("gloo:all_reduce", 0.004),
+        ("gloo:all_gather_into_tensor", 0.005),
+        ("gloo:reduce_scatter_tensor", 0.006),
+        ("aten::mm", 1.0),  # compute: not communication
+        ("c10d::allreduce_", 1.0),  # the caller's enqueueing, not gloo's run of it
+    ]
+    split = communication_seconds(events, tensor_parallel=True)
+    assert split == pytest.approx({"pipeline": 0.005, "tensor": 0.004, "data": 0.011})
+    # Without a tensor group, all-reduces are DDP's, across replicas.
+    assert communication_seconds(events, tensor_parallel=False) == pytest.approx(
+        {"pipeline": 0.005, "tensor": 0.0, "data": 0.015}
+    )
 
 
 def _stage_names(stages: int, stage: int) -> list[str]:

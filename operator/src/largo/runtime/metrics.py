@@ -1,5 +1,5 @@
-"""The reporting rank's Prometheus metrics: step, loss, throughput, step time, and the network: time and
-share of a step in DDP's gradient all-reduce, and the bytes each kind of communication moves."""
+"""The reporting rank's Prometheus metrics: step, loss, throughput, step time, and the network: the time
+and share of a step spent communicating, and the time and bytes of each kind of communication."""
 
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ class TrainMetrics:
         )
         self.collective_seconds = Gauge(
             "largo_train_collective_seconds",
-            "Average time of a step's gradient all-reduce, as DDP samples it (0 without DDP).",
+            "Time of a step spent communicating: DDP's sampled all-reduce time, or the sum over kinds of "
+            "largo_train_communication_seconds_per_step (sampled steps on gloo).",
             registry=registry,
         )
         self.collective_share = Gauge(
             "largo_train_collective_share",
-            "Share of a step's time spent in the gradient all-reduce (0..1; 0 without DDP).",
+            "Share of a step's time spent communicating (0..1): largo_train_collective_seconds over the "
+            "average step time.",
             registry=registry,
         )
         self.allreduce_bytes = Gauge(
@@ -45,6 +47,24 @@ class TrainMetrics:
             registry=registry,
         )
 
+        self.communication_seconds = Gauge(
+            "largo_train_communication_seconds_per_step",
+            "Seconds of a step in each kind of communication (data, tensor, pipeline), as the reporting "
+            "rank sees it: DDP's sampled all-reduce time, or gloo's own timing of its operations in a "
+            "profiled step every --communication-sample-every steps (including waits for peers).",
+            ["kind"],
+            registry=registry,
+        )
+
+    def communication_time(self, seconds_per_kind: dict[str, float], step_seconds: float) -> None:
+        """One sampled step's communication by kind; ``step_seconds``: the average step time, for the
+        share (a profiled step is itself slower)."""
+        for kind, seconds in seconds_per_kind.items():
+            self.communication_seconds.labels(kind=kind).set(seconds)
+        total = sum(seconds_per_kind.values())
+        self.collective_seconds.set(total)
+        self.collective_share.set(min(1.0, total / step_seconds) if step_seconds > 0 else 0.0)
+
     def communication(self, bytes_per_kind: dict[str, int]) -> None:
         for kind, count in bytes_per_kind.items():
             self.communication_bytes.labels(kind=kind).set(count)
@@ -60,8 +80,7 @@ class TrainMetrics:
         ``step_seconds``: the average step time over the same stretch, for the share of it spent in
         the all-reduce."""
         average = ddp._get_ddp_logging_data().get("avg_backward_comm_time", 0) / 1e9
-        self.collective_seconds.set(average)
-        self.collective_share.set(min(1.0, average / step_seconds) if step_seconds > 0 else 0.0)
+        self.communication_time({"data": average, "tensor": 0.0, "pipeline": 0.0}, step_seconds)
         # DDP all-reduces every gradient once per step: the bytes of the trainable parameters.
         self.allreduce_bytes.set(
             sum(p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)

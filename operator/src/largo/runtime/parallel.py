@@ -110,6 +110,25 @@ class Layout:
         return {"data": data, "tensor": tensor, "pipeline": pipeline}
 
 
+def communication_seconds(events: Iterable[tuple[str, float]], tensor_parallel: bool) -> dict[str, float]:
+    """Seconds of one step per kind of communication, from gloo's own records of the operations it ran
+    (``("gloo:all_reduce", seconds)``, ...; other events are ignored). Each layout uses one kind of
+    operation per dimension: point-to-point transfers between stages, FSDP's gathers and reduce-scatters
+    across replicas, all-reduces within the tensor group (or, without one, DDP's across replicas)."""
+    seconds = {"data": 0.0, "tensor": 0.0, "pipeline": 0.0}
+    for name, duration in events:
+        if not name.startswith("gloo:"):
+            continue
+        operation = name.removeprefix("gloo:")
+        if operation in ("send", "recv"):
+            seconds["pipeline"] += duration
+        elif "gather" in operation or "scatter" in operation:
+            seconds["data"] += duration
+        elif "reduce" in operation:
+            seconds["tensor" if tensor_parallel else "data"] += duration
+    return seconds
+
+
 def tensor_parallel_plan() -> dict[str, Any]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
