@@ -3,6 +3,7 @@ builder renders (the master address mapped to loopback)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -134,7 +135,12 @@ class Gang:
     def kill(self) -> None:
         for node in self.nodes:
             if node.poll() is None:
+                # torchrun starts each worker in a session of its own: its process group is not theirs.
+                workers = children(node.pid)
                 os.killpg(node.pid, signal.SIGKILL)
+                for worker in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker, signal.SIGKILL)
                 node.wait()
 
 
