@@ -276,7 +276,7 @@ class Server:
         if isinstance(parsed, web.Response):
             return self._refused(parsed)
         completion, stream = parsed
-        self._wire(completion, asyncio.get_running_loop())
+        self._wire(completion, stream)
         if not self.engine.submit(completion.request):
             return self._refused(
                 _error(429, "too many requests waiting; retry shortly", "rate_limit_error", 1)
@@ -312,8 +312,10 @@ class Server:
         if self.in_flight == 0:
             self.idle.set()
 
-    def _wire(self, completion: Completion, loop: asyncio.AbstractEventLoop) -> None:
-        """Connects the engine's callbacks (its thread) to the request's queue (the event loop)."""
+    def _wire(self, completion: Completion, stream: bool) -> None:
+        """Connects the engine's callbacks (its thread) to the request's queue (the event loop): every
+        token for a stream, only the finish for a whole answer (the event loop then has nothing to do per
+        token, and the engine's thread more of the interpreter)."""
         request = completion.request
         stops = completion.stops
 
@@ -327,7 +329,10 @@ class Server:
 
         def on_token(token: int) -> None:
             completion.text.append(token)
-            deliver(token)
+            if stream:
+                deliver(token)
+            elif completion.first_token_at is None:
+                completion.first_token_at = time.monotonic()
 
         on_finish = deliver
 
@@ -384,16 +389,24 @@ class Server:
                 del held[: len(held) - keep]
 
     async def _whole(self, completion: Completion) -> web.Response:
-        text = bytearray()
-        finish = "length"
-        async for item in self._tokens(completion):
-            if isinstance(item, str):
-                finish = item
-            else:
-                text += item
+        reason = await completion.queue.get()  # the engine delivers only the finish here
+        finish = reason if reason in ("stop", "error") else "length"
         if finish == "error":
             return _error(503, f"the model failed: {self._failure()}", "service_unavailable", 1)
-        return web.json_response(self._body(completion, text.decode(errors="replace"), finish, usage=True))
+        text = bytes(completion.text)
+        # The engine stops a request at the token that completes a stop sequence: it can only end there.
+        ended = b""
+        if finish == "stop":
+            ended = next((stop for stop in completion.stops if text.endswith(stop)), b"")
+        produced = completion.request.generated
+        self.metrics.generated_tokens.inc(produced)
+        if completion.first_token_at is not None:
+            self.metrics.first_token.observe(completion.first_token_at - completion.request.submitted)
+            if produced > 1:
+                elapsed = time.monotonic() - completion.first_token_at
+                self.metrics.per_token.observe(elapsed / (produced - 1))
+        answer = text[: len(text) - len(ended)].decode(errors="replace")
+        return web.json_response(self._body(completion, answer, finish, usage=True))
 
     def _failure(self) -> str:
         return (self.engine.failure if self.engine is not None else None) or "unknown"
