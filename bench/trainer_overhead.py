@@ -40,12 +40,8 @@ def torchrun(world: int, args: list[str]) -> list[dict[str, float]]:
         str(world),
     ]
     command += ["--master-port", str(free_port()), *args]
-    result = subprocess.run(
-        command, env=env, capture_output=True, text=True, check=True
-    )
-    return [
-        json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")
-    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
 def layout_flags(name: str) -> list[str]:
@@ -94,9 +90,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--world", type=int, default=2, help="processes (one machine)")
-    parser.add_argument(
-        "--layouts", default="dp", help="comma-separated: dp, tp2, pp2, pp2tp2, ..."
-    )
+    parser.add_argument("--layouts", default="dp", help="comma-separated: dp, tp2, pp2, pp2tp2, ...")
     args = parser.parse_args()
     layouts = args.layouts.split(",")
     plain: dict[str, list[float]] = {name: [] for name in layouts}
@@ -111,19 +105,15 @@ def main() -> int:
             plain[name].append(lines[-1]["seconds_per_step"])
             largo[name].append(trainer_seconds_per_step(args.world, args.steps, flags))
     shape = f"TinyGPT (batch {BATCH} per process, context {CONTEXT})"
-    print(
-        f"{args.steps} steps x {args.rounds} rounds, {args.world} processes on gloo, {shape}"
-    )
+    print(f"{args.steps} steps x {args.rounds} rounds, {args.world} processes on gloo, {shape}")
     baseline = min(largo[layouts[0]])
     for name in layouts:
         p, g = min(plain[name]), min(largo[name])
         pm, gm = statistics.median(plain[name]), statistics.median(largo[name])
-        print(
-            f"  {name:8} plain loop {p * 1000:7.2f} ms/step   largo.runtime.train {g * 1000:7.2f} ms/step (best)"
-        )
-        print(
-            f"           plain loop {pm * 1000:7.2f} ms/step   largo.runtime.train {gm * 1000:7.2f} ms/step (median)"
-        )
+        row = f"plain loop {p * 1000:7.2f} ms/step   largo.runtime.train {g * 1000:7.2f} ms/step"
+        print(f"  {name:8} {row} (best)")
+        row = f"plain loop {pm * 1000:7.2f} ms/step   largo.runtime.train {gm * 1000:7.2f} ms/step"
+        print(f"  {'':8} {row} (median)")
         print(
             f"           trainer / plain {g / p:.3f}x best (target <= 1.05), {gm / pm:.3f}x median"
             f"   vs {layouts[0]} {g / baseline:.2f}x"

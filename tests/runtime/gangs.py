@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from largo.api.v1alpha1 import TrainJob
@@ -16,6 +17,7 @@ from largo.dev.cluster import free_port
 from largo.manifests.trainjob import build_pod
 from largo.runtime import checkpoint
 from largo.runtime.parallel import Layout
+from prometheus_client.parser import text_string_to_metric_families
 
 STEPS = 60
 # Small and single-threaded: four ranks share two cores, and one thread per rank keeps results exact.
@@ -155,3 +157,19 @@ def children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 found.append(int(entry.name))
     return found
+
+
+def scrape(port: int) -> dict[str, float] | None:
+    """The trainer's /metrics on ``port`` as {name: value}, a labelled kind as "name:kind"; None while
+    nothing answers there."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            kind = sample.labels.get("kind")
+            samples[f"{sample.name}:{kind}" if kind else sample.name] = sample.value
+    return samples

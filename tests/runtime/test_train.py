@@ -9,16 +9,14 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from gangs import STEPS, TRAIN_ARGS, Gang
+from gangs import STEPS, TRAIN_ARGS, Gang, scrape
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
 
@@ -151,7 +149,8 @@ def test_the_background_writer_writes_prunes_and_keeps_one_write_in_flight(
     release.set()
     second.join(timeout=60)
     writer.close()
-    assert writer.written is not None and writer.written[0] == 20
+    assert writer.written is not None
+    assert writer.written[0] == 20
     assert [step for step, _ in checkpoint.complete(tmp_path)] == [20]  # pruned to keep=1
 
 
@@ -160,7 +159,7 @@ def test_a_failed_background_write_is_raised_not_lost(tmp_path: Path) -> None:
     blocker.write_text("a file where the checkpoints should go")
     writer = checkpoint.BackgroundWriter(blocker, keep=3)
     writer.submit(10, {"weights": [1]})
-    with pytest.raises(OSError):
+    with pytest.raises(FileExistsError):
         writer.close()
     assert writer.written is None
 
@@ -177,15 +176,8 @@ def test_rank_zero_serves_prometheus_metrics(tmp_path: Path) -> None:
         samples: dict[str, float] = {}
 
         def scraped() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-                    text = response.read().decode()
-            except OSError:
-                return False
             samples.clear()
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    samples[sample.name] = sample.value
+            samples.update(scrape(port) or {})
             return samples.get("largo_train_step", 0) >= 5
 
         wait_for(scraped, 120, "metrics with a few steps")
@@ -193,7 +185,9 @@ def test_rank_zero_serves_prometheus_metrics(tmp_path: Path) -> None:
         assert samples["largo_train_tokens_per_second"] > 0
         assert samples["largo_train_step_seconds_count"] >= 5
         assert samples["largo_train_collective_seconds"] == 0  # a single process has no collectives
-        assert samples["largo_train_communication_bytes_per_step"] == 0
+        for kind in ("data", "tensor", "pipeline"):
+            assert samples[f"largo_train_communication_bytes_per_step:{kind}"] == 0
+            assert samples[f"largo_train_communication_seconds_per_step:{kind}"] == 0
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)

@@ -6,17 +6,15 @@ parallelism reaches, up to floating-point reduction order: the tolerance below (
 from __future__ import annotations
 
 import shutil
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from gangs import Gang
+from gangs import Gang, scrape
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint, data
 from largo.runtime.serve import load_model
-from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
 
@@ -160,16 +158,8 @@ def test_the_reporting_rank_times_each_kind_of_communication(
     samples: dict[str, float] = {}
 
     def sampled() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-                text = response.read().decode()
-        except OSError:
-            return False
         samples.clear()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                kind = sample.labels.get("kind")
-                samples[f"{sample.name}:{kind}" if kind else sample.name] = sample.value
+        samples.update(scrape(port) or {})
         return samples.get("largo_train_step", 0) >= 12  # two sampled steps
 
     try:

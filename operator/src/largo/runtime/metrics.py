@@ -55,6 +55,8 @@ class TrainMetrics:
             ["kind"],
             registry=registry,
         )
+        for kind in ("data", "tensor", "pipeline"):  # every series from the start, 0 until measured
+            self.communication_seconds.labels(kind=kind).set(0)
 
     def communication_time(self, seconds_per_kind: dict[str, float], step_seconds: float) -> None:
         """One sampled step's communication by kind; ``step_seconds``: the average step time, for the
