@@ -76,6 +76,7 @@ def test_runtime_progress_reaches_the_trainjob_and_goes_stale(
     assert progress["percent"] == 100
     assert progress["loss"] > 0
     assert progress["tokensPerSecond"] > 0
+    assert progress["checkpointStep"] == 30  # the last step's, written on the writer thread
     # On a busy machine the 3 s stale limit may already have passed when it is read: then the summary
     # says so and keeps the last report's.
     last = progress["summary"].split("(last: ", 1)[-1] if progress["stale"] else progress["summary"]

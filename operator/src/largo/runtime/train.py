@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code = 0
     step = start
+    last_progress: tuple[int, int, float, float, float] | None = None  # the latest report's figures
     saved: tuple[int, float] | None = None  # the newest checkpoint this run wrote: (step, when)
     writer = checkpoint.BackgroundWriter(directory, args.keep) if directory is not None else None
     # DDP times its own all-reduce; every other distributed layout is timed from gloo's own records.
@@ -293,10 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"step": step, "loss": value, "tokens_per_second": rate * tokens_per_step}))
                 sys.stdout.flush()
             if reporter is not None:
-                fields = progress_fields(
-                    step, args.steps, value, rate * tokens_per_step, rate, time.time(), saved
-                )
-                reporter.report(fields)
+                last_progress = (step, args.steps, value, rate * tokens_per_step, rate)
+                reporter.report(progress_fields(*last_progress, time.time(), saved))
         if stop:
             if writer is not None:
                 writer.wait()
@@ -305,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
             break
     if writer is not None:
         writer.close()
+        # The last checkpoint (the final step's, or the one written on SIGTERM) is what a model server
+        # following this job loads: the last report must name it.
+        written = writer.written if writer.written is not None else saved
+        saved = _agree(False, written, device)[1] if distributed else written
     if reporter is not None:
+        if last_progress is not None:
+            reporter.report(progress_fields(*last_progress, time.time(), saved))
         reporter.close()
     if distributed:
         # Gloo aborts the process ("terminate called without an active exception") when a process
