@@ -368,9 +368,7 @@ class Server:
                 finish = item if item in ("stop", "error") else "length"
                 if held and finish != "error":
                     yield bytes(held)
-                if produced > 1 and completion.first_token_at is not None:
-                    elapsed = time.monotonic() - completion.first_token_at
-                    self.metrics.per_token.observe(elapsed / (produced - 1))
+                self._observe_per_token(completion, produced)
                 yield finish
                 return
             produced += 1
@@ -388,6 +386,12 @@ class Server:
                 yield bytes(held[: len(held) - keep])
                 del held[: len(held) - keep]
 
+    def _observe_per_token(self, completion: Completion, produced: int) -> None:
+        """At a request's finish: the time per output token after the first."""
+        if produced > 1 and completion.first_token_at is not None:
+            elapsed = time.monotonic() - completion.first_token_at
+            self.metrics.per_token.observe(elapsed / (produced - 1))
+
     async def _whole(self, completion: Completion) -> web.Response:
         reason = await completion.queue.get()  # the engine delivers only the finish here
         finish = reason if reason in ("stop", "error") else "length"
@@ -402,9 +406,7 @@ class Server:
         self.metrics.generated_tokens.inc(produced)
         if completion.first_token_at is not None:
             self.metrics.first_token.observe(completion.first_token_at - completion.request.submitted)
-            if produced > 1:
-                elapsed = time.monotonic() - completion.first_token_at
-                self.metrics.per_token.observe(elapsed / (produced - 1))
+        self._observe_per_token(completion, produced)
         answer = text[: len(text) - len(ended)].decode(errors="replace")
         return web.json_response(self._body(completion, answer, finish, usage=True))
 

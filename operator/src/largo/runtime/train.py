@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             loss = _forward_backward(model, schedule, inputs, targets, stage, layout.pipeline)
             optimizer.step()
         stop = termination.requested
-        written = writer.written if writer is not None and writer.written is not None else saved
+        written = (writer.written if writer is not None else None) or saved
         if not distributed:
             saved = written
         elif step % args.stop_check_every == 0:
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.close()
         # The last checkpoint (the final step's, or the one written on SIGTERM) is what a model server
         # following this job loads: the last report must name it.
-        written = writer.written if writer.written is not None else saved
+        written = writer.written or saved
         saved = _agree(False, written, device)[1] if distributed else written
     if reporter is not None:
         if last_progress is not None:
