@@ -22,8 +22,8 @@ import pytest
 import torch
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
-from largo.runtime.engine import Engine, Request, sample
-from largo.runtime.model import stage_layers
+from largo.runtime.engine import Engine, Request, Stage, sample, slot_run
+from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
 from largo.runtime.serve import ModelError, _overlap, load_model
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -435,3 +435,20 @@ def test_an_idle_pipeline_outlives_its_receive_timeout(trained: Path, tmp_path: 
         assert code == 200, text
     finally:
         replica.stop()
+
+
+def test_consecutive_slots_are_read_in_place_with_the_same_result() -> None:
+    assert slot_run([3, 4, 5]) == slice(3, 6)
+    assert slot_run([0]) == slice(0, 1)
+    assert slot_run([1, 3]) is None
+    assert slot_run([4, 3]) is None
+    assert slot_run([]) is None
+    torch.manual_seed(0)
+    stage = Stage(TinyGPT(ModelConfig(width=32, depth=2, context=16)), range(2), max_batch=4)
+    with torch.inference_mode():
+        stage.prefill_prompts([1, 2, 3], [[5, 6, 7], [8, 9], [10]])
+        x = torch.randn(3, 1, 32)
+        slots, positions = torch.tensor([1, 2, 3]), torch.tensor([3, 2, 1])
+        gathered = stage.decode(x, slots, positions)
+        in_place = stage.decode(x, slots, positions, slot_run([1, 2, 3]))
+    assert torch.equal(gathered, in_place)

@@ -15,6 +15,7 @@ request's greedy tokens do not depend on what else runs in the batch.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import threading
 import time
 from collections import deque
@@ -100,9 +101,10 @@ class Stage:
         self.width = config.width
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        # keys and values of every slot: [slot, layer of this stage, k|v, head, position, head width]
+        # keys and values of every slot: [layer of this stage, k|v, slot, head, position, head width]. Slots
+        # last but three, so that a run of consecutive slots is one contiguous block of a layer's keys.
         self.cache = torch.zeros(
-            (max_batch, len(layers), 2, config.heads, config.context, config.width // config.heads),
+            (len(layers), 2, max_batch, config.heads, config.context, config.width // config.heads),
             device=self.device,
             dtype=dtype,
         )
@@ -145,8 +147,8 @@ class Stage:
         for index, layer in enumerate(self.layers):
             weights = self._weights[layer]
             q, k, v = self._project(weights, x)
-            self.cache[slots, index, 0, :, :length] = k
-            self.cache[slots, index, 1, :, :length] = v
+            self.cache[index, 0, slots, :, :length] = k
+            self.cache[index, 1, slots, :, :length] = v
             attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = self._finish_block(weights, x, attended)
         return x
@@ -161,17 +163,22 @@ class Stage:
         x = self.embed(tokens.to(on), torch.arange(tokens.shape[1], device=on)[None, :])
         return self.prefill(x, torch.tensor(slots, device=on)), last
 
-    def decode(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One new token per request ([batch, 1, width]), each attending over its own cached positions."""
+    def decode(
+        self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, run: slice | None = None
+    ) -> torch.Tensor:
+        """One new token per request ([batch, 1, width]), each attending over its own cached positions.
+        ``run``: the slots as a slice when they are consecutive and ascending (``slot_run``): their keys
+        are then read in place; otherwise gathered, a copy of every slot's cache per layer and step,
+        which is most of a large batch's decoding time on a CPU."""
         visible = torch.arange(self.context, device=self.device)[None, :] <= positions[:, None]
         mask = visible[:, None, None, :]
         for index, layer in enumerate(self.layers):
             weights = self._weights[layer]
             q, k, v = self._project(weights, x)
-            self.cache[slots, index, 0, :, positions] = k[:, :, 0]
-            self.cache[slots, index, 1, :, positions] = v[:, :, 0]
-            keys = self.cache[slots, index, 0]
-            values = self.cache[slots, index, 1]
+            self.cache[index, 0, slots, :, positions] = k[:, :, 0]
+            self.cache[index, 1, slots, :, positions] = v[:, :, 0]
+            keys = self.cache[index, 0, run if run is not None else slots]
+            values = self.cache[index, 1, run if run is not None else slots]
             attended = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = self._finish_block(weights, x, attended)
         return x
@@ -212,6 +219,13 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+def slot_run(slots: list[int]) -> slice | None:
+    """``slots`` as a slice when they are consecutive and ascending, else None."""
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return None
+
+
 def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts as one [batch, longest] tensor padded at the end, and each one's last position."""
     longest = max(len(prompt) for prompt in prompts)
@@ -245,7 +259,8 @@ class LocalForward:
         stage = self.stage
         at = torch.tensor(positions, device=stage.device)
         x = stage.embed(torch.tensor(tokens, device=stage.device)[:, None], at[:, None])
-        return stage.logits(stage.decode(x, torch.tensor(slots, device=stage.device), at)).cpu()
+        rows = torch.tensor(slots, device=stage.device)
+        return stage.logits(stage.decode(x, rows, at, slot_run(slots))).cpu()
 
 
 class Engine:
@@ -335,11 +350,12 @@ class Engine:
                 admitted = []
                 while self._waiting and self._free:
                     request = self._waiting.popleft()
-                    request.slot = self._free.pop()
+                    # The lowest free slot: the running slots stay a consecutive run (``slot_run``).
+                    request.slot = heapq.heappop(self._free)
                     admitted.append(request)
             try:
                 with torch.inference_mode():
-                    decoding = list(self._running)
+                    decoding = sorted(self._running, key=lambda request: request.slot)
                     if admitted:
                         self._prefill(admitted)
                     if decoding:
@@ -418,5 +434,5 @@ class Engine:
                 continue
             request.on_finish(reason)
             with self._lock:
-                self._free.append(request.slot)
+                heapq.heappush(self._free, request.slot)
         self._running = still

@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from largo.runtime.engine import Stage
+from largo.runtime.engine import Stage, slot_run
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class PipelineForward:
         on = stage.device
         at = torch.tensor(positions, device=on)
         x = stage.embed(torch.tensor(tokens, device=on)[:, None], at[:, None])
-        return self._through(DECODE, slots, positions, stage.decode(x, torch.tensor(slots, device=on), at))
+        hidden = stage.decode(x, torch.tensor(slots, device=on), at, slot_run(slots))
+        return self._through(DECODE, slots, positions, hidden)
 
     def heartbeat(self) -> None:
         """Keeps an idle pipeline's members from timing out (and finds a dead one early)."""
@@ -126,7 +127,10 @@ def run_member(stage: Stage, member: int, members: int) -> None:
                 return
             continue
         with torch.inference_mode():
-            x = stage.prefill(x, slots) if op == PREFILL else stage.decode(x, slots, positions)
+            if op == PREFILL:
+                x = stage.prefill(x, slots)
+            else:
+                x = stage.decode(x, slots, positions, slot_run(slots.tolist()))
             if stage.last:
                 last = positions if op == PREFILL else None
                 dist.send(stage.logits(x, last).to(on).contiguous(), 0)
