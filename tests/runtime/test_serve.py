@@ -448,7 +448,8 @@ def test_consecutive_slots_are_read_in_place_with_the_same_result() -> None:
     with torch.inference_mode():
         stage.prefill_prompts([1, 2, 3], [[5, 6, 7], [8, 9], [10]])
         x = torch.randn(3, 1, 32)
-        slots, positions = torch.tensor([1, 2, 3]), torch.tensor([3, 2, 1])
-        gathered = stage.decode(x, slots, positions)
-        in_place = stage.decode(x, slots, positions, slot_run([1, 2, 3]))
-    assert torch.equal(gathered, in_place)
+        in_place = stage.decode(x, [1, 2, 3], torch.tensor([3, 2, 1]))
+        # The same requests in another order: not a run, so their keys are gathered.
+        order = [2, 0, 1]
+        gathered = stage.decode(x[order], [3, 1, 2], torch.tensor([1, 3, 2]))
+    assert torch.equal(gathered, in_place[order])

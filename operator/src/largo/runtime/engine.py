@@ -163,25 +163,31 @@ class Stage:
         x = self.embed(tokens.to(on), torch.arange(tokens.shape[1], device=on)[None, :])
         return self.prefill(x, torch.tensor(slots, device=on)), last
 
-    def decode(
-        self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, run: slice | None = None
-    ) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, slots: list[int], positions: torch.Tensor) -> torch.Tensor:
         """One new token per request ([batch, 1, width]), each attending over its own cached positions.
-        ``run``: the slots as a slice when they are consecutive and ascending (``slot_run``): their keys
-        are then read in place; otherwise gathered, a copy of every slot's cache per layer and step,
-        which is most of a large batch's decoding time on a CPU."""
+        Consecutive ascending slots (``slot_run``) have their keys read in place; others are gathered, a
+        copy of every slot's cache per layer and step, which is most of a large batch's decoding time on
+        a CPU."""
+        rows = torch.tensor(slots, device=self.device)
+        run = slot_run(slots)
         visible = torch.arange(self.context, device=self.device)[None, :] <= positions[:, None]
         mask = visible[:, None, None, :]
         for index, layer in enumerate(self.layers):
             weights = self._weights[layer]
             q, k, v = self._project(weights, x)
-            self.cache[index, 0, slots, :, positions] = k[:, :, 0]
-            self.cache[index, 1, slots, :, positions] = v[:, :, 0]
-            keys = self.cache[index, 0, run if run is not None else slots]
-            values = self.cache[index, 1, run if run is not None else slots]
+            self.cache[index, 0, rows, :, positions] = k[:, :, 0]
+            self.cache[index, 1, rows, :, positions] = v[:, :, 0]
+            keys = self.cache[index, 0, run if run is not None else rows]
+            values = self.cache[index, 1, run if run is not None else rows]
             attended = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             x = self._finish_block(weights, x, attended)
         return x
+
+    def decode_tokens(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+        """The first stage's decoding step from the tokens themselves: their hidden states after it."""
+        at = torch.tensor(positions, device=self.device)
+        x = self.embed(torch.tensor(tokens, device=self.device)[:, None], at[:, None])
+        return self.decode(x, slots, at)
 
     def logits(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """Each row's logits at its position ``last`` (default: the final one): [batch, vocabulary]."""
@@ -256,11 +262,7 @@ class LocalForward:
         return stage.logits(hidden, last.to(on)).cpu()  # the engine samples in host memory
 
     def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
-        stage = self.stage
-        at = torch.tensor(positions, device=stage.device)
-        x = stage.embed(torch.tensor(tokens, device=stage.device)[:, None], at[:, None])
-        rows = torch.tensor(slots, device=stage.device)
-        return stage.logits(stage.decode(x, rows, at, slot_run(slots))).cpu()
+        return self.stage.logits(self.stage.decode_tokens(slots, positions, tokens)).cpu()
 
 
 class Engine:

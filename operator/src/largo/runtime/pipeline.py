@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from largo.runtime.engine import Stage, slot_run
+from largo.runtime.engine import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,7 @@ class PipelineForward:
         return self._through(PREFILL, slots, last.tolist(), hidden)
 
     def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
-        stage = self.stage
-        on = stage.device
-        at = torch.tensor(positions, device=on)
-        x = stage.embed(torch.tensor(tokens, device=on)[:, None], at[:, None])
-        hidden = stage.decode(x, torch.tensor(slots, device=on), at, slot_run(slots))
-        return self._through(DECODE, slots, positions, hidden)
+        return self._through(DECODE, slots, positions, self.stage.decode_tokens(slots, positions, tokens))
 
     def heartbeat(self) -> None:
         """Keeps an idle pipeline's members from timing out (and finds a dead one early)."""
@@ -127,10 +122,7 @@ def run_member(stage: Stage, member: int, members: int) -> None:
                 return
             continue
         with torch.inference_mode():
-            if op == PREFILL:
-                x = stage.prefill(x, slots)
-            else:
-                x = stage.decode(x, slots, positions, slot_run(slots.tolist()))
+            x = stage.prefill(x, slots) if op == PREFILL else stage.decode(x, slots.tolist(), positions)
             if stage.last:
                 last = positions if op == PREFILL else None
                 dist.send(stage.logits(x, last).to(on).contiguous(), 0)

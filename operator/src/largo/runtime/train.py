@@ -14,6 +14,7 @@ RNG state, so a resumed run continues exactly where an uninterrupted one would b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -258,15 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         inputs, targets = data.replica_batch(corpus, args.context, args.batch_size, args.seed, step, shards)
         inputs, targets = inputs.to(device), targets.to(device)
         optimizer.zero_grad(set_to_none=True)
-        sampled: dict[str, float] | None = None
-        if sampling and step % args.communication_sample_every == 0:
-            with _GlooTimes() as times:
-                loss = _forward_backward(model, schedule, inputs, targets, stage, layout.pipeline)
-                optimizer.step()
-            sampled = parallel.communication_seconds(times.events, tensor_parallel=layout.tensor > 1)
-        else:
+        times = _GlooTimes() if sampling and step % args.communication_sample_every == 0 else None
+        with times or contextlib.nullcontext():
             loss = _forward_backward(model, schedule, inputs, targets, stage, layout.pipeline)
             optimizer.step()
+        sampled = (
+            parallel.communication_seconds(times.events, tensor_parallel=layout.tensor > 1)
+            if times is not None
+            else None
+        )
         stop = termination.requested
         written = (writer.written if writer is not None else None) or saved
         if not distributed:
