@@ -193,7 +193,7 @@ def kserve_python() -> Path:
 
 
 def measure(
-    name: str, config: ModelConfig, requests: int, with_kserve: bool, workdir: Path
+    name: str, config: ModelConfig, requests: int, with_kserve: bool, workdir: Path, threads: int | None
 ) -> dict[str, dict[int, Result]]:
     model_dir = workdir / name
     make_checkpoint(model_dir, config)
@@ -206,6 +206,8 @@ def measure(
             sys.executable, "-m", "largo.runtime.serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
             "--port", str(port), "--metrics-port", "0", "--max-batch", batch, "--max-waiting", str(requests),
         ]  # fmt: skip
+        if threads is not None:
+            command += ["--threads", str(threads)]
         with process(command, env, f"http://127.0.0.1:{port}/readyz", workdir / f"{name}-{batch}.log"):
             asyncio.run(drive(largo_sender(port), texts[:4], 1))  # warm up
             results[label] = {c: asyncio.run(drive(largo_sender(port), texts, c)) for c in LEVELS}
@@ -251,6 +253,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--only", choices=sorted(SHAPES), default=None)
     parser.add_argument("--skip-kserve", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="the servers' torch threads")
     args = parser.parse_args()
     targets = {"default": 10.0, "large": 3.0}
     failed = False
@@ -258,7 +261,7 @@ def main() -> int:
         for name, config in SHAPES.items():
             if args.only and name != args.only:
                 continue
-            results = measure(name, config, args.requests, not args.skip_kserve, Path(tmp))
+            results = measure(name, config, args.requests, not args.skip_kserve, Path(tmp), args.threads)
             ratios = report(name, config, results, results["largo"][1])
             versus = ratios.get("tokens/s at 32 vs KServe")
             if versus is not None and versus < targets[name]:

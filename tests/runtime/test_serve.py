@@ -4,6 +4,7 @@ streaming, errors, overload, metrics, a refused checkpoint, drain on SIGTERM).""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,9 +23,9 @@ import pytest
 import torch
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
-from largo.runtime.engine import Engine, Request, Stage, sample, slot_run
+from largo.runtime.engine import Engine, Request, Stage, sample, slot_run, step_threads
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
-from largo.runtime.serve import ModelError, _overlap, load_model
+from largo.runtime.serve import ModelError, _overlap, load_model, on_own_thread
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
@@ -453,3 +454,60 @@ def test_consecutive_slots_are_read_in_place_with_the_same_result() -> None:
         order = [2, 0, 1]
         gathered = stage.decode(x[order], [3, 1, 2], torch.tensor([1, 3, 2]))
     assert torch.equal(gathered, in_place[order])
+
+
+def test_decoding_reads_only_the_positions_in_use() -> None:
+    torch.manual_seed(0)
+    stage = Stage(TinyGPT(ModelConfig(width=32, depth=2, context=16)), range(2), max_batch=4)
+    with torch.inference_mode():
+        stage.prefill_prompts([0, 1, 2], [[5, 6, 7], [8, 9], [10]])
+        x = torch.randn(3, 1, 32)
+        positions = torch.tensor([3, 2, 1])
+        whole_context = stage.decode(x, [0, 1, 2], positions)
+        # Poison what no request may see: a read past the furthest position would show it.
+        stage.cache[:, :, :, :, 5:] = float("nan")
+        in_use = stage.decode(x, [0, 1, 2], positions, longest=4)
+    assert torch.allclose(in_use, whole_context, atol=1e-6)
+    assert not in_use.isnan().any()
+
+
+@pytest.mark.parametrize(
+    ("rows", "width", "threads"),
+    [
+        (1, 512, 1),  # a lone request's decoding: bound by memory, more threads gain nothing
+        (2, 512, 1),
+        (4, 512, 4),  # a batch of a large model: compute-bound
+        (32, 512, 4),
+        (32, 64, 1),  # a batch of the small model: the HTTP side needs the other cores
+        (1024, 64, 4),  # its prefill of 32 prompts
+    ],
+)
+def test_a_step_uses_every_core_only_when_its_products_are_large(rows: int, width: int, threads: int) -> None:
+    assert step_threads(rows, width, cores=4) == threads
+
+
+def test_work_on_its_own_thread_returns_or_raises_and_the_thread_ends() -> None:
+    seen: list[threading.Thread] = []
+
+    def work(value: int) -> int:
+        seen.append(threading.current_thread())
+        if value < 0:
+            raise ValueError("negative")
+        return value * 2
+
+    async def both() -> tuple[int, BaseException | None]:
+        doubled = await on_own_thread(work, 21)
+        try:
+            await on_own_thread(work, -1)
+        except ValueError as error:
+            return doubled, error
+        return doubled, None
+
+    doubled, error = asyncio.run(both())
+    assert doubled == 42
+    assert isinstance(error, ValueError)
+    assert len(seen) == 2
+    assert threading.main_thread() not in seen
+    for thread in seen:
+        thread.join(5)
+        assert not thread.is_alive()

@@ -122,7 +122,11 @@ def run_member(stage: Stage, member: int, members: int) -> None:
                 return
             continue
         with torch.inference_mode():
-            x = stage.prefill(x, slots) if op == PREFILL else stage.decode(x, slots.tolist(), positions)
+            x = (
+                stage.prefill(x, slots)
+                if op == PREFILL
+                else stage.decode(x, slots.tolist(), positions, int(positions.max()) + 1)
+            )
             if stage.last:
                 last = positions if op == PREFILL else None
                 dist.send(stage.logits(x, last).to(on).contiguous(), 0)
