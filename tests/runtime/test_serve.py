@@ -5,6 +5,7 @@ streaming, errors, overload, metrics, a refused checkpoint, drain on SIGTERM).""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +27,7 @@ from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
 from largo.runtime.engine import Engine, Request, Stage, sample, slot_run, step_threads
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
-from largo.runtime.serve import ModelError, _overlap, load_model, on_own_thread
+from largo.runtime.serve import ModelError, _overlap, freeze_heap, load_model, on_own_thread
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
@@ -511,3 +513,23 @@ def test_work_on_its_own_thread_returns_or_raises_and_the_thread_ends() -> None:
     for thread in seen:
         thread.join(5)
         assert not thread.is_alive()
+
+
+def test_what_loading_left_is_kept_out_of_the_collector_s_sight() -> None:
+    loaded = [[index] for index in range(1000)]  # containers the collector tracks
+
+    class Node:
+        next: object = None
+
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() >= len(loaded)
+        # What serving allocates afterwards is still collected: a cycle made now goes.
+        node = Node()
+        node.next = node
+        alive = weakref.ref(node)
+        del node
+        gc.collect()
+        assert alive() is None
+    finally:
+        gc.unfreeze()
