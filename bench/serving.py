@@ -9,9 +9,10 @@ and 32 on CPU:
 - (c) KServe: `kserve` 0.21 from PyPI, in a virtualenv of its own (its pins clash with ours), hosting the
   same model and checkpoint through a plain `kserve.Model.predict` that generates token by token.
 Prints tokens/s and p50/p99 latency of each, then the targets as ratios: (a)/(c) tokens/s at 32
-(>= 10x default, >= 3x large), and (a)'s p99 at 32 / the p50 of a lone request (<= 3x).
+(>= 10x default, >= 3x large), and (a)'s p99 at 32 / the p50 of a lone request (<= 3x). Each level
+sends at least 8 requests per client (256 at 32), so that a p99 is a percentile.
 
-    .venv/bin/python bench/serving.py [--requests 64] [--only default|large] [--skip-kserve]
+    .venv/bin/python bench/serving.py [--requests 64] [--only default|large] [--skip-kserve] [--threads N]
 
 The KServe virtualenv is made once in ~/.cache/largo/bench/kserve-0.21.0 (override LARGO_BENCH_DIR).
 """
