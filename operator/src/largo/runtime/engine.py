@@ -243,8 +243,9 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 # x width): below it (a lone request's decoding, or any step of a small model) a step is bound by
 # memory and per-operation overhead, more threads gain nothing there and take the core the HTTP side
 # runs on; above it (a large model's batch or prefill) the step is compute-bound and scales with cores.
-# Measured on 2 cores, width 512: decoding 1 or 2 requests gains nothing, 4 gains 3%, 8 gains 30%, 32
-# gains 37%; width 64: a batch of 32 (130,000 per product) loses throughput to the HTTP side.
+# Measured on 2 cores, width 512: decoding 1 or 2 requests gains nothing, 4 gains 2%, 8 gains 29%, 32
+# gains 36%. At width 64 a batch of 32 is 130,000 per product and stays on one thread: that model's
+# bottleneck is the HTTP side, which keeps the other core.
 PARALLEL_MULTIPLY_ADDS = 1 << 20
 
 
