@@ -209,11 +209,12 @@ def measure(
     env = dict(os.environ)
     texts = prompts(max(requests, 8 * max(LEVELS)))
     results: dict[str, dict[int, Result]] = {}
+    waiting = max(requests, max(LEVELS))  # every client's request in flight is admitted or queued
     for label, batch in (("largo", "32"), ("one at a time", "1")):
         port = free_port()
         command = [
             sys.executable, "-m", "largo.runtime.serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", "0", "--max-batch", batch, "--max-waiting", str(requests),
+            "--port", str(port), "--metrics-port", "0", "--max-batch", batch, "--max-waiting", str(waiting),
         ]  # fmt: skip
         if threads is not None:
             command += ["--threads", str(threads)]
@@ -264,7 +265,7 @@ def main() -> int:
     )
     parser.add_argument("--only", choices=sorted(SHAPES), default=None)
     parser.add_argument("--skip-kserve", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="the servers' torch threads")
+    parser.add_argument("--threads", type=int, default=None, help="largo's servers' torch threads")
     args = parser.parse_args()
     targets = {"default": 10.0, "large": 3.0}
     failed = False

@@ -9,8 +9,9 @@ with `runtime.type: vllm`, started as the pod would start it, on a machine with 
 4. sends completions, eight at once, and reads `/metrics` while they run and after, through the same
    parser the autoscaler uses (`largo.policy.load.replica_load`): the load must be seen, then drained.
 
-Prints one JSON document (and writes it to --out) with "passed". Needs vLLM importable by --python
-and largo's package (PYTHONPATH=operator/src) with pydantic and prometheus-client.
+Prints one JSON document (and writes it to --out) with "passed". Needs vLLM importable by --python,
+and largo's package (PYTHONPATH=operator/src) with pydantic, prometheus-client and aiohttp. The
+environment is passed on to vLLM (e.g. VLLM_USE_FLASHINFER_SAMPLER=0 where FlashInfer is not installed).
 
     python bench/vllm_preset.py [--python python3] [--out vllm-preset.json]
 """
@@ -165,20 +166,24 @@ async def complete_all(port: int, during: list[float]) -> list[dict[str, Any]]:
                 return {"status": response.status, **(await response.json())}
 
         async def watch() -> None:
-            for _ in range(200):
+            while True:
                 async with session.get(f"{url}/metrics") as response:
                     load, _ = replica_load(
                         await response.text(), ScalingMetric.IN_FLIGHT, RuntimeType.VLLM, time.time(), None
                     )
-                if load:
-                    during.append(load)
-                    return
+                during.append(load or 0.0)
                 await asyncio.sleep(0.01)
 
         watching = asyncio.create_task(watch())
-        answers = await asyncio.gather(*(one(i) for i in range(CONCURRENT)))
-        await watching
-    return answers
+        try:
+            return await asyncio.gather(*(one(i) for i in range(CONCURRENT)))
+        finally:
+            watching.cancel()
+
+
+def in_flight_now(port: int) -> float | None:
+    text = get(f"http://127.0.0.1:{port}/metrics")[1]
+    return replica_load(text, ScalingMetric.IN_FLIGHT, RuntimeType.VLLM, time.time(), None)[0]
 
 
 def main() -> int:
@@ -201,10 +206,11 @@ def main() -> int:
         report["command"] = argv
         log = Path(tmp) / "vllm.log"
         started = time.monotonic()
-        child = subprocess.Popen(
-            argv, env=env_here(container, pod_model, model), stdout=log.open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        with log.open("wb") as output:
+            child = subprocess.Popen(
+                argv, env=env_here(container, pod_model, model), stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         try:
             while time.monotonic() - started < args.start_timeout and child.poll() is None:
                 if get(f"http://127.0.0.1:{port}{ready_path}")[0] == 200:
@@ -218,10 +224,12 @@ def main() -> int:
                     (a["status"], a.get("usage", {}).get("completion_tokens")) for a in answers
                 ]
                 report["in_flight_seen_by_autoscaler"] = max(during, default=0.0)
-                text = get(f"http://127.0.0.1:{port}/metrics")[1]
-                report["in_flight_after"] = replica_load(
-                    text, ScalingMetric.IN_FLIGHT, RuntimeType.VLLM, time.time(), None
-                )[0]
+                deadline = time.monotonic() + 10  # vLLM updates its gauges once per engine step
+                while (after := in_flight_now(port)) != 0 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                report["in_flight_after"] = after
+        except Exception as error:  # reported with the server's log, not lost
+            report["error"] = f"{type(error).__name__}: {error}"
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGTERM)
@@ -234,7 +242,7 @@ def main() -> int:
     report["passed"] = bool(
         "ready_seconds" in report
         and report.get("completions") == [(200, 200)] * CONCURRENT
-        and report.get("in_flight_seen_by_autoscaler", 0) > 0
+        and report.get("in_flight_seen_by_autoscaler") == CONCURRENT
         and report.get("in_flight_after") == 0
     )
     if report["passed"]:

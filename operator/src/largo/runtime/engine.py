@@ -239,19 +239,19 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-# A step's products are worth splitting over cores from about this many multiply-adds each (rows x width
-# x width): below it (a lone request's decoding, or any step of a small model) a step is bound by
-# memory and per-operation overhead, more threads gain nothing there and take the core the HTTP side
-# runs on; above it (a large model's batch or prefill) the step is compute-bound and scales with cores.
-# Measured on 2 cores, width 512: decoding 1 or 2 requests gains nothing, 4 gains 2%, 8 gains 29%, 32
-# gains 36%. At width 64 a batch of 32 is 130,000 per product and stays on one thread: that model's
-# bottleneck is the HTTP side, which keeps the other core.
+# A step's products are worth splitting over cores above this many multiply-adds each (rows x width
+# x width): up to it (a lone request's decoding, any decoding step of a small model) a step is bound by
+# memory and per-operation overhead, more threads gain little there and take the core the HTTP side
+# runs on; above it (a large model's batch, a prefill of many tokens) the step is compute-bound and
+# scales with cores. Measured on 2 cores, width 512: decoding 1 or 2 requests gains nothing, 4 gains
+# 2% (it stays on one thread), 8 gains 29%, 32 gains 36%. At width 64 a batch of 32 is 130,000 per
+# product and stays on one thread: that model's bottleneck is the HTTP side, which keeps the other core.
 PARALLEL_MULTIPLY_ADDS = 1 << 20
 
 
 def step_threads(rows: int, width: int, cores: int) -> int:
     """The torch threads for a step of ``rows`` rows through products of ``width``: one, or ``cores``."""
-    return cores if rows * width * width >= PARALLEL_MULTIPLY_ADDS else 1
+    return cores if rows * width * width > PARALLEL_MULTIPLY_ADDS else 1
 
 
 def slot_run(slots: list[int]) -> slice | None:
