@@ -1,7 +1,8 @@
 from pathlib import Path
 
 import pytest
-from largo.runtime.cpus import cgroup_cpu_maxes, own_cgroup, usable_cores
+from largo.runtime import cpus
+from largo.runtime.cpus import cgroup_cpu_maxes, own_cgroup, torch_threads, usable_cores
 
 
 @pytest.mark.parametrize(
@@ -54,3 +55,15 @@ def test_cgroup_v1_quotas_are_translated(tmp_path: Path) -> None:
     membership = "4:cpu,cpuacct:/kubepods/c1\n"
     assert cgroup_cpu_maxes(tmp_path, membership) == ["300000 100000", "max 100000"]
     assert usable_cores(16, cgroup_cpu_maxes(tmp_path, membership)) == 3
+
+
+def test_torch_threads_follow_omp_num_threads_else_share_the_usable_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cpus, "process_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert torch_threads() == 8
+    assert torch_threads(3) == 2  # three processes in the pod share its cores
+    assert torch_threads(16) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert torch_threads(2) == 3

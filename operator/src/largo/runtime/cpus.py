@@ -76,3 +76,9 @@ def process_cores() -> int:
         return usable_cores(affinity, cgroup_cpu_maxes(CGROUP, membership))
     except (OSError, ValueError, IndexError):
         return max(1, affinity)
+
+
+def torch_threads(processes: int = 1) -> int:
+    """Torch's threads for each of ``processes`` processes sharing this container: ``OMP_NUM_THREADS``
+    when set (torchrun sets it to 1 for several processes), else their share of the usable cores."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, process_cores() // processes)

@@ -34,7 +34,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from largo.runtime import checkpoint, pipeline
-from largo.runtime.cpus import process_cores
+from largo.runtime.cpus import torch_threads
 from largo.runtime.engine import Engine, LocalForward, Request, Stage
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
 from largo.runtime.pipeline import PipelineForward
@@ -371,7 +371,7 @@ class Server:
         while True:
             item = await completion.queue.get()
             if isinstance(item, str):
-                finish = item if item in ("stop", "error") else "length"
+                finish = _finish_reason(item)
                 if held and finish != "error":
                     yield bytes(held)
                 self._observe_per_token(completion, produced)
@@ -399,8 +399,9 @@ class Server:
             self.metrics.per_token.observe(elapsed / (produced - 1))
 
     async def _whole(self, completion: Completion) -> web.Response:
-        reason = await completion.queue.get()  # the engine delivers only the finish here
-        finish = reason if reason in ("stop", "error") else "length"
+        reason = await completion.queue.get()
+        assert isinstance(reason, str)  # a whole answer is delivered its finish only (``_wire``)
+        finish = _finish_reason(reason)
         if finish == "error":
             return _error(503, f"the model failed: {self._failure()}", "service_unavailable", 1)
         text = bytes(completion.text)
@@ -460,6 +461,12 @@ class Server:
         return body
 
 
+def _finish_reason(reason: str) -> str:
+    """The engine's reason for ending a request as OpenAI's ``finish_reason`` (or ``error``): a request
+    cut at the context's end, or cancelled, ended by length."""
+    return reason if reason in ("stop", "error") else "length"
+
+
 def _overlap(text: bytearray, stop: bytes) -> int:
     """The longest end of ``text`` that is a proper start of ``stop``."""
     for size in range(min(len(stop) - 1, len(text)), 0, -1):
@@ -511,7 +518,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=int(env("OMP_NUM_THREADS") or 0) or process_cores(),
+        default=torch_threads(),
         help="the most torch threads a step uses on CPU: a step too small to gain from them runs on one, "
         "leaving the others to the HTTP side (default: $OMP_NUM_THREADS, else the cores the container's "
         "CPU limit allows)",

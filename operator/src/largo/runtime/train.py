@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from largo.runtime import checkpoint, data, metrics, parallel
-from largo.runtime.cpus import process_cores
+from largo.runtime.cpus import torch_threads
 from largo.runtime.model import ModelConfig, TinyGPT
 from largo.runtime.progress import ProgressReporter, progress_fields
 
@@ -170,10 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "OMP_NUM_THREADS" not in os.environ:
+    if "OMP_NUM_THREADS" not in os.environ:  # torch reads it itself
         # torch's default is every core the process may run on: in a pod with a CPU quota, the node's.
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, process_cores() // local_processes))
+        torch.set_num_threads(torch_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     distributed = world > 1
     config = ModelConfig(context=args.context, width=args.width, depth=args.depth, heads=args.heads)
     try:
