@@ -9,6 +9,7 @@ itself is the serving runtime's to test."""
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,14 @@ def test_load_scales_the_service_up_and_its_end_scales_it_down(
     assert {"Scaled", "GroupAdmitted", "GroupRetired"} <= {event.reason for event in events}
 
 
+def accepts(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def test_a_request_at_zero_replicas_is_held_by_the_router_brings_one_up_and_is_answered(
     local_cluster: LocalCluster, local_operator: OperatorProcess, namespace: str
 ) -> None:
@@ -218,6 +227,9 @@ def test_a_request_at_zero_replicas_is_held_by_the_router_brings_one_up_and_is_a
     wait_for(lambda: router_address() is not None, 120, "the router ready", local_operator.assert_alive)
     address = router_address()
     cluster_ip = core.read_namespaced_service("idle", namespace).spec.cluster_ip
+    # kube-proxy routes the ClusterIP to the router once it has seen the ready endpoint; until then a
+    # connection is refused, as it would be for any client. A bare connection holds no request.
+    wait_for(lambda: accepts(cluster_ip, 80), 60, "the service routing", local_operator.assert_alive)
     request = urllib.request.Request(
         f"http://{cluster_ip}/v1/completions",
         data=json.dumps({"prompt": "hi", "max_tokens": 4}).encode(),
