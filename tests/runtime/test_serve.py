@@ -4,7 +4,6 @@ streaming, errors, overload, metrics, a refused checkpoint, drain on SIGTERM).""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import os
@@ -27,7 +26,7 @@ from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
 from largo.runtime.engine import Engine, Request, Stage, sample, slot_run, step_threads
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
-from largo.runtime.serve import ModelError, _overlap, freeze_heap, load_model, on_own_thread
+from largo.runtime.serve import ModelError, _overlap, freeze_heap, load_model
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
@@ -303,9 +302,16 @@ def test_a_server_without_its_model_is_alive_but_never_ready(tmp_path: Path) -> 
     empty.mkdir()
     server = Served(empty, tmp_path)
     try:
-        status, reason = server.status("/readyz")
-        assert status == 503
-        assert "no complete checkpoint" in reason
+        seen: list[tuple[int, str]] = []
+
+        def told_why() -> bool:
+            seen.append(server.status("/readyz"))
+            return "no complete checkpoint" in seen[-1][1]
+
+        # Unready while the engine's process starts ("loading"), then unready saying why, for good.
+        wait_for(told_why, 60, "the reason in /readyz", server.alive)
+        assert all(status == 503 for status, _ in seen)
+        assert server.status("/readyz")[0] == 503
         code, headers, text = server.post({"prompt": "hi"})
         assert code == 503
         assert "model not loaded" in json.loads(text)["error"]["message"]
@@ -510,47 +516,6 @@ def test_a_cpu_stage_sets_torch_s_threads_for_each_step() -> None:
     assert seen == [1, 2]
     assert torch.allclose(batch, alone, atol=1e-5)  # more threads, the same maths
     assert torch.allclose(lone[0], alone[0], atol=1e-5)
-
-
-def test_a_cancelled_load_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
-    release = threading.Event()
-
-    async def cancel_while_loading() -> None:
-        waiting = asyncio.ensure_future(on_own_thread(release.wait, 5))
-        await asyncio.sleep(0.05)
-        waiting.cancel()
-        release.set()  # the load ends after nobody waits for it
-        await asyncio.sleep(0.2)
-
-    asyncio.run(cancel_while_loading())
-    assert not [record for record in caplog.records if record.levelname == "ERROR"]
-
-
-def test_work_on_its_own_thread_returns_or_raises_and_the_thread_ends() -> None:
-    seen: list[threading.Thread] = []
-
-    def work(value: int) -> int:
-        seen.append(threading.current_thread())
-        if value < 0:
-            raise ValueError("negative")
-        return value * 2
-
-    async def both() -> tuple[int, BaseException | None]:
-        doubled = await on_own_thread(work, 21)
-        try:
-            await on_own_thread(work, -1)
-        except ValueError as error:
-            return doubled, error
-        return doubled, None
-
-    doubled, error = asyncio.run(both())
-    assert doubled == 42
-    assert isinstance(error, ValueError)
-    assert len(seen) == 2
-    assert threading.main_thread() not in seen
-    for thread in seen:
-        thread.join(5)
-        assert not thread.is_alive()
 
 
 def test_what_loading_left_is_kept_out_of_the_collector_s_sight() -> None:

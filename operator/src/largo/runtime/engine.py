@@ -145,63 +145,115 @@ class Stage:
         stage's layers, filling each one's slot of the cache. Padding needs no mask of its own: under
         the causal mask a real position never sees a later one, and decoding overwrites a padded
         position's cache entry before it can see it."""
-        length = x.shape[1]
-        self._use_threads(x.shape[0] * length)
-        for index, layer in enumerate(self.layers):
-            weights = self._weights[layer]
-            q, k, v = self._project(weights, x)
-            self.cache[index, 0, slots, :, :length] = k
-            self.cache[index, 1, slots, :, :length] = v
-            attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = self._finish_block(weights, x, attended)
-        return x
+        prefilled, _ = self.step(Prefill(x, slots), None)
+        assert prefilled is not None
+        return prefilled
 
     def prefill_prompts(
         self, slots: list[int], prompts: list[list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first stage's prefill from the prompts themselves: their hidden states after this stage,
         and each prompt's last position."""
+        prefill, last = self.embed_prompts(slots, prompts)
+        return self.prefill(prefill.x, prefill.slots), last
+
+    def embed_prompts(self, slots: list[int], prompts: list[list[int]]) -> tuple[Prefill, torch.Tensor]:
         tokens, last = padded(prompts)
         on = self.device
         x = self.embed(tokens.to(on), torch.arange(tokens.shape[1], device=on)[None, :])
-        return self.prefill(x, torch.tensor(slots, device=on)), last
+        return Prefill(x, torch.tensor(slots, device=on)), last
 
     def decode(
         self, x: torch.Tensor, slots: list[int], positions: torch.Tensor, longest: int | None = None
     ) -> torch.Tensor:
         """One new token per request ([batch, 1, width]), each attending over its own cached positions,
-        up to ``longest`` (one past the furthest position; default: the whole context), which is all
-        that is read of the cache. Consecutive ascending slots (``slot_run``) have their keys read in
-        place; others are gathered, a copy of every slot's cache per layer and step, which is most of a
-        large batch's decoding time on a CPU."""
-        self._use_threads(x.shape[0])
+        up to ``longest`` (one past the furthest position; default: the whole context)."""
         span = self.context if longest is None else longest
-        rows = torch.tensor(slots, device=self.device)
-        run = slot_run(slots)
-        visible = torch.arange(span, device=self.device)[None, :] <= positions[:, None]
-        mask = visible[:, None, None, :]
-        for index, layer in enumerate(self.layers):
-            weights = self._weights[layer]
-            q, k, v = self._project(weights, x)
-            self.cache[index, 0, rows, :, positions] = k[:, :, 0]
-            self.cache[index, 1, rows, :, positions] = v[:, :, 0]
-            keys = self.cache[index, 0, run if run is not None else rows, :, :span]
-            values = self.cache[index, 1, run if run is not None else rows, :, :span]
-            attended = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            x = self._finish_block(weights, x, attended)
-        return x
+        _, decoded = self.step(None, Decode(x, slots, positions, span))
+        assert decoded is not None
+        return decoded
+
+    def embed_tokens(self, slots: list[int], positions: list[int], tokens: list[int]) -> Decode:
+        at = torch.tensor(positions, device=self.device)
+        x = self.embed(torch.tensor(tokens, device=self.device)[:, None], at[:, None])
+        return Decode(x, slots, at, max(positions) + 1)
 
     def decode_tokens(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         """The first stage's decoding step from the tokens themselves: their hidden states after it."""
-        at = torch.tensor(positions, device=self.device)
-        x = self.embed(torch.tensor(tokens, device=self.device)[:, None], at[:, None])
-        return self.decode(x, slots, at, max(positions) + 1)
+        decode = self.embed_tokens(slots, positions, tokens)
+        return self.decode(decode.x, decode.slots, decode.positions, decode.longest)
+
+    def step(
+        self, prefill: Prefill | None, decode: Decode | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """New prompts and the running requests' next tokens through this stage's layers in one pass:
+        the per-token products (projections, MLP) run on all their rows at once, the attention apart
+        (causal over a prompt; over its slot's cached positions for a decoded token). One pass, not a
+        prefill and a decoding pass: under a steady load nearly every iteration has both, and a small
+        model's pass costs its operations' overhead, whatever its rows.
+
+        A decoded token reads its slot's keys up to ``decode.longest``; consecutive ascending slots
+        (``slot_run``) are read in place, others gathered, a copy of every slot's cache per layer and
+        step, which is most of a large batch's decoding time on a CPU."""
+        width, heads = self.width, self.heads
+        rows: list[torch.Tensor] = []
+        if decode is not None:
+            decoded = decode.x.shape[0]
+            rows.append(decode.x.reshape(decoded, width))
+            span = decode.longest
+            slots = torch.tensor(decode.slots, device=self.device)
+            run = slot_run(decode.slots)
+            read = run if run is not None else slots
+            visible = torch.arange(span, device=self.device)[None, :] <= decode.positions[:, None]
+            mask = visible[:, None, None, :]
+        else:
+            decoded = 0
+        if prefill is not None:
+            prompts, length = prefill.x.shape[:2]
+            rows.append(prefill.x.reshape(prompts * length, width))
+        x = rows[0] if len(rows) == 1 else torch.cat(rows)
+        self._use_threads(x.shape[0])
+        for index, layer in enumerate(self.layers):
+            weights = self._weights[layer]
+            fused = functional.linear(_norm(weights.norm_attention, x), *weights.qkv)
+            attended: list[torch.Tensor] = []
+            if decode is not None:
+                q, k, v = (
+                    t.reshape(decoded, heads, 1, width // heads) for t in fused[:decoded].chunk(3, dim=1)
+                )
+                self.cache[index, 0, slots, :, decode.positions] = k[:, :, 0]
+                self.cache[index, 1, slots, :, decode.positions] = v[:, :, 0]
+                keys = self.cache[index, 0, read, :, :span]
+                values = self.cache[index, 1, read, :, :span]
+                out = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                attended.append(out.reshape(decoded, width))
+            if prefill is not None:
+                q, k, v = (
+                    t.reshape(prompts, length, heads, width // heads).transpose(1, 2)
+                    for t in fused[decoded:].chunk(3, dim=1)
+                )
+                self.cache[index, 0, prefill.slots, :, :length] = k
+                self.cache[index, 1, prefill.slots, :, :length] = v
+                out = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                attended.append(out.transpose(1, 2).reshape(prompts * length, width))
+            x = x + functional.linear(
+                attended[0] if len(attended) == 1 else torch.cat(attended), *weights.projection
+            )
+            hidden = functional.gelu(functional.linear(_norm(weights.norm_mlp, x), *weights.mlp_in))
+            x = x + functional.linear(hidden, *weights.mlp_out)
+        return (
+            x[decoded:].view(prompts, length, width) if prefill is not None else None,
+            x[:decoded].view(decoded, 1, width) if decode is not None else None,
+        )
 
     def logits(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """Each row's logits at its position ``last`` (default: the final one): [batch, vocabulary]."""
+        return self.head(x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last])
+
+    def head(self, rows: torch.Tensor) -> torch.Tensor:
+        """Hidden states ([rows, width]) after the last layer -> logits ([rows, vocabulary])."""
         assert self.model.head is not None  # serving loads whole models
         assert self.model.norm is not None
-        rows = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         out: torch.Tensor = self.model.head(self.model.norm(rows))
         return out
 
@@ -211,18 +263,26 @@ class Stage:
             if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
 
-    def _project(self, weights: _BlockWeights, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch, length, width = x.shape
-        fused = functional.linear(_norm(weights.norm_attention, x), *weights.qkv)
-        shape = (batch, length, self.heads, width // self.heads)
-        return tuple(t.view(shape).transpose(1, 2) for t in fused.chunk(3, dim=2))
 
-    @staticmethod
-    def _finish_block(weights: _BlockWeights, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        x = x + functional.linear(attended.transpose(1, 2).reshape(batch, length, width), *weights.projection)
-        hidden = functional.gelu(functional.linear(_norm(weights.norm_mlp, x), *weights.mlp_in))
-        return x + functional.linear(hidden, *weights.mlp_out)
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """Prompts' hidden states ([prompts, length, width], shorter ones padded at the end: under the causal
+    mask a real position never sees a later one, and decoding overwrites a padded position's cache
+    entry before it can see it) and their cache slots."""
+
+    x: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Decode:
+    """One token's hidden state per running request ([requests, 1, width]), its cache slot and position,
+    and one past the furthest position: what is read of the cache."""
+
+    x: torch.Tensor
+    slots: list[int]
+    positions: torch.Tensor
+    longest: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,27 +331,53 @@ def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 class Forward(Protocol):
     """How the engine gets logits (in host memory): from the whole model here, or through a pipeline."""
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor: ...
+    def step(
+        self, arrivals: list[tuple[int, list[int]]], running: Running | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The logits of new prompts ((slot, tokens) each) at their last position and of the running
+        requests' next tokens."""
+        ...
 
-    def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor: ...
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """The running requests' cache slots, positions and last tokens."""
+
+    slots: list[int]
+    positions: list[int]
+    tokens: list[int]
 
 
 class LocalForward:
-    """Every layer on this process (a replica of one pod)."""
+    """Every layer on this process (a replica of one pod), new prompts and running requests in one pass
+    (``Stage.step``)."""
 
     def __init__(self, stage: Stage) -> None:
         if not (stage.first and stage.last):
             raise ValueError("a local forward needs every layer")
         self.stage = stage
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def step(
+        self, arrivals: list[tuple[int, list[int]]], running: Running | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         stage = self.stage
-        on = stage.device
-        hidden, last = stage.prefill_prompts(slots, prompts)
-        return stage.logits(hidden, last.to(on)).cpu()  # the engine samples in host memory
-
-    def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
-        return self.stage.logits(self.stage.decode_tokens(slots, positions, tokens)).cpu()
+        prefill, last = (
+            stage.embed_prompts([slot for slot, _ in arrivals], [tokens for _, tokens in arrivals])
+            if arrivals
+            else (None, None)
+        )
+        decode = stage.embed_tokens(running.slots, running.positions, running.tokens) if running else None
+        prefilled, decoded = stage.step(prefill, decode)
+        # One head for every row that needs logits: the decoded tokens, then each prompt's last position.
+        rows = []
+        if decoded is not None:
+            rows.append(decoded[:, -1])
+        if prefilled is not None and last is not None:
+            at = torch.arange(prefilled.shape[0], device=stage.device)
+            rows.append(prefilled[at, last.to(stage.device)])
+        logits = stage.head(torch.cat(rows) if len(rows) > 1 else rows[0]).cpu()  # sampled in host memory
+        split = decoded.shape[0] if decoded is not None else 0
+        return (logits[split:] if arrivals else None), (logits[:split] if running else None)
 
 
 class Engine:
@@ -386,11 +472,7 @@ class Engine:
                     admitted.append(request)
             try:
                 with torch.inference_mode():
-                    decoding = sorted(self._running, key=lambda request: request.slot)
-                    if admitted:
-                        self._prefill(admitted)
-                    if decoding:
-                        self._decode(decoding)
+                    self._step(admitted, sorted(self._running, key=lambda request: request.slot))
             except Exception as error:  # a pipeline member gone, for one: nothing more can be served
                 self._fail(f"{type(error).__name__}: {error}", admitted)
                 return
@@ -415,22 +497,24 @@ class Engine:
         if beat is not None:
             beat()
 
-    def _prefill(self, arrivals: list[Request]) -> None:
-        """The arrivals' prompts in one forward pass, padded to the longest."""
-        logits = self.forward.prefill([r.slot for r in arrivals], [r.prompt for r in arrivals])
-        for request, token in zip(arrivals, sample_batch(logits, arrivals), strict=True):
-            request.position = len(request.prompt)
-            self._running.append(request)
-            self._emit(request, token)
-
-    def _decode(self, batch: list[Request]) -> None:
-        logits = self.forward.decode(
-            [r.slot for r in batch], [r.position for r in batch], [r.next_token for r in batch]
+    def _step(self, arrivals: list[Request], batch: list[Request]) -> None:
+        """The arrivals' prompts (padded to the longest) and the running batch's next tokens."""
+        running = (
+            Running([r.slot for r in batch], [r.position for r in batch], [r.next_token for r in batch])
+            if batch
+            else None
         )
-        self.observe_batch(len(batch))
-        for request, token in zip(batch, sample_batch(logits, batch), strict=True):
-            request.position += 1
-            self._emit(request, token)
+        prefilled, decoded = self.forward.step([(r.slot, r.prompt) for r in arrivals], running)
+        if prefilled is not None:
+            for request, token in zip(arrivals, sample_batch(prefilled, arrivals), strict=True):
+                request.position = len(request.prompt)
+                self._running.append(request)
+                self._emit(request, token)
+        if decoded is not None:
+            self.observe_batch(len(batch))
+            for request, token in zip(batch, sample_batch(decoded, batch), strict=True):
+                request.position += 1
+                self._emit(request, token)
 
     def _fail(self, reason: str, admitted: list[Request]) -> None:
         """Ends every request with ``error`` and stops: the server turns unready and exits."""

@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from largo.runtime.engine import Stage
+from largo.runtime.engine import Running, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,15 @@ class PipelineForward:
         logits = torch.empty((x.shape[0], self.vocabulary), dtype=x.dtype, device=on)
         dist.recv(logits, self.members - 1)
         return logits.cpu()
+
+    def step(
+        self, arrivals: list[tuple[int, list[int]]], running: Running | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A prefill and a decoding step down the chain, one after the other."""
+        slots, prompts = [slot for slot, _ in arrivals], [tokens for _, tokens in arrivals]
+        prefilled = self.prefill(slots, prompts) if arrivals else None
+        decoded = self.decode(running.slots, running.positions, running.tokens) if running else None
+        return prefilled, decoded
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """For a prefill the positions sent down are each prompt's last one (padded to the longest)."""

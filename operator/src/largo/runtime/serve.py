@@ -13,19 +13,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
-import contextlib
 import gc
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -33,9 +31,10 @@ import torch
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from largo.runtime import checkpoint, pipeline
+from largo.runtime import checkpoint, engine_process, pipeline
 from largo.runtime.cpus import torch_threads
-from largo.runtime.engine import Engine, LocalForward, Request, Stage
+from largo.runtime.engine import Engine, LocalForward, Stage
+from largo.runtime.engine_process import EngineClient, Loaded, NotLoaded, NotLoadedError, Output, Submission
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
 from largo.runtime.pipeline import PipelineForward
 
@@ -159,19 +158,16 @@ def _error(status: int, message: str, kind: str, retry_after: int | None = None)
 class Completion:
     """What the HTTP side keeps of one request while the engine generates it."""
 
-    request: Request
-    stops: list[bytes]
-    queue: asyncio.Queue[int | str] = field(default_factory=asyncio.Queue)
-    text: bytearray = field(default_factory=bytearray)
-    first_token_at: float | None = None
-    # Filled by the engine's thread, emptied on the event loop by ``Server._flush``.
-    pending: deque[int | str] = field(default_factory=deque)
-    marked: bool = False
+    submission: Submission
+    submitted: float = field(default_factory=time.monotonic)
+    # The engine's outputs for this request, put here on the event loop (``EngineClient``).
+    outputs: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
+    generated: int = 0
 
 
 class Server:
     def __init__(
-        self, name: str, engine: Engine | None, metrics: Metrics, problem: str | None = None
+        self, name: str, engine: EngineClient | None, metrics: Metrics, problem: str | None = None
     ) -> None:
         self.name = name
         self.engine = engine
@@ -182,7 +178,6 @@ class Server:
         self.created = int(time.time())
         self.idle = asyncio.Event()
         self.idle.set()
-        self._dirty: deque[Completion] = deque()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_PROMPT_BYTES * 2)
@@ -249,24 +244,27 @@ class Server:
                 f"model {model!r} is not served here; this server serves {self.name!r}",
                 "not_found_error",
             )
-        tokens = list(prompt.encode())
+        encoded = prompt.encode()
         assert self.engine is not None
         context = self.engine.context
-        if len(tokens) + values["max_tokens"] > context:
+        if len(encoded) + values["max_tokens"] > context:
             return _error(
                 400,
-                f"the prompt ({len(tokens)} tokens) plus max_tokens ({values['max_tokens']}) exceeds the "
+                f"the prompt ({len(encoded)} tokens) plus max_tokens ({values['max_tokens']}) exceeds the "
                 f"model's context of {context} tokens",
                 "invalid_request_error",
             )
-        request = Request(
-            prompt=tokens,
+        submission = Submission(
+            id=self.engine.next_id(),
+            prompt=encoded,
             max_tokens=values["max_tokens"],
             temperature=float(values["temperature"]),
             top_p=float(values["top_p"]),
             seed=seed,
+            stops=tuple(s.encode() for s in stop),
+            stream=stream,
         )
-        return Completion(request, [s.encode() for s in stop]), stream
+        return Completion(submission), stream
 
     async def completions(self, http: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -282,11 +280,11 @@ class Server:
         if isinstance(parsed, web.Response):
             return self._refused(parsed)
         completion, stream = parsed
-        self._wire(completion, stream)
-        if not self.engine.submit(completion.request):
+        if not self.engine.submit(completion.submission, completion.outputs.put_nowait):
             return self._refused(
                 _error(429, "too many requests waiting; retry shortly", "rate_limit_error", 1)
             )
+        self.metrics.prompt_tokens.inc(len(completion.submission.prompt))
         self._enter()
         try:
             if stream:
@@ -294,7 +292,7 @@ class Server:
             else:
                 response = await self._whole(completion)
         except (asyncio.CancelledError, ConnectionResetError):
-            completion.request.cancelled = True  # the client went away: free its slot
+            self.engine.cancel(completion.submission.id)  # the client went away: free its slot
             raise
         finally:
             self._leave()
@@ -318,102 +316,60 @@ class Server:
         if self.in_flight == 0:
             self.idle.set()
 
-    def _wire(self, completion: Completion, stream: bool) -> None:
-        """Connects the engine's callbacks (its thread) to the request's queue (the event loop): every
-        token for a stream, only the finish for a whole answer (the event loop then has nothing to do per
-        token, and the engine's thread more of the interpreter)."""
-        request = completion.request
-        stops = completion.stops
-
-        def deliver(item: int | str) -> None:
-            # Buffered here, handed to the event loop once per iteration for every request together
-            # (``_flush``): one wake-up of the loop per step, not one per token.
-            completion.pending.append(item)
-            if not completion.marked:
-                completion.marked = True
-                self._dirty.append(completion)
-
-        def on_token(token: int) -> None:
-            completion.text.append(token)
-            if stream:
-                deliver(token)
-            elif completion.first_token_at is None:
-                completion.first_token_at = time.monotonic()
-
-        on_finish = deliver
-
-        request.on_token = on_token
-        request.on_finish = on_finish
-        request.should_stop = lambda: any(completion.text.endswith(s) for s in stops)
-        self.metrics.prompt_tokens.inc(len(request.prompt))
-
-    def _flush(self) -> None:
-        """Moves what the engine produced since the last iteration into the requests' queues."""
-        while self._dirty:
-            completion = self._dirty.popleft()
-            completion.marked = False
-            while completion.pending:
-                completion.queue.put_nowait(completion.pending.popleft())
-
-    def attach(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-        """Serves ``engine``'s requests, woken once per engine iteration."""
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(self._flush)
-
-        engine.after_iteration = wake
+    def attach(self, engine: EngineClient) -> None:
         self.engine = engine
 
     async def _tokens(self, completion: Completion) -> AsyncIterator[bytes | str]:
         """Generated bytes safe to show (never the start of a stop sequence), then the finish reason."""
         held = bytearray()
-        produced = 0
+        stops = completion.submission.stops
+        first_token_at: float | None = None
         while True:
-            item = await completion.queue.get()
-            if isinstance(item, str):
-                finish = _finish_reason(item)
+            output = await completion.outputs.get()
+            if output.generated > completion.generated:
+                self.metrics.generated_tokens.inc(output.generated - completion.generated)
+                completion.generated = output.generated
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                    self.metrics.first_token.observe(first_token_at - completion.submitted)
+            held += output.text
+            for stop in stops:
+                if held.endswith(stop):  # the engine ends a request at the token that completes one
+                    del held[len(held) - len(stop) :]
+            if output.finish is not None:
+                finish = _finish_reason(output.finish)
                 if held and finish != "error":
                     yield bytes(held)
-                self._observe_per_token(completion, produced)
+                self._observe_per_token(first_token_at, completion.generated)
                 yield finish
                 return
-            produced += 1
-            self.metrics.generated_tokens.inc()
-            if completion.first_token_at is None:
-                completion.first_token_at = time.monotonic()
-                self.metrics.first_token.observe(completion.first_token_at - completion.request.submitted)
-            held.append(item)
-            for stop in completion.stops:
-                if held.endswith(stop):
-                    del held[len(held) - len(stop) :]
             # Hold back what could still become a stop sequence; release the rest.
-            keep = max((_overlap(held, stop) for stop in completion.stops), default=0)
+            keep = max((_overlap(held, stop) for stop in stops), default=0)
             if len(held) > keep:
                 yield bytes(held[: len(held) - keep])
                 del held[: len(held) - keep]
 
-    def _observe_per_token(self, completion: Completion, produced: int) -> None:
+    def _observe_per_token(self, first_token_at: float | None, produced: int) -> None:
         """At a request's finish: the time per output token after the first."""
-        if produced > 1 and completion.first_token_at is not None:
-            elapsed = time.monotonic() - completion.first_token_at
-            self.metrics.per_token.observe(elapsed / (produced - 1))
+        if produced > 1 and first_token_at is not None:
+            self.metrics.per_token.observe((time.monotonic() - first_token_at) / (produced - 1))
 
     async def _whole(self, completion: Completion) -> web.Response:
-        reason = await completion.queue.get()
-        assert isinstance(reason, str)  # a whole answer is delivered its finish only (``_wire``)
-        finish = _finish_reason(reason)
+        output = await completion.outputs.get()  # a whole answer comes at once, with its finish
+        assert output.finish is not None
+        finish = _finish_reason(output.finish)
         if finish == "error":
             return _error(503, f"the model failed: {self._failure()}", "service_unavailable", 1)
-        text = bytes(completion.text)
+        text = output.text
         # The engine stops a request at the token that completes a stop sequence: it can only end there.
         ended = b""
         if finish == "stop":
-            ended = next((stop for stop in completion.stops if text.endswith(stop)), b"")
-        produced = completion.request.generated
-        self.metrics.generated_tokens.inc(produced)
-        if completion.first_token_at is not None:
-            self.metrics.first_token.observe(completion.first_token_at - completion.request.submitted)
-        self._observe_per_token(completion, produced)
+            ended = next((stop for stop in completion.submission.stops if text.endswith(stop)), b"")
+        completion.generated = output.generated
+        self.metrics.generated_tokens.inc(output.generated)
+        if output.first_token_at is not None:
+            self.metrics.first_token.observe(output.first_token_at - completion.submitted)
+        self._observe_per_token(output.first_token_at, output.generated)
         answer = text[: len(text) - len(ended)].decode(errors="replace")
         return web.json_response(self._body(completion, answer, finish, usage=True))
 
@@ -444,7 +400,7 @@ class Server:
         return response
 
     def _body(self, completion: Completion, text: str, finish: str | None, usage: bool) -> dict[str, Any]:
-        request = completion.request
+        prompt = len(completion.submission.prompt)
         body: dict[str, Any] = {
             "id": f"cmpl-{id(completion):x}",
             "object": "text_completion",
@@ -454,9 +410,9 @@ class Server:
         }
         if usage:
             body["usage"] = {
-                "prompt_tokens": len(request.prompt),
-                "completion_tokens": request.generated,
-                "total_tokens": len(request.prompt) + request.generated,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion.generated,
+                "total_tokens": prompt + completion.generated,
             }
         return body
 
@@ -526,10 +482,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _start_engine(args: argparse.Namespace, metrics: Metrics) -> Engine:
+def _start_engine(args: argparse.Namespace) -> Engine:
     """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
     member joined). Raises ModelError for a model that cannot be served."""
-    started = time.monotonic()
     device = torch.device(args.device)
     model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, device)
     config = model.config
@@ -542,12 +497,9 @@ def _start_engine(args: argparse.Namespace, metrics: Metrics) -> Engine:
         forward = PipelineForward(stage, args.members, config.vocab_size)
     else:
         forward = LocalForward(Stage(model, range(config.depth), args.max_batch, args.threads))
-    engine = Engine(forward, config.context, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    # The front end keeps the running batch and the queue within their bounds (``EngineClient``).
+    engine = Engine(forward, config.context, args.max_batch, args.max_batch + args.max_waiting)
     engine.heartbeat_seconds = pipeline.heartbeat_seconds(args.pipeline_timeout)
-    engine.observe_batch = metrics.batch_size.observe
-    freeze_heap()
-    engine.start()
-    metrics.load_seconds.set(time.monotonic() - started)
     logger.info(
         "serving %s: step %d of %s (%s), %d stage(s) on %s",
         args.name,
@@ -558,6 +510,38 @@ def _start_engine(args: argparse.Namespace, metrics: Metrics) -> Engine:
         device,
     )
     return engine
+
+
+def engine_main(connection: Connection, args: argparse.Namespace) -> None:
+    """The engine's process (``engine_process``): loads the model, then serves the front end's requests."""
+    engine_process.ignore_signals()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if torch.device(args.device).type == "cpu":
+        # More threads than cores fight the front end (and OpenMP's spinning) for them; each step then
+        # takes one or all of these (``engine.step_threads``).
+        torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    try:
+        engine = _start_engine(args)
+    except ModelError as error:
+        connection.send(NotLoaded(str(error), fatal=False))
+        return
+    except Exception as error:  # the pipeline could not form, for one: the group is restarted
+        logger.exception("could not start serving")
+        connection.send(NotLoaded(f"{type(error).__name__}: {error}", fatal=True))
+        return
+    freeze_heap()
+    engine_process.run_engine_side(engine, connection, Loaded(engine.context, time.monotonic() - started))
+
+
+def start_engine_process(args: argparse.Namespace) -> EngineClient:
+    """The engine's process, started (spawned: a fork of a process with threads is unsafe)."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=engine_main, args=(theirs, args), name="largo-engine", daemon=True)
+    process.start()
+    theirs.close()
+    return EngineClient(process, ours, args.max_batch + args.max_waiting)
 
 
 def member(args: argparse.Namespace) -> int:
@@ -598,38 +582,11 @@ def member(args: argparse.Namespace) -> int:
 
 
 def freeze_heap() -> None:
-    """Moves what loading left (torch's modules, the model: ~200,000 objects) out of the garbage
+    """Moves what starting left (torch's modules, the model: ~200,000 objects) out of the garbage
     collector's sight: a full collection over them took 40-76 ms on a 2-core CPU, and it stalls every
     request in flight. What serving allocates afterwards is still collected."""
     gc.collect()
     gc.freeze()
-
-
-async def on_own_thread(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` on a thread that ends when it returns. Loading the model runs there, not on
-    asyncio's executor, whose threads live on: while a thread that ran torch's parallel operations is
-    alive, its OpenMP and MKL workers stay, and the engine thread's own ran slower (on 2 cores: a
-    product of a batch of 32 at width 512, 0.48 ms alone, 0.57 to 0.67 ms beside them; a GELU over
-    [32, 2048], 23 µs alone, 77 µs beside them)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def settle(outcome: Callable[[], None]) -> None:
-        if not done.done():  # the await was cancelled (SIGTERM while loading): nobody to tell
-            outcome()
-
-    def run() -> None:
-        try:
-            result = function(*args)
-        except BaseException as error:  # handed to the awaiting coroutine
-            outcome = partial(done.set_exception, error)
-        else:
-            outcome = partial(done.set_result, result)
-        with contextlib.suppress(RuntimeError):  # the loop is already closed
-            loop.call_soon_threadsafe(settle, outcome)
-
-    threading.Thread(target=run, name="largo-load", daemon=True).start()
-    return await done
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -650,35 +607,40 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     exit_code = 0
 
+    engine = start_engine_process(args)
+    engine.observe_batch = metrics.batch_size.observe
+    freeze_heap()
+
     async def load() -> None:
         nonlocal exit_code
         try:
-            server.attach(await on_own_thread(_start_engine, args, metrics), loop)
-        except ModelError as error:
-            # The model asked for is not there: alive and unready, saying why, until the spec changes.
+            loaded = await engine.loaded()
+        except NotLoadedError as error:
             server.problem = str(error)
-            logger.error("not serving: %s", error)
-        except Exception as error:  # the pipeline could not form, for one: the group is restarted
-            server.problem = f"{type(error).__name__}: {error}"
-            logger.exception("could not start serving")
-            exit_code = 1
-            stop.set()
+            if error.fatal:  # the pipeline could not form, for one: the group is restarted
+                logger.error("could not start serving: %s", error)
+                exit_code = 1
+                stop.set()
+            else:  # the model asked for is not there: alive and unready, saying why, until the spec changes
+                logger.error("not serving: %s", error)
         else:
+            metrics.load_seconds.set(loaded.load_seconds)
+            server.attach(engine)
             server.problem = None
 
     async def watch() -> None:
         nonlocal exit_code
         while True:
-            engine = server.engine
-            if engine is not None:
-                stats = engine.stats()
+            if server.engine is not None:
+                stats = server.engine.stats
                 metrics.running.set(stats.running)
                 metrics.waiting.set(stats.waiting)
                 metrics.cache_usage.set(stats.cached_tokens / stats.cache_capacity)
-                if engine.failure is not None:
+                failure = server.engine.failure
+                if failure is not None:
                     # Unready at once; exiting fails the pod, and the controller restarts the group.
-                    server.problem = engine.failure
-                    logger.error("the engine failed: %s", engine.failure)
+                    server.problem = failure
+                    logger.error("the engine failed: %s", failure)
                     exit_code = 1
                     stop.set()
                     return
@@ -695,9 +657,7 @@ async def serve(args: argparse.Namespace) -> int:
         logger.warning("%d request(s) still in flight after %.0fs", server.in_flight, args.drain_seconds)
     for task in tasks:
         task.cancel()
-    engine = server.engine
-    if engine is not None:
-        await asyncio.to_thread(engine.stop)
+    await engine.stop()
     await runner.cleanup()
     return exit_code
 
@@ -705,11 +665,9 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    if torch.device(args.device).type == "cpu":
-        # More threads than cores fight the event loop (and OpenMP's spinning) for them; each step
-        # then takes one or all of these (``engine.step_threads``).
-        torch.set_num_threads(args.threads)
     if args.member > 0:
+        if torch.device(args.device).type == "cpu":
+            torch.set_num_threads(args.threads)  # as the leader's engine (``engine_main``)
         return member(args)
     return asyncio.run(serve(args))
 
