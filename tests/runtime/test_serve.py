@@ -24,7 +24,16 @@ import pytest
 import torch
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
-from largo.runtime.engine import Engine, Request, Stage, sample, slot_run, step_threads
+from largo.runtime.engine import (
+    Engine,
+    LocalForward,
+    Request,
+    Running,
+    Stage,
+    sample,
+    slot_run,
+    step_threads,
+)
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
 from largo.runtime.serve import ModelError, _overlap, freeze_heap, load_model
 from prometheus_client.parser import text_string_to_metric_families
@@ -462,6 +471,40 @@ def test_consecutive_slots_are_read_in_place_with_the_same_result() -> None:
         order = [2, 0, 1]
         gathered = stage.decode(x[order], [3, 1, 2], torch.tensor([1, 3, 2]))
     assert torch.equal(gathered, in_place[order])
+
+
+def test_new_prompts_and_running_requests_in_one_pass_equal_a_prefill_then_a_decoding_step() -> None:
+    torch.manual_seed(0)
+    model = TinyGPT(ModelConfig(width=32, depth=2, context=16))
+    one_pass, two_passes = (Stage(model, range(2), max_batch=4) for _ in range(2))
+    with torch.inference_mode():
+        for stage in (one_pass, two_passes):
+            stage.prefill_prompts([0, 2], [[5, 6, 7], [8, 9]])  # running in slots 0 and 2
+        running = one_pass.embed_tokens([0, 2], [3, 2], [11, 12])
+        arrivals, last = one_pass.embed_prompts([1, 3], [[1, 2, 3, 4], [9]])  # into slots 1 and 3
+        prefilled, decoded = one_pass.step(arrivals, running)
+        apart_prefilled = two_passes.prefill(arrivals.x, arrivals.slots)
+        apart_decoded = two_passes.decode(running.x, running.slots, running.positions, running.longest)
+    assert prefilled is not None
+    assert decoded is not None
+    assert torch.allclose(prefilled, apart_prefilled, atol=1e-6)
+    assert torch.allclose(decoded, apart_decoded, atol=1e-6)
+    assert torch.allclose(one_pass.cache, two_passes.cache, atol=1e-6)  # the same keys and values kept
+    assert last.tolist() == [3, 0]
+    # The logits a local forward samples from: each prompt at its last position, each running token.
+    forward = LocalForward(Stage(model, range(2), max_batch=4))
+    with torch.inference_mode():
+        forward.stage.prefill_prompts([0, 2], [[5, 6, 7], [8, 9]])
+        from_prompts, from_running = forward.step(
+            [(1, [1, 2, 3, 4]), (3, [9])], Running([0, 2], [3, 2], [11, 12])
+        )
+    assert from_prompts is not None
+    assert from_running is not None
+    with torch.inference_mode():
+        expected_prompts = two_passes.logits(apart_prefilled, last)
+        expected_running = two_passes.logits(apart_decoded)
+    assert torch.allclose(from_prompts, expected_prompts, atol=1e-5)
+    assert torch.allclose(from_running, expected_running, atol=1e-5)
 
 
 def test_decoding_reads_only_the_positions_in_use() -> None:

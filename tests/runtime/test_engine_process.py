@@ -1,0 +1,195 @@
+"""The engine's process and the front end's handle on it, spoken to directly over their pipe (the HTTP
+server on top of them is tested in test_serve.py): a real model trained for a few steps, a real spawned
+process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from largo.runtime.engine import Engine, Request
+from largo.runtime.engine_process import EngineClient, NotLoadedError, Output, Submission
+from largo.runtime.serve import load_model, parse_args, start_engine_process
+
+pytestmark = pytest.mark.runtime
+
+TRAIN_ARGS = ["--batch-size", "8", "--context", "32", "--width", "32", "--steps", "20", "--log-every", "10"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    checkpoints = tmp_path_factory.mktemp("engine-process") / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LARGO_CHECKPOINT_DIR": str(checkpoints)}
+    command = [sys.executable, "-m", "largo.runtime.train", *TRAIN_ARGS, "--checkpoint-every", "20"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return checkpoints
+
+
+def engine_args(model_dir: Path, max_batch: int = 2, max_waiting: int = 1) -> list[str]:
+    return [
+        "--model-dir", str(model_dir), "--device", "cpu", "--threads", "1",
+        "--max-batch", str(max_batch), "--max-waiting", str(max_waiting),
+    ]  # fmt: skip
+
+
+def greedy_here(model_dir: Path, prompt: bytes, max_tokens: int) -> bytes:
+    """The same request on an engine in this process: what the engine's process must answer."""
+    model, _ = load_model(model_dir, None, torch.device("cpu"))
+    engine = Engine.local(model, max_batch=1)
+    tokens: list[int] = []
+    done = asyncio.Event()
+    loop = asyncio.new_event_loop()
+    request = Request(prompt=list(prompt), max_tokens=max_tokens, temperature=0.0)
+    request.on_token = tokens.append
+    request.on_finish = lambda reason: loop.call_soon_threadsafe(done.set)
+    engine.start()
+    try:
+        assert engine.submit(request)
+        loop.run_until_complete(asyncio.wait_for(done.wait(), 60))
+    finally:
+        engine.stop()
+        loop.close()
+    return bytes(tokens)
+
+
+def submission(
+    client: EngineClient, prompt: bytes, max_tokens: int, stream: bool = False, stops: tuple[bytes, ...] = ()
+) -> Submission:
+    """A greedy request."""
+    return Submission(client.next_id(), prompt, max_tokens, 0.0, 1.0, None, stops, stream)
+
+
+async def collect(outputs: asyncio.Queue[Output]) -> list[Output]:
+    """A request's outputs up to and including its finish."""
+    seen = [await asyncio.wait_for(outputs.get(), 60)]
+    while seen[-1].finish is None:
+        seen.append(await asyncio.wait_for(outputs.get(), 60))
+    return seen
+
+
+def test_requests_go_to_the_engine_s_process_and_their_tokens_come_back(trained: Path) -> None:
+    expected = greedy_here(trained, b"def ", 12)
+
+    async def scenario() -> None:
+        client = start_engine_process(parse_args(engine_args(trained)))
+        try:
+            loaded = await client.loaded()
+            assert loaded.context == 32
+            assert loaded.load_seconds > 0
+            whole: asyncio.Queue[Output] = asyncio.Queue()
+            streamed: asyncio.Queue[Output] = asyncio.Queue()
+            stopped: asyncio.Queue[Output] = asyncio.Queue()
+            assert client.submit(submission(client, b"def ", 12), whole.put_nowait)
+            assert client.submit(submission(client, b"def ", 12, stream=True), streamed.put_nowait)
+            stop = expected[3:5]
+            assert client.submit(submission(client, b"def ", 12, stops=(stop,)), stopped.put_nowait)
+            # The running batch (2) and the queue (1) are full: the front end refuses the next itself.
+            assert client.outstanding == 3
+            assert not client.submit(submission(client, b"x", 2), asyncio.Queue().put_nowait)
+
+            [answer] = await collect(whole)  # a whole answer comes once, with its finish
+            assert (answer.text, answer.finish, answer.generated) == (expected, "length", 12)
+            assert answer.first_token_at is not None
+            chunks = await collect(streamed)
+            assert len(chunks) > 1  # a stream comes as it is generated
+            assert b"".join(chunk.text for chunk in chunks) == expected
+            assert [chunk.generated for chunk in chunks] == sorted(chunk.generated for chunk in chunks)
+            [ended] = await collect(stopped)
+            assert ended.finish == "stop"
+            assert ended.text == expected[: expected.index(stop) + len(stop)]
+            assert client.outstanding == 0
+            assert client.failure is None
+        finally:
+            await client.stop()
+        assert client.process.exitcode == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_request_leaves_the_batch(trained: Path) -> None:
+    async def scenario() -> None:
+        client = start_engine_process(parse_args(engine_args(trained, max_batch=1, max_waiting=1)))
+        try:
+            await client.loaded()
+            leaving: asyncio.Queue[Output] = asyncio.Queue()
+            request = submission(client, b"a", 30, stream=True)
+            assert client.submit(request, leaving.put_nowait)
+            first = await asyncio.wait_for(leaving.get(), 60)
+            client.cancel(request.id)  # the HTTP client went away
+            rest = await collect(leaving)
+            assert rest[-1].finish == "cancelled"
+            assert rest[-1].generated < 30
+            # Its slot is free: the only one, so the next request runs to its end.
+            after: asyncio.Queue[Output] = asyncio.Queue()
+            assert client.submit(submission(client, b"b", 5), after.put_nowait)
+            [done] = await collect(after)
+            assert (done.finish, done.generated) == ("length", 5)
+            assert first.generated >= 1
+        finally:
+            await client.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_engine_process_that_dies_fails_every_open_request(trained: Path) -> None:
+    async def scenario() -> None:
+        client = start_engine_process(parse_args(engine_args(trained, max_batch=1, max_waiting=2)))
+        try:
+            await client.loaded()
+            queues: list[asyncio.Queue[Output]] = [asyncio.Queue() for _ in range(3)]
+            for queue in queues:
+                assert client.submit(submission(client, b"x", 30, stream=True), queue.put_nowait)
+            await asyncio.wait_for(queues[0].get(), 60)  # running
+            assert client.process.pid is not None
+            os.kill(client.process.pid, signal.SIGKILL)
+            for queue in queues:
+                outputs = await collect(queue)
+                assert outputs[-1].finish == "error"
+            assert client.failure is not None
+            assert "exited" in client.failure
+            assert str(-signal.SIGKILL) in client.failure
+            assert not client.submit(submission(client, b"x", 2), asyncio.Queue().put_nowait)
+        finally:
+            await client.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_missing_model_is_told_not_fatal_and_the_process_ends(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        client = start_engine_process(parse_args(engine_args(tmp_path)))
+        try:
+            with pytest.raises(NotLoadedError, match="no complete checkpoint") as raised:
+                await client.loaded()
+            assert not raised.value.fatal  # the server stays up, unready, saying why
+        finally:
+            await client.stop()
+        assert client.process.exitcode == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_engine_s_process_ignores_the_signals_the_front_end_drains_on(trained: Path) -> None:
+    async def scenario() -> None:
+        client = start_engine_process(parse_args(engine_args(trained)))
+        try:
+            await client.loaded()
+            queue: asyncio.Queue[Output] = asyncio.Queue()
+            assert client.submit(submission(client, b"x", 20, stream=True), queue.put_nowait)
+            assert client.process.pid is not None
+            for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C reaches the whole process group
+                os.kill(client.process.pid, signum)
+            outputs = await collect(queue)
+            assert (outputs[-1].finish, outputs[-1].generated) == ("length", 20)
+        finally:
+            await client.stop()
+        assert client.process.exitcode == 0
+
+    asyncio.run(scenario())
