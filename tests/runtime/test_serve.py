@@ -25,6 +25,7 @@ import torch
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
 from largo.runtime.engine import (
+    Decode,
     Engine,
     LocalForward,
     Request,
@@ -455,6 +456,28 @@ def test_an_idle_pipeline_outlives_its_receive_timeout(trained: Path, tmp_path: 
         replica.stop()
 
 
+def prefill(stage: Stage, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    """Prompts alone through ``stage`` (an iteration without running requests)."""
+    prefilled, _ = stage.step(stage.embed_prompts(slots, prompts)[0], None)
+    assert prefilled is not None
+    return prefilled
+
+
+def decode(
+    stage: Stage, x: torch.Tensor, slots: list[int], positions: torch.Tensor, longest: int | None = None
+) -> torch.Tensor:
+    """Running requests' hidden states alone through ``stage`` (an iteration without new prompts)."""
+    _, decoded = stage.step(None, Decode(x, slots, positions, stage.context if longest is None else longest))
+    assert decoded is not None
+    return decoded
+
+
+def decode_tokens(stage: Stage, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
+    _, decoded = stage.step(None, stage.embed_tokens(slots, positions, tokens))
+    assert decoded is not None
+    return decoded
+
+
 def test_consecutive_slots_are_read_in_place_with_the_same_result() -> None:
     assert slot_run([3, 4, 5]) == slice(3, 6)
     assert slot_run([0]) == slice(0, 1)
@@ -464,12 +487,12 @@ def test_consecutive_slots_are_read_in_place_with_the_same_result() -> None:
     torch.manual_seed(0)
     stage = Stage(TinyGPT(ModelConfig(width=32, depth=2, context=16)), range(2), max_batch=4)
     with torch.inference_mode():
-        stage.prefill_prompts([1, 2, 3], [[5, 6, 7], [8, 9], [10]])
+        prefill(stage, [1, 2, 3], [[5, 6, 7], [8, 9], [10]])
         x = torch.randn(3, 1, 32)
-        in_place = stage.decode(x, [1, 2, 3], torch.tensor([3, 2, 1]))
+        in_place = decode(stage, x, [1, 2, 3], torch.tensor([3, 2, 1]))
         # The same requests in another order: not a run, so their keys are gathered.
         order = [2, 0, 1]
-        gathered = stage.decode(x[order], [3, 1, 2], torch.tensor([1, 3, 2]))
+        gathered = decode(stage, x[order], [3, 1, 2], torch.tensor([1, 3, 2]))
     assert torch.equal(gathered, in_place[order])
 
 
@@ -479,14 +502,16 @@ def test_new_prompts_and_running_requests_in_one_pass_equal_a_prefill_then_a_dec
     one_pass, two_passes = (Stage(model, range(2), max_batch=4) for _ in range(2))
     with torch.inference_mode():
         for stage in (one_pass, two_passes):
-            stage.prefill_prompts([0, 2], [[5, 6, 7], [8, 9]])  # running in slots 0 and 2
+            prefill(stage, [0, 2], [[5, 6, 7], [8, 9]])  # running in slots 0 and 2
         running = one_pass.embed_tokens([0, 2], [3, 2], [11, 12])
         arrivals, last = one_pass.embed_prompts([1, 3], [[1, 2, 3, 4], [9]])  # into slots 1 and 3
         prefilled, decoded = one_pass.step(arrivals, running)
-        apart_prefilled = two_passes.prefill(arrivals.x, arrivals.slots)
-        apart_decoded = two_passes.decode(running.x, running.slots, running.positions, running.longest)
+        apart_prefilled, _ = two_passes.step(arrivals, None)
+        _, apart_decoded = two_passes.step(None, running)
     assert prefilled is not None
     assert decoded is not None
+    assert apart_prefilled is not None
+    assert apart_decoded is not None
     assert torch.allclose(prefilled, apart_prefilled, atol=1e-6)
     assert torch.allclose(decoded, apart_decoded, atol=1e-6)
     assert torch.allclose(one_pass.cache, two_passes.cache, atol=1e-6)  # the same keys and values kept
@@ -494,15 +519,15 @@ def test_new_prompts_and_running_requests_in_one_pass_equal_a_prefill_then_a_dec
     # The logits a local forward samples from: each prompt at its last position, each running token.
     forward = LocalForward(Stage(model, range(2), max_batch=4))
     with torch.inference_mode():
-        forward.stage.prefill_prompts([0, 2], [[5, 6, 7], [8, 9]])
+        prefill(forward.stage, [0, 2], [[5, 6, 7], [8, 9]])
         from_prompts, from_running = forward.step(
             [(1, [1, 2, 3, 4]), (3, [9])], Running([0, 2], [3, 2], [11, 12])
         )
     assert from_prompts is not None
     assert from_running is not None
     with torch.inference_mode():
-        expected_prompts = two_passes.logits(apart_prefilled, last)
-        expected_running = two_passes.logits(apart_decoded)
+        expected_prompts = two_passes.head(apart_prefilled[torch.arange(2), last])
+        expected_running = two_passes.head(apart_decoded[:, -1])
     assert torch.allclose(from_prompts, expected_prompts, atol=1e-5)
     assert torch.allclose(from_running, expected_running, atol=1e-5)
 
@@ -511,13 +536,13 @@ def test_decoding_reads_only_the_positions_in_use() -> None:
     torch.manual_seed(0)
     stage = Stage(TinyGPT(ModelConfig(width=32, depth=2, context=16)), range(2), max_batch=4)
     with torch.inference_mode():
-        stage.prefill_prompts([0, 1, 2], [[5, 6, 7], [8, 9], [10]])
+        prefill(stage, [0, 1, 2], [[5, 6, 7], [8, 9], [10]])
         x = torch.randn(3, 1, 32)
         positions = torch.tensor([3, 2, 1])
-        whole_context = stage.decode(x, [0, 1, 2], positions)
+        whole_context = decode(stage, x, [0, 1, 2], positions)
         # Poison what no request may see: a read past the furthest position would show it.
         stage.cache[:, :, :, :, 4:] = float("nan")
-        in_use = stage.decode(x, [0, 1, 2], positions, longest=4)
+        in_use = decode(stage, x, [0, 1, 2], positions, longest=4)
     assert torch.allclose(in_use, whole_context, atol=1e-6)
     assert not in_use.isnan().any()
 
@@ -548,12 +573,12 @@ def test_a_cpu_stage_sets_torch_s_threads_for_each_step() -> None:
     try:
         with torch.inference_mode():
             for stage in (one, several):
-                stage.prefill_prompts([0, 1, 2, 3, 4, 5, 6, 7], [[1, 2, 3]] * 8)
-            lone = several.decode_tokens([0], [3], [4])  # 512 x 512 per product: one thread
+                prefill(stage, [0, 1, 2, 3, 4, 5, 6, 7], [[1, 2, 3]] * 8)
+            lone = decode_tokens(several, [0], [3], [4])  # 512 x 512 per product: one thread
             seen.append(torch.get_num_threads())
-            batch = several.decode_tokens(list(range(8)), [3] * 8, [4] * 8)  # 8 x: every thread
+            batch = decode_tokens(several, list(range(8)), [3] * 8, [4] * 8)  # 8 x: every thread
             seen.append(torch.get_num_threads())
-            alone = one.decode_tokens(list(range(8)), [3] * 8, [4] * 8)
+            alone = decode_tokens(one, list(range(8)), [3] * 8, [4] * 8)
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 2]

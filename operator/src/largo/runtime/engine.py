@@ -140,48 +140,44 @@ class Stage:
         out: torch.Tensor = model.tokens(tokens) + model.positions(positions)
         return out
 
-    def prefill(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Prompts' hidden states ([batch, length, width], shorter ones padded at the end) through this
-        stage's layers, filling each one's slot of the cache. Padding needs no mask of its own: under
-        the causal mask a real position never sees a later one, and decoding overwrites a padded
-        position's cache entry before it can see it."""
-        prefilled, _ = self.step(Prefill(x, slots), None)
-        assert prefilled is not None
-        return prefilled
-
-    def prefill_prompts(
-        self, slots: list[int], prompts: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first stage's prefill from the prompts themselves: their hidden states after this stage,
-        and each prompt's last position."""
-        prefill, last = self.embed_prompts(slots, prompts)
-        return self.prefill(prefill.x, prefill.slots), last
-
     def embed_prompts(self, slots: list[int], prompts: list[list[int]]) -> tuple[Prefill, torch.Tensor]:
+        """The first stage's input for new prompts (padded to the longest) into ``slots``, and each
+        prompt's last position."""
         tokens, last = padded(prompts)
         on = self.device
         x = self.embed(tokens.to(on), torch.arange(tokens.shape[1], device=on)[None, :])
         return Prefill(x, torch.tensor(slots, device=on)), last
 
-    def decode(
-        self, x: torch.Tensor, slots: list[int], positions: torch.Tensor, longest: int | None = None
-    ) -> torch.Tensor:
-        """One new token per request ([batch, 1, width]), each attending over its own cached positions,
-        up to ``longest`` (one past the furthest position; default: the whole context)."""
-        span = self.context if longest is None else longest
-        _, decoded = self.step(None, Decode(x, slots, positions, span))
-        assert decoded is not None
-        return decoded
-
     def embed_tokens(self, slots: list[int], positions: list[int], tokens: list[int]) -> Decode:
+        """The first stage's input for the running requests' next ``tokens``."""
         at = torch.tensor(positions, device=self.device)
         x = self.embed(torch.tensor(tokens, device=self.device)[:, None], at[:, None])
         return Decode(x, slots, at, max(positions) + 1)
 
-    def decode_tokens(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
-        """The first stage's decoding step from the tokens themselves: their hidden states after it."""
-        decode = self.embed_tokens(slots, positions, tokens)
-        return self.decode(decode.x, decode.slots, decode.positions, decode.longest)
+    def embed_step(
+        self, arrivals: list[tuple[int, list[int]]], running: Running | None
+    ) -> tuple[Prefill | None, list[int], Decode | None]:
+        """The first stage's input for an iteration: new prompts ((slot, tokens) each) with each one's last
+        position, and the running requests' next tokens."""
+        prefill, last = None, []
+        if arrivals:
+            prefill, positions = self.embed_prompts([s for s, _ in arrivals], [t for _, t in arrivals])
+            last = positions.tolist()
+        decode = self.embed_tokens(running.slots, running.positions, running.tokens) if running else None
+        return prefill, last, decode
+
+    def step_logits(
+        self, prefilled: torch.Tensor | None, decoded: torch.Tensor | None, last: list[int]
+    ) -> torch.Tensor:
+        """The last stage's logits for an iteration, in one product: each running request's, then each
+        prompt's at its ``last`` position."""
+        rows = []
+        if decoded is not None:
+            rows.append(decoded[:, -1])
+        if prefilled is not None:
+            prompts = torch.arange(prefilled.shape[0], device=self.device)
+            rows.append(prefilled[prompts, torch.tensor(last, device=self.device)])
+        return self.head(rows[0] if len(rows) == 1 else torch.cat(rows))
 
     def step(
         self, prefill: Prefill | None, decode: Decode | None
@@ -245,10 +241,6 @@ class Stage:
             x[decoded:].view(prompts, length, width) if prefill is not None else None,
             x[:decoded].view(decoded, 1, width) if decode is not None else None,
         )
-
-    def logits(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """Each row's logits at its position ``last`` (default: the final one): [batch, vocabulary]."""
-        return self.head(x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last])
 
     def head(self, rows: torch.Tensor) -> torch.Tensor:
         """Hidden states ([rows, width]) after the last layer -> logits ([rows, vocabulary])."""
@@ -361,21 +353,9 @@ class LocalForward:
         self, arrivals: list[tuple[int, list[int]]], running: Running | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         stage = self.stage
-        prefill, last = (
-            stage.embed_prompts([slot for slot, _ in arrivals], [tokens for _, tokens in arrivals])
-            if arrivals
-            else (None, None)
-        )
-        decode = stage.embed_tokens(running.slots, running.positions, running.tokens) if running else None
+        prefill, last, decode = stage.embed_step(arrivals, running)
         prefilled, decoded = stage.step(prefill, decode)
-        # One head for every row that needs logits: the decoded tokens, then each prompt's last position.
-        rows = []
-        if decoded is not None:
-            rows.append(decoded[:, -1])
-        if prefilled is not None and last is not None:
-            at = torch.arange(prefilled.shape[0], device=stage.device)
-            rows.append(prefilled[at, last.to(stage.device)])
-        logits = stage.head(torch.cat(rows) if len(rows) > 1 else rows[0]).cpu()  # sampled in host memory
+        logits = stage.step_logits(prefilled, decoded, last).cpu()  # the engine samples in host memory
         split = decoded.shape[0] if decoded is not None else 0
         return (logits[split:] if arrivals else None), (logits[:split] if running else None)
 

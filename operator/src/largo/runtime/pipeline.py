@@ -3,25 +3,28 @@ or gloo between GPUs, through host memory, where NCCL cannot run).
 
 Member 0, the leader, embeds the tokens, runs its layers and sends the hidden states on; each member
 runs its layers (``stage_layers``) over its own slice of the KV cache and passes them to the next; the
-last one computes the logits and sends them back to the leader, which samples. Every step is one
-message down the chain: a header (operation, batch, length), the requests' cache slots and positions
-(for a prefill, each prompt's last position), then the hidden states. The leader drives the pipeline
-from its engine's thread; the other members only serve it (``run_member``), and exit when it goes away.
+last one computes the logits and sends them back to the leader, which samples. Every iteration is one
+message down the chain, as it is one pass on a single pod (``Stage.step``): a header (operation, running
+requests, new prompts, the prompts' padded length), the running requests' cache slots and positions and
+the prompts' slots and last positions (``Shape``), then the hidden states of every row (the running
+requests' tokens, then the prompts'). The leader drives the pipeline from its engine's thread; the
+other members only serve it (``run_member``), and exit when it goes away.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from largo.runtime.engine import Running, Stage
+from largo.runtime.engine import Decode, Prefill, Running, Stage
 
 logger = logging.getLogger(__name__)
 
-PREFILL, DECODE, STOP, HEARTBEAT = 0, 1, 2, 3
+STEP, STOP, HEARTBEAT = 0, 2, 3
 # A member's receive times out after this; the leader says it is alive every twentieth of it while idle.
 TIMEOUT_SECONDS = 600.0
 
@@ -57,12 +60,74 @@ def transport_device(device: torch.device) -> torch.device:
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _send(op: int, slots: list[int], positions: list[int], x: torch.Tensor, to: int) -> None:
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What an iteration's rows are: ``running`` requests' next tokens at ``positions`` in ``slots``, then
+    ``prompts`` new prompts padded to ``length`` in ``prompt_slots``, each ending at ``last``."""
+
+    running: int
+    slots: list[int]
+    positions: list[int]
+    prompts: int
+    length: int
+    prompt_slots: list[int]
+    last: list[int]
+
+    @property
+    def rows(self) -> int:
+        return self.running + self.prompts * self.length
+
+    def split(self, x: torch.Tensor) -> tuple[Prefill | None, Decode | None]:
+        """The rows ([rows, width]) as ``Stage.step`` takes them."""
+        on, width = x.device, x.shape[-1]
+        decode = None
+        if self.running:
+            positions = torch.tensor(self.positions, device=on)
+            rows = x[: self.running].view(self.running, 1, width)
+            decode = Decode(rows, self.slots, positions, 1 + max(self.positions))
+        prefill = None
+        if self.prompts:
+            rows = x[self.running :].view(self.prompts, self.length, width)
+            prefill = Prefill(rows, torch.tensor(self.prompt_slots, device=on))
+        return prefill, decode
+
+
+_NOTHING = Shape(0, [], [], 0, 0, [], [])
+
+
+def _rows(prefilled: torch.Tensor | None, decoded: torch.Tensor | None) -> torch.Tensor:
+    """``Stage.step``'s outputs back into rows: the running requests', then the prompts'."""
+    rows = [t.reshape(-1, t.shape[-1]) for t in (decoded, prefilled) if t is not None]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _send(op: int, shape: Shape, x: torch.Tensor, to: int) -> None:
     on = transport_device(x.device)
-    dist.send(torch.tensor([op, x.shape[0], x.shape[1]], dtype=torch.int64, device=on), to)
-    dist.send(torch.tensor(slots, dtype=torch.int64, device=on), to)
-    dist.send(torch.tensor(positions, dtype=torch.int64, device=on), to)
+    header = [op, shape.running, shape.prompts, shape.length]
+    indices = [*shape.slots, *shape.positions, *shape.prompt_slots, *shape.last]
+    dist.send(torch.tensor(header, dtype=torch.int64, device=on), to)
+    if indices:
+        dist.send(torch.tensor(indices, dtype=torch.int64, device=on), to)
     dist.send(x.to(on).contiguous(), to)
+
+
+def _receive(source: int, width: int, on: torch.device) -> tuple[int, Shape, torch.Tensor]:
+    header = torch.empty(4, dtype=torch.int64, device=on)
+    dist.recv(header, source)
+    op, running, prompts, length = (int(value) for value in header.tolist())
+    values: list[int] = []
+    if running or prompts:
+        indices = torch.empty(2 * (running + prompts), dtype=torch.int64, device=on)
+        dist.recv(indices, source)
+        values = indices.tolist()
+    at = 2 * running
+    shape = Shape(
+        running, values[:running], values[running:at], prompts, length,
+        values[at : at + prompts], values[at + prompts :],
+    )  # fmt: skip
+    x = torch.empty((shape.rows, width), device=on)
+    dist.recv(x, source)
+    return op, shape, x
 
 
 class PipelineForward:
@@ -75,38 +140,36 @@ class PipelineForward:
         self.members = members
         self.vocabulary = vocabulary
 
-    def _through(self, op: int, slots: list[int], positions: list[int], x: torch.Tensor) -> torch.Tensor:
-        """The logits, in host memory (where the engine samples), of ``x`` sent down the chain."""
-        _send(op, slots, positions, x, 1)
-        on = transport_device(self.stage.device)
-        logits = torch.empty((x.shape[0], self.vocabulary), dtype=x.dtype, device=on)
-        dist.recv(logits, self.members - 1)
-        return logits.cpu()
-
     def step(
         self, arrivals: list[tuple[int, list[int]]], running: Running | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A prefill and a decoding step down the chain, one after the other."""
-        slots, prompts = [slot for slot, _ in arrivals], [tokens for _, tokens in arrivals]
-        prefilled = self.prefill(slots, prompts) if arrivals else None
-        decoded = self.decode(running.slots, running.positions, running.tokens) if running else None
-        return prefilled, decoded
-
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """For a prefill the positions sent down are each prompt's last one (padded to the longest)."""
-        hidden, last = self.stage.prefill_prompts(slots, prompts)
-        return self._through(PREFILL, slots, last.tolist(), hidden)
-
-    def decode(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
-        return self._through(DECODE, slots, positions, self.stage.decode_tokens(slots, positions, tokens))
+        """This stage's layers here, the rest down the chain: one message per iteration each way."""
+        stage = self.stage
+        prefill, last, decode = stage.embed_step(arrivals, running)
+        prefilled, decoded = stage.step(prefill, decode)
+        shape = Shape(
+            len(running.slots) if running else 0,
+            running.slots if running else [],
+            running.positions if running else [],
+            len(arrivals),
+            prefill.x.shape[1] if prefill is not None else 0,
+            [slot for slot, _ in arrivals],
+            last,
+        )
+        _send(STEP, shape, _rows(prefilled, decoded), 1)
+        on = transport_device(stage.device)
+        logits = torch.empty((shape.running + shape.prompts, self.vocabulary), device=on)
+        dist.recv(logits, self.members - 1)
+        logits = logits.cpu()  # the engine samples in host memory
+        return (logits[shape.running :] if arrivals else None), (logits[: shape.running] if running else None)
 
     def heartbeat(self) -> None:
         """Keeps an idle pipeline's members from timing out (and finds a dead one early)."""
-        _send(HEARTBEAT, [], [], torch.zeros((0, 0, self.stage.width), device=self.stage.device), 1)
+        _send(HEARTBEAT, _NOTHING, torch.zeros((0, self.stage.width), device=self.stage.device), 1)
 
     def close(self) -> None:
         """Tells the members to exit (they also exit when the leader's connection drops)."""
-        _send(STOP, [], [], torch.zeros((0, 0, self.stage.width), device=self.stage.device), 1)
+        _send(STOP, _NOTHING, torch.zeros((0, self.stage.width), device=self.stage.device), 1)
 
 
 def run_member(stage: Stage, member: int, members: int) -> None:
@@ -114,30 +177,17 @@ def run_member(stage: Stage, member: int, members: int) -> None:
     source, target = member - 1, (member + 1) % members
     on = transport_device(stage.device)
     while True:
-        header = torch.empty(3, dtype=torch.int64, device=on)
-        dist.recv(header, source)
-        op, batch, length = (int(value) for value in header.tolist())
-        slots = torch.empty(batch, dtype=torch.int64, device=on)
-        positions = torch.empty(batch, dtype=torch.int64, device=on)
-        dist.recv(slots, source)
-        dist.recv(positions, source)
-        x = torch.empty((batch, length, stage.width), device=on)
-        dist.recv(x, source)
-        x, slots, positions = x.to(stage.device), slots.to(stage.device), positions.to(stage.device)
+        op, shape, x = _receive(source, stage.width, on)
         if op in (STOP, HEARTBEAT):
             if not stage.last:
-                _send(op, [], [], x, target)
+                _send(op, shape, x, target)
             if op == STOP:
                 return
             continue
         with torch.inference_mode():
-            x = (
-                stage.prefill(x, slots)
-                if op == PREFILL
-                else stage.decode(x, slots.tolist(), positions, int(positions.max()) + 1)
-            )
-            if stage.last:
-                last = positions if op == PREFILL else None
-                dist.send(stage.logits(x, last).to(on).contiguous(), 0)
-            else:
-                _send(op, slots.tolist(), positions.tolist(), x, target)
+            prefilled, decoded = stage.step(*shape.split(x.to(stage.device)))
+            if not stage.last:
+                _send(STEP, shape, _rows(prefilled, decoded), target)
+                continue
+            logits = stage.step_logits(prefilled, decoded, shape.last)  # what the leader samples from
+            dist.send(logits.to(on).contiguous(), 0)
