@@ -555,8 +555,9 @@ def test_decoding_reads_only_the_positions_in_use() -> None:
         (4, 512, 1),  # gains 2%: not worth the HTTP side's core
         (8, 512, 4),  # a batch of a large model: compute-bound
         (32, 512, 4),
-        (32, 64, 1),  # a batch of the small model: the HTTP side needs the other cores
-        (1024, 64, 4),  # its prefill of 32 prompts
+        (32, 64, 1),  # a batch of the small model: the front end needs the other cores
+        (1024, 64, 1),  # even its prefill of 32 prompts: its requests are many and short
+        (1024, 256, 4),  # a prefill of 32 prompts of a wider one
     ],
 )
 def test_a_step_uses_every_core_only_when_its_products_are_large(rows: int, width: int, threads: int) -> None:

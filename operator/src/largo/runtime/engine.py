@@ -293,17 +293,23 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 # A step's products are worth splitting over cores above this many multiply-adds each (rows x width
 # x width): up to it (a lone request's decoding, any decoding step of a small model) a step is bound by
-# memory and per-operation overhead, more threads gain little there and take the core the HTTP side
+# memory and per-operation overhead, more threads gain little there and take the core the front end
 # runs on; above it (a large model's batch, a prefill of many tokens) the step is compute-bound and
 # scales with cores. Measured on 2 cores, width 512: decoding 1 or 2 requests gains nothing, 4 gains
-# 2% (it stays on one thread), 8 gains 29%, 32 gains 36%. At width 64 a batch of 32 is 130,000 per
-# product and stays on one thread: that model's bottleneck is the HTTP side, which keeps the other core.
+# 2% (it stays on one thread), 8 gains 29%, 32 gains 36%.
 PARALLEL_MULTIPLY_ADDS = 1 << 20
+# A model narrower than this stays on one thread whatever its step: its requests are short, so under load
+# the front end (HTTP, JSON) has many of them to handle, and needs a core exactly when a burst of
+# arrivals makes a large prefill. Width 64, 32 clients on 2 cores: a prefill of 32 prompts alone took
+# 5.9 ms on one thread and 3.5 on two, yet the server gave 26,600 tokens/s on one thread, 24,500 on two,
+# and a lower p99.
+PARALLEL_MIN_WIDTH = 256
 
 
 def step_threads(rows: int, width: int, cores: int) -> int:
     """The torch threads for a step of ``rows`` rows through products of ``width``: one, or ``cores``."""
-    return cores if rows * width * width > PARALLEL_MULTIPLY_ADDS else 1
+    large = width >= PARALLEL_MIN_WIDTH and rows * width * width > PARALLEL_MULTIPLY_ADDS
+    return cores if large else 1
 
 
 def slot_run(slots: list[int]) -> slice | None:
