@@ -201,7 +201,12 @@ class Stage:
             run = slot_run(decode.slots)
             read = run if run is not None else slots
             visible = torch.arange(span, device=self.device)[None, :] <= decode.positions[:, None]
-            mask = visible[:, None, None, :]
+            # Attention written out, the mask added once per step (not per layer, as the fused kernel
+            # does): its kernel costs more than the products themselves for one query of a small model.
+            unseen = torch.zeros((decoded, 1, span), dtype=decode.x.dtype, device=self.device)
+            mask = unseen.masked_fill_(~visible[:, None, :], float("-inf")).repeat_interleave(heads, dim=0)
+            head_width = width // heads
+            scale = head_width**-0.5
         else:
             decoded = 0
         if prefill is not None:
@@ -214,14 +219,14 @@ class Stage:
             fused = functional.linear(_norm(weights.norm_attention, x), *weights.qkv)
             attended: list[torch.Tensor] = []
             if decode is not None:
-                q, k, v = (
-                    t.reshape(decoded, heads, 1, width // heads) for t in fused[:decoded].chunk(3, dim=1)
-                )
-                self.cache[index, 0, slots, :, decode.positions] = k[:, :, 0]
-                self.cache[index, 1, slots, :, decode.positions] = v[:, :, 0]
-                keys = self.cache[index, 0, read, :, :span]
-                values = self.cache[index, 1, read, :, :span]
-                out = functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                q, k, v = (t.reshape(decoded, heads, head_width) for t in fused[:decoded].chunk(3, dim=1))
+                self.cache[index, 0, slots, :, decode.positions] = k
+                self.cache[index, 1, slots, :, decode.positions] = v
+                keys = self.cache[index, 0, read, :, :span].reshape(decoded * heads, span, head_width)
+                values = self.cache[index, 1, read, :, :span].reshape(decoded * heads, span, head_width)
+                queries = q.reshape(decoded * heads, 1, head_width)
+                scores = torch.baddbmm(mask, queries, keys.transpose(1, 2), alpha=scale)
+                out = torch.bmm(torch.softmax(scores, dim=-1), values)
                 attended.append(out.reshape(decoded, width))
             if prefill is not None:
                 q, k, v = (
