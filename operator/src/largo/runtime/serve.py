@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import torch
 from aiohttp import web
@@ -41,7 +41,6 @@ from largo.runtime.pipeline import PipelineForward
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_BYTES = 1 << 20
-T = TypeVar("T")
 
 
 class ModelError(Exception):
@@ -272,6 +271,9 @@ class Server:
             return self._refused(_error(503, f"model not loaded: {self.problem}", "service_unavailable", 5))
         if self.draining:
             return self._refused(_error(503, "the server is draining", "service_unavailable", 1))
+        if self.engine.failure is not None:  # the server is about to exit; its pod is restarted
+            failed = f"the model failed: {self._failure()}"
+            return self._refused(_error(503, failed, "service_unavailable", 1))
         try:
             body = await http.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
