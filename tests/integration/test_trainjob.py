@@ -416,7 +416,11 @@ def test_a_refused_pod_create_is_told_and_the_job_runs_once_allowed(
 
     jobs.core.delete_namespaced_resource_quota("no-pods", jobs.namespace)
     jobs.wait_phase("refused", "Running")
-    assert jobs.condition("refused", "PodsCreated")["status"] == "True"
+    # The refusal is gone: PodsCreated turned True within an attempt that was refused, or the released
+    # attempt's condition went with it and the next one was never refused (the quota's deletion was seen
+    # before its first create).
+    created = [c for c in jobs.status("refused").get("conditions") or [] if c["type"] == "PodsCreated"]
+    assert [c["status"] for c in created] in ([], ["True"])
     assert len(jobs.live_pods("refused")) == 2
 
 
