@@ -138,6 +138,27 @@ def test_a_cancelled_request_leaves_the_batch(trained: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_request_cancelled_while_it_waits_never_runs(trained: Path) -> None:
+    async def scenario() -> None:
+        client = start_engine_process(parse_args(engine_args(trained, max_batch=1, max_waiting=1)))
+        try:
+            await client.loaded()
+            running: asyncio.Queue[Output] = asyncio.Queue()
+            waiting: asyncio.Queue[Output] = asyncio.Queue()
+            assert client.submit(submission(client, b"a", 30, stream=True), running.put_nowait)
+            await asyncio.wait_for(running.get(), 60)  # it holds the only slot for 29 more steps
+            queued = submission(client, b"b", 20)
+            assert client.submit(queued, waiting.put_nowait)
+            client.cancel(queued.id)  # its client went away before a slot was free
+            [dropped] = await collect(waiting)
+            assert (dropped.finish, dropped.generated, dropped.text) == ("cancelled", 0, b"")
+            assert (await collect(running))[-1].generated == 30
+        finally:
+            await client.stop()
+
+    asyncio.run(scenario())
+
+
 def test_an_engine_process_that_dies_fails_every_open_request(trained: Path) -> None:
     async def scenario() -> None:
         client = start_engine_process(parse_args(engine_args(trained, max_batch=1, max_waiting=2)))

@@ -455,19 +455,25 @@ class Engine:
                     return
                 continue
             with self._lock:
-                admitted = []
+                admitted, dropped = [], []
                 while self._waiting and self._free:
                     request = self._waiting.popleft()
+                    if request.cancelled:  # its client went away while it waited: no prefill for it
+                        dropped.append(request)
+                        continue
                     # The lowest free slot: the running slots stay a consecutive run (``slot_run``).
                     request.slot = heapq.heappop(self._free)
                     admitted.append(request)
-            try:
-                with torch.inference_mode():
-                    self._step(admitted, sorted(self._running, key=lambda request: request.slot))
-            except Exception as error:  # a pipeline member gone, for one: nothing more can be served
-                self._fail(f"{type(error).__name__}: {error}", admitted)
-                return
-            self._retire()
+            for request in dropped:
+                request.on_finish("cancelled")
+            if admitted or self._running:
+                try:
+                    with torch.inference_mode():
+                        self._step(admitted, sorted(self._running, key=lambda request: request.slot))
+                except Exception as error:  # a pipeline member gone, for one: nothing more can be served
+                    self._fail(f"{type(error).__name__}: {error}", admitted)
+                    return
+                self._retire()
             self.after_iteration()
         # Stopped: what is still here is ended (the server drained what it could), and the pipeline's
         # members are told from this thread, never mid-step.
