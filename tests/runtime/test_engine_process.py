@@ -5,10 +5,12 @@ process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,19 @@ def submission(
     return Submission(client.next_id(), prompt, max_tokens, 0.0, 1.0, None, stops, stream)
 
 
+@contextlib.asynccontextmanager
+async def loaded_engine(
+    model_dir: Path, max_batch: int = 2, max_waiting: int = 1
+) -> AsyncIterator[EngineClient]:
+    """An engine's process with its model loaded, stopped afterwards."""
+    client = start_engine_process(parse_args(engine_args(model_dir, max_batch, max_waiting)))
+    try:
+        await client.loaded()
+        yield client
+    finally:
+        await client.stop()
+
+
 async def collect(outputs: asyncio.Queue[Output]) -> list[Output]:
     """A request's outputs up to and including its finish."""
     seen = [await asyncio.wait_for(outputs.get(), 60)]
@@ -115,9 +130,7 @@ def test_requests_go_to_the_engine_s_process_and_their_tokens_come_back(trained:
 
 def test_a_cancelled_request_leaves_the_batch(trained: Path) -> None:
     async def scenario() -> None:
-        client = start_engine_process(parse_args(engine_args(trained, max_batch=1, max_waiting=1)))
-        try:
-            await client.loaded()
+        async with loaded_engine(trained, max_batch=1, max_waiting=1) as client:
             leaving: asyncio.Queue[Output] = asyncio.Queue()
             request = submission(client, b"a", 30, stream=True)
             assert client.submit(request, leaving.put_nowait)
@@ -132,17 +145,13 @@ def test_a_cancelled_request_leaves_the_batch(trained: Path) -> None:
             [done] = await collect(after)
             assert (done.finish, done.generated) == ("length", 5)
             assert first.generated >= 1
-        finally:
-            await client.stop()
 
     asyncio.run(scenario())
 
 
 def test_a_request_cancelled_while_it_waits_never_runs(trained: Path) -> None:
     async def scenario() -> None:
-        client = start_engine_process(parse_args(engine_args(trained, max_batch=1, max_waiting=1)))
-        try:
-            await client.loaded()
+        async with loaded_engine(trained, max_batch=1, max_waiting=1) as client:
             running: asyncio.Queue[Output] = asyncio.Queue()
             waiting: asyncio.Queue[Output] = asyncio.Queue()
             assert client.submit(submission(client, b"a", 30, stream=True), running.put_nowait)
@@ -153,17 +162,13 @@ def test_a_request_cancelled_while_it_waits_never_runs(trained: Path) -> None:
             [dropped] = await collect(waiting)
             assert (dropped.finish, dropped.generated, dropped.text) == ("cancelled", 0, b"")
             assert (await collect(running))[-1].generated == 30
-        finally:
-            await client.stop()
 
     asyncio.run(scenario())
 
 
 def test_an_engine_process_that_dies_fails_every_open_request(trained: Path) -> None:
     async def scenario() -> None:
-        client = start_engine_process(parse_args(engine_args(trained, max_batch=1, max_waiting=2)))
-        try:
-            await client.loaded()
+        async with loaded_engine(trained, max_batch=1, max_waiting=2) as client:
             queues: list[asyncio.Queue[Output]] = [asyncio.Queue() for _ in range(3)]
             for queue in queues:
                 assert client.submit(submission(client, b"x", 30, stream=True), queue.put_nowait)
@@ -177,8 +182,6 @@ def test_an_engine_process_that_dies_fails_every_open_request(trained: Path) -> 
             assert "exited" in client.failure
             assert str(-signal.SIGKILL) in client.failure
             assert not client.submit(submission(client, b"x", 2), asyncio.Queue().put_nowait)
-        finally:
-            await client.stop()
 
     asyncio.run(scenario())
 
@@ -199,9 +202,7 @@ def test_a_missing_model_is_told_not_fatal_and_the_process_ends(tmp_path: Path) 
 
 def test_the_engine_s_process_ignores_the_signals_the_front_end_drains_on(trained: Path) -> None:
     async def scenario() -> None:
-        client = start_engine_process(parse_args(engine_args(trained)))
-        try:
-            await client.loaded()
+        async with loaded_engine(trained) as client:
             queue: asyncio.Queue[Output] = asyncio.Queue()
             assert client.submit(submission(client, b"x", 20, stream=True), queue.put_nowait)
             assert client.process.pid is not None
@@ -209,8 +210,6 @@ def test_the_engine_s_process_ignores_the_signals_the_front_end_drains_on(traine
                 os.kill(client.process.pid, signum)
             outputs = await collect(queue)
             assert (outputs[-1].finish, outputs[-1].generated) == ("length", 20)
-        finally:
-            await client.stop()
         assert client.process.exitcode == 0
 
     asyncio.run(scenario())

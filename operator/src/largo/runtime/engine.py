@@ -192,6 +192,7 @@ class Stage:
         (``slot_run``) are read in place, others gathered, a copy of every slot's cache per layer and
         step, which is most of a large batch's decoding time on a CPU."""
         width, heads = self.width, self.heads
+        head_width = width // heads
         rows: list[torch.Tensor] = []
         if decode is not None:
             decoded = decode.x.shape[0]
@@ -205,7 +206,6 @@ class Stage:
             # does): its kernel costs more than the products themselves for one query of a small model.
             unseen = torch.zeros((decoded, 1, span), dtype=decode.x.dtype, device=self.device)
             mask = unseen.masked_fill_(~visible[:, None, :], float("-inf")).repeat_interleave(heads, dim=0)
-            head_width = width // heads
             scale = head_width**-0.5
         else:
             decoded = 0
@@ -230,7 +230,7 @@ class Stage:
                 attended.append(out.reshape(decoded, width))
             if prefill is not None:
                 q, k, v = (
-                    t.reshape(prompts, length, heads, width // heads).transpose(1, 2)
+                    t.reshape(prompts, length, heads, head_width).transpose(1, 2)
                     for t in fused[decoded:].chunk(3, dim=1)
                 )
                 self.cache[index, 0, prefill.slots, :, :length] = k
@@ -367,8 +367,16 @@ class LocalForward:
         prefill, last, decode = stage.embed_step(arrivals, running)
         prefilled, decoded = stage.step(prefill, decode)
         logits = stage.step_logits(prefilled, decoded, last).cpu()  # the engine samples in host memory
-        split = decoded.shape[0] if decoded is not None else 0
-        return (logits[split:] if arrivals else None), (logits[:split] if running else None)
+        return split_logits(logits, arrivals, running)
+
+
+def split_logits(
+    logits: torch.Tensor, arrivals: list[tuple[int, list[int]]], running: Running | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """An iteration's logits (the running requests' rows, then the prompts') as the prompts' and the
+    running requests'."""
+    split = len(running.slots) if running else 0
+    return (logits[split:] if arrivals else None), (logits[:split] if running else None)
 
 
 class Engine:

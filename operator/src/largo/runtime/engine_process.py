@@ -191,7 +191,7 @@ class EngineSide:
         """After each iteration (the engine's thread): what it produced, in one message."""
         outputs = self._finished
         self._finished = []
-        for key, tracked in list(self._streaming.items()):
+        for key, tracked in self._streaming.items():  # filled on this thread too (``on_token``)
             outputs.append(
                 Output(key, bytes(tracked.text[tracked.sent :]), None, tracked.request.generated, None)
             )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from largo.runtime.engine import Decode, Prefill, Running, Stage
+from largo.runtime.engine import Decode, Prefill, Running, Stage, split_logits
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,7 @@ class PipelineForward:
         on = transport_device(stage.device)
         logits = torch.empty((shape.running + shape.prompts, self.vocabulary), device=on)
         dist.recv(logits, self.members - 1)
-        logits = logits.cpu()  # the engine samples in host memory
-        return (logits[shape.running :] if arrivals else None), (logits[: shape.running] if running else None)
+        return split_logits(logits.cpu(), arrivals, running)  # the engine samples in host memory
 
     def heartbeat(self) -> None:
         """Keeps an idle pipeline's members from timing out (and finds a dead one early)."""

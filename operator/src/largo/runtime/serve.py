@@ -518,10 +518,7 @@ def engine_main(connection: Connection, args: argparse.Namespace) -> None:
     """The engine's process (``engine_process``): loads the model, then serves the front end's requests."""
     engine_process.ignore_signals()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if torch.device(args.device).type == "cpu":
-        # More threads than cores fight the front end (and OpenMP's spinning) for them; each step then
-        # takes one or all of these (``engine.step_threads``).
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     started = time.monotonic()
     try:
         engine = _start_engine(args)
@@ -534,6 +531,14 @@ def engine_main(connection: Connection, args: argparse.Namespace) -> None:
         return
     freeze_heap()
     engine_process.run_engine_side(engine, connection, Loaded(engine.context, time.monotonic() - started))
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Torch's threads where the model runs (the leader's engine, a pipeline member): more than the
+    cores fight the front end (and OpenMP's spinning) for them; each step then takes one or all of these
+    (``engine.step_threads``)."""
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
 
 
 def start_engine_process(args: argparse.Namespace) -> EngineClient:
@@ -668,8 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     if args.member > 0:
-        if torch.device(args.device).type == "cpu":
-            torch.set_num_threads(args.threads)  # as the leader's engine (``engine_main``)
+        _set_threads(args)
         return member(args)
     return asyncio.run(serve(args))
 
