@@ -52,7 +52,7 @@ SHAPES = {
 # The model a KServe user would write: the same checkpoint, a plain predict that generates greedily.
 KSERVE_MODEL = """
 import argparse, pathlib, torch, kserve
-from largo.runtime.serve import load_model
+from largo.runtime.engine_host import load_model
 
 class Tiny(kserve.Model):
     def __init__(self, name, directory):

@@ -20,7 +20,7 @@ from largo.dev.cluster import ClusterError, LocalCluster, LocalNodePool, wait_fo
 from largo.dev.operator_process import OperatorProcess
 from largo.dev.prometheus import DASHBOARD, PrometheusServer, dashboard_queries, publish_operator
 from largo.runtime.engine import Engine, Request
-from largo.runtime.serve import load_model
+from largo.runtime.engine_host import load_model
 
 pytestmark = pytest.mark.e2e
 

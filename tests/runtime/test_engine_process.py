@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from largo.runtime.engine import Engine, Request
+from largo.runtime.engine_host import load_model
 from largo.runtime.engine_process import EngineClient, NotLoadedError, Output, Submission
-from largo.runtime.serve import load_model, parse_args, start_engine_process
+from largo.runtime.serve import parse_args, start_engine_process
 
 pytestmark = pytest.mark.runtime
 

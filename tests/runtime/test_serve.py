@@ -4,6 +4,7 @@ streaming, errors, overload, metrics, a refused checkpoint, drain on SIGTERM).""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -35,8 +36,10 @@ from largo.runtime.engine import (
     slot_run,
     step_threads,
 )
+from largo.runtime.engine_host import ModelError, load_model
+from largo.runtime.engine_process import freeze_heap
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
-from largo.runtime.serve import ModelError, _overlap, freeze_heap, load_model
+from largo.runtime.serve import _overlap
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
@@ -243,6 +246,28 @@ def test_completions_streaming_models_and_metrics(served: Served) -> None:
     assert metrics["largo_serve_generated_tokens_total"] >= 30
     assert metrics["largo_serve_prompt_tokens_total"] >= 20
     assert metrics["largo_serve_model_load_seconds"] > 0
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+    return children
+
+
+def test_only_the_engine_s_process_loads_torch(served: Served) -> None:
+    """The HTTP front end never imports torch (its engine's process does): it needs a few tens of MB,
+    not the ~500 MB torch takes, and answers /healthz before torch has loaded."""
+
+    def maps(pid: int) -> str:
+        return Path(f"/proc/{pid}/maps").read_text()
+
+    engines = [pid for pid in _children(served.process.pid) if "libtorch" in maps(pid)]
+    assert len(engines) == 1
+    assert "libtorch" not in maps(served.process.pid)
+    assert "aiohttp" in maps(served.process.pid)  # the front end's own C extensions are there
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch
 from gangs import Gang, scrape
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint, data
-from largo.runtime.serve import load_model
+from largo.runtime.engine_host import load_model
 
 pytestmark = pytest.mark.runtime
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from largo.runtime.engine_process import EngineStats
 from largo.runtime.model import Block, TinyGPT
 
 
@@ -60,14 +61,6 @@ def sample_batch(logits: torch.Tensor, requests: list[Request]) -> list[int]:
         token if r.temperature <= 0 else sample(logits[i], r)
         for i, (r, token) in enumerate(zip(requests, greedy, strict=True))
     ]
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    running: int
-    waiting: int
-    cached_tokens: int
-    cache_capacity: int
 
 
 def sample(logits: torch.Tensor, request: Request) -> int:

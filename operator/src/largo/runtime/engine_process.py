@@ -1,4 +1,5 @@
-"""The engine on a process of its own, and the server's handle on it.
+"""The engine on a process of its own: the messages between it and the front end, and the front end's
+handle on it. Free of torch, as the front end is (the engine's end is ``largo.runtime.engine_host``).
 
 On one process the HTTP side (aiohttp's event loop) and the engine's iterations take turns on the
 interpreter's lock: at 32 requests in flight the engine's thread waited for the HTTP side about 40% of
@@ -15,27 +16,30 @@ without asking the engine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import gc
 import itertools
 import logging
 import signal
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from largo.runtime.engine import Engine, EngineStats, Request
-
 logger = logging.getLogger(__name__)
 
-# A message goes out with each iteration that produced something, and at least this often while requests
-# run (the running and waiting gauges and the batch sizes follow the engine within this).
-PROGRESS_SECONDS = 0.1
 # How long a stopping engine may take to end its iteration (a pipeline's members are told too).
 STOP_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """What the engine holds: requests running and waiting, and its KV cache's use."""
+
+    running: int
+    waiting: int
+    cached_tokens: int
+    cache_capacity: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,139 +99,19 @@ class Failed:
     reason: str
 
 
+def freeze_heap() -> None:
+    """Moves what starting left (torch's modules, the model: ~200,000 objects) out of the garbage
+    collector's sight: a full collection over them took 40-76 ms on a 2-core CPU, and it stalls every
+    request in flight. What serving allocates afterwards is still collected."""
+    gc.collect()
+    gc.freeze()
+
+
 def ignore_signals() -> None:
     """The front end drains on SIGTERM and then stops the engine; a signal sent to the whole process
     group (Ctrl-C) must not stop the engine under requests still in flight."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
-
-
-@dataclass
-class _Tracked:
-    request: Request
-    stream: bool
-    text: bytearray = field(default_factory=bytearray)
-    sent: int = 0
-    first_token_at: float | None = None
-
-
-class EngineSide:
-    """The engine process's end of the pipe: turns submissions into the engine's requests, and the
-    engine's callbacks (its thread) into one ``Progress`` message per iteration."""
-
-    def __init__(self, engine: Engine, connection: Connection) -> None:
-        self.engine = engine
-        self.connection = connection
-        self._sending = threading.Lock()
-        self._tracked: dict[int, _Tracked] = {}
-        self._streaming: dict[int, _Tracked] = {}  # streams with text not yet sent
-        self._finished: list[Output] = []
-        self._batch_sizes: list[int] = []
-        self._last_sent = time.monotonic()
-        self._failure_sent = False
-        engine.after_iteration = self.flush
-        engine.observe_batch = self._observe_batch
-
-    def send(self, message: object) -> None:
-        with self._sending:
-            self.connection.send(message)
-
-    def receive(self) -> None:
-        """Takes submissions and cancellations until the front end says stop or goes away."""
-        while True:
-            try:
-                message = self.connection.recv()
-            except (EOFError, OSError):
-                return  # the front end is gone: nothing more to serve
-            if isinstance(message, Submission):
-                self.submit(message)
-            elif isinstance(message, Cancel):
-                tracked = self._tracked.get(message.id)
-                if tracked is not None:
-                    tracked.request.cancelled = True
-            else:
-                return
-
-    def submit(self, submission: Submission) -> None:
-        request = Request(
-            prompt=list(submission.prompt),
-            max_tokens=submission.max_tokens,
-            temperature=submission.temperature,
-            top_p=submission.top_p,
-            seed=submission.seed,
-        )
-        tracked = _Tracked(request, submission.stream)
-        stops = submission.stops
-        text = tracked.text
-
-        def on_token(token: int) -> None:
-            text.append(token)
-            if tracked.first_token_at is None:
-                tracked.first_token_at = time.monotonic()
-            if tracked.stream:
-                self._streaming[submission.id] = tracked
-
-        def on_finish(reason: str) -> None:
-            self._tracked.pop(submission.id, None)
-            self._streaming.pop(submission.id, None)
-            start = tracked.sent if tracked.stream else 0
-            self._finished.append(
-                Output(submission.id, bytes(text[start:]), reason, request.generated, tracked.first_token_at)
-            )
-
-        request.on_token = on_token
-        request.on_finish = on_finish
-        request.should_stop = lambda: any(text.endswith(stop) for stop in stops)
-        self._tracked[submission.id] = tracked
-        if not self.engine.submit(request):  # stopping (the front end keeps within the queue's bound)
-            self._tracked.pop(submission.id, None)
-            refused = Output(submission.id, b"", "error", 0, None)
-            self._send_quietly(Progress([refused], [], self.engine.stats()))
-
-    def _observe_batch(self, size: int) -> None:
-        self._batch_sizes.append(size)
-
-    def flush(self) -> None:
-        """After each iteration (the engine's thread): what it produced, in one message."""
-        outputs = self._finished
-        self._finished = []
-        for key, tracked in self._streaming.items():  # filled on this thread too (``on_token``)
-            outputs.append(
-                Output(key, bytes(tracked.text[tracked.sent :]), None, tracked.request.generated, None)
-            )
-            tracked.sent = len(tracked.text)
-        self._streaming.clear()
-        now = time.monotonic()
-        failure = self.engine.failure
-        if not outputs and now - self._last_sent < PROGRESS_SECONDS and failure is None:
-            return
-        self._last_sent = now
-        sizes, self._batch_sizes = self._batch_sizes, []
-        self._send_quietly(Progress(outputs, sizes, self.engine.stats()))
-        if failure is not None and not self._failure_sent:  # after the requests it ended
-            self._failure_sent = True
-            self._send_quietly(Failed(failure))
-
-    def _send_quietly(self, message: object) -> None:
-        with contextlib.suppress(OSError):  # the front end is gone; ``receive`` sees it and ends the process
-            self.send(message)
-
-
-def run_engine_side(engine: Engine, connection: Connection, loaded: Loaded) -> None:
-    """Serves the front end with ``engine`` until it says stop or goes away. The engine runs on this
-    thread, the one that loaded the model: while a second thread that ran torch's parallel operations
-    lives, its OpenMP and MKL workers stay, and the engine's own operations ran slower beside them (on
-    2 cores, a width-512 product of a batch of 32: 0.48 ms alone, 0.57 to 0.67 ms beside them). The
-    pipe is read on a thread that runs no torch operation."""
-    side = EngineSide(engine, connection)
-    side.send(loaded)
-
-    def receive() -> None:
-        side.receive()
-        engine.stop()
-
-    threading.Thread(target=receive, name="largo-engine-pipe", daemon=True).start()
-    engine.run()
 
 
 class EngineClient:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
-import gc
 import json
 import logging
 import multiprocessing
@@ -27,63 +26,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from largo.runtime import checkpoint, engine_process, pipeline
 from largo.runtime.cpus import torch_threads
-from largo.runtime.engine import Engine, LocalForward, Stage
-from largo.runtime.engine_process import EngineClient, Loaded, NotLoaded, NotLoadedError, Output, Submission
-from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
-from largo.runtime.pipeline import PipelineForward
+from largo.runtime.engine_process import EngineClient, NotLoadedError, Output, Submission, freeze_heap
 
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_BYTES = 1 << 20
-
-
-class ModelError(Exception):
-    """The checkpoint cannot be served: missing, unreadable, or not the reference model's."""
-
-
-def model_config(state: dict[str, Any]) -> ModelConfig:
-    """The model's shape: recorded in the checkpoint by the trainer, else read from its tensors."""
-    recorded = state.get("config")
-    weights = state["model"]
-    if isinstance(recorded, dict):
-        return ModelConfig(**recorded)
-    try:
-        vocab, width = weights["tokens.weight"].shape
-        context = weights["positions.weight"].shape[0]
-        depth = len({key.split(".")[1] for key in weights if key.startswith("blocks.")})
-    except (KeyError, ValueError) as error:
-        raise ModelError(f"not a checkpoint of the reference model: {error}") from error
-    return ModelConfig(vocab_size=vocab, context=context, width=width, depth=depth)
-
-
-def load_model(directory: Path, step: int | None, device: torch.device) -> tuple[TinyGPT, int]:
-    """The model of checkpoint ``step`` (the newest complete one when None), and its step."""
-    if step is not None:
-        path = checkpoint.checkpoint_path(directory, step)
-        if not path.is_file():
-            raise ModelError(f"checkpoint of step {step} not found in {directory}")
-        try:
-            state = checkpoint.read(path, step)
-        except checkpoint.CheckpointError as error:  # refuse it, never serve garbage
-            raise ModelError(f"checkpoint {path}: {error}") from error
-    else:
-        latest = checkpoint.load_latest(directory)
-        if latest is None:
-            raise ModelError(f"no complete checkpoint in {directory}")
-        state = latest
-    config = model_config(state)
-    model = TinyGPT(config)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as error:
-        raise ModelError(f"checkpoint does not fit the reference model {config}: {error}") from error
-    return model.to(device).eval(), int(state["step"])
 
 
 class Metrics:
@@ -456,22 +407,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pipeline-timeout",
         type=float,
-        default=pipeline.TIMEOUT_SECONDS,
-        help="seconds a pipeline member waits for the next message (the leader heartbeats while idle)",
+        default=None,
+        help="seconds a pipeline member waits for the next message (the leader heartbeats while idle; "
+        "default: 10 minutes)",
     )
-    cuda = torch.cuda.is_available()
+    # "auto" is decided where torch is imported (``engine_host.resolve``): the front end never imports it.
     parser.add_argument(
         "--device",
-        default=env("LARGO_DEVICE") or ("cuda" if cuda else "cpu"),
+        default=env("LARGO_DEVICE") or "auto",
         help="where the model runs (default: $LARGO_DEVICE, else cuda when a GPU is visible, else cpu)",
     )
     parser.add_argument(
         "--pipeline-backend",
-        choices=("nccl", "gloo"),
-        default=env("LARGO_BACKEND") or ("nccl" if cuda else "gloo"),
-        help="the stages' process group (default: $LARGO_BACKEND, else nccl with a GPU); gloo between "
-        "GPUs passes activations through host memory, for GPUs NCCL cannot pair (one GPU for several "
-        "stages, for one)",
+        choices=("auto", "nccl", "gloo"),
+        default=env("LARGO_BACKEND") or "auto",
+        help="the stages' process group (default: $LARGO_BACKEND, else nccl on a GPU, gloo on a CPU); "
+        "gloo between GPUs passes activations through host memory, for GPUs NCCL cannot pair (one GPU "
+        "for several stages, for one)",
     )
     parser.add_argument(
         "--threads",
@@ -484,116 +436,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _start_engine(args: argparse.Namespace) -> Engine:
-    """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
-    member joined). Raises ModelError for a model that cannot be served."""
-    device = torch.device(args.device)
-    model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, device)
-    config = model.config
-    forward: PipelineForward | LocalForward
-    if args.members > 1:
-        stage = Stage(model, stage_layers(config.depth, args.members, 0), args.max_batch, args.threads)
-        pipeline.join(
-            args.leader_addr, args.leader_port, 0, args.members, args.pipeline_timeout, args.pipeline_backend
-        )
-        forward = PipelineForward(stage, args.members, config.vocab_size)
-    else:
-        forward = LocalForward(Stage(model, range(config.depth), args.max_batch, args.threads))
-    # The front end keeps the running batch and the queue within their bounds (``EngineClient``).
-    engine = Engine(forward, config.context, args.max_batch, args.max_batch + args.max_waiting)
-    engine.heartbeat_seconds = pipeline.heartbeat_seconds(args.pipeline_timeout)
-    logger.info(
-        "serving %s: step %d of %s (%s), %d stage(s) on %s",
-        args.name,
-        step,
-        args.model_dir,
-        config,
-        args.members,
-        device,
-    )
-    return engine
+def _engine_process_main(connection: Connection, args: argparse.Namespace) -> None:
+    # torch is imported here, in the engine's process only.
+    from largo.runtime import engine_host
 
-
-def engine_main(connection: Connection, args: argparse.Namespace) -> None:
-    """The engine's process (``engine_process``): loads the model, then serves the front end's requests."""
-    engine_process.ignore_signals()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    _set_threads(args)
-    started = time.monotonic()
-    try:
-        engine = _start_engine(args)
-    except ModelError as error:
-        connection.send(NotLoaded(str(error), fatal=False))
-        return
-    except Exception as error:  # the pipeline could not form, for one: the group is restarted
-        logger.exception("could not start serving")
-        connection.send(NotLoaded(f"{type(error).__name__}: {error}", fatal=True))
-        return
-    freeze_heap()
-    engine_process.run_engine_side(engine, connection, Loaded(engine.context, time.monotonic() - started))
-
-
-def _set_threads(args: argparse.Namespace) -> None:
-    """Torch's threads where the model runs (the leader's engine, a pipeline member): more than the
-    cores fight the front end (and OpenMP's spinning) for them; each step then takes one or all of these
-    (``engine.step_threads``)."""
-    if torch.device(args.device).type == "cpu":
-        torch.set_num_threads(args.threads)
+    engine_host.engine_main(connection, args)
 
 
 def start_engine_process(args: argparse.Namespace) -> EngineClient:
     """The engine's process, started (spawned: a fork of a process with threads is unsafe)."""
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    process = context.Process(target=engine_main, args=(theirs, args), name="largo-engine", daemon=True)
+    process = context.Process(
+        target=_engine_process_main, args=(theirs, args), name="largo-engine", daemon=True
+    )
     process.start()
     theirs.close()
     return EngineClient(process, ours, args.max_batch + args.max_waiting)
-
-
-def member(args: argparse.Namespace) -> int:
-    """A worker of a replica split over pods: its stage of the pipeline, no HTTP of its own."""
-    registry = CollectorRegistry()
-    load_seconds = Gauge(
-        "largo_serve_model_load_seconds", "How long loading the model took.", registry=registry
-    )
-    if args.metrics_port:
-        start_http_server(args.metrics_port, registry=registry)
-    started = time.monotonic()
-    try:
-        model, step = load_model(
-            args.model_dir, args.step if args.step >= 0 else None, torch.device(args.device)
-        )
-    except ModelError as error:
-        logger.error("not serving: %s", error)
-        return 1
-    load_seconds.set(time.monotonic() - started)
-    layers = stage_layers(model.config.depth, args.members, args.member)
-    stage = Stage(model, layers, args.max_batch, args.threads)
-    logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(layers), step)
-    pipeline.join(
-        args.leader_addr,
-        args.leader_port,
-        args.member,
-        args.members,
-        args.pipeline_timeout,
-        args.pipeline_backend,
-    )
-    freeze_heap()
-    try:
-        pipeline.run_member(stage, args.member, args.members)
-    except Exception as error:  # the leader or a neighbour went away: the group is restarted whole
-        logger.error("pipeline lost: %s", error)
-        return 1
-    return 0
-
-
-def freeze_heap() -> None:
-    """Moves what starting left (torch's modules, the model: ~200,000 objects) out of the garbage
-    collector's sight: a full collection over them took 40-76 ms on a 2-core CPU, and it stalls every
-    request in flight. What serving allocates afterwards is still collected."""
-    gc.collect()
-    gc.freeze()
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -672,9 +531,10 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    if args.member > 0:
-        _set_threads(args)
-        return member(args)
+    if args.member > 0:  # a pipeline member runs a stage of the model, no HTTP: the torch side only
+        from largo.runtime import engine_host
+
+        return engine_host.member(args)
     return asyncio.run(serve(args))
 
 

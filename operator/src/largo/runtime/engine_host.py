@@ -1,0 +1,324 @@
+"""The server's torch side: loads the model from the trainer's checkpoints and runs it, as the leader's
+engine process (``engine_main``, started by the front end in ``largo.runtime.serve``) or as a pipeline
+member's stage (``member``). The front end never imports this module: it stays free of torch (~500 MB
+less resident memory, and alive at once while the model loads)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from largo.runtime import checkpoint, pipeline
+from largo.runtime.engine import Engine, LocalForward, Request, Stage
+from largo.runtime.engine_process import (
+    Cancel,
+    Failed,
+    Loaded,
+    NotLoaded,
+    Output,
+    Progress,
+    Submission,
+    freeze_heap,
+    ignore_signals,
+)
+from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
+from largo.runtime.pipeline import PipelineForward
+
+logger = logging.getLogger(__name__)
+
+# A message goes out with each iteration that produced something, and at least this often while requests
+# run (the running and waiting gauges and the batch sizes follow the engine within this).
+PROGRESS_SECONDS = 0.1
+
+
+class ModelError(Exception):
+    """The checkpoint cannot be served: missing, unreadable, or not the reference model's."""
+
+
+def model_config(state: dict[str, Any]) -> ModelConfig:
+    """The model's shape: recorded in the checkpoint by the trainer, else read from its tensors."""
+    recorded = state.get("config")
+    weights = state["model"]
+    if isinstance(recorded, dict):
+        return ModelConfig(**recorded)
+    try:
+        vocab, width = weights["tokens.weight"].shape
+        context = weights["positions.weight"].shape[0]
+        depth = len({key.split(".")[1] for key in weights if key.startswith("blocks.")})
+    except (KeyError, ValueError) as error:
+        raise ModelError(f"not a checkpoint of the reference model: {error}") from error
+    return ModelConfig(vocab_size=vocab, context=context, width=width, depth=depth)
+
+
+def load_model(directory: Path, step: int | None, device: torch.device) -> tuple[TinyGPT, int]:
+    """The model of checkpoint ``step`` (the newest complete one when None), and its step."""
+    if step is not None:
+        path = checkpoint.checkpoint_path(directory, step)
+        if not path.is_file():
+            raise ModelError(f"checkpoint of step {step} not found in {directory}")
+        try:
+            state = checkpoint.read(path, step)
+        except checkpoint.CheckpointError as error:  # refuse it, never serve garbage
+            raise ModelError(f"checkpoint {path}: {error}") from error
+    else:
+        latest = checkpoint.load_latest(directory)
+        if latest is None:
+            raise ModelError(f"no complete checkpoint in {directory}")
+        state = latest
+    config = model_config(state)
+    model = TinyGPT(config)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as error:
+        raise ModelError(f"checkpoint does not fit the reference model {config}: {error}") from error
+    return model.to(device).eval(), int(state["step"])
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with what the front end left to the torch side decided: ``auto`` device (cuda when a GPU
+    is visible, else cpu) and pipeline backend (nccl on a GPU, gloo on a CPU), and the pipeline's
+    timeout."""
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = args.pipeline_backend
+    if backend == "auto":
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    timeout = pipeline.TIMEOUT_SECONDS if args.pipeline_timeout is None else args.pipeline_timeout
+    return argparse.Namespace(**{**vars(args), "device": device, "pipeline_backend": backend,
+                                 "pipeline_timeout": timeout})  # fmt: skip
+
+
+def start_engine(args: argparse.Namespace) -> Engine:
+    """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
+    member joined). Raises ModelError for a model that cannot be served."""
+    device = torch.device(args.device)
+    model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, device)
+    config = model.config
+    forward: PipelineForward | LocalForward
+    if args.members > 1:
+        stage = Stage(model, stage_layers(config.depth, args.members, 0), args.max_batch, args.threads)
+        pipeline.join(
+            args.leader_addr, args.leader_port, 0, args.members, args.pipeline_timeout, args.pipeline_backend
+        )
+        forward = PipelineForward(stage, args.members, config.vocab_size)
+    else:
+        forward = LocalForward(Stage(model, range(config.depth), args.max_batch, args.threads))
+    # The front end keeps the running batch and the queue within their bounds (``EngineClient``).
+    engine = Engine(forward, config.context, args.max_batch, args.max_batch + args.max_waiting)
+    engine.heartbeat_seconds = pipeline.heartbeat_seconds(args.pipeline_timeout)
+    logger.info(
+        "serving %s: step %d of %s (%s), %d stage(s) on %s",
+        args.name,
+        step,
+        args.model_dir,
+        config,
+        args.members,
+        device,
+    )
+    return engine
+
+
+def engine_main(connection: Connection, args: argparse.Namespace) -> None:
+    """The engine's process (``engine_process``): loads the model, then serves the front end's requests."""
+    ignore_signals()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = resolve(args)
+    set_threads(args)
+    started = time.monotonic()
+    try:
+        engine = start_engine(args)
+    except ModelError as error:
+        connection.send(NotLoaded(str(error), fatal=False))
+        return
+    except Exception as error:  # the pipeline could not form, for one: the group is restarted
+        logger.exception("could not start serving")
+        connection.send(NotLoaded(f"{type(error).__name__}: {error}", fatal=True))
+        return
+    freeze_heap()
+    run_engine_side(engine, connection, Loaded(engine.context, time.monotonic() - started))
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Torch's threads where the model runs (the leader's engine, a pipeline member): more than the
+    cores fight the front end (and OpenMP's spinning) for them; each step then takes one or all of these
+    (``engine.step_threads``)."""
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
+
+
+def member(args: argparse.Namespace) -> int:
+    """A worker of a replica split over pods: its stage of the pipeline, no HTTP of its own."""
+    args = resolve(args)
+    set_threads(args)
+    registry = CollectorRegistry()
+    load_seconds = Gauge(
+        "largo_serve_model_load_seconds", "How long loading the model took.", registry=registry
+    )
+    if args.metrics_port:
+        start_http_server(args.metrics_port, registry=registry)
+    started = time.monotonic()
+    try:
+        model, step = load_model(
+            args.model_dir, args.step if args.step >= 0 else None, torch.device(args.device)
+        )
+    except ModelError as error:
+        logger.error("not serving: %s", error)
+        return 1
+    load_seconds.set(time.monotonic() - started)
+    layers = stage_layers(model.config.depth, args.members, args.member)
+    stage = Stage(model, layers, args.max_batch, args.threads)
+    logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(layers), step)
+    pipeline.join(
+        args.leader_addr,
+        args.leader_port,
+        args.member,
+        args.members,
+        args.pipeline_timeout,
+        args.pipeline_backend,
+    )
+    freeze_heap()
+    try:
+        pipeline.run_member(stage, args.member, args.members)
+    except Exception as error:  # the leader or a neighbour went away: the group is restarted whole
+        logger.error("pipeline lost: %s", error)
+        return 1
+    return 0
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    stream: bool
+    text: bytearray = field(default_factory=bytearray)
+    sent: int = 0
+    first_token_at: float | None = None
+
+
+class EngineSide:
+    """The engine process's end of the pipe: turns submissions into the engine's requests, and the
+    engine's callbacks (its thread) into one ``Progress`` message per iteration."""
+
+    def __init__(self, engine: Engine, connection: Connection) -> None:
+        self.engine = engine
+        self.connection = connection
+        self._sending = threading.Lock()
+        self._tracked: dict[int, _Tracked] = {}
+        self._streaming: dict[int, _Tracked] = {}  # streams with text not yet sent
+        self._finished: list[Output] = []
+        self._batch_sizes: list[int] = []
+        self._last_sent = time.monotonic()
+        self._failure_sent = False
+        engine.after_iteration = self.flush
+        engine.observe_batch = self._observe_batch
+
+    def send(self, message: object) -> None:
+        with self._sending:
+            self.connection.send(message)
+
+    def receive(self) -> None:
+        """Takes submissions and cancellations until the front end says stop or goes away."""
+        while True:
+            try:
+                message = self.connection.recv()
+            except (EOFError, OSError):
+                return  # the front end is gone: nothing more to serve
+            if isinstance(message, Submission):
+                self.submit(message)
+            elif isinstance(message, Cancel):
+                tracked = self._tracked.get(message.id)
+                if tracked is not None:
+                    tracked.request.cancelled = True
+            else:
+                return
+
+    def submit(self, submission: Submission) -> None:
+        request = Request(
+            prompt=list(submission.prompt),
+            max_tokens=submission.max_tokens,
+            temperature=submission.temperature,
+            top_p=submission.top_p,
+            seed=submission.seed,
+        )
+        tracked = _Tracked(request, submission.stream)
+        stops = submission.stops
+        text = tracked.text
+
+        def on_token(token: int) -> None:
+            text.append(token)
+            if tracked.first_token_at is None:
+                tracked.first_token_at = time.monotonic()
+            if tracked.stream:
+                self._streaming[submission.id] = tracked
+
+        def on_finish(reason: str) -> None:
+            self._tracked.pop(submission.id, None)
+            self._streaming.pop(submission.id, None)
+            start = tracked.sent if tracked.stream else 0
+            self._finished.append(
+                Output(submission.id, bytes(text[start:]), reason, request.generated, tracked.first_token_at)
+            )
+
+        request.on_token = on_token
+        request.on_finish = on_finish
+        request.should_stop = lambda: any(text.endswith(stop) for stop in stops)
+        self._tracked[submission.id] = tracked
+        if not self.engine.submit(request):  # stopping (the front end keeps within the queue's bound)
+            self._tracked.pop(submission.id, None)
+            refused = Output(submission.id, b"", "error", 0, None)
+            self._send_quietly(Progress([refused], [], self.engine.stats()))
+
+    def _observe_batch(self, size: int) -> None:
+        self._batch_sizes.append(size)
+
+    def flush(self) -> None:
+        """After each iteration (the engine's thread): what it produced, in one message."""
+        outputs = self._finished
+        self._finished = []
+        for key, tracked in self._streaming.items():  # filled on this thread too (``on_token``)
+            outputs.append(
+                Output(key, bytes(tracked.text[tracked.sent :]), None, tracked.request.generated, None)
+            )
+            tracked.sent = len(tracked.text)
+        self._streaming.clear()
+        now = time.monotonic()
+        failure = self.engine.failure
+        if not outputs and now - self._last_sent < PROGRESS_SECONDS and failure is None:
+            return
+        self._last_sent = now
+        sizes, self._batch_sizes = self._batch_sizes, []
+        self._send_quietly(Progress(outputs, sizes, self.engine.stats()))
+        if failure is not None and not self._failure_sent:  # after the requests it ended
+            self._failure_sent = True
+            self._send_quietly(Failed(failure))
+
+    def _send_quietly(self, message: object) -> None:
+        with contextlib.suppress(OSError):  # the front end is gone; ``receive`` sees it and ends the process
+            self.send(message)
+
+
+def run_engine_side(engine: Engine, connection: Connection, loaded: Loaded) -> None:
+    """Serves the front end with ``engine`` until it says stop or goes away. The engine runs on this
+    thread, the one that loaded the model: while a second thread that ran torch's parallel operations
+    lives, its OpenMP and MKL workers stay, and the engine's own operations ran slower beside them (on
+    2 cores, a width-512 product of a batch of 32: 0.48 ms alone, 0.57 to 0.67 ms beside them). The
+    pipe is read on a thread that runs no torch operation."""
+    side = EngineSide(engine, connection)
+    side.send(loaded)
+
+    def receive() -> None:
+        side.receive()
+        engine.stop()
+
+    threading.Thread(target=receive, name="largo-engine-pipe", daemon=True).start()
+    engine.run()
