@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 from largo.dev.cluster import free_port, wait_for
-from largo.runtime import checkpoint
+from largo.runtime import checkpoint, pipeline
 from largo.runtime.engine import (
     Decode,
     Engine,
@@ -36,10 +36,10 @@ from largo.runtime.engine import (
     slot_run,
     step_threads,
 )
-from largo.runtime.engine_host import ModelError, load_model
+from largo.runtime.engine_host import ModelError, load_model, resolve
 from largo.runtime.engine_process import freeze_heap
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
-from largo.runtime.serve import _overlap
+from largo.runtime.serve import _overlap, parse_args
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
@@ -373,6 +373,27 @@ def test_the_model_is_split_into_contiguous_even_stages(
 def test_more_stages_than_blocks_are_refused() -> None:
     with pytest.raises(ValueError, match="3 stages cannot split 2 blocks"):
         stage_layers(2, 3, 0)
+
+
+def test_the_device_and_the_pipeline_backend_are_decided_on_the_torch_side(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("LARGO_DEVICE", "LARGO_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    left = parse_args([])
+    assert (left.device, left.pipeline_backend, left.pipeline_timeout) == ("auto", "auto", None)
+    decided = resolve(left)
+    cuda = torch.cuda.is_available()
+    assert decided.device == ("cuda" if cuda else "cpu")
+    assert decided.pipeline_backend == ("nccl" if cuda else "gloo")
+    assert decided.pipeline_timeout == pipeline.TIMEOUT_SECONDS
+    assert decided.max_batch == left.max_batch  # the rest as parsed
+    # A GPU device means NCCL; an explicit backend (gloo between GPUs) and timeout are kept.
+    assert resolve(parse_args(["--device", "cuda:1"])).pipeline_backend == "nccl"
+    kept = resolve(parse_args(["--device", "cuda", "--pipeline-backend", "gloo", "--pipeline-timeout", "5"]))
+    assert (kept.device, kept.pipeline_backend, kept.pipeline_timeout) == ("cuda", "gloo", 5.0)
+    monkeypatch.setenv("LARGO_DEVICE", "cpu")
+    assert resolve(parse_args([])).pipeline_backend == "gloo"
 
 
 class Replica:
