@@ -214,3 +214,31 @@ def test_the_engine_s_process_ignores_the_signals_the_front_end_drains_on(traine
         assert client.process.exitcode == 0
 
     asyncio.run(scenario())
+
+
+def test_an_engine_that_takes_its_own_input_blocks_only_while_idle(trained: Path) -> None:
+    """The engine's process reads its pipe on the engine's thread, between iterations (``take_input``):
+    it may wait for input only while nothing runs or waits, and a stop said there ends the run."""
+    model, _ = load_model(trained, None, torch.device("cpu"))
+    engine = Engine.local(model, max_batch=2)
+    engine.heartbeat_seconds = 0.05
+    finished: list[str] = []
+    timeouts: list[float] = []
+    requests = [Request(prompt=list(b"def "), max_tokens=3, temperature=0.0) for _ in range(2)]
+    for request in requests:
+        request.on_finish = finished.append
+
+    def take_input(timeout: float) -> None:
+        timeouts.append(timeout)
+        if len(timeouts) == 1:
+            for request in requests:
+                assert engine.submit(request)
+        elif len(finished) == 2 and timeout > 0:
+            engine.stop()  # as the front end's stop message does
+
+    engine.take_input = take_input
+    engine.run()  # returns once stopped: a hang here is the failure
+    assert finished == ["length", "length"]
+    # Idle at the start (what it took runs at once) and at the end; never blocking before the two
+    # requests' second and third iterations.
+    assert timeouts == [0.05, 0.0, 0.0, 0.05]

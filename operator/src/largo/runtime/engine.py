@@ -394,6 +394,11 @@ class Engine:
         self.after_iteration: Callable[[], None] = lambda: None
         # Told of each iteration: how many requests it decoded together.
         self.observe_batch: Callable[[int], None] = lambda size: None
+        # Where requests come from when they come from this thread (a process of its own reads its pipe
+        # here, between iterations): called before each iteration with how long it may block (none while
+        # requests run; the heartbeat's interval while idle), it submits what arrived. Without it, other
+        # threads ``submit`` and the engine waits on its lock while idle.
+        self.take_input: Callable[[float], None] | None = None
 
     @classmethod
     def local(cls, model: TinyGPT, max_batch: int = 32, max_waiting: int = 64, threads: int = 1) -> Engine:
@@ -438,9 +443,12 @@ class Engine:
 
     def run(self) -> None:
         while True:
+            waits = self.take_input is None  # else it waited for input itself
+            if self.take_input is not None:
+                self.take_input(0.0 if self._running or self._waiting else self.heartbeat_seconds)
             with self._lock:
                 idle_since = time.monotonic()
-                while not self._stopped and not self._running and not self._waiting:
+                while waits and not self._stopped and not self._running and not self._waiting:
                     self._lock.wait(self.heartbeat_seconds)
                     if time.monotonic() - idle_since >= self.heartbeat_seconds:
                         break

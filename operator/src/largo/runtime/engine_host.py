@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -212,7 +211,6 @@ class EngineSide:
     def __init__(self, engine: Engine, connection: Connection) -> None:
         self.engine = engine
         self.connection = connection
-        self._sending = threading.Lock()
         self._tracked: dict[int, _Tracked] = {}
         self._streaming: dict[int, _Tracked] = {}  # streams with text not yet sent
         self._finished: list[Output] = []
@@ -223,24 +221,26 @@ class EngineSide:
         engine.observe_batch = self._observe_batch
 
     def send(self, message: object) -> None:
-        with self._sending:
-            self.connection.send(message)
+        self.connection.send(message)
 
-    def receive(self) -> None:
-        """Takes submissions and cancellations until the front end says stop or goes away."""
-        while True:
-            try:
+    def take_input(self, timeout: float) -> None:
+        """Submissions and cancellations that arrived, waiting up to ``timeout`` for the first (the
+        engine's ``take_input``, on its thread); a stop, or the front end gone, stops the engine."""
+        try:
+            while self.connection.poll(timeout):
+                timeout = 0.0
                 message = self.connection.recv()
-            except (EOFError, OSError):
-                return  # the front end is gone: nothing more to serve
-            if isinstance(message, Submission):
-                self.submit(message)
-            elif isinstance(message, Cancel):
-                tracked = self._tracked.get(message.id)
-                if tracked is not None:
-                    tracked.request.cancelled = True
-            else:
-                return
+                if isinstance(message, Submission):
+                    self.submit(message)
+                elif isinstance(message, Cancel):
+                    tracked = self._tracked.get(message.id)
+                    if tracked is not None:
+                        tracked.request.cancelled = True
+                else:
+                    self.engine.stop()
+                    return
+        except (EOFError, OSError):  # the front end is gone: nothing more to serve
+            self.engine.stop()
 
     def submit(self, submission: Submission) -> None:
         request = Request(
@@ -308,17 +308,13 @@ class EngineSide:
 
 
 def run_engine_side(engine: Engine, connection: Connection, loaded: Loaded) -> None:
-    """Serves the front end with ``engine`` until it says stop or goes away. The engine runs on this
-    thread, the one that loaded the model: while a second thread that ran torch's parallel operations
-    lives, its OpenMP and MKL workers stay, and the engine's own operations ran slower beside them (on
-    2 cores, a width-512 product of a batch of 32: 0.48 ms alone, 0.57 to 0.67 ms beside them). The
-    pipe is read on a thread that runs no torch operation."""
+    """Serves the front end with ``engine`` until it says stop or goes away, all on this thread, the one
+    that loaded the model: the engine reads its pipe between iterations (a request is admitted at an
+    iteration's start either way), so no second thread takes the interpreter's lock from it at every
+    message. And while a second thread that ran torch's parallel operations lives, its OpenMP and MKL
+    workers stay, and the engine's own operations ran slower beside them (on 2 cores, a width-512
+    product of a batch of 32: 0.48 ms alone, 0.57 to 0.67 ms beside them)."""
     side = EngineSide(engine, connection)
     side.send(loaded)
-
-    def receive() -> None:
-        side.receive()
-        engine.stop()
-
-    threading.Thread(target=receive, name="largo-engine-pipe", daemon=True).start()
+    engine.take_input = side.take_input
     engine.run()
