@@ -216,6 +216,7 @@ def test_the_engine_s_process_ignores_the_signals_the_front_end_drains_on(traine
     asyncio.run(scenario())
 
 
+@pytest.mark.timeout(60)
 def test_an_engine_that_takes_its_own_input_blocks_only_while_idle(trained: Path) -> None:
     """The engine's process reads its pipe on the engine's thread, between iterations (``take_input``):
     it may wait for input only while nothing runs or waits, and a stop said there ends the run."""
@@ -237,7 +238,7 @@ def test_an_engine_that_takes_its_own_input_blocks_only_while_idle(trained: Path
             engine.stop()  # as the front end's stop message does
 
     engine.take_input = take_input
-    engine.run()  # returns once stopped: a hang here is the failure
+    engine.run()  # returns once stopped: a hang here is the failure (the timeout)
     assert finished == ["length", "length"]
     # Idle at the start (what it took runs at once) and at the end; never blocking before the two
     # requests' second and third iterations.
