@@ -129,6 +129,19 @@ def test_requests_go_to_the_engine_s_process_and_their_tokens_come_back(trained:
     asyncio.run(scenario())
 
 
+def test_an_unknown_device_is_told_to_the_front_end(trained: Path) -> None:
+    async def scenario() -> None:
+        client = start_engine_process(parse_args([*engine_args(trained), "--device", "tpu"]))
+        try:
+            with pytest.raises(NotLoadedError, match="tpu") as raised:
+                await client.loaded()
+            assert raised.value.fatal  # a failed start: the pod fails, saying why
+        finally:
+            await client.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_cancelled_request_leaves_the_batch(trained: Path) -> None:
     async def scenario() -> None:
         async with loaded_engine(trained, max_batch=1, max_waiting=1) as client:

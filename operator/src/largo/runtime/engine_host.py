@@ -132,10 +132,10 @@ def engine_main(connection: Connection, args: argparse.Namespace) -> None:
     """The engine's process (``engine_process``): loads the model, then serves the front end's requests."""
     ignore_signals()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = resolve(args)
-    set_threads(args)
     started = time.monotonic()
     try:
+        args = resolve(args)  # an unknown device is told to the front end, as a missing model is
+        set_threads(args)
         engine = start_engine(args)
     except ModelError as error:
         connection.send(NotLoaded(str(error), fatal=False))
