@@ -29,6 +29,9 @@ GROUPS = {
     "cluster": ["integration", f"--ignore={TESTS / LOCAL_CLUSTER}"],
     "processes": ["runtime", "unit"],
 }
+# A test that hangs fails after this (pytest-timeout prints where each thread was), instead of holding
+# its group until CI's own limit: the longest test takes ~4 minutes (make demo, twice, with a Ctrl-C).
+TEST_TIMEOUT_SECONDS = 1800
 
 
 def main(arguments: list[str]) -> int:
@@ -40,6 +43,8 @@ def main(arguments: list[str]) -> int:
         command = [sys.executable, "-m", "pytest"]
         command += [p if p.startswith("--") else str(TESTS / p) for p in paths]
         command += passed + ([f"--junitxml={junit}.{name}"] if junit else [])
+        if not any(a.startswith("--timeout") for a in passed):
+            command.append(f"--timeout={TEST_TIMEOUT_SECONDS}")
         log = (logs / f"{name}.log").open("wb")
         running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.monotonic())
     codes = {}
