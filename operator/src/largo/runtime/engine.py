@@ -390,7 +390,7 @@ class Engine:
         self.heartbeat_seconds = 30.0
         # Why the engine stopped serving, if it failed.
         self.failure: str | None = None
-        # Called after each iteration (its tokens delivered): the server wakes its event loop once.
+        # Called after each iteration (its tokens delivered): the engine's process sends what it produced.
         self.after_iteration: Callable[[], None] = lambda: None
         # Told of each iteration: how many requests it decoded together.
         self.observe_batch: Callable[[int], None] = lambda size: None
@@ -443,12 +443,12 @@ class Engine:
 
     def run(self) -> None:
         while True:
-            waits = self.take_input is None  # else it waited for input itself
-            if self.take_input is not None:
-                self.take_input(0.0 if self._running or self._waiting else self.heartbeat_seconds)
+            take_input = self.take_input
+            if take_input is not None:
+                take_input(0.0 if self._running or self._waiting else self.heartbeat_seconds)
             with self._lock:
                 idle_since = time.monotonic()
-                while waits and not self._stopped and not self._running and not self._waiting:
+                while take_input is None and not self._stopped and not self._running and not self._waiting:
                     self._lock.wait(self.heartbeat_seconds)
                     if time.monotonic() - idle_since >= self.heartbeat_seconds:
                         break

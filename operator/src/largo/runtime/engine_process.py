@@ -100,9 +100,9 @@ class Failed:
 
 
 def freeze_heap() -> None:
-    """Moves what starting left (torch's modules, the model: ~200,000 objects) out of the garbage
-    collector's sight: a full collection over them took 40-76 ms on a 2-core CPU, and it stalls every
-    request in flight. What serving allocates afterwards is still collected."""
+    """Moves what starting left (in the engine's process torch's modules and the model: ~200,000
+    objects) out of the garbage collector's sight: a full collection over them took 40-76 ms on a 2-core
+    CPU, and it stalls every request in flight. What serving allocates afterwards is still collected."""
     gc.collect()
     gc.freeze()
 
