@@ -394,6 +394,19 @@ def test_the_device_and_the_pipeline_backend_are_decided_on_the_torch_side(
     assert (kept.device, kept.pipeline_backend, kept.pipeline_timeout) == ("cuda", "gloo", 5.0)
     monkeypatch.setenv("LARGO_DEVICE", "cpu")
     assert resolve(parse_args([])).pipeline_backend == "gloo"
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve(parse_args(["--device", "tpu"]))
+
+
+def test_a_member_with_an_unknown_device_exits_saying_why(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "largo.runtime.serve", "--model-dir", str(tmp_path), "--members", "2"]
+    done = subprocess.run(
+        [*command, "--member", "1", "--device", "tpu", "--metrics-port", "0"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "not serving: unknown device 'tpu'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 class Replica:

@@ -86,13 +86,17 @@ def load_model(directory: Path, step: int | None, device: torch.device) -> tuple
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with what the front end left to the torch side decided: ``auto`` device (cuda when a GPU
     is visible, else cpu) and pipeline backend (nccl on a GPU, gloo on a CPU), and the pipeline's
-    timeout."""
+    timeout. ValueError for a device torch does not know."""
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}: {error}") from error
     backend = args.pipeline_backend
     if backend == "auto":
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        backend = "nccl" if kind == "cuda" else "gloo"
     timeout = pipeline.TIMEOUT_SECONDS if args.pipeline_timeout is None else args.pipeline_timeout
     return argparse.Namespace(**{**vars(args), "device": device, "pipeline_backend": backend,
                                  "pipeline_timeout": timeout})  # fmt: skip
@@ -158,7 +162,11 @@ def set_threads(args: argparse.Namespace) -> None:
 
 def member(args: argparse.Namespace) -> int:
     """A worker of a replica split over pods: its stage of the pipeline, no HTTP of its own."""
-    args = resolve(args)
+    try:
+        args = resolve(args)
+    except ValueError as error:
+        logger.error("not serving: %s", error)
+        return 1
     set_threads(args)
     registry = CollectorRegistry()
     load_seconds = Gauge(
