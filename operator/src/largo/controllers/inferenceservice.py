@@ -199,19 +199,7 @@ class InferenceServiceReconciler:
             self._hints[(namespace, name)] = written
         if decision.wake_scheduler:
             self.wake_scheduler()
-        deployment = router.build_router_deployment(service, self.router_image)
-        networked = (str(metadata.get("uid")), json.dumps(deployment, sort_keys=True))
-        if self._networked.get((namespace, name)) != networked:
-            network = [
-                build.build_members_service(service),
-                router.build_replicas_service(service),
-                build.build_service(service),
-                *router.build_router_account(service),
-            ]
-            await self._create(written, network)
-            # Applied, not created: a change of spec.router reaches the running router.
-            await self._apply_owned(written, deployment)
-            self._networked[(namespace, name)] = networked
+        await self.make_network((namespace, name), written, service)
         # Deletes and events first: a refused create (quota, a webhook) must not hold back the drain of
         # retired groups or the restart of failed ones.
         if decision.delete:
@@ -231,6 +219,31 @@ class InferenceServiceReconciler:
             ]
             await self._create(written, pods)
         return decision.requeue_after
+
+    async def make_network(self, key: JobKey, owner: Mapping[str, Any], service: InferenceService) -> None:
+        """The service's Services, the router's account and its Deployment, written once per (uid, router
+        Deployment). Marked as made before the writes, not after: a part deleted while they are in flight
+        clears the mark (``forget_network``) and the next cycle makes it again, where a mark set after them
+        would overwrite that and leave the part missing. A failed write clears the mark too."""
+        deployment = router.build_router_deployment(service, self.router_image)
+        made = (str(owner["metadata"].get("uid")), json.dumps(deployment, sort_keys=True))
+        if self._networked.get(key) == made:
+            return
+        self._networked[key] = made
+        network = [
+            build.build_members_service(service),
+            router.build_replicas_service(service),
+            build.build_service(service),
+            *router.build_router_account(service),
+        ]
+        try:
+            await self._create(owner, network)
+            # Applied, not created: a change of spec.router reaches the running router.
+            await self._apply_owned(owner, deployment)
+        except BaseException:
+            if self._networked.get(key) == made:
+                del self._networked[key]
+            raise
 
     async def _create(self, owner: Mapping[str, Any], manifests: list[dict[str, Any]]) -> None:
         namespace = owner["metadata"]["namespace"]
