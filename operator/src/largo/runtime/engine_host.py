@@ -311,7 +311,7 @@ class EngineSide:
             self._send_quietly(Failed(failure))
 
     def _send_quietly(self, message: object) -> None:
-        with contextlib.suppress(OSError):  # the front end is gone; ``receive`` sees it and ends the process
+        with contextlib.suppress(OSError):  # the front end is gone; ``take_input`` sees it and stops the engine
             self.send(message)
 
 
