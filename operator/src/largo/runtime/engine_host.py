@@ -311,7 +311,8 @@ class EngineSide:
             self._send_quietly(Failed(failure))
 
     def _send_quietly(self, message: object) -> None:
-        with contextlib.suppress(OSError):  # the front end is gone; ``take_input`` sees it and stops the engine
+        # The front end is gone: ``take_input`` sees it and stops the engine.
+        with contextlib.suppress(OSError):
             self.send(message)
 
 
