@@ -29,9 +29,12 @@ from largo.runtime.engine import (
     Decode,
     Engine,
     LocalForward,
+    Product,
     Request,
     Running,
     Stage,
+    large_step,
+    onednn_available,
     sample,
     slot_run,
     step_threads,
@@ -41,6 +44,7 @@ from largo.runtime.engine_process import freeze_heap
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
 from largo.runtime.serve import _overlap, parse_args
 from prometheus_client.parser import text_string_to_metric_families
+from torch.nn import functional
 
 pytestmark = pytest.mark.runtime
 
@@ -644,6 +648,29 @@ def test_a_cpu_stage_sets_torch_s_threads_for_each_step() -> None:
     assert seen == [1, 2]
     assert torch.allclose(batch, alone, atol=1e-5)  # more threads, the same maths
     assert torch.allclose(lone[0], alone[0], atol=1e-5)
+
+
+def test_large_steps_of_a_wide_model_take_packed_products_with_the_same_maths() -> None:
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(1024, 256) * 0.05, torch.randn(1024), torch.randn(32, 256)
+    product = Product.of(weight, bias, pack=onednn_available())
+    expected = functional.linear(x, weight, bias)
+    for gelu in (False, True):
+        want = functional.gelu(expected) if gelu else expected
+        assert torch.allclose(product(x, large=True, gelu=gelu), want, atol=1e-4)
+        assert torch.equal(product(x, large=False, gelu=gelu), want)  # a small step: the plain product
+    # A whole wide model: a prefill large enough to take them gives the model's own logits.
+    model = TinyGPT(ModelConfig(width=256, depth=2, heads=4, context=16)).eval()
+    stage = Stage(model, range(2), max_batch=8)
+    narrow = Stage(TinyGPT(ModelConfig(width=64, depth=1, context=16)), range(1), max_batch=8)
+    assert (stage._weights[0].mlp_in.packed is not None) == onednn_available()
+    assert narrow._weights[0].mlp_in.packed is None  # small products: packing would only cost
+    prompts = torch.randint(0, 256, (8, 8))
+    assert large_step(8 * 8, 256)
+    with torch.inference_mode():
+        prefilled, _ = stage.step(stage.embed_prompts(list(range(8)), prompts.tolist())[0], None)
+        assert prefilled is not None
+        assert torch.allclose(stage.head(prefilled[:, -1]), model(prompts)[:, -1], atol=1e-4)
 
 
 def test_what_loading_left_is_kept_out_of_the_collector_s_sight() -> None:

@@ -107,6 +107,7 @@ class Stage:
         # keeps them apart for tensor parallelism in training; a server is faster with one matrix), and
         # the layers called as functions, without nn.Module's per-call dispatch (decoding a small model
         # is many small operations: their overhead is the cost).
+        pack = self.device.type == "cpu" and config.width >= PARALLEL_MIN_WIDTH and onednn_available()
         self._weights: dict[int, _BlockWeights] = {}
         with torch.no_grad():
             for layer in layers:
@@ -115,14 +116,15 @@ class Stage:
                 first, last = cast(nn.Linear, block.mlp[0]), cast(nn.Linear, block.mlp[2])
                 self._weights[layer] = _BlockWeights(
                     norm_attention=block.norm_attention,
-                    qkv=(
+                    qkv=Product.of(
                         torch.cat([p.weight for p in projections]),
                         torch.cat([p.bias for p in projections]),
+                        pack,
                     ),
-                    projection=(block.projection.weight, block.projection.bias),
+                    projection=Product.of(block.projection.weight, block.projection.bias, pack),
                     norm_mlp=block.norm_mlp,
-                    mlp_in=(first.weight, first.bias),
-                    mlp_out=(last.weight, last.bias),
+                    mlp_in=Product.of(first.weight, first.bias, pack),
+                    mlp_out=Product.of(last.weight, last.bias, pack),
                 )
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -206,10 +208,10 @@ class Stage:
             prompts, length = prefill.x.shape[:2]
             rows.append(prefill.x.reshape(prompts * length, width))
         x = rows[0] if len(rows) == 1 else torch.cat(rows)
-        self._use_threads(x.shape[0])
+        large = self._use_threads(x.shape[0])
         for index, layer in enumerate(self.layers):
             weights = self._weights[layer]
-            fused = functional.linear(_norm(weights.norm_attention, x), *weights.qkv)
+            fused = weights.qkv(_norm(weights.norm_attention, x), large)
             attended: list[torch.Tensor] = []
             if decode is not None:
                 q, k, v = (t.reshape(decoded, heads, head_width) for t in fused[:decoded].chunk(3, dim=1))
@@ -230,11 +232,9 @@ class Stage:
                 self.cache[index, 1, prefill.slots, :, :length] = v
                 out = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
                 attended.append(out.transpose(1, 2).reshape(prompts * length, width))
-            x = x + functional.linear(
-                attended[0] if len(attended) == 1 else torch.cat(attended), *weights.projection
-            )
-            hidden = functional.gelu(functional.linear(_norm(weights.norm_mlp, x), *weights.mlp_in))
-            x = x + functional.linear(hidden, *weights.mlp_out)
+            x = x + weights.projection(attended[0] if len(attended) == 1 else torch.cat(attended), large)
+            hidden = weights.mlp_in(_norm(weights.norm_mlp, x), large, gelu=True)
+            x = x + weights.mlp_out(hidden, large)
         return (
             x[decoded:].view(prompts, length, width) if prefill is not None else None,
             x[:decoded].view(decoded, 1, width) if decode is not None else None,
@@ -247,11 +247,14 @@ class Stage:
         out: torch.Tensor = self.model.head(self.model.norm(rows))
         return out
 
-    def _use_threads(self, rows: int) -> None:
+    def _use_threads(self, rows: int) -> bool:
+        """Sets torch's threads for a step of ``rows`` rows; True when the step is large."""
+        large = large_step(rows, self.width)
         if self.device.type == "cpu" and self.threads > 1:
-            wanted = step_threads(rows, self.width, self.threads)
+            wanted = self.threads if large else 1
             if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
+        return large
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,13 +279,52 @@ class Decode:
 
 
 @dataclass(frozen=True, slots=True)
+class Product:
+    """A linear layer's weight and bias, and on a CPU for a wide model the weight packed once for
+    oneDNN, which large steps use: on 2 cores (AVX-512), width 512, a block's products for 32 decoded
+    rows took 1.02 ms with it against 1.54 ms with ``functional.linear`` (MKL, which repacks the weight
+    at every call), for a prefill of 1,024 rows 29 against 33 ms, and the GELU is fused into the first MLP
+    product. A lone request's products stay with MKL: for one row it is the faster (0.26 against 0.28 ms
+    a block). The packed copy doubles the memory of those weights."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    packed: torch.Tensor | None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor, pack: bool) -> Product:
+        return cls(weight, bias, torch.ops.mkldnn._reorder_linear_weight(weight) if pack else None)
+
+    def __call__(self, x: torch.Tensor, large: bool, gelu: bool = False) -> torch.Tensor:
+        """``x`` ([rows, in]) through the product (and an exact GELU), packed when the step is large."""
+        if large and self.packed is not None:
+            # The algorithm "none" is the exact (erf) GELU the model was trained with.
+            attr, algorithm = ("gelu", "none") if gelu else ("none", "")
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], algorithm)
+            return cast(torch.Tensor, out)
+        out = functional.linear(x, self.weight, self.bias)
+        return functional.gelu(out) if gelu else out
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's packed linear products (a private operator inductor uses: a
+    torch without it serves with ``functional.linear``)."""
+    mkldnn = torch.ops.mkldnn
+    return bool(
+        torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and hasattr(mkldnn, "_reorder_linear_weight")
+        and hasattr(mkldnn, "_linear_pointwise")
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class _BlockWeights:
     norm_attention: nn.LayerNorm
-    qkv: tuple[torch.Tensor, torch.Tensor]
-    projection: tuple[torch.Tensor, torch.Tensor]
+    qkv: Product
+    projection: Product
     norm_mlp: nn.LayerNorm
-    mlp_in: tuple[torch.Tensor, torch.Tensor]
-    mlp_out: tuple[torch.Tensor, torch.Tensor]
+    mlp_in: Product
+    mlp_out: Product
 
 
 def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -304,10 +346,15 @@ PARALLEL_MULTIPLY_ADDS = 1 << 20
 PARALLEL_MIN_WIDTH = 256
 
 
+def large_step(rows: int, width: int) -> bool:
+    """Whether a step of ``rows`` rows through products of ``width`` is compute-bound: it takes every
+    core (``step_threads``) and oneDNN's packed products (``Product``)."""
+    return width >= PARALLEL_MIN_WIDTH and rows * width * width > PARALLEL_MULTIPLY_ADDS
+
+
 def step_threads(rows: int, width: int, cores: int) -> int:
     """The torch threads for a step of ``rows`` rows through products of ``width``: one, or ``cores``."""
-    large = width >= PARALLEL_MIN_WIDTH and rows * width * width > PARALLEL_MULTIPLY_ADDS
-    return cores if large else 1
+    return cores if large_step(rows, width) else 1
 
 
 def slot_run(slots: list[int]) -> slice | None:
