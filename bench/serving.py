@@ -11,9 +11,12 @@ and 32 on CPU:
 Prints tokens/s and p50/p99 latency of each, then the targets as ratios: (a)/(c) tokens/s at 32
 (>= 10x default, >= 3x large), and (a)'s p99 at 32 / the p50 of a lone request (<= 3x). Each level
 sends at least 8 requests per client (256 at 32), and (a) 32 per client (1,024 at 32), so that a p99 is a
-percentile.
+percentile. The p99 target is measured in rounds (``--rounds``, the levels' own first): each a lone
+level and a level of 32 clients back to back, so that both of a ratio's terms see the same minute of a
+shared machine; every round's ratio is printed, and the target is judged on their median.
 
     .venv/bin/python bench/serving.py [--requests 64] [--only default|large] [--skip-kserve] [--threads N]
+                                      [--rounds 3]
 
 The KServe virtualenv is made once in ~/.cache/largo/bench/kserve-0.21.0 (override LARGO_BENCH_DIR).
 """
@@ -204,14 +207,33 @@ def kserve_python() -> Path:
     return python
 
 
+@dataclasses.dataclass(frozen=True)
+class Round:
+    """A lone level and a level of 32 clients, measured back to back."""
+
+    lone: Result
+    busy: Result
+
+    @property
+    def ratio(self) -> float:
+        return self.busy.p99 / self.lone.p50
+
+
 def measure(
-    name: str, config: ModelConfig, requests: int, with_kserve: bool, workdir: Path, threads: int | None
-) -> dict[str, dict[int, Result]]:
+    name: str,
+    config: ModelConfig,
+    requests: int,
+    with_kserve: bool,
+    workdir: Path,
+    threads: int | None,
+    rounds: int,
+) -> tuple[dict[str, dict[int, Result]], list[Round]]:
     model_dir = workdir / name
     make_checkpoint(model_dir, config)
     env = dict(os.environ)
     texts = prompts(max(requests, TARGET_PER_CLIENT * max(LEVELS)))
     results: dict[str, dict[int, Result]] = {}
+    target_rounds: list[Round] = []
     waiting = max(requests, max(LEVELS))  # every client's request in flight is admitted or queued
     for label, batch in (("largo", "32"), ("one at a time", "1")):
         port = free_port()
@@ -228,6 +250,14 @@ def measure(
             # by tokens/s, and one at a time they take minutes.
             per_client = TARGET_PER_CLIENT if batch != "1" else 8
             results[label] = every_level(largo_sender(port), texts, requests, per_client)
+            if batch != "1":
+                levels = results[label]
+                target_rounds.append(Round(levels[1], levels[max(LEVELS)]))
+                for _ in range(rounds - 1):
+                    lone = asyncio.run(drive(largo_sender(port), texts[: max(requests, per_client)], 1))
+                    busy = max(LEVELS)
+                    clients = asyncio.run(drive(largo_sender(port), texts[: per_client * busy], busy))
+                    target_rounds.append(Round(lone, clients))
     if with_kserve:
         python = kserve_python()
         script = workdir / "kserve_model.py"
@@ -238,11 +268,11 @@ def measure(
         with process(command, env, f"http://127.0.0.1:{port}/v1/models/tiny", workdir / f"{name}-kserve.log"):
             asyncio.run(drive(kserve_sender(port), texts[:4], 1))
             results["KServe"] = every_level(kserve_sender(port), texts, requests)
-    return results
+    return results, target_rounds
 
 
 def report(
-    name: str, config: ModelConfig, results: dict[str, dict[int, Result]], lone: Result
+    name: str, config: ModelConfig, results: dict[str, dict[int, Result]], rounds: list[Round]
 ) -> dict[str, float]:
     print(f"\n{name}: width {config.width}, depth {config.depth}, context {config.context}")
     print(f"{'server':<16}{'concurrency':>12}{'tokens/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
@@ -252,7 +282,11 @@ def report(
                 f"{label:<16}{concurrency:>12}{result.tokens_per_second:>12.0f}"
                 f"{result.p50 * 1000:>10.1f}{result.p99 * 1000:>10.1f}"
             )
-    ratios = {"p99 at 32 / lone p50": results["largo"][32].p99 / lone.p50}
+    print(
+        "  p99 at 32 / lone p50 by round: "
+        + ", ".join(f"{r.ratio:.2f}x ({r.busy.p99 * 1000:.1f} / {r.lone.p50 * 1000:.1f} ms)" for r in rounds)
+    )
+    ratios = {"p99 at 32 / lone p50 (median round)": statistics.median(r.ratio for r in rounds)}
     if "KServe" in results:
         ratios["tokens/s at 32 vs KServe"] = (
             results["largo"][32].tokens_per_second / results["KServe"][32].tokens_per_second
@@ -273,6 +307,9 @@ def main() -> int:
     parser.add_argument("--only", choices=sorted(SHAPES), default=None)
     parser.add_argument("--skip-kserve", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="largo's servers' torch threads")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of (lone, 32 clients) for the p99 target, at least 1"
+    )
     args = parser.parse_args()
     targets = {"default": 10.0, "large": 3.0}
     failed = False
@@ -280,14 +317,17 @@ def main() -> int:
         for name, config in SHAPES.items():
             if args.only and name != args.only:
                 continue
-            results = measure(name, config, args.requests, not args.skip_kserve, Path(tmp), args.threads)
-            ratios = report(name, config, results, results["largo"][1])
+            rounds = max(1, args.rounds)
+            results, target_rounds = measure(
+                name, config, args.requests, not args.skip_kserve, Path(tmp), args.threads, rounds
+            )
+            ratios = report(name, config, results, target_rounds)
             versus = ratios.get("tokens/s at 32 vs KServe")
             if versus is not None and versus < targets[name]:
                 print(f"  below the target of {targets[name]:g}x KServe")
                 failed = True
-            if ratios["p99 at 32 / lone p50"] > 3.0:
-                print("  p99 at 32 is above 3x a lone request's p50")
+            if ratios["p99 at 32 / lone p50 (median round)"] > 3.0:
+                print("  p99 at 32 is above 3x a lone request's p50 (median round)")
                 failed = True
     print(json.dumps({"met": not failed}))
     return 1 if failed else 0
