@@ -33,7 +33,6 @@ from largo.runtime.engine import (
     Request,
     Running,
     Stage,
-    large_step,
     onednn_available,
     sample,
     slot_run,
@@ -611,62 +610,61 @@ def test_decoding_reads_only_the_positions_in_use() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rows", "width", "threads"),
+    ("width", "threads"),
     [
-        (1, 512, 1),  # a lone request's decoding: bound by memory, more threads gain nothing
-        (2, 512, 1),
-        (4, 512, 1),  # gains 2%: not worth the HTTP side's core
-        (8, 512, 4),  # a batch of a large model: compute-bound
-        (32, 512, 4),
-        (32, 64, 1),  # a batch of the small model: the front end needs the other cores
-        (1024, 64, 1),  # even its prefill of 32 prompts: its requests are many and short
-        (1024, 256, 4),  # a prefill of 32 prompts of a wider one
+        (64, 1),  # the small model: its requests are many and short, the front end needs the other cores
+        (128, 1),
+        (256, 4),  # wide: every step, a lone request's decoding too, is split over the cores
+        (512, 4),
     ],
 )
-def test_a_step_uses_every_core_only_when_its_products_are_large(rows: int, width: int, threads: int) -> None:
-    assert step_threads(rows, width, cores=4) == threads
+def test_a_wide_model_s_steps_use_every_core(width: int, threads: int) -> None:
+    assert step_threads(width, cores=4) == threads
 
 
 def test_a_cpu_stage_sets_torch_s_threads_for_each_step() -> None:
     before = torch.get_num_threads()
     torch.manual_seed(0)
-    config = ModelConfig(width=512, depth=1, heads=8, context=16)
-    model = TinyGPT(config)
-    one, several = Stage(model, range(1), 8, threads=1), Stage(model, range(1), 8, threads=2)
+    wide, narrow = (TinyGPT(ModelConfig(width=w, depth=1, heads=8, context=16)) for w in (256, 64))
+    one, several = Stage(wide, range(1), 8, threads=1), Stage(wide, range(1), 8, threads=2)
+    small = Stage(narrow, range(1), 8, threads=2)
     seen: list[int] = []
     try:
         with torch.inference_mode():
-            for stage in (one, several):
+            for stage in (one, several, small):
                 prefill(stage, [0, 1, 2, 3, 4, 5, 6, 7], [[1, 2, 3]] * 8)
-            lone = decode_tokens(several, [0], [3], [4])  # 512 x 512 per product: one thread
+            lone = decode_tokens(several, [0], [3], [4])
             seen.append(torch.get_num_threads())
-            batch = decode_tokens(several, list(range(8)), [3] * 8, [4] * 8)  # 8 x: every thread
+            batch = decode_tokens(several, list(range(8)), [3] * 8, [4] * 8)
+            seen.append(torch.get_num_threads())
+            decode_tokens(small, list(range(8)), [3] * 8, [4] * 8)
             seen.append(torch.get_num_threads())
             alone = decode_tokens(one, list(range(8)), [3] * 8, [4] * 8)
     finally:
         torch.set_num_threads(before)
-    assert seen == [1, 2]
+    assert seen == [2, 2, 1]
     assert torch.allclose(batch, alone, atol=1e-5)  # more threads, the same maths
     assert torch.allclose(lone[0], alone[0], atol=1e-5)
 
 
-def test_large_steps_of_a_wide_model_take_packed_products_with_the_same_maths() -> None:
+def test_a_wide_model_takes_packed_products_with_the_same_maths() -> None:
     torch.manual_seed(0)
-    weight, bias, x = torch.randn(1024, 256) * 0.05, torch.randn(1024), torch.randn(32, 256)
-    product = Product.of(weight, bias, pack=onednn_available())
-    expected = functional.linear(x, weight, bias)
-    for gelu in (False, True):
-        want = functional.gelu(expected) if gelu else expected
-        assert torch.allclose(product(x, large=True, gelu=gelu), want, atol=1e-4)
-        assert torch.equal(product(x, large=False, gelu=gelu), want)  # a small step: the plain product
-    # A whole wide model: a prefill large enough to take them gives the model's own logits.
+    weight, bias = torch.randn(1024, 256) * 0.05, torch.randn(1024)
+    packed, plain = Product.of(weight, bias, pack=onednn_available()), Product.of(weight, bias, pack=False)
+    for rows in (1, 2, 32):
+        x = torch.randn(rows, 256)
+        expected = functional.linear(x, weight, bias)
+        for gelu in (False, True):
+            want = functional.gelu(expected) if gelu else expected
+            assert torch.allclose(packed(x, gelu=gelu), want, atol=1e-4)
+            assert torch.equal(plain(x, gelu=gelu), want)
+    # A whole wide model: its prefill gives the model's own logits.
     model = TinyGPT(ModelConfig(width=256, depth=2, heads=4, context=16)).eval()
     stage = Stage(model, range(2), max_batch=8)
     narrow = Stage(TinyGPT(ModelConfig(width=64, depth=1, context=16)), range(1), max_batch=8)
     assert (stage._weights[0].mlp_in.packed is not None) == onednn_available()
     assert narrow._weights[0].mlp_in.packed is None  # small products: packing would only cost
     prompts = torch.randint(0, 256, (8, 8))
-    assert large_step(8 * 8, 256)
     with torch.inference_mode():
         prefilled, _ = stage.step(stage.embed_prompts(list(range(8)), prompts.tolist())[0], None)
         assert prefilled is not None

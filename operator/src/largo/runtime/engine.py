@@ -107,7 +107,7 @@ class Stage:
         # keeps them apart for tensor parallelism in training; a server is faster with one matrix), and
         # the layers called as functions, without nn.Module's per-call dispatch (decoding a small model
         # is many small operations: their overhead is the cost).
-        pack = self.device.type == "cpu" and config.width >= PARALLEL_MIN_WIDTH and onednn_available()
+        pack = self.device.type == "cpu" and config.width >= WIDE_MODEL and onednn_available()
         self._weights: dict[int, _BlockWeights] = {}
         with torch.no_grad():
             for layer in layers:
@@ -208,10 +208,10 @@ class Stage:
             prompts, length = prefill.x.shape[:2]
             rows.append(prefill.x.reshape(prompts * length, width))
         x = rows[0] if len(rows) == 1 else torch.cat(rows)
-        large = self._use_threads(x.shape[0])
+        self._use_threads()
         for index, layer in enumerate(self.layers):
             weights = self._weights[layer]
-            fused = weights.qkv(_norm(weights.norm_attention, x), large)
+            fused = weights.qkv(_norm(weights.norm_attention, x))
             attended: list[torch.Tensor] = []
             if decode is not None:
                 q, k, v = (t.reshape(decoded, heads, head_width) for t in fused[:decoded].chunk(3, dim=1))
@@ -232,9 +232,9 @@ class Stage:
                 self.cache[index, 1, prefill.slots, :, :length] = v
                 out = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
                 attended.append(out.transpose(1, 2).reshape(prompts * length, width))
-            x = x + weights.projection(attended[0] if len(attended) == 1 else torch.cat(attended), large)
-            hidden = weights.mlp_in(_norm(weights.norm_mlp, x), large, gelu=True)
-            x = x + weights.mlp_out(hidden, large)
+            x = x + weights.projection(attended[0] if len(attended) == 1 else torch.cat(attended))
+            hidden = weights.mlp_in(_norm(weights.norm_mlp, x), gelu=True)
+            x = x + weights.mlp_out(hidden)
         return (
             x[decoded:].view(prompts, length, width) if prefill is not None else None,
             x[:decoded].view(decoded, 1, width) if decode is not None else None,
@@ -247,14 +247,11 @@ class Stage:
         out: torch.Tensor = self.model.head(self.model.norm(rows))
         return out
 
-    def _use_threads(self, rows: int) -> bool:
-        """Sets torch's threads for a step of ``rows`` rows; True when the step is large."""
-        large = large_step(rows, self.width)
+    def _use_threads(self) -> None:
         if self.device.type == "cpu" and self.threads > 1:
-            wanted = self.threads if large else 1
+            wanted = step_threads(self.width, self.threads)
             if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
-        return large
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,12 +277,10 @@ class Decode:
 
 @dataclass(frozen=True, slots=True)
 class Product:
-    """A linear layer's weight and bias, and on a CPU for a wide model the weight packed once for
-    oneDNN, which large steps use: on 2 cores (AVX-512), width 512, a block's products for 32 decoded
-    rows took 1.02 ms with it against 1.54 ms with ``functional.linear`` (MKL, which repacks the weight
-    at every call), for a prefill of 1,024 rows 29 against 33 ms, and the GELU is fused into the first MLP
-    product. A lone request's products stay with MKL: for one row it is the faster (0.26 against 0.28 ms
-    a block). The packed copy doubles the memory of those weights."""
+    """A linear layer's weight and bias, and on a CPU for a wide model (``WIDE_MODEL``) the weight
+    packed once for oneDNN, which then computes every step's product, the GELU fused into the first
+    MLP product; ``functional.linear`` (MKL on a CPU) repacks the weight at every call. The packed copy
+    doubles the memory of those weights."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -295,10 +290,10 @@ class Product:
     def of(cls, weight: torch.Tensor, bias: torch.Tensor, pack: bool) -> Product:
         return cls(weight, bias, torch.ops.mkldnn._reorder_linear_weight(weight) if pack else None)
 
-    def __call__(self, x: torch.Tensor, large: bool, gelu: bool = False) -> torch.Tensor:
-        """``x`` ([rows, in]) through the product (and an exact GELU), packed when the step is large."""
-        if large and self.packed is not None:
-            # The algorithm "none" is the exact (erf) GELU the model was trained with.
+    def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """``x`` ([rows, in]) through the product (and the exact GELU the model was trained with)."""
+        if self.packed is not None:
+            # The algorithm "none" is the exact (erf) GELU.
             attr, algorithm = ("gelu", "none") if gelu else ("none", "")
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], algorithm)
             return cast(torch.Tensor, out)
@@ -331,30 +326,22 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-# A step's products are worth splitting over cores above this many multiply-adds each (rows x width
-# x width): up to it (a lone request's decoding, any decoding step of a small model) a step is bound by
-# memory and per-operation overhead, more threads gain little there and take the core the front end
-# runs on; above it (a large model's batch, a prefill of many tokens) the step is compute-bound and
-# scales with cores. Measured on 2 cores, width 512: decoding 1 or 2 requests gains nothing, 4 gains
-# 2% (it stays on one thread), 8 gains 29%, 32 gains 36%.
-PARALLEL_MULTIPLY_ADDS = 1 << 20
-# A model narrower than this stays on one thread whatever its step: its requests are short, so under load
-# the front end (HTTP, JSON) has many of them to handle, and needs a core exactly when a burst of
-# arrivals makes a large prefill. Width 64, 32 clients on 2 cores: a prefill of 32 prompts alone took
-# 5.9 ms on one thread and 3.5 on two, yet the server gave 26,600 tokens/s on one thread, 24,500 on two,
-# and a lower p99.
-PARALLEL_MIN_WIDTH = 256
+# On a CPU, a model this wide or wider runs every step on every thread with oneDNN's packed products
+# (``Product``); a narrower one runs on one thread with ``functional.linear``. Measured on 2 cores
+# (AVX-512), a decoding step of width 512, depth 8 for 1, 2, 4 and 8 requests: 10.0, 14.9, 14.3 and
+# 17.3 ms on one thread with MKL (which does not split one row's product, and slows down at two), 6.0,
+# 6.2, 5.8 and 7.2 ms on two with oneDNN; for 32 requests 26 against 17 ms; width 1024 alike; width
+# 256 gains from 2 requests on (a lone one 1.08 against 1.15 ms). A narrow model's requests are short,
+# so under load the front end (HTTP, JSON) has many of them to handle and needs a core of its own
+# exactly when a burst of arrivals makes a large prefill: width 64, 32 clients on 2 cores, a prefill of
+# 32 prompts alone took 5.9 ms on one thread and 3.5 on two, yet the server gave 26,600 tokens/s on one
+# thread, 24,500 on two, and a lower p99.
+WIDE_MODEL = 256
 
 
-def large_step(rows: int, width: int) -> bool:
-    """Whether a step of ``rows`` rows through products of ``width`` is compute-bound: it takes every
-    core (``step_threads``) and oneDNN's packed products (``Product``)."""
-    return width >= PARALLEL_MIN_WIDTH and rows * width * width > PARALLEL_MULTIPLY_ADDS
-
-
-def step_threads(rows: int, width: int, cores: int) -> int:
-    """The torch threads for a step of ``rows`` rows through products of ``width``: one, or ``cores``."""
-    return cores if large_step(rows, width) else 1
+def step_threads(width: int, cores: int) -> int:
+    """The torch threads for the steps of a model of ``width`` on ``cores``: one, or all of them."""
+    return cores if width >= WIDE_MODEL else 1
 
 
 def slot_run(slots: list[int]) -> slice | None:
