@@ -93,7 +93,7 @@ class Stage:
         self.heads = config.heads
         self.width = config.width
         self.device = next(model.parameters()).device
-        # On a CPU, the most torch threads a step may use (``step_threads`` decides how many it does).
+        # On a CPU, the torch threads a wide model's steps use (``step_threads``).
         self.threads = threads
         dtype = next(model.parameters()).dtype
         # keys and values of every slot: [layer of this stage, k|v, slot, head, position, head width]. Slots

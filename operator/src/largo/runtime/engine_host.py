@@ -154,8 +154,8 @@ def engine_main(connection: Connection, args: argparse.Namespace) -> None:
 
 def set_threads(args: argparse.Namespace) -> None:
     """Torch's threads where the model runs (the leader's engine, a pipeline member): more than the
-    cores fight the front end (and OpenMP's spinning) for them; each step then takes one or all of these
-    (``engine.step_threads``)."""
+    cores fight the front end (and OpenMP's spinning) for them; a wide model's steps take all of these, a
+    narrow one's one (``engine.step_threads``)."""
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
 
