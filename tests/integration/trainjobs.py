@@ -63,6 +63,11 @@ class Jobs:
         status: dict[str, Any] = self.get(name).get("status") or {}
         return status
 
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        """Every job's status in one list: one snapshot of the namespace, not reads a moment apart."""
+        listed = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
+        return {job["metadata"]["name"]: job.get("status") or {} for job in listed["items"]}
+
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(
             GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
@@ -123,10 +128,13 @@ class Jobs:
 
 
 def overbooked(jobs: Jobs, names: list[str], gpus_per_job: int, gpus_per_node: int) -> dict[str, int]:
-    """Nodes whose GPUs, summed over every admitted job's status.placement, exceed what they have."""
+    """Nodes whose GPUs, summed over every admitted job's status.placement, exceed what they have. Read in
+    one list: read one by one, a job seen running before it finished and another seen placed on its
+    freed node after, a moment later, would look like an overbooked node."""
     held: dict[str, int] = {}
+    statuses = jobs.statuses()
     for name in names:
-        status = jobs.status(name)
+        status = statuses.get(name, {})
         placement = status.get("placement") or {}
         if status.get("phase") in ("Starting", "Running") and placement.get("attempt") == status.get(
             "attempt"

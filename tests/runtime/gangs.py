@@ -110,7 +110,13 @@ class Gang:
             )
 
     def wait(self, timeout: float = 240) -> list[int]:
-        return [node.wait(timeout=timeout) for node in self.nodes]
+        """Each node's exit code. A gang still running after ``timeout`` fails with the end of each node's
+        log: what every rank last said is what tells a hang's cause."""
+        try:
+            return [node.wait(timeout=timeout) for node in self.nodes]
+        except subprocess.TimeoutExpired:
+            ends = "\n".join(f"--- node {rank}:\n{self.log(rank)[-3000:]}" for rank in range(len(self.nodes)))
+            raise AssertionError(f"the gang still ran after {timeout:g} s\n{ends}") from None
 
     def log(self, rank: int = 0, attempt: int | None = None) -> str:
         return (self.workdir / f"attempt{attempt or self.attempt}-node{rank}.log").read_text(errors="replace")
