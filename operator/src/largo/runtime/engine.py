@@ -282,13 +282,15 @@ class Product:
     MLP product; ``functional.linear`` (MKL on a CPU) repacks the weight at every call. The packed copy
     doubles the memory of those weights."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor | None  # where it is not packed
     bias: torch.Tensor
     packed: torch.Tensor | None
 
     @classmethod
     def of(cls, weight: torch.Tensor, bias: torch.Tensor, pack: bool) -> Product:
-        return cls(weight, bias, torch.ops.mkldnn._reorder_linear_weight(weight) if pack else None)
+        if pack:  # the plain weight is then never read: this keeps no copy of it (q/k/v's is one)
+            return cls(None, bias, torch.ops.mkldnn._reorder_linear_weight(weight))
+        return cls(weight, bias, None)
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         """``x`` ([rows, in]) through the product (and the exact GELU the model was trained with)."""
@@ -297,6 +299,7 @@ class Product:
             attr, algorithm = ("gelu", "none") if gelu else ("none", "")
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], algorithm)
             return cast(torch.Tensor, out)
+        assert self.weight is not None
         out = functional.linear(x, self.weight, self.bias)
         return functional.gelu(out) if gelu else out
 
@@ -330,12 +333,12 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 # (``Product``); a narrower one runs on one thread with ``functional.linear``. Measured on 2 cores
 # (AVX-512), a decoding step of width 512, depth 8 for 1, 2, 4 and 8 requests: 10.0, 14.9, 14.3 and
 # 17.3 ms on one thread with MKL (which does not split one row's product, and slows down at two), 6.0,
-# 6.2, 5.8 and 7.2 ms on two with oneDNN; for 32 requests 26 against 17 ms; width 1024 alike; width
-# 256 gains from 2 requests on (a lone one 1.08 against 1.15 ms). A narrow model's requests are short,
-# so under load the front end (HTTP, JSON) has many of them to handle and needs a core of its own
-# exactly when a burst of arrivals makes a large prefill: width 64, 32 clients on 2 cores, a prefill of
-# 32 prompts alone took 5.9 ms on one thread and 3.5 on two, yet the server gave 26,600 tokens/s on one
-# thread, 24,500 on two, and a lower p99.
+# 6.2, 5.8 and 7.2 ms on two with oneDNN; for 32 requests 26 ms with MKL on two, 16 with oneDNN; width
+# 1024 alike; width 256 gains from 2 requests on (a lone one 1.08 against 1.15 ms). A narrow model's
+# requests are short, so under load the front end (HTTP, JSON) has many of them to handle and needs a
+# core of its own exactly when a burst of arrivals makes a large prefill: width 64, 32 clients on 2
+# cores, a prefill of 32 prompts alone took 5.9 ms on one thread and 3.5 on two, yet the server gave
+# 26,600 tokens/s on one thread, 24,500 on two, and a lower p99.
 WIDE_MODEL = 256
 
 
