@@ -242,14 +242,26 @@ def test_a_request_at_zero_replicas_is_held_by_the_router_brings_one_up_and_is_a
     first = found["status"]["scaling"][0]
     assert (first["from"], first["to"]) == (0, 1)
     assert first["metricValue"] > 0  # the held request, as the router counted it
-    # Now a replica is ready: the next request goes to it directly.
+
+    # Now a replica is ready: once HAProxy has it as a server (the activator forwards to a replica as
+    # soon as its EndpointSlice is ready; the agent then adds it to HAProxy), the next request goes to
+    # it directly.
+    def router_samples(name: str, by: str, **where: str) -> dict[str | None, float]:
+        metrics = urllib.request.urlopen(f"http://{address}:9400/metrics", timeout=5).read().decode()
+        return {
+            sample.labels.get(by): sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in where.items())
+        }
+
+    wait_for(
+        lambda: router_samples("largo_router_replicas", "state").get("ready") == 1,
+        30,
+        "HAProxy balancing over the replica",
+        local_operator.assert_alive,
+    )
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert json.loads(answer.read()) == {"replica": "idle-r0-node-0"}
-    metrics = urllib.request.urlopen(f"http://{address}:9400/metrics", timeout=5).read().decode()
-    served = {
-        sample.labels.get("server"): sample.value
-        for family in text_string_to_metric_families(metrics)
-        for sample in family.samples
-        if sample.name == "haproxy_server_sessions_total" and sample.labels.get("proxy") == "replicas"
-    }
+    served = router_samples("haproxy_server_sessions_total", "server", proxy="replicas")
     assert served.get("idle-r0-node-0") == 1  # the second request; the first went through the activator
