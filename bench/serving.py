@@ -16,7 +16,7 @@ level and a level of 32 clients back to back, so that both of a ratio's terms se
 shared machine; every round's ratio is printed, and the target is judged on their median.
 
     .venv/bin/python bench/serving.py [--requests 64] [--only default|large] [--skip-kserve] [--threads N]
-                                      [--rounds 3]
+        [--rounds 3] [--dtype auto|float32|bfloat16]
 
 The KServe virtualenv is made once in ~/.cache/largo/bench/kserve-0.21.0 (override LARGO_BENCH_DIR).
 """
@@ -60,13 +60,13 @@ import argparse, pathlib, torch, kserve
 from largo.runtime.engine_host import load_model
 
 class Tiny(kserve.Model):
-    def __init__(self, name, directory):
+    def __init__(self, name, directory, dtype):
         super().__init__(name)
-        self.directory = directory
+        self.directory, self.dtype = directory, dtype
         self.load()
 
     def load(self):
-        self.model, _ = load_model(pathlib.Path(self.directory), None, torch.device("cpu"))
+        self.model, _ = load_model(pathlib.Path(self.directory), None, torch.device("cpu"), self.dtype)
         self.ready = True
 
     def predict(self, payload, headers=None):
@@ -85,8 +85,9 @@ class Tiny(kserve.Model):
 
 parser = argparse.ArgumentParser(parents=[kserve.model_server.parser])
 parser.add_argument("--directory")
+parser.add_argument("--dtype")
 args, _ = parser.parse_known_args()
-kserve.ModelServer().start([Tiny("tiny", args.directory)])
+kserve.ModelServer().start([Tiny("tiny", args.directory, args.dtype)])
 """
 
 
@@ -227,6 +228,7 @@ def measure(
     workdir: Path,
     threads: int | None,
     rounds: int,
+    dtype: str,
 ) -> tuple[dict[str, dict[int, Result]], list[Round]]:
     model_dir = workdir / name
     make_checkpoint(model_dir, config)
@@ -240,6 +242,7 @@ def measure(
         command = [
             sys.executable, "-m", "largo.runtime.serve", "--model-dir", str(model_dir), "--host", "127.0.0.1",
             "--port", str(port), "--metrics-port", "0", "--max-batch", batch, "--max-waiting", str(waiting),
+            "--dtype", dtype,
         ]  # fmt: skip
         if threads is not None:
             command += ["--threads", str(threads)]
@@ -264,7 +267,7 @@ def measure(
         script.write_text(KSERVE_MODEL)
         port = free_port()
         command = [str(python), str(script), "--directory", str(model_dir), "--http_port", str(port),
-                   "--grpc_port", str(free_port()), "--workers", "1"]  # fmt: skip
+                   "--grpc_port", str(free_port()), "--workers", "1", "--dtype", dtype]  # fmt: skip
         with process(command, env, f"http://127.0.0.1:{port}/v1/models/tiny", workdir / f"{name}-kserve.log"):
             asyncio.run(drive(kserve_sender(port), texts[:4], 1))
             results["KServe"] = every_level(kserve_sender(port), texts, requests)
@@ -308,6 +311,12 @@ def main() -> int:
     parser.add_argument("--skip-kserve", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="largo's servers' torch threads")
     parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="the precision every server runs the model in (auto: the checkpoint's, float32)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=3, help="rounds of (lone, 32 clients) for the p99 target, at least 1"
     )
     args = parser.parse_args()
@@ -319,7 +328,7 @@ def main() -> int:
                 continue
             rounds = max(1, args.rounds)
             results, target_rounds = measure(
-                name, config, args.requests, not args.skip_kserve, Path(tmp), args.threads, rounds
+                name, config, args.requests, not args.skip_kserve, Path(tmp), args.threads, rounds, args.dtype
             )
             ratios = report(name, config, results, target_rounds)
             versus = ratios.get("tokens/s at 32 vs KServe")

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -113,6 +113,32 @@ def test_greedy_tokens_are_the_same_alone_and_in_a_batch(trained: Path) -> None:
                 expected = int(torch.argmax(model.head(model.norm(hidden[:, -1]))[0]))
             assert token == expected
             sequence.append(token)
+
+
+def test_a_model_served_in_bfloat16_keeps_its_maths_and_batches_as_alone(trained: Path) -> None:
+    full, _ = load_model(trained, None, torch.device("cpu"))
+    half, _ = load_model(trained, None, torch.device("cpu"), "bfloat16")
+    assert {p.dtype for p in full.parameters()} == {torch.float32}  # auto: the checkpoint's own
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    # The model's logits within bfloat16's precision (8 bits of mantissa), not another model's.
+    prompts = torch.tensor([list(prompt.encode()[:2]) for prompt in PROMPTS])
+    with torch.inference_mode():
+        expected, got = full(prompts)[:, -1], half(prompts)[:, -1].float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+    # Its engine: bfloat16 cache, logits sampled in float32, and a request's tokens alone = in a batch.
+    engine = Engine.local(half, max_batch=8)
+    stage = cast(LocalForward, engine.forward).stage
+    assert stage.cache.dtype == torch.bfloat16
+    engine.start()
+    try:
+        alone = [_generate(engine, [prompt])[0] for prompt in PROMPTS]
+        together = _generate(engine, PROMPTS)
+    finally:
+        engine.stop()
+    assert together == alone
+    with torch.inference_mode():
+        assert stage.head(torch.zeros(1, stage.width, dtype=torch.bfloat16)).dtype == torch.float32
 
 
 def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path: Path, trained: Path) -> None:
@@ -358,6 +384,20 @@ def test_a_server_without_its_model_is_alive_but_never_ready(tmp_path: Path) -> 
         assert server.stop() == 0
 
 
+def test_a_server_asked_for_a_precision_it_cannot_serve_is_alive_but_never_ready(
+    trained: Path, tmp_path: Path
+) -> None:
+    server = Served(trained, tmp_path, "--device", "cpu", "--dtype", "float16")
+    try:
+        wait_for(
+            lambda: "float16 is served on a GPU only" in server.status("/readyz")[1], 60, "why", server.alive
+        )
+        assert server.status("/readyz")[0] == 503
+        assert server.status("/healthz")[0] == 200  # not a crash loop: only a new spec mends it
+    finally:
+        assert server.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("depth", "stages", "expected"),
     [
@@ -399,6 +439,18 @@ def test_the_device_and_the_pipeline_backend_are_decided_on_the_torch_side(
     assert resolve(parse_args([])).pipeline_backend == "gloo"
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         resolve(parse_args(["--device", "tpu"]))
+
+
+def test_the_precision_is_decided_on_the_torch_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LARGO_DTYPE", raising=False)
+    assert resolve(parse_args(["--device", "cpu"])).dtype == "auto"  # the checkpoint's own
+    monkeypatch.setenv("LARGO_DTYPE", "bfloat16")
+    assert resolve(parse_args(["--device", "cpu"])).dtype == "bfloat16"
+    assert resolve(parse_args(["--device", "cuda", "--dtype", "float16"])).dtype == "float16"
+    with pytest.raises(ValueError, match="float16 is served on a GPU only: on a CPU use bfloat16"):
+        resolve(parse_args(["--device", "cpu", "--dtype", "float16"]))
+    with pytest.raises(ValueError, match="unknown dtype 'int8': one of auto, float32, bfloat16, float16"):
+        resolve(parse_args(["--device", "cpu", "--dtype", "int8"]))
 
 
 def test_a_member_with_an_unknown_device_exits_saying_why(tmp_path: Path) -> None:
@@ -462,6 +514,21 @@ def test_a_two_pod_replica_answers_as_a_one_pod_replica(
         assert "stage 1 of 2: blocks [1]" in replica.worker_log.read_text()
     finally:
         replica.stop()
+
+
+def test_a_two_pod_replica_in_bfloat16_answers_as_a_one_pod_one(trained: Path, tmp_path: Path) -> None:
+    half = ("--dtype", "bfloat16")  # the hidden states cross the pipeline in bfloat16
+    one = Served(trained, tmp_path, *half)
+    replica: Replica | None = None
+    try:
+        wait_for(lambda: one.status("/readyz")[0] == 200, 60, "the model loaded", one.alive)
+        assert " in bfloat16" in one.log.read_text()
+        replica = Replica(trained, tmp_path, *half)
+        assert _greedy(replica.leader, PROMPTS) == _greedy(one, PROMPTS)
+    finally:
+        one.stop()
+        if replica is not None:
+            replica.stop()
 
 
 def test_a_member_that_dies_makes_the_leader_unready_and_exit(trained: Path, tmp_path: Path) -> None:

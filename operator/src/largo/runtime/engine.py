@@ -95,7 +95,8 @@ class Stage:
         self.device = next(model.parameters()).device
         # On a CPU, the torch threads a wide model's steps use (``step_threads``).
         self.threads = threads
-        dtype = next(model.parameters()).dtype
+        # The precision the model was loaded in (``--dtype``): the cache's and the hidden states'.
+        self.dtype = dtype = next(model.parameters()).dtype
         # keys and values of every slot: [layer of this stage, k|v, slot, head, position, head width]. Slots
         # last but three, so that a run of consecutive slots is one contiguous block of a layer's keys.
         self.cache = torch.zeros(
@@ -245,7 +246,11 @@ class Stage:
         assert self.model.head is not None  # serving loads whole models
         assert self.model.norm is not None
         out: torch.Tensor = self.model.head(self.model.norm(rows))
-        return out
+        return out.float()  # sampled in single precision whatever the model's
+
+    def nothing(self) -> torch.Tensor:
+        """No rows of hidden states: what a message without a step carries down the pipeline."""
+        return torch.zeros((0, self.width), dtype=self.dtype, device=self.device)
 
     def _use_threads(self) -> None:
         if self.device.type == "cpu" and self.threads > 1:

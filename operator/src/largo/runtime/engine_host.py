@@ -59,8 +59,11 @@ def model_config(state: dict[str, Any]) -> ModelConfig:
     return ModelConfig(vocab_size=vocab, context=context, width=width, depth=depth)
 
 
-def load_model(directory: Path, step: int | None, device: torch.device) -> tuple[TinyGPT, int]:
-    """The model of checkpoint ``step`` (the newest complete one when None), and its step."""
+def load_model(
+    directory: Path, step: int | None, device: torch.device, dtype: str = "auto"
+) -> tuple[TinyGPT, int]:
+    """The model of checkpoint ``step`` (the newest complete one when None) in precision ``dtype`` (a
+    name of ``DTYPES``; ``auto``: the checkpoint's own), and its step."""
     if step is not None:
         path = checkpoint.checkpoint_path(directory, step)
         if not path.is_file():
@@ -80,13 +83,23 @@ def load_model(directory: Path, step: int | None, device: torch.device) -> tuple
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as error:
         raise ModelError(f"checkpoint does not fit the reference model {config}: {error}") from error
-    return model.to(device).eval(), int(state["step"])
+    precision = checkpoint_dtype(state) if dtype == "auto" else getattr(torch, dtype)
+    return model.to(device=device, dtype=precision).eval(), int(state["step"])
+
+
+# The precisions a model can be served in; ``auto`` is the checkpoint's own (the trainer writes float32).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def checkpoint_dtype(state: dict[str, Any]) -> torch.dtype:
+    """The precision of a checkpoint's weights."""
+    return next(t.dtype for t in state["model"].values() if torch.is_tensor(t) and t.is_floating_point())
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with what the front end left to the torch side decided: ``auto`` device (cuda when a GPU
     is visible, else cpu) and pipeline backend (nccl on a GPU, gloo on a CPU), and the pipeline's
-    timeout. ValueError for a device torch does not know."""
+    timeout. ValueError for a device torch does not know, or a precision it cannot serve there."""
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,6 +110,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     backend = args.pipeline_backend
     if backend == "auto":
         backend = "nccl" if kind == "cuda" else "gloo"
+    if args.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {args.dtype!r}: one of {', '.join(DTYPES)}")
+    if args.dtype == "float16" and kind == "cpu":  # no fast half-precision products on a CPU
+        raise ValueError("float16 is served on a GPU only: on a CPU use bfloat16 or float32")
     timeout = pipeline.TIMEOUT_SECONDS if args.pipeline_timeout is None else args.pipeline_timeout
     return argparse.Namespace(**{**vars(args), "device": device, "pipeline_backend": backend,
                                  "pipeline_timeout": timeout})  # fmt: skip
@@ -106,7 +123,7 @@ def start_engine(args: argparse.Namespace) -> Engine:
     """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
     member joined). Raises ModelError for a model that cannot be served."""
     device = torch.device(args.device)
-    model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, device)
+    model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, device, args.dtype)
     config = model.config
     forward: PipelineForward | LocalForward
     if args.members > 1:
@@ -121,13 +138,14 @@ def start_engine(args: argparse.Namespace) -> Engine:
     engine = Engine(forward, config.context, args.max_batch, args.max_batch + args.max_waiting)
     engine.heartbeat_seconds = pipeline.heartbeat_seconds(args.pipeline_timeout)
     logger.info(
-        "serving %s: step %d of %s (%s), %d stage(s) on %s",
+        "serving %s: step %d of %s (%s), %d stage(s) on %s in %s",
         args.name,
         step,
         args.model_dir,
         config,
         args.members,
         device,
+        str(next(model.parameters()).dtype).removeprefix("torch."),
     )
     return engine
 
@@ -138,7 +156,11 @@ def engine_main(connection: Connection, args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     started = time.monotonic()
     try:
-        args = resolve(args)  # an unknown device is told to the front end, as a missing model is
+        args = resolve(args)
+    except ValueError as error:  # an unknown device or precision is told as a missing model is: no restart
+        connection.send(NotLoaded(str(error), fatal=False))  # mends it, only a new spec does
+        return
+    try:
         set_threads(args)
         engine = start_engine(args)
     except ModelError as error:
@@ -177,7 +199,7 @@ def member(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         model, step = load_model(
-            args.model_dir, args.step if args.step >= 0 else None, torch.device(args.device)
+            args.model_dir, args.step if args.step >= 0 else None, torch.device(args.device), args.dtype
         )
     except ModelError as error:
         logger.error("not serving: %s", error)

@@ -111,7 +111,7 @@ def _send(op: int, shape: Shape, x: torch.Tensor, to: int) -> None:
     dist.send(x.to(on).contiguous(), to)
 
 
-def _receive(source: int, width: int, on: torch.device) -> tuple[int, Shape, torch.Tensor]:
+def _receive(source: int, stage: Stage, on: torch.device) -> tuple[int, Shape, torch.Tensor]:
     header = torch.empty(4, dtype=torch.int64, device=on)
     dist.recv(header, source)
     op, running, prompts, length = (int(value) for value in header.tolist())
@@ -125,7 +125,7 @@ def _receive(source: int, width: int, on: torch.device) -> tuple[int, Shape, tor
         running, values[:running], values[running:at], prompts, length,
         values[at : at + prompts], values[at + prompts :],
     )  # fmt: skip
-    x = torch.empty((shape.rows, width), device=on)
+    x = torch.empty((shape.rows, stage.width), dtype=stage.dtype, device=on)
     dist.recv(x, source)
     return op, shape, x
 
@@ -164,11 +164,11 @@ class PipelineForward:
 
     def heartbeat(self) -> None:
         """Keeps an idle pipeline's members from timing out (and finds a dead one early)."""
-        _send(HEARTBEAT, _NOTHING, torch.zeros((0, self.stage.width), device=self.stage.device), 1)
+        _send(HEARTBEAT, _NOTHING, self.stage.nothing(), 1)
 
     def close(self) -> None:
         """Tells the members to exit (they also exit when the leader's connection drops)."""
-        _send(STOP, _NOTHING, torch.zeros((0, self.stage.width), device=self.stage.device), 1)
+        _send(STOP, _NOTHING, self.stage.nothing(), 1)
 
 
 def run_member(stage: Stage, member: int, members: int) -> None:
@@ -176,7 +176,7 @@ def run_member(stage: Stage, member: int, members: int) -> None:
     source, target = member - 1, (member + 1) % members
     on = transport_device(stage.device)
     while True:
-        op, shape, x = _receive(source, stage.width, on)
+        op, shape, x = _receive(source, stage, on)
         if op in (STOP, HEARTBEAT):
             if not stage.last:
                 _send(op, shape, x, target)

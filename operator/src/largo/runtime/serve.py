@@ -418,6 +418,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where the model runs (default: $LARGO_DEVICE, else cuda when a GPU is visible, else cpu)",
     )
     parser.add_argument(
+        "--dtype",
+        default=env("LARGO_DTYPE") or "auto",
+        help="the precision the model is served in: auto (the checkpoint's own), float32, bfloat16, or "
+        "float16 on a GPU; bfloat16 halves the weights' and the cache's memory and, on a GPU or a CPU "
+        "with AVX512_BF16 or AMX, speeds up the products; its tokens may differ from float32's where two "
+        "are nearly tied (default: $LARGO_DTYPE, else auto)",
+    )
+    parser.add_argument(
         "--pipeline-backend",
         choices=("auto", "nccl", "gloo"),
         default=env("LARGO_BACKEND") or "auto",
