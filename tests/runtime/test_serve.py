@@ -85,18 +85,23 @@ def _generate(engine: Engine, prompts: list[str], max_tokens: int = 12) -> list[
     return outputs
 
 
+def _alone_and_together(engine: Engine) -> tuple[list[list[int]], list[list[int]]]:
+    """Each prompt's greedy tokens sent alone, then all of them at once, on ``engine`` (started here)."""
+    engine.start()
+    try:
+        alone = [_generate(engine, [prompt])[0] for prompt in PROMPTS]
+        return alone, _generate(engine, PROMPTS)
+    finally:
+        engine.stop()
+
+
 def test_greedy_tokens_are_the_same_alone_and_in_a_batch(trained: Path) -> None:
     model, step = load_model(trained, None, torch.device("cpu"))
     assert step == 40
     engine = Engine.local(model, max_batch=8)
     sizes: list[int] = []
     engine.observe_batch = sizes.append
-    engine.start()
-    try:
-        alone = [_generate(engine, [prompt])[0] for prompt in PROMPTS]
-        together = _generate(engine, PROMPTS)
-    finally:
-        engine.stop()
+    alone, together = _alone_and_together(engine)
     assert together == alone
     assert all(len(tokens) == 12 for tokens in alone)
     assert max(sizes) >= 4  # they really ran together
@@ -130,12 +135,7 @@ def test_a_model_served_in_bfloat16_keeps_its_maths_and_batches_as_alone(trained
     engine = Engine.local(half, max_batch=8)
     stage = cast(LocalForward, engine.forward).stage
     assert stage.cache.dtype == torch.bfloat16
-    engine.start()
-    try:
-        alone = [_generate(engine, [prompt])[0] for prompt in PROMPTS]
-        together = _generate(engine, PROMPTS)
-    finally:
-        engine.stop()
+    alone, together = _alone_and_together(engine)
     assert together == alone
     with torch.inference_mode():
         assert stage.head(torch.zeros(1, stage.width, dtype=torch.bfloat16)).dtype == torch.float32

@@ -157,8 +157,8 @@ def engine_main(connection: Connection, args: argparse.Namespace) -> None:
     started = time.monotonic()
     try:
         args = resolve(args)
-    except ValueError as error:  # an unknown device or precision is told as a missing model is: no restart
-        connection.send(NotLoaded(str(error), fatal=False))  # mends it, only a new spec does
+    except ValueError as error:  # an unknown device or precision: unready saying why, as a missing model
+        connection.send(NotLoaded(str(error), fatal=False))  # (a restart would not mend it; a new spec does)
         return
     try:
         set_threads(args)
