@@ -135,7 +135,8 @@ def test_an_unknown_device_is_told_to_the_front_end(trained: Path) -> None:
         try:
             with pytest.raises(NotLoadedError, match="tpu") as raised:
                 await client.loaded()
-            assert raised.value.fatal  # a failed start: the pod fails, saying why
+            # Not fatal: the front end stays up, unready, saying why; a restart would not mend a spec error.
+            assert not raised.value.fatal
         finally:
             await client.stop()
 

@@ -453,15 +453,36 @@ def test_the_precision_is_decided_on_the_torch_side(monkeypatch: pytest.MonkeyPa
         resolve(parse_args(["--device", "cpu", "--dtype", "int8"]))
 
 
-def test_a_member_with_an_unknown_device_exits_saying_why(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [
+        (["--device", "tpu"], "not serving: unknown device 'tpu'"),
+        (["--dtype", "float16", "--device", "cpu"], "not serving: float16 is served on a GPU only"),
+        (["--device", "cpu"], "not serving: no complete checkpoint in"),
+    ],
+)
+def test_a_member_that_cannot_serve_stays_idle_saying_why(
+    tmp_path: Path, arguments: list[str], reason: str
+) -> None:
     command = [sys.executable, "-m", "largo.runtime.serve", "--model-dir", str(tmp_path), "--members", "2"]
-    done = subprocess.run(
-        [*command, "--member", "1", "--device", "tpu", "--metrics-port", "0"],
-        capture_output=True, text=True, timeout=120, check=False,
+    log = tmp_path / "member.log"
+    member = subprocess.Popen(
+        [*command, "--member", "1", "--metrics-port", "0", *arguments],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    assert done.returncode == 1
-    assert "not serving: unknown device 'tpu'" in done.stderr
-    assert "Traceback" not in done.stderr
+    try:
+
+        def running() -> None:
+            if member.poll() is not None:
+                raise AssertionError(f"the member exited {member.returncode}:\n{log.read_text()}")
+
+        wait_for(lambda: reason in log.read_text(), 60, "the reason in the log", running)
+        assert member.poll() is None  # not a crash loop: its group is not restarted for a spec error
+        member.send_signal(signal.SIGTERM)
+        assert member.wait(timeout=30) == 0
+        assert "Traceback" not in log.read_text()
+    finally:
+        member.kill()
 
 
 class Replica:

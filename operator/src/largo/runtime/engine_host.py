@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -187,8 +189,7 @@ def member(args: argparse.Namespace) -> int:
     try:
         args = resolve(args)
     except ValueError as error:
-        logger.error("not serving: %s", error)
-        return 1
+        return _idle_saying_why(str(error))
     set_threads(args)
     registry = CollectorRegistry()
     load_seconds = Gauge(
@@ -202,8 +203,7 @@ def member(args: argparse.Namespace) -> int:
             args.model_dir, args.step if args.step >= 0 else None, torch.device(args.device), args.dtype
         )
     except ModelError as error:
-        logger.error("not serving: %s", error)
-        return 1
+        return _idle_saying_why(str(error))
     load_seconds.set(time.monotonic() - started)
     layers = stage_layers(model.config.depth, args.members, args.member)
     stage = Stage(model, layers, args.max_batch, args.threads)
@@ -222,6 +222,19 @@ def member(args: argparse.Namespace) -> int:
     except Exception as error:  # the leader or a neighbour went away: the group is restarted whole
         logger.error("pipeline lost: %s", error)
         return 1
+    return 0
+
+
+def _idle_saying_why(reason: str) -> int:
+    """A member that cannot serve (an unknown device or precision, a missing model) stays up, idle, until
+    its pod is deleted, as the leader stays unready: exiting would restart the group again and again
+    for what only a new spec mends (the leader, seeing the same spec, never forms the pipeline)."""
+    logger.error("not serving: %s", reason)
+    stopped = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stopped.set())
+    while not stopped.wait(1.0):  # a signal another thread takes is seen at the next second
+        pass
     return 0
 
 
