@@ -757,6 +757,21 @@ def test_a_wide_model_takes_packed_products_with_the_same_maths() -> None:
         prefilled, _ = stage.step(stage.embed_prompts(list(range(8)), prompts.tolist())[0], None)
         assert prefilled is not None
         assert torch.allclose(stage.head(prefilled[:, -1]), model(prompts)[:, -1], atol=1e-4)
+    # In bfloat16 (``--dtype``) the packed products and a wide stage keep the model's maths, within
+    # bfloat16's precision.
+    half_weight, half_bias = weight.bfloat16(), bias.bfloat16()
+    half = Product.of(half_weight, half_bias, pack=onednn_available())
+    x = torch.randn(32, 256).bfloat16()
+    expected = functional.linear(x, half_weight, half_bias).float()
+    assert (half(x).float() - expected).abs().max() < 0.02 * expected.abs().max()
+    model = model.bfloat16()
+    stage = Stage(model, range(2), max_batch=8)
+    assert (stage._weights[0].mlp_in.packed is not None) == onednn_available()
+    with torch.inference_mode():
+        prefilled, _ = stage.step(stage.embed_prompts(list(range(8)), prompts.tolist())[0], None)
+        assert prefilled is not None
+        got, want = stage.head(prefilled[:, -1]), model(prompts)[:, -1].float()
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
 def test_what_loading_left_is_kept_out_of_the_collector_s_sight() -> None:
