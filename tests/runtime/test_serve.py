@@ -34,6 +34,7 @@ from largo.runtime.engine import (
     Running,
     Stage,
     onednn_available,
+    read_span,
     sample,
     slot_run,
     step_threads,
@@ -695,6 +696,34 @@ def test_decoding_reads_only_the_positions_in_use() -> None:
         in_use = decode(stage, x, [0, 1, 2], positions, longest=4)
     assert torch.allclose(in_use, whole_context, atol=1e-6)
     assert not in_use.isnan().any()
+
+
+def test_decoding_most_of_the_context_reads_the_whole_cache_with_the_same_result() -> None:
+    cpu = torch.device("cpu")
+    assert read_span(4, 16, cpu, in_place=True) == 4
+    assert read_span(10, 16, cpu, in_place=True) == 10  # 5/8 of the context: not over it
+    assert read_span(11, 16, cpu, in_place=True) == 16
+    assert read_span(11, 16, cpu, in_place=False) == 11  # gathered slots are copied whatever is read
+    assert read_span(11, 16, torch.device("cuda"), in_place=True) == 11
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        torch.manual_seed(0)
+        model = TinyGPT(ModelConfig(width=32, depth=2, context=16)).to(dtype)
+        stage = Stage(model, range(2), max_batch=4)
+        assert stage.keys_first == (dtype == torch.bfloat16)  # the scores' orientation on a CPU
+        with torch.inference_mode():
+            prefill(stage, [0, 1, 2], [list(range(1, 12)), list(range(1, 10)), [10]])
+            x = torch.randn(3, 1, 32, dtype=dtype)
+            positions = torch.tensor([11, 9, 1])
+            whole = decode(stage, x, [0, 1, 2], positions, longest=12)
+            # Junk past each request's position (what finished requests leave): none of it may be seen.
+            for slot, position in enumerate(positions.tolist()):
+                stage.cache[:, :, slot, :, position + 1 :] = 1e4
+            with_junk = decode(stage, x, [0, 1, 2], positions, longest=12)
+            order = [2, 0, 1]  # not a run: gathered, and only the 12 positions in use read
+            gathered = decode(stage, x[order], [2, 0, 1], positions[order], longest=12)
+        assert not with_junk.isnan().any()
+        assert torch.allclose(with_junk.float(), whole.float(), atol=tolerance)
+        assert torch.allclose(gathered.float(), whole[order].float(), atol=tolerance)
 
 
 @pytest.mark.parametrize(
