@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -257,3 +258,46 @@ def test_an_engine_that_takes_its_own_input_blocks_only_while_idle(trained: Path
     # Idle at the start (what it took runs at once) and at the end; never blocking before the two
     # requests' second and third iterations.
     assert timeouts == [0.05, 0.0, 0.0, 0.05]
+
+
+RELEASED_BYTES = r"""
+import gc, json, weakref
+import torch
+from largo.runtime.engine import Stage
+from largo.runtime.engine_process import freeze_heap
+from largo.runtime.model import ModelConfig, TinyGPT
+
+def resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+# As loading a checkpoint does: a large block freed, after which glibc serves blocks up to its size from
+# the heap, which keeps what is freed there.
+loaded = torch.empty(16 << 20, dtype=torch.uint8)
+del loaded
+torch.manual_seed(0)
+model = TinyGPT(ModelConfig(width=512, depth=4, heads=8, context=64)).eval()
+stage = Stage(model, range(4), max_batch=4, threads=1)
+weights = [weakref.ref(p) for layer in stage.layers for p in model.blocks[layer].parameters() if p.dim() == 2]
+sizes = [r().nbytes for r in weights]
+freeze_heap()
+gc.unfreeze()
+before = resident()
+stage.release_blocks()
+freeze_heap()
+freed = sum(size for weight, size in zip(weights, sizes) if weight() is None)
+print(json.dumps({"freed": freed, "fell": before - resident()}))
+"""
+
+
+def test_the_weights_a_server_s_stage_replaced_leave_its_memory() -> None:
+    """In a process of its own, as the engine's: what ``release_blocks`` drops is handed back to the
+    system by ``freeze_heap``, not kept resident by the C heap."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", RELEASED_BYTES], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    assert measured["freed"] >= 3 * 512 * 512 * 4 * 4  # at least q, k and v of every block
+    assert measured["fell"] >= measured["freed"] // 2

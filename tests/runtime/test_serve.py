@@ -5,6 +5,7 @@ streaming, errors, overload, metrics, a refused checkpoint, drain on SIGTERM).""
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -44,6 +45,7 @@ from largo.runtime.engine_process import freeze_heap
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
 from largo.runtime.serve import _overlap, parse_args
 from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
 from torch.nn import functional
 
 pytestmark = pytest.mark.runtime
@@ -156,6 +158,50 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path: Path, trained: Pat
     path.write_bytes(b"not a torch file")
     with pytest.raises(ModelError, match="cannot be read"):
         load_model(bad, 6, torch.device("cpu"))
+
+
+def test_a_pipeline_member_loads_only_its_stage(trained: Path) -> None:
+    whole, step = load_model(trained, None, torch.device("cpu"))
+    depth = whole.config.depth
+    for stage in range(2):
+        part, part_step = load_model(trained, None, torch.device("cpu"), "bfloat16", stages=2, stage=stage)
+        kept = {name for name, _ in part.named_parameters()}
+        held = [f"blocks.{layer}." for layer in stage_layers(depth, 2, stage)]
+        held += ["tokens.", "positions."] if stage == 0 else ["norm.", "head."]
+        expected = {name for name, _ in whole.named_parameters() if name.startswith(tuple(held))}
+        assert kept == expected
+        assert part_step == step
+        assert all(p.dtype == torch.bfloat16 for p in part.parameters())
+        for name, weight in part.named_parameters():  # the checkpoint's weights, in the precision asked
+            assert torch.equal(weight, whole.get_parameter(name).bfloat16())
+    with pytest.raises(ModelError, match=f"as stage 0 of {depth + 1}"):
+        load_model(trained, None, torch.device("cpu"), stages=depth + 1)
+
+
+@pytest.mark.parametrize("width", [64, 256])  # the narrow model fuses q, k and v; the wide one also packs
+def test_a_server_s_stage_holds_each_weight_once(width: int) -> None:
+    torch.manual_seed(0)
+    model = TinyGPT(ModelConfig(width=width, depth=2, heads=4, context=16)).eval()
+    reference = copy.deepcopy(model)
+    stage = Stage(model, range(2), max_batch=4)
+    query = weakref.ref(model.blocks[0].query.weight)
+    mlp_in = weakref.ref(cast(nn.Linear, model.blocks[1].mlp[0]).weight)
+    stage.release_blocks()
+    gc.collect()
+    assert query() is None  # held once, fused with the keys' and values'
+    packed = stage._weights[1].mlp_in.packed is not None
+    assert (mlp_in() is None) == packed  # held once: packed, or as the model's own weight
+    assert {name for name, _ in model.named_parameters()} == {
+        "tokens.weight",
+        "positions.weight",
+        "norm.weight",
+        "norm.bias",
+        "head.weight",
+    }
+    prompts = torch.randint(0, 256, (4, 8))
+    with torch.inference_mode():
+        prefilled = prefill(stage, list(range(4)), prompts.tolist())
+        assert torch.allclose(stage.head(prefilled[:, -1]), reference(prompts)[:, -1], atol=1e-4)
 
 
 class Served:

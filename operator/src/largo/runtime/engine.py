@@ -134,6 +134,13 @@ class Stage:
                     mlp_out=Product.of(last.weight, last.bias, pack),
                 )
 
+    def release_blocks(self) -> None:
+        """Drops the model's own modules of this stage's blocks: their weights are the stage's products
+        now (packed, or q, k and v fused: ``Product``), so a server that owns its model holds each weight
+        once. The model cannot run its blocks after this."""
+        for layer in self.layers:
+            self.model.blocks[layer] = nn.Identity()
+
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[batch, length] tokens at [batch, length] positions -> [batch, length, width]."""
         model = self.model

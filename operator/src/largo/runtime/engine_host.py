@@ -62,10 +62,17 @@ def model_config(state: dict[str, Any]) -> ModelConfig:
 
 
 def load_model(
-    directory: Path, step: int | None, device: torch.device, dtype: str = "auto"
+    directory: Path,
+    step: int | None,
+    device: torch.device,
+    dtype: str = "auto",
+    stages: int = 1,
+    stage: int = 0,
 ) -> tuple[TinyGPT, int]:
     """The model of checkpoint ``step`` (the newest complete one when None) in precision ``dtype`` (a
-    name of ``DTYPES``; ``auto``: the checkpoint's own), and its step."""
+    name of ``DTYPES``; ``auto``: the checkpoint's own), and its step. With ``stages`` > 1, only what
+    pipeline stage ``stage`` holds (``TinyGPT.keep_stage``) reaches ``device``: a replica split over
+    several pods serves a model that no one of them could hold whole."""
     if step is not None:
         path = checkpoint.checkpoint_path(directory, step)
         if not path.is_file():
@@ -80,11 +87,15 @@ def load_model(
             raise ModelError(f"no complete checkpoint in {directory}")
         state = latest
     config = model_config(state)
-    model = TinyGPT(config)
+    model = TinyGPT(config)  # on the host: a model built on the meta device costs ~150 MiB of torch modules
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as error:
         raise ModelError(f"checkpoint does not fit the reference model {config}: {error}") from error
+    try:
+        model.keep_stage(stages, stage)
+    except ValueError as error:  # more pods than blocks: a spec error, told as one
+        raise ModelError(f"cannot serve {config} as stage {stage} of {stages}: {error}") from error
     precision = checkpoint_dtype(state) if dtype == "auto" else getattr(torch, dtype)
     return model.to(device=device, dtype=precision).eval(), int(state["step"])
 
@@ -125,17 +136,21 @@ def start_engine(args: argparse.Namespace) -> Engine:
     """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
     member joined). Raises ModelError for a model that cannot be served."""
     device = torch.device(args.device)
-    model, step = load_model(args.model_dir, args.step if args.step >= 0 else None, device, args.dtype)
+    step_wanted = args.step if args.step >= 0 else None
+    model, step = load_model(args.model_dir, step_wanted, device, args.dtype, stages=args.members)
     config = model.config
     forward: PipelineForward | LocalForward
     if args.members > 1:
         stage = Stage(model, stage_layers(config.depth, args.members, 0), args.max_batch, args.threads)
+        stage.release_blocks()
         pipeline.join(
             args.leader_addr, args.leader_port, 0, args.members, args.pipeline_timeout, args.pipeline_backend
         )
         forward = PipelineForward(stage, args.members, config.vocab_size)
     else:
-        forward = LocalForward(Stage(model, range(config.depth), args.max_batch, args.threads))
+        stage = Stage(model, range(config.depth), args.max_batch, args.threads)
+        stage.release_blocks()
+        forward = LocalForward(stage)
     # The front end keeps the running batch and the queue within their bounds (``EngineClient``).
     engine = Engine(forward, config.context, args.max_batch, args.max_batch + args.max_waiting)
     engine.heartbeat_seconds = pipeline.heartbeat_seconds(args.pipeline_timeout)
@@ -199,14 +214,15 @@ def member(args: argparse.Namespace) -> int:
         start_http_server(args.metrics_port, registry=registry)
     started = time.monotonic()
     try:
-        model, step = load_model(
-            args.model_dir, args.step if args.step >= 0 else None, torch.device(args.device), args.dtype
-        )
+        step_wanted = args.step if args.step >= 0 else None
+        device = torch.device(args.device)
+        model, step = load_model(args.model_dir, step_wanted, device, args.dtype, args.members, args.member)
     except ModelError as error:
         return _idle_saying_why(str(error))
     load_seconds.set(time.monotonic() - started)
     layers = stage_layers(model.config.depth, args.members, args.member)
     stage = Stage(model, layers, args.max_batch, args.threads)
+    stage.release_blocks()
     logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(layers), step)
     pipeline.join(
         args.leader_addr,

@@ -16,6 +16,7 @@ without asking the engine.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import itertools
 import logging
@@ -102,9 +103,23 @@ class Failed:
 def freeze_heap() -> None:
     """Moves what starting left (in the engine's process torch's modules and the model: ~200,000
     objects) out of the garbage collector's sight: a full collection over them took 40-76 ms on a 2-core
-    CPU, and it stalls every request in flight. What serving allocates afterwards is still collected."""
+    CPU, and it stalls every request in flight. What serving allocates afterwards is still collected.
+    Then hands the C heap's free pages back to the system (``trim_c_heap``)."""
     gc.collect()
     gc.freeze()
+    trim_c_heap()
+
+
+def trim_c_heap() -> bool:
+    """Returns the C heap's free pages to the system (glibc's ``malloc_trim``), True if it gave any back.
+    Loading frees the checkpoint's tensors and the model's own copies of the weights a stage packed,
+    which the heap otherwise keeps resident for the process's life: width 512, depth 8 on a CPU, 268
+    MiB resident after loading, 172 after this. Not glibc (musl has no ``malloc_trim``): nothing to do."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
 
 
 def ignore_signals() -> None:
