@@ -505,7 +505,6 @@ def test_the_precision_is_decided_on_the_torch_side(monkeypatch: pytest.MonkeyPa
     [
         (["--device", "tpu"], "not serving: unknown device 'tpu'"),
         (["--dtype", "float16", "--device", "cpu"], "not serving: float16 is served on a GPU only"),
-        (["--device", "cpu"], "not serving: no complete checkpoint in"),
     ],
 )
 def test_a_member_that_cannot_serve_stays_idle_saying_why(
@@ -536,26 +535,35 @@ class Replica:
     """A replica of two pods, as the controller renders it: the leader serves HTTP and drives the
     pipeline, the worker holds the second stage; the leader's address mapped to loopback."""
 
-    def __init__(self, model_dir: Path, workdir: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        workdir: Path,
+        *extra: str,
+        worker: tuple[Path, list[str]] | None = None,  # the worker's own model directory and arguments
+        ready: bool = True,
+    ) -> None:
         rendezvous = free_port()
-        stage = ["--members", "2", "--leader-addr", "127.0.0.1", "--leader-port", str(rendezvous), *extra]
+        stage = ["--members", "2", "--leader-addr", "127.0.0.1", "--leader-port", str(rendezvous)]
+        worker_dir, worker_extra = worker if worker is not None else (model_dir, list(extra))
         env = {
             **os.environ,
             "OMP_NUM_THREADS": "1",
-            "LARGO_MODEL_DIR": str(model_dir),
+            "LARGO_MODEL_DIR": str(worker_dir),
             "LARGO_METRICS_PORT": "0",
         }
         self.worker_log = workdir / "worker.log"
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "largo.runtime.serve", *stage, "--member", "1"],
+            [sys.executable, "-m", "largo.runtime.serve", *stage, *worker_extra, "--member", "1"],
             env=env,
             stdout=self.worker_log.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        self.leader = Served(model_dir, workdir, *stage, "--member", "0")
-        wait_for(
-            lambda: self.leader.status("/readyz")[0] == 200, 120, "the pipeline formed", self.leader.alive
-        )
+        self.leader = Served(model_dir, workdir, *stage, *extra, "--member", "0")
+        if ready:
+            wait_for(
+                lambda: self.leader.status("/readyz")[0] == 200, 120, "the pipeline formed", self.leader.alive
+            )
 
     def stop(self) -> None:
         for process in (self.leader.process, self.worker):
@@ -581,6 +589,46 @@ def test_a_two_pod_replica_answers_as_a_one_pod_replica(
         assert split == _greedy(served, PROMPTS)
         assert "stage 1 of 2: blocks [1]" in replica.worker_log.read_text()
     finally:
+        replica.stop()
+
+
+@pytest.mark.parametrize("without", ["worker", "leader"])
+def test_a_member_without_the_model_makes_the_replica_unready_saying_why(
+    trained: Path, tmp_path: Path, without: str
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    leader_dir, worker_dir = (trained, empty) if without == "worker" else (empty, trained)
+    replica = Replica(leader_dir, tmp_path, worker=(worker_dir, []), ready=False)
+    # The worker, having no checkpoint, is asked for the leader's step (40) and says it has not that one.
+    why = f"member 1: checkpoint of step 40 not found in {empty}"
+    if without == "leader":
+        why = f"member 0: no complete checkpoint in {empty}"
+    try:
+        # Told at once, as the group forms (not after the pipeline's 10-minute rendezvous timeout).
+        leader = replica.leader
+        wait_for(lambda: why in leader.status("/readyz")[1], 60, "the reason in /readyz", leader.alive)
+        assert replica.leader.status("/readyz")[0] == 503
+        assert replica.leader.status("/healthz")[0] == 200
+        # The worker stays up and idle, saying the same, rather than wait on a pipeline that will not run.
+        wait_for(lambda: f"not serving: {why}" in replica.worker_log.read_text(), 30, "the worker's reason")
+        assert replica.worker.poll() is None
+        replica.worker.send_signal(signal.SIGTERM)
+        assert replica.worker.wait(timeout=30) == 0
+    finally:
+        replica.stop()
+
+
+def test_the_members_of_a_replica_serve_the_leader_s_checkpoint(trained: Path, tmp_path: Path) -> None:
+    # The worker would load the newest checkpoint (step 40); the leader serves step 20: so must it.
+    replica = Replica(trained, tmp_path, "--step", "20", worker=(trained, []))
+    one = Served(trained, tmp_path, "--step", "20")
+    try:
+        wait_for(lambda: one.status("/readyz")[0] == 200, 60, "the model loaded", one.alive)
+        assert "stage 1 of 2: blocks [1] of step 20" in replica.worker_log.read_text()
+        assert _greedy(replica.leader, PROMPTS) == _greedy(one, PROMPTS)
+    finally:
+        one.stop()
         replica.stop()
 
 

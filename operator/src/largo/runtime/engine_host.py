@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from largo.runtime import checkpoint, pipeline
@@ -134,23 +135,21 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 def start_engine(args: argparse.Namespace) -> Engine:
     """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
-    member joined). Raises ModelError for a model that cannot be served."""
-    device = torch.device(args.device)
+    member joined) and agrees with the members on the checkpoint (``agree_on_the_checkpoint``). Raises
+    ModelError for a model that cannot be served, here or on a member."""
     step_wanted = args.step if args.step >= 0 else None
-    model, step = load_model(args.model_dir, step_wanted, device, args.dtype, stages=args.members)
-    config = model.config
     forward: PipelineForward | LocalForward
     if args.members > 1:
-        stage = Stage(model, stage_layers(config.depth, args.members, 0), args.max_batch, args.threads)
-        stage.release_blocks()
+        loaded, problem = try_load_stage(args, 0, step_wanted)
         pipeline.join(
             args.leader_addr, args.leader_port, 0, args.members, args.pipeline_timeout, args.pipeline_backend
         )
-        forward = PipelineForward(stage, args.members, config.vocab_size)
+        stage, step = agree_on_the_checkpoint(args, 0, loaded, problem)
+        forward = PipelineForward(stage, args.members, stage.model.config.vocab_size)
     else:
-        stage = Stage(model, range(config.depth), args.max_batch, args.threads)
-        stage.release_blocks()
+        stage, step = load_stage(args, 0, step_wanted)
         forward = LocalForward(stage)
+    config = stage.model.config
     # The front end keeps the running batch and the queue within their bounds (``EngineClient``).
     engine = Engine(forward, config.context, args.max_batch, args.max_batch + args.max_waiting)
     engine.heartbeat_seconds = pipeline.heartbeat_seconds(args.pipeline_timeout)
@@ -161,10 +160,58 @@ def start_engine(args: argparse.Namespace) -> Engine:
         args.model_dir,
         config,
         args.members,
-        device,
-        str(next(model.parameters()).dtype).removeprefix("torch."),
+        stage.device,
+        str(stage.dtype).removeprefix("torch."),
     )
     return engine
+
+
+def load_stage(args: argparse.Namespace, member: int, step: int | None) -> tuple[Stage, int]:
+    """Member ``member``'s stage of checkpoint ``step`` (the newest complete one when None) and its step,
+    each weight held once (``Stage.release_blocks``). ModelError for a model that cannot be served."""
+    device = torch.device(args.device)
+    model, loaded = load_model(args.model_dir, step, device, args.dtype, args.members, member)
+    stage = Stage(model, stage_layers(model.config.depth, args.members, member), args.max_batch, args.threads)
+    stage.release_blocks()
+    return stage, loaded
+
+
+def try_load_stage(
+    args: argparse.Namespace, member: int, step: int | None
+) -> tuple[tuple[Stage, int] | None, str | None]:
+    """``load_stage``, or why it cannot load: a member joins its group either way, to say so."""
+    try:
+        return load_stage(args, member, step), None
+    except ModelError as error:
+        logger.error("cannot load the model: %s", error)
+        return None, str(error)
+
+
+def agree_on_the_checkpoint(
+    args: argparse.Namespace, member: int, loaded: tuple[Stage, int] | None, problem: str | None
+) -> tuple[Stage, int]:
+    """Run by every member of a replica once its group formed, so that every stage is of one checkpoint
+    and no member waits on a pipeline that cannot run: the leader tells every member the step it
+    loaded (or why it could not), a member that loaded another step (a newer checkpoint written while
+    they loaded, for one) loads the leader's, and every member's outcome goes to all of them. Returns
+    this member's stage and the step; raises ModelError naming each member that cannot serve, on every
+    member alike (the leader turns unready saying why, the others idle saying why)."""
+    told: list[Any] = [loaded[1] if loaded else None, problem] if member == 0 else [None, None]
+    dist.broadcast_object_list(told, src=0)
+    step, leader_problem = told
+    if member > 0:
+        if leader_problem is not None:
+            problem = None  # the leader's problem is told once, as the leader's
+        elif loaded is None or loaded[1] != step:
+            loaded = None  # the other step's weights go before the leader's come
+            loaded, problem = try_load_stage(args, member, step)
+    outcomes: list[Any] = [None] * args.members
+    dist.all_gather_object(outcomes, problem)
+    failures = [f"member {number}: {said}" for number, said in enumerate(outcomes) if said is not None]
+    if failures:
+        raise ModelError("; ".join(failures))
+    assert loaded is not None  # no failure: this member loaded the leader's step
+    return loaded
 
 
 def engine_main(connection: Connection, args: argparse.Namespace) -> None:
@@ -213,17 +260,9 @@ def member(args: argparse.Namespace) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=registry)
     started = time.monotonic()
-    try:
-        step_wanted = args.step if args.step >= 0 else None
-        device = torch.device(args.device)
-        model, step = load_model(args.model_dir, step_wanted, device, args.dtype, args.members, args.member)
-    except ModelError as error:
-        return _idle_saying_why(str(error))
-    load_seconds.set(time.monotonic() - started)
-    layers = stage_layers(model.config.depth, args.members, args.member)
-    stage = Stage(model, layers, args.max_batch, args.threads)
-    stage.release_blocks()
-    logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(layers), step)
+    loaded, problem = try_load_stage(args, args.member, args.step if args.step >= 0 else None)
+    if loaded is not None:
+        load_seconds.set(time.monotonic() - started)
     pipeline.join(
         args.leader_addr,
         args.leader_port,
@@ -232,6 +271,11 @@ def member(args: argparse.Namespace) -> int:
         args.pipeline_timeout,
         args.pipeline_backend,
     )
+    try:
+        stage, step = agree_on_the_checkpoint(args, args.member, loaded, problem)
+    except ModelError as error:
+        return _idle_saying_why(str(error))
+    logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(stage.layers), step)
     freeze_heap()
     try:
         pipeline.run_member(stage, args.member, args.members)
