@@ -9,6 +9,7 @@ import copy
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+from damage import flip_a_byte_of_the_weights
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint, pipeline
 from largo.runtime.engine import (
@@ -158,6 +160,17 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path: Path, trained: Pat
     path.write_bytes(b"not a torch file")
     with pytest.raises(ModelError, match="cannot be read"):
         load_model(bad, 6, torch.device("cpu"))
+    # A flipped bit in the weights: torch.load would read it and the server would answer garbage.
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    for step, source in checkpoint.complete(trained):
+        shutil.copy(source, checkpoint.checkpoint_path(flipped, step))
+    newest, older = (step for step, _ in checkpoint.complete(flipped))
+    record = flip_a_byte_of_the_weights(checkpoint.checkpoint_path(flipped, newest))
+    with pytest.raises(ModelError, match=f"damaged: record {record} does not match its checksum"):
+        load_model(flipped, newest, torch.device("cpu"))
+    _, step = load_model(flipped, None, torch.device("cpu"))  # the newest whole one instead
+    assert step == older
 
 
 def test_a_pipeline_member_loads_only_its_stage(trained: Path) -> None:

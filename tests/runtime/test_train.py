@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from damage import flip_a_byte_of_the_weights
 from gangs import STEPS, TRAIN_ARGS, Gang, scrape
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
@@ -89,20 +90,25 @@ def test_sigterm_writes_a_checkpoint_before_exit(tmp_path: Path) -> None:
     assert not list(checkpoints.glob("*.partial"))
 
 
-def test_a_truncated_checkpoint_is_skipped_on_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["truncated", "a flipped bit"])
+def test_a_damaged_checkpoint_is_skipped_on_resume(tmp_path: Path, damage: str) -> None:
     checkpoints = tmp_path / "checkpoints"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LARGO_CHECKPOINT_DIR": str(checkpoints)}
     command = [sys.executable, "-m", "largo.runtime.train", *TRAIN_ARGS, "--checkpoint-every", "10"]
     first = subprocess.run([*command, "--steps", "30"], env=env, capture_output=True, text=True, check=False)
     assert first.returncode == 0, first.stderr
     newest = checkpoint.checkpoint_path(checkpoints, 30)
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    if damage == "truncated":
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+        said = "cannot be read"
+    else:  # still a whole archive torch.load reads without a word: only the records' checksums tell
+        said = f"damaged: record {flip_a_byte_of_the_weights(newest)} does not match its checksum"
 
     resumed = subprocess.run(
         [*command, "--steps", "40"], env=env, capture_output=True, text=True, check=False
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"skipping checkpoint {newest}: cannot be read" in resumed.stderr
+    assert f"skipping checkpoint {newest}: {said}" in resumed.stderr
     assert "resumed from checkpoint of step 20" in resumed.stderr
     steps = [json.loads(line)["step"] for line in resumed.stdout.splitlines() if line.startswith("{")]
     assert steps[0] == 21

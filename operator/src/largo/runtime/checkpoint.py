@@ -2,7 +2,9 @@
 
 A crash or a SIGKILL mid-write leaves at most a ``.partial`` file, never a truncated checkpoint under a
 final name; a checkpoint that cannot be read anyway (a damaged disk, a copy gone wrong) is skipped with
-a log line, and the one before it is used.
+a log line, and the one before it is used. A checkpoint is a zip archive (torch.save's format) whose
+records carry a CRC-32 that torch.load does not check: ``read`` checks them first, so a flipped byte in
+the weights is refused rather than trained on or served.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 import re
 import time
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,8 +120,21 @@ class CheckpointError(Exception):
     """The file is not a readable largo checkpoint of the step its name says."""
 
 
+def damaged_record(path: Path) -> str | None:
+    """The first record of the archive at ``path`` whose bytes do not match their CRC-32, or None.
+    Raises zipfile.BadZipFile (or OSError) for a file that is not a whole zip archive."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
+
+
 def read(path: Path, step: int) -> dict[str, Any]:
     """The checkpoint at ``path``, in the current format whatever format it was written in."""
+    try:
+        damaged = damaged_record(path)
+    except (OSError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"cannot be read: {error}") from error
+    if damaged is not None:
+        raise CheckpointError(f"damaged: record {damaged} does not match its checksum")
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many kinds for a damaged file
