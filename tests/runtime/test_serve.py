@@ -616,7 +616,7 @@ def test_a_member_without_the_model_makes_the_replica_unready_saying_why(
     # The worker, having no checkpoint, is asked for the leader's step (40) and says it has not that one.
     why = f"member 1: checkpoint of step 40 not found in {empty}"
     if without == "leader":
-        why = f"member 0: no complete checkpoint in {empty}"
+        why = f"no complete checkpoint in {empty}"  # told by the leader at once, then to the worker
     try:
         # Told at once, as the group forms (not after the pipeline's 10-minute rendezvous timeout).
         leader = replica.leader
@@ -624,12 +624,27 @@ def test_a_member_without_the_model_makes_the_replica_unready_saying_why(
         assert replica.leader.status("/readyz")[0] == 503
         assert replica.leader.status("/healthz")[0] == 200
         # The worker stays up and idle, saying the same, rather than wait on a pipeline that will not run.
-        wait_for(lambda: f"not serving: {why}" in replica.worker_log.read_text(), 30, "the worker's reason")
+        said = f"not serving: member {1 if without == 'worker' else 0}: {why.removeprefix('member 1: ')}"
+        wait_for(lambda: said in replica.worker_log.read_text(), 30, "the worker's reason")
         assert replica.worker.poll() is None
         replica.worker.send_signal(signal.SIGTERM)
         assert replica.worker.wait(timeout=30) == 0
     finally:
         replica.stop()
+
+
+def test_a_leader_without_the_model_says_why_before_its_members_join(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # No worker at all: the rendezvous would wait 10 minutes; the reason is in /readyz long before.
+    group = ["--members", "2", "--leader-addr", "127.0.0.1", "--leader-port", str(free_port())]
+    leader = Served(empty, tmp_path, *group, "--member", "0")
+    try:
+        said = "no complete checkpoint"
+        wait_for(lambda: said in leader.status("/readyz")[1], 60, "the reason", leader.alive)
+        assert leader.status("/readyz")[0] == 503
+    finally:
+        assert leader.stop() == 0
 
 
 def test_the_members_of_a_replica_serve_the_leader_s_checkpoint(trained: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -133,14 +134,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                                  "pipeline_timeout": timeout})  # fmt: skip
 
 
-def start_engine(args: argparse.Namespace) -> Engine:
+def start_engine(args: argparse.Namespace, unready: Callable[[str], None] = lambda reason: None) -> Engine:
     """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
     member joined) and agrees with the members on the checkpoint (``agree_on_the_checkpoint``). Raises
-    ModelError for a model that cannot be served, here or on a member."""
+    ModelError for a model that cannot be served, here or on a member. A leader that cannot load its
+    model says why through ``unready`` at once, then joins its group all the same to tell the members."""
     step_wanted = args.step if args.step >= 0 else None
     forward: PipelineForward | LocalForward
     if args.members > 1:
         loaded, problem = try_load_stage(args, 0, step_wanted)
+        if problem is not None:
+            unready(problem)
         pipeline.join(
             args.leader_addr, args.leader_port, 0, args.members, args.pipeline_timeout, args.pipeline_backend
         )
@@ -226,8 +230,8 @@ def engine_main(connection: Connection, args: argparse.Namespace) -> None:
         return
     try:
         set_threads(args)
-        engine = start_engine(args)
-    except ModelError as error:
+        engine = start_engine(args, lambda reason: connection.send(NotLoaded(reason, fatal=False)))
+    except ModelError as error:  # (after an early word from ``unready``, the front end reads no more)
         connection.send(NotLoaded(str(error), fatal=False))
         return
     except Exception as error:  # the pipeline could not form, for one: the group is restarted
