@@ -20,3 +20,14 @@ def flip_a_byte_of_the_weights(path: Path) -> str:
     data[at + 30 + name_length + extra_length + record.file_size // 2] ^= 0x10
     path.write_bytes(data)
     return record.filename
+
+
+def mark_a_record_with_an_unknown_compression(path: Path) -> None:
+    """Sets the compression method of the archive's first record, in its central directory entry, to
+    one no reader knows (a damaged header: the archive still opens, reading the record fails)."""
+    with zipfile.ZipFile(path) as archive:
+        directory = archive.start_dir
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02", directory)
+    data[entry + 10 : entry + 12] = (99).to_bytes(2, "little")
+    path.write_bytes(data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -290,6 +291,9 @@ print(json.dumps({"freed": freed, "fell": before - resident()}))
 """
 
 
+@pytest.mark.skipif(
+    not hasattr(ctypes.CDLL(None), "malloc_trim"), reason="a C library without malloc_trim (not glibc)"
+)
 def test_the_weights_a_server_s_stage_replaced_leave_its_memory() -> None:
     """In a process of its own, as the engine's: what ``release_blocks`` drops is handed back to the
     system by ``freeze_heap``, not kept resident by the C heap."""

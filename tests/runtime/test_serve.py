@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import pytest
 import torch
-from damage import flip_a_byte_of_the_weights
+from damage import flip_a_byte_of_the_weights, mark_a_record_with_an_unknown_compression
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint, pipeline
 from largo.runtime.engine import (
@@ -171,6 +171,10 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused(tmp_path: Path, trained: Pat
         load_model(flipped, newest, torch.device("cpu"))
     _, step = load_model(flipped, None, torch.device("cpu"))  # the newest whole one instead
     assert step == older
+    # A damaged header: zipfile raises what it raises (here NotImplementedError), told as unreadable.
+    mark_a_record_with_an_unknown_compression(checkpoint.checkpoint_path(flipped, older))
+    with pytest.raises(ModelError, match="cannot be read: That compression method is not supported"):
+        load_model(flipped, older, torch.device("cpu"))
 
 
 def test_a_pipeline_member_loads_only_its_stage(trained: Path) -> None:
@@ -605,18 +609,22 @@ def test_a_two_pod_replica_answers_as_a_one_pod_replica(
         replica.stop()
 
 
-@pytest.mark.parametrize("without", ["worker", "leader"])
+@pytest.mark.parametrize("without", ["worker", "leader", "worker's memory"])
 def test_a_member_without_the_model_makes_the_replica_unready_saying_why(
     trained: Path, tmp_path: Path, without: str
 ) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    leader_dir, worker_dir = (trained, empty) if without == "worker" else (empty, trained)
-    replica = Replica(leader_dir, tmp_path, worker=(worker_dir, []), ready=False)
+    leader_dir, worker_dir = (empty, trained) if without == "leader" else (trained, empty)
     # The worker, having no checkpoint, is asked for the leader's step (40) and says it has not that one.
     why = f"member 1: checkpoint of step 40 not found in {empty}"
+    worker_args: list[str] = []
     if without == "leader":
         why = f"no complete checkpoint in {empty}"  # told by the leader at once, then to the worker
+    elif without == "worker's memory":  # not a ModelError: a cache too large to allocate
+        worker_dir, worker_args = trained, ["--max-batch", str(10**9)]
+        why = "member 1: RuntimeError: "
+    replica = Replica(leader_dir, tmp_path, worker=(worker_dir, worker_args), ready=False)
     try:
         # Told at once, as the group forms (not after the pipeline's 10-minute rendezvous timeout).
         leader = replica.leader
@@ -624,7 +632,7 @@ def test_a_member_without_the_model_makes_the_replica_unready_saying_why(
         assert replica.leader.status("/readyz")[0] == 503
         assert replica.leader.status("/healthz")[0] == 200
         # The worker stays up and idle, saying the same, rather than wait on a pipeline that will not run.
-        said = f"not serving: member {1 if without == 'worker' else 0}: {why.removeprefix('member 1: ')}"
+        said = f"not serving: member {0 if without == 'leader' else 1}: {why.removeprefix('member 1: ')}"
         wait_for(lambda: said in replica.worker_log.read_text(), 30, "the worker's reason")
         assert replica.worker.poll() is None
         replica.worker.send_signal(signal.SIGTERM)

@@ -122,7 +122,7 @@ class CheckpointError(Exception):
 
 def damaged_record(path: Path) -> str | None:
     """The first record of the archive at ``path`` whose bytes do not match their CRC-32, or None.
-    Raises zipfile.BadZipFile (or OSError) for a file that is not a whole zip archive."""
+    Raises (zipfile.BadZipFile, OSError, and others for damaged headers) for what is not a whole zip."""
     with zipfile.ZipFile(path) as archive:
         return archive.testzip()
 
@@ -131,7 +131,7 @@ def read(path: Path, step: int) -> dict[str, Any]:
     """The checkpoint at ``path``, in the current format whatever format it was written in."""
     try:
         damaged = damaged_record(path)
-    except (OSError, zipfile.BadZipFile) as error:
+    except Exception as error:  # a damaged archive's headers raise many kinds, as torch.load does below
         raise CheckpointError(f"cannot be read: {error}") from error
     if damaged is not None:
         raise CheckpointError(f"damaged: record {damaged} does not match its checksum")

@@ -142,13 +142,20 @@ def start_engine(args: argparse.Namespace, unready: Callable[[str], None] = lamb
     step_wanted = args.step if args.step >= 0 else None
     forward: PipelineForward | LocalForward
     if args.members > 1:
-        loaded, problem = try_load_stage(args, 0, step_wanted)
-        if problem is not None:
-            unready(problem)
+        loading = Loading()
+        loading.load(args, 0, step_wanted)
+        if loading.problem is not None:
+            unready(loading.problem)
         pipeline.join(
-            args.leader_addr, args.leader_port, 0, args.members, args.pipeline_timeout, args.pipeline_backend
+            args.leader_addr,
+            args.leader_port,
+            0,
+            args.members,
+            args.pipeline_timeout,
+            args.pipeline_backend,
+            torch.device(args.device),
         )
-        stage, step = agree_on_the_checkpoint(args, 0, loaded, problem)
+        stage, step = agree_on_the_checkpoint(args, 0, loading)
         forward = PipelineForward(stage, args.members, stage.model.config.vocab_size)
     else:
         stage, step = load_stage(args, 0, step_wanted)
@@ -180,42 +187,57 @@ def load_stage(args: argparse.Namespace, member: int, step: int | None) -> tuple
     return stage, loaded
 
 
-def try_load_stage(
-    args: argparse.Namespace, member: int, step: int | None
-) -> tuple[tuple[Stage, int] | None, str | None]:
-    """``load_stage``, or why it cannot load: a member joins its group either way, to say so."""
-    try:
-        return load_stage(args, member, step), None
-    except ModelError as error:
-        logger.error("cannot load the model: %s", error)
-        return None, str(error)
+@dataclass
+class Loading:
+    """What a member of a replica loaded, its stage and the step, or why it could not: what it brings to
+    the group's agreement (``agree_on_the_checkpoint``), which may load another step in its place."""
+
+    stage: Stage | None = None
+    step: int | None = None
+    problem: str | None = None
+
+    def load(self, args: argparse.Namespace, member: int, step: int | None) -> None:
+        """``load_stage`` into this, or why it cannot: whatever goes wrong, a member goes on to its
+        group's next collective call to say so (an exception past it would leave the others waiting)."""
+        self.stage = self.step = self.problem = None  # what it held goes before the next comes
+        try:
+            self.stage, self.step = load_stage(args, member, step)
+        except ModelError as error:
+            self.problem = str(error)
+            logger.error("cannot load the model: %s", error)
+        except Exception as error:  # out of the device's memory, for one
+            self.problem = f"{type(error).__name__}: {error}"
+            logger.exception("cannot load the model")
 
 
-def agree_on_the_checkpoint(
-    args: argparse.Namespace, member: int, loaded: tuple[Stage, int] | None, problem: str | None
-) -> tuple[Stage, int]:
+def agree_on_the_checkpoint(args: argparse.Namespace, member: int, loading: Loading) -> tuple[Stage, int]:
     """Run by every member of a replica once its group formed, so that every stage is of one checkpoint
     and no member waits on a pipeline that cannot run: the leader tells every member the step it
     loaded (or why it could not), a member that loaded another step (a newer checkpoint written while
-    they loaded, for one) loads the leader's, and every member's outcome goes to all of them. Returns
-    this member's stage and the step; raises ModelError naming each member that cannot serve, on every
-    member alike (the leader turns unready saying why, the others idle saying why)."""
-    told: list[Any] = [loaded[1] if loaded else None, problem] if member == 0 else [None, None]
+    they loaded, for one) loads the leader's in its place, and every member's outcome goes to all of
+    them. Every member makes the same two collective calls whatever happens. Returns this member's
+    stage and the step; raises ModelError naming each member that cannot serve, on every member alike
+    (the leader turns unready saying why, the others idle saying why), having let go of its stage."""
+    told: list[Any] = [loading.step, loading.problem] if member == 0 else [None, None]
     dist.broadcast_object_list(told, src=0)
     step, leader_problem = told
+    problem = loading.problem
     if member > 0:
         if leader_problem is not None:
             problem = None  # the leader's problem is told once, as the leader's
-        elif loaded is None or loaded[1] != step:
-            loaded = None  # the other step's weights go before the leader's come
-            loaded, problem = try_load_stage(args, member, step)
+        elif loading.step != step:
+            loading.load(args, member, step)
+            problem = loading.problem
     outcomes: list[Any] = [None] * args.members
     dist.all_gather_object(outcomes, problem)
     failures = [f"member {number}: {said}" for number, said in enumerate(outcomes) if said is not None]
     if failures:
+        loading.stage = None
         raise ModelError("; ".join(failures))
-    assert loaded is not None  # no failure: this member loaded the leader's step
-    return loaded
+    # No failure: it holds the leader's step.
+    assert loading.stage is not None
+    assert loading.step is not None
+    return loading.stage, loading.step
 
 
 def engine_main(connection: Connection, args: argparse.Namespace) -> None:
@@ -264,8 +286,9 @@ def member(args: argparse.Namespace) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=registry)
     started = time.monotonic()
-    loaded, problem = try_load_stage(args, args.member, args.step if args.step >= 0 else None)
-    if loaded is not None:
+    loading = Loading()
+    loading.load(args, args.member, args.step if args.step >= 0 else None)
+    if loading.stage is not None:
         load_seconds.set(time.monotonic() - started)
     pipeline.join(
         args.leader_addr,
@@ -274,9 +297,10 @@ def member(args: argparse.Namespace) -> int:
         args.members,
         args.pipeline_timeout,
         args.pipeline_backend,
+        torch.device(args.device),
     )
     try:
-        stage, step = agree_on_the_checkpoint(args, args.member, loaded, problem)
+        stage, step = agree_on_the_checkpoint(args, args.member, loading)
     except ModelError as error:
         return _idle_saying_why(str(error))
     logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(stage.layers), step)

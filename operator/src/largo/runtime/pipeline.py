@@ -40,8 +40,12 @@ def join(
     members: int,
     timeout: float = TIMEOUT_SECONDS,
     backend: str = "gloo",
+    device: torch.device | None = None,
 ) -> None:
-    """Forms the replica's process group (the leader hosts the store, as rank 0 does for training)."""
+    """Forms the replica's process group (the leader hosts the store, as rank 0 does for training). Under
+    NCCL the group's operations (and its object collectives) run on the current GPU: ``device``'s."""
+    if backend == "nccl" and device is not None:
+        torch.cuda.set_device(device)
     dist.init_process_group(
         backend,
         init_method=f"tcp://{leader_address}:{port}",
