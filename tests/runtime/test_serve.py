@@ -448,14 +448,19 @@ def test_a_server_without_its_model_is_alive_but_never_ready(tmp_path: Path) -> 
         assert server.stop() == 0
 
 
-def test_a_server_asked_for_a_precision_it_cannot_serve_is_alive_but_never_ready(
-    trained: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("arguments", "why"),
+    [
+        (["--device", "cpu", "--dtype", "float16"], "float16 is served on a GPU only"),
+        (["--max-batch", str(10**9)], "RuntimeError: "),  # a KV cache too large to allocate
+    ],
+)
+def test_a_server_asked_for_what_it_cannot_serve_is_alive_but_never_ready(
+    trained: Path, tmp_path: Path, arguments: list[str], why: str
 ) -> None:
-    server = Served(trained, tmp_path, "--device", "cpu", "--dtype", "float16")
+    server = Served(trained, tmp_path, *arguments)
     try:
-        wait_for(
-            lambda: "float16 is served on a GPU only" in server.status("/readyz")[1], 60, "why", server.alive
-        )
+        wait_for(lambda: why in server.status("/readyz")[1], 60, "why", server.alive)
         assert server.status("/readyz")[0] == 503
         assert server.status("/healthz")[0] == 200  # not a crash loop: only a new spec mends it
     finally:

@@ -137,8 +137,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 def start_engine(args: argparse.Namespace, unready: Callable[[str], None] = lambda reason: None) -> Engine:
     """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
     member joined) and agrees with the members on the checkpoint (``agree_on_the_checkpoint``). Raises
-    ModelError for a model that cannot be served, here or on a member. A leader that cannot load its
-    model says why through ``unready`` at once, then joins its group all the same to tell the members."""
+    ModelError for a model that cannot be served, here or on a member, whatever loading raised (too
+    little memory for it is a spec to change too: a restart would meet it again). A leader that cannot
+    load its model says why through ``unready`` at once, then joins its group all the same to tell the
+    members."""
     step_wanted = args.step if args.step >= 0 else None
     forward: PipelineForward | LocalForward
     if args.members > 1:
@@ -158,7 +160,11 @@ def start_engine(args: argparse.Namespace, unready: Callable[[str], None] = lamb
         stage, step = agree_on_the_checkpoint(args, 0, loading)
         forward = PipelineForward(stage, args.members, stage.model.config.vocab_size)
     else:
-        stage, step = load_stage(args, 0, step_wanted)
+        loading = Loading()
+        loading.load(args, 0, step_wanted)
+        if loading.problem is not None or loading.stage is None or loading.step is None:
+            raise ModelError(str(loading.problem))
+        stage, step = loading.stage, loading.step
         forward = LocalForward(stage)
     config = stage.model.config
     # The front end keeps the running batch and the queue within their bounds (``EngineClient``).
