@@ -861,6 +861,19 @@ def test_decoding_most_of_the_context_reads_the_whole_cache_with_the_same_result
         assert torch.allclose(gathered.float(), whole[order].float(), atol=tolerance)
 
 
+def test_what_a_slot_s_earlier_request_left_cannot_reach_the_next_one() -> None:
+    torch.manual_seed(0)
+    stage = Stage(TinyGPT(ModelConfig(width=32, depth=2, context=16)), range(2), max_batch=4)
+    with torch.inference_mode():
+        stage.cache[:, :, 0] = float("inf")  # what an overflowing earlier request left in slot 0
+        prefill(stage, [0, 1, 2], [[5, 6, 7], list(range(1, 12)), list(range(1, 10))])
+        x = torch.randn(3, 1, 32)
+        # Slot 0 at position 3 in a batch read to position 11 (the whole context): its positions past 3
+        # are read, masked.
+        decoded = decode(stage, x, [0, 1, 2], torch.tensor([3, 11, 9]), longest=12)
+    assert decoded.isfinite().all()
+
+
 @pytest.mark.parametrize(
     ("width", "threads"),
     [

@@ -222,6 +222,9 @@ class Stage:
         if prefill is not None:
             prompts, length = prefill.x.shape[:2]
             rows.append(prefill.x.reshape(prompts * length, width))
+            # What the slots' earlier requests left past the prompts: decoding reads it, masked and
+            # weighted 0, and a non-finite value there (a float16 overflow) would make that NaN.
+            self.cache[:, :, prefill.slots, :, length:] = 0
         x = rows[0] if len(rows) == 1 else torch.cat(rows)
         self._use_threads()
         for index, layer in enumerate(self.layers):
