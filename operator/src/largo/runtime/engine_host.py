@@ -141,30 +141,17 @@ def start_engine(args: argparse.Namespace, unready: Callable[[str], None] = lamb
     little memory for it is a spec to change too: a restart would meet it again). A leader that cannot
     load its model says why through ``unready`` at once, then joins its group all the same to tell the
     members."""
-    step_wanted = args.step if args.step >= 0 else None
+    loading = Loading()
+    loading.load(args, 0, args.step if args.step >= 0 else None)
     forward: PipelineForward | LocalForward
     if args.members > 1:
-        loading = Loading()
-        loading.load(args, 0, step_wanted)
         if loading.problem is not None:
             unready(loading.problem)
-        pipeline.join(
-            args.leader_addr,
-            args.leader_port,
-            0,
-            args.members,
-            args.pipeline_timeout,
-            args.pipeline_backend,
-            torch.device(args.device),
-        )
+        join_group(args, 0)
         stage, step = agree_on_the_checkpoint(args, 0, loading)
         forward = PipelineForward(stage, args.members, stage.model.config.vocab_size)
     else:
-        loading = Loading()
-        loading.load(args, 0, step_wanted)
-        if loading.problem is not None or loading.stage is None or loading.step is None:
-            raise ModelError(str(loading.problem))
-        stage, step = loading.stage, loading.step
+        stage, step = loading.held()
         forward = LocalForward(stage)
     config = stage.model.config
     # The front end keeps the running batch and the queue within their bounds (``EngineClient``).
@@ -215,6 +202,25 @@ class Loading:
             self.problem = f"{type(error).__name__}: {error}"
             logger.exception("cannot load the model")
 
+    def held(self) -> tuple[Stage, int]:
+        """The stage and its step; ModelError saying why when nothing was loaded."""
+        if self.stage is None or self.step is None:
+            raise ModelError(str(self.problem))
+        return self.stage, self.step
+
+
+def join_group(args: argparse.Namespace, member: int) -> None:
+    """Forms the replica's process group as member ``member`` (``pipeline.join``)."""
+    pipeline.join(
+        args.leader_addr,
+        args.leader_port,
+        member,
+        args.members,
+        args.pipeline_timeout,
+        args.pipeline_backend,
+        torch.device(args.device),
+    )
+
 
 def agree_on_the_checkpoint(args: argparse.Namespace, member: int, loading: Loading) -> tuple[Stage, int]:
     """Run by every member of a replica once its group formed, so that every stage is of one checkpoint
@@ -240,10 +246,7 @@ def agree_on_the_checkpoint(args: argparse.Namespace, member: int, loading: Load
     if failures:
         loading.stage = None
         raise ModelError("; ".join(failures))
-    # No failure: it holds the leader's step.
-    assert loading.stage is not None
-    assert loading.step is not None
-    return loading.stage, loading.step
+    return loading.held()  # no failure: it holds the leader's step
 
 
 def engine_main(connection: Connection, args: argparse.Namespace) -> None:
@@ -296,15 +299,7 @@ def member(args: argparse.Namespace) -> int:
     loading.load(args, args.member, args.step if args.step >= 0 else None)
     if loading.stage is not None:
         load_seconds.set(time.monotonic() - started)
-    pipeline.join(
-        args.leader_addr,
-        args.leader_port,
-        args.member,
-        args.members,
-        args.pipeline_timeout,
-        args.pipeline_backend,
-        torch.device(args.device),
-    )
+    join_group(args, args.member)
     try:
         stage, step = agree_on_the_checkpoint(args, args.member, loading)
     except ModelError as error:
