@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +124,38 @@ def test_mount_points_created_are_removed_by_their_last_user(tmp_path: Path) -> 
     registry.release("pod-b")
     assert not (tmp_path / "new").exists()
     assert existing.is_dir()
+
+
+def test_mount_points_of_an_agent_that_died_holding_them_are_removed(tmp_path: Path) -> None:
+    registry = tmp_path / "registry.json"
+    killed = tmp_path / "killed" / "deep"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from largo.dev.localnode.mountpoints import MountPoints; "
+            "MountPoints(Path(sys.argv[1])).acquire('pod-a', [(sys.argv[2], False)]); "
+            "print('held', flush=True); time.sleep(600)",
+            str(registry),
+            str(killed),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        alive_mount = tmp_path / "alive"
+        MountPoints(registry).acquire("pod-b", [(str(alive_mount), False)])
+        assert killed.is_dir(), "its agent still runs"
+    finally:
+        holder.kill()
+        holder.wait()
+    MountPoints(registry).acquire("pod-c", [])
+    assert not (tmp_path / "killed").exists()
+    assert alive_mount.is_dir(), "this process holds it"
+    assert "pod-a" not in json.loads(registry.read_text())["users"]
 
 
 def test_latest_log_picks_the_newest_incarnation_and_run(tmp_path: Path) -> None:
