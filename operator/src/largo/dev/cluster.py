@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import socket
 import ssl
@@ -126,11 +127,38 @@ class ClusterSpec:
     local_nodes: Sequence[LocalNodePool] = ()
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port nothing listens on, for a server started next. It is drawn from below the kernel's
+    ephemeral range: a port bind(0) gives comes from that range, where any outgoing connection of any
+    process may take it as its local port before the server binds it. Never the same port twice in
+    one process."""
+    ephemeral = _ephemeral_ports()
+    below = range(max(1024, ephemeral.start - 16384), ephemeral.start)
+    for _ in range(200):
+        port = below.start + secrets.randbelow(len(below)) if below else 0
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+        if chosen not in _handed_out:
+            _handed_out.add(chosen)
+            return chosen
+    raise ClusterError("no free port below the ephemeral range")
 
 
 def wait_for(
