@@ -29,6 +29,7 @@ from damage import flip_a_byte_of_the_weights, mark_a_record_with_an_unknown_com
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint, pipeline
 from largo.runtime.engine import (
+    WRITTEN_PROMPTS,
     Decode,
     Engine,
     LocalForward,
@@ -859,6 +860,27 @@ def test_decoding_most_of_the_context_reads_the_whole_cache_with_the_same_result
         assert not with_junk.isnan().any()
         assert torch.allclose(with_junk.float(), whole.float(), atol=tolerance)
         assert torch.allclose(gathered.float(), whole[order].float(), atol=tolerance)
+
+
+def test_many_prompts_written_out_attend_as_the_fused_kernel_does() -> None:
+    torch.manual_seed(0)
+    model = TinyGPT(ModelConfig(width=32, depth=2, context=16)).to(torch.bfloat16)
+    written, fused = (Stage(model, range(2), max_batch=6) for _ in range(2))
+    assert written.prompts_written_from == WRITTEN_PROMPTS  # a CPU in half precision
+    single = TinyGPT(ModelConfig(width=32, depth=2, context=16))
+    assert Stage(single, range(2), max_batch=6).prompts_written_from is None  # float32: the kernel
+    fused.prompts_written_from = None
+    # Prompts of several lengths (padded to the longest): each position sees itself and what precedes it.
+    prompts = [list(range(1, 1 + n)) for n in (9, 3, 12, 1, 7)]
+    assert len(prompts) >= WRITTEN_PROMPTS
+    with torch.inference_mode():
+        got, expected = (prefill(stage, [0, 1, 2, 3, 4], prompts) for stage in (written, fused))
+    assert torch.allclose(got.float(), expected.float(), atol=5e-2)
+    assert torch.allclose(written.cache.float(), fused.cache.float(), atol=5e-2)
+    with torch.inference_mode():  # a prompt alone, as the fused kernel sees it, gives its rows in the batch
+        for index, prompt in enumerate(prompts):
+            alone = prefill(fused, [5], [prompt])[0, : len(prompt)]
+            assert torch.allclose(got[index, : len(prompt)].float(), alone.float(), atol=5e-2)
 
 
 def test_what_a_slot_s_earlier_request_left_cannot_reach_the_next_one() -> None:
