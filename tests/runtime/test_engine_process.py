@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import signal
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from largo.runtime import checkpoint
 from largo.runtime.engine import Engine, Request
 from largo.runtime.engine_host import load_model
 from largo.runtime.engine_process import EngineClient, NotLoadedError, Output, Submission
+from largo.runtime.model import ModelConfig, TinyGPT
 from largo.runtime.serve import parse_args, start_engine_process
 
 pytestmark = pytest.mark.runtime
@@ -305,3 +308,44 @@ def test_the_weights_a_server_s_stage_replaced_leave_its_memory() -> None:
     measured = json.loads(done.stdout)
     assert measured["freed"] >= 3 * 512 * 512 * 4 * 4  # at least q, k and v of every block
     assert measured["fell"] >= measured["freed"] // 2
+
+
+LOAD_PEAK = """
+import json, sys
+from pathlib import Path
+import torch
+from largo.runtime import checkpoint
+from largo.runtime.engine_host import load_model
+
+def resident(field):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+    return int(line.split()[1]) * 1024
+
+Path("/proc/self/clear_refs").write_text("5")  # the peak so far (importing torch's) is forgotten
+before = resident("VmRSS:")
+if sys.argv[2] == "server":
+    load_model(Path(sys.argv[1]), None, torch.device("cpu"))
+else:  # the whole file, as the trainer resumes from it
+    state = checkpoint.read(checkpoint.checkpoint_path(Path(sys.argv[1]), 3), 3)
+print(json.dumps({"grew": resident("VmHWM:") - before}))
+"""
+
+
+def test_a_server_reads_a_checkpoint_s_weights_not_the_optimizer_s_state(tmp_path: Path) -> None:
+    """The trainer's checkpoints hold the optimizer's state (Adam's two moments: twice the weights); a
+    server loading one never holds it: its peak memory grows by the weights, not by the file."""
+    torch.manual_seed(0)
+    config = ModelConfig(width=64, depth=2, context=64)
+    moments = 64 * 2**20  # bytes
+    optimizer = {"state": {0: {"exp_avg": torch.ones(moments // 8), "exp_avg_sq": torch.ones(moments // 8)}}}
+    weights, shape = TinyGPT(config).state_dict(), dataclasses.asdict(config)
+    checkpoint.save(tmp_path, 3, {"model": weights, "optimizer": optimizer, "config": shape})
+
+    def peak_growth(reader: str) -> int:
+        command = [sys.executable, "-c", LOAD_PEAK, str(tmp_path), reader]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        return int(json.loads(done.stdout)["grew"])
+
+    assert peak_growth("whole") >= moments  # what reading all of it costs: the measure can tell
+    assert peak_growth("server") < moments // 4

@@ -106,11 +106,12 @@ def complete(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def load_latest(directory: Path) -> dict[str, Any] | None:
-    """The newest checkpoint that reads back whole, or None; unreadable ones are skipped and logged."""
+def load_latest(directory: Path, mapped: bool = False) -> dict[str, Any] | None:
+    """The newest checkpoint that reads back whole, or None; unreadable ones are skipped and logged.
+    ``mapped``: as ``read``."""
     for step, path in complete(directory):
         try:
-            return read(path, step)
+            return read(path, step, mapped)
         except CheckpointError as error:  # any reason a file cannot be read means: try the previous one
             logger.warning("skipping checkpoint %s: %s", path, error)
     return None
@@ -127,8 +128,14 @@ def damaged_record(path: Path) -> str | None:
         return archive.testzip()
 
 
-def read(path: Path, step: int) -> dict[str, Any]:
-    """The checkpoint at ``path``, in the current format whatever format it was written in."""
+def read(path: Path, step: int, mapped: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path``, in the current format whatever format it was written in.
+
+    ``mapped``: its tensors are backed by the file, mapped, and read from it as they are used, not all
+    read at once: a server, which takes only the model's weights, never holds the optimizer's state (the
+    trainer's Adam moments, twice the weights). Only for a state dropped soon after: a tensor left
+    mapped reads a file that a checkpoint's retention, on another node of a network filesystem, may
+    delete under it."""
     try:
         damaged = damaged_record(path)
     except Exception as error:  # a damaged archive's headers raise many kinds, as torch.load does below
@@ -136,7 +143,7 @@ def read(path: Path, step: int) -> dict[str, Any]:
     if damaged is not None:
         raise CheckpointError(f"damaged: record {damaged} does not match its checksum")
     try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except Exception as error:  # torch.load raises many kinds for a damaged file
         raise CheckpointError(f"cannot be read: {error}") from error
     if not isinstance(state, dict) or state.get("step") != step:

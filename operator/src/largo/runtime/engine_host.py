@@ -80,11 +80,11 @@ def load_model(
         if not path.is_file():
             raise ModelError(f"checkpoint of step {step} not found in {directory}")
         try:
-            state = checkpoint.read(path, step)
+            state = checkpoint.read(path, step, mapped=True)  # the weights only are read
         except checkpoint.CheckpointError as error:  # refuse it, never serve garbage
             raise ModelError(f"checkpoint {path}: {error}") from error
     else:
-        latest = checkpoint.load_latest(directory)
+        latest = checkpoint.load_latest(directory, mapped=True)
         if latest is None:
             raise ModelError(f"no complete checkpoint in {directory}")
         state = latest
