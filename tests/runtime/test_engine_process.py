@@ -325,6 +325,8 @@ Path("/proc/self/clear_refs").write_text("5")  # the peak so far (importing torc
 before = resident("VmRSS:")
 if sys.argv[2] == "server":
     load_model(Path(sys.argv[1]), None, torch.device("cpu"))
+elif sys.argv[2] == "member":  # the second of two pipeline stages
+    load_model(Path(sys.argv[1]), None, torch.device("cpu"), stages=2, stage=1)
 else:  # the whole file, as the trainer resumes from it
     state = checkpoint.read(checkpoint.checkpoint_path(Path(sys.argv[1]), 3), 3)
 print(json.dumps({"grew": resident("VmHWM:") - before}))
@@ -349,3 +351,17 @@ def test_a_server_reads_a_checkpoint_s_weights_not_the_optimizer_s_state(tmp_pat
 
     assert peak_growth("whole") >= moments  # what reading all of it costs: the measure can tell
     assert peak_growth("server") < moments // 4
+
+
+def test_a_pipeline_member_builds_and_reads_only_its_stage(tmp_path: Path) -> None:
+    """A member of a replica split over two pods builds its stage alone and reads only its weights from
+    the file: its memory grows by half the model's weights twice (built, and read), not by all of them."""
+    torch.manual_seed(0)
+    config = ModelConfig(width=512, depth=4, heads=8, context=64)
+    weights = TinyGPT(config).state_dict()
+    size = sum(t.nbytes for t in weights.values())
+    checkpoint.save(tmp_path, 3, {"model": weights, "config": dataclasses.asdict(config)})
+    command = [sys.executable, "-c", LOAD_PEAK, str(tmp_path), "member"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert int(json.loads(done.stdout)["grew"]) < size * 3 // 2  # the whole model built: 2x

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from largo.runtime import checkpoint
-from largo.runtime.model import ModelConfig, TinyGPT
+from largo.runtime.model import ModelConfig, TinyGPT, stage_holds
 from largo.runtime.parallel import Layout, LayoutError, communication_seconds, merge_states, select_state
 
 
@@ -111,6 +111,19 @@ def test_stages_keep_the_whole_models_names_and_together_hold_all_of_it() -> Non
     assert "head.weight" in last
     assert "blocks.2.query.weight" in last
     assert "blocks.1.query.weight" in first
+
+
+def test_a_model_built_as_a_stage_has_what_the_whole_model_keeps_for_it() -> None:
+    config = ModelConfig(depth=3)
+    whole = list(TinyGPT(config).state_dict())
+    for stages in (1, 2, 3):
+        for stage in range(stages):
+            built = list(TinyGPT(config, stages, stage).state_dict())
+            assert built == _stage_names(stages, stage)
+            assert built == [name for name in whole if stage_holds(name, config.depth, stages, stage)]
+    assert stage_holds("something.else", 3, 2, 1)  # not the model's: left for the load to refuse by name
+    with pytest.raises(ValueError, match="4 stages cannot split 3 blocks"):
+        TinyGPT(config, 4, 0)
 
 
 def test_a_checkpoint_is_split_by_stage_and_merged_back_whole() -> None:

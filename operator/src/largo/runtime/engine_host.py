@@ -34,7 +34,7 @@ from largo.runtime.engine_process import (
     freeze_heap,
     ignore_signals,
 )
-from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
+from largo.runtime.model import ModelConfig, TinyGPT, stage_holds, stage_layers
 from largo.runtime.pipeline import PipelineForward
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ def load_model(
 ) -> tuple[TinyGPT, int]:
     """The model of checkpoint ``step`` (the newest complete one when None) in precision ``dtype`` (a
     name of ``DTYPES``; ``auto``: the checkpoint's own), and its step. With ``stages`` > 1, only what
-    pipeline stage ``stage`` holds (``TinyGPT.keep_stage``) reaches ``device``: a replica split over
-    several pods serves a model that no one of them could hold whole."""
+    pipeline stage ``stage`` holds (``stage_holds``) is built, read and put on ``device``: a replica
+    split over several pods serves a model that no one of them could hold whole."""
     if step is not None:
         path = checkpoint.checkpoint_path(directory, step)
         if not path.is_file():
@@ -89,15 +89,16 @@ def load_model(
             raise ModelError(f"no complete checkpoint in {directory}")
         state = latest
     config = model_config(state)
-    model = TinyGPT(config)  # on the host: a model built on the meta device costs ~150 MiB of torch modules
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as error:
-        raise ModelError(f"checkpoint does not fit the reference model {config}: {error}") from error
-    try:
-        model.keep_stage(stages, stage)
+    try:  # on the host: a model built on the meta device costs ~150 MiB of torch modules
+        model = TinyGPT(config, stages, stage)
     except ValueError as error:  # more pods than blocks: a spec error, told as one
         raise ModelError(f"cannot serve {config} as stage {stage} of {stages}: {error}") from error
+    # What the stage holds, read from the (mapped) file; another stage's weights are neither read nor held.
+    held = {name: t for name, t in state["model"].items() if stage_holds(name, config.depth, stages, stage)}
+    try:
+        model.load_state_dict(held)
+    except (RuntimeError, KeyError) as error:
+        raise ModelError(f"checkpoint does not fit the reference model {config}: {error}") from error
     precision = checkpoint_dtype(state) if dtype == "auto" else getattr(torch, dtype)
     return model.to(device=device, dtype=precision).eval(), int(state["step"])
 

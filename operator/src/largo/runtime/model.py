@@ -48,22 +48,32 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """The whole model, or one pipeline stage of it (``keep_stage``): a stage keeps the parameter names
-    of the whole model, so checkpoints of any split read and write the same keys."""
+    """The whole model, or one pipeline stage of it: a stage keeps the parameter names of the whole
+    model, so checkpoints of any split read and write the same keys.
+
+    ``stages`` > 1 builds only what stage ``stage`` holds (``stage_holds``): a server's pipeline member,
+    which loads its weights from a checkpoint, never allocates the others. Training builds the whole
+    model and then keeps its stage (``keep_stage``), so that every stage starts from the whole model's
+    initial weights whatever the split."""
 
     tokens: nn.Embedding | None
     positions: nn.Embedding | None
     norm: nn.LayerNorm | None
     head: nn.Linear | None
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, stages: int = 1, stage: int = 0) -> None:
         super().__init__()
         self.config = config
-        self.tokens = nn.Embedding(config.vocab_size, config.width)
-        self.positions = nn.Embedding(config.context, config.width)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
-        self.norm = nn.LayerNorm(config.width)
-        self.head = nn.Linear(config.width, config.vocab_size, bias=False)
+        layers = stage_layers(config.depth, stages, stage)  # ValueError for a split that cannot be
+        first, last = stage == 0, stage == stages - 1
+        self.tokens = nn.Embedding(config.vocab_size, config.width) if first else None
+        self.positions = nn.Embedding(config.context, config.width) if first else None
+        # A block of another stage is an Identity: no parameters, and the kept blocks keep their names.
+        self.blocks = nn.ModuleList(
+            Block(config) if index in layers else nn.Identity() for index in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.width) if last else None
+        self.head = nn.Linear(config.width, config.vocab_size, bias=False) if last else None
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens (or, after the first stage, hidden states) in; with ``targets``, the mean next-token
@@ -78,16 +88,30 @@ class TinyGPT(nn.Module):
         return logits if targets is None else next_token_loss(logits, targets)
 
     def keep_stage(self, stages: int, stage: int) -> TinyGPT:
-        """Drops what pipeline stage ``stage`` of ``stages`` does not hold (``stage_layers``)."""
+        """Drops what pipeline stage ``stage`` of ``stages`` does not hold (``stage_layers``), as a model
+        built as that stage does not have it."""
         layers = stage_layers(self.config.depth, stages, stage)
         for index in range(self.config.depth):
             if index not in layers:
-                self.blocks[index] = nn.Identity()  # no parameters: the kept blocks keep their names
+                self.blocks[index] = nn.Identity()
         if stage > 0:
             self.tokens = self.positions = None
         if stage < stages - 1:
             self.norm = self.head = None
         return self
+
+
+def stage_holds(name: str, depth: int, stages: int, stage: int) -> bool:
+    """Whether the whole model's parameter (or buffer) ``name`` belongs to pipeline stage ``stage`` of
+    ``stages``; True for a name the model does not have, so that loading it is refused by name."""
+    module, _, rest = name.partition(".")
+    if module == "blocks" and rest.split(".", 1)[0].isdigit():
+        return int(rest.split(".", 1)[0]) in stage_layers(depth, stages, stage)
+    if module in ("tokens", "positions"):
+        return stage == 0
+    if module in ("norm", "head"):
+        return stage == stages - 1
+    return True
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
