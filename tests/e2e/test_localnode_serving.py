@@ -366,13 +366,16 @@ def test_prometheus_finds_the_servers_and_the_router_and_every_serving_panel_sho
                 "the servers' and the router's series in Prometheus",
                 prometheus.assert_alive,
             )
-            replicas = prometheus.query(
-                f'haproxy_server_current_sessions{{{where}, proxy="replicas", component="router"}}'
+            # Each replica's series once the router routes to it and Prometheus scraped it since: the
+            # router may have answered (and been scraped) with the first replica alone.
+            per_replica = f'haproxy_server_current_sessions{{{where}, proxy="replicas", component="router"}}'
+            both = {"watched-r0-node-0", "watched-r1-node-0"}
+            wait_for(
+                lambda: {series["metric"]["server"] for series in prometheus.query(per_replica)} == both,
+                60,
+                f"the router's series of {sorted(both)} in Prometheus",
+                prometheus.assert_alive,
             )
-            assert {series["metric"]["server"] for series in replicas} == {
-                "watched-r0-node-0",
-                "watched-r1-node-0",
-            }
             for query in dashboard_queries(json.loads(DASHBOARD.read_text()), {"Serving"}):
                 wait_for(lambda q=query: bool(prometheus.query(q)), 60, f"dashboard query with data: {query}")
         finally:
