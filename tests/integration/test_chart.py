@@ -145,9 +145,7 @@ def test_the_monitoring_objects_are_valid_for_the_prometheus_operator(
     for crd in sorted(cluster.tools.prometheus_operator_crds.glob("*.yaml")):
         cluster.kubectl("apply", "--server-side", "-f", str(crd))
     for kind in ("servicemonitors", "podmonitors", "prometheusrules"):
-        cluster.kubectl(
-            "wait", "--for=condition=Established", f"crd/{kind}.monitoring.coreos.com", "--timeout=60s"
-        )
+        cluster.wait_established(f"{kind}.monitoring.coreos.com")
     rendered = helm(
         cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--namespace", namespace,
         "--set", "monitoring.serviceMonitor.enabled=true", "--set", "monitoring.prometheusRule.enabled=true",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 from largo.dev import cluster as cluster_module
-from largo.dev.cluster import ClusterSpec, LocalCluster, NodePool, wait_for
+from largo.dev.cluster import ClusterError, ClusterSpec, LocalCluster, NodePool, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +46,12 @@ def test_version_reports_pinned_release(api: client.ApiClient) -> None:
     version = client.VersionApi(api).get_code()
     assert version.git_version.startswith("v1.36."), version.git_version
     assert version.minor == "36"
+
+
+def test_a_failing_kubectl_says_what_it_was_told(cluster: LocalCluster) -> None:
+    with pytest.raises(ClusterError, match=r"get no-such-kinds exited 1: .*doesn.t have a resource type"):
+        cluster.kubectl("get", "no-such-kinds")
+    assert cluster.kubectl("get", "no-such-kinds", check=False).returncode == 1
 
 
 def test_custom_resource_lifecycle(api: client.ApiClient, namespace: str) -> None:

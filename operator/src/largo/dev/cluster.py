@@ -290,19 +290,33 @@ class LocalCluster:
         self.stop()
 
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        """Runs kubectl on this cluster; with ``check``, a failure raises ClusterError with its stderr."""
+        done = subprocess.run(
             [self.tools.path("kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
-            check=check,
+            check=False,
             capture_output=True,
             text=True,
         )
+        if check and done.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
+        return done
 
     def install_crds(self, directory: Path) -> None:
         """Applies every CRD in ``directory`` and waits until each is Established."""
         for path in sorted(directory.glob("*.yaml")):
             self.kubectl("apply", "--server-side", "-f", str(path))
-            name = yaml.safe_load(path.read_text())["metadata"]["name"]
-            self.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+            self.wait_established(yaml.safe_load(path.read_text())["metadata"]["name"])
+
+    def wait_established(self, crd: str, timeout: float = 60.0) -> None:
+        """Waits until CustomResourceDefinition ``crd`` is Established. Polled, not ``kubectl wait``: that
+        fails at once on a CRD the API server has not yet given any condition."""
+        established = '{.status.conditions[?(@.type=="Established")].status}'
+
+        def done() -> bool:
+            status = self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={established}", check=False)
+            return status.stdout == "True"
+
+        wait_for(done, timeout, f"CRD {crd} Established")
 
     def add_nodes(self, pool: NodePool, timeout: float = 60.0) -> list[str]:
         """Creates a pool of kwok nodes and waits until every one is Ready."""
