@@ -74,15 +74,16 @@ class Replica:
                 with replica.lock:
                     replica.in_flight += 1
                 time.sleep(replica.delay)
+                # Counted before the answer is written: a client that has it may look at the count.
+                with replica.lock:
+                    replica.in_flight -= 1
+                    replica.served += 1
                 body = json.dumps({"replica": replica.name}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
-                with replica.lock:
-                    replica.in_flight -= 1
-                    replica.served += 1
 
             def log_message(self, *args: Any) -> None:
                 pass
