@@ -228,6 +228,8 @@ class Stage:
         if prefill is not None:
             prompts, length = prefill.x.shape[:2]
             rows.append(prefill.x.reshape(prompts * length, width))
+            written = self.prompts_written_from is not None and prompts >= self.prompts_written_from
+            causal = causal_mask(length, self.dtype, self.device) if written else None
             # What the slots' earlier requests left past the prompts: decoding reads it, masked and
             # weighted 0, and a non-finite value there (a float16 overflow) would make that NaN.
             self.cache[:, :, prefill.slots, :, length:] = 0
@@ -260,7 +262,10 @@ class Stage:
                 )
                 self.cache[index, 0, prefill.slots, :, :length] = k
                 self.cache[index, 1, prefill.slots, :, :length] = v
-                out = self._prompt_attention(q, k, v)
+                if causal is None:
+                    out = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                else:
+                    out = written_attention(q, k, v, causal)
                 attended.append(out.transpose(1, 2).reshape(prompts * length, width))
             x = x + weights.projection(attended[0] if len(attended) == 1 else torch.cat(attended))
             hidden = weights.mlp_in(_norm(weights.norm_mlp, x), gelu=True)
@@ -269,20 +274,6 @@ class Stage:
             x[decoded:].view(prompts, length, width) if prefill is not None else None,
             x[:decoded].view(decoded, 1, width) if decode is not None else None,
         )
-
-    def _prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of prompts' queries, keys and values ([prompts, heads, length, head width])."""
-        prompts, heads, length, head_width = q.shape
-        if self.prompts_written_from is None or prompts < self.prompts_written_from:
-            return functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        batch = prompts * heads
-        q, k, v = (t.reshape(batch, length, head_width) for t in (q, k, v))  # copies: [prompt, head] first
-        square = (length, length)
-        later = torch.ones(square, dtype=torch.bool, device=self.device).triu(1)
-        causal = torch.zeros(square, dtype=q.dtype, device=self.device).masked_fill_(later, -math.inf)
-        scale = head_width**-0.5
-        scores = torch.baddbmm(causal.expand(batch, *square), q, k.transpose(1, 2), alpha=scale)
-        return torch.bmm(torch.softmax(scores, dim=-1), v).view(prompts, heads, length, head_width)
 
     def head(self, rows: torch.Tensor) -> torch.Tensor:
         """Hidden states ([rows, width]) after the last layer -> logits ([rows, vocabulary])."""
@@ -393,6 +384,24 @@ WIDE_MODEL = 256
 # From how many prompts on a CPU in half precision computes their attention as two batched products
 # (``Stage.prompts_written_from``).
 WRITTEN_PROMPTS = 4
+
+
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[length, length]: 0 where a position may see another (itself and earlier ones), -inf elsewhere."""
+    later = torch.ones((length, length), dtype=torch.bool, device=device).triu(1)
+    return torch.zeros((length, length), dtype=dtype, device=device).masked_fill_(later, -math.inf)
+
+
+def written_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor
+) -> torch.Tensor:
+    """Prompts' attention ([prompts, heads, length, head width] each) under ``causal`` as two batched
+    products (``Stage.prompts_written_from``)."""
+    prompts, heads, length, head_width = q.shape
+    batch = prompts * heads
+    q, k, v = (t.reshape(batch, length, head_width) for t in (q, k, v))  # copies: [prompt, head] first
+    scores = torch.baddbmm(causal.expand(batch, length, length), q, k.transpose(1, 2), alpha=head_width**-0.5)
+    return torch.bmm(torch.softmax(scores, dim=-1), v).view(prompts, heads, length, head_width)
 
 
 def step_threads(width: int, cores: int) -> int:
