@@ -516,6 +516,8 @@ def test_bad_input_is_refused_with_the_field_named_or_told_in_a_condition(
         ),
         "custom without image": ({"runtime": {"type": "custom"}}, "spec.runtime.image is required"),
         "rollout both zero": ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "cannot both be 0"),
+        "negative memory": ({"resourcesPerNode": {"memory": "-1Gi"}}, "spec.resourcesPerNode.memory"),
+        "negative count": ({"resourcesPerNode": {"memory": -1}}, "greater than or equal to 0"),
     }
     for what, (spec, message) in refused.items():
         body = services.body("bad", pool, **spec)
@@ -542,6 +544,9 @@ def test_bad_input_is_refused_with_the_field_named_or_told_in_a_condition(
             "failed without a complete checkpoint",
         ),
     }
+    # A quantity the schema lets through but the scheduler could not count (10^22 millicores overflow
+    # Kubernetes' int64) is told in a condition; the scheduling passes go on for everyone else.
+    services.create("overflow", pool, resourcesPerNode={"cpu": "10E"})
     jobs.create("plain", pool, num_nodes=1, gpus=1)
     jobs.create(
         "doomed",
@@ -552,6 +557,9 @@ def test_bad_input_is_refused_with_the_field_named_or_told_in_a_condition(
         failurePolicy={"backoffLimit": 0},
     )
     jobs.wait_phase("doomed", "Running")
+    condition = services.wait_condition("overflow", "Ready", "False", "InvalidSpec")
+    assert "spec.resourcesPerNode['cpu']: quantity '10E' for cpu is out of range" in condition["message"]
+    assert not services.pods("overflow")
     jobs.exit("doomed", 1)
     jobs.wait_phase("doomed", "Failed")
     for name, (spec, _, _) in told.items():

@@ -257,6 +257,7 @@ INVALID = [
     ({"procsPerNode": 2, "parallelism": {"tensor": 4}}, "tensor x pipeline must divide"),
     ({"resourcesPerNode": {"nvidia.com/gpu": "2"}, "parallelism": {"pipeline": 3}}, "tensor x pipeline"),
     ({"parallelism": {"tensor": 0}}, "parallelism.tensor"),
+    ({"resourcesPerNode": {"memory": "-1Gi"}}, "spec.resourcesPerNode.memory"),
 ]
 
 

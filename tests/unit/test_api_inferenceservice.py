@@ -48,6 +48,10 @@ def test_defaults_are_one_largo_replica_of_one_pod() -> None:
         ({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "minReplicas must be <= spec.autoscaling"),
         ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "cannot both be 0"),
         ({"resourcesPerNode": {"nvidia.com/gpu": "1.5"}}, "must be a whole non-negative number"),
+        # The scheduler counts every service's requests in each pass: what it could not count is refused.
+        ({"resourcesPerNode": {"memory": -1}}, "spec.resourcesPerNode['memory']: negative quantity"),
+        ({"resourcesPerNode": {"memory": "-1Gi"}}, "spec.resourcesPerNode['memory'] is not a valid"),
+        ({"resourcesPerNode": {"cpu": "10E"}}, "spec.resourcesPerNode['cpu']: quantity '10E' for cpu is"),
         ({"env": [{"name": "LARGO_MEMBER", "value": "3"}]}, "are reserved"),
         ({"replicas": -1}, "replicas"),
     ],

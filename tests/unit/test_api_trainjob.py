@@ -138,6 +138,11 @@ def test_from_body_accepts_mapping_views() -> None:
         ({"resourcesPerNode": {"nvidia.com/gpu": -1}}, tj.MSG_GPU_WHOLE),
         ({"resourcesPerNode": {"nvidia.com/gpu": "500m"}}, tj.MSG_GPU_WHOLE),
         ({"resourcesPerNode": {"memory": "lots"}}, "not a valid quantity"),
+        # What the scheduler could not count is refused here, not met by every scheduling pass.
+        ({"resourcesPerNode": {"memory": -1}}, "spec.resourcesPerNode['memory']: negative quantity"),
+        ({"resourcesPerNode": {"memory": "-1Gi"}}, "spec.resourcesPerNode['memory'] is not a valid quantity"),
+        ({"resourcesPerNode": {"cpu": "10E"}}, "spec.resourcesPerNode['cpu']: quantity '10E' for cpu is out"),
+        ({"resourcesPerNode": {"nvidia.com/gpu": "99999999999999999999"}}, "out of range"),
         ({"backend": "mpi"}, "spec.backend"),
         ({"env": [{"name": "PET_NNODES", "value": "2"}]}, tj.MSG_RESERVED_ENV),
         ({"env": [{"name": "LARGO_FOO", "value": "2"}]}, tj.MSG_RESERVED_ENV),

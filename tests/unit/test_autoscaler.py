@@ -15,7 +15,7 @@ from largo.api.v1alpha1 import RuntimeType, ScalingMetric
 from largo.controllers.autoscaler import ANNOTATION_SCALING, Autoscaler, metrics_url, ready_leaders
 from largo.controllers.kube import ConflictError
 from largo.controllers.state import service_entry
-from largo.policy.load import Counter, replica_load
+from largo.policy.load import Counter, held_requests, replica_load
 
 LARGO_TEXT = """# HELP largo_serve_requests_in_flight Requests admitted and not finished.
 # TYPE largo_serve_requests_in_flight gauge
@@ -70,6 +70,14 @@ def test_a_reset_counter_or_missing_series_gives_no_value() -> None:
         None,
     )
     assert replica_load("{{ not prometheus", ScalingMetric.IN_FLIGHT, RuntimeType.LARGO, 1.0, None)[0] is None
+
+
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-1"])
+def test_a_sample_that_is_no_count_gives_no_value(value: str) -> None:
+    """A custom server's NaN summed into the window would stall every later decision on it."""
+    text = f"largo_serve_requests_in_flight {value}\n"
+    assert replica_load(text, ScalingMetric.IN_FLIGHT, RuntimeType.LARGO, 1.0, None) == (None, None)
+    assert held_requests(f"largo_router_requests_held {value}\n") is None
 
 
 def _pod(

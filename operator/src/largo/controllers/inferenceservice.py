@@ -199,9 +199,9 @@ class InferenceServiceReconciler:
             self._hints[(namespace, name)] = written
         if decision.wake_scheduler:
             self.wake_scheduler()
-        await self.make_network((namespace, name), written, service)
-        # Deletes and events first: a refused create (quota, a webhook) must not hold back the drain of
-        # retired groups or the restart of failed ones.
+        # Deletes and events first: a refused create (quota, a webhook, a Service of that name that is
+        # not ours) must not hold back the drain of retired groups, a scale to zero or the restart of
+        # failed ones, whose pods would keep their GPUs.
         if decision.delete:
             await asyncio.gather(
                 *(
@@ -211,6 +211,8 @@ class InferenceServiceReconciler:
             )
         for event in decision.events:
             await self.kube.event(written, event.type, event.reason, event.message)
+        # The network before the pods: a replica without its Services would be reachable by no one.
+        await self.make_network((namespace, name), written, service)
         if decision.create and decision.model is not None:
             model = decision.model
             pods = [

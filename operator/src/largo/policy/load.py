@@ -8,6 +8,7 @@ server restarted) gives no value for that scrape rather than a negative one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -38,13 +39,18 @@ class Counter:
 
 
 def _sums(text: str, names: Iterable[str]) -> dict[str, float]:
-    """Each named series summed over its labels; a name absent from the text is absent here."""
+    """Each named series summed over its labels; a name absent from the text is absent here. ValueError
+    for a sample that is no count (NaN, infinite or negative: a custom server's bug), as for text that
+    cannot be parsed: summed, it would stall every later decision on that window."""
     wanted = set(names)
     sums: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in wanted:
-                sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
+                value = float(sample.value)
+                if not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{sample.name} is {value}, not a count")
+                sums[sample.name] = sums.get(sample.name, 0.0) + value
     return sums
 
 

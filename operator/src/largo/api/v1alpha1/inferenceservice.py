@@ -27,8 +27,6 @@ from largo.api.v1alpha1.common import (
 from largo.api.v1alpha1.trainjob import (
     _CEL_RESERVED_NAMES,
     _CEL_RESERVED_PREFIXES,
-    _QUANTITY_RE,
-    _WHOLE_RE,
     GPU_RESOURCE,
     EnvVar,
     FreeForm,
@@ -37,6 +35,7 @@ from largo.api.v1alpha1.trainjob import (
     QueueStatus,
     Scheduling,
     _plain,
+    check_resources,
     check_status_of,
     is_reserved_env_name,
     sanitize_status_of,
@@ -393,12 +392,8 @@ class InferenceServiceSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        for resource, quantity in self.resources_per_node.items():
-            if isinstance(quantity, str) and not _QUANTITY_RE.match(quantity):
-                raise ValueError(f"spec.resourcesPerNode['{resource}'] is not a valid quantity")
+        check_resources(self.resources_per_node)
         gpus = self.resources_per_node.get(GPU_RESOURCE)
-        if gpus is not None and not _WHOLE_RE.match(str(gpus)):
-            raise ValueError(MSG_GPU_WHOLE)
         if self.runtime.type is RuntimeType.VLLM and int(gpus or 0) < 1:
             raise ValueError(MSG_VLLM_NEEDS_GPUS)
         names = [e.name for e in self.env]

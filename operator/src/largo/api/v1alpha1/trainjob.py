@@ -36,6 +36,7 @@ from largo.api.v1alpha1.common import (
     root_config,
     validations,
 )
+from largo.sched.quantity import parse_resource
 
 KIND = "TrainJob"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -45,9 +46,10 @@ AUTO = "auto"
 RESERVED_ENV_PREFIXES = ("PET_", "LARGO_")
 RESERVED_ENV_NAMES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
 
-# Same grammar as resource.Quantity; the API server checks it via `pattern`.
+# resource.Quantity's grammar without its minus sign (a request cannot be negative); the API server
+# checks it via `pattern`, and `minimum` a bare integer.
 QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
@@ -166,6 +168,7 @@ Quantity = Annotated[
         {
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
+            "minimum": 0,
             "x-kubernetes-int-or-string": True,
         }
     ),
@@ -456,12 +459,8 @@ class TrainJobSpec(SpecModel):
             raise ValueError(MSG_PROCS_PER_NODE)
         if isinstance(self.procs_per_node, int) and self.procs_per_node < 1:
             raise ValueError(MSG_PROCS_PER_NODE)
-        for resource, quantity in self.resources_per_node.items():
-            if isinstance(quantity, str) and not _QUANTITY_RE.match(quantity):
-                raise ValueError(f"spec.resourcesPerNode['{resource}'] is not a valid quantity")
+        check_resources(self.resources_per_node)
         gpus = self.resources_per_node.get(GPU_RESOURCE)
-        if gpus is not None and not _WHOLE_RE.match(str(gpus)):
-            raise ValueError(MSG_GPU_WHOLE)
         if len(self.resources_per_node) > 32:
             raise ValueError("spec.resourcesPerNode may list at most 32 resources")
         procs = self.procs_per_node if isinstance(self.procs_per_node, int) else max(int(str(gpus or 0)), 1)
@@ -473,6 +472,23 @@ class TrainJobSpec(SpecModel):
         if len(set(names)) != len(names):
             raise ValueError("spec.env: names must be unique")
         return self
+
+
+def check_resources(resources: Mapping[str, int | str]) -> None:
+    """ValueError naming the first quantity of ``resourcesPerNode`` the scheduler could not count: not a
+    quantity, negative, beyond Kubernetes' int64 once scaled (``10E`` of cpu is 10^22 millicores), or
+    a fraction of a GPU. Refused here, the object gets a condition saying so; let through, it would
+    fail every scheduling pass that reads it."""
+    gpus = resources.get(GPU_RESOURCE)
+    if gpus is not None and not _WHOLE_RE.match(str(gpus)):
+        raise ValueError(MSG_GPU_WHOLE)
+    for resource, quantity in resources.items():
+        if isinstance(quantity, str) and not _QUANTITY_RE.match(quantity):
+            raise ValueError(f"spec.resourcesPerNode['{resource}'] is not a valid quantity")
+        try:
+            parse_resource(resource, quantity)
+        except ValueError as error:
+            raise ValueError(f"spec.resourcesPerNode['{resource}']: {error}") from None
 
 
 def is_reserved_env_name(name: str) -> bool:

@@ -1,0 +1,91 @@
+"""The InferenceService reconciler's glue, with a fake API: what it deletes is deleted even when the API
+server refuses a create of the same cycle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from largo.controllers.inferenceservice import InferenceServiceReconciler
+from largo.controllers.kube import CreateRefused
+from largo.controllers.state import service_entry
+from largo.manifests import names
+
+NOW = 1_800_000_000.0
+KEY = ("ns", "chat")
+
+
+def _service(replicas: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "largo.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": "chat",
+            "namespace": "ns",
+            "uid": "uid-chat",
+            "resourceVersion": "1",
+            "generation": 2,
+        },
+        "spec": {"model": {"claimName": "weights"}, "replicas": replicas},
+        "status": {},
+    }
+
+
+def _leftover_pod() -> dict[str, Any]:
+    """A running member of a group the status no longer lists: the reconcile deletes it."""
+    return {
+        "metadata": {
+            "name": names.member_pod_name("chat", 0, 0),
+            "labels": {names.LABEL_REPLICA: "0", names.LABEL_MEMBER: "0", names.LABEL_ATTEMPT: "0"},
+            "ownerReferences": [{"uid": "uid-chat"}],
+        },
+        "spec": {"nodeName": "n0"},
+        "status": {"phase": "Running"},
+    }
+
+
+class RefusingKube:
+    """Refuses the Service named after the InferenceService, as when one of that name is not ours."""
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+        self.events: list[str] = []
+
+    async def patch_service_status(
+        self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return {**_service(0), "status": dict(status)}
+
+    async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        if (manifest["kind"], manifest["metadata"]["name"]) == ("Service", "chat"):
+            raise CreateRefused("Service", "chat", "NameConflict", 'services "chat" already exists')
+
+    async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        pass
+
+    async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
+        self.deleted.append(name)
+
+    async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append(reason)
+
+
+def test_a_refused_network_create_does_not_hold_back_the_deletes() -> None:
+    kube = RefusingKube()
+    reconciler = InferenceServiceReconciler(
+        kube=kube,  # type: ignore[arg-type]
+        nodes={},
+        services={KEY: [service_entry(_service(0))]},
+        pods={KEY: [_leftover_pod()]},
+        trainjobs={},
+        claims={("ns", "weights"): [{}]},
+        autoscalers={},
+        wake_scheduler=lambda: None,
+        clock=lambda: NOW,
+    )
+    with pytest.raises(CreateRefused):  # raised for kopf's back-off, after the deletes
+        asyncio.run(reconciler.reconcile(KEY))
+    assert kube.deleted == [names.member_pod_name("chat", 0, 0)]
+    assert kube.events[-1] == "NameConflict"
