@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import http.client
 import json
 import os
 import shutil
@@ -46,7 +47,7 @@ from largo.runtime.engine import (
 from largo.runtime.engine_host import ModelError, load_model, resolve
 from largo.runtime.engine_process import freeze_heap
 from largo.runtime.model import ModelConfig, TinyGPT, stage_layers
-from largo.runtime.serve import _overlap, parse_args
+from largo.runtime.serve import _overlap, _stop_at_end, parse_args
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 from torch.nn import functional
@@ -385,6 +386,90 @@ def test_bad_requests_get_an_openai_style_error(
     assert error["type"]
 
 
+def _post_raw(server: Served, body: bytes, content_type: str = "application/json") -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("POST", "/v1/completions", body, {"Content-Type": content_type})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_what_the_server_does_not_do_is_refused_and_nothing_fails_its_engine(served: Served) -> None:
+    """Each of these once crashed the engine (every request in flight failed, the pod restarted), was
+    answered 500, or was answered as if honoured; a null is the default, as in OpenAI's API."""
+    refused = {
+        "seed past torch's": ({"prompt": "hi", "seed": 1 << 64}, "seed must be an integer in"),
+        "seed below torch's": ({"prompt": "hi", "seed": -(1 << 63) - 1}, "seed must be an integer in"),
+        "n": ({"prompt": "hi", "n": 2}, "n other than 1 is not supported"),
+        "best_of": ({"prompt": "hi", "best_of": 3}, "best_of other than 1 is not supported"),
+        "echo": ({"prompt": "hi", "echo": True}, "echo is not supported"),
+        "logprobs": ({"prompt": "hi", "logprobs": 2}, "logprobs is not supported"),
+        "penalty": ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty is not supported"),
+        "prompts": ({"prompt": ["a", "b"]}, "one prompt per request, not a list of 2"),
+        "surrogate prompt": ({"prompt": "\ud800"}, "must be valid Unicode text"),
+        "surrogate stop": ({"prompt": "hi", "stop": ["\udc00"]}, "must be valid Unicode text"),
+    }
+    for what, (body, says) in refused.items():
+        code, text = _post_raw(served, json.dumps(body).encode())
+        assert code == 400, what
+        assert says in json.loads(text)["error"]["message"], what
+    code, text = _post_raw(served, b'{"prompt": "hi"}', "application/json; charset=no-such-charset")
+    assert code == 400
+    assert "not valid JSON" in text
+    # Accepted: the widest seeds, nulls as defaults, and a temperature so small its division overflows
+    # (it is greedy, as temperature 0).
+    greedy = json.loads(served.post({"prompt": "def ", "max_tokens": 8, "temperature": 0})[2])
+    for body in (
+        {"prompt": "def ", "max_tokens": 8, "seed": (1 << 64) - 1, "temperature": 0},
+        {"prompt": "def ", "max_tokens": 8, "seed": -(1 << 63), "temperature": 0},
+        {"prompt": "def ", "max_tokens": 8, "temperature": 1e-45},
+        {"prompt": "def ", "max_tokens": 8, "temperature": 0, "top_p": None, "stream": None, "n": None},
+        {"prompt": ["def "], "max_tokens": 8, "temperature": 0, "n": 1, "echo": False, "logprobs": None},
+    ):
+        code, _, text = served.post(body)
+        assert code == 200, (body, text)
+        assert json.loads(text)["choices"][0]["text"] == greedy["choices"][0]["text"], body
+    code, _, text = served.post({"prompt": "def ", "max_tokens": None, "temperature": None, "seed": 1})
+    assert code == 200
+    assert json.loads(text)["usage"]["completion_tokens"] == 16  # max_tokens' default
+    metrics = served.metrics()
+    assert metrics["largo_serve_requests_total{code=200}"] == 7
+    assert metrics["largo_serve_errors_total{code=400}"] == len(refused) + 1
+    assert "largo_serve_errors_total{code=503}" not in metrics
+    served.alive()
+
+
+def test_a_client_that_goes_away_frees_its_place_in_the_engine(trained: Path, tmp_path: Path) -> None:
+    """A whole (not streamed) answer's client that disconnects cancels its request: it leaves the queue
+    or the batch, rather than run to max_tokens and hold a slot and a place within the 429 bound."""
+    server = Served(trained, tmp_path, "--max-batch", "1", "--max-waiting", "64")
+    try:
+        wait_for(lambda: server.status("/readyz")[0] == 200, 60, "ready", server.alive)
+        body = json.dumps({"prompt": "def ", "max_tokens": 28, "temperature": 0}).encode()
+        connections = []
+        for _ in range(48):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            connections.append(connection)
+        # One at a time in a batch of one: most are still queued when their clients go away.
+        wait_for(lambda: server.metrics()["largo_serve_requests_in_flight"] >= 24, 30, "requests in flight")
+        for connection in connections:
+            connection.close()
+        wait_for(lambda: server.metrics()["largo_serve_requests_in_flight"] == 0, 30, "the requests gone")
+        metrics = server.metrics()
+        gone = metrics["largo_serve_requests_total{code=499}"]
+        finished = metrics.get("largo_serve_requests_total{code=200}", 0)
+        assert gone >= 24
+        assert gone + finished == 48
+        # The cancelled ones generated (almost) nothing: run out, 48 would have made 28 tokens each.
+        assert metrics["largo_serve_generated_tokens_total"] <= 28 * (finished + 1) < 28 * 48 / 2
+        assert server.post({"prompt": "def ", "max_tokens": 4})[0] == 200
+    finally:
+        server.stop()
+
+
 def test_overload_is_refused_with_retry_after_not_queued_without_bound(trained: Path, tmp_path: Path) -> None:
     server = Served(trained, tmp_path, "--max-batch", "1", "--max-waiting", "1")
     try:
@@ -424,6 +509,29 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(trained: Path, t
     )
     assert all(headers.get("Retry-After") for code, headers, _ in results if code == 503)
     assert server.process.wait(timeout=60) == 0
+
+
+def test_what_the_drain_could_not_finish_is_answered_503(trained: Path, tmp_path: Path) -> None:
+    """Requests still in flight when the drain period ends get a 503 saying so (the router retries them
+    elsewhere), not a connection cut mid-answer. With no drain period at all, what is queued behind a
+    batch of one at the signal is left."""
+    server = Served(trained, tmp_path, "--max-batch", "1", "--drain-seconds", "0")
+    wait_for(lambda: server.status("/readyz")[0] == 200, 60, "ready", server.alive)
+    body = {"prompt": "def ", "max_tokens": 28, "temperature": 0}
+    with ThreadPoolExecutor(48) as pool:
+        pending = [pool.submit(server.post, body) for _ in range(48)]
+        wait_for(lambda: server.metrics()["largo_serve_requests_in_flight"] >= 24, 30, "requests in flight")
+        server.process.send_signal(signal.SIGTERM)
+        results = [future.result(timeout=60) for future in pending]
+    assert server.process.wait(timeout=60) == 0
+    said = [json.loads(text)["error"]["message"] for code, _, text in results if code == 503]
+    left = [message for message in said if "the server stopped before this request finished" in message]
+    # Each of the 24 in flight at the signal was answered, whole or with that 503; later ones were refused
+    # as draining, or found the server gone (0).
+    assert left
+    assert sum(code == 200 for code, _, _ in results) + len(left) >= 24
+    assert all(message in left or "draining" in message for message in said)
+    assert all(headers.get("Retry-After") == "1" for code, headers, _ in results if code == 503)
 
 
 def test_a_server_without_its_model_is_alive_but_never_ready(tmp_path: Path) -> None:
@@ -722,6 +830,18 @@ def test_sampling_is_greedy_at_zero_and_nucleus_keeps_the_top_mass() -> None:
         for s in range(40)
     }
     assert wide == {1, 2}  # the unlikely ones stay out
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "cut"),
+    [(b"xab", (b"b", b"ab"), 2), (b"xab", (b"ab", b"b"), 2), (b"xab", (b"b", b"a"), 1), (b"xab", (b"q",), 0)],
+)
+def test_a_finished_text_loses_the_longest_stop_it_ends_with_and_only_that(
+    text: bytes, stops: tuple[bytes, ...], cut: int
+) -> None:
+    """Overlapping stops (b, ab): none of either is shown; a stop that ends the text once it is cut (a)
+    is part of the answer."""
+    assert _stop_at_end(text, stops) == cut
 
 
 @pytest.mark.parametrize(

@@ -55,18 +55,24 @@ class Request:
     submitted: float = field(default_factory=time.monotonic)
 
 
+# Temperatures below this are greedy: dividing logits by less overflows float32 (1e-45 gives inf, then
+# NaN probabilities), and the distribution is one-hot long before (vLLM draws the same line).
+GREEDY_BELOW = 1e-5
+
+
 def sample_batch(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     """The next token of each request (row): one argmax for all the greedy ones."""
     greedy = logits.argmax(dim=-1).tolist()
     return [
-        token if r.temperature <= 0 else sample(logits[i], r)
+        token if r.temperature < GREEDY_BELOW else sample(logits[i], r)
         for i, (r, token) in enumerate(zip(requests, greedy, strict=True))
     ]
 
 
 def sample(logits: torch.Tensor, request: Request) -> int:
-    """The next token: argmax at temperature 0, else nucleus sampling with the request's generator."""
-    if request.temperature <= 0:
+    """The next token: argmax at temperature 0 (below ``GREEDY_BELOW``), else nucleus sampling with the
+    request's generator."""
+    if request.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits).item())
     probabilities = torch.softmax(logits.float() / request.temperature, dim=-1)
     if request.top_p < 1.0:

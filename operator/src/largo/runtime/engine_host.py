@@ -406,7 +406,12 @@ class EngineSide:
         request.on_finish = on_finish
         request.should_stop = lambda: any(text.endswith(stop) for stop in stops)
         self._tracked[submission.id] = tracked
-        if not self.engine.submit(request):  # stopping (the front end keeps within the queue's bound)
+        try:
+            accepted = self.engine.submit(request)
+        except (ValueError, RuntimeError) as error:  # what the front end let through: this one fails, not all
+            logger.error("request %d refused by the engine: %s", submission.id, error)
+            accepted = False
+        if not accepted:  # stopping (the front end keeps within the queue's bound)
             self._tracked.pop(submission.id, None)
             refused = Output(submission.id, b"", "error", 0, None)
             self._send_quietly(Progress([refused], [], self.engine.stats()))

@@ -174,10 +174,16 @@ class EngineClient:
             self._send(Cancel(key))
 
     async def stop(self) -> None:
-        """Tells the engine to stop after its iteration, waits for its process, and closes the pipe."""
-        self._stop_reading()
+        """Tells the engine to stop after its iteration, waits for its process, and closes the pipe.
+        What it ended unfinished (the drain's leftovers) is read and delivered before: their clients get
+        an answer (503), not a cut connection."""
         self._send(None)
         await asyncio.to_thread(self._join, STOP_SECONDS)
+        if self._loop is not None:
+            self._readable()  # what came since the loop last read, up to the pipe's end
+        self._stop_reading()
+        if self._open:  # an engine that ended without a word for them (killed at the timeout)
+            self._fail("the engine stopped")
         self.connection.close()
 
     def _join(self, timeout: float) -> None:

@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import sys
 import time
@@ -35,6 +36,10 @@ from largo.runtime.engine_process import EngineClient, NotLoadedError, Output, S
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_BYTES = 1 << 20
+# The seeds torch's generators take.
+SEEDS = (-(1 << 63), 1 << 64)
+# requests_total's code for a request whose client went away before its answer (as nginx logs it).
+CLIENT_GONE = "499"
 
 
 class Metrics:
@@ -126,6 +131,7 @@ class Server:
         self.draining = False
         self.in_flight = 0
         self.created = int(time.time())
+        self.instance = secrets.token_hex(4)  # completions' ids stay unique across the server's restarts
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -155,14 +161,25 @@ class Server:
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object", "invalid_request_error")
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                return _error(
+                    400,
+                    f"one prompt per request, not a list of {len(prompt)}: send each as its own request "
+                    "(the server batches concurrent requests)",
+                    "invalid_request_error",
+                )
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             return _error(400, "prompt must be a non-empty string", "invalid_request_error")
+        unsupported = _unsupported(body)
+        if unsupported is not None:
+            return _error(400, unsupported, "invalid_request_error")
+        # An explicit null is the default, as OpenAI's API takes it.
         checks: list[tuple[str, Any, type | tuple[type, ...], float, float]] = [
-            ("max_tokens", body.get("max_tokens", 16), int, 1, 1 << 20),
-            ("temperature", body.get("temperature", 1.0), (int, float), 0.0, 2.0),
-            ("top_p", body.get("top_p", 1.0), (int, float), 0.0, 1.0),
+            ("max_tokens", _given(body, "max_tokens", 16), int, 1, 1 << 20),
+            ("temperature", _given(body, "temperature", 1.0), (int, float), 0.0, 2.0),
+            ("top_p", _given(body, "top_p", 1.0), (int, float), 0.0, 1.0),
         ]
         values: dict[str, Any] = {}
         for name, value, kind, low, high in checks:
@@ -176,15 +193,16 @@ class Server:
         if values["top_p"] == 0:
             return _error(400, "top_p must be > 0", "invalid_request_error")
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            return _error(400, "seed must be an integer", "invalid_request_error")
+        whole = isinstance(seed, int) and not isinstance(seed, bool)
+        if seed is not None and not (whole and SEEDS[0] <= seed < SEEDS[1]):
+            return _error(400, "seed must be an integer in [-2^63, 2^64)", "invalid_request_error")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             return _error(
                 400, "stop must be a string or a list of at most 4 non-empty strings", "invalid_request_error"
             )
-        stream = body.get("stream", False)
+        stream = _given(body, "stream", False)
         if not isinstance(stream, bool):
             return _error(400, "stream must be a boolean", "invalid_request_error")
         model = body.get("model")
@@ -194,7 +212,10 @@ class Server:
                 f"model {model!r} is not served here; this server serves {self.name!r}",
                 "not_found_error",
             )
-        encoded = prompt.encode()
+        try:
+            encoded, stops = prompt.encode(), tuple(s.encode() for s in stop)
+        except UnicodeEncodeError:  # a lone surrogate (JSON's "\\ud800") is no text
+            return _error(400, "prompt and stop must be valid Unicode text", "invalid_request_error")
         assert self.engine is not None
         context = self.engine.context
         if len(encoded) + values["max_tokens"] > context:
@@ -211,7 +232,7 @@ class Server:
             temperature=float(values["temperature"]),
             top_p=float(values["top_p"]),
             seed=seed,
-            stops=tuple(s.encode() for s in stop),
+            stops=stops,
             stream=stream,
         )
         return Completion(submission), stream
@@ -227,13 +248,16 @@ class Server:
             return self._refused(_error(503, failed, "service_unavailable", 1))
         try:
             body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, LookupError):  # (LookupError: an unknown charset)
             return self._refused(_error(400, "the request body is not valid JSON", "invalid_request_error"))
         parsed = self._parse(body)
         if isinstance(parsed, web.Response):
             return self._refused(parsed)
         completion, stream = parsed
         if not self.engine.submit(completion.submission, completion.outputs.put_nowait):
+            if self.engine.failure is not None:  # it failed while the body was read
+                failed = f"the model failed: {self._failure()}"
+                return self._refused(_error(503, failed, "service_unavailable", 1))
             return self._refused(
                 _error(429, "too many requests waiting; retry shortly", "rate_limit_error", 1)
             )
@@ -246,10 +270,13 @@ class Server:
                 response = await self._whole(completion)
         except (asyncio.CancelledError, ConnectionResetError):
             self.engine.cancel(completion.submission.id)  # the client went away: free its slot
+            self.metrics.requests.labels(CLIENT_GONE).inc()
             raise
         finally:
             self._leave()
         self.metrics.requests.labels(str(response.status)).inc()
+        if response.status >= 400:  # the engine failed, or the drain ended, while it ran
+            self.metrics.errors.labels(str(response.status)).inc()
         self.metrics.latency.observe(time.monotonic() - started)
         return response
 
@@ -286,9 +313,8 @@ class Server:
                     first_token_at = time.monotonic()
                     self.metrics.first_token.observe(first_token_at - completion.submitted)
             held += output.text
-            for stop in stops:
-                if held.endswith(stop):  # the engine ends a request at the token that completes one
-                    del held[len(held) - len(stop) :]
+            if output.finish == "stop":  # at the token that completed a stop sequence: cut it off
+                del held[len(held) - _stop_at_end(held, stops) :]
             if output.finish is not None:
                 finish = _finish_reason(output.finish)
                 if held and finish != "error":
@@ -312,22 +338,26 @@ class Server:
         assert output.finish is not None
         finish = _finish_reason(output.finish)
         if finish == "error":
-            return _error(503, f"the model failed: {self._failure()}", "service_unavailable", 1)
+            return _error(503, self._ended_why(), "service_unavailable", 1)
         text = output.text
         # The engine stops a request at the token that completes a stop sequence: it can only end there.
-        ended = b""
-        if finish == "stop":
-            ended = next((stop for stop in completion.submission.stops if text.endswith(stop)), b"")
+        ended = _stop_at_end(text, completion.submission.stops) if finish == "stop" else 0
         completion.generated = output.generated
         self.metrics.generated_tokens.inc(output.generated)
         if output.first_token_at is not None:
             self.metrics.first_token.observe(output.first_token_at - completion.submitted)
         self._observe_per_token(output.first_token_at, output.generated)
-        answer = text[: len(text) - len(ended)].decode(errors="replace")
+        answer = text[: len(text) - ended].decode(errors="replace")
         return web.json_response(self._body(completion, answer, finish, usage=True))
 
     def _failure(self) -> str:
         return (self.engine.failure if self.engine is not None else None) or "unknown"
+
+    def _ended_why(self) -> str:
+        """Why a request the engine had was ended unfinished."""
+        if self.draining:
+            return "the server stopped before this request finished (its drain period ran out)"
+        return f"the model failed: {self._failure()}"
 
     async def _stream(self, http: web.Request, completion: Completion) -> web.StreamResponse:
         response = web.StreamResponse(
@@ -336,10 +366,9 @@ class Server:
         await response.prepare(http)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         async for item in self._tokens(completion):
-            if item == "error":
-                failed = {
-                    "error": {"message": f"the model failed: {self._failure()}", "type": "server_error"}
-                }
+            if item == "error":  # the status (200) is sent: an error event, counted as the 503 it would be
+                self.metrics.errors.labels("503").inc()
+                failed = {"error": {"message": self._ended_why(), "type": "server_error"}}
                 await response.write(f"data: {json.dumps(failed)}\n\n".encode())
                 break
             if isinstance(item, str):
@@ -355,7 +384,7 @@ class Server:
     def _body(self, completion: Completion, text: str, finish: str | None, usage: bool) -> dict[str, Any]:
         prompt = len(completion.submission.prompt)
         body: dict[str, Any] = {
-            "id": f"cmpl-{id(completion):x}",
+            "id": f"cmpl-{self.instance}-{completion.submission.id}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.name,
@@ -374,6 +403,35 @@ def _finish_reason(reason: str) -> str:
     """The engine's reason for ending a request as OpenAI's ``finish_reason`` (or ``error``): a request
     cut at the context's end, or cancelled, ended by length."""
     return reason if reason in ("stop", "error") else "length"
+
+
+def _given(body: dict[str, Any], name: str, default: Any) -> Any:
+    value = body.get(name)
+    return default if value is None else value
+
+
+def _unsupported(body: dict[str, Any]) -> str | None:
+    """Why a request asks for what this server does not do (rather than answer it as if it did)."""
+    for name in ("n", "best_of"):
+        if body.get(name) not in (None, 1):
+            return f"{name} other than 1 is not supported: send each completion as its own request"
+    if body.get("echo") not in (None, False):
+        return "echo is not supported"
+    for name in ("logprobs", "suffix"):
+        if body.get(name) is not None:
+            return f"{name} is not supported"
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            return f"{name} is not supported (only 0)"
+    if body.get("logit_bias"):
+        return "logit_bias is not supported"
+    return None
+
+
+def _stop_at_end(text: bytes | bytearray, stops: tuple[bytes, ...]) -> int:
+    """The length of the longest stop sequence ``text`` ends with (0 for none): where stops overlap
+    (``b`` and ``ab``), none of any of them is shown."""
+    return max((len(stop) for stop in stops if text.endswith(stop)), default=0)
 
 
 def _overlap(text: bytearray, stop: bytes) -> int:
@@ -472,7 +530,9 @@ async def serve(args: argparse.Namespace) -> int:
     # Alive at once, ready once the model is loaded (and the pipeline formed): a slow load is no failure.
     server = Server(args.name, None, metrics, "loading")
     # What is still open after the drain is cut after 2 s: the pod's grace period is nearly over.
-    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0)
+    # handler_cancellation: a client that goes away cancels its handler, which frees its slot in the
+    # engine (aiohttp's default since 3.9 lets the handler run on to the request's end).
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     stop = asyncio.Event()
