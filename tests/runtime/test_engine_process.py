@@ -169,6 +169,26 @@ def test_a_cancelled_request_leaves_the_batch(trained: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_request_the_engine_cannot_take_fails_alone(trained: Path) -> None:
+    """What the front end let through and torch refuses (a seed past its range) ends that request with
+    an error; the engine goes on serving the others."""
+
+    async def scenario() -> None:
+        async with loaded_engine(trained) as client:
+            refused: asyncio.Queue[Output] = asyncio.Queue()
+            unseedable = Submission(client.next_id(), b"a", 4, 1.0, 1.0, 1 << 64, (), False)
+            assert client.submit(unseedable, refused.put_nowait)
+            [ended] = await collect(refused)
+            assert (ended.finish, ended.generated) == ("error", 0)
+            after: asyncio.Queue[Output] = asyncio.Queue()
+            assert client.submit(submission(client, b"b", 5), after.put_nowait)
+            [done] = await collect(after)
+            assert (done.finish, done.generated) == ("length", 5)
+            assert client.failure is None
+
+    asyncio.run(scenario())
+
+
 def test_a_request_cancelled_while_it_waits_never_runs(trained: Path) -> None:
     async def scenario() -> None:
         async with loaded_engine(trained, max_batch=1, max_waiting=1) as client:

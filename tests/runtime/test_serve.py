@@ -41,6 +41,7 @@ from largo.runtime.engine import (
     onednn_available,
     read_span,
     sample,
+    sample_batch,
     slot_run,
     step_threads,
 )
@@ -815,6 +816,10 @@ def test_a_member_that_dies_makes_the_leader_unready_and_exit(trained: Path, tmp
 def test_sampling_is_greedy_at_zero_and_nucleus_keeps_the_top_mass() -> None:
     logits = torch.tensor([0.0, 3.0, 2.9, -5.0])
     assert sample(logits, Request(prompt=[1], max_tokens=1, temperature=0.0)) == 1
+    # A temperature whose division would overflow the logits (inf, then NaN probabilities) is greedy.
+    assert sample(logits * 1e3, Request(prompt=[1], max_tokens=1, temperature=1e-45)) == 1
+    cold = Request(prompt=[1], max_tokens=1, temperature=1e-45)
+    assert sample_batch(torch.stack([logits, -logits]), [cold, cold]) == [1, 3]
     # top_p 0.5 keeps only the most likely token (its mass alone is about 0.5); any seed picks it.
     picks = {
         sample(
