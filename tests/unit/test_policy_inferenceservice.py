@@ -698,6 +698,20 @@ def test_an_old_group_missing_a_member_makes_way_instead_of_being_completed() ->
     ]
 
 
+def test_a_group_admitted_on_more_nodes_than_the_spec_now_asks_makes_way() -> None:
+    """nodesPerReplica 2 -> 4 -> 2: a group the scheduler admitted on 4 nodes in between has the
+    current revision again, but no member 2 or 3 can be built; it is replaced, not completed."""
+    nodes = ["gpu-a", "gpu-b", "gpu-c", "gpu-d"]
+    status = {"groups": [admitted(0, nodes, ready=False)], "desiredReplicas": 1}
+    view = ServiceView(NAME, "ml", spec_of(replicas=1, nodesPerReplica=2), 1, status, REV_A)
+    decision = plan(view, RESOLVED, [running(0, 0, "gpu-a")], NONE, NOW, SELECTOR, URL)
+    assert decision.create == []
+    assert group_of(decision.status, 0)["retiring"] is True
+    assert "llama-r0-node-0" in decision.delete
+    fresh = [g for g in decision.status["groups"] if not g.get("retiring")]
+    assert [(g["replica"], g["nodes"]) for g in fresh] == [(1, [])]
+
+
 def test_a_retiring_group_leaves_status_once_its_pods_are_gone() -> None:
     groups = [admitted(0, ["gpu-a"]), admitted(1, ["gpu-b"], retiring=True, ready=False)]
     status = {"groups": groups, "desiredReplicas": 1}

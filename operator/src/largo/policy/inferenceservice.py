@@ -367,9 +367,12 @@ def plan(
             kept.append(group)
             continue
         missing = [member for member in range(len(nodes)) if member not in current]
-        if missing and group.get("revision") != view.revision:
+        if missing and (group.get("revision") != view.revision or len(nodes) != spec.nodes_per_replica):
             # Only the current revision's pods can be built: a group of an older one that lacks a
-            # member (admitted before the spec changed, or a member deleted) makes way for a new one.
+            # member (admitted before the spec changed, or a member deleted) makes way for a new one;
+            # so does one admitted on as many nodes as a spec in between asked for (nodesPerReplica
+            # 2 -> 4 -> 2: its revision is current again, but it has 4 nodes and members 2 and 3
+            # cannot be built).
             group.update(retiring=True, ready=False)
             out.delete += [p.name for p in current.values() if not p.terminating]
             if members:
