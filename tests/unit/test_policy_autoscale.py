@@ -123,6 +123,28 @@ def test_scale_to_zero_after_the_grace_and_back_on_demand() -> None:
     assert min(d.replicas for d in run(without, lambda t, n: 0.0, 200)) == 1
 
 
+def test_a_replica_woken_from_zero_is_not_scaled_to_zero_before_it_is_ready() -> None:
+    """The first request is held by the router for a while, then gives up; the model takes 10 minutes
+    to load. Idle time counts from a ready replica on, so the load is not cut short."""
+    policy = Policy(0, 5, 4.0, scale_down_delay=10, scale_to_zero=True, scale_to_zero_grace=30)
+    samples: list[Sample] = []
+    state, replicas = State(), 0
+    decisions = []
+    for t in range(900):
+        ready = ["r0"] if replicas and t >= 600 else []
+        # The router holds the request, then it times out; with no ready leader, the routers' held
+        # counts are the samples (0 once it gave up), then the ready leader's.
+        samples.append(Sample(float(t), "r0" if ready else "router", 1.0 if t < 100 else 0.0))
+        decision = decide(policy, samples, ready, replicas, state, float(t))
+        decisions.append(decision)
+        replicas, state = decision.replicas, decision.state
+    assert decisions[0].replicas == 1
+    assert all(d.replicas == 1 for d in decisions[:600])
+    # Ready and still idle: to zero after the stable window and the grace, counted from ready.
+    zero = next(t for t, d in enumerate(decisions) if d.replicas == 0)
+    assert 600 + 30 <= zero <= 600 + 60 + 30 + 5
+
+
 def test_a_policy_must_make_sense() -> None:
     with pytest.raises(ValueError, match="minReplicas <= maxReplicas"):
         Policy(min_replicas=5, max_replicas=2, target=1.0)

@@ -13,7 +13,7 @@ The shape is Knative's KPA with HPA's scale-down stabilisation:
   metrics never cause a scale-down;
 - with no sample at all the service holds where it is; [minReplicas, maxReplicas] clamp every
   decision, except that ``scale_to_zero`` lets an idle service (no load for the stable window and the
-  grace) go to zero; any demand then brings one replica back.
+  grace, counted from a ready replica on) go to zero; any demand then brings one replica back.
 
 The controller keeps ``State`` between calls (it is small and can be rebuilt: losing it only makes the
 next decisions more conservative).
@@ -163,9 +163,14 @@ def decide(
         )
         return _bounded(policy, target, reason, stable_load, True, State(recent, panic_until, None))
     history = (*recent, (now, wanted))
-    idle_since = (state.idle_since or now) if stable_load == 0 else None
-    if policy.scale_to_zero and stable_load == 0 and now - (idle_since or now) >= policy.scale_to_zero_grace:
-        reason = f"no load for {now - (idle_since or now):.0f}s: scaling to zero"
+    # Replicas wanted and none ready yet: the service is starting (woken from zero, say). Idle time
+    # counts from a ready replica on: a model that loads for longer than the routers hold a request
+    # would otherwise be stopped mid-load once its first request gave up, and never serve.
+    starting = current > 0 and not ready
+    idle_since = (state.idle_since or now) if stable_load == 0 and not starting else None
+    idle_for = now - idle_since if idle_since is not None else None
+    if policy.scale_to_zero and idle_for is not None and idle_for >= policy.scale_to_zero_grace:
+        reason = f"no load for {idle_for:.0f}s: scaling to zero"
         return _bounded(policy, 0, reason, stable_load, False, State(history, None, idle_since))
     stabilized = max(r for _, r in history)
     if wanted >= current:
