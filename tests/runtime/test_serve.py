@@ -488,17 +488,26 @@ def test_overload_is_refused_with_retry_after_not_queued_without_bound(trained: 
         server.stop()
 
 
-def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(trained: Path, tmp_path: Path) -> None:
-    server = Served(trained, tmp_path, "--max-batch", "1")
+def _sigterm_with_requests_in_flight(
+    server: Served, max_tokens: int, in_flight: int
+) -> list[tuple[int, dict[str, str], str]]:
+    """48 requests sent at once to a server with a batch of one (queued one behind the other), SIGTERM
+    once ``in_flight`` of them are, and what each got."""
     wait_for(lambda: server.status("/readyz")[0] == 200, 60, "ready", server.alive)
-    body = {"prompt": "def ", "max_tokens": 25, "temperature": 0}
+    body = {"prompt": "def ", "max_tokens": max_tokens, "temperature": 0}
     with ThreadPoolExecutor(48) as pool:
         pending = [pool.submit(server.post, body) for _ in range(48)]
-        # Queued one behind the other in a batch of one: many are in flight when the signal comes.
-        wait_for(lambda: server.metrics()["largo_serve_requests_in_flight"] >= 8, 30, "requests in flight")
+        wait_for(
+            lambda: server.metrics()["largo_serve_requests_in_flight"] >= in_flight, 30, "requests in flight"
+        )
         server.process.send_signal(signal.SIGTERM)
         wait_for(lambda: server.status("/readyz")[0] in (503, 0), 30, "unready while draining")
-        results = [future.result(timeout=60) for future in pending]
+        return [future.result(timeout=60) for future in pending]
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(trained: Path, tmp_path: Path) -> None:
+    server = Served(trained, tmp_path, "--max-batch", "1")
+    results = _sigterm_with_requests_in_flight(server, 25, 8)
     codes = [code for code, _, _ in results]
     # Everything in flight at the signal (8 at least) finished whole; a request that came after it
     # was refused (503 with Retry-After while draining, no connection once the server is gone), never
@@ -517,13 +526,7 @@ def test_what_the_drain_could_not_finish_is_answered_503(trained: Path, tmp_path
     elsewhere), not a connection cut mid-answer. With no drain period at all, what is queued behind a
     batch of one at the signal is left."""
     server = Served(trained, tmp_path, "--max-batch", "1", "--drain-seconds", "0")
-    wait_for(lambda: server.status("/readyz")[0] == 200, 60, "ready", server.alive)
-    body = {"prompt": "def ", "max_tokens": 28, "temperature": 0}
-    with ThreadPoolExecutor(48) as pool:
-        pending = [pool.submit(server.post, body) for _ in range(48)]
-        wait_for(lambda: server.metrics()["largo_serve_requests_in_flight"] >= 24, 30, "requests in flight")
-        server.process.send_signal(signal.SIGTERM)
-        results = [future.result(timeout=60) for future in pending]
+    results = _sigterm_with_requests_in_flight(server, 28, 24)
     assert server.process.wait(timeout=60) == 0
     said = [json.loads(text)["error"]["message"] for code, _, text in results if code == 503]
     left = [message for message in said if "the server stopped before this request finished" in message]

@@ -3,6 +3,7 @@
 from typing import Any
 
 import pytest
+from largo.sched.gang import schedule
 from largo.sched.inventory import (
     add_usage,
     free_by_node,
@@ -13,7 +14,7 @@ from largo.sched.inventory import (
     tolerations_from,
     usage_by_node,
 )
-from largo.sched.types import NodeInfo, Taint, Toleration
+from largo.sched.types import GangRequest, NodeInfo, Taint, Toleration
 
 GI = 2**30
 
@@ -262,9 +263,28 @@ def test_usage_by_node() -> None:
         bound_pod("c", "Running", "2"),
     ]
     assert usage_by_node(pods) == {
-        "a": {"cpu": 1500, "nvidia.com/gpu": 6},
-        "c": {"cpu": 2000, "nvidia.com/gpu": 0},
+        "a": {"cpu": 1500, "nvidia.com/gpu": 6, "pods": 2},
+        "c": {"cpu": 2000, "nvidia.com/gpu": 0, "pods": 1},
     }
+
+
+def test_a_node_whose_pod_slots_are_taken_fits_no_gang_whatever_gpus_it_has_free() -> None:
+    """Each bound pod takes one of the node's allocatable ``pods`` (as kube-scheduler counts them): 110
+    running pods on a node of 110 leave no room for one more, 8 free GPUs or not."""
+    node = node_info(
+        {
+            "metadata": {"name": "a"},
+            "status": {
+                "allocatable": {"nvidia.com/gpu": "8", "cpu": "64", "pods": "110"},
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+    )
+    whole_node = {"nvidia.com/gpu": 8, "pods": 1}
+    request = GangRequest(key="ns/j", priority=0, arrival=0.0, pod_count=1, per_pod=whole_node)
+    full = usage_by_node([bound_pod("a", "Running", "100m") for _ in range(110)])
+    assert schedule([node], full, [request]).admitted == ()
+    assert [p.nodes for p in schedule([node], usage_by_node([]), [request]).admitted] == [("a",)]
 
 
 def test_add_usage_mutates_in_place() -> None:

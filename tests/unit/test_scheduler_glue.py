@@ -174,3 +174,42 @@ def test_a_bound_exclusive_pod_holds_its_whole_node_across_passes() -> None:
     scheduler.jobs[("ns", "small")] = [_job("small", gpus=2)]  # type: ignore[index]
     asyncio.run(scheduler.run_pass())
     assert kube.writes[-1][1]["phase"] == "Starting"  # an ordinary 4-GPU pod leaves room
+
+
+class FailingKube(FakeKube):
+    """Fails one job's admission write at once, answers the other's only after a while."""
+
+    def __init__(self, fails: str, slow: str) -> None:
+        super().__init__()
+        self.fails, self.slow = fails, slow
+
+    async def patch_trainjob_status(
+        self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        if name == self.fails:
+            raise RuntimeError("500 Internal Server Error")
+        if name == self.slow:
+            await asyncio.sleep(0.2)
+        return await super().patch_trainjob_status(namespace, name, resource_version, status)
+
+
+def test_a_failed_admission_fails_the_pass_only_once_the_others_are_written() -> None:
+    """The pass ends with its last write: the slow admission is recorded as pending before the next
+    pass runs, so that pass does not hand its nodes to another gang."""
+    kube = FailingKube(fails="a", slow="b")
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], [_job("a"), _job("b")])
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="500"):
+            await scheduler.run_pass()
+        assert [name for name, _ in kube.writes] == ["b"]  # written before the pass ended
+        scheduler.jobs[("ns", "c")] = [_job("c", created="2027-01-15T08:00:01Z")]  # type: ignore[index]
+        kube.fails = ""
+        await scheduler.run_pass()
+
+    asyncio.run(scenario())
+    placed = {name: status["placement"]["nodes"] for name, status in kube.writes if "placement" in status}
+    # Two nodes: b keeps its own, one of a (retried) and c gets the other; no node is given twice.
+    assert "b" in placed
+    assert len(placed) == 2
+    assert sorted(node for nodes in placed.values() for node in nodes) == ["n0", "n1"]

@@ -207,7 +207,10 @@ class Scheduler:
             if waiting.key in groups:
                 service, group = groups[waiting.key]
                 by_service.setdefault(service.key, (service, {}, {}))[2][group.replica] = waiting
-        await asyncio.gather(
+        # Every write of the pass ends before the pass does, failed or not: a failure raised at once
+        # would leave the others' admissions in flight, in neither the index nor ``_pending``, and the
+        # next pass would hand their nodes out again.
+        outcomes = await asyncio.gather(
             *(
                 self._admit(by_gang_key[placement.key], placement)
                 for placement in decision.admitted
@@ -219,7 +222,11 @@ class Scheduler:
                 if waiting.key in by_gang_key
             ),
             *(self._decide_groups(*decided) for decided in by_service.values()),
+            return_exceptions=True,
         )
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if failures:
+            raise failures[0]
         return len(queued) + len(groups)
 
     def _settle_groups(self, services: Iterable[ServiceEntry]) -> None:

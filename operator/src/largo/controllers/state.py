@@ -107,7 +107,7 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
         job, attempt, rank = member
     return PodUsage(
         uid=str(metadata.get("uid")),
-        requests=inventory.pod_requests(pod),
+        requests=inventory.held(pod),
         job=job,
         attempt=attempt,
         rank=rank,
@@ -157,7 +157,7 @@ def gang_request(job: TrainJob, key: JobKey, metadata: Mapping[str, Any]) -> Gan
         arrival=parse_timestamp(metadata.get("creationTimestamp")) or 0.0,
         pod_count=spec.num_nodes,
         # Each pod also takes one of the node's pod slots.
-        per_pod={**build.per_pod_requests(spec), "pods": 1},
+        per_pod={**build.per_pod_requests(spec), inventory.POD_SLOTS: 1},
         node_selector=dict(template.node_selector),
         # The builder adds a toleration of the GPU taint to GPU pods: the scheduler must see it too.
         tolerations=inventory.tolerations_from(build.pod_tolerations(job)),
@@ -206,7 +206,7 @@ class ServiceEntry:
     def per_pod(self) -> Mapping[str, int]:
         if self.service is None:
             return {}
-        return {**serve_build.per_pod_requests(self.service.spec), "pods": 1}
+        return {**serve_build.per_pod_requests(self.service.spec), inventory.POD_SLOTS: 1}
 
     @property
     def exclusive(self) -> bool:

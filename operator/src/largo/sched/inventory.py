@@ -15,6 +15,8 @@ Resources = Mapping[str, int]
 Usage = Mapping[str, Mapping[str, int]]
 
 _TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+# The node's allocatable count of pods: each pod takes one, as kube-scheduler counts it.
+POD_SLOTS = "pods"
 
 
 def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:
@@ -85,7 +87,7 @@ def pod_requests(pod: Mapping[str, Any]) -> dict[str, int]:
 
     Sum of app containers, at least the peak of any init container (sidecar init containers with
     ``restartPolicy: Always`` keep running, so they add to the app containers and to every later
-    init container), plus ``spec.overhead``.
+    init container), plus ``spec.overhead``. Not the pod slot it takes (``held``).
     """
     spec = _get(pod, "spec") or {}
     total: dict[str, int] = {}
@@ -110,6 +112,13 @@ def pod_requests(pod: Mapping[str, Any]) -> dict[str, int]:
     return total
 
 
+def held(pod: Mapping[str, Any]) -> dict[str, int]:
+    """What a bound pod holds of its node: its requests and one of the node's pod slots (allocatable
+    ``pods``, which a gang's request counts too: a node full of pods fits no gang, whatever GPUs it has
+    free)."""
+    return {**pod_requests(pod), POD_SLOTS: 1}
+
+
 def pod_holds_resources(pod: Mapping[str, Any]) -> bool:
     """A pod holds its requests until it is terminal; a terminating pod still holds until gone."""
     return _get(pod, "status", "phase") not in _TERMINAL_PHASES
@@ -126,7 +135,7 @@ def usage_by_node(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]
     for pod in pods:
         node = _get(pod, "spec", "nodeName")
         if node and pod_holds_resources(pod):
-            add_usage(usage, str(node), pod_requests(pod))
+            add_usage(usage, str(node), held(pod))
     return usage
 
 
