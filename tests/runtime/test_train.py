@@ -133,6 +133,19 @@ def test_checkpoints_are_pruned_to_the_newest(tmp_path: Path) -> None:
     assert checkpoint.latest_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 40)
 
 
+def test_pruning_keeps_the_checkpoint_just_written_and_at_least_one(tmp_path: Path) -> None:
+    """A newer-numbered damaged file (which resuming skipped) does not push out the checkpoint just
+    written; ``keep`` 0 keeps one."""
+    state: dict[str, Any] = {"weights": [1]}
+    for step in (100, 110):
+        checkpoint.save(tmp_path, step, state)
+    checkpoint.checkpoint_path(tmp_path, 200).write_bytes(b"damaged")
+    checkpoint.prune(tmp_path, keep=1, written=110)
+    assert [step for step, _ in checkpoint.complete(tmp_path)] == [200, 110]
+    checkpoint.prune(tmp_path, keep=0)
+    assert [step for step, _ in checkpoint.complete(tmp_path)] == [200]
+
+
 def test_the_background_writer_writes_prunes_and_keeps_one_write_in_flight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

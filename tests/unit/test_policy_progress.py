@@ -59,6 +59,11 @@ def test_offset_times_are_written_in_utc() -> None:
         (good(updatedAt="yesterday-ish"), "updatedAt"),
         (good(step="forty"), "step"),
         (good(step=-1), "step"),
+        # int64 in the API server: a larger count would fail every status write carrying it.
+        (good(step=2**63), "step"),
+        (good(etaSeconds=10**30), "etaSeconds"),
+        # Past year 9999 once in UTC: it raised, and failed every reconcile and scheduling pass.
+        (good(updatedAt="9999-12-31T23:59:59-01:00"), "out of range once in UTC"),
         (good(percent=250), "percent"),
         (good(loss="NaN"), "loss"),
         (good(summary="x" * 201), "summary"),

@@ -119,7 +119,9 @@ def test_retryable_failure_restarts_the_whole_gang_with_backoff() -> None:
     assert "exit code 1" in result.events[0].message
 
 
-@pytest.mark.parametrize(("restarts", "delay"), [(1, 10), (2, 20), (3, 40), (6, 300), (9, 300)])
+@pytest.mark.parametrize(
+    ("restarts", "delay"), [(1, 10), (2, 20), (3, 40), (6, 300), (9, 300), (1025, 300), (10_000, 300)]
+)
 def test_backoff_grows_and_is_capped(restarts: int, delay: float) -> None:
     assert Timings(base=10, cap=300).delay(restarts) == delay
 

@@ -29,7 +29,13 @@ from largo.controllers.state import JobKey, job_entry, pod_usage, service_entry
 from largo.controllers.trainjob import TrainJobReconciler
 from largo.controllers.workqueue import WorkQueue
 from largo.manifests.inferenceservice import DEFAULT_SERVER_IMAGE
-from largo.manifests.names import LABEL_JOB_NAME, LABEL_PROGRESS_OF, LABEL_ROUTER, LABEL_SERVICE
+from largo.manifests.names import (
+    LABEL_JOB_NAME,
+    LABEL_PROGRESS_OF,
+    LABEL_ROUTER,
+    LABEL_SERVICE,
+    progress_configmap,
+)
 from largo.manifests.router import DEFAULT_ROUTER_IMAGE
 from largo.metrics import Snapshot, count_watch_restarts
 from largo.metrics import serve as serve_metrics
@@ -272,10 +278,15 @@ async def trainjob_pods(
 
 @kopf.index("configmaps", labels={LABEL_PROGRESS_OF: kopf.PRESENT})
 async def progress_reports(
-    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+    namespace: str | None, name: str, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[JobKey, Any]:
-    """What each job's runtime last reported; read and validated by the job's reconcile."""
-    return {(str(namespace), labels[LABEL_PROGRESS_OF]): dict(body.get("data") or {})}
+    """What each job's runtime last reported; read and validated by the job's reconcile. Only the
+    job's own ConfigMap speaks for it: a trainer may patch its ConfigMap's labels too, and one
+    relabelled to name another job is not that job's report."""
+    job = labels[LABEL_PROGRESS_OF]
+    if name != progress_configmap(job):
+        return {}
+    return {(str(namespace), job): dict(body.get("data") or {})}
 
 
 @kopf.index(GROUP, VERSION, SERVICE_PLURAL)

@@ -63,8 +63,11 @@ def read_report(data: Mapping[str, Any] | None) -> ReadReport | None:
         ]
         return ReadReport(refused="; ".join(problems)[:500])
     progress = report.model_dump(mode="json", by_alias=True, exclude_none=True)
-    progress["updatedAt"] = _utc(report.updated_at)
-    if report.checkpointed_at is not None:
-        progress["checkpointedAt"] = _utc(report.checkpointed_at)
+    try:
+        progress["updatedAt"] = _utc(report.updated_at)
+        if report.checkpointed_at is not None:
+            progress["checkpointedAt"] = _utc(report.checkpointed_at)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is past year 9999 in UTC
+        return ReadReport(refused="a timestamp is out of range once in UTC")
     progress["stale"] = False
     return ReadReport(progress=progress)

@@ -31,7 +31,8 @@ class Timings:
     progress_stale_after: float = 120.0
 
     def delay(self, restarts: int) -> float:
-        return float(min(self.cap, self.base * 2 ** max(restarts - 1, 0)))
+        # The exponent is bounded: 2**1024 overflows a float, and backoffLimit may reach 10000.
+        return float(min(self.cap, self.base * 2 ** min(max(restarts - 1, 0), 64)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ class BackgroundWriter:
 
     def _write(self, step: int, state: dict[str, Any]) -> None:
         save(self.directory, step, state)
-        prune(self.directory, self.keep)
+        prune(self.directory, self.keep, written=step)
         self._written = (step, time.time())
 
 
@@ -209,9 +209,11 @@ def _split_fused(name: str, tensor: torch.Tensor | None) -> dict[str, Any]:
     }
 
 
-def prune(directory: Path, keep: int) -> list[Path]:
-    """Removes all but the newest ``keep`` checkpoints, and leftovers of interrupted writes."""
-    removed = [path for _, path in complete(directory)[keep:]]
+def prune(directory: Path, keep: int, written: int | None = None) -> list[Path]:
+    """Removes all but the newest ``keep`` checkpoints (at least one), and leftovers of interrupted
+    writes; never the one of step ``written``, the checkpoint just written: a newer-numbered file (a
+    damaged one that resuming skipped, or another run's) would otherwise push it out."""
+    removed = [path for step, path in complete(directory)[max(keep, 1) :] if step != written]
     if directory.is_dir():
         removed += [path for path in directory.iterdir() if path.name.endswith(PARTIAL_SUFFIX)]
     for path in removed:

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="default: $LARGO_CHECKPOINT_DIR")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
-    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest)")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest; at least 1)")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP instead of replicating (DDP)")
     parser.add_argument(
         "--tp",

@@ -178,6 +178,8 @@ ProcsPerNode = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string"
 
 ExitCode = Annotated[int, Field(ge=0, le=255)]
 
+INT64_MAX = 2**63 - 1
+
 FreeForm = dict[str, Any]
 
 
@@ -535,15 +537,20 @@ class ProgressReport(StatusModel):
     """What rank 0 reports into the job's progress ConfigMap (docs/runtime.md). The operator validates
     it with this model and copies it into ``status.progress``; anything else is refused with a reason."""
 
-    step: int = Field(ge=0, description="Optimizer steps done.")
-    total_steps: int = Field(ge=0, description="Steps the run will take.")
+    # Counts are int64 in the API server: a larger one would fail every status write that carried it.
+    step: int = Field(ge=0, le=INT64_MAX, description="Optimizer steps done.")
+    total_steps: int = Field(ge=0, le=INT64_MAX, description="Steps the run will take.")
     percent: float = Field(ge=0, le=100, allow_inf_nan=False)
     loss: float | None = Field(default=None, allow_inf_nan=False, description="Loss of the last step.")
     tokens_per_second: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds to the end.")
+    eta_seconds: int | None = Field(
+        default=None, ge=0, le=INT64_MAX, description="Estimated seconds to the end."
+    )
     updated_at: datetime = Field(description="When the runtime measured this report.")
     summary: str = Field(default="", max_length=200, description="Shown in the PROGRESS column.")
-    checkpoint_step: int | None = Field(default=None, ge=0, description="Step of the newest checkpoint.")
+    checkpoint_step: int | None = Field(
+        default=None, ge=0, le=INT64_MAX, description="Step of the newest checkpoint."
+    )
     checkpointed_at: datetime | None = Field(
         default=None, description="When the newest complete checkpoint was written."
     )
