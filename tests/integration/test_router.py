@@ -325,3 +325,22 @@ def test_a_held_request_gets_a_clear_503_when_no_replica_comes(start_router: Any
     assert code == 503
     assert body["error"]["message"] == f"no replica of {SERVICE} became ready within 1s; try again later"
     assert router.value("largo_router_hold_timeouts_total") == 1
+
+
+def test_a_held_request_that_a_ready_replica_refuses_is_told_so_at_its_deadline(
+    start_router: Any, slices: Slices
+) -> None:
+    """A replica its slice says is ready but that refuses connections (readiness on the wrong port, a
+    process gone since): the held request is answered 503 at the hold timeout, saying that no replica
+    answered (not that none became ready)."""
+    router = start_router(hold_timeout=2)
+    nobody = {
+        "addresses": [HOST],
+        "conditions": {"ready": True, "serving": True, "terminating": False},
+        "targetRef": {"kind": "Pod", "name": "chat-r0-node-0"},
+    }
+    slices.put("chat-refusing", free_port(), [nobody])
+    code, body = router.post(timeout=20)
+    assert code == 503
+    assert body["error"]["message"] == f"no replica of {SERVICE} answered within 2s; try again later"
+    assert router.value("largo_router_hold_timeouts_total") == 1

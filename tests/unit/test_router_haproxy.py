@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from largo.router.agent import replica_url
 from largo.router.haproxy import (
     Ports,
     Replica,
@@ -140,3 +141,13 @@ def test_the_configuration_balances_by_least_outstanding_and_holds_when_no_repli
     assert "  server activator 127.0.0.1:8081\n" in text
     assert "  timeout connect 500ms\n" in text
     assert "  retry-on conn-failure empty-response 503\n" in text
+
+
+def test_an_ipv6_replica_is_written_in_brackets() -> None:
+    """An IPv6 cluster's EndpointSlices give addresses such as fd00::5: the port must not read as a
+    part of them, in HAProxy's server line or in the activator's URL."""
+    desired = {"v6": Replica("v6", "fd00::5", 8000, State.READY)}
+    added = sync_commands({}, desired)[0]
+    assert added == "add server replicas/v6 [fd00::5]:8000 check inter 1s fall 2 rise 1"
+    assert replica_url("fd00::5", 8000, "/v1/completions") == "http://[fd00::5]:8000/v1/completions"
+    assert replica_url("10.0.0.6", 8000, "/x") == "http://10.0.0.6:8000/x"

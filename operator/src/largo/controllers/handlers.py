@@ -196,14 +196,22 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
             with metrics.reconcile_seconds.time():
                 return await reconciler.reconcile(key)
 
-    def lead() -> None:
-        """This replica acts: the reconcile workers and the scheduler run, every known job is looked at.
+    memo.indexed = indexed = asyncio.Event()
 
-        A standby's handlers have kept the indexes warm and the keys queued meanwhile."""
-        logger.info("%s leads: gang scheduler and %d reconcile workers started", holder, workers)
+    def lead() -> None:
+        """This replica leads: once every index is filled, the reconcile workers and the scheduler run
+        and every known job is looked at. A standby's handlers have kept the indexes warm meanwhile;
+        a replica that just started (and won the Lease before its first listing ended) waits for
+        them, as its handlers do: a reconcile on a partial pod index would take a running gang's
+        pods for gone, and a scheduling pass on it hand out GPUs in use."""
         if metrics is not None:
             metrics.leader.set(1)
-        memo.tasks = [
+        memo.tasks = [asyncio.create_task(act_once_indexed(), name="largo-leader")]
+
+    async def act_once_indexed() -> None:
+        await indexed.wait()
+        logger.info("%s leads: gang scheduler and %d reconcile workers started", holder, workers)
+        memo.tasks += [
             asyncio.create_task(jobs.run(reconcile, workers), name="largo-trainjob-workers"),
             asyncio.create_task(scheduler.run(), name="largo-gang-scheduler"),
             asyncio.create_task(services.run(serving.reconcile, workers), name="largo-service-workers"),
@@ -333,10 +341,17 @@ async def trainjob_queue(namespace: str | None, name: str, body: kopf.Body, **_:
 # -- wake-ups -----------------------------------------------------------------------------------------
 
 
+def _indexes_filled(memo: kopf.Memo) -> None:
+    """kopf calls a handler only once every index is filled from its initial listing: the first call
+    lets the leader act (``act_once_indexed``)."""
+    memo.indexed.set()
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def trainjob_changed(
     namespace: str | None, name: str, status: kopf.Status, memo: kopf.Memo, **kwargs: Any
 ) -> None:
+    _indexes_filled(memo)
     memo.jobs.add((str(namespace), name))
     # Services that serve this job's checkpoints look at its newest one.
     for store in kwargs["service_queue"].values():
@@ -360,6 +375,7 @@ async def pod_changed(
 ) -> None:
     """A TrainJob's or InferenceService's pod changed: reconcile its owner. Any pod that stops holding
     resources frees capacity."""
+    _indexes_filled(memo)
     job = labels.get(LABEL_JOB_NAME)
     if job is not None:
         memo.jobs.add((str(namespace), job))
@@ -379,6 +395,7 @@ async def progress_reported(namespace: str | None, labels: kopf.Labels, memo: ko
 async def node_changed(
     name: str, body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any
 ) -> None:
+    _indexes_filled(memo)
     info = None if event.get("type") == "DELETED" else inventory.node_info(body)
     seen: dict[str, Any] = memo.setdefault("nodes_seen", {})
     # Heartbeats change nothing the scheduler reads: only capacity, labels, taints or readiness do.
@@ -400,6 +417,7 @@ async def node_changed(
 
 @kopf.on.event(GROUP, VERSION, SERVICE_PLURAL)
 async def service_changed(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    _indexes_filled(memo)
     memo.services.add((str(namespace), name))
 
 

@@ -38,6 +38,7 @@ from largo.router.haproxy import (
     Replica,
     State,
     command_failed,
+    host_port,
     parse_servers_state,
     render_config,
     replicas_from_slices,
@@ -51,6 +52,15 @@ _NOT_FORWARDED = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 )
 RESYNC_SECONDS = 2.0
+
+
+# Seconds a read from the API server may stay silent: beyond the watch's own 60 s.
+WATCH_READ_SECONDS = 90
+
+
+def replica_url(address: str, port: int, path: str) -> str:
+    """``http://address:port/path``, an IPv6 address in brackets (as an IPv6 cluster's slices give)."""
+    return f"http://{host_port(address, port)}{path}"
 
 
 class Metrics:
@@ -178,7 +188,9 @@ class Router:
             first = False
             try:
                 listed: dict[str, Any] = to_dict(
-                    discovery.list_namespaced_endpoint_slice(self.args.namespace, label_selector=selector)
+                    discovery.list_namespaced_endpoint_slice(
+                        self.args.namespace, label_selector=selector, _request_timeout=WATCH_READ_SECONDS
+                    )
                 )
                 slices: dict[str, JSON] = {item["metadata"]["name"]: item for item in listed["items"]}
                 publish(dict(slices))
@@ -189,6 +201,10 @@ class Router:
                     resource_version=listed["metadata"]["resourceVersion"],
                     timeout_seconds=60,
                     allow_watch_bookmarks=False,
+                    # The server ends the watch after 60 s; a connection silent for longer is half-open
+                    # (its API server gone, a load balancer that dropped it): listed again, not awaited
+                    # for ever with the replicas frozen.
+                    _request_timeout=(10, WATCH_READ_SECONDS),
                 )
                 for event in stream:
                     item = event["raw_object"]
@@ -217,18 +233,23 @@ class Router:
         body = await request.read()
         started = time.monotonic()
         deadline = started + self.args.hold_timeout
+        refused = False
         while True:
             replica = await self.wait_for_replica(deadline)
             if replica is None:
                 self.metrics.hold_timeouts.inc()
+                # A replica ready in its slice that refuses (readiness on another port, a process gone
+                # since) is not one that never came: the answer says which.
+                what = "answered" if refused else "became ready"
                 return _unavailable(
-                    f"no replica of {self.args.service} became ready within "
-                    f"{self.args.hold_timeout:g}s; try again later"
+                    f"no replica of {self.args.service} {what} within {self.args.hold_timeout:g}s; "
+                    "try again later"
                 )
             try:
                 response = await self.forward(request, body, replica, started)
             except aiohttp.ClientConnectorError:
                 # It went away between its EndpointSlice and now: the next one will do.
+                refused = True
                 await asyncio.sleep(0.1)
                 continue
             return response
@@ -254,7 +275,7 @@ class Router:
     ) -> web.StreamResponse:
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
-        url = f"http://{replica.address}:{replica.port}{request.rel_url}"
+        url = replica_url(replica.address, replica.port, str(request.rel_url))
         self.forwarded[replica.name] = self.forwarded.get(replica.name, 0) + 1
         async with self.session.request(request.method, url, headers=headers, data=body) as upstream:
             self.metrics.hold_seconds.observe(time.monotonic() - started)

@@ -118,6 +118,11 @@ def replicas_from_slices(slices: Iterable[JSON], port_name: str = "http") -> dic
     return replicas
 
 
+def host_port(address: str, port: int) -> str:
+    """``address:port``, an IPv6 address in brackets (as an IPv6 cluster's EndpointSlices give it)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def _server(name: str) -> str:
     return f"{BACKEND}/{name}"
 
@@ -137,7 +142,8 @@ def sync_commands(current: Mapping[str, Replica], desired: Mapping[str, Replica]
         known = current.get(name)
         if known is None:
             commands += [
-                f"add server {_server(name)} {replica.address}:{replica.port} check inter 1s fall 2 rise 1",
+                f"add server {_server(name)} {host_port(replica.address, replica.port)} "
+                "check inter 1s fall 2 rise 1",
                 f"enable health {_server(name)}",
                 # Ready by its EndpointSlice already: up now, not after its first check.
                 f"set server {_server(name)} health up",
