@@ -180,6 +180,27 @@ def test_lost_node_restarts_and_force_deletes() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("view", "phase"),
+    [
+        (job(Phase.RESTARTING, status={**admitted(Phase.RESTARTING), "restarts": 1}), Phase.RESTARTING),
+        (job(suspend=True, status=admitted(Phase.RUNNING)), Phase.SUSPENDING),
+    ],
+)
+def test_a_pod_left_terminating_on_a_lost_node_is_force_deleted(view: JobView, phase: Phase) -> None:
+    """Deleted with its grace period, then its node was lost: no kubelet will confirm it, and the
+    restart or the suspension waits for it. It is removed at once, not left until the Node goes."""
+    stuck = pod(1, terminating=True)
+    result = plan(view, [stuck], frozenset({"n1"}), frozenset({"n1"}), NOW)
+    assert result.status["phase"] == phase
+    assert result.delete_pods == ("j-node-1",)
+    assert result.force_delete
+    # On a node that is there, its kubelet ends it: it is waited for.
+    waited = plan(view, [stuck], NONE, NONE, NOW)
+    assert waited.delete_pods == ()
+    assert not waited.force_delete
+
+
 def test_vanished_pod_of_a_running_job_is_a_failure() -> None:
     result = plan(job(status=admitted(Phase.RUNNING)), [pod(0)], NONE, NONE, NOW)
     assert result.status["phase"] == Phase.RESTARTING
@@ -451,6 +472,19 @@ def test_refused_creates_are_recorded_and_release_the_gang_after_the_binding_tim
     assert [e.reason for e in released.events] == ["CreateRefused"]
     assert "exceeded quota" in released.events[0].message
     assert released.wake_scheduler
+
+
+def test_an_earlier_attempt_s_refusal_does_not_release_the_next_admission() -> None:
+    """Refused (quota), then suspended and resumed once the quota was raised: the new admission's
+    creates get their own binding timeout, not the old refusal's age."""
+    old = plan(job(status=admitted()), [], NONE, NONE, NOW - 100).status
+    patch, _ = creation_refused(old, "CreateRefused", "exceeded quota", NOW - 100, 1)
+    placement = {"attempt": 1, "nodes": ["n0", "n1"], "admittedAt": timestamp(NOW)}
+    readmitted = {**old, **patch, "attempt": 1, "placement": placement}
+    result = plan(job(status=readmitted), [], NONE, NONE, NOW + 1, Timings(binding_timeout=30))
+    assert result.status["phase"] == Phase.STARTING
+    assert result.create_ranks == (0, 1)
+    assert result.events == []
 
 
 def test_a_name_conflict_is_its_own_reason() -> None:

@@ -256,6 +256,12 @@ def plan(
         _progress(b, timings.progress_stale_after)
     if phase not in TERMINAL and not job.suspend and stale:
         b.plan.delete_pods = tuple(dict.fromkeys((*b.plan.delete_pods, *stale)))
+    # A pod deleted before its node was lost stays Terminating until the Node object goes: no kubelet
+    # confirms it. Restarting, suspending and a new attempt all wait for it, so it is removed at once.
+    stuck = tuple(pod.name for pod in pods if pod.terminating and pod.node_name in lost_nodes)
+    if stuck:
+        b.plan.delete_pods = tuple(dict.fromkeys((*b.plan.delete_pods, *stuck)))
+        b.plan.force_delete = True
     _count(b, current)
     if job.generation is not None:
         status["observedGeneration"] = job.generation
@@ -631,6 +637,9 @@ def _refused_too_long(b: _Builder, timings: Timings) -> tuple[Reason, str, int |
     if refusal is None:
         return None
     since = parse_timestamp(refusal.get("lastTransitionTime")) or b.now
+    admitted_at = parse_timestamp((b.status.get("placement") or {}).get("admittedAt"))
+    if admitted_at is not None and since < admitted_at:
+        return None  # an earlier attempt's refusal (before a suspension, say): this one's creates are new
     remaining = since + timings.binding_timeout - b.now
     if remaining > 0:
         b.plan.after(remaining)
