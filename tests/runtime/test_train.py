@@ -90,6 +90,23 @@ def test_sigterm_writes_a_checkpoint_before_exit(tmp_path: Path) -> None:
     assert not list(checkpoints.glob("*.partial"))
 
 
+def test_a_checkpoint_of_another_model_is_not_resumed_from(tmp_path: Path) -> None:
+    """The job's args changed between attempts (--depth 2 -> 1): resuming would have taken the first
+    block's weights without a word; the trainer refuses, saying how the models differ."""
+    checkpoints = tmp_path / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LARGO_CHECKPOINT_DIR": str(checkpoints)}
+    command = [sys.executable, "-m", "largo.runtime.train", *TRAIN_ARGS, "--checkpoint-every", "5"]
+    first = subprocess.run([*command, "--steps", "5"], env=env, capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    changed = subprocess.run(
+        [*command, "--steps", "10", "--depth", "1"], env=env, capture_output=True, text=True, check=False
+    )
+    assert changed.returncode == 2
+    assert "the checkpoint of step 5" in changed.stderr
+    assert "is of another model: depth 2 (now 1)" in changed.stderr
+    assert [step for step, _ in checkpoint.complete(checkpoints)] == [5]  # nothing written over it
+
+
 @pytest.mark.parametrize("damage", ["truncated", "a flipped bit"])
 def test_a_damaged_checkpoint_is_skipped_on_resume(tmp_path: Path, damage: str) -> None:
     checkpoints = tmp_path / "checkpoints"

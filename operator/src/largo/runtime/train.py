@@ -142,6 +142,17 @@ def _state(
     return {"model": model_state, "optimizer": optimizer_state, "rng": torch.get_rng_state(), "config": shape}
 
 
+def shape_mismatch(saved: Any, config: ModelConfig) -> str | None:
+    """How the model a checkpoint recorded (its ``config``) differs from ``config``, or None. A
+    checkpoint of another shape is never resumed from: a shallower model took the first blocks' weights
+    without a word, a narrower one failed each attempt on a size mismatch."""
+    if not isinstance(saved, dict):
+        return None  # written before checkpoints recorded their model: nothing to compare
+    wanted = dataclasses.asdict(config).items()
+    differing = [f"{key} {saved.get(key)} (now {value})" for key, value in wanted if saved.get(key) != value]
+    return ", ".join(differing) or None
+
+
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Loads a whole-model checkpoint into this rank's part of the model, whatever layout wrote it:
     each stage takes its parameters' entries, FSDP and tensor parallelism shard them on the way in."""
@@ -232,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     if directory is not None:
         state = checkpoint.load_latest(directory)
         if state is not None:
+            mismatch = shape_mismatch(state.get("config"), config)
+            if mismatch is not None:
+                logger.error(
+                    "the checkpoint of step %d in %s is of another model: %s; start the job with the "
+                    "model it was trained with, or with another checkpoint directory",
+                    state["step"],
+                    directory,
+                    mismatch,
+                )
+                return 2
             _restore(model, optimizer, state)
             start = int(state["step"])
             logger.info("resumed from checkpoint of step %d in %s", start, directory)
