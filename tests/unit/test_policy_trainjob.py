@@ -201,6 +201,39 @@ def test_a_pod_left_terminating_on_a_lost_node_is_force_deleted(view: JobView, p
     assert not waited.force_delete
 
 
+def test_a_pod_that_cannot_start_is_told_on_the_job() -> None:
+    """A wrong image (or a missing Secret) leaves a bound pod waiting for good: Running=False says
+    which pod and why, with one Warning event, instead of a silent Starting."""
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x:1"'}
+    raw = {
+        "metadata": {"name": "j-node-1", "labels": {"largo.dev/node-rank": "1", "largo.dev/attempt": "0"}},
+        "spec": {"nodeName": "n1"},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {"waiting": waiting},
+                }
+            ],
+        },
+    }
+    stuck = pod_view(raw)
+    assert stuck is not None
+    assert stuck.cannot_start == 'ImagePullBackOff: Back-off pulling image "x:1"'
+    result = plan(job(status=admitted()), [pod(0), stuck], NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.STARTING
+    running = next(c for c in result.status["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", "PodsNotStarting")
+    assert running["message"] == 'pod j-node-1 cannot start: ImagePullBackOff: Back-off pulling image "x:1"'
+    assert [(e.type, e.reason) for e in result.events] == [("Warning", "PodsNotStarting")]
+    again = plan(job(status=result.status), [pod(0), stuck], NONE, NONE, NOW + 10)
+    assert again.events == []  # told once
+    # Pulled at last: it runs, and so does the job.
+    started = plan(job(status=again.status), [pod(0), pod(1)], NONE, NONE, NOW + 20)
+    assert started.status["phase"] == Phase.RUNNING
+
+
 def test_vanished_pod_of_a_running_job_is_a_failure() -> None:
     result = plan(job(status=admitted(Phase.RUNNING)), [pod(0)], NONE, NONE, NOW)
     assert result.status["phase"] == Phase.RESTARTING

@@ -47,6 +47,8 @@ class PodView:
     # Epoch seconds since the scheduler said the pod cannot be placed (PodScheduled=False), if so.
     unschedulable_since: float | None = None
     unschedulable_message: str = ""
+    # Why its trainer container cannot start, as the kubelet says (``CANNOT_START``), with its message.
+    cannot_start: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,21 @@ def gang_position(labels: Mapping[str, str]) -> tuple[int, int] | None:
         return None
 
 
+# The kubelet's reasons for a container that waits and will not start by waiting (the spec, an image
+# or a referenced object must change): told on the job rather than left as a silent Starting.
+CANNOT_START = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+
+
 def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     """Reads one pod of a TrainJob; None for pods without largo's labels."""
     metadata = pod.get("metadata") or {}
@@ -159,6 +176,11 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     exit_code = codes.get(CONTAINER_NAME)
     if exit_code is None and codes:
         exit_code = next((code for code in codes.values() if code != 0), 0)
+    cannot_start = None
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if container.get("name") == CONTAINER_NAME and waiting.get("reason") in CANNOT_START:
+            cannot_start = f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
     since, message = None, ""
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
@@ -174,6 +196,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         terminating=metadata.get("deletionTimestamp") is not None,
         unschedulable_since=since,
         unschedulable_message=message,
+        cannot_start=cannot_start,
     )
 
 
@@ -585,6 +608,18 @@ def _active(
         _schedule_ttl(b)
         return
     running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
+    stuck = [pod for pod in sorted(current, key=lambda pod: pod.rank) if pod.cannot_start]
+    if job.phase == Phase.STARTING and stuck:
+        message = f"pod {stuck[0].name} cannot start: {stuck[0].cannot_start}"
+        if len(stuck) > 1:
+            message += f" (and {len(stuck) - 1} more pod(s))"
+        told = any(
+            c.get("type") == ConditionType.RUNNING and c.get("reason") == Reason.PODS_NOT_STARTING
+            for c in b.status.get("conditions") or []
+        )
+        b.condition(ConditionType.RUNNING, False, Reason.PODS_NOT_STARTING, message)
+        if not told:
+            b.event(True, Reason.PODS_NOT_STARTING, message)
     if job.phase == Phase.STARTING and len(current) == job.num_nodes and running == job.num_nodes:
         b.phase(Phase.RUNNING)
         message = f"all {job.num_nodes} pods running on {', '.join(sorted(set(placement)))}"

@@ -131,6 +131,9 @@ class Reason(StrEnum):
     ADMITTED = "Admitted"
     # Running.
     PODS_RUNNING = "PodsRunning"
+    # A bound pod whose container cannot start (its image cannot be pulled, a Secret it reads is
+    # missing): said on Running=False until it starts or the job is changed or deleted.
+    PODS_NOT_STARTING = "PodsNotStarting"
     # Restarts and failures.
     POD_FAILED = "PodFailed"
     NODE_LOST = "NodeLost"
