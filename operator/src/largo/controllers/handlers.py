@@ -183,6 +183,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     if metrics is not None:
         kube.on_event = metrics.count_event
         jobs.on_failure = metrics.count_failure
+        services.on_failure = metrics.count_failure
         # A standby queues keys it does not work on: its depth would only grow and alarm.
         metrics.queue_depth.set_function(lambda: len(jobs) if gate.leading() else 0)
         scheduler.observe_pass = metrics.observe_pass
