@@ -540,23 +540,27 @@ class ProgressReport(StatusModel):
     """What rank 0 reports into the job's progress ConfigMap (docs/runtime.md). The operator validates
     it with this model and copies it into ``status.progress``; anything else is refused with a reason."""
 
-    # Counts are int64 in the API server: a larger one would fail every status write that carried it.
-    step: int = Field(ge=0, le=INT64_MAX, description="Optimizer steps done.")
-    total_steps: int = Field(ge=0, le=INT64_MAX, description="Steps the run will take.")
+    step: int = Field(ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(ge=0, description="Steps the run will take.")
     percent: float = Field(ge=0, le=100, allow_inf_nan=False)
     loss: float | None = Field(default=None, allow_inf_nan=False, description="Loss of the last step.")
     tokens_per_second: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    eta_seconds: int | None = Field(
-        default=None, ge=0, le=INT64_MAX, description="Estimated seconds to the end."
-    )
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds to the end.")
     updated_at: datetime = Field(description="When the runtime measured this report.")
     summary: str = Field(default="", max_length=200, description="Shown in the PROGRESS column.")
-    checkpoint_step: int | None = Field(
-        default=None, ge=0, le=INT64_MAX, description="Step of the newest checkpoint."
-    )
+    checkpoint_step: int | None = Field(default=None, ge=0, description="Step of the newest checkpoint.")
     checkpointed_at: datetime | None = Field(
         default=None, description="When the newest complete checkpoint was written."
     )
+
+    @field_validator("step", "total_steps", "eta_seconds", "checkpoint_step")
+    @classmethod
+    def _int64(cls, value: int | None) -> int | None:
+        # Counts are int64 in the API server: a larger one would fail every status write that carried
+        # it. Checked here, not as the schema's maximum (which the API server reads as a float).
+        if value is not None and value > INT64_MAX:
+            raise ValueError(f"must be at most {INT64_MAX}")
+        return value
 
 
 class Progress(ProgressReport):
