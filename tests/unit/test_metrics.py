@@ -70,6 +70,26 @@ def test_gpus_held_by_largo_by_others_and_free_per_node() -> None:
     assert series[("largo_cluster_largest_gang_pods", (("gpus_per_pod", "8"),))] == 0  # fragmented
 
 
+def test_a_node_held_whole_by_an_exclusive_gang_has_no_gpu_free() -> None:
+    """exclusiveNodes: the scheduler counts the node's every GPU as used, bound pod or admitted rank;
+    the series say what it will do, not 6 GPUs no gang will get."""
+    admitted = _job("whole", 2, 2, "Starting", attempt=0, placement={"attempt": 0, "nodes": ["a", "b"]})
+    body = {**admitted.body, "spec": {**admitted.body["spec"], "scheduling": {"exclusiveNodes": True}}}
+    exclusive = job_entry(body)
+    snapshot = Snapshot(
+        nodes=[_node("a"), _node("b"), _node("c")],
+        pods=[
+            ("a", PodUsage("p0", {GPU: 2}, ("team-a", "whole"), 0, 0, exclusive=True)),  # rank 1 not bound
+            ("c", PodUsage("x", {GPU: 3})),
+        ],
+        jobs=[exclusive],
+    )
+    per_node = node_gpus(snapshot)
+    assert per_node["a"] == {"allocatable": 8, "largo": 8, "other": 0, "free": 0}
+    assert per_node["b"] == {"allocatable": 8, "largo": 8, "other": 0, "free": 0}
+    assert per_node["c"] == {"allocatable": 8, "largo": 0, "other": 3, "free": 5}
+
+
 def test_stranded_gpus_are_the_free_ones_the_head_of_the_queue_cannot_use() -> None:
     head = _job("head", 8, 1, "Queued", queue={"position": 1, "reason": "InsufficientCapacity"})
     snapshot = Snapshot(

@@ -62,22 +62,34 @@ def node_resource(snapshot: Snapshot, resource: str) -> dict[str, dict[str, int]
     for node in snapshot.nodes:
         by_node[node.name] = {**_slot(), "allocatable": node.allocatable.get(resource, 0)}
     bound: set[tuple[tuple[str, str], int, int]] = set()
+    # Nodes a gang with exclusiveNodes holds whole: the scheduler counts all their GPUs as used.
+    whole: set[str] = set()
     for node_name, pod in snapshot.pods:
         owner = "largo" if pod.job is not None else "other"
         by_node.setdefault(node_name, _slot())[owner] += pod.requests.get(resource, 0)
         if pod.job is not None and pod.attempt is not None and pod.rank is not None:
             bound.add((pod.job, pod.attempt, pod.rank))
+        if pod.exclusive:
+            whole.add(node_name)
     for entry in snapshot.jobs:
         if not entry.active or entry.placement is None:
             continue
         for rank, node_name in enumerate(entry.placement):
             if (entry.key, entry.attempt, rank) not in bound:
                 by_node.setdefault(node_name, _slot())["largo"] += entry.per_pod.get(resource, 0)
+                if entry.request is not None and entry.request.exclusive:
+                    whole.add(node_name)
     for service in snapshot.services:
         for group in service.placed():
             for member, node_name in enumerate(group.nodes):
                 if (group.gang(*service.key), group.attempt, member) not in bound:
                     by_node.setdefault(node_name, _slot())["largo"] += service.per_pod.get(resource, 0)
+                    if service.exclusive:
+                        whole.add(node_name)
+    if resource == GPU:
+        for node_name in whole:
+            counts = by_node.setdefault(node_name, _slot())
+            counts["largo"] = max(counts["largo"], counts["allocatable"] - counts["other"])
     for counts in by_node.values():
         counts["free"] = max(0, counts["allocatable"] - counts["largo"] - counts["other"])
     return by_node
