@@ -318,6 +318,16 @@ def test_completions_streaming_models_and_metrics(served: Served) -> None:
     assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == whole
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert len(chunks) > 2  # tokens arrive as they are made
+    assert all("usage" not in chunk for chunk in chunks)  # unless asked for, as in OpenAI's API
+    counted = {"include_usage": True}
+    _, _, text = served.post(
+        {"prompt": "def ", "max_tokens": 10, "temperature": 0, "stream": True, "stream_options": counted}
+    )
+    events = [line.removeprefix("data: ") for line in text.split("\n\n") if line.startswith("data: ")]
+    *texts, usage = [json.loads(event) for event in events[:-1]]
+    assert "".join(chunk["choices"][0]["text"] for chunk in texts) == whole
+    assert usage["choices"] == []  # the usage comes in a chunk of its own, before [DONE]
+    assert usage["usage"] == {"prompt_tokens": 4, "completion_tokens": 10, "total_tokens": 14}
 
     # A stop sequence ends the text before it; the same seed samples the same text.
     stop = whole[2:4] if len(whole) >= 4 else whole[:1]
@@ -409,6 +419,10 @@ def test_what_the_server_does_not_do_is_refused_and_nothing_fails_its_engine(ser
         "logprobs": ({"prompt": "hi", "logprobs": 2}, "logprobs is not supported"),
         "penalty": ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty is not supported"),
         "prompts": ({"prompt": ["a", "b"]}, "one prompt per request, not a list of 2"),
+        "stream options alone": (
+            {"prompt": "hi", "stream_options": {"include_usage": True}},
+            "stream_options is only allowed with stream",
+        ),
         "surrogate prompt": ({"prompt": "\ud800"}, "must be valid Unicode text"),
         "surrogate stop": ({"prompt": "hi", "stop": ["\udc00"]}, "must be valid Unicode text"),
     }

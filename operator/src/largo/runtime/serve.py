@@ -118,6 +118,8 @@ class Completion:
     # The engine's outputs for this request, put here on the event loop (``EngineClient``).
     outputs: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
     generated: int = 0
+    # A stream's last chunk before [DONE] carries the usage (OpenAI's stream_options.include_usage).
+    stream_usage: bool = False
 
 
 class Server:
@@ -205,6 +207,12 @@ class Server:
         stream = _given(body, "stream", False)
         if not isinstance(stream, bool):
             return _error(400, "stream must be a boolean", "invalid_request_error")
+        options = _given(body, "stream_options", {})
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            message = "stream_options must be an object whose include_usage is a boolean"
+            return _error(400, message, "invalid_request_error")
+        if options and not stream:
+            return _error(400, "stream_options is only allowed with stream", "invalid_request_error")
         model = body.get("model")
         if model is not None and model != self.name:
             return _error(
@@ -235,7 +243,7 @@ class Server:
             stops=stops,
             stream=stream,
         )
-        return Completion(submission), stream
+        return Completion(submission, stream_usage=bool(options.get("include_usage"))), stream
 
     async def completions(self, http: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -373,10 +381,13 @@ class Server:
                 break
             if isinstance(item, str):
                 tail = decoder.decode(b"", final=True)
-                chunk = self._body(completion, tail, item, usage=True)
+                chunk = self._body(completion, tail, item, usage=False)
             else:
                 chunk = self._body(completion, decoder.decode(item), None, usage=False)
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if isinstance(item, str) and completion.stream_usage:  # a chunk of its own, as OpenAI's
+                usage = {**self._body(completion, "", None, usage=True), "choices": []}
+                await response.write(f"data: {json.dumps(usage)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
