@@ -29,9 +29,13 @@ class FakeCore:
         self.existing_controller = existing_controller
         self.existing_labels: dict[str, str] = {}
         self.calls: list[str] = []
+        self.timeouts: list[tuple[float, float]] = []
 
-    def create_namespaced_service(self, namespace: str, body: Any, field_manager: str) -> None:
+    def create_namespaced_service(
+        self, namespace: str, body: Any, field_manager: str, _request_timeout: tuple[float, float]
+    ) -> None:
         self.calls.append(field_manager)
+        self.timeouts.append(_request_timeout)
         if self.refusal is not None:
             raise self.refusal
 
@@ -103,6 +107,8 @@ def test_a_replica_that_does_not_lead_sends_nothing() -> None:
     kube.gate.renewed(98.0)
     asyncio.run(kube.create("ns", SERVICE))
     assert core.calls == ["largo-operator"]  # sent, and named by its field manager
+    # It connects within 2 s of the check or not at all: never after another replica took the Lease.
+    assert core.timeouts == [(2.0, 30.0)]
     clock[0] = 104.5  # no renewal for longer than the renew deadline: frozen, or cut off
     with pytest.raises(NotLeader):
         asyncio.run(kube.create("ns", SERVICE))

@@ -72,6 +72,11 @@ def controller_uid(metadata: Mapping[str, Any]) -> str | None:
     return None
 
 
+# A write's connect and read timeouts (seconds).
+WRITE_CONNECT_SECONDS = 2.0
+WRITE_READ_SECONDS = 30.0
+
+
 class Kube:
     def __init__(
         self, api_client: client.ApiClient, gate: LeaderGate | None = None, field_manager: str = COMPONENT
@@ -88,12 +93,15 @@ class Kube:
         self.on_event: Callable[[str, str], None] = lambda reason, type_: None
 
     async def _write(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Runs one API write in a worker thread, checking the leader fence as it is sent."""
+        """Runs one API write in a worker thread, checking the leader fence as it is sent. Its connection
+        must open within ``WRITE_CONNECT_SECONDS`` of the check: a write held up connecting would
+        otherwise land whenever it got through, perhaps after another replica took the Lease (the fence
+        leaves the renew deadline, 6 s, against the Lease's 10)."""
 
         def fenced() -> Any:
             if not self.gate.leading():
                 raise NotLeader("not the leader: write not sent")
-            return call(*args, **kwargs)
+            return call(*args, **kwargs, _request_timeout=(WRITE_CONNECT_SECONDS, WRITE_READ_SECONDS))
 
         return await asyncio.to_thread(fenced)
 
