@@ -461,6 +461,29 @@ def test_admitted_group_gets_its_members_created_on_its_nodes() -> None:
     assert decision.status["ready"] == "0/2"
 
 
+def test_a_member_that_cannot_start_is_named_in_the_ready_message() -> None:
+    """A wrong image leaves the member waiting for good: the Ready condition's message says which pod
+    and the kubelet's reason, not only 0/1 ready."""
+    waiting = {"reason": "ErrImagePull", "message": 'pull access denied for "no/such"'}
+    first = {"largo.dev/replica": "0", "largo.dev/member": "0", "largo.dev/attempt": "0"}
+    body = pod_body(
+        {**LABELS, **first, "largo.dev/revision": REV_A},
+        spec={"nodeName": "gpu-a"},
+        status={"phase": "Pending", "containerStatuses": [{"name": "server", "state": {"waiting": waiting}}]},
+    )
+    stuck = member_pod(body)
+    assert stuck is not None
+    assert stuck.cannot_start == 'ErrImagePull: pull access denied for "no/such"'
+    status = {"groups": [admitted(0, ["gpu-a"], ready=False)], "desiredReplicas": 1}
+    view = ServiceView(NAME, "ml", spec_of(replicas=1, nodesPerReplica=1), 1, status, REV_A)
+    decision = plan(view, RESOLVED, [stuck], NONE, NOW, SELECTOR, URL)
+    ready = condition(decision.status, "Ready")
+    assert ready["status"] == "False"
+    assert ready["message"] == (
+        f'0/1 replicas ready; pod {stuck.name} cannot start: ErrImagePull: pull access denied for "no/such"'
+    )
+
+
 def test_service_becomes_ready_once_every_member_runs_and_is_ready() -> None:
     sim = Sim(spec_of(replicas=2, nodesPerReplica=2))
     sim.settle()

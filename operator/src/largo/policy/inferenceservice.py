@@ -24,8 +24,15 @@ from largo.api.v1alpha1 import (
 )
 from largo.api.v1alpha1 import Phase as JobPhase
 from largo.manifests.inferenceservice import ModelMount
-from largo.manifests.names import LABEL_ATTEMPT, LABEL_MEMBER, LABEL_REPLICA, LABEL_REVISION
+from largo.manifests.names import (
+    LABEL_ATTEMPT,
+    LABEL_MEMBER,
+    LABEL_REPLICA,
+    LABEL_REVISION,
+    SERVER_CONTAINER_NAME,
+)
 from largo.policy.conditions import parse_timestamp, set_condition, timestamp
+from largo.policy.pods import cannot_start
 from largo.policy.rollout import GroupState, plan_rollout
 
 # A failed group waits base * 2**(restarts-1), capped, before it queues again.
@@ -185,6 +192,8 @@ class MemberPod:
     # Since when kube-scheduler says the pod cannot go to its pinned node, and why.
     unschedulable_since: float | None = None
     unschedulable_message: str = ""
+    # Why its server container cannot start, as the kubelet says (``pods.cannot_start``).
+    cannot_start: str | None = None
 
 
 def member_pod(pod: Mapping[str, Any]) -> MemberPod | None:
@@ -220,6 +229,7 @@ def member_pod(pod: Mapping[str, Any]) -> MemberPod | None:
         terminating=metadata.get("deletionTimestamp") is not None,
         unschedulable_since=since,
         unschedulable_message=message,
+        cannot_start=cannot_start(status, SERVER_CONTAINER_NAME),
     )
 
 
@@ -516,7 +526,9 @@ def plan(
     else:
         phase = ServicePhase.DEGRADED if ready > 0 else ServicePhase.PENDING
         ready_reason = ServiceReason.REPLICAS_NOT_READY
-        ready_message = f"{ready}/{desired.replicas} replicas ready" + _waiting_summary(kept)
+        ready_message = (
+            f"{ready}/{desired.replicas} replicas ready" + _waiting_summary(kept) + _stuck_summary(kept, pods)
+        )
     conditions = set_condition(
         conditions, ServiceConditionType.READY, all_ready, ready_reason, ready_message, now, generation
     )
@@ -604,6 +616,16 @@ def _waiting_summary(groups: Sequence[Mapping[str, Any]]) -> str:
         queue = group.get("queue") or {}
         if not group.get("nodes") and not group.get("retiring") and queue.get("message"):
             return f"; replica {group['replica']} waits: {queue['message']}"
+    return ""
+
+
+def _stuck_summary(groups: Sequence[Mapping[str, Any]], pods: Sequence[MemberPod]) -> str:
+    """The first pod of a group not leaving whose server cannot start (a wrong image, a missing
+    Secret), for status.message: waiting will not mend it."""
+    staying = {int(group["replica"]) for group in groups if not group.get("retiring")}
+    for pod in sorted(pods, key=lambda pod: (pod.replica, pod.member)):
+        if pod.replica in staying and pod.cannot_start and not pod.terminating:
+            return f"; pod {pod.name} cannot start: {pod.cannot_start}"
     return ""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from largo.api.v1alpha1 import ConditionType, Phase, Reason, check_status, sanitize_status
 from largo.manifests.names import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_NODE_RANK
 from largo.policy.conditions import condition_status, parse_timestamp, set_condition, timestamp
+from largo.policy.pods import cannot_start
 from largo.policy.progress import ReadReport
 
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
@@ -47,7 +48,7 @@ class PodView:
     # Epoch seconds since the scheduler said the pod cannot be placed (PodScheduled=False), if so.
     unschedulable_since: float | None = None
     unschedulable_message: str = ""
-    # Why its trainer container cannot start, as the kubelet says (``CANNOT_START``), with its message.
+    # Why its trainer container cannot start, as the kubelet says (``pods.cannot_start``).
     cannot_start: str | None = None
 
 
@@ -144,21 +145,6 @@ def gang_position(labels: Mapping[str, str]) -> tuple[int, int] | None:
         return None
 
 
-# The kubelet's reasons for a container that waits and will not start by waiting (the spec, an image
-# or a referenced object must change): told on the job rather than left as a silent Starting.
-CANNOT_START = frozenset(
-    {
-        "ErrImagePull",
-        "ImagePullBackOff",
-        "InvalidImageName",
-        "ErrImageNeverPull",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-        "RunContainerError",
-    }
-)
-
-
 def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     """Reads one pod of a TrainJob; None for pods without largo's labels."""
     metadata = pod.get("metadata") or {}
@@ -176,11 +162,6 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     exit_code = codes.get(CONTAINER_NAME)
     if exit_code is None and codes:
         exit_code = next((code for code in codes.values() if code != 0), 0)
-    cannot_start = None
-    for container in status.get("containerStatuses") or []:
-        waiting = (container.get("state") or {}).get("waiting") or {}
-        if container.get("name") == CONTAINER_NAME and waiting.get("reason") in CANNOT_START:
-            cannot_start = f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
     since, message = None, ""
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
@@ -196,7 +177,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         terminating=metadata.get("deletionTimestamp") is not None,
         unschedulable_since=since,
         unschedulable_message=message,
-        cannot_start=cannot_start,
+        cannot_start=cannot_start(status, CONTAINER_NAME),
     )
 
 
