@@ -23,7 +23,9 @@ class FakeCore:
     def __init__(self) -> None:
         self.events: list[Any] = []
 
-    def create_namespaced_event(self, namespace: str, body: Any, field_manager: str) -> None:
+    def create_namespaced_event(
+        self, namespace: str, body: Any, field_manager: str, _request_timeout: tuple[float, float]
+    ) -> None:
         self.events.append(body)
 
 
