@@ -234,6 +234,36 @@ def test_a_pod_that_cannot_start_is_told_on_the_job() -> None:
     assert started.status["phase"] == Phase.RUNNING
 
 
+def test_a_gang_still_starting_past_its_start_timeout_restarts_then_fails() -> None:
+    """failurePolicy.startTimeoutSeconds: a pod whose image cannot be pulled holds its gang's GPUs
+    for good unless the wait is bounded; past it the gang restarts, counted against backoffLimit."""
+    placement = {"attempt": 0, "nodes": ["n0", "n1"], "admittedAt": timestamp(NOW)}
+    status = {**admitted(), "placement": placement}
+    stuck = PodView("j-node-1", 1, 0, "Pending", "n1", cannot_start="ImagePullBackOff: Back-off")
+    view = job(status=status, start_timeout_seconds=600, backoff_limit=1)
+    waiting = plan(view, [pod(0), stuck], NONE, NONE, NOW + 100)
+    assert waiting.status["phase"] == Phase.STARTING
+    assert waiting.requeue_after == pytest.approx(500)  # looked at again when the timeout is up
+    timed_out = plan(view, [pod(0), stuck], NONE, NONE, NOW + 600)
+    assert timed_out.status["phase"] == Phase.RESTARTING
+    assert timed_out.status["restarts"] == 1
+    assert set(timed_out.delete_pods) == {"j-node-0", "j-node-1"}
+    restarting = next(c for c in timed_out.status["conditions"] if c["type"] == "Restarting")
+    assert restarting["reason"] == "StartTimeout"
+    assert restarting["message"] == (
+        "1/2 pods running 600s after admission (startTimeoutSeconds); "
+        "pod j-node-1 cannot start: ImagePullBackOff: Back-off"
+    )
+    # backoffLimit 1 spent: the next timeout fails the job, its GPUs given back.
+    again = job(status={**status, "restarts": 1}, start_timeout_seconds=600, backoff_limit=1)
+    failed = plan(again, [pod(0), stuck], NONE, NONE, NOW + 600)
+    assert failed.status["phase"] == Phase.FAILED
+    # Every pod running at the timeout: the job runs, nothing restarts; unset, it waits.
+    assert plan(view, [pod(0), pod(1)], NONE, NONE, NOW + 900).status["phase"] == Phase.RUNNING
+    unset = plan(job(status=status), [pod(0), stuck], NONE, NONE, NOW + 10**6)
+    assert unset.status["phase"] == Phase.STARTING
+
+
 def test_vanished_pod_of_a_running_job_is_a_failure() -> None:
     result = plan(job(status=admitted(Phase.RUNNING)), [pod(0)], NONE, NONE, NOW)
     assert result.status["phase"] == Phase.RESTARTING

@@ -36,6 +36,7 @@ def job_view(job: Any, body: Mapping[str, Any], report: ReadReport | None = None
         backoff_limit=failure.backoff_limit,
         permanent_exit_codes=frozenset(failure.permanent_exit_codes),
         retryable_exit_codes=frozenset(failure.retryable_exit_codes),
+        start_timeout_seconds=failure.start_timeout_seconds,
         active_deadline_seconds=spec.active_deadline_seconds,
         ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
         suspend=spec.suspend,

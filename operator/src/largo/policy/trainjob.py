@@ -62,6 +62,8 @@ class JobView:
     permanent_exit_codes: frozenset[int] = frozenset()
     retryable_exit_codes: frozenset[int] = frozenset()
     active_deadline_seconds: int | None = None
+    # failurePolicy.startTimeoutSeconds: how long an admitted gang may take to have every pod running.
+    start_timeout_seconds: int | None = None
     ttl_seconds_after_finished: int | None = None
     suspend: bool = False
     generation: int | None = None
@@ -539,7 +541,11 @@ def _active(
     job = b.job
     if "startTime" not in b.status:
         b.status["startTime"] = timestamp(b.now)
-    failure = _failure(current, placement, unusable, lost, b.now, timings) or _refused_too_long(b, timings)
+    failure = (
+        _failure(current, placement, unusable, lost, b.now, timings)
+        or _refused_too_long(b, timings)
+        or _start_timed_out(b, current)
+    )
     by_rank = {pod.rank: pod for pod in current}
     if failure is None and job.phase == Phase.RUNNING:
         missing = [rank for rank in range(job.num_nodes) if rank not in by_rank]
@@ -607,6 +613,27 @@ def _active(
         b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
         b.condition(ConditionType.RESTARTING, False, Reason.PODS_RUNNING, message)
         b.event(False, Reason.PODS_RUNNING, message)
+
+
+def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, str, int | None] | None:
+    """A gang still starting ``startTimeoutSeconds`` after its admission: a failure, counted as a
+    restart (a pod whose image cannot be pulled, a volume that never attaches: waiting on would hold
+    the GPUs for good)."""
+    limit = b.job.start_timeout_seconds
+    admitted = parse_timestamp((b.status.get("placement") or {}).get("admittedAt"))
+    if b.job.phase != Phase.STARTING or limit is None or admitted is None:
+        return None
+    running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
+    if running == b.job.num_nodes:
+        return None  # every pod runs: this cycle makes the job Running
+    remaining = admitted + limit - b.now
+    if remaining > 0:
+        b.plan.after(remaining)
+        return None
+    stuck = next((pod for pod in sorted(current, key=lambda pod: pod.rank) if pod.cannot_start), None)
+    why = f"; pod {stuck.name} cannot start: {stuck.cannot_start}" if stuck is not None else ""
+    message = f"{running}/{b.job.num_nodes} pods running {limit}s after admission (startTimeoutSeconds){why}"
+    return Reason.START_TIMEOUT, message, None
 
 
 def _spec_changed(b: _Builder) -> bool:

@@ -141,6 +141,7 @@ class Reason(StrEnum):
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     PERMANENT_EXIT_CODE = "PermanentExitCode"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
+    START_TIMEOUT = "StartTimeout"
     INVALID_SPEC = "InvalidSpec"
     MALFORMED_STATUS = "MalformedStatus"
     POD_DELETED = "PodDeleted"
@@ -256,6 +257,14 @@ class FailurePolicy(SpecModel):
         max_length=256,
         json_schema_extra={"x-kubernetes-list-type": "set"},
         description="Exit codes that trigger a restart; empty means every non-permanent code.",
+    )
+    start_timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Seconds an admitted gang may take for every pod to run (an image pull, a volume "
+        "attach); past it the gang restarts, counted against backoffLimit, so a job whose pods cannot "
+        "start gives its GPUs back and fails. Unset: it waits.",
     )
 
     @model_validator(mode="after")
