@@ -66,6 +66,20 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
     wrong = helm(cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--set", "replicas=3")
     assert wrong.returncode != 0
     assert "additional properties" in wrong.stderr.lower() or "replicas" in wrong.stderr
+    # Values the schema allows but the operator would refuse at start (a crash loop) fail the install.
+    election = "operator.leaderElection"
+    for values, says in (
+        ([f"{election}.leaseDurationSeconds=5"], "must be less than leaseDurationSeconds"),
+        (
+            [f"{election}.retryPeriodSeconds=5", f"{election}.leaseDurationSeconds=20"],
+            "must be more than 1.2 x retryPeriodSeconds",
+        ),
+        (["operator.metricsPort=8080"], "8080 is the operator's health port"),
+    ):
+        sets = [arg for value in values for arg in ("--set", value)]
+        refused = helm(cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", *sets)
+        assert refused.returncode != 0, values
+        assert says in refused.stderr, refused.stderr
 
 
 def test_helm_install_runs_the_operator_with_least_privilege(
@@ -156,6 +170,9 @@ def test_the_monitoring_objects_are_valid_for_the_prometheus_operator(
     wanted = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap", "Service"}
     monitoring = [doc for doc in documents if doc["kind"] in wanted]
     assert sorted(doc["kind"] for doc in monitoring) == sorted([*wanted, "PodMonitor"])  # trainers, serving
+    monitor = next(doc for doc in monitoring if doc["kind"] == "ServiceMonitor")
+    # The operator's series carry their object's namespace: the target's must not replace it.
+    assert [endpoint["honorLabels"] for endpoint in monitor["spec"]["endpoints"]] == [True]
     rule = next(doc for doc in monitoring if doc["kind"] == "PrometheusRule")
     rule_file = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
     assert rule["spec"]["groups"] == rule_file["groups"]  # the file promtool tests, unchanged

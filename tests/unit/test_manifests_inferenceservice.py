@@ -296,8 +296,16 @@ def test_only_the_leader_serves_http_and_is_probed(
     assert leader["readinessProbe"]["httpGet"] == {"path": readiness, "port": port}
     assert leader["livenessProbe"]["httpGet"] == {"path": liveness, "port": port}
     # A slow model load is no failure: liveness waits before its first look and tolerates misses.
-    assert leader["livenessProbe"]["initialDelaySeconds"] > 0
     assert leader["livenessProbe"]["failureThreshold"] > 1
+    if runtime["type"] == "vllm":
+        # vLLM listens only once its engine is built: a startup probe allows an hour of loading, and
+        # liveness starts only after it passed.
+        startup = leader["startupProbe"]
+        assert startup["httpGet"] == {"path": liveness, "port": port}
+        assert startup["periodSeconds"] * startup["failureThreshold"] == 3600
+    else:  # largo's server answers /healthz at once, while it loads
+        assert leader["livenessProbe"]["initialDelaySeconds"] > 0
+        assert "startupProbe" not in leader
 
 
 @pytest.mark.parametrize("runtime", [{"type": "largo"}, {"type": "vllm"}, {"type": "custom", "image": "x:1"}])

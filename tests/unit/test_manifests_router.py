@@ -89,6 +89,13 @@ def test_the_router_deployment_runs_the_agent_with_its_contract() -> None:
     ]
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # Everything a "restricted" PodSecurity namespace asks of a container.
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 @pytest.mark.parametrize("build", [build_replicas_service, build_router_account, build_router_deployment])

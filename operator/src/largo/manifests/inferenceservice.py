@@ -279,6 +279,13 @@ def build_pod(
             container["readinessProbe"] = _http_probe(ready, runtime.port, period=2, failures=1)
         if runtime.liveness_probe is not None:
             container["livenessProbe"] = dict(runtime.liveness_probe)
+        elif runtime.type is RuntimeType.VLLM:
+            # vLLM listens only once its engine is built: loading a large model's weights and capturing
+            # its graphs can take many minutes, during which a liveness probe would kill it (and, pods
+            # never restarting in place, its whole group) again and again. The startup probe allows an
+            # hour; liveness takes over once it passed.
+            container["startupProbe"] = _http_probe(health, runtime.port, period=10, failures=360)
+            container["livenessProbe"] = _http_probe(health, runtime.port, period=10, failures=6)
         elif runtime.type is not RuntimeType.CUSTOM:
             container["livenessProbe"] = {
                 **_http_probe(health, runtime.port, period=10, failures=6),

@@ -117,7 +117,13 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
             "requests": {"cpu": "100m", "memory": "128Mi"},
             "limits": {"memory": "512Mi"},
         },
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        # What a "restricted" PodSecurity namespace asks of a container (the image runs as uid 1000).
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     }
     return {
         "apiVersion": "apps/v1",
