@@ -27,6 +27,9 @@ GPU = "nvidia.com/gpu"
 MODEL = ModelMount(claim_name="weights", sub_path="llama-8b")
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 
+# What the restricted PodSecurity standard asks of a container, beyond the pod's own settings.
+RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``overrides`` merged in, recursively for mappings."""
@@ -417,6 +420,7 @@ def test_resources_pod_template_and_scheduler_name_reach_the_pod() -> None:
             "priorityClassName": "high",
             "terminationGracePeriodSeconds": 120,
             "securityContext": {"runAsUser": 1000},
+            "containerSecurityContext": RESTRICTED,
         },
         scheduling={"schedulerName": "custom-scheduler"},
     )
@@ -430,6 +434,8 @@ def test_resources_pod_template_and_scheduler_name_reach_the_pod() -> None:
     assert spec["priorityClassName"] == "high"
     assert spec["terminationGracePeriodSeconds"] == 120
     assert spec["securityContext"] == {"runAsUser": 1000}
+    assert container(manifest)["securityContext"] == RESTRICTED  # a restricted namespace admits it
+    assert "securityContext" not in container(pod(make()))
     assert spec["schedulerName"] == "custom-scheduler"
     assert spec["enableServiceLinks"] is False
 

@@ -22,6 +22,9 @@ from largo.manifests.trainjob import (
 from largo.runtime.parallel import Layout
 from largo.sched.quantity import parse_resource
 
+# What the restricted PodSecurity standard asks of a container, beyond the pod's own settings.
+RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
 
 def make_job(name: str = "llama", namespace: str | None = "ml", **spec: Any) -> TrainJob:
     metadata: dict[str, Any] = {"name": name}
@@ -297,6 +300,7 @@ def test_pod_template_and_scheduling_pass_through() -> None:
             "labels": {"team": "x", "largo.dev/attempt": "99"},
             "serviceAccountName": "trainer",
             "securityContext": {"runAsNonRoot": True},
+            "containerSecurityContext": RESTRICTED,
             "priorityClassName": "high",
             "terminationGracePeriodSeconds": 120,
         },
@@ -310,6 +314,8 @@ def test_pod_template_and_scheduling_pass_through() -> None:
     assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present"}]
     assert spec["serviceAccountName"] == "trainer"
     assert spec["securityContext"] == {"runAsNonRoot": True}
+    assert spec["containers"][0]["securityContext"] == RESTRICTED  # a restricted namespace admits it
+    assert "securityContext" not in build_pod(make_job(), 0, "n0", attempt=0)["spec"]["containers"][0]
     assert spec["priorityClassName"] == "high"
     assert spec["terminationGracePeriodSeconds"] == 120
     assert "terminationGracePeriodSeconds" not in build_pod(make_job(), 0, "n0", attempt=0)["spec"]

@@ -260,6 +260,8 @@ def build_pod(
         "ports": ports,
         "volumeMounts": mounts,
     }
+    if template.container_security_context is not None:
+        container["securityContext"] = dict(template.container_security_context)
     if command:
         container["command"] = command
     if args:

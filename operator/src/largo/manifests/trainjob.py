@@ -245,6 +245,8 @@ def build_pod(job: TrainJob, rank: int, node_name: str, attempt: int) -> JSON:
         ],
         "volumeMounts": mounts,
     }
+    if template.container_security_context is not None:
+        container["securityContext"] = dict(template.container_security_context)
     if spec.command is not None:
         container["command"] = list(spec.command)
     if spec.args is not None:

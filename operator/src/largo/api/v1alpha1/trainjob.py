@@ -358,6 +358,13 @@ class PodTemplate(SpecModel):
     labels: dict[str, str] = Field(default_factory=dict)
     service_account_name: str | None = Field(default=None, min_length=1, max_length=253)
     security_context: FreeForm | None = Field(default=None, description="core/v1 PodSecurityContext.")
+    container_security_context: FreeForm | None = Field(
+        default=None,
+        description="core/v1 SecurityContext of the trainer (or model server) container: what a "
+        "namespace enforcing the restricted PodSecurity standard asks (allowPrivilegeEscalation false, "
+        "capabilities.drop [ALL]). Unset: the container runs as its image made it (RDMA needs "
+        "IPC_LOCK, for one).",
+    )
     priority_class_name: str | None = Field(default=None, min_length=1, max_length=253)
     termination_grace_period_seconds: int | None = Field(
         default=None,
