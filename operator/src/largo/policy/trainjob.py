@@ -595,7 +595,7 @@ def _active(
         _schedule_ttl(b)
         return
     running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
-    stuck = [pod for pod in sorted(current, key=lambda pod: pod.rank) if pod.cannot_start]
+    stuck = _cannot_start(current)
     if job.phase == Phase.STARTING and stuck:
         message = f"pod {stuck[0].name} cannot start: {stuck[0].cannot_start}"
         if len(stuck) > 1:
@@ -620,7 +620,7 @@ def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, s
     restart (a pod whose image cannot be pulled, a volume that never attaches: waiting on would hold
     the GPUs for good)."""
     limit = b.job.start_timeout_seconds
-    admitted = parse_timestamp((b.status.get("placement") or {}).get("admittedAt"))
+    admitted = _admitted_at(b)
     if b.job.phase != Phase.STARTING or limit is None or admitted is None:
         return None
     running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
@@ -630,10 +630,20 @@ def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, s
     if remaining > 0:
         b.plan.after(remaining)
         return None
-    stuck = next((pod for pod in sorted(current, key=lambda pod: pod.rank) if pod.cannot_start), None)
-    why = f"; pod {stuck.name} cannot start: {stuck.cannot_start}" if stuck is not None else ""
+    stuck = _cannot_start(current)
+    why = f"; pod {stuck[0].name} cannot start: {stuck[0].cannot_start}" if stuck else ""
     message = f"{running}/{b.job.num_nodes} pods running {limit}s after admission (startTimeoutSeconds){why}"
     return Reason.START_TIMEOUT, message, None
+
+
+def _cannot_start(current: Sequence[PodView]) -> list[PodView]:
+    """The pods whose trainer cannot start (``pods.cannot_start``), by rank."""
+    return [pod for pod in sorted(current, key=lambda pod: pod.rank) if pod.cannot_start]
+
+
+def _admitted_at(b: _Builder) -> float | None:
+    """When the current attempt was admitted (its placement's ``admittedAt``), if known."""
+    return parse_timestamp((b.status.get("placement") or {}).get("admittedAt"))
 
 
 def _spec_changed(b: _Builder) -> bool:
@@ -680,7 +690,7 @@ def _refused_too_long(b: _Builder, timings: Timings) -> tuple[Reason, str, int |
     if refusal is None:
         return None
     since = parse_timestamp(refusal.get("lastTransitionTime")) or b.now
-    admitted_at = parse_timestamp((b.status.get("placement") or {}).get("admittedAt"))
+    admitted_at = _admitted_at(b)
     if admitted_at is not None and since < admitted_at:
         return None  # an earlier attempt's refusal (before a suspension, say): this one's creates are new
     remaining = since + timings.binding_timeout - b.now
