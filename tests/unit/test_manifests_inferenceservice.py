@@ -434,10 +434,21 @@ def test_resources_pod_template_and_scheduler_name_reach_the_pod() -> None:
     assert spec["priorityClassName"] == "high"
     assert spec["terminationGracePeriodSeconds"] == 120
     assert spec["securityContext"] == {"runAsUser": 1000}
+    assert "automountServiceAccountToken" not in spec  # an account of its own: its token is wanted
     assert container(manifest)["securityContext"] == RESTRICTED  # a restricted namespace admits it
     assert "securityContext" not in container(pod(make()))
     assert spec["schedulerName"] == "custom-scheduler"
     assert spec["enableServiceLinks"] is False
+
+
+@pytest.mark.parametrize(("runtime", "token"), [({"type": "largo"}, False), ({"type": "vllm"}, False)])
+def test_a_preset_server_gets_no_api_token(runtime: dict[str, Any], token: bool) -> None:
+    """The presets' servers never call the Kubernetes API: the default account's token is not mounted
+    in a process that serves the network; a custom server keeps it."""
+    spec = pod(make(runtime=runtime, resourcesPerNode={GPU: 1}))["spec"]
+    assert spec["automountServiceAccountToken"] is token
+    custom = pod(make(runtime={"type": "custom", "image": "x:1"}))["spec"]
+    assert "automountServiceAccountToken" not in custom
 
 
 @pytest.mark.parametrize("member", [-1, 2])

@@ -305,6 +305,11 @@ def build_pod(
         tolerations=tolerations,
         scheduler_name=spec.scheduling.scheduler_name,
     )
+    if runtime.type is not RuntimeType.CUSTOM and template.service_account_name is None:
+        # The presets' servers never call the Kubernetes API: no token of the namespace's default
+        # ServiceAccount in a process that serves the network. A custom server, or a pod given an
+        # account of its own, keeps it.
+        pod_spec["automountServiceAccountToken"] = False
     return {
         "apiVersion": "v1",
         "kind": "Pod",
