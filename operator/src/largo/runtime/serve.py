@@ -252,8 +252,7 @@ class Server:
         if self.draining:
             return self._refused(_error(503, "the server is draining", "service_unavailable", 1))
         if self.engine.failure is not None:  # the server is about to exit; its pod is restarted
-            failed = f"the model failed: {self._failure()}"
-            return self._refused(_error(503, failed, "service_unavailable", 1))
+            return self._refused(_error(503, self._failed(), "service_unavailable", 1))
         try:
             body = await http.json()
         except (json.JSONDecodeError, UnicodeDecodeError, LookupError):  # (LookupError: an unknown charset)
@@ -264,8 +263,7 @@ class Server:
         completion, stream = parsed
         if not self.engine.submit(completion.submission, completion.outputs.put_nowait):
             if self.engine.failure is not None:  # it failed while the body was read
-                failed = f"the model failed: {self._failure()}"
-                return self._refused(_error(503, failed, "service_unavailable", 1))
+                return self._refused(_error(503, self._failed(), "service_unavailable", 1))
             return self._refused(
                 _error(429, "too many requests waiting; retry shortly", "rate_limit_error", 1)
             )
@@ -358,14 +356,16 @@ class Server:
         answer = text[: len(text) - ended].decode(errors="replace")
         return web.json_response(self._body(completion, answer, finish, usage=True))
 
-    def _failure(self) -> str:
-        return (self.engine.failure if self.engine is not None else None) or "unknown"
+    def _failed(self) -> str:
+        """What a client is told of a failed engine."""
+        failure = self.engine.failure if self.engine is not None else None
+        return f"the model failed: {failure or 'unknown'}"
 
     def _ended_why(self) -> str:
         """Why a request the engine had was ended unfinished."""
         if self.draining:
             return "the server stopped before this request finished (its drain period ran out)"
-        return f"the model failed: {self._failure()}"
+        return self._failed()
 
     async def _stream(self, http: web.Request, completion: Completion) -> web.StreamResponse:
         response = web.StreamResponse(
