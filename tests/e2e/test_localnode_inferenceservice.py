@@ -162,8 +162,14 @@ def test_load_scales_the_service_up_and_its_end_scales_it_down(
     assert all("load" in d["reason"] for d in downs)
     spec = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "echo")["spec"]
     assert spec["replicas"] == 1  # written by largo, which owns it with autoscaling
-    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=echo").items
-    assert {"Scaled", "GroupAdmitted", "GroupRetired"} <= {event.reason for event in events}
+
+    def told() -> set[str]:
+        events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=echo").items
+        return {event.reason for event in events}
+
+    # An event follows the status write that decided it: waited for, not read at once (CI once saw the
+    # status back at one replica before the GroupRetired event was posted).
+    wait_for(lambda: {"Scaled", "GroupAdmitted", "GroupRetired"} <= told(), 30, "the scaling events")
 
 
 def accepts(address: str, port: int) -> bool:
