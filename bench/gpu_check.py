@@ -6,7 +6,9 @@
    greedy completions;
 3. measures the device server with continuous batching against the same server one request at a time
    (`--max-batch 1`), at concurrency 1, 8 and 32: tokens/s, p50 and p99 latency;
-4. serves it as a 2-stage pipeline replica (two processes) on the device, with the stages' process
+4. serves it in bfloat16 and float16 (`--dtype`) on the device and compares each one's greedy
+   completions run alone with the same prompts run at once (a batch), and with float32's;
+5. serves it as a 2-stage pipeline replica (two processes) on the device, with the stages' process
    group on gloo (activations through host memory) and on NCCL (which needs one GPU per stage: on a
    one-GPU machine it must refuse), and compares the pipeline's greedy completions with one stage's.
 
@@ -128,6 +130,11 @@ async def greedy(port: int, texts: list[str]) -> list[str]:
         return [await complete(session, port, prompt) for prompt in texts]
 
 
+async def greedy_at_once(port: int, texts: list[str]) -> list[str]:
+    async with aiohttp.ClientSession() as session:
+        return list(await asyncio.gather(*(complete(session, port, prompt) for prompt in texts)))
+
+
 async def load(port: int, texts: list[str], concurrency: int) -> dict[str, float]:
     latencies: list[float] = []
     queue = list(texts)
@@ -196,6 +203,17 @@ def main() -> int:
             if isinstance(port, int):
                 texts = prompts(args.requests)
                 report["one_at_a_time"] = {c: asyncio.run(load(port, texts, c)) for c in (1, 8, 32)}
+        for dtype in ("bfloat16", "float16") if args.device == "cuda" else ():
+            with serving(model_dir, logs, dtype, "--device", args.device, "--dtype", dtype) as port:
+                if isinstance(port, int):
+                    alone = asyncio.run(greedy(port, checks))
+                    report[dtype] = {
+                        "batched_vs_alone": same(asyncio.run(greedy_at_once(port, checks)), alone),
+                        "vs_float32": same(alone, one_stage) if one_stage is not None else None,
+                    }
+                else:
+                    report[dtype] = port
+        print(json.dumps(report), flush=True)
         for backend in ("gloo", "nccl"):
             extra = ("--device", args.device, "--pipeline-backend", backend)
             with serving(model_dir, logs, f"pipeline-{backend}", *extra, members=2, wait=90) as port:

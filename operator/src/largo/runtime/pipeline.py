@@ -44,8 +44,9 @@ def join(
 ) -> None:
     """Forms the replica's process group (the leader hosts the store, as rank 0 does for training). Under
     NCCL the group's operations (and its object collectives) run on the current GPU: ``device``'s."""
-    if backend == "nccl" and device is not None:
-        torch.cuda.set_device(device)
+    gpu = gpu_index(device)
+    if backend == "nccl" and gpu is not None:
+        torch.cuda.set_device(gpu)
     dist.init_process_group(
         backend,
         init_method=f"tcp://{leader_address}:{port}",
@@ -57,6 +58,14 @@ def join(
     # form (two stages on one GPU, for one) fails here, before the leader reports ready.
     on = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     dist.all_reduce(torch.zeros(1, device=on))
+
+
+def gpu_index(device: torch.device | None) -> int | None:
+    """The GPU ``device`` names, if it names one: a bare ``cuda`` (``--device cuda``, or ``auto`` on a GPU)
+    is the current GPU, which ``torch.cuda.set_device`` cannot take."""
+    if device is None or device.type != "cuda":
+        return None
+    return device.index
 
 
 def transport_device(device: torch.device) -> torch.device:
