@@ -48,6 +48,14 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
     deployment = next(doc for doc in documents if doc["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 2
     assert "--leader-elect" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "imagePullSecrets" not in deployment["spec"]["template"]["spec"]
+    private = helm(
+        cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3",
+        "--set", "imagePullSecrets[0].name=registry",
+    )  # fmt: skip
+    assert private.returncode == 0, private.stderr
+    pulled = next(doc for doc in yaml.safe_load_all(private.stdout) if doc and doc["kind"] == "Deployment")
+    assert pulled["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "registry"}]
     alone = helm(
         cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3",
         "--set", "operator.leaderElection.enabled=false", "--set", "operator.replicas=2",

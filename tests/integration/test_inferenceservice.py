@@ -178,7 +178,8 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
     services: Services, make_pool: Callable[..., NodePool], cluster: LocalCluster, tmp_path: Path
 ) -> None:
     pool = make_pool(count=4)
-    services.create("llm", pool, replicas=2, nodesPerReplica=2)
+    pulling = {"imagePullSecrets": [{"name": "registry"}]}
+    services.create("llm", pool, replicas=2, nodesPerReplica=2, podTemplate=pulling)
     status = services.wait_ready("llm", 2)
     namespace = services.namespace
     assert status["url"] == f"http://llm.{namespace}.svc"
@@ -212,6 +213,7 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
             "2",
         )
         assert pod.spec.subdomain == "llm-members"
+        assert [secret.name for secret in pod.spec.image_pull_secrets] == ["registry"]
         ports = {port.name for port in pod.spec.containers[0].ports}
         assert ("http" in ports) == (member == 0)
 
@@ -225,6 +227,7 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
     # llm-replicas (written by the controller-manager), which is what it balances over.
     router = client.AppsV1Api(services.api).read_namespaced_deployment("llm-router", namespace)
     assert router.spec.template.spec.service_account_name == "llm-router"
+    assert [secret.name for secret in router.spec.template.spec.image_pull_secrets] == ["registry"]
     assert router.metadata.owner_references[0].name == "llm"
     services.core.read_namespaced_service_account("llm-router", namespace)
     rbac = client.RbacAuthorizationV1Api(services.api)

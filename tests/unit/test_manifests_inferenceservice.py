@@ -421,6 +421,7 @@ def test_resources_pod_template_and_scheduler_name_reach_the_pod() -> None:
             "terminationGracePeriodSeconds": 120,
             "securityContext": {"runAsUser": 1000},
             "containerSecurityContext": RESTRICTED,
+            "imagePullSecrets": [{"name": "registry"}],
         },
         scheduling={"schedulerName": "custom-scheduler"},
     )
@@ -434,6 +435,7 @@ def test_resources_pod_template_and_scheduler_name_reach_the_pod() -> None:
     assert spec["priorityClassName"] == "high"
     assert spec["terminationGracePeriodSeconds"] == 120
     assert spec["securityContext"] == {"runAsUser": 1000}
+    assert spec["imagePullSecrets"] == [{"name": "registry"}]
     assert "automountServiceAccountToken" not in spec  # an account of its own: its token is wanted
     assert container(manifest)["securityContext"] == RESTRICTED  # a restricted namespace admits it
     assert "securityContext" not in container(pod(make()))

@@ -122,6 +122,13 @@ def test_spec_router_sets_replicas_placement_and_the_hold_timeout() -> None:
     assert pod_spec["tolerations"] == [toleration]
     env = {e["name"]: e.get("value") for e in pod_spec["containers"][0]["env"]}
     assert env["LARGO_HOLD_TIMEOUT_SECONDS"] == "30"
+    assert "imagePullSecrets" not in pod_spec
+
+
+def test_the_router_pulls_its_image_with_the_services_pull_secrets() -> None:
+    service = make(podTemplate={"imagePullSecrets": [{"name": "registry"}, {"name": "mirror"}]})
+    pod_spec = build_router_deployment(service)["spec"]["template"]["spec"]
+    assert pod_spec["imagePullSecrets"] == [{"name": "registry"}, {"name": "mirror"}]
 
 
 @pytest.mark.parametrize(

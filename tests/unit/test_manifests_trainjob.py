@@ -303,6 +303,7 @@ def test_pod_template_and_scheduling_pass_through() -> None:
             "containerSecurityContext": RESTRICTED,
             "priorityClassName": "high",
             "terminationGracePeriodSeconds": 120,
+            "imagePullSecrets": [{"name": "registry"}],
         },
     )
     pod = build_pod(job, 0, "n0", attempt=1)
@@ -319,6 +320,8 @@ def test_pod_template_and_scheduling_pass_through() -> None:
     assert spec["priorityClassName"] == "high"
     assert spec["terminationGracePeriodSeconds"] == 120
     assert "terminationGracePeriodSeconds" not in build_pod(make_job(), 0, "n0", attempt=0)["spec"]
+    assert spec["imagePullSecrets"] == [{"name": "registry"}]
+    assert "imagePullSecrets" not in build_pod(make_job(), 0, "n0", attempt=0)["spec"]
     assert pod["metadata"]["labels"]["team"] == "x"
     assert pod["metadata"]["labels"]["largo.dev/attempt"] == "1"
     assert pod["metadata"]["annotations"] == {
@@ -428,3 +431,13 @@ def test_the_reporting_pod_runs_the_trainers_reporting_rank(
         rank for rank, pod in enumerate(pods) if "prometheus.io/scrape" in pod["metadata"]["annotations"]
     ]
     assert serving == [layout.reporter // procs]
+
+
+def test_a_spec_written_before_image_pull_secrets_keeps_its_pod_hash() -> None:
+    """Unset, the field is not in what the hash reads: an operator upgrade restarts no running job."""
+    job = make_job(podTemplate={"nodeSelector": {"pool": "h100"}})
+    shaping = job.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert "imagePullSecrets" not in shaping["podTemplate"]
+    pulling = {"nodeSelector": {"pool": "h100"}, "imagePullSecrets": [{"name": "r"}]}
+    with_secret = make_job(podTemplate=pulling)
+    assert pod_spec_hash(with_secret.spec) != pod_spec_hash(job.spec)

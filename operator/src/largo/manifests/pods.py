@@ -27,6 +27,11 @@ def gpu_tolerations(template: PodTemplate, gpus: int) -> list[JSON]:
     return tolerations
 
 
+def image_pull_secrets(template: PodTemplate) -> list[JSON]:
+    """The pod template's pull secrets as core/v1 LocalObjectReferences."""
+    return [{"name": secret.name} for secret in template.image_pull_secrets or ()]
+
+
 def add_shared_memory(volumes: list[JSON], mounts: list[JSON]) -> None:
     """A memory-backed /dev/shm unless the user mounts one: the container runtime's 64Mi is too small
     for NCCL, DataLoader workers and vLLM's."""
@@ -77,6 +82,8 @@ def pinned_pod_spec(
         pod_spec["tolerations"] = tolerations
     if template.service_account_name is not None:
         pod_spec["serviceAccountName"] = template.service_account_name
+    if template.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = image_pull_secrets(template)
     if template.termination_grace_period_seconds is not None:
         pod_spec["terminationGracePeriodSeconds"] = template.termination_grace_period_seconds
     if template.security_context is not None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from largo.api.v1alpha1 import InferenceService
 from largo.manifests import names
+from largo.manifests.pods import image_pull_secrets
 
 JSON = dict[str, Any]
 
@@ -146,6 +147,12 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
                     "serviceAccountName": names.router_name(name),
                     "terminationGracePeriodSeconds": 30,
                     "containers": [container],
+                    # The router's image is often in the same private registry as the server's.
+                    **(
+                        {"imagePullSecrets": image_pull_secrets(service.spec.pod_template)}
+                        if service.spec.pod_template.image_pull_secrets
+                        else {}
+                    ),
                     **({"nodeSelector": dict(settings.node_selector)} if settings.node_selector else {}),
                     **(
                         {"tolerations": [dict(t) for t in settings.tolerations]}

@@ -345,6 +345,12 @@ class Parallelism(SpecModel):
     pipeline: int = Field(default=1, ge=1, le=1024, description="Stages the layers are split into.")
 
 
+class LocalObjectReference(SpecModel):
+    """An object of the same namespace, by name (core/v1 LocalObjectReference)."""
+
+    name: str = Field(min_length=1, max_length=253)
+
+
 class PodTemplate(SpecModel):
     """Pod-level settings passed through to every pod of the gang."""
 
@@ -357,6 +363,14 @@ class PodTemplate(SpecModel):
     annotations: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     service_account_name: str | None = Field(default=None, min_length=1, max_length=253)
+    # None rather than an empty list when unset: the pods' spec hash of an object written before the
+    # field existed stays the same, so an operator upgrade restarts no job and rolls no service.
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        default=None,
+        max_length=64,
+        description="Secrets of the pods' namespace to pull the images with (a private registry's); an "
+        "InferenceService's router pods use them too.",
+    )
     security_context: FreeForm | None = Field(default=None, description="core/v1 PodSecurityContext.")
     container_security_context: FreeForm | None = Field(
         default=None,
