@@ -40,6 +40,7 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
         "CustomResourceDefinition",
         "CustomResourceDefinition",
         "Deployment",
+        "PodDisruptionBudget",
         "Role",
         "RoleBinding",
         "Service",
@@ -49,6 +50,21 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
     assert deployment["spec"]["replicas"] == 2
     assert "--leader-elect" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "imagePullSecrets" not in deployment["spec"]["template"]["spec"]
+    # A drain takes the leader and its standby one at a time, and they preferably run on two nodes.
+    budget = next(doc for doc in documents if doc["kind"] == "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    spread = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    term = spread["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    single = helm(
+        cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3",
+        "--set", "operator.leaderElection.enabled=false", "--set", "operator.replicas=1",
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    assert "PodDisruptionBudget" not in single.stdout  # one replica: a budget would block every drain
+    assert "podAntiAffinity" not in single.stdout
     private = helm(
         cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3",
         "--set", "imagePullSecrets[0].name=registry",
@@ -105,6 +121,8 @@ def test_helm_install_runs_the_operator_with_least_privilege(
         apps = client.AppsV1Api(api)
         deployment = apps.read_namespaced_deployment("largo-operator", namespace)
         assert deployment.status.ready_replicas == 2  # a leader and a standby
+        budget = client.PolicyV1Api(api).read_namespaced_pod_disruption_budget("largo-operator", namespace)
+        assert budget.spec.max_unavailable == 1
         account = f"system:serviceaccount:{namespace}:largo-operator"
 
         def can(verb: str, resource: str) -> bool:
