@@ -8,7 +8,10 @@
    (`--max-batch 1`), at concurrency 1, 8 and 32: tokens/s, p50 and p99 latency;
 4. serves it in bfloat16 and float16 (`--dtype`) on the device and compares each one's greedy
    completions run alone with the same prompts run at once (a batch), and with float32's;
-5. serves it as a 2-stage pipeline replica (two processes) on the device, with the stages' process
+5. trains it with FSDP under largo's launcher (``python -m largo.runtime.launch``, torchrun), 60 steps
+   straight and 40 then resumed to 60, compares the two runs' losses, and serves the sharded
+   checkpoint on the device and on the CPU;
+6. serves it as a 2-stage pipeline replica (two processes) on the device, with the stages' process
    group on gloo (activations through host memory) and on NCCL (which needs one GPU per stage: on a
    one-GPU machine it must refuse), and compares the pipeline's greedy completions with one stage's.
 
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import statistics
 import subprocess
@@ -56,20 +60,36 @@ def prompts(count: int) -> list[str]:
     return [text[i * step : i * step + 32] for i in range(count)]
 
 
-def train(directory: Path, device: str, steps: int, log: Path) -> dict[str, Any]:
+def train(
+    directory: Path, device: str, steps: int, log: Path, *extra: str, every: int = 0, launcher: bool = False
+) -> dict[str, Any]:
+    """The reference trainer, as one process or one worker under largo's torchrun (``launcher``)."""
     backend = "nccl" if device == "cuda" else "gloo"
-    command = [sys.executable, "-m", "largo.runtime.train", *SHAPE, "--batch-size", "32"]
-    command += ["--steps", str(steps), "--checkpoint-dir", str(directory), "--backend", backend]
-    command += ["--checkpoint-every", str(steps), "--log-every", "50", "--report-every-seconds", "1000"]
+    start = [sys.executable, "-m", "largo.runtime.train"]
+    if launcher:
+        start = [sys.executable, "-m", "largo.runtime.launch", "--standalone", "--nproc-per-node", "1"]
+        start += ["-m", "largo.runtime.train"]
+    command = [*start, *SHAPE, "--batch-size", "32", "--backend", backend, *extra]
+    command += [
+        "--steps",
+        str(steps),
+        "--checkpoint-dir",
+        str(directory),
+        "--checkpoint-every",
+        str(every or steps),
+    ]
+    command += ["--log-every", "10", "--report-every-seconds", "1000"]
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     log.write_text(result.stdout + result.stderr)
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    resumed = re.search(r"resumed from checkpoint of step (\d+)", result.stderr)
     return {
         "exit_code": result.returncode,
         "seconds": round(time.monotonic() - started, 1),
         "final_loss": lines[-1]["loss"] if lines else None,
         "tokens_per_second": round(lines[-1]["tokens_per_second"]) if lines else None,
+        "resumed_from": int(resumed.group(1)) if resumed else None,
     }
 
 
@@ -169,8 +189,11 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--small", action="store_true", help="the default model (a rehearsal on a CPU)")
     parser.add_argument("--out", type=Path, default=Path("gpu-check.json"))
     args = parser.parse_args()
+    if args.small:
+        SHAPE[:] = []
     report: dict[str, Any] = {"device": args.device}
     try:
         import torch
@@ -213,6 +236,28 @@ def main() -> int:
                     }
                 else:
                     report[dtype] = port
+        print(json.dumps(report), flush=True)
+        fsdp = {"straight": Path(scratch) / "fsdp-straight", "resumed": Path(scratch) / "fsdp-resumed"}
+        report["fsdp"] = {
+            "straight": train(
+                fsdp["straight"], args.device, 60, logs / "fsdp.log", "--fsdp", every=20, launcher=True
+            ),
+            "first_40": train(
+                fsdp["resumed"], args.device, 40, logs / "fsdp-40.log", "--fsdp", every=20, launcher=True
+            ),
+            "resumed": train(
+                fsdp["resumed"], args.device, 60, logs / "fsdp-60.log", "--fsdp", every=20, launcher=True
+            ),
+        }
+        with serving(fsdp["straight"], logs, "fsdp-cpu", "--device", "cpu") as port:
+            fsdp_cpu = asyncio.run(greedy(port, checks)) if isinstance(port, int) else port
+        with serving(fsdp["straight"], logs, "fsdp-device", "--device", args.device) as port:
+            fsdp_device = asyncio.run(greedy(port, checks)) if isinstance(port, int) else port
+        report["fsdp"]["served_device_vs_cpu"] = (
+            same(fsdp_device, fsdp_cpu)
+            if isinstance(fsdp_device, list) and isinstance(fsdp_cpu, list)
+            else {"device": fsdp_device, "cpu": fsdp_cpu}
+        )
         print(json.dumps(report), flush=True)
         for backend in ("gloo", "nccl"):
             extra = ("--device", args.device, "--pipeline-backend", backend)
