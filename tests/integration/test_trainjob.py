@@ -408,12 +408,18 @@ def test_a_refused_pod_create_is_told_and_the_job_runs_once_allowed(
     assert "exceeded quota" in cluster.kubectl("describe", "tj", "refused", "-n", jobs.namespace).stdout
 
     # The refusal lasts the binding timeout (10 s here): the gang's GPUs are given back.
+    # Each release in a row waits out a backoff (1 s, then 2 s here) before its next admission.
     jobs.wait(
         "refused",
-        lambda s: int(s.get("attempt") or 0) >= 1 and s.get("restarts") == 0,
+        lambda s: (
+            int(s.get("attempt") or 0) >= 1 and s.get("restarts") == 0 and int(s.get("releases") or 0) >= 1
+        ),
         "the gang released without counting a restart",
     )
-    assert any("gang released and queued again" in message for _, message in jobs.events("refused"))
+    assert any(
+        "gang released and queued again (release 1 in a row: admitted again no sooner than in 1s)" in message
+        for _, message in jobs.events("refused")
+    )
 
     jobs.core.delete_namespaced_resource_quota("no-pods", jobs.namespace)
     jobs.wait_phase("refused", "Running")
@@ -423,6 +429,9 @@ def test_a_refused_pod_create_is_told_and_the_job_runs_once_allowed(
     created = [c for c in jobs.status("refused").get("conditions") or [] if c["type"] == "PodsCreated"]
     assert [c["status"] for c in created] in ([], ["True"])
     assert len(jobs.live_pods("refused")) == 2
+    ran = jobs.status("refused")
+    assert "releases" not in ran  # it ran: a later release starts from the shortest backoff
+    assert "nextAdmissionTime" not in ran
 
 
 def test_a_foreign_object_with_the_job_s_child_name_is_a_name_conflict(

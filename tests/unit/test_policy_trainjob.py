@@ -537,6 +537,52 @@ def test_refused_creates_are_recorded_and_release_the_gang_after_the_binding_tim
     assert released.wake_scheduler
 
 
+def test_releases_in_a_row_wait_longer_before_the_next_admission_and_running_resets_them() -> None:
+    """A refusal that lasts (a quota) must not take the GPUs back at every pass ahead of the queue."""
+    timings = Timings(base=10, cap=300, binding_timeout=30)
+    starting = plan(job(status=admitted()), [], NONE, NONE, NOW, timings).status
+    patch, _ = creation_refused(starting, "CreateRefused", "exceeded quota", NOW, 1)
+    first = plan(job(status={**starting, **patch}), [], NONE, NONE, NOW + 30, timings)
+    assert first.status["releases"] == 1
+    assert first.status["nextAdmissionTime"] == timestamp(NOW + 40)
+    assert first.requeue_after == pytest.approx(10)
+    assert "admitted again no sooner than in 10s" in first.events[0].message
+
+    # Queued in its backoff: nothing for the scheduler until the time, then it is woken.
+    early = plan(job(status=first.status), [], NONE, NONE, NOW + 35, timings)
+    assert early.requeue_after == pytest.approx(5)
+    assert not early.wake_scheduler
+    due = plan(job(status=first.status), [], NONE, NONE, NOW + 40, timings)
+    assert due.wake_scheduler
+
+    # Admitted again (the scheduler clears the time) and refused again: twice the wait.
+    again = {**first.status, **admitted(attempt=1)}
+    again.pop("nextAdmissionTime")
+    patch, _ = creation_refused(again, "CreateRefused", "exceeded quota", NOW + 41, 1)
+    second = plan(job(status={**again, **patch}), [], NONE, NONE, NOW + 71, timings)
+    assert second.status["releases"] == 2
+    assert second.status["nextAdmissionTime"] == timestamp(NOW + 91)
+
+    # Its pods all ran: the count starts over.
+    ran = [pod(0, attempt=2), pod(1, attempt=2)]
+    running = plan(job(status=admitted(attempt=2, releases=2)), ran, NONE, NONE, NOW)
+    assert running.status["phase"] == Phase.RUNNING
+    assert "releases" not in running.status
+
+
+def test_a_spec_change_requeues_at_once_and_a_resume_ends_a_backoff() -> None:
+    status = _hashed(admitted(releases=3), "old")
+    changed = plan(job(status=status, spec_hash="new"), [pod(0, "Pending")], NONE, NONE, NOW)
+    assert [e.reason for e in changed.events] == ["SpecChanged"]
+    assert changed.status["phase"] == Phase.QUEUED
+    assert "nextAdmissionTime" not in changed.status  # the user's edit: no backoff
+    waiting = {"phase": Phase.SUSPENDED, "releases": 3, "nextAdmissionTime": timestamp(NOW + 300)}
+    resumed = plan(job(status=waiting), [], NONE, NONE, NOW)
+    assert resumed.status["phase"] == Phase.QUEUED
+    assert "nextAdmissionTime" not in resumed.status
+    assert "releases" not in resumed.status
+
+
 def test_an_earlier_attempt_s_refusal_does_not_release_the_next_admission() -> None:
     """Refused (quota), then suspended and resumed once the quota was raised: the new admission's
     creates get their own binding timeout, not the old refusal's age."""

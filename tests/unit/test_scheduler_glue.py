@@ -30,7 +30,13 @@ def _node(name: str, gpus: int = 8) -> Any:
     )
 
 
-def _job(name: str, gpus: int = 8, nodes: int = 1, created: str = "2027-01-15T08:00:00Z") -> JobEntry:
+def _job(
+    name: str,
+    gpus: int = 8,
+    nodes: int = 1,
+    created: str = "2027-01-15T08:00:00Z",
+    status: Mapping[str, Any] | None = None,
+) -> JobEntry:
     return job_entry(
         {
             "apiVersion": "largo.dev/v1alpha1",
@@ -44,6 +50,7 @@ def _job(name: str, gpus: int = 8, nodes: int = 1, created: str = "2027-01-15T08
                 "generation": 1,
             },
             "spec": {"image": "i", "numNodes": nodes, "resourcesPerNode": {"nvidia.com/gpu": gpus}},
+            "status": dict(status or {}),
         }
     )
 
@@ -213,3 +220,26 @@ def test_a_failed_admission_fails_the_pass_only_once_the_others_are_written() ->
     assert "b" in placed
     assert len(placed) == 2
     assert sorted(node for nodes in placed.values() for node in nodes) == ["n0", "n1"]
+
+
+def test_a_released_gang_in_its_backoff_leaves_the_gpus_to_the_next_in_the_queue() -> None:
+    """A job whose pods keep being refused waits out its backoff: the later job gets the node, and once
+    the backoff is over the released one is admitted again, the time cleared."""
+    backing_off = {"phase": "Queued", "attempt": 1, "releases": 1}
+    backing_off["nextAdmissionTime"] = "2027-01-15T09:00:10Z"
+    released = _job("released", status=backing_off)
+    later = _job("later", created="2027-01-15T08:30:00Z")
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0")], [released, later])
+    scheduler.clock = lambda: 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    asyncio.run(scheduler.run_pass())
+    admitted = [name for name, status in kube.writes if status.get("phase") == "Starting"]
+    assert admitted == ["later"]
+
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0")], [released])
+    scheduler.clock = lambda: 1_800_003_610.0  # 09:00:10, the backoff over
+    asyncio.run(scheduler.run_pass())
+    assert [name for name, _ in kube.writes] == ["released"]
+    assert kube.writes[0][1]["phase"] == "Starting"
+    assert kube.writes[0][1]["nextAdmissionTime"] is None

@@ -186,8 +186,12 @@ class Scheduler:
         self._settle_groups(services)
         nodes: list[NodeInfo] = index_values(self.nodes)
         usage = self.usage(entries, services)
-        queued = [entry for entry in entries if entry.admissible and entry.key not in self._pending]
         now = self.clock()
+        queued = [
+            entry
+            for entry in entries
+            if entry.admissible and entry.due(now) and entry.key not in self._pending
+        ]
         groups: dict[str, tuple[ServiceEntry, GroupRecord]] = {}
         for service in services:
             for group in service.waiting(now):
@@ -315,6 +319,7 @@ class Scheduler:
                 **({"specHash": pod_spec_hash(entry.job.spec)} if entry.job is not None else {}),
             },
             "queue": None,
+            "nextAdmissionTime": None,
             "conditions": conditions,
             **summary(conditions),
         }

@@ -58,6 +58,8 @@ class JobEntry:
     # The spec parsed once per version of the object, or why it cannot be run.
     job: TrainJob | None
     invalid: str | None
+    # Epoch seconds before which a released gang is not admitted again (its backoff), if any.
+    admissible_from: float | None = None
 
     @property
     def per_pod(self) -> Mapping[str, int]:
@@ -75,6 +77,10 @@ class JobEntry:
     def admissible(self) -> bool:
         """Waiting for admission: queued, or new (a job that fits at once skips the Queued round trip)."""
         return self.request is not None and not self.suspended and self.phase in (None, Phase.QUEUED)
+
+    def due(self, now: float) -> bool:
+        """Past any backoff of a released gang."""
+        return self.admissible_from is None or self.admissible_from <= now
 
     @property
     def active(self) -> bool:
@@ -140,6 +146,7 @@ def job_entry(body: Mapping[str, Any]) -> JobEntry:
         body=dict(body),
         job=job,
         invalid=invalid,
+        admissible_from=parse_timestamp(status.get("nextAdmissionTime")),
     )
 
 

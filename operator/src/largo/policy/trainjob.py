@@ -87,6 +87,10 @@ class JobView:
         return int(self.status.get("restarts") or 0)
 
     @property
+    def releases(self) -> int:
+        return int(self.status.get("releases") or 0)
+
+    @property
     def placement_nodes(self) -> tuple[str, ...] | None:
         return status_placement(self.status)
 
@@ -250,6 +254,8 @@ def plan(
         b.plan.delete_pods = tuple(pod.name for pod in pods if not pod.terminating)
     elif phase == Phase.RESTARTING:
         _restarting(b, pods, lost_nodes)
+    elif phase == Phase.QUEUED:
+        _released_backoff(b)
     elif phase in (Phase.STARTING, Phase.RUNNING) and job.placement_nodes is not None:
         earlier = [pod for pod in pods if pod.attempt != job.attempt]
         _active(b, current, earlier, job.placement_nodes, unusable_nodes, lost_nodes, timings)
@@ -387,11 +393,26 @@ def _enqueue(b: _Builder, resumed: bool) -> None:
     b.status.pop("placement", None)
     b.condition(ConditionType.ADMITTED, False, Reason.QUEUED, "waiting for the gang scheduler")
     if resumed:
+        # Someone acted on the job: a backoff from before its suspension is over.
+        b.status.pop("nextAdmissionTime", None)
+        b.status.pop("releases", None)
         b.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "the job was resumed")
         b.event(False, Reason.RESUMED, "resumed: queued for admission")
     else:
         b.event(False, Reason.QUEUED, "queued for gang admission")
     b.plan.wake_scheduler = True
+
+
+def _released_backoff(b: _Builder) -> None:
+    """A released gang's backoff: the scheduler leaves the job be until ``nextAdmissionTime``, and is
+    woken once it passed (it clears the time as it admits the job)."""
+    due = parse_timestamp(b.job.status.get("nextAdmissionTime"))
+    if due is None:
+        return
+    if b.now < due:
+        b.plan.after(due - b.now)
+    else:
+        b.plan.wake_scheduler = True
 
 
 def _suspend(b: _Builder, pods: Sequence[PodView]) -> None:
@@ -609,6 +630,7 @@ def _active(
             b.event(True, Reason.PODS_NOT_STARTING, message)
     if job.phase == Phase.STARTING and len(current) == job.num_nodes and running == job.num_nodes:
         b.phase(Phase.RUNNING)
+        b.status.pop("releases", None)  # placed and created: the next release waits the shortest
         message = f"all {job.num_nodes} pods running on {', '.join(sorted(set(placement)))}"
         b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
         b.condition(ConditionType.RESTARTING, False, Reason.PODS_RUNNING, message)
@@ -732,8 +754,19 @@ def _handle_failure(
         b.status["conditions"] = [
             c for c in b.status.get("conditions") or [] if c.get("type") != ConditionType.PODS_CREATED
         ]
+        queued_again = "gang released and queued again"
+        if reason != Reason.SPEC_CHANGED:
+            # A refusal that lasts (a quota, a webhook, a node the kube-scheduler keeps refusing) would
+            # otherwise take the GPUs back at every pass, a binding timeout each time, ahead of the
+            # queue: each release in a row waits longer before its next admission.
+            releases = job.releases + 1
+            delay = timings.delay(releases)
+            b.status["releases"] = releases
+            b.status["nextAdmissionTime"] = timestamp(b.now + delay)
+            queued_again += f" (release {releases} in a row: admitted again no sooner than in {delay:.0f}s)"
+            b.plan.after(delay)
         b.condition(ConditionType.ADMITTED, False, reason, message)
-        b.event(True, reason, f"{message}; gang released and queued again")
+        b.event(True, reason, f"{message}; {queued_again}")
         b.plan.wake_scheduler = True
         return
     if job.restarts >= job.backoff_limit:

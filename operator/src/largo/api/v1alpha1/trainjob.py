@@ -630,6 +630,15 @@ class TrainJobStatus(StatusModel):
     next_restart_time: datetime | None = Field(
         default=None, description="When a gang waiting out its restart backoff is recreated."
     )
+    releases: int | None = Field(
+        default=None,
+        ge=0,
+        description="Gangs released in a row since the job last ran because their pods could not be "
+        "created or bound (not counted as restarts); each waits longer before its next admission.",
+    )
+    next_admission_time: datetime | None = Field(
+        default=None, description="When a released gang may be admitted again (its backoff)."
+    )
     queue: QueueStatus | None = None
     placement: Placement | None = None
     progress: Progress | None = Field(
