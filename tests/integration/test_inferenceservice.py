@@ -630,3 +630,44 @@ def test_a_rollout_whose_new_pods_keep_failing_stops_and_the_old_replicas_keep_s
     # Fixing the spec (back to a working image) ends the stall.
     services.patch_spec("bad", {"runtime": {"image": None}})
     services.wait_condition("bad", "Progressing", "True", "RolloutComplete")
+
+
+def test_a_group_whose_pods_are_refused_gives_its_gpus_back_and_serves_once_allowed(
+    services: Services, jobs: Jobs, make_pool: Callable[..., NodePool]
+) -> None:
+    """A quota that refuses a group's pods must not keep its GPUs reserved: after the binding timeout
+    (10 s here) the group is restarted without nodes, and a job queued behind it is admitted."""
+    pool = make_pool(count=1)
+    quota = {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    services.core.create_namespaced_resource_quota(services.namespace, quota)
+
+    def quota_observed() -> bool:
+        observed = services.core.read_namespaced_resource_quota("no-pods", services.namespace).status
+        return bool(observed and observed.hard)
+
+    wait_for(quota_observed, TIMEOUT, "the quota observed by the controller-manager")
+    services.create("refused", pool)
+    status = services.wait(
+        "refused",
+        lambda s: any(g.get("nodes") and g.get("createRefused") for g in s.get("groups") or []),
+        "the refusal recorded on the admitted group",
+    )
+    refusal = status["groups"][0]["createRefused"]
+    assert refusal["reason"] == "CreateRefused"
+    assert "exceeded quota: no-pods" in refusal["message"]
+    jobs.create("behind", pool, num_nodes=1)  # the node's 8 GPUs are the group's: it waits
+    jobs.wait("behind", lambda s: s.get("phase") == "Queued", "the job queued behind the group")
+
+    def released() -> bool:
+        return any(
+            reason == "GroupRestarted" and "its pods were refused for 10s" in message
+            for reason, message in services.events("refused")
+        )
+
+    wait_for(released, TIMEOUT, "the group restarted for its refused pods", services.operator.assert_alive)
+    jobs.wait("behind", lambda s: s.get("phase") in ("Starting", "Running"), "the job admitted on the GPUs")
+
+    jobs.custom.delete_namespaced_custom_object(GROUP, VERSION, jobs.namespace, "trainjobs", "behind")
+    services.core.delete_namespaced_resource_quota("no-pods", services.namespace)
+    services.wait_ready("refused", 1)
+    assert all("createRefused" not in group for group in services.status("refused")["groups"])

@@ -28,6 +28,7 @@ from largo.policy.inferenceservice import (
     ServicePlan,
     ServiceView,
     desired_replicas,
+    group_creation_refused,
     group_requests_pending,
     member_pod,
     plan,
@@ -920,6 +921,60 @@ def test_a_member_that_cannot_bind_for_the_binding_timeout_restarts_its_group() 
     assert "Insufficient nvidia.com/gpu" in message
     sim.pods["llama-r0-node-1"] = replace(stuck, unschedulable_since=sim.now - 5)
     assert restarted(sim.plan()) == []  # not yet
+
+
+def test_a_group_whose_pods_are_refused_gives_its_gpus_back_after_the_binding_timeout() -> None:
+    """A quota that refuses a scaled-up group's pods must not keep its GPUs reserved for good: after
+    the binding timeout the group is restarted (queued again after its backoff, without nodes)."""
+    sim = Sim(spec_of(replicas=1, nodesPerReplica=2))
+    sim.cycle()  # the group is queued, then admitted by the scheduler
+    decision = sim.plan()
+    assert [c.member for c in decision.create] == [0, 1]
+    message = 'pods "llama-r0-node-0" is forbidden: exceeded quota: gpus'
+    groups, news = group_creation_refused(sim.status, {0: 0}, "CreateRefused", message, sim.now)
+    assert news
+    refusal = groups[0]["createRefused"]
+    assert refusal == {
+        "attempt": 0,
+        "since": timestamp(sim.now),
+        "reason": "CreateRefused",
+        "message": message,
+    }
+    recorded = {**sim.status, "groups": groups}
+    again, news = group_creation_refused(recorded, {0: 0}, "CreateRefused", message, sim.now + 5)
+    assert not news  # the same refusal is told once
+    assert again[0]["createRefused"]["since"] == timestamp(sim.now)  # when the refusals began
+    other_attempt, _ = group_creation_refused(sim.status, {0: 3}, "CreateRefused", message, sim.now)
+    assert other_attempt == sim.status["groups"]
+    sim.status = {**sim.status, "groups": again}
+    check_service_status(sim.status)
+
+    sim.now += 10
+    waiting = sim.plan()
+    assert restarted(waiting) == []
+    assert waiting.requeue_after == pytest.approx(20)  # woken when the binding timeout is over
+    assert group_of(waiting.status, 0)["nodes"]
+
+    sim.now += 20
+    released = sim.plan()
+    (said,) = restarted(released)
+    assert "its pods were refused for 30s: " + message in said
+    group = group_of(released.status, 0)
+    assert group["nodes"] == []  # the GPUs are free for others
+    assert group["attempt"] == 1
+    assert "createRefused" not in group
+    assert released.create == []
+    check_service_status(released.status)
+
+
+def test_a_refusal_is_forgotten_once_every_member_exists() -> None:
+    sim = ready_service(replicas=1)
+    group = group_of(sim.status, 0)
+    since = timestamp(NOW - 100)
+    group["createRefused"] = {"attempt": 0, "since": since, "reason": "CreateRefused", "message": "m"}
+    decision = sim.plan()
+    assert restarted(decision) == []
+    assert "createRefused" not in group_of(decision.status, 0)
 
 
 def test_failures_outside_a_rollout_never_stop_scaling() -> None:

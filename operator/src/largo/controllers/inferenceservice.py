@@ -33,6 +33,7 @@ from largo.policy.inferenceservice import (
     ModelResolution,
     ServicePlan,
     ServiceView,
+    group_creation_refused,
     member_pod,
     plan,
     resolve_model,
@@ -219,7 +220,7 @@ class InferenceServiceReconciler:
                 build.build_pod(service, model, c.replica, c.member, c.node, c.attempt, self.default_image)
                 for c in decision.create
             ]
-            await self._create(written, pods)
+            await self._create(written, pods, {c.replica: c.attempt for c in decision.create})
         return decision.requeue_after
 
     async def make_network(self, key: JobKey, owner: Mapping[str, Any], service: InferenceService) -> None:
@@ -247,7 +248,14 @@ class InferenceServiceReconciler:
                 del self._networked[key]
             raise
 
-    async def _create(self, owner: Mapping[str, Any], manifests: list[dict[str, Any]]) -> None:
+    async def _create(
+        self,
+        owner: Mapping[str, Any],
+        manifests: list[dict[str, Any]],
+        groups: Mapping[int, int] | None = None,
+    ) -> None:
+        """Creates ``manifests`` at once; a refusal is told (and, for the pods of ``groups``, replica ->
+        attempt, recorded on those groups), then raised for back-off."""
         namespace = owner["metadata"]["namespace"]
         results = await asyncio.gather(
             *(self.kube.create(namespace, owned(manifest, owner)) for manifest in manifests),
@@ -256,10 +264,30 @@ class InferenceServiceReconciler:
         failures = [result for result in results if isinstance(result, BaseException)]
         refused = [failure for failure in failures if isinstance(failure, CreateRefused)]
         if refused:
-            logger.warning("%s/%s: %s", namespace, owner["metadata"]["name"], refused[0].message)
-            await self.kube.event(owner, "Warning", refused[0].reason, refused[0].message)
+            news = True
+            if groups:
+                news = await self._record_refusal(owner, groups, refused[0])
+            if news:
+                logger.warning("%s/%s: %s", namespace, owner["metadata"]["name"], refused[0].message)
+                await self.kube.event(owner, "Warning", refused[0].reason, refused[0].message)
         if failures:
             raise (refused or failures)[0]
+
+    async def _record_refusal(
+        self, body: Mapping[str, Any], groups: Mapping[int, int], refused: CreateRefused
+    ) -> bool:
+        """Records on the groups when their pods began to be refused (their GPUs are given back after
+        the binding timeout); whether the refusal is news."""
+        metadata = body["metadata"]
+        status = body.get("status") or {}
+        updated, news = group_creation_refused(status, groups, refused.reason, refused.message, self.clock())
+        if updated != list(status.get("groups") or []):
+            check_service_status({**status, "groups": updated})
+            written = await self.kube.patch_service_status(
+                metadata["namespace"], metadata["name"], metadata.get("resourceVersion"), {"groups": updated}
+            )
+            self._hints[(metadata["namespace"], metadata["name"])] = written
+        return news
 
     async def _apply_owned(self, owner: Mapping[str, Any], manifest: dict[str, Any]) -> None:
         try:

@@ -286,6 +286,33 @@ def _backoff(restarts: int) -> float:
     return float(min(RESTART_BACKOFF_BASE * 2 ** max(restarts - 1, 0), RESTART_BACKOFF_CAP))
 
 
+def _refused_since(group: Mapping[str, Any], attempt: int) -> float | None:
+    """When the API server began refusing this attempt's pods (``group_creation_refused``), if it does."""
+    refusal = group.get("createRefused")
+    if not isinstance(refusal, Mapping) or refusal.get("attempt") != attempt:
+        return None
+    return parse_timestamp(refusal.get("since"))
+
+
+def group_creation_refused(
+    status: Mapping[str, Any], refused: Mapping[int, int], reason: str, message: str, now: float
+) -> tuple[list[dict[str, Any]], bool]:
+    """The status's groups with a refused create recorded on each group of ``refused`` (replica ->
+    attempt whose pods were refused), and whether it is news (worth an event). ``since`` stays when the
+    refusals began: ``plan`` releases the group's GPUs once they have lasted the binding timeout."""
+    groups = [dict(group) for group in status.get("groups") or []]
+    news = False
+    for group in groups:
+        attempt = refused.get(int(group.get("replica", -1)))
+        if attempt is None or int(group.get("attempt") or 0) != attempt or not group.get("nodes"):
+            continue
+        before = group.get("createRefused") if _refused_since(group, attempt) is not None else None
+        since = before.get("since") if isinstance(before, Mapping) else timestamp(now)
+        news = news or not isinstance(before, Mapping) or before.get("message") != message
+        group["createRefused"] = {"attempt": attempt, "since": since, "reason": reason, "message": message}
+    return groups, news
+
+
 def plan(
     view: ServiceView,
     resolution: ModelResolution,
@@ -340,19 +367,32 @@ def plan(
             and p.unschedulable_since is not None
             and now - p.unschedulable_since >= view.binding_timeout
         ]
-        if failed or lost or unbound:
+        refused = _refused_since(group, attempt) if len(current) < len(nodes) else None
+        if current and len(current) == len(nodes):
+            group.pop("createRefused", None)  # every member exists: whatever was refused got through
+        refused_too_long = refused is not None and now - refused >= view.binding_timeout
+        if refused is not None and not refused_too_long:
+            out.requeue_after = _soonest(out.requeue_after, refused + view.binding_timeout - now)
+        if failed or lost or unbound or refused_too_long:
             if failed:
                 pod = failed[0]
                 what = "was deleted" if pod.terminating else pod.phase.lower()
                 cause = f"member {pod.member} ({pod.name}) {what}"
             elif lost:
                 cause = f"node {', '.join(lost)} lost"
-            else:
+            elif unbound:
                 pod = unbound[0]
                 cause = (
                     f"member {pod.member} ({pod.name}) could not be bound to {nodes[pod.member]} for "
                     f"{view.binding_timeout:.0f}s: {pod.unschedulable_message}"
                 )
+            else:
+                # Its GPUs were held for pods that never came: give them back, try again after a backoff.
+                cause = (
+                    f"its pods were refused for {view.binding_timeout:.0f}s: "
+                    f"{group['createRefused'].get('message')}"
+                )
+            group.pop("createRefused", None)
             restarts = int(group.get("restarts") or 0) + 1
             after = now + _backoff(restarts)
             out.delete += [p.name for p in current.values() if not p.terminating]

@@ -417,6 +417,17 @@ class ServedModel(StatusModel):
     summary: str | None = Field(default=None, description="Shown in the MODEL column.")
 
 
+class CreateRefusal(StatusModel):
+    """The API server refuses the pods of a group's attempt (a quota, a webhook, PodSecurity)."""
+
+    attempt: int = Field(ge=0)
+    since: datetime = Field(
+        description="When the refusals began: the group's GPUs are released after the binding timeout."
+    )
+    reason: str = Field(max_length=128, description="CreateRefused or NameConflict.")
+    message: str = Field(max_length=32768, description="The API server's message.")
+
+
 class GroupStatus(StatusModel):
     """One replica group: queued (no nodes) until the gang scheduler admits it whole."""
 
@@ -435,6 +446,7 @@ class GroupStatus(StatusModel):
     restart_after: datetime | None = Field(default=None, description="A failed group waits till then.")
     retiring: bool = Field(default=False, description="Being drained and removed (rollout or scale-down).")
     queue: QueueStatus | None = Field(default=None, description="Why it waits, while not admitted.")
+    create_refused: CreateRefusal | None = Field(default=None, description="Why its pods are not created.")
 
 
 class ScalingDecision(StatusModel):
