@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client import ApiException
-from largo.controllers.kube import CreateRefused, Kube
+from largo.controllers.kube import MESSAGE_LIMIT, CreateRefused, Kube
 from largo.controllers.leader import LeaderGate, NotLeader
 from largo.controllers.workqueue import Retry
 
@@ -69,6 +69,23 @@ def test_a_refused_create_carries_the_api_message() -> None:
         asyncio.run(_kube(FakeCore(_refusal(403, quota))).create("ns", SERVICE))
     assert raised.value.reason == "CreateRefused"
     assert raised.value.message == quota
+
+
+def test_a_throttled_or_failing_api_server_is_a_retry_not_a_refusal() -> None:
+    """A refusal that lasts releases the gang's GPUs: a 429 or a 5xx must not count as one."""
+    for status in (429, 500, 503, 504):
+        with pytest.raises(Retry) as raised:
+            asyncio.run(_kube(FakeCore(_refusal(status, "slow down"))).create("ns", SERVICE))
+        assert not isinstance(raised.value, CreateRefused), status
+        assert "slow down" in str(raised.value)
+
+
+def test_a_long_refusal_message_is_cut_to_what_a_status_holds() -> None:
+    webhook = "denied: " + "x" * 40_000
+    with pytest.raises(CreateRefused) as raised:
+        asyncio.run(_kube(FakeCore(_refusal(400, webhook))).create("ns", SERVICE))
+    assert len(raised.value.message) == MESSAGE_LIMIT
+    assert raised.value.message.startswith("denied: xxx")
 
 
 def test_a_name_taken_by_a_foreign_object_is_a_conflict() -> None:

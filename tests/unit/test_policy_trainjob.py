@@ -554,6 +554,21 @@ def test_releases_in_a_row_wait_longer_before_the_next_admission_and_running_res
     assert not early.wake_scheduler
     due = plan(job(status=first.status), [], NONE, NONE, NOW + 40, timings)
     assert due.wake_scheduler
+    assert "nextAdmissionTime" not in due.status  # over: nothing left to wake the scheduler for
+
+    # The spec edited in the backoff (the fix for what was refused, perhaps): admissible at once.
+    waiting = {**first.status, "observedGeneration": 1}
+    edited = plan(job(status=waiting, generation=2), [], NONE, NONE, NOW + 35, timings)
+    assert edited.wake_scheduler
+    assert "nextAdmissionTime" not in edited.status
+    unedited = plan(job(status=waiting, generation=1), [], NONE, NONE, NOW + 35, timings)
+    assert unedited.status["nextAdmissionTime"] == timestamp(NOW + 40)
+
+    # Past its deadline in the backoff: it fails, and shows no admission to come.
+    started = {**first.status, "startTime": timestamp(NOW - 100)}
+    failed = plan(job(status=started, active_deadline_seconds=60), [], NONE, NONE, NOW + 35, timings)
+    assert failed.status["phase"] == Phase.FAILED
+    assert "nextAdmissionTime" not in failed.status
 
     # Admitted again (the scheduler clears the time) and refused again: twice the wait.
     again = {**first.status, **admitted(attempt=1)}

@@ -22,7 +22,7 @@ from largo.api.v1alpha1 import (
     sanitize_service_status,
 )
 from largo.controllers.autoscaler import ANNOTATION_SCALING
-from largo.controllers.kube import CreateRefused, Kube
+from largo.controllers.kube import ConflictError, CreateRefused, Kube
 from largo.controllers.objects import newer, owned, status_patch
 from largo.controllers.scheduler import KeyedIndex
 from largo.controllers.state import JobKey, ServiceEntry
@@ -220,7 +220,11 @@ class InferenceServiceReconciler:
                 build.build_pod(service, model, c.replica, c.member, c.node, c.attempt, self.default_image)
                 for c in decision.create
             ]
-            await self._create(written, pods, {c.replica: c.attempt for c in decision.create})
+            groups = {
+                names.member_pod_name(name, create.replica, create.member): (create.replica, create.attempt)
+                for create in decision.create
+            }
+            await self._create(written, pods, groups)
         return decision.requeue_after
 
     async def make_network(self, key: JobKey, owner: Mapping[str, Any], service: InferenceService) -> None:
@@ -252,10 +256,10 @@ class InferenceServiceReconciler:
         self,
         owner: Mapping[str, Any],
         manifests: list[dict[str, Any]],
-        groups: Mapping[int, int] | None = None,
+        groups: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
-        """Creates ``manifests`` at once; a refusal is told (and, for the pods of ``groups``, replica ->
-        attempt, recorded on those groups), then raised for back-off."""
+        """Creates ``manifests`` at once; a refusal is told (and, for pods of ``groups``, pod name ->
+        (replica, attempt), recorded on their groups), then raised for back-off."""
         namespace = owner["metadata"]["namespace"]
         results = await asyncio.gather(
             *(self.kube.create(namespace, owned(manifest, owner)) for manifest in manifests),
@@ -265,8 +269,16 @@ class InferenceServiceReconciler:
         refused = [failure for failure in failures if isinstance(failure, CreateRefused)]
         if refused:
             news = True
-            if groups:
-                news = await self._record_refusal(owner, groups, refused[0])
+            refused_groups = dict(
+                groups[failure.name] for failure in refused if groups and failure.name in groups
+            )
+            if refused_groups:
+                try:
+                    news = await self._record_refusal(owner, refused_groups, refused[0])
+                except ConflictError:
+                    # Recorded by the next run, soon (a conflict's back-off is short).
+                    logger.warning("%s/%s: %s", namespace, owner["metadata"]["name"], refused[0].message)
+                    raise
             if news:
                 logger.warning("%s/%s: %s", namespace, owner["metadata"]["name"], refused[0].message)
                 await self.kube.event(owner, "Warning", refused[0].reason, refused[0].message)

@@ -51,18 +51,37 @@ class CreateRefused(Retry):
     """The API server refused to create a child (quota, admission, RBAC, a name taken by an object
     that is not ours). ``reason`` is CreateRefused or NameConflict; ``message`` is the API's own."""
 
+    # Tried again soon enough that a gang held for refused pods is released close to its binding
+    # timeout (the retry is what brings the reconcile that releases it).
+    max_delay = 10.0
+
     def __init__(self, kind: str, name: str, reason: str, message: str) -> None:
         super().__init__(f"{kind} {name}: {message}")
         self.kind, self.name, self.reason, self.message = kind, name, reason, message
 
 
+# A webhook's answer can be of any length; conditions, events and status fields cannot.
+MESSAGE_LIMIT = 4096
+
+
 def api_message(error: ApiException) -> str:
-    """The Status message the API server sent, or the HTTP reason."""
+    """The Status message the API server sent, or the HTTP reason; at most ``MESSAGE_LIMIT`` characters."""
     try:
         message = json.loads(error.body or "{}").get("message")
     except (ValueError, AttributeError):
         message = None
-    return str(message or error.reason or error.status)
+    text = str(message or error.reason or error.status)
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+
+
+def transient(error: ApiException) -> bool:
+    """The API server is throttling or failing, not refusing: try again, and do not count it as a
+    refusal (which releases a gang's GPUs once it lasts)."""
+    return error.status == 429 or (isinstance(error.status, int) and error.status >= 500)
+
+
+def _unavailable(kind: str, name: str, error: ApiException) -> Retry:
+    return Retry(f"{kind} {name}: the API server answered {error.status}: {api_message(error)}")
 
 
 def controller_uid(metadata: Mapping[str, Any]) -> str | None:
@@ -198,6 +217,8 @@ class Kube:
             await self._write(create, namespace, manifest, field_manager=self.field_manager)
             return
         except ApiException as error:
+            if transient(error):
+                raise _unavailable(kind, name, error) from error
             if error.status != 409:
                 raise CreateRefused(kind, name, "CreateRefused", api_message(error)) from error
         try:
@@ -241,6 +262,8 @@ class Kube:
                 _content_type="application/apply-patch+yaml",
             )
         except ApiException as error:
+            if transient(error):
+                raise _unavailable(kind, name, error) from error
             raise CreateRefused(kind, name, "ApplyRefused", api_message(error)) from error
 
     async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:

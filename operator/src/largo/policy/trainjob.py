@@ -404,15 +404,18 @@ def _enqueue(b: _Builder, resumed: bool) -> None:
 
 
 def _released_backoff(b: _Builder) -> None:
-    """A released gang's backoff: the scheduler leaves the job be until ``nextAdmissionTime``, and is
-    woken once it passed (it clears the time as it admits the job)."""
+    """A released gang's backoff: the scheduler leaves the job be until ``nextAdmissionTime``; once it
+    passed, or the spec was edited since the release, the time goes and the scheduler is woken."""
     due = parse_timestamp(b.job.status.get("nextAdmissionTime"))
     if due is None:
         return
-    if b.now < due:
+    edited = b.job.generation is not None and b.job.status.get("observedGeneration") != b.job.generation
+    if b.now < due and not edited:
         b.plan.after(due - b.now)
-    else:
-        b.plan.wake_scheduler = True
+        return
+    # Over, or the spec was edited (the fix for what was refused, perhaps): admissible now.
+    b.status.pop("nextAdmissionTime", None)
+    b.plan.wake_scheduler = True
 
 
 def _suspend(b: _Builder, pods: Sequence[PodView]) -> None:
@@ -462,6 +465,7 @@ def _fail(b: _Builder, reason: Reason, message: str) -> None:
     b.phase(Phase.FAILED)
     b.status["completionTime"] = timestamp(b.now)
     b.status.pop("nextRestartTime", None)
+    b.status.pop("nextAdmissionTime", None)
     b.condition(ConditionType.FAILED, True, reason, message)
     b.condition(ConditionType.RUNNING, False, reason, message)
     b.event(True, reason, message)
