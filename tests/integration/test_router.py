@@ -3,8 +3,10 @@ API server, in front of HTTP replicas on this host. Each replica counts the requ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -339,8 +341,43 @@ def test_a_held_request_that_a_ready_replica_refuses_is_told_so_at_its_deadline(
         "conditions": {"ready": True, "serving": True, "terminating": False},
         "targetRef": {"kind": "Pod", "name": "chat-r0-node-0"},
     }
-    slices.put("chat-refusing", free_port(), [nobody])
-    code, body = router.post(timeout=20)
+    with ThreadPoolExecutor(1) as pool:
+        # Held first, then the replica comes: a request sent after it would go to HAProxy's backend.
+        answer = pool.submit(router.post, 20)
+        wait_for(lambda: router.value("largo_router_requests_held") == 1, 10, "the request held")
+        slices.put("chat-refusing", free_port(), [nobody])
+        code, body = answer.result()
     assert code == 503
     assert body["error"]["message"] == f"no replica of {SERVICE} answered within 2s; try again later"
     assert router.value("largo_router_hold_timeouts_total") == 1
+
+
+def test_a_replica_that_closes_connections_unanswered_gets_a_json_error_from_the_proxy(
+    start_router: Any, slices: Slices
+) -> None:
+    """Every try on the replica ends without an answer (it passes the TCP check, then closes): HAProxy's
+    own error is an OpenAI-style JSON body like the server's, not an HTML page."""
+    closer = socket.create_server((HOST, 0))
+    stop = threading.Event()
+
+    def close_every_connection() -> None:
+        closer.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                connection, _ = closer.accept()
+                connection.close()
+
+    closing = threading.Thread(target=close_every_connection, daemon=True)
+    closing.start()
+    try:
+        router = start_router(hold_timeout=2)
+        slices.put("chat-closing", closer.getsockname()[1], [_endpoint(Replica("chat-r0-node-0"))])
+        wait_for(lambda: router.value("largo_router_replicas", state="ready") == 1, 20, "the replica added")
+        code, body = router.post(timeout=20)
+    finally:
+        stop.set()
+        closing.join()
+        closer.close()
+    assert code == 502
+    assert body["error"]["message"] == f"no replica of {SERVICE} gave an answer; try again"
+    assert body["error"]["type"] == "bad_gateway"

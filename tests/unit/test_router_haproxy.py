@@ -3,6 +3,7 @@ HAProxy's `show servers state` read back."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from largo.router.agent import replica_url
@@ -141,6 +142,17 @@ def test_the_configuration_balances_by_least_outstanding_and_holds_when_no_repli
     assert "  server activator 127.0.0.1:8081\n" in text
     assert "  timeout connect 500ms\n" in text
     assert "  retry-on conn-failure empty-response 503\n" in text
+
+
+def test_the_proxy_s_own_errors_are_openai_style_json_naming_the_service() -> None:
+    text = render_config("/run/admin.sock", Ports(serve=8080, activator=8081, exporter=8404), 0.5, "chat")
+    lines = [line for line in text.splitlines() if line.startswith("  http-error status ")]
+    assert [line.split()[2] for line in lines] == ["502", "503", "504"]
+    for line in lines:
+        body = json.loads(line.split(" string '", 1)[1].split("'", 1)[0])
+        assert body["error"]["code"] == int(line.split()[2])
+        assert "no replica of chat" in body["error"]["message"]
+    assert lines[1].endswith("hdr Retry-After 5")
 
 
 def test_an_ipv6_replica_is_written_in_brackets() -> None:

@@ -129,7 +129,8 @@ class Router:
 
     async def start_haproxy(self) -> None:
         config_path = self.workdir / "haproxy.cfg"
-        config_path.write_text(render_config(str(self.api.path), self.ports, self.args.connect_timeout))
+        config = render_config(str(self.api.path), self.ports, self.args.connect_timeout, self.args.service)
+        config_path.write_text(config)
         self.haproxy = await asyncio.create_subprocess_exec(self.args.haproxy, "-db", "-f", str(config_path))
         deadline = time.monotonic() + 10
         while not self.api.path.exists():

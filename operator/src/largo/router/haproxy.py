@@ -8,6 +8,7 @@ exporter's per-server series (in flight, latency, errors) are per replica withou
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,32 @@ class Ports:
     exporter: int = 8404  # loopback: HAProxy's own Prometheus exporter, merged into the agent's /metrics
 
 
-def render_config(socket_path: str, ports: Ports, connect_timeout_s: float = 2.0) -> str:
+# What HAProxy itself answers when no replica did (every retry refused, closed unanswered or timed
+# out): the OpenAI-style error body the server and the activator use, not HAProxy's HTML page.
+_PROXY_ERRORS = {
+    502: ("bad_gateway", "no replica of {service} gave an answer; try again"),
+    503: ("service_unavailable", "no replica of {service} answered; try again later"),
+    504: ("gateway_timeout", "no replica of {service} answered in time; try again later"),
+}
+
+
+def error_body(code: int, service: str) -> str:
+    kind, message = _PROXY_ERRORS[code]
+    body = {"error": {"message": message.format(service=service), "type": kind, "param": None, "code": code}}
+    return json.dumps(body)
+
+
+def _http_errors(service: str) -> str:
+    # Single quotes: HAProxy takes the JSON's double quotes as they are. Service names are DNS labels.
+    return "".join(
+        f"  http-error status {code} content-type application/json string '{error_body(code, service)}'"
+        + (" hdr Retry-After 5" if code == 503 else "")
+        + "\n"
+        for code in _PROXY_ERRORS
+    )
+
+
+def render_config(socket_path: str, ports: Ports, connect_timeout_s: float = 2.0, service: str = "") -> str:
     """The configuration HAProxy starts with: one frontend; the replicas' backend, balanced by least
     outstanding requests; and the activator's, used while the replicas' has no usable server.
     Replicas arrive later through the runtime API."""
@@ -81,7 +107,7 @@ backend {BACKEND}
   retries 3
   retry-on conn-failure empty-response 503
   option redispatch 1
-
+{_http_errors(service or "this service")}
 backend {HOLD}
   # Its 503 (no replica came in time) is the answer: never retried.
   server {ACTIVATOR} 127.0.0.1:{ports.activator}
