@@ -478,6 +478,7 @@ def test_a_client_that_goes_away_frees_its_place_in_the_engine(trained: Path, tm
         finished = metrics.get("largo_serve_requests_total{code=200}", 0)
         assert gone >= 24
         assert gone + finished == 48
+        assert metrics["largo_serve_request_seconds_count"] == 48  # the ones gone count in the latency too
         # The cancelled ones generated (almost) nothing: run out, 48 would have made 28 tokens each.
         assert metrics["largo_serve_generated_tokens_total"] <= 28 * (finished + 1) < 28 * 48 / 2
         assert server.post({"prompt": "def ", "max_tokens": 4})[0] == 200

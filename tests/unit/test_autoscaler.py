@@ -277,3 +277,31 @@ def test_routers_are_not_scraped_while_a_leader_serves() -> None:
     )
     asyncio.run(scaler.tick())
     assert scraped == ["http://10.0.0.1:9400/metrics"]
+
+
+def test_a_service_an_hpa_also_targets_is_left_alone() -> None:
+    """Two writers of spec.replicas would flap a service's GPU groups: the service says ScalingConflict,
+    and the loop writes nothing while the HPA is there."""
+    entry = _service(1)
+    scaler, kube, clock = _autoscaler(entry, [_pod("chat-r0-node-0")], {"http://10.0.0.1:9400/metrics": 8.0})
+    scaler.autoscalers = {entry.key: ["chat-hpa"]}
+    for _ in range(6):
+        asyncio.run(scaler.tick())
+        clock.now += 1
+    assert kube.writes == []
+    scaler.autoscalers = {}
+    for _ in range(6):
+        asyncio.run(scaler.tick())
+        clock.now += 1
+    assert kube.writes
+    assert {replicas for _, _, replicas, _ in kube.writes} == {4}  # (the fake never applies a write)
+
+
+def test_a_value_written_out_of_bounds_is_kept_while_there_is_nothing_to_decide_on() -> None:
+    entry = _service(9)  # maxReplicas 5: served clamped by the service's controller
+    scaler, kube, clock = _autoscaler(entry, [_pod("chat-r0-node-0")], {"http://10.0.0.1:9400/metrics": None})
+    scaler.pods = {}  # no ready leader: no sample at all
+    for _ in range(5):
+        asyncio.run(scaler.tick())
+        clock.now += 1
+    assert kube.writes == []

@@ -6,7 +6,7 @@ import datetime
 from typing import Any
 
 from largo.controllers.state import JobEntry, PodUsage, job_entry, service_entry
-from largo.metrics import Snapshot, node_gpus, resource_families
+from largo.metrics import OperatorMetrics, Snapshot, node_gpus, resource_families
 from largo.sched.types import NodeInfo
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -252,3 +252,24 @@ def test_kopf_still_logs_its_watch_restarts_in_the_words_counted() -> None:
     source = inspect.getsource(watching)
     assert 'logger.debug(f"Restarting the watch-stream for {resource} {where}.")' in source
     assert 'logger.debug(f"Watch-stream for {resource} {where} is inactive, reconnecting.")' in source
+
+
+def test_the_events_the_alerts_count_are_exported_at_zero_from_the_start() -> None:
+    """A counter born at its first increment hides that increment from increase(): after an operator
+    start or a failover, LargoQueueStuck would not see the first admission."""
+    registry = CollectorRegistry()
+    OperatorMetrics(registry)
+    text = generate_latest(registry).decode()
+    samples = {
+        (sample.labels["reason"], sample.labels["type"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "largo_events"
+        for sample in family.samples
+        if sample.name == "largo_events_total"
+    }
+    assert samples == {
+        ("Admitted", "Normal"): 0.0,
+        ("PodFailed", "Warning"): 0.0,
+        ("NodeLost", "Warning"): 0.0,
+        ("PodDeleted", "Warning"): 0.0,
+    }

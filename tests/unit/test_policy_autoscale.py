@@ -158,3 +158,57 @@ def test_replicas_sampled_at_different_moments_all_count() -> None:
     decision = decide(POLICY, samples, ["r0", "r1"], 2, State(), 120.0)
     assert decision.load == pytest.approx(16.0, rel=0.05)
     assert decision.replicas == 4
+
+
+def test_the_first_decision_off_a_whole_second_does_not_read_the_load_as_zero() -> None:
+    """A controller's clock is never on a whole second: four replicas at the target, sampled once at
+    1000.5, must not be read as idle (which once scaled 4 to 1 after every operator start)."""
+    samples = [Sample(1000.5, f"r{i}", 4.0) for i in range(4)]
+    names = [f"r{i}" for i in range(4)]
+    first = decide(POLICY, samples, names, 4, State.starting(4, 1000.5), 1000.5)
+    assert first.replicas == 4
+    assert first.reason == "no fresh load samples: holding"
+    samples += [Sample(1002.5, name, 4.0) for name in names]
+    later = decide(POLICY, samples, names, 4, first.state, 1002.5)
+    assert later.replicas == 4
+    assert later.load == pytest.approx(16.0)
+
+
+def test_a_controller_that_starts_without_memory_still_waits_out_the_scale_down_delay() -> None:
+    """A new leader finds 4 replicas and a load that wants 1: it scales down after the delay, as the
+    old leader would have, not at once."""
+    policy = Policy(min_replicas=1, max_replicas=10, target=4.0, scale_down_delay=120)
+    samples: list[Sample] = []
+    state = State.starting(4, 0.0)
+    replicas, decisions = 4, []
+    for t in range(1, 200):
+        samples += [Sample(float(t), f"r{i}", 1.0 / replicas) for i in range(replicas)]
+        decision = decide(policy, samples, [f"r{i}" for i in range(replicas)], replicas, state, float(t))
+        decisions.append(decision)
+        replicas, state = decision.replicas, decision.state
+    assert decisions[100].replicas == 4
+    assert decisions[-1].replicas == 1
+
+
+def test_a_long_window_over_many_replicas_is_one_pass_per_replica() -> None:
+    """The hour-long window the API allows, 16 replicas sampled every 2 s: each second's total comes
+    from a walk over each replica's samples, not a scan of all of them per second."""
+    policy = Policy(min_replicas=1, max_replicas=32, target=4.0, stable_window=3600)
+    names = [f"r{i}" for i in range(16)]
+    samples = [Sample(float(t), name, 4.0) for t in range(0, 3600, 2) for name in names]
+    calls = 0
+    original = Sample.__getattribute__
+
+    def counting(self: Sample, name: str) -> object:
+        nonlocal calls
+        if name == "time":
+            calls += 1
+        return original(self, name)
+
+    Sample.__getattribute__ = counting  # type: ignore[method-assign]
+    try:
+        decision = decide(policy, samples, names, 16, State.starting(16, 3599.0), 3599.0)
+    finally:
+        Sample.__getattribute__ = original  # type: ignore[method-assign]
+    assert decision.replicas == 16
+    assert len(samples) <= calls < 20 * len(samples)  # a scan per second reads each one ~3600 times

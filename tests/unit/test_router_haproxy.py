@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from largo.router.agent import replica_url
+from largo.router.agent import Router, parse_args, replica_url
 from largo.router.haproxy import (
     Ports,
     Replica,
@@ -17,6 +17,7 @@ from largo.router.haproxy import (
     replicas_from_slices,
     sync_commands,
 )
+from prometheus_client import CollectorRegistry
 
 
 def _slice(port: int | None, *endpoints: dict[str, Any], port_name: str = "http") -> dict[str, Any]:
@@ -163,3 +164,18 @@ def test_an_ipv6_replica_is_written_in_brackets() -> None:
     assert added == "add server replicas/v6 [fd00::5]:8000 check inter 1s fall 2 rise 1"
     assert replica_url("fd00::5", 8000, "/v1/completions") == "http://[fd00::5]:8000/v1/completions"
     assert replica_url("10.0.0.6", 8000, "/x") == "http://10.0.0.6:8000/x"
+
+
+def test_the_activator_forgets_replicas_that_left() -> None:
+    """Its per-replica counts (which replica a held request goes to) would grow with every rollout."""
+    router = Router(parse_args(["--namespace=ml", "--service=chat"]), CollectorRegistry())
+    port = {"name": "http", "port": 8000}
+
+    def endpoint(name: str) -> dict[str, Any]:
+        ready = {"ready": True, "serving": True, "terminating": False}
+        return {"addresses": ["10.0.0.1"], "conditions": ready, "targetRef": {"name": name}}
+
+    router.forwarded = {"chat-r0-node-0": 3, "chat-r1-node-0": 1}
+    endpoints = [endpoint("chat-r1-node-0"), endpoint("chat-r2-node-0")]
+    router.on_slices({"s": {"ports": [port], "endpoints": endpoints}})
+    assert router.forwarded == {"chat-r1-node-0": 1}

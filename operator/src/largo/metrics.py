@@ -312,6 +312,15 @@ class ResourceCollector(Collector):
         yield from resource_families(self.snapshot())
 
 
+# The events the alerts count (charts/largo/files/prometheus-rules.yaml).
+_ALERTED_EVENTS = (
+    ("Admitted", "Normal"),
+    ("PodFailed", "Warning"),
+    ("NodeLost", "Warning"),
+    ("PodDeleted", "Warning"),
+)
+
+
 class OperatorMetrics:
     """The operator's own instruments, on their own registry."""
 
@@ -353,6 +362,10 @@ class OperatorMetrics:
             ["reason", "type"],
             registry=registry,
         )
+        # At 0 from the start: a counter born at its first increment hides that increment from
+        # increase(), and the alerts read these (an operator start or a failover makes new series).
+        for reason, type_ in _ALERTED_EVENTS:
+            self.events.labels(reason, type_)
         self.queue_latency = Histogram(
             "largo_workqueue_wait_seconds",
             "How long a job key waited in the work queue before a worker took it.",

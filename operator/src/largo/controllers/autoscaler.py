@@ -5,7 +5,9 @@ ready, its routers', whose held requests are the demand that brings a service ba
 that changes, with the decision's reason and load in an annotation for the service's status.
 
 What the loop remembers (samples, the decision state, counters) is small and rebuilt by running: a
-new leader of the operator starts from nothing, which only makes its first decisions hold.
+new leader of the operator starts from the replicas it finds (``State.starting``), so its first
+decisions hold and a scale-down still waits out its delay. A service that a HorizontalPodAutoscaler
+also targets is left alone (the service says ``ScalingConflict``): two writers would flap its replicas.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ class Autoscaler:
     period: float = 2.0
     # Told of each change it writes: "up" or "down".
     observe_decision: Callable[[str], None] = lambda direction: None
+    # (namespace, service) -> names of the HorizontalPodAutoscalers that target it
+    autoscalers: KeyedIndex = field(default_factory=dict)
     _memory: dict[JobKey, _Memory] = field(default_factory=dict)
 
     async def run(self) -> None:
@@ -131,7 +135,13 @@ class Autoscaler:
 
     async def tick(self) -> None:
         entries: list[ServiceEntry] = index_values(self.services)
-        scaled = [e for e in entries if e.service is not None and e.service.spec.autoscaling is not None]
+        scaled = [
+            e
+            for e in entries
+            if e.service is not None
+            and e.service.spec.autoscaling is not None
+            and not list(self.autoscalers.get(e.key) or [])
+        ]
         for key in set(self._memory) - {e.key for e in scaled}:
             del self._memory[key]
         await asyncio.gather(*(self._decide(entry) for entry in scaled))
@@ -141,7 +151,9 @@ class Autoscaler:
         spec = entry.service.spec
         scaling = spec.autoscaling
         assert scaling is not None
-        memory = self._memory.setdefault(entry.key, _Memory())
+        memory = self._memory.get(entry.key)
+        if memory is None:
+            memory = self._memory[entry.key] = _Memory(state=State.starting(spec.replicas, self.clock()))
         leaders = ready_leaders(list(self.pods.get(entry.key) or []))
         urls = {name: metrics_url(pod, spec) for name, pod in leaders.items()}
         texts = await asyncio.gather(

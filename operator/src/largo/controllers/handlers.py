@@ -162,6 +162,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         services=kwargs["service_queue"],
         pods=kwargs["service_pods"],
         routers=kwargs["service_routers"],
+        autoscalers=kwargs["service_autoscalers"],
         clock=time.time,
         period=_float_env("LARGO_AUTOSCALE_PERIOD_SECONDS", 2.0),
     )

@@ -307,6 +307,7 @@ class Kube:
             return
         except ApiException as error:
             logger.warning("could not post event %s on %s: %s", reason, metadata.get("name"), error.reason)
+            self.on_event(reason, type_)  # the decision was made all the same: the alerts count it
             return
         self.on_event(reason, type_)
         log = logger.warning if type_ == "Warning" else logger.info

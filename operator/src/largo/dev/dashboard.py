@@ -49,7 +49,7 @@ def build() -> Dashboard:
             .unit("percentunit")
             .height(4)
             .span(6)
-            .with_target(_query("largo_cluster_gpu_allocation_ratio"))
+            .with_target(_query("max(largo_cluster_gpu_allocation_ratio)"))
         )
         .with_panel(
             Stat()
@@ -63,7 +63,7 @@ def build() -> Dashboard:
             _series(
                 "GPUs held by node",
                 "short",
-                _query("sum by (node, owner) (largo_node_gpus_allocated)", "{{node}} {{owner}}"),
+                _query("max by (node, owner) (largo_node_gpus_allocated)", "{{node}} {{owner}}"),
             )
         )
         .with_panel(
@@ -71,7 +71,7 @@ def build() -> Dashboard:
                 "GPUs by namespace and queue",
                 "short",
                 _query(
-                    "sum by (namespace, queue, state) (largo_queue_gpus)", "{{namespace}}/{{queue}} {{state}}"
+                    "max by (namespace, queue, state) (largo_queue_gpus)", "{{namespace}}/{{queue}} {{state}}"
                 ),
             )
         )

@@ -15,8 +15,9 @@ The shape is Knative's KPA with HPA's scale-down stabilisation:
   decision, except that ``scale_to_zero`` lets an idle service (no load for the stable window and the
   grace, counted from a ready replica on) go to zero; any demand then brings one replica back.
 
-The controller keeps ``State`` between calls (it is small and can be rebuilt: losing it only makes the
-next decisions more conservative).
+The controller keeps ``State`` between calls. It is small and is rebuilt by running: a controller that
+starts without it (a new leader) seeds it with the replicas it finds (``State.starting``), so that a
+scale-down still waits out the delay.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ class State:
     panic_until: float | None = None
     idle_since: float | None = None
 
+    @classmethod
+    def starting(cls, replicas: int, now: float) -> State:
+        """The state of a controller that finds ``replicas`` and remembers nothing: as if it had just
+        recommended them, so that a scale-down waits ``scale_down_delay`` as it would have."""
+        return cls(recommendations=((now, replicas),))
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -97,24 +104,27 @@ def _average_load(
         for replica in ready
         if not any(now - policy.stale_after < s.time <= now for s in by_replica.get(replica, ()))
     }
-    totals = []
-    # From the first sample on: seconds before the service reported anything say nothing about it.
+    # From the first whole second at or after the first sample: seconds before the service reported
+    # anything say nothing about it (and one before its first sample would read it as idle).
     first = min(sample.time for sample in samples)
-    second = math.floor(max(since, first - 1)) + 1
-    while second <= now:
-        total = 0.0
-        for replica in replicas:
-            # A ready replica's newest sample stands until it goes stale; one that is not ready (gone,
-            # or draining) counts only with a sample in that very second.
-            oldest = second - policy.stale_after if replica in ready else second - 1
-            fresh = [s.value for s in by_replica.get(replica, ()) if oldest < s.time <= second]
-            if fresh:
-                total += fresh[-1]
+    seconds = range(max(math.floor(since) + 1, math.ceil(first)), math.floor(now) + 1)
+    if not seconds:
+        return None
+    totals = [0.0] * len(seconds)
+    for replica in replicas:
+        # A ready replica's newest sample stands until it goes stale; one that is not ready (gone, or
+        # draining) counts only with a sample in that very second. One pass over its sorted samples.
+        window = policy.stale_after if replica in ready else 1.0
+        own = by_replica.get(replica, [])
+        newest = -1  # index of its newest sample at or before the second
+        for i, second in enumerate(seconds):
+            while newest + 1 < len(own) and own[newest + 1].time <= second:
+                newest += 1
+            if newest >= 0 and own[newest].time > second - window:
+                totals[i] += own[newest].value
             elif replica in silent_now:
-                total += policy.target
-        totals.append(total)
-        second += 1
-    return (sum(totals) / len(totals) if totals else 0.0), len(silent_now)
+                totals[i] += policy.target
+    return sum(totals) / len(totals), len(silent_now)
 
 
 def decide(
@@ -128,8 +138,10 @@ def decide(
     if stable is None or panic is None:
         if current == 0 and any(s.value > 0 for s in samples if now - s.time <= policy.stale_after):
             return _bounded(policy, 1, "demand at zero replicas: starting one", None, False, state)
+        # Holding writes nothing: a value written outside the bounds is kept as written (and served
+        # clamped), not fought over.
         return Decision(
-            _clamp(policy, current),
+            current,
             "no fresh load samples: holding",
             None,
             False,

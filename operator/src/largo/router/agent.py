@@ -169,6 +169,8 @@ class Router:
 
     def on_slices(self, slices: dict[str, JSON]) -> None:
         self.desired = replicas_from_slices(slices.values())
+        # Counts of replicas that left go with them: every rollout names new pods.
+        self.forwarded = {name: n for name, n in self.forwarded.items() if name in self.desired}
         if any(r.state is State.READY for r in self.desired.values()):
             self.ready.set()
         else:

@@ -280,10 +280,11 @@ class Server:
             raise
         finally:
             self._leave()
+            # Also for a client that gave up: clients that time out are what a slow p99 looks like.
+            self.metrics.latency.observe(time.monotonic() - started)
         self.metrics.requests.labels(str(response.status)).inc()
         if response.status >= 400:  # the engine failed, or the drain ended, while it ran
             self.metrics.errors.labels(str(response.status)).inc()
-        self.metrics.latency.observe(time.monotonic() - started)
         return response
 
     def _refused(self, response: web.Response) -> web.Response:
