@@ -4,6 +4,7 @@ HAProxy's `show servers state` read back."""
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any
 
 from largo.router.agent import Router, parse_args, replica_url
@@ -169,6 +170,7 @@ def test_an_ipv6_replica_is_written_in_brackets() -> None:
 def test_the_activator_forgets_replicas_that_left() -> None:
     """Its per-replica counts (which replica a held request goes to) would grow with every rollout."""
     router = Router(parse_args(["--namespace=ml", "--service=chat"]), CollectorRegistry())
+    shutil.rmtree(router.workdir)  # HAProxy's directory: not used here
     port = {"name": "http", "port": 8000}
 
     def endpoint(name: str) -> dict[str, Any]:
