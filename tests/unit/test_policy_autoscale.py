@@ -212,3 +212,13 @@ def test_a_long_window_over_many_replicas_is_one_pass_per_replica() -> None:
         Sample.__getattribute__ = original  # type: ignore[method-assign]
     assert decision.replicas == 16
     assert len(samples) <= calls < 20 * len(samples)  # a scan per second reads each one ~3600 times
+
+
+def test_demand_at_zero_starts_one_replica_at_once_saying_the_load() -> None:
+    """The router's first held-requests sample, off a whole second: one replica now, the load told."""
+    policy = Policy(min_replicas=0, max_replicas=3, target=4.0, scale_to_zero=True)
+    samples = [Sample(1000.5, "router-a", 1.0), Sample(1000.5, "router-b", 2.0)]
+    decision = decide(policy, samples, [], 0, State.starting(0, 1000.5), 1000.5)
+    assert decision.replicas == 1
+    assert decision.reason == "demand at zero replicas: starting one"
+    assert decision.load == pytest.approx(3.0)

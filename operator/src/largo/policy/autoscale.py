@@ -136,8 +136,14 @@ def decide(
     panic = _average_load(samples, ready, now - policy.panic_window, now, policy)
     recent = tuple((t, r) for t, r in state.recommendations if now - t <= policy.scale_down_delay)
     if stable is None or panic is None:
-        if current == 0 and any(s.value > 0 for s in samples if now - s.time <= policy.stale_after):
-            return _bounded(policy, 1, "demand at zero replicas: starting one", None, False, state)
+        # The newest fresh sample of each (the routers' held requests, at zero): the load it starts on.
+        newest: dict[str, Sample] = {}
+        for sample in sorted(samples, key=lambda sample: sample.time):
+            if now - sample.time <= policy.stale_after:
+                newest[sample.replica] = sample
+        demand = sum(sample.value for sample in newest.values())
+        if current == 0 and demand > 0:
+            return _bounded(policy, 1, "demand at zero replicas: starting one", demand, False, state)
         # Holding writes nothing: a value written outside the bounds is kept as written (and served
         # clamped), not fought over.
         return Decision(
