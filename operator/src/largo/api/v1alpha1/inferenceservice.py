@@ -99,7 +99,6 @@ class ServicePhase(StrEnum):
     READY = "Ready"
     DEGRADED = "Degraded"
     SCALED_TO_ZERO = "ScaledToZero"
-    FAILED = "Failed"
 
 
 class ServiceConditionType(StrEnum):

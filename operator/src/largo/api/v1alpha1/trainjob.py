@@ -113,7 +113,6 @@ class Phase(StrEnum):
 
 
 class ConditionType(StrEnum):
-    QUEUED = "Queued"
     PODS_CREATED = "PodsCreated"
     PODS_UP_TO_DATE = "PodsUpToDate"
     PROGRESS_REPORTED = "ProgressReported"
