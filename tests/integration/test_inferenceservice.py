@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from largo.dev.cluster import LocalCluster, NodePool, wait_for
-from trainjobs import EXIT_ANNOTATION, TIMEOUT, Jobs
+from trainjobs import EXIT_ANNOTATION, TIMEOUT, Jobs, refuse_pods
 
 pytestmark = pytest.mark.integration
 
@@ -436,7 +436,8 @@ def test_training_and_serving_share_one_gpu_queue_by_priority(
     )["groups"][0]["queue"]
     assert waiting["position"] == 1
     assert waiting["reason"] == "InsufficientCapacity"
-    assert jobs.status("batch")["queue"]["position"] == 2
+    # The job's position is its own status write, after the group's in the same pass: waited for.
+    jobs.wait("batch", lambda s: (s.get("queue") or {}).get("position") == 2, "the job second in the queue")
     jobs.exit("holder", 0)
     jobs.wait_phase("holder", "Succeeded")
     services.wait_ready("urgent", 1)
@@ -638,14 +639,7 @@ def test_a_group_whose_pods_are_refused_gives_its_gpus_back_and_serves_once_allo
     """A quota that refuses a group's pods must not keep its GPUs reserved: after the binding timeout
     (10 s here) the group is restarted without nodes, and a job queued behind it is admitted."""
     pool = make_pool(count=1)
-    quota = {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
-    services.core.create_namespaced_resource_quota(services.namespace, quota)
-
-    def quota_observed() -> bool:
-        observed = services.core.read_namespaced_resource_quota("no-pods", services.namespace).status
-        return bool(observed and observed.hard)
-
-    wait_for(quota_observed, TIMEOUT, "the quota observed by the controller-manager")
+    refuse_pods(services.core, services.namespace)
     services.create("refused", pool)
     status = services.wait(
         "refused",

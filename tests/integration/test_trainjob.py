@@ -18,7 +18,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from largo.dev.cluster import LocalCluster, NodePool, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from trainjobs import GROUP, PLURAL, TIMEOUT, VERSION, Jobs, overbooked
+from trainjobs import GROUP, PLURAL, TIMEOUT, VERSION, Jobs, overbooked, refuse_pods
 
 pytestmark = pytest.mark.integration
 
@@ -383,14 +383,7 @@ def test_operator_killed_while_admitting_never_overbooks_a_node(
 def test_a_refused_pod_create_is_told_and_the_job_runs_once_allowed(
     jobs: Jobs, gpu_pool: NodePool, cluster: LocalCluster
 ) -> None:
-    quota = {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
-    jobs.core.create_namespaced_resource_quota(jobs.namespace, quota)
-
-    def quota_observed() -> bool:
-        observed = jobs.core.read_namespaced_resource_quota("no-pods", jobs.namespace).status
-        return bool(observed and observed.hard)
-
-    wait_for(quota_observed, TIMEOUT, "the quota observed by the controller-manager")
+    refuse_pods(jobs.core, jobs.namespace)
     jobs.create("refused", gpu_pool)
     status = jobs.wait(
         "refused",

@@ -127,6 +127,19 @@ class Jobs:
         raise AssertionError(f"{name} has no condition {type_}: {self.status(name)}")
 
 
+def refuse_pods(core: client.CoreV1Api, namespace: str) -> None:
+    """A ResourceQuota of no pods in ``namespace``, once the controller-manager has observed it (until
+    then the API server admits pods): every pod create there is refused. Named ``no-pods``."""
+    quota = {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
+    core.create_namespaced_resource_quota(namespace, quota)
+
+    def observed() -> bool:
+        status = core.read_namespaced_resource_quota("no-pods", namespace).status
+        return bool(status and status.hard)
+
+    wait_for(observed, TIMEOUT, "the quota observed by the controller-manager")
+
+
 def overbooked(jobs: Jobs, names: list[str], gpus_per_job: int, gpus_per_node: int) -> dict[str, int]:
     """Nodes whose GPUs, summed over every admitted job's status.placement, exceed what they have. Read in
     one list: read one by one, a job seen running before it finished and another seen placed on its
