@@ -222,3 +222,15 @@ def test_demand_at_zero_starts_one_replica_at_once_saying_the_load() -> None:
     assert decision.replicas == 1
     assert decision.reason == "demand at zero replicas: starting one"
     assert decision.load == pytest.approx(3.0)
+
+
+def test_a_request_held_at_zero_after_idle_samples_starts_one_replica_at_once() -> None:
+    """The routers report 0 held every period; a held request sampled off a whole second must not wait
+    for the windows to average it in."""
+    policy = Policy(min_replicas=0, max_replicas=3, target=4.0, scale_to_zero=True)
+    samples = [Sample(1000.3 + 2 * i, "router-a", 0.0) for i in range(40)]
+    now = 1080.3
+    samples.append(Sample(now, "router-a", 1.0))
+    decision = decide(policy, samples, [], 0, State(), now)
+    assert decision.replicas == 1
+    assert decision.load == pytest.approx(1.0)

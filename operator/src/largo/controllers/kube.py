@@ -75,9 +75,10 @@ def api_message(error: ApiException) -> str:
 
 
 def transient(error: ApiException) -> bool:
-    """The API server is throttling or failing, not refusing: try again, and do not count it as a
-    refusal (which releases a gang's GPUs once it lasts)."""
-    return error.status == 429 or (isinstance(error.status, int) and error.status >= 500)
+    """The API server is throttling: try again, and do not count it as a refusal (which releases a
+    gang's GPUs once it lasts). A 5xx is a refusal: a webhook that is down answers 500 for as long as
+    it is down, and the GPUs held for pods that cannot be created must go back all the same."""
+    return bool(error.status == 429)
 
 
 def _unavailable(kind: str, name: str, error: ApiException) -> Retry:

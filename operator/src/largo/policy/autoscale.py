@@ -135,14 +135,11 @@ def decide(
     stable = _average_load(samples, ready, now - policy.stable_window, now, policy)
     panic = _average_load(samples, ready, now - policy.panic_window, now, policy)
     recent = tuple((t, r) for t, r in state.recommendations if now - t <= policy.scale_down_delay)
+    # At zero, the newest fresh sample of each router (their held requests): demand that the windows
+    # have not averaged in yet (a sample off a whole second) still starts a replica now.
+    demand = _fresh_demand(samples, now, policy) if current == 0 else 0.0
     if stable is None or panic is None:
-        # The newest fresh sample of each (the routers' held requests, at zero): the load it starts on.
-        newest: dict[str, Sample] = {}
-        for sample in sorted(samples, key=lambda sample: sample.time):
-            if now - sample.time <= policy.stale_after:
-                newest[sample.replica] = sample
-        demand = sum(sample.value for sample in newest.values())
-        if current == 0 and demand > 0:
+        if demand > 0:
             return _bounded(policy, 1, "demand at zero replicas: starting one", demand, False, state)
         # Holding writes nothing: a value written outside the bounds is kept as written (and served
         # clamped), not fought over.
@@ -155,6 +152,8 @@ def decide(
         )
     stable_load, silent = stable
     panic_load = panic[0]
+    if current == 0 and stable_load == 0 and panic_load == 0 and demand > 0:
+        return _bounded(policy, 1, "demand at zero replicas: starting one", demand, False, state)
     if current == 0 and stable_load == 0 and panic_load == 0:
         # At zero, samples come from the routers only: none held means no demand.
         return Decision(
@@ -204,6 +203,15 @@ def decide(
     else:
         reason = f"load {stable_load:.1f} / target {policy.target:g} per replica = {wanted}{note}"
     return _bounded(policy, target, reason, stable_load, False, State(history, None, idle_since))
+
+
+def _fresh_demand(samples: Sequence[Sample], now: float, policy: Policy) -> float:
+    """The sum over replicas (routers, at zero) of each one's newest sample that is still fresh."""
+    newest: dict[str, Sample] = {}
+    for sample in sorted(samples, key=lambda sample: sample.time):
+        if now - sample.time <= policy.stale_after:
+            newest[sample.replica] = sample
+    return sum(sample.value for sample in newest.values())
 
 
 def _clamp(policy: Policy, replicas: int) -> int:
