@@ -138,9 +138,10 @@ def decide(
     # At zero, the newest fresh sample of each router (their held requests): demand that the windows
     # have not averaged in yet (a sample off a whole second) still starts a replica now.
     demand = _fresh_demand(samples, now, policy) if current == 0 else 0.0
+    windows_quiet = stable is None or panic is None or stable[0] == panic[0] == 0
+    if demand > 0 and windows_quiet:
+        return _bounded(policy, 1, "demand at zero replicas: starting one", demand, False, state)
     if stable is None or panic is None:
-        if demand > 0:
-            return _bounded(policy, 1, "demand at zero replicas: starting one", demand, False, state)
         # Holding writes nothing: a value written outside the bounds is kept as written (and served
         # clamped), not fought over.
         return Decision(
@@ -152,8 +153,6 @@ def decide(
         )
     stable_load, silent = stable
     panic_load = panic[0]
-    if current == 0 and stable_load == 0 and panic_load == 0 and demand > 0:
-        return _bounded(policy, 1, "demand at zero replicas: starting one", demand, False, state)
     if current == 0 and stable_load == 0 and panic_load == 0:
         # At zero, samples come from the routers only: none held means no demand.
         return Decision(
