@@ -360,11 +360,25 @@ def test_a_replica_that_closes_connections_unanswered_gets_a_json_error_from_the
     closer = socket.create_server((HOST, 0))
     stop = threading.Event()
 
+    def read_request(connection: socket.socket) -> None:
+        """The whole request, so that the close is a clean end (unread bytes would make it a reset)."""
+        connection.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += connection.recv(65536) or b"\r\n\r\n"
+        head, _, body = data.partition(b"\r\n\r\n")
+        lengths = [line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+        length = int(lengths[0].split(b":")[1]) if lengths else 0
+        while len(body) < length:
+            body += connection.recv(65536) or b" " * length
+
     def close_every_connection() -> None:
         closer.settimeout(0.2)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 connection, _ = closer.accept()
+                with contextlib.suppress(OSError):
+                    read_request(connection)
                 connection.close()
 
     closing = threading.Thread(target=close_every_connection, daemon=True)
