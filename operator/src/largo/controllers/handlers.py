@@ -22,13 +22,12 @@ from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_KIND, SERVICE_PLURAL, VERS
 from largo.controllers.autoscaler import Autoscaler
 from largo.controllers.inferenceservice import InferenceServiceReconciler
 from largo.controllers.kube import COMPONENT, Kube
-from largo.controllers.leader import ElectionTimings, LeaderGate, identity, start_election
-from largo.controllers.main import LEADER_ELECTION_ENV
+from largo.controllers.leader import LeaderGate, identity, start_election
 from largo.controllers.scheduler import Scheduler
+from largo.controllers.settings import OperatorSettings
 from largo.controllers.state import JobKey, job_entry, pod_usage, service_entry
 from largo.controllers.trainjob import TrainJobReconciler
 from largo.controllers.workqueue import WorkQueue
-from largo.manifests.inferenceservice import DEFAULT_SERVER_IMAGE
 from largo.manifests.names import (
     LABEL_JOB_NAME,
     LABEL_PROGRESS_OF,
@@ -36,18 +35,11 @@ from largo.manifests.names import (
     LABEL_SERVICE,
     progress_configmap,
 )
-from largo.manifests.router import DEFAULT_ROUTER_IMAGE
 from largo.metrics import Snapshot, count_watch_restarts
 from largo.metrics import serve as serve_metrics
-from largo.policy.trainjob import Timings
 from largo.sched import inventory
 
 logger = logging.getLogger(__name__)
-
-
-def _float_env(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -75,6 +67,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+    # Checked by ``largo operator`` before kopf started (controllers/main.py); defaults otherwise.
+    largo: OperatorSettings = memo.get("settings") or OperatorSettings()
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
@@ -83,30 +77,26 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     settings.watching.server_timeout = 300
     # A stream with no event, not even the API server's bookmark (about one a minute), is dead: kopf
     # reconnects it after this long (its default, 70 s, unless set).
-    settings.watching.inactivity_timeout = _float_env("LARGO_WATCH_INACTIVITY_SECONDS", 70.0)
+    settings.watching.inactivity_timeout = largo.watch_inactivity_seconds
     settings.networking.connect_timeout = 10
 
     # Every API call runs in a worker thread: enough of them for the reconcile workers and the
     # scheduler's parallel writes.
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=32))
-    election = os.environ.get(LEADER_ELECTION_ENV)
-    election_timings = ElectionTimings(
-        lease_duration=int(_float_env("LARGO_LEASE_DURATION_SECONDS", 10)),
-        renew_deadline=int(_float_env("LARGO_RENEW_DEADLINE_SECONDS", 6)),
-        retry_period=int(_float_env("LARGO_RETRY_PERIOD_SECONDS", 1)),
-    )
+    election = largo.leader_election
+    election_timings = largo.election_timings()
     holder = identity()
     gate = LeaderGate(renew_deadline=election_timings.renew_deadline) if election else LeaderGate()
     kube = Kube.from_environment(gate, field_manager=holder if election else COMPONENT)
     jobs: WorkQueue[JobKey] = WorkQueue(
-        base_delay=_float_env("LARGO_RETRY_BASE_SECONDS", 0.05),
-        max_delay=_float_env("LARGO_RETRY_MAX_SECONDS", 60.0),
+        base_delay=largo.retry_base_seconds,
+        max_delay=largo.retry_max_seconds,
     )
 
     services: WorkQueue[JobKey] = WorkQueue(
-        base_delay=_float_env("LARGO_RETRY_BASE_SECONDS", 0.05),
-        max_delay=_float_env("LARGO_RETRY_MAX_SECONDS", 60.0),
+        base_delay=largo.retry_base_seconds,
+        max_delay=largo.retry_max_seconds,
     )
 
     def admitted(key: JobKey, body: Mapping[str, Any]) -> None:
@@ -137,9 +127,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         autoscalers=kwargs["service_autoscalers"],
         wake_scheduler=scheduler.wake,
         clock=time.time,
-        default_image=os.environ.get("LARGO_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
-        router_image=os.environ.get("LARGO_ROUTER_IMAGE") or DEFAULT_ROUTER_IMAGE,
-        binding_timeout=_float_env("LARGO_BINDING_TIMEOUT_SECONDS", 30.0),
+        default_image=largo.server_image,
+        router_image=largo.router_image,
+        binding_timeout=largo.binding_timeout_seconds,
     )
     reconciler = TrainJobReconciler(
         kube=kube,
@@ -149,12 +139,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         reports=kwargs["progress_reports"],
         wake_scheduler=scheduler.wake,
         clock=time.time,
-        timings=Timings(
-            base=_float_env("LARGO_RESTART_BACKOFF_SECONDS", 10.0),
-            cap=_float_env("LARGO_RESTART_BACKOFF_MAX_SECONDS", 300.0),
-            binding_timeout=_float_env("LARGO_BINDING_TIMEOUT_SECONDS", 30.0),
-            progress_stale_after=_float_env("LARGO_PROGRESS_STALE_SECONDS", 120.0),
-        ),
+        timings=largo.timings(),
     )
     scheduler.complete_admission = reconciler.complete_admission
     autoscaler = Autoscaler(
@@ -164,16 +149,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         routers=kwargs["service_routers"],
         autoscalers=kwargs["service_autoscalers"],
         clock=time.time,
-        period=_float_env("LARGO_AUTOSCALE_PERIOD_SECONDS", 2.0),
+        period=largo.autoscale_period_seconds,
     )
-    workers = int(_float_env("LARGO_RECONCILE_WORKERS", 8))
+    workers = largo.reconcile_workers
     memo.jobs = jobs
     memo.services = services
     memo.serving = serving
     memo.scheduler = scheduler
     memo.tasks = []
     reconcile = reconciler.reconcile
-    metrics_port = int(_float_env("LARGO_METRICS_PORT", 0))
+    metrics_port = largo.metrics_port
 
     def snapshot() -> Snapshot:
         # Scrapes run in prometheus-client's thread; the indexes change on the event loop, so the

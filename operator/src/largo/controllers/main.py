@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-
-# "<namespace>/<lease name>" when the operator runs for leader election.
-LEADER_ELECTION_ENV = "LARGO_LEADER_ELECTION"
+import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,20 +57,32 @@ def log_handler(log_format: str) -> logging.Handler:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from largo.controllers.leader import default_namespace
+    from largo.controllers.settings import OperatorSettings, describe
+
+    # The command line wins over the environment for what both can say.
+    overrides: dict[str, object] = {}
+    if args.metrics_port:
+        overrides["metrics_port"] = args.metrics_port
+    if args.leader_elect:
+        overrides["leader_election"] = (
+            f"{args.leader_election_namespace or default_namespace()}/{args.leader_election_id}"
+        )
+    try:
+        settings = OperatorSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        for line in describe(error):
+            print(f"largo operator: {line}", file=sys.stderr)
+        return 2
+
     import kopf
 
     import largo.controllers.handlers  # noqa: F401  (registers the handlers)
-    from largo.controllers.leader import default_namespace
 
     handler = log_handler(args.log_format)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
-    # Read by the start-up handler, which kopf calls without our arguments.
-    if args.metrics_port:
-        os.environ["LARGO_METRICS_PORT"] = str(args.metrics_port)
-    if args.leader_elect:
-        os.environ[LEADER_ELECTION_ENV] = (
-            f"{args.leader_election_namespace or default_namespace()}/{args.leader_election_id}"
-        )
     if not args.verbose:
         # kopf logs every handler call at INFO; largo's own lines and kopf's warnings are what matter.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
@@ -84,5 +93,7 @@ def run(args: argparse.Namespace) -> int:
         # kopf peering, which pauses handlers but fences neither the scheduler nor the writes.
         standalone=True,
         liveness_endpoint=args.liveness,
+        # The start-up handler, which kopf calls without our arguments, finds them here.
+        memo=kopf.Memo(settings=settings),
     )
     return 0
