@@ -46,7 +46,7 @@ def test_the_router_may_only_read_endpointslices_of_its_namespace() -> None:
         {
             "apiGroups": ["discovery.k8s.io"],
             "resources": ["endpointslices"],
-            "verbs": ["get", "list", "watch"],
+            "verbs": ["list", "watch"],
         }
     ]
     assert binding["roleRef"] == {

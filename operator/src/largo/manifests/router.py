@@ -66,7 +66,7 @@ def build_router_account(service: InferenceService) -> list[JSON]:
                 {
                     "apiGroups": ["discovery.k8s.io"],
                     "resources": ["endpointslices"],
-                    "verbs": ["get", "list", "watch"],
+                    "verbs": ["list", "watch"],
                 }
             ],
         },
