@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from largo.dev.cluster import LocalCluster, NodePool, wait_for
-from trainjobs import EXIT_ANNOTATION, TIMEOUT, Jobs, refuse_pods
+from trainjobs import EXIT_ANNOTATION, TIMEOUT, Jobs, bound_claim, refuse_pods
 
 pytestmark = pytest.mark.integration
 
@@ -34,32 +34,7 @@ class Services:
         self.operator = operator
 
     def claim(self, name: str) -> None:
-        """A bound claim (a hostPath volume made for it): kube-scheduler places pods that mount it."""
-        volume = f"{name}-{self.namespace}"
-        self.core.create_persistent_volume(
-            {
-                "metadata": {"name": volume},
-                "spec": {
-                    "capacity": {"storage": "1Gi"},
-                    "accessModes": ["ReadOnlyMany"],
-                    "storageClassName": "",
-                    "hostPath": {"path": "/models"},
-                    "claimRef": {"namespace": self.namespace, "name": name},
-                },
-            }
-        )
-        self.core.create_namespaced_persistent_volume_claim(
-            self.namespace,
-            {
-                "metadata": {"name": name},
-                "spec": {
-                    "storageClassName": "",
-                    "volumeName": volume,
-                    "accessModes": ["ReadOnlyMany"],
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        )
+        bound_claim(self.core, self.namespace, name, "ReadOnlyMany", hostPath={"path": "/models"})
 
     def body(self, name: str, pool: NodePool | None, gpus: int = 8, **spec: Any) -> dict[str, Any]:
         # kwok removes a deleted pod within its grace period, as a kubelet might: keep it short.

@@ -18,7 +18,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from largo.dev.cluster import LocalCluster, NodePool, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from trainjobs import GROUP, PLURAL, TIMEOUT, VERSION, Jobs, overbooked, refuse_pods
+from trainjobs import GROUP, PLURAL, TIMEOUT, VERSION, Jobs, bound_claim, overbooked, refuse_pods
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +97,32 @@ def test_second_gang_waits_with_a_reason_and_runs_when_capacity_frees(jobs: Jobs
     jobs.wait_phase("first", "Succeeded")
     jobs.wait_phase("second", "Running")
     assert "queue" not in jobs.status("second")
+
+
+def test_two_jobs_never_write_one_checkpoint_directory_at_once(jobs: Jobs, gpu_pool: NodePool) -> None:
+    volume = bound_claim(jobs.core, jobs.namespace, "ckpt", "ReadWriteMany", hostPath={"path": "/ckpt"})
+    try:
+        shared = {"claimName": "ckpt"}
+        jobs.create("sweep-1", gpu_pool, num_nodes=1, gpus=2, checkpoint=shared)
+        jobs.wait_phase("sweep-1", "Running")
+        jobs.create("sweep-2", gpu_pool, num_nodes=1, gpus=2, checkpoint=shared)
+        jobs.create("own-dir", gpu_pool, num_nodes=1, gpus=2, checkpoint={**shared, "subPath": "own"})
+        # There is room for both: the one with a directory of its own runs, the other waits for sweep-1.
+        jobs.wait_phase("own-dir", "Running")
+        status = jobs.wait(
+            "sweep-2", lambda s: (s.get("queue") or {}).get("reason") == "CheckpointInUse", "to wait"
+        )
+        assert status["phase"] == "Queued"
+        assert f"(claim ckpt) is in use by {jobs.namespace}/sweep-1" in status["queue"]["message"]
+        assert jobs.condition("sweep-2", "Admitted")["reason"] == "CheckpointInUse"
+        jobs.wait_event("sweep-2", "CheckpointInUse")
+        assert jobs.pods("sweep-2") == []
+
+        jobs.exit("sweep-1", 0)
+        jobs.wait_phase("sweep-1", "Succeeded")
+        jobs.wait_phase("sweep-2", "Running")
+    finally:
+        jobs.core.delete_persistent_volume(volume)
 
 
 def test_higher_priority_job_queued_later_is_admitted_first(jobs: Jobs, gpu_pool: NodePool) -> None:
@@ -544,32 +570,13 @@ def test_a_gang_released_after_a_binding_failure_is_recreated_whole(jobs: Jobs, 
     pool = make_pool(count=3)
     here = pool.node_names()[0]
     jobs.core.patch_node(here, {"metadata": {"labels": {"largo.dev/test-volume": jobs.namespace}}})
-    volume = f"pinned-{jobs.namespace}"
     only_here = {"key": "largo.dev/test-volume", "operator": "In", "values": [jobs.namespace]}
-    jobs.core.create_persistent_volume(
-        {
-            "metadata": {"name": volume},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "local": {"path": "/checkpoints"},
-                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [only_here]}]}},
-                "claimRef": {"namespace": jobs.namespace, "name": "pinned"},
-            },
-        }
-    )
+    volume = bound_claim(
+        jobs.core, jobs.namespace, "pinned", "ReadWriteMany",
+        local={"path": "/checkpoints"},
+        nodeAffinity={"required": {"nodeSelectorTerms": [{"matchExpressions": [only_here]}]}},
+    )  # fmt: skip
     try:
-        claim = {
-            "metadata": {"name": "pinned"},
-            "spec": {
-                "storageClassName": "",
-                "volumeName": volume,
-                "accessModes": ["ReadWriteMany"],
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        }
-        jobs.core.create_namespaced_persistent_volume_claim(jobs.namespace, claim)
         jobs.create("bind", pool, checkpoint={"claimName": "pinned"}, podTemplate=dict(SLOW_TERMINATION))
         watch = AttemptWatch(jobs, "bind")
         admitted = jobs.wait("bind", lambda s: bool(s.get("placement")), "the first admission")

@@ -155,3 +155,33 @@ def overbooked(jobs: Jobs, names: list[str], gpus_per_job: int, gpus_per_node: i
             for node in placement.get("nodes") or []:
                 held[node] = held.get(node, 0) + gpus_per_job
     return {node: gpus for node, gpus in held.items() if gpus > gpus_per_node}
+
+
+def bound_claim(core: client.CoreV1Api, namespace: str, name: str, access_mode: str, **source: Any) -> str:
+    """A claim ``name`` bound to a volume made for it (``source``: its ``hostPath``, or ``local`` and
+    ``nodeAffinity``), so that kube-scheduler places the pods that mount it. Returns the volume's name:
+    volumes are cluster-wide, the caller deletes it."""
+    volume = f"{name}-{namespace}"
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": volume},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": [access_mode],
+                "storageClassName": "",
+                "claimRef": {"namespace": namespace, "name": name},
+                **source,
+            },
+        }
+    )
+    claim = {
+        "metadata": {"name": name},
+        "spec": {
+            "storageClassName": "",
+            "volumeName": volume,
+            "accessModes": [access_mode],
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+    core.create_namespaced_persistent_volume_claim(namespace, claim)
+    return volume

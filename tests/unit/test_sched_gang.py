@@ -14,6 +14,7 @@ from largo.sched.types import (
     Toleration,
     Waiting,
     WaitReason,
+    checkpoint_key,
 )
 
 GPU = "nvidia.com/gpu"
@@ -534,3 +535,60 @@ def test_nothing_else_is_placed_beside_an_exclusive_pod_in_the_same_pass() -> No
     assert placed["ns/alone"] == ("a",)
     assert placed["ns/small"] == ("b",)  # not onto a's four free GPUs
     assert by_key(decision)["ns/big"].reason is WaitReason.InsufficientCapacity
+
+
+# --- one gang per checkpoint directory -----------------------------------------------------------------
+
+SHARED = checkpoint_key("ns", "ckpt", None)
+
+
+def test_a_gang_whose_checkpoint_directory_is_in_use_waits_and_blocks_nobody() -> None:
+    decision = schedule(
+        [node("n0"), node("n1")],
+        {},
+        [gang("ns/sweep-2", checkpoint=SHARED), gang("ns/other", arrival=1.0)],
+        {SHARED: "ns/sweep-1"},
+    )
+    assert admitted(decision) == {"ns/other": ("n0",)}
+    waiting = by_key(decision)["ns/sweep-2"]
+    assert waiting.reason is WaitReason.CheckpointInUse
+    assert waiting.position == 1
+    assert waiting.message == (
+        "its checkpoint directory (claim ckpt) is in use by ns/sweep-1, which must stop first; give this "
+        "job a checkpoint.subPath of its own to run beside it"
+    )
+
+
+def test_of_two_queued_gangs_writing_one_directory_only_the_first_is_admitted() -> None:
+    decision = schedule(
+        [node("n0"), node("n1")],
+        {},
+        [gang("ns/b", checkpoint=SHARED, arrival=2.0), gang("ns/a", checkpoint=SHARED, arrival=1.0)],
+    )
+    assert admitted(decision) == {"ns/a": ("n0",)}
+    assert by_key(decision)["ns/b"].reason is WaitReason.CheckpointInUse
+    assert "in use by ns/a" in by_key(decision)["ns/b"].message
+
+
+def test_other_directories_claims_and_namespaces_do_not_wait() -> None:
+    own = [
+        checkpoint_key("ns", "ckpt", "run-1"),
+        checkpoint_key("ns", "other-claim", None),
+        checkpoint_key("team-b", "ckpt", None),
+    ]
+    queue = [gang(f"ns/j{i}", gpu=2, checkpoint=key) for i, key in enumerate(own)]
+    decision = schedule([node("n0")], {}, queue, {SHARED: "ns/running"})
+    assert sorted(admitted(decision)) == ["ns/j0", "ns/j1", "ns/j2"]
+
+
+def test_a_checkpoint_directory_is_one_however_its_sub_path_is_written() -> None:
+    assert checkpoint_key("ns", "c", "run-1/") == checkpoint_key("ns", "c", "./run-1") == "ns/c/run-1"
+    assert checkpoint_key("ns", "c", "a//b/../run-1") == "ns/c/a/run-1"
+    assert checkpoint_key("ns", "c", ".") == checkpoint_key("ns", "c", None) == "ns/c/"
+    decision = schedule([node("n0")], {}, [gang("ns/b", checkpoint="ns/c/run-1")], {"ns/c/run-1": "ns/a"})
+    assert "(claim c, subPath run-1)" in by_key(decision)["ns/b"].message
+
+
+def test_a_gang_that_can_never_fit_is_told_so_before_it_waits_for_a_checkpoint() -> None:
+    decision = schedule([node("n0")], {}, [gang("ns/huge", gpu=16, checkpoint=SHARED)], {SHARED: "ns/a"})
+    assert by_key(decision)["ns/huge"].reason is WaitReason.Unschedulable

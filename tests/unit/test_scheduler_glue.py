@@ -36,6 +36,7 @@ def _job(
     nodes: int = 1,
     created: str = "2027-01-15T08:00:00Z",
     status: Mapping[str, Any] | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> JobEntry:
     return job_entry(
         {
@@ -49,7 +50,12 @@ def _job(
                 "creationTimestamp": created,
                 "generation": 1,
             },
-            "spec": {"image": "i", "numNodes": nodes, "resourcesPerNode": {"nvidia.com/gpu": gpus}},
+            "spec": {
+                "image": "i",
+                "numNodes": nodes,
+                "resourcesPerNode": {"nvidia.com/gpu": gpus},
+                **({"checkpoint": dict(checkpoint)} if checkpoint else {}),
+            },
             "status": dict(status or {}),
         }
     )
@@ -243,3 +249,49 @@ def test_a_released_gang_in_its_backoff_leaves_the_gpus_to_the_next_in_the_queue
     assert [name for name, _ in kube.writes] == ["released"]
     assert kube.writes[0][1]["phase"] == "Starting"
     assert kube.writes[0][1]["nextAdmissionTime"] is None
+
+
+@pytest.mark.parametrize(
+    ("holder_phase", "waits"),
+    [
+        ("Starting", True),
+        ("Running", True),
+        ("Restarting", True),
+        ("Suspending", True),  # its pods may still be writing a last checkpoint
+        ("Suspended", False),
+        ("Succeeded", False),
+        ("Failed", False),
+    ],
+)
+def test_a_job_waits_while_another_that_writes_its_checkpoint_directory_holds_it(
+    holder_phase: str, waits: bool
+) -> None:
+    shared = {"claimName": "ckpt"}
+    placement = {"attempt": 0, "nodes": ["n1"]}
+    holder = _job("sweep-1", checkpoint=shared, status={"phase": holder_phase, "placement": placement})
+    later = _job("sweep-2", checkpoint=shared, created="2027-01-15T08:00:01Z")
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], [holder, later])
+    asyncio.run(scheduler.run_pass())
+    ((name, status),) = kube.writes
+    assert name == "sweep-2"
+    if waits:
+        assert (status["phase"], status["reason"]) == ("Queued", "CheckpointInUse")
+        said = "its checkpoint directory (claim ckpt) is in use by ns/sweep-1"
+        assert status["queue"]["message"].startswith(said)
+        assert kube.events == ["Queued", "CheckpointInUse"]
+    else:
+        assert status["phase"] == "Starting"
+
+
+def test_an_admission_not_yet_indexed_holds_its_checkpoint_directory() -> None:
+    kube = FakeKube()
+    shared = {"claimName": "ckpt", "subPath": "run"}
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], [_job("a", checkpoint=shared)])
+    asyncio.run(scheduler.run_pass())
+    # The index still shows "a" as new when "b" arrives: "a"'s admission is only in the scheduler.
+    scheduler.jobs[("ns", "b")] = [_job("b", checkpoint=shared, created="2027-01-15T08:00:01Z")]  # type: ignore[index]
+    asyncio.run(scheduler.run_pass())
+    phases = {name: status.get("phase") for name, status in kube.writes}
+    assert phases == {"a": "Starting", "b": "Queued"}
+    assert kube.writes[-1][1]["queue"]["reason"] == "CheckpointInUse"

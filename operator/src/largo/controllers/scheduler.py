@@ -163,6 +163,17 @@ class Scheduler:
                 used[GPU_RESOURCE] = max(used.get(GPU_RESOURCE, 0), gpus)
         return usage
 
+    def checkpoints_in_use(self, entries: Iterable[JobEntry]) -> dict[str, str]:
+        """The checkpoint directory of each job that holds one, admitted ones not yet in the index
+        included, to that job's gang key."""
+        return {
+            entry.request.checkpoint: gang_key(entry.key)
+            for entry in entries
+            if entry.request is not None
+            and entry.request.checkpoint is not None
+            and (entry.holds_checkpoint or entry.key in self._pending)
+        }
+
     def pods_by_node(self) -> list[tuple[str, list[PodUsage]]]:
         index: Any = self.pods
         return [(node, list(store)) for node, store in index.items()]
@@ -199,7 +210,7 @@ class Scheduler:
                     groups[gang_key(group.gang(*service.key))] = (service, group)
         requests = [entry.request for entry in queued if entry.request]
         requests += [service.request(group) for service, group in groups.values()]
-        decision = gang.schedule(nodes, usage, requests)
+        decision = gang.schedule(nodes, usage, requests, self.checkpoints_in_use(entries))
         by_gang_key = {gang_key(entry.key): entry for entry in queued}
         # One status write per service, whatever number of its groups this pass decided.
         by_service: dict[JobKey, tuple[ServiceEntry, dict[int, Placement], dict[int, Waiting]]] = {}
@@ -370,5 +381,6 @@ class Scheduler:
         if new:
             await self.kube.event(entry.body, "Normal", Reason.QUEUED, "queued for gang admission")
         if previous.get("reason") != queue["reason"]:
-            kind = "Warning" if waiting.reason == WaitReason.Unschedulable else "Normal"
+            warn = waiting.reason in (WaitReason.Unschedulable, WaitReason.CheckpointInUse)
+            kind = "Warning" if warn else "Normal"
             await self.kube.event(entry.body, kind, str(waiting.reason), waiting.message)

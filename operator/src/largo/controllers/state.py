@@ -26,7 +26,7 @@ from largo.manifests.names import (
 from largo.policy.conditions import parse_timestamp
 from largo.policy.trainjob import gang_position, status_attempt, status_placement
 from largo.sched import inventory
-from largo.sched.types import GangRequest
+from largo.sched.types import GangRequest, checkpoint_key
 
 JobKey = tuple[str, str]  # (namespace, name); for a replica group (namespace, <service>#r<replica>)
 
@@ -42,6 +42,9 @@ class PodUsage:
     rank: int | None = None
     # A pod of an exclusiveNodes gang: its node is held whole.
     exclusive: bool = False
+
+
+_HOLDING_CHECKPOINT = frozenset({Phase.STARTING, Phase.RUNNING, Phase.RESTARTING, Phase.SUSPENDING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,11 @@ class JobEntry:
     @property
     def active(self) -> bool:
         return self.phase in (Phase.STARTING, Phase.RUNNING) and self.placement is not None
+
+    @property
+    def holds_checkpoint(self) -> bool:
+        """Its pods run, or will again, or are still stopping (and may be writing a last checkpoint)."""
+        return self.phase in _HOLDING_CHECKPOINT
 
 
 def parse(body: Mapping[str, Any]) -> TrainJob:
@@ -171,6 +179,11 @@ def gang_request(job: TrainJob, key: JobKey, metadata: Mapping[str, Any]) -> Gan
         required_topology_key=scheduling.topology_key,
         preferred_topology_key=scheduling.preferred_topology_key,
         exclusive=scheduling.exclusive_nodes,
+        checkpoint=(
+            checkpoint_key(key[0], spec.checkpoint.claim_name, spec.checkpoint.sub_path)
+            if spec.checkpoint is not None
+            else None
+        ),
     )
 
 

@@ -22,6 +22,7 @@ from largo.sched.types import (
     Placement,
     Waiting,
     WaitReason,
+    describe_checkpoint,
 )
 
 Free = Mapping[str, Mapping[str, int]]
@@ -246,13 +247,21 @@ def _explain(
     )
 
 
-def schedule(nodes: Sequence[NodeInfo], usage: Usage, queue: Sequence[GangRequest]) -> Decision:
+def schedule(
+    nodes: Sequence[NodeInfo],
+    usage: Usage,
+    queue: Sequence[GangRequest],
+    checkpoints_in_use: Mapping[str, str] | None = None,
+) -> Decision:
     """Decide which queued gangs start now and why the others wait.
 
     ``usage`` must already include gangs admitted earlier whose pods are not bound yet (the
     scheduler loop adds them, see ``controllers.scheduler.Scheduler.usage``); ``queue`` holds only
-    gangs that are not admitted.
+    gangs that are not admitted. ``checkpoints_in_use`` maps the checkpoint directory of each gang
+    that holds one (admitted, running, restarting or stopping) to that gang's key: a queued gang
+    that writes the same directory waits for it without blocking the gangs behind it.
     """
+    in_use = dict(checkpoints_in_use or {})
     free = free_by_node(nodes, usage)
     empty = free_by_node(nodes, {})
     ordered = sorted(queue, key=lambda r: (-r.priority, r.arrival, r.key))
@@ -271,6 +280,16 @@ def schedule(nodes: Sequence[NodeInfo], usage: Usage, queue: Sequence[GangReques
             reason = _explain(nodes, candidates, empty, request, "allocatable")
             wait(request, WaitReason.Unschedulable, f"can never fit: {reason}")
             continue
+        holder = in_use.get(request.checkpoint) if request.checkpoint is not None else None
+        if holder is not None and request.checkpoint is not None:
+            wait(
+                request,
+                WaitReason.CheckpointInUse,
+                f"its checkpoint directory ({describe_checkpoint(request.checkpoint)}) is in use by "
+                f"{holder}, which must stop first; give this job a checkpoint.subPath of its own to run "
+                "beside it",
+            )
+            continue
         placement = _place_among(candidates, free, request)
         if blocker is not None:
             if placement is not None:
@@ -287,6 +306,8 @@ def schedule(nodes: Sequence[NodeInfo], usage: Usage, queue: Sequence[GangReques
             wait(request, WaitReason.InsufficientCapacity, _explain(nodes, candidates, free, request, "free"))
         else:
             admitted.append(placement)
+            if request.checkpoint is not None:
+                in_use[request.checkpoint] = request.key
             for name in placement.nodes:
                 node_free = free[name]
                 for resource, amount in request.per_pod.items():

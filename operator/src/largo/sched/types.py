@@ -6,6 +6,7 @@ every other resource as an integer count (or bytes).
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -78,6 +79,9 @@ class GangRequest:
     preferred_topology_key: str | None = None
     # One pod per node, on nodes with no GPU in use, each holding all of its node's GPUs.
     exclusive: bool = False
+    # Where the gang writes its checkpoints (``<namespace>/<claim>/<subPath>``, see ``checkpoint_key``):
+    # two gangs writing one directory would mix their checkpoints, so one such gang runs at a time.
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.pod_count < 1:
@@ -85,6 +89,17 @@ class GangRequest:
         negative = sorted(name for name, amount in self.per_pod.items() if amount < 0)
         if negative:
             raise ValueError(f"{self.key}: negative per-pod request for {', '.join(negative)}")
+
+
+def checkpoint_key(namespace: str, claim: str, sub_path: str | None) -> str:
+    """One directory of one claim, however its sub-path is written (``a/``, ``./a``, ``a//b/..``)."""
+    directory = posixpath.normpath(sub_path) if sub_path else "."
+    return f"{namespace}/{claim}/{'' if directory == '.' else directory}"
+
+
+def describe_checkpoint(key: str) -> str:
+    _namespace, claim, directory = key.split("/", 2)
+    return f"claim {claim}" + (f", subPath {directory}" if directory else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +118,8 @@ class WaitReason(StrEnum):
     QueuedBehindHead = "QueuedBehindHead"
     # Cannot fit even if every usable, matching, tolerated node were empty.
     Unschedulable = "Unschedulable"
+    # Another admitted gang writes its checkpoint directory: it waits for that one, blocking nobody.
+    CheckpointInUse = "CheckpointInUse"
 
 
 @dataclass(frozen=True, slots=True)
