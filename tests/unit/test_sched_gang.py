@@ -552,7 +552,7 @@ def test_a_gang_whose_checkpoint_directory_is_in_use_waits_and_blocks_nobody() -
     assert admitted(decision) == {"ns/other": ("n0",)}
     waiting = by_key(decision)["ns/sweep-2"]
     assert waiting.reason is WaitReason.CheckpointInUse
-    assert waiting.position == 1
+    assert waiting.position is None  # it blocks nobody: "other" is the head of the order
     assert waiting.message == (
         "its checkpoint directory (claim ckpt) is in use by ns/sweep-1, which must stop first; give this "
         "job a checkpoint.subPath of its own to run beside it"

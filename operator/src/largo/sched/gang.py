@@ -271,7 +271,8 @@ def schedule(
 
     def wait(request: GangRequest, reason: WaitReason, message: str) -> None:
         ordered_so_far = sum(1 for w in waiting if w.position is not None)
-        position = None if reason is WaitReason.Unschedulable else ordered_so_far + 1
+        blocks_nobody = reason in (WaitReason.Unschedulable, WaitReason.CheckpointInUse)
+        position = None if blocks_nobody else ordered_so_far + 1
         waiting.append(Waiting(request.key, position, reason, message))
 
     for request in ordered:

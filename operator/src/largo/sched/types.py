@@ -125,7 +125,8 @@ class WaitReason(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Waiting:
     key: str
-    # Place in the admission order, 1 the head; None for a gang that can never fit and blocks nobody.
+    # Place in the admission order, 1 the head; None for a gang that blocks nobody: one that can never
+    # fit, or one that waits for another gang's checkpoint directory.
     position: int | None
     reason: WaitReason
     message: str

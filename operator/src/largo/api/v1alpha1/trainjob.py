@@ -546,8 +546,8 @@ class QueueStatus(StatusModel):
     position: int | None = Field(
         default=None,
         ge=1,
-        description="Place in the admission order, 1 is the head; absent for a job that can never fit "
-        "(it blocks nobody).",
+        description="Place in the admission order, 1 is the head; absent for a job that blocks nobody: "
+        "one that can never fit, or one waiting for another job's checkpoint directory.",
     )
     reason: str | None = None
     message: str | None = None
