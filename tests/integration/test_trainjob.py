@@ -109,6 +109,8 @@ def test_two_jobs_never_write_one_checkpoint_directory_at_once(jobs: Jobs, gpu_p
         jobs.create("own-dir", gpu_pool, num_nodes=1, gpus=2, checkpoint={**shared, "subPath": "own"})
         # There is room for both: the one with a directory of its own runs, the other waits for sweep-1.
         jobs.wait_phase("own-dir", "Running")
+        assert jobs.status("own-dir")["checkpointDirectory"] == "ckpt/own"
+        assert jobs.status("sweep-1")["checkpointDirectory"] == "ckpt"
         status = jobs.wait(
             "sweep-2", lambda s: (s.get("queue") or {}).get("reason") == "CheckpointInUse", "to wait"
         )

@@ -362,7 +362,7 @@ def test_ttl_after_finished() -> None:
 
 def test_suspend_and_resume() -> None:
     suspending = plan(
-        job(status=admitted(Phase.RUNNING), suspend=True),
+        job(status={**admitted(Phase.RUNNING), "checkpointDirectory": "ckpt"}, suspend=True),
         [pod(0), pod(1)],
         NONE,
         NONE,
@@ -386,8 +386,11 @@ def test_suspend_and_resume() -> None:
     assert suspended.status["phase"] == Phase.SUSPENDED
     assert suspended.status["message"] == "spec.suspend is true: pods deleted, GPUs released"
     assert [e.reason for e in suspended.events] == ["Suspended"]
+    # The directory it wrote is kept while its pods stop, and held again from its next admission.
+    assert suspended.status["checkpointDirectory"] == "ckpt"
     resumed = plan(job(status=suspended.status), [], NONE, NONE, NOW)
     assert resumed.status["phase"] == Phase.QUEUED
+    assert "checkpointDirectory" not in resumed.status
     assert condition_status(resumed.status["conditions"], "Suspended") == "False"
     queued_then_suspended = plan(job(Phase.QUEUED, suspend=True), [], NONE, NONE, NOW)
     assert queued_then_suspended.status["phase"] == Phase.SUSPENDED

@@ -295,3 +295,86 @@ def test_an_admission_not_yet_indexed_holds_its_checkpoint_directory() -> None:
     phases = {name: status.get("phase") for name, status in kube.writes}
     assert phases == {"a": "Starting", "b": "Queued"}
     assert kube.writes[-1][1]["queue"]["reason"] == "CheckpointInUse"
+
+
+SHARED = {"claimName": "ckpt"}
+
+
+def _pass(jobs: list[JobEntry], pods: Mapping[str, list[PodUsage]] | None = None) -> dict[str, Any]:
+    """One pass over ``jobs`` on two 8-GPU nodes; what it wrote, by job."""
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], jobs)
+    scheduler.pods.update(pods or {})
+    asyncio.run(scheduler.run_pass())
+    return dict(kube.writes)
+
+
+@pytest.mark.parametrize(
+    "released",
+    [
+        # Released after a binding failure, in its backoff.
+        {"phase": "Queued", "attempt": 1, "releases": 1, "nextAdmissionTime": "2027-01-15T09:00:00Z"},
+        # Restarted, queued again and not placeable now (more GPUs than are free).
+        {"phase": "Queued", "attempt": 2, "restarts": 1},
+    ],
+)
+def test_a_gang_queued_again_keeps_its_checkpoint_directory(released: dict[str, Any]) -> None:
+    released = {**released, "checkpointDirectory": "ckpt"}
+    holder = _job("a", gpus=8, nodes=2, checkpoint=SHARED, status=released)
+    busy = _job("busy", gpus=8, status={"phase": "Running", "placement": {"attempt": 0, "nodes": ["n1"]}})
+    later = _job("b", gpus=2, checkpoint=SHARED, created="2027-01-15T08:00:01Z")
+    written = _pass([holder, busy, later])
+    assert written["b"]["queue"]["reason"] == "CheckpointInUse"
+    assert "in use by ns/a" in written["b"]["queue"]["message"]
+
+
+def test_a_gang_queued_again_is_not_kept_out_of_its_own_directory() -> None:
+    status = {"phase": "Queued", "attempt": 1, "releases": 1, "checkpointDirectory": "ckpt"}
+    written = _pass([_job("a", checkpoint=SHARED, status=status)])
+    assert written["a"]["phase"] == "Starting"
+    assert written["a"]["checkpointDirectory"] == "ckpt"
+
+
+def test_a_running_gang_holds_the_directory_it_was_admitted_with_not_an_edited_one() -> None:
+    # "a" runs on ckpt; its spec now says ckpt/other, which its pods do not use until the next attempt.
+    running = {"phase": "Running", "placement": {"attempt": 0, "nodes": ["n0"]}}
+    running["checkpointDirectory"] = "ckpt"
+    edited = _job("a", gpus=2, checkpoint={"claimName": "ckpt", "subPath": "other"}, status=running)
+    on_old = _job("b", gpus=2, checkpoint=SHARED, created="2027-01-15T08:00:01Z")
+    other = {"claimName": "ckpt", "subPath": "other"}
+    on_new = _job("c", gpus=2, checkpoint=other, created="2027-01-15T08:00:02Z")
+    written = _pass([edited, on_old, on_new])
+    assert written["b"]["queue"]["reason"] == "CheckpointInUse"
+    assert written["c"]["phase"] == "Starting"
+
+
+@pytest.mark.parametrize("phase", ["Failed", "Succeeded", "Suspended"])
+def test_a_stopped_gang_holds_its_directory_while_a_pod_of_it_is_left(phase: str) -> None:
+    stopped = _job("a", checkpoint=SHARED, status={"phase": phase, "checkpointDirectory": "ckpt"})
+    later = _job("b", gpus=2, checkpoint=SHARED, created="2027-01-15T08:00:01Z")
+    stopping = PodUsage(uid="p", requests={"nvidia.com/gpu": 8}, job=("ns", "a"), attempt=0, rank=0)
+    written = _pass([stopped, later], {"n0": [stopping]})
+    assert written["b"]["queue"]["reason"] == "CheckpointInUse"
+    assert _pass([stopped, later])["b"]["phase"] == "Starting"
+
+
+def test_a_resumed_gang_whose_old_pods_still_stop_holds_its_spec_s_directory() -> None:
+    resumed = _job("a", gpus=16, nodes=2, checkpoint=SHARED, status={"phase": "Queued", "attempt": 1})
+    later = _job("b", gpus=2, checkpoint=SHARED, created="2027-01-15T08:00:01Z")
+    stopping = PodUsage(uid="p", requests={"nvidia.com/gpu": 8}, job=("ns", "a"), attempt=0, rank=0)
+    written = _pass([resumed, later], {"n0": [stopping]})
+    assert written["b"]["queue"]["reason"] == "CheckpointInUse"
+
+
+def test_a_wait_without_a_position_is_written_once() -> None:
+    kube = FakeKube()
+    holder = _job("a", checkpoint=SHARED, status={"phase": "Running", "checkpointDirectory": "ckpt"})
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], [holder, _job("b", checkpoint=SHARED)])
+    asyncio.run(scheduler.run_pass())
+    ((name, status),) = kube.writes
+    assert (name, status["queue"]["position"]) == ("b", None)
+    # The index now shows what was written, the null position dropped as the API server drops it.
+    stored = {**status, "queue": {k: v for k, v in status["queue"].items() if v is not None}}
+    scheduler.jobs[("ns", "b")] = [_job("b", checkpoint=SHARED, status=stored)]  # type: ignore[index]
+    asyncio.run(scheduler.run_pass())
+    assert [name for name, _ in kube.writes] == ["b"]

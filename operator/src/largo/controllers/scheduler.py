@@ -35,7 +35,7 @@ from largo.manifests.trainjob import pod_spec_hash
 from largo.policy.conditions import set_condition, timestamp
 from largo.policy.trainjob import summary
 from largo.sched import gang, inventory
-from largo.sched.types import NodeInfo, Placement, Waiting, WaitReason
+from largo.sched.types import NodeInfo, Placement, Waiting, WaitReason, checkpoint_directory
 
 logger = logging.getLogger(__name__)
 
@@ -164,15 +164,25 @@ class Scheduler:
         return usage
 
     def checkpoints_in_use(self, entries: Iterable[JobEntry]) -> dict[str, str]:
-        """The checkpoint directory of each job that holds one, admitted ones not yet in the index
-        included, to that job's gang key."""
-        return {
-            entry.request.checkpoint: gang_key(entry.key)
-            for entry in entries
-            if entry.request is not None
-            and entry.request.checkpoint is not None
-            and (entry.holds_checkpoint or entry.key in self._pending)
-        }
+        """Each checkpoint directory a job holds, to that job's gang key: the one it was admitted with,
+        from its admission (written or only pending) until it has finished or been suspended and no
+        pod of it is left (a stopping pod may be writing a last checkpoint)."""
+        with_pods = {pod.job for _node, store in self.pods_by_node() for pod in store if pod.job}
+        in_use: dict[str, str] = {}
+        for entry in entries:
+            spec = entry.request.checkpoint if entry.request is not None else None
+            has_pods = entry.key in with_pods
+            if entry.key in self._pending:
+                directory = spec
+            elif entry.holds_checkpoint or has_pods:
+                # A finished, suspended or just resumed job's pods may still be writing a last
+                # checkpoint: to the directory recorded, or, none recorded, the spec's.
+                directory = entry.admitted_checkpoint or (spec if has_pods else None)
+            else:
+                continue
+            if directory is not None:
+                in_use.setdefault(directory, gang_key(entry.key))
+        return in_use
 
     def pods_by_node(self) -> list[tuple[str, list[PodUsage]]]:
         index: Any = self.pods
@@ -331,6 +341,11 @@ class Scheduler:
             },
             "queue": None,
             "nextAdmissionTime": None,
+            "checkpointDirectory": (
+                checkpoint_directory(entry.request.checkpoint)
+                if entry.request is not None and entry.request.checkpoint is not None
+                else None
+            ),
             "conditions": conditions,
             **summary(conditions),
         }
@@ -357,7 +372,8 @@ class Scheduler:
         }
         previous = dict(entry.queue)
         new = entry.phase is None
-        if previous == queue and not new:
+        # The merge patch drops a null position: compare with what the status holds then.
+        if previous == {k: v for k, v in queue.items() if v is not None} and not new:
             return
         # What a hand or an older operator wrote there must not fail the pass for every job.
         status, _ = sanitize_status(entry.body.get("status") or {})

@@ -26,7 +26,7 @@ from largo.manifests.names import (
 from largo.policy.conditions import parse_timestamp
 from largo.policy.trainjob import gang_position, status_attempt, status_placement
 from largo.sched import inventory
-from largo.sched.types import GangRequest, checkpoint_key
+from largo.sched.types import GangRequest, checkpoint_key, checkpoint_key_of
 
 JobKey = tuple[str, str]  # (namespace, name); for a replica group (namespace, <service>#r<replica>)
 
@@ -44,7 +44,13 @@ class PodUsage:
     exclusive: bool = False
 
 
-_HOLDING_CHECKPOINT = frozenset({Phase.STARTING, Phase.RUNNING, Phase.RESTARTING, Phase.SUSPENDING})
+# Admitted once and not finished or suspended since: a released or restarting gang queues again, and
+# keeps its directory meanwhile (the next job there would resume from its checkpoint mid-run).
+_HOLDING_CHECKPOINT = frozenset(
+    {Phase.QUEUED, Phase.STARTING, Phase.RUNNING, Phase.RESTARTING, Phase.SUSPENDING}
+)
+# Before ``status.checkpointDirectory`` was recorded, a job with pods admitted held its spec's.
+_ADMITTED = frozenset({Phase.STARTING, Phase.RUNNING, Phase.RESTARTING, Phase.SUSPENDING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +96,19 @@ class JobEntry:
         return self.phase in (Phase.STARTING, Phase.RUNNING) and self.placement is not None
 
     @property
+    def admitted_checkpoint(self) -> str | None:
+        """The checkpoint directory (key) the gang was last admitted with, if it may still write it:
+        its pods run, or will again, or may still be stopping. ``holds_checkpoint`` says whether it
+        does without its pods' help."""
+        recorded = (self.body.get("status") or {}).get("checkpointDirectory")
+        if isinstance(recorded, str) and recorded:
+            return checkpoint_key_of(self.key[0], recorded)
+        if self.phase in _ADMITTED and self.request is not None:
+            return self.request.checkpoint
+        return None
+
+    @property
     def holds_checkpoint(self) -> bool:
-        """Its pods run, or will again, or are still stopping (and may be writing a last checkpoint)."""
         return self.phase in _HOLDING_CHECKPOINT
 
 

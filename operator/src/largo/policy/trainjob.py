@@ -396,6 +396,9 @@ def _enqueue(b: _Builder, resumed: bool) -> None:
         # Someone acted on the job: a backoff from before its suspension is over.
         b.status.pop("nextAdmissionTime", None)
         b.status.pop("releases", None)
+        # Its pods are gone: the directory is held again from the next admission (which may find it
+        # taken by a job that ran meanwhile).
+        b.status.pop("checkpointDirectory", None)
         b.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "the job was resumed")
         b.event(False, Reason.RESUMED, "resumed: queued for admission")
     else:

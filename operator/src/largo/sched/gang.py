@@ -258,8 +258,9 @@ def schedule(
     ``usage`` must already include gangs admitted earlier whose pods are not bound yet (the
     scheduler loop adds them, see ``controllers.scheduler.Scheduler.usage``); ``queue`` holds only
     gangs that are not admitted. ``checkpoints_in_use`` maps the checkpoint directory of each gang
-    that holds one (admitted, running, restarting or stopping) to that gang's key: a queued gang
-    that writes the same directory waits for it without blocking the gangs behind it.
+    that holds one (admitted and not finished or suspended, or with pods still stopping) to that
+    gang's key: another queued gang that writes the same directory waits for it without blocking
+    the gangs behind it.
     """
     in_use = dict(checkpoints_in_use or {})
     free = free_by_node(nodes, usage)
@@ -282,7 +283,8 @@ def schedule(
             wait(request, WaitReason.Unschedulable, f"can never fit: {reason}")
             continue
         holder = in_use.get(request.checkpoint) if request.checkpoint is not None else None
-        if holder is not None and request.checkpoint is not None:
+        # A released or restarting gang holds its directory while it queues again: not against itself.
+        if holder is not None and holder != request.key and request.checkpoint is not None:
             wait(
                 request,
                 WaitReason.CheckpointInUse,

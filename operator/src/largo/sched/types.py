@@ -97,6 +97,18 @@ def checkpoint_key(namespace: str, claim: str, sub_path: str | None) -> str:
     return f"{namespace}/{claim}/{'' if directory == '.' else directory}"
 
 
+def checkpoint_directory(key: str) -> str:
+    """The key without its namespace, as the job's status names it: ``claim`` or ``claim/subPath``."""
+    _namespace, claim, directory = key.split("/", 2)
+    return f"{claim}/{directory}" if directory else claim
+
+
+def checkpoint_key_of(namespace: str, directory: str) -> str:
+    """The key of a directory named as ``checkpoint_directory`` names it (claim names have no ``/``)."""
+    claim, _, sub_path = directory.partition("/")
+    return checkpoint_key(namespace, claim, sub_path or None)
+
+
 def describe_checkpoint(key: str) -> str:
     _namespace, claim, directory = key.split("/", 2)
     return f"claim {claim}" + (f", subPath {directory}" if directory else "")

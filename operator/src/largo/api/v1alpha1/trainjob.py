@@ -640,6 +640,13 @@ class TrainJobStatus(StatusModel):
     )
     queue: QueueStatus | None = None
     placement: Placement | None = None
+    checkpoint_directory: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The checkpoint directory (`claim` or `claim/subPath`) the gang was last admitted "
+        "with: no other job of the namespace that writes it is admitted until this one has finished or "
+        "been suspended and its pods are gone.",
+    )
     progress: Progress | None = Field(
         default=None,
         description="The runtime's last accepted progress report (copied by the operator from the "
