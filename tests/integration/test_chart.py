@@ -143,6 +143,7 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
             "must be more than 1.2 x retryPeriodSeconds",
         ),
         (["operator.metricsPort=8080"], "8080 is the operator's health port"),
+        (["operator.restartBackoffSeconds=600"], "must be at least operator.restartBackoffSeconds"),
     ):
         sets = [arg for value in values for arg in ("--set", value)]
         refused = helm(cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", *sets)

@@ -54,6 +54,13 @@ def test_values_are_read_from_the_environment_and_empty_ones_keep_the_default(
     assert settings.router_image == "largo-router:dev"
 
 
+def test_a_whole_number_however_helm_writes_it_is_an_integer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LARGO_LEASE_DURATION_SECONDS", "1e+06")
+    monkeypatch.setenv("LARGO_RECONCILE_WORKERS", "8.0")
+    settings = OperatorSettings()
+    assert (settings.lease_duration_seconds, settings.reconcile_workers) == (1_000_000, 8)
+
+
 def test_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LARGO_METRICS_PORT", "9000")
     assert OperatorSettings(metrics_port=8080).metrics_port == 8080
@@ -67,7 +74,6 @@ def test_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         ("LARGO_AUTOSCALE_PERIOD_SECONDS", "0", "greater than or equal to 0.1"),
         ("LARGO_BINDING_TIMEOUT_SECONDS", "-1", "greater than 0"),
         ("LARGO_BINDING_TIMEOUT_SECONDS", "30s", "valid number"),
-        ("LARGO_PROGRESS_STALE_SECONDS", "120000", "less than or equal to 86400"),
         ("LARGO_LEASE_DURATION_SECONDS", "12.5", "valid integer"),
         ("LARGO_METRICS_PORT", "70000", "less than or equal to 65535"),
         ("LARGO_LEADER_ELECTION", "no-namespace", "should match pattern"),

@@ -8,9 +8,9 @@ instead of a traceback from inside kopf's start-up or an operator that runs and 
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from largo.controllers.leader import ElectionTimings
@@ -19,8 +19,21 @@ from largo.manifests.router import DEFAULT_ROUTER_IMAGE
 from largo.policy.trainjob import Timings
 
 ENV_PREFIX = "LARGO_"
-# A day: longer delays or timeouts are a unit mistake (milliseconds written as seconds), not a choice.
-_DAY = 86_400.0
+
+
+def _whole(value: object) -> object:
+    """Helm writes a large number as ``1e+06``: a whole number however written is an integer."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else value
+    return value
+
+
+# A count or whole seconds, from a variable.
+Whole = Annotated[int, BeforeValidator(_whole)]
 
 
 class OperatorSettings(BaseSettings):
@@ -28,23 +41,23 @@ class OperatorSettings(BaseSettings):
         env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True
     )
 
-    restart_backoff_seconds: float = Field(default=10.0, gt=0, le=_DAY)
-    restart_backoff_max_seconds: float = Field(default=300.0, gt=0, le=_DAY)
-    binding_timeout_seconds: float = Field(default=30.0, gt=0, le=_DAY)
-    progress_stale_seconds: float = Field(default=120.0, gt=0, le=_DAY)
-    reconcile_workers: int = Field(default=8, ge=1, le=64)
+    restart_backoff_seconds: float = Field(default=10.0, gt=0)
+    restart_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    binding_timeout_seconds: float = Field(default=30.0, gt=0)
+    progress_stale_seconds: float = Field(default=120.0, gt=0)
+    reconcile_workers: Whole = Field(default=8, ge=1, le=64)
     server_image: str = Field(default=DEFAULT_SERVER_IMAGE, min_length=1)
     router_image: str = Field(default=DEFAULT_ROUTER_IMAGE, min_length=1)
-    retry_base_seconds: float = Field(default=0.05, gt=0, le=_DAY)
-    retry_max_seconds: float = Field(default=60.0, gt=0, le=_DAY)
-    lease_duration_seconds: int = Field(default=10, ge=1)
-    renew_deadline_seconds: int = Field(default=6, ge=1)
-    retry_period_seconds: int = Field(default=1, ge=1)
+    retry_base_seconds: float = Field(default=0.05, gt=0)
+    retry_max_seconds: float = Field(default=60.0, gt=0)
+    lease_duration_seconds: Whole = Field(default=10, ge=1)
+    renew_deadline_seconds: Whole = Field(default=6, ge=1)
+    retry_period_seconds: Whole = Field(default=1, ge=1)
     # Each period scrapes every autoscaled service's replicas: under 0.1 s it would only burn CPU.
     autoscale_period_seconds: float = Field(default=2.0, ge=0.1, le=3600)
-    watch_inactivity_seconds: float = Field(default=70.0, gt=0, le=_DAY)
+    watch_inactivity_seconds: float = Field(default=70.0, gt=0)
     # 0: no /metrics (``--metrics-port`` sets it).
-    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_port: Whole = Field(default=0, ge=0, le=65535)
     # "<namespace>/<lease name>" when the operator runs for leader election (``--leader-elect`` sets it).
     leader_election: str | None = Field(default=None, pattern=r"^[^/]+/[^/]+$")
 
@@ -93,7 +106,7 @@ def describe(error: ValidationError) -> list[str]:
         field = ".".join(str(part) for part in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         if field:
-            lines.append(f"{ENV_PREFIX}{field.upper()}={problem['input']!r}: {message}")
+            lines.append(f"{ENV_PREFIX}{field.upper()}={str(problem['input'])!r}: {message}")
         else:
             lines.append(message)
     return lines
