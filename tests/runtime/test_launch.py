@@ -4,11 +4,15 @@ permanentExitCodes see the trainer's own code (torchrun alone exits 1 for any)."
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from largo.api.v1alpha1 import TrainJob
+from largo.manifests.trainjob import contract_env
 from largo.runtime.launch import shell_code
 
 WORKER = """
@@ -49,3 +53,54 @@ def test_a_death_by_signal_reads_as_a_shell_reports_it() -> None:
     assert shell_code(-9) == 137
     assert shell_code(-15) == 143
     assert shell_code(2) == 2
+
+
+SLOW_TO_STOP = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+
+def stop(signum, frame):
+    time.sleep(3)  # a last checkpoint being written
+    (out / "checkpointed").write_text("done")
+    sys.exit(143)
+
+signal.signal(signal.SIGTERM, stop)
+(out / "ready").write_text("")
+time.sleep(120)
+"""
+
+
+def _stopped_with(env: dict[str, str], out: Path) -> int:
+    """Runs one slow-to-stop worker under largo.runtime.launch, SIGTERMs it as the kubelet does, and
+    returns the launcher's exit code."""
+    script = out / "worker.py"
+    script.write_text(SLOW_TO_STOP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PET_NPROC_PER_NODE": "1", "PET_STANDALONE": "1", **env}
+    command = [sys.executable, "-m", "largo.runtime.launch", "--monitor-interval", "0.1", str(script)]
+    command.append(str(out))
+    launched = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out / "ready").exists():
+        assert launched.poll() is None, "the launcher exited before its worker started"
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    launched.send_signal(signal.SIGTERM)
+    return launched.wait(timeout=60)
+
+
+def test_torchrun_waits_for_the_last_checkpoint_as_long_as_the_pod_s_grace_period(tmp_path: Path) -> None:
+    job = TrainJob.from_body(
+        {
+            "metadata": {"name": "j", "namespace": "ns"},
+            "spec": {"image": "i", "numNodes": 1, "podTemplate": {"terminationGracePeriodSeconds": 20}},
+        }
+    )
+    given = {e["name"]: e["value"] for e in contract_env(job, 0, 0) if e["name"] == "PET_SHUTDOWN_TIMEOUT"}
+    assert given == {"PET_SHUTDOWN_TIMEOUT": "20"}
+    (patient := tmp_path / "patient").mkdir()
+    assert _stopped_with(given, patient) == 143
+    assert (patient / "checkpointed").read_text() == "done"
+    # A shorter wait (torchrun's own is 30 s, whatever the grace period) kills the worker mid-write.
+    (hasty := tmp_path / "hasty").mkdir()
+    _stopped_with({"PET_SHUTDOWN_TIMEOUT": "1"}, hasty)
+    assert not (hasty / "checkpointed").exists()

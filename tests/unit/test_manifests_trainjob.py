@@ -320,6 +320,10 @@ def test_pod_template_and_scheduling_pass_through() -> None:
     assert spec["priorityClassName"] == "high"
     assert spec["terminationGracePeriodSeconds"] == 120
     assert "terminationGracePeriodSeconds" not in build_pod(make_job(), 0, "n0", attempt=0)["spec"]
+    # torchrun waits that long for its workers' last checkpoint after a SIGTERM (its own default: 30 s,
+    # the pod's default grace period too).
+    assert env_of(pod)["PET_SHUTDOWN_TIMEOUT"] == "120"
+    assert "PET_SHUTDOWN_TIMEOUT" not in env_of(build_pod(make_job(), 0, "n0", attempt=0))
     assert spec["imagePullSecrets"] == [{"name": "registry"}]
     assert "imagePullSecrets" not in build_pod(make_job(), 0, "n0", attempt=0)["spec"]
     assert pod["metadata"]["labels"]["team"] == "x"

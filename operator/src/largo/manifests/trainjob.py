@@ -153,6 +153,11 @@ def contract_env(job: TrainJob, rank: int, attempt: int) -> list[JSON]:
     }
     if spec.checkpoint is not None:
         values["LARGO_CHECKPOINT_DIR"] = spec.checkpoint.path
+    grace = spec.pod_template.termination_grace_period_seconds
+    if grace is not None:
+        # torchrun kills its workers 30 s after a SIGTERM, whatever the pod's grace period: a longer
+        # one is for writing a last checkpoint, which torchrun must then wait for.
+        values["PET_SHUTDOWN_TIMEOUT"] = str(grace)
     return [{"name": k, "value": v} for k, v in values.items()]
 
 
