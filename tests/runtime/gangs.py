@@ -63,9 +63,12 @@ class Gang:
         steps: int = STEPS,
         extra: list[str] | None = None,
         parallelism: dict[str, int] | None = None,
+        node_checkpoints: list[Path] | None = None,
     ):
         self.workdir = workdir
         self.checkpoints = checkpoints
+        # Each node's view of the checkpoint directory, where they differ (a network filesystem's).
+        self.node_checkpoints = node_checkpoints
         self.steps = steps
         self.extra = extra or []
         self.parallelism = parallelism or {}
@@ -83,7 +86,7 @@ class Gang:
         for rank in range(NODES):
             env = {
                 **os.environ,
-                **contract_env(rank, port, self.checkpoints, self.parallelism),
+                **contract_env(rank, port, self.directory_of(rank), self.parallelism),
                 "OMP_NUM_THREADS": "1",
             }
             # No cluster to report progress to here, and no metrics port to take on the host.
@@ -108,6 +111,9 @@ class Gang:
                     start_new_session=True,
                 )
             )
+
+    def directory_of(self, node: int) -> Path:
+        return self.node_checkpoints[node] if self.node_checkpoints else self.checkpoints
 
     def wait(self, timeout: float = 240) -> list[int]:
         """Each node's exit code. A gang still running after ``timeout`` fails with the end of each node's

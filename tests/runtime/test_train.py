@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,33 @@ def test_a_killed_rank_restarts_from_the_checkpoint_and_matches_an_uninterrupted
     assert max(after) == total
     for step in range(resumed_from + 1, total + 1):
         assert after[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+
+
+def test_every_rank_resumes_from_rank_0_s_checkpoint_or_the_gang_restarts(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    first = Gang(tmp_path / "first", checkpoints, steps=40)
+    first.workdir.mkdir()
+    first.start()
+    assert first.wait() == [0, 0], first.log(0)
+    assert [step for step, _ in checkpoint.complete(checkpoints)] == [40, 20]
+    # Node 1 sees the directory as it was before step 40 was written (a network filesystem's moment).
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    shutil.copy(checkpoint.checkpoint_path(checkpoints, 20), stale)
+    second = Gang(tmp_path / "second", checkpoints, steps=60, node_checkpoints=[checkpoints, stale])
+    second.workdir.mkdir()
+    second.start()
+    # Resuming from two steps would train on with the ranks' weights mixed, and no error said.
+    assert second.wait() == [1, 1], second.log(0)
+    assert "cannot read the checkpoint of step 40, rank 0's choice" in second.log(1)
+    assert "resumed from checkpoint" not in second.log(1)
+    assert "another rank cannot read the checkpoint of step 40; the gang restarts" in second.log(0)
+    # The directory whole again (the restart): every rank resumes from step 40.
+    second.node_checkpoints = None
+    second.start()
+    assert second.wait() == [0, 0], second.log(1)
+    for node in (0, 1):
+        assert second.log(node).count("resumed from checkpoint of step 40") == 2, second.log(node)
 
 
 def test_sigterm_writes_a_checkpoint_before_exit(tmp_path: Path) -> None:

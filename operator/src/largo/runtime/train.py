@@ -241,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = 0
     if directory is not None:
-        state = checkpoint.load_latest(directory)
+        try:
+            state = _load_agreed(directory, distributed, rank, device)
+        except checkpoint.CheckpointError as error:
+            logger.error("%s; the gang restarts", error)
+            return 1
         if state is not None:
             mismatch = shape_mismatch(state.get("config"), config)
             if mismatch is not None:
@@ -391,6 +395,34 @@ class _GlooTimes:
                 for event in results.events()
                 if event.name().startswith("gloo:")
             ]
+
+
+def _load_agreed(
+    directory: Path, distributed: bool, rank: int, device: torch.device
+) -> dict[str, Any] | None:
+    """The checkpoint every rank resumes from: the newest rank 0 reads back whole, told to the others.
+    Each rank choosing its own would, after a read error on one (a network filesystem's moment), go on
+    with two steps' weights mixed across the ranks and no error; a rank that cannot read rank 0's
+    choice raises CheckpointError on every rank instead, so that the gang restarts."""
+    if not distributed:
+        return checkpoint.load_latest(directory)
+    state = checkpoint.load_latest(directory) if rank == 0 else None
+    chosen = torch.tensor([int(state["step"]) if state is not None else -1], dtype=torch.int64, device=device)
+    dist.broadcast(chosen, src=0)
+    step = int(chosen.item())
+    failure = None
+    if rank != 0 and step >= 0:
+        try:
+            state = checkpoint.read(checkpoint.checkpoint_path(directory, step), step)
+        except checkpoint.CheckpointError as error:
+            failure = f"rank {rank} cannot read the checkpoint of step {step}, rank 0's choice: {error}"
+    read = torch.tensor([0 if failure else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(read, op=dist.ReduceOp.MIN)
+    if failure is not None:
+        raise checkpoint.CheckpointError(failure)
+    if read.item() == 0:
+        raise checkpoint.CheckpointError(f"another rank cannot read the checkpoint of step {step}")
+    return state
 
 
 def _agree(
