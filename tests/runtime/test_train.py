@@ -270,3 +270,26 @@ def test_fsdp_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
         assert min(gang.losses()) == 31
     finally:
         gang.kill()
+
+
+def test_a_write_that_fails_leaves_no_partial_file(tmp_path: Path) -> None:
+    unpicklable = {"weights": [1], "hook": lambda: None}
+    with pytest.raises(Exception, match="pickle"):
+        checkpoint.save(tmp_path, 10, unpicklable)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pruning_error_after_a_durable_write_is_logged_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refused(directory: Path, keep: int, written: int | None = None) -> list[Path]:
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(checkpoint, "prune", refused)
+    writer = checkpoint.BackgroundWriter(tmp_path, keep=1)
+    writer.submit(10, {"weights": [1]})
+    writer.close()
+    assert writer.written is not None
+    assert writer.written[0] == 10
+    assert [step for step, _ in checkpoint.complete(tmp_path)] == [10]
+    assert "checkpoint of step 10 written, but pruning" in caplog.text

@@ -38,10 +38,15 @@ def save(directory: Path, step: int, state: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
-    with partial.open("wb") as out:
-        torch.save({**state, "format": FORMAT, "step": step}, out)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with partial.open("wb") as out:
+            torch.save({**state, "format": FORMAT, "step": step}, out)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        # A full disk's half-written file would keep the space the restarted attempt's write needs.
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, final)
     # The rename itself must survive a crash too.
     descriptor = os.open(directory, os.O_RDONLY)
@@ -90,8 +95,14 @@ class BackgroundWriter:
 
     def _write(self, step: int, state: dict[str, Any]) -> None:
         save(self.directory, step, state)
-        prune(self.directory, self.keep, written=step)
         self._written = (step, time.time())
+        try:
+            prune(self.directory, self.keep, written=step)
+        except OSError as error:
+            # The checkpoint is durable: an old one left behind must not fail the run.
+            logger.warning(
+                "checkpoint of step %d written, but pruning %s failed: %s", step, self.directory, error
+            )
 
 
 def complete(directory: Path) -> list[tuple[int, Path]]:
