@@ -708,6 +708,19 @@ def test_malformed_status_fields_are_dropped_with_a_warning_not_carried_over() -
     assert result.status["phase"] == Phase.RUNNING  # the lifecycle goes on
 
 
+def test_a_newer_operator_s_fields_inside_known_ones_are_left_out_not_the_reason_to_drop_them() -> None:
+    """After a rollback of the operator (not of its CRD), the status holds what a newer one wrote: a
+    running gang's placement must not be dropped for a field inside it, or the gang would be requeued
+    while its pods run."""
+    placement = {"attempt": 0, "nodes": ["n0", "n1"], "topologyDomain": "rack-1"}
+    status = admitted(Phase.RUNNING, placement=placement, conditions=[])
+    result = plan(job(status=status), [pod(0), pod(1)], NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.RUNNING
+    assert result.status["placement"] == {"attempt": 0, "nodes": ["n0", "n1"]}
+    assert not [e for e in result.events if e.reason == "MalformedStatus"]
+    assert result.delete_pods == ()
+
+
 def test_every_status_the_lifecycle_writes_fits_the_model() -> None:
     from largo.api.v1alpha1 import check_status
 

@@ -8,10 +8,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from largo.api.v1alpha1 import InferenceService
 from largo.controllers.inferenceservice import InferenceServiceReconciler
 from largo.controllers.kube import CreateRefused
 from largo.controllers.state import service_entry
 from largo.manifests import names
+from largo.manifests.inferenceservice import ModelMount, revision
+from largo.sched.inventory import node_info
 
 NOW = 1_800_000_000.0
 KEY = ("ns", "chat")
@@ -89,3 +92,55 @@ def test_a_refused_network_create_does_not_hold_back_the_deletes() -> None:
         asyncio.run(reconciler.reconcile(KEY))
     assert kube.deleted == [names.member_pod_name("chat", 0, 0)]
     assert kube.events[-1] == "NameConflict"
+
+
+class AcceptingKube(RefusingKube):
+    async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        pass
+
+
+def test_a_group_with_a_newer_operator_s_field_keeps_its_running_pods() -> None:
+    """After a rollback of the operator (not of its CRD), a group entry holds a field this version does
+    not know: the group is kept (without that field), never taken for gone and its pods deleted."""
+    body = _service(1)
+    current = revision(InferenceService.from_body(body).spec, ModelMount(claim_name="weights"))
+    body["status"] = {
+        "groups": [
+            {
+                "replica": 0,
+                "attempt": 0,
+                "revision": current,
+                "nodes": ["n0"],
+                "admittedAt": "2027-01-15T08:00:00Z",
+                "zone": "a",
+            }
+        ]
+    }
+    member = _leftover_pod()
+    member["metadata"]["labels"][names.LABEL_REVISION] = current
+    kube = AcceptingKube()
+    written: list[Mapping[str, Any]] = []
+
+    async def patch(namespace: str, name: str, version: str | None, status: Mapping[str, Any]) -> Any:
+        written.append(status)
+        return {**body, "status": dict(status)}
+
+    kube.patch_service_status = patch  # type: ignore[method-assign]
+    ready = {"allocatable": {"nvidia.com/gpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]}
+    node = node_info({"metadata": {"name": "n0"}, "spec": {}, "status": ready})
+    reconciler = InferenceServiceReconciler(
+        kube=kube,  # type: ignore[arg-type]
+        nodes={"n0": [node]},
+        services={KEY: [service_entry(body)]},
+        pods={KEY: [member]},
+        trainjobs={},
+        claims={("ns", "weights"): [{}]},
+        autoscalers={},
+        wake_scheduler=lambda: None,
+        clock=lambda: NOW,
+    )
+    asyncio.run(reconciler.reconcile(KEY))
+    assert kube.deleted == []
+    groups = [group for status in written for group in status.get("groups") or []]
+    assert groups
+    assert all(group["replica"] == 0 and group["nodes"] == ["n0"] and "zone" not in group for group in groups)

@@ -347,7 +347,8 @@ def _sanitized(status: Mapping[str, Any]) -> dict[str, Any]:
     groups = status.get("groups")
     clean, _ = sanitize_service_status({k: v for k, v in status.items() if k != "groups"})
     if isinstance(groups, list):
-        clean["groups"] = [g for g in groups if not sanitize_service_status({"groups": [g]})[1]]
+        kept = (sanitize_service_status({"groups": [group]}) for group in groups)
+        clean["groups"] = [fitting["groups"][0] for fitting, dropped in kept if not dropped]
     return clean
 
 

@@ -663,7 +663,9 @@ def check_status(status: Mapping[str, Any]) -> None:
 
 def sanitize_status(status: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """``status`` without the top-level fields that do not fit TrainJobStatus (written by hand, or by an
-    older operator), and their names: what the operator carries over must pass ``check_status``."""
+    older operator), and their names: what the operator carries over must pass ``check_status``.
+    Fields inside a known one that this version does not know (a newer operator's, seen after a
+    rollback) are left out of it, not the reason to drop it: a placement or a replica group stays."""
     return sanitize_status_of(TrainJobStatus, status)
 
 
@@ -683,13 +685,26 @@ def sanitize_status_of(model: type[BaseModel], status: Mapping[str, Any]) -> tup
     clean: dict[str, Any] = {}
     dropped: list[str] = []
     for key, value in status.items():
+        given = _plain({key: value})
         try:
-            check_status_of(model, {key: value})
-        except ValueError:
+            known = model.model_validate(given).model_dump(mode="json", by_alias=True)
+        except ValidationError:
+            dropped.append(key)
+            continue
+        if key not in known:
             dropped.append(key)
         else:
-            clean[key] = value
+            clean[key] = _known_part(given[key], known[key])
     return clean, dropped
+
+
+def _known_part(given: Any, known: Any) -> Any:
+    """``given`` without the object keys that ``known`` (its validated dump) does not have."""
+    if isinstance(given, dict) and isinstance(known, dict):
+        return {key: _known_part(value, known[key]) for key, value in given.items() if key in known}
+    if isinstance(given, list) and isinstance(known, list):
+        return [_known_part(value, model) for value, model in zip(given, known, strict=False)]
+    return given
 
 
 def _unknown_fields(given: Any, known: Any, path: str) -> Iterable[str]:
