@@ -139,3 +139,25 @@ def test_a_replica_that_does_not_lead_sends_nothing() -> None:
     with pytest.raises(NotLeader):
         asyncio.run(kube.create("ns", SERVICE))
     assert core.calls == ["largo-operator"]
+
+
+class FakeApps:
+    def __init__(self) -> None:
+        self.managers: list[str] = []
+
+    def patch_namespaced_deployment(self, name: str, namespace: str, body: Any, **options: Any) -> None:
+        self.managers.append(options["field_manager"])
+
+
+def test_applies_use_one_field_manager_whatever_the_replica_creates_with() -> None:
+    """A field a later version stops setting is removed only if its manager applies again without it:
+    a replica's own name (a process's) would leave it to no one."""
+    apps, core = FakeApps(), FakeCore(None)
+    kube = _kube(core)
+    kube.apps = apps  # type: ignore[assignment]
+    kube.field_manager = "largo-operator-7f9c_1a2b3c4d"  # this replica's, under leader election
+    deployment = {"kind": "Deployment", "metadata": {"name": "chat-router", "namespace": "ns"}}
+    asyncio.run(kube.apply("ns", deployment))
+    asyncio.run(kube.create("ns", SERVICE))
+    assert apps.managers == ["largo-operator"]
+    assert core.calls == ["largo-operator-7f9c_1a2b3c4d"]  # creates and status writes say who wrote

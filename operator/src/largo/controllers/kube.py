@@ -248,7 +248,11 @@ class Kube:
     async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         """Server-side apply of ``manifest`` as largo's field manager: created, or brought back to what
         largo wants for the fields it sets (a user's other fields stay). Raises CreateRefused with the
-        API's message for anything the API server refuses."""
+        API's message for anything the API server refuses.
+
+        One manager name for every replica and version, not this replica's: a field that a later
+        version no longer sets is removed only if the manager that applied it applies again without
+        it, and a replica's name lives as long as its process."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         group, suffix = _KINDS[kind]
         patch = getattr(getattr(self, group), f"patch_namespaced_{suffix}")
@@ -258,7 +262,7 @@ class Kube:
                 name,
                 namespace,
                 manifest,
-                field_manager=self.field_manager,
+                field_manager=COMPONENT,
                 force=True,
                 _content_type="application/apply-patch+yaml",
             )
