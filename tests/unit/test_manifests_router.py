@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from largo.api.v1alpha1 import InferenceService
+from largo.manifests import names
 from largo.manifests.router import (
     build_replicas_service,
     build_router_account,
@@ -144,3 +145,11 @@ def test_router_settings_out_of_bounds_are_refused_naming_the_field(
 ) -> None:
     with pytest.raises(ValueError, match=field):
         make(router=router)
+
+
+def test_a_stopping_router_listens_until_the_service_stops_sending_then_drains_within_its_grace() -> None:
+    spec = build_router_deployment(make(), "largo-router:1")["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    waits = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert waits >= 2  # kube-proxy and the Service's endpoints follow within a few seconds
+    assert spec["terminationGracePeriodSeconds"] > waits + names.ROUTER_DRAIN_SECONDS

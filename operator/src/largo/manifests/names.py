@@ -126,6 +126,8 @@ def leader_selector(service: str) -> dict[str, str]:
 # The router in front of an InferenceService's replicas (docs/serving.md, "The router").
 LABEL_ROUTER = f"{GROUP}/router"
 ROUTER_HTTP_PORT = 8080
+# Seconds a stopping router's HAProxy has to finish the requests in flight after its soft stop.
+ROUTER_DRAIN_SECONDS = 25
 
 
 def router_name(service: str) -> str:

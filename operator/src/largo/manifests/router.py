@@ -20,6 +20,10 @@ DEFAULT_ROUTER_IMAGE = "largo-router:dev"
 ROUTER_COMMAND = ["python", "-m", "largo.router.agent"]
 
 
+# Seconds a stopping router keeps listening before HAProxy's soft stop.
+PRE_STOP_SECONDS = 5
+
+
 def _metadata(service: InferenceService, name: str) -> JSON:
     if not service.metadata.namespace:
         raise ValueError(f"InferenceService {service.metadata.name} has no metadata.namespace")
@@ -112,6 +116,9 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
             {"name": names.HTTP_PORT_NAME, "containerPort": names.ROUTER_HTTP_PORT, "protocol": "TCP"},
             {"name": names.METRICS_PORT_NAME, "containerPort": names.METRICS_PORT, "protocol": "TCP"},
         ],
+        # The Service and kube-proxy take a moment to stop sending to a pod that is stopping: HAProxy
+        # keeps listening that long before its soft stop, or those connections would be refused.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
         "readinessProbe": _probe("/readyz", period=2, failures=3),
         "livenessProbe": _probe("/healthz", period=10, failures=3),
         "resources": {
@@ -145,7 +152,8 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
                 },
                 "spec": {
                     "serviceAccountName": names.router_name(name),
-                    "terminationGracePeriodSeconds": 30,
+                    # The pre-stop wait, then the agent's drain of requests in flight, then a margin.
+                    "terminationGracePeriodSeconds": PRE_STOP_SECONDS + names.ROUTER_DRAIN_SECONDS + 5,
                     "containers": [container],
                     # The router's image is often in the same private registry as the server's.
                     **(

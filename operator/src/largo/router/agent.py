@@ -32,6 +32,7 @@ from kubernetes import client, config, watch
 from kubernetes.client import ApiException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from largo.manifests import names
 from largo.router.haproxy import (
     JSON,
     Ports,
@@ -342,7 +343,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds a request waits for the first ready replica before a 503",
     )
     parser.add_argument("--connect-timeout", type=float, default=2.0)
-    parser.add_argument("--drain-timeout", type=float, default=25.0, help="seconds to finish requests")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=names.ROUTER_DRAIN_SECONDS, help="seconds to finish requests"
+    )
     parser.add_argument("--haproxy", default=env.get("LARGO_HAPROXY", "haproxy"))
     args = parser.parse_args(argv)
     if not args.namespace or not args.service:
