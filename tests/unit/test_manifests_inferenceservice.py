@@ -693,3 +693,20 @@ def test_revision_follows_the_default_image_and_is_stable() -> None:
     # An image the service names wins over the default, so the default no longer matters.
     named = make(runtime={"type": "largo", "image": "mine:1"}).spec
     assert revision(named, MODEL, "largo:a") == revision(named, MODEL, "largo:b")
+
+
+def test_a_revision_hashes_as_it_did_in_earlier_versions() -> None:
+    """An upgrade of the operator must not roll out every InferenceService: a new field of the hashed
+    parts needs a default of None, which leaves the revision of a spec that does not set it as it was.
+    These are the revisions earlier versions gave."""
+    weights = ModelMount(claim_name="weights")
+    assert revision(make("chat", model={"claimName": "weights"}).spec, weights) == "7d76833a24b24c01"
+    spec = {
+        "model": {"claimName": "weights"},
+        "runtime": {"args": ["--max-batch", "16"]},
+        "nodesPerReplica": 2,
+        "resourcesPerNode": {"nvidia.com/gpu": 1},
+        "env": [{"name": "A", "value": "1"}],
+        "podTemplate": {"nodeSelector": {"pool": "h100"}},
+    }
+    assert revision(make("chat", **spec).spec, weights, "largo-trainer:1.0") == "488da1ae4f8c8541"

@@ -445,3 +445,18 @@ def test_a_spec_written_before_image_pull_secrets_keeps_its_pod_hash() -> None:
     pulling = {"nodeSelector": {"pool": "h100"}, "imagePullSecrets": [{"name": "r"}]}
     with_secret = make_job(podTemplate=pulling)
     assert pod_spec_hash(with_secret.spec) != pod_spec_hash(job.spec)
+
+
+def test_a_spec_hashes_as_it_did_in_earlier_versions() -> None:
+    """An upgrade of the operator must not make every running gang look out of date (SpecChanged, and a
+    gang being created released): a new field of the hashed parts needs a default of None, which leaves
+    the hash of a spec that does not set it as it was. These are the hashes earlier versions gave."""
+    spec = {
+        "command": ["torchrun"],
+        "args": ["train.py"],
+        "checkpoint": {"claimName": "ckpt"},
+        "env": [{"name": "A", "value": "1"}],
+        "podTemplate": {"nodeSelector": {"pool": "h100"}},
+    }
+    assert pod_spec_hash(make_job(**spec).spec) == "318b78d4b48f51d9"
+    assert pod_spec_hash(make_job().spec) == "087280be3e89a1b2"
