@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from largo.api.v1alpha1 import MAX_JOB_NAME_LENGTH, Backend, TrainJob
+from largo.controllers.state import gang_request, pod_usage
 from largo.manifests import names
 from largo.manifests.trainjob import (
     build_pod,
@@ -460,3 +461,19 @@ def test_a_spec_hashes_as_it_did_in_earlier_versions() -> None:
     }
     assert pod_spec_hash(make_job(**spec).spec) == "318b78d4b48f51d9"
     assert pod_spec_hash(make_job().spec) == "087280be3e89a1b2"
+
+
+@pytest.mark.parametrize(("checkpoint", "key"), [({}, "ml/ckpt/"), ({"subPath": "run-1/"}, "ml/ckpt/run-1")])
+def test_the_scheduler_reads_the_checkpoint_directory_a_trainer_pod_mounts(
+    checkpoint: dict[str, Any], key: str
+) -> None:
+    job = make_job(**GPU_JOB, checkpoint={"claimName": "ckpt", **checkpoint})
+    pod = build_pod(job, 0, "n0", attempt=0)
+    pod["metadata"]["uid"] = "uid-0"
+    pod["spec"]["nodeName"] = "n0"  # bound
+    pod["status"] = {"phase": "Running"}
+    usage = pod_usage(pod)
+    assert usage is not None
+    # The same key the job's own request holds the directory by.
+    assert usage.checkpoint == key == gang_request(job, ("ml", "llama"), {}).checkpoint
+    assert pod_usage({**pod, "spec": {**pod["spec"], "volumes": []}}).checkpoint is None  # type: ignore[union-attr]

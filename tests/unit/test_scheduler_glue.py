@@ -348,11 +348,17 @@ def test_a_running_gang_holds_the_directory_it_was_admitted_with_not_an_edited_o
     assert written["c"]["phase"] == "Starting"
 
 
+def _stopping_pod_of(job: str) -> PodUsage:
+    """A pod of ``job`` still there (stopping), which mounts the shared directory."""
+    requests = {"nvidia.com/gpu": 8}
+    return PodUsage(uid="p", requests=requests, job=("ns", job), attempt=0, rank=0, checkpoint="ns/ckpt/")
+
+
 @pytest.mark.parametrize("phase", ["Failed", "Succeeded", "Suspended"])
 def test_a_stopped_gang_holds_its_directory_while_a_pod_of_it_is_left(phase: str) -> None:
     stopped = _job("a", checkpoint=SHARED, status={"phase": phase, "checkpointDirectory": "ckpt"})
     later = _job("b", gpus=2, checkpoint=SHARED, created="2027-01-15T08:00:01Z")
-    stopping = PodUsage(uid="p", requests={"nvidia.com/gpu": 8}, job=("ns", "a"), attempt=0, rank=0)
+    stopping = _stopping_pod_of("a")
     written = _pass([stopped, later], {"n0": [stopping]})
     assert written["b"]["queue"]["reason"] == "CheckpointInUse"
     assert _pass([stopped, later])["b"]["phase"] == "Starting"
@@ -361,9 +367,16 @@ def test_a_stopped_gang_holds_its_directory_while_a_pod_of_it_is_left(phase: str
 def test_a_resumed_gang_whose_old_pods_still_stop_holds_its_spec_s_directory() -> None:
     resumed = _job("a", gpus=16, nodes=2, checkpoint=SHARED, status={"phase": "Queued", "attempt": 1})
     later = _job("b", gpus=2, checkpoint=SHARED, created="2027-01-15T08:00:01Z")
-    stopping = PodUsage(uid="p", requests={"nvidia.com/gpu": 8}, job=("ns", "a"), attempt=0, rank=0)
+    stopping = _stopping_pod_of("a")
     written = _pass([resumed, later], {"n0": [stopping]})
     assert written["b"]["queue"]["reason"] == "CheckpointInUse"
+
+
+def test_the_stopping_pods_of_a_deleted_job_hold_their_directory() -> None:
+    later = _job("b", gpus=2, checkpoint=SHARED, created="2027-01-15T08:00:01Z")
+    written = _pass([later], {"n0": [_stopping_pod_of("deleted")]})
+    assert written["b"]["queue"]["reason"] == "CheckpointInUse"
+    assert "in use by ns/deleted" in written["b"]["queue"]["message"]
 
 
 def test_a_wait_without_a_position_is_written_once() -> None:

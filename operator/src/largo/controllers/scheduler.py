@@ -164,20 +164,21 @@ class Scheduler:
         return usage
 
     def checkpoints_in_use(self, entries: Iterable[JobEntry]) -> dict[str, str]:
-        """Each checkpoint directory a job holds, to that job's gang key: the one it was admitted with,
-        from its admission (written or only pending) until it has finished or been suspended and no
-        pod of it is left (a stopping pod may be writing a last checkpoint)."""
-        with_pods = {pod.job for _node, store in self.pods_by_node() for pod in store if pod.job}
+        """Each checkpoint directory held, to the gang key of the job that holds it: the directory a
+        pod of a TrainJob mounts, while the pod is there (a stopping one may be writing a last
+        checkpoint, whether its job finished, was suspended or deleted); and the one a job was
+        admitted with, from its admission (written or only pending) until it has finished or been
+        suspended (a released or restarting gang has no pods while it queues again)."""
         in_use: dict[str, str] = {}
+        for _node, store in self.pods_by_node():
+            for pod in store:
+                if pod.checkpoint is not None and pod.job is not None:
+                    in_use.setdefault(pod.checkpoint, gang_key(pod.job))
         for entry in entries:
-            spec = entry.request.checkpoint if entry.request is not None else None
-            has_pods = entry.key in with_pods
-            if entry.key in self._pending:
-                directory = spec
-            elif entry.holds_checkpoint or has_pods:
-                # A finished, suspended or just resumed job's pods may still be writing a last
-                # checkpoint: to the directory recorded, or, none recorded, the spec's.
-                directory = entry.admitted_checkpoint or (spec if has_pods else None)
+            if entry.key in self._pending and entry.request is not None:
+                directory = entry.request.checkpoint
+            elif entry.holds_checkpoint:
+                directory = entry.admitted_checkpoint
             else:
                 continue
             if directory is not None:

@@ -16,6 +16,7 @@ from largo.api.v1alpha1 import InferenceService, Phase, TrainJob, validation_mes
 from largo.manifests import inferenceservice as serve_build
 from largo.manifests import trainjob as build
 from largo.manifests.names import (
+    CHECKPOINT_VOLUME,
     LABEL_ATTEMPT,
     LABEL_EXCLUSIVE,
     LABEL_JOB_NAME,
@@ -42,6 +43,8 @@ class PodUsage:
     rank: int | None = None
     # A pod of an exclusiveNodes gang: its node is held whole.
     exclusive: bool = False
+    # The checkpoint directory a TrainJob's pod mounts (``checkpoint_key``): held while the pod is.
+    checkpoint: str | None = None
 
 
 # Admitted once and not finished or suspended since: a released or restarting gang queues again, and
@@ -131,9 +134,11 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
     rank: int | None = None
     position = gang_position(labels)
     member = service_pod_position(labels, str(metadata.get("namespace")))
+    checkpoint: str | None = None
     if LABEL_JOB_NAME in labels and position is not None:
         rank, attempt = position
         job = (str(metadata.get("namespace")), str(labels[LABEL_JOB_NAME]))
+        checkpoint = _mounted_checkpoint(job[0], pod.get("spec") or {})
     elif member is not None:
         job, attempt, rank = member
     return PodUsage(
@@ -143,7 +148,26 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
         attempt=attempt,
         rank=rank,
         exclusive=labels.get(LABEL_EXCLUSIVE) == "true",
+        checkpoint=checkpoint,
     )
+
+
+def _mounted_checkpoint(namespace: str, spec: Mapping[str, Any]) -> str | None:
+    """The checkpoint directory a trainer pod mounts, as its gang's builder put it there."""
+    claims = [
+        (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        for volume in spec.get("volumes") or []
+        if volume.get("name") == CHECKPOINT_VOLUME
+    ]
+    if not claims or not isinstance(claims[0], str):
+        return None
+    sub_paths = [
+        mount.get("subPath")
+        for container in spec.get("containers") or []
+        for mount in container.get("volumeMounts") or []
+        if mount.get("name") == CHECKPOINT_VOLUME
+    ]
+    return checkpoint_key(namespace, claims[0], sub_paths[0] if sub_paths else None)
 
 
 def job_entry(body: Mapping[str, Any]) -> JobEntry:
