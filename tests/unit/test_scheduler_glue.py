@@ -5,6 +5,7 @@ conflicting write admits nothing, and the admission write carries the first reco
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -377,6 +378,27 @@ def test_the_stopping_pods_of_a_deleted_job_hold_their_directory() -> None:
     written = _pass([later], {"n0": [_stopping_pod_of("deleted")]})
     assert written["b"]["queue"]["reason"] == "CheckpointInUse"
     assert "in use by ns/deleted" in written["b"]["queue"]["message"]
+
+
+def test_two_queued_jobs_whose_directories_were_swapped_do_not_wait_for_each_other() -> None:
+    x, y = {"claimName": "ckpt", "subPath": "x"}, {"claimName": "ckpt", "subPath": "y"}
+    # Both released after their directories were swapped in their specs: each recorded the other's.
+    queued = {"phase": "Queued", "attempt": 1}
+    a = _job("a", gpus=2, checkpoint=y, status={**queued, "checkpointDirectory": "ckpt/x"})
+    b = _job("b", gpus=2, checkpoint=x, status={**queued, "checkpointDirectory": "ckpt/y"})
+    written = _pass([a, b])
+    assert (written["a"]["phase"], written["b"]["phase"]) == ("Starting", "Starting")
+    assert (written["a"]["checkpointDirectory"], written["b"]["checkpointDirectory"]) == ("ckpt/y", "ckpt/x")
+
+
+def test_pods_left_on_a_node_that_is_not_ready_hold_nothing() -> None:
+    kube = FakeKube()
+    lost = dataclasses.replace(_node("lost"), ready=False)
+    later = _job("b", gpus=2, checkpoint=SHARED)
+    scheduler = _scheduler(kube, [_node("n0"), lost], [later])
+    scheduler.pods.update({"lost": [_stopping_pod_of("deleted")]})
+    asyncio.run(scheduler.run_pass())
+    assert dict(kube.writes)["b"]["phase"] == "Starting"
 
 
 def test_a_wait_without_a_position_is_written_once() -> None:

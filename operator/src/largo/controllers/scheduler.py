@@ -170,7 +170,12 @@ class Scheduler:
         admitted with, from its admission (written or only pending) until it has finished or been
         suspended (a released or restarting gang has no pods while it queues again)."""
         in_use: dict[str, str] = {}
-        for _node, store in self.pods_by_node():
+        # A pod on a node that is gone or not ready writes nothing more (its own job's lifecycle takes
+        # it for dead): a deleted job's pods left there must not hold the directory for ever.
+        alive = {info.name for info in index_values(self.nodes) if info.ready}
+        for node, store in self.pods_by_node():
+            if node not in alive:
+                continue
             for pod in store:
                 if pod.checkpoint is not None and pod.job is not None:
                     in_use.setdefault(pod.checkpoint, gang_key(pod.job))

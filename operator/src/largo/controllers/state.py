@@ -105,7 +105,13 @@ class JobEntry:
         does without its pods' help."""
         recorded = (self.body.get("status") or {}).get("checkpointDirectory")
         if isinstance(recorded, str) and recorded:
-            return checkpoint_key_of(self.key[0], recorded)
+            held = checkpoint_key_of(self.key[0], recorded)
+            # Queued again after an edit of its checkpoint, the job will never write the old directory
+            # (pods still stopping hold it themselves); holding it would keep it from everyone, and two
+            # jobs whose directories were swapped would wait for each other for ever.
+            if self.phase == Phase.QUEUED and (self.request is None or self.request.checkpoint != held):
+                return None
+            return held
         if self.phase in _ADMITTED and self.request is not None:
             return self.request.checkpoint
         return None
