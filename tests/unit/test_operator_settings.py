@@ -75,6 +75,9 @@ def test_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         ("LARGO_BINDING_TIMEOUT_SECONDS", "-1", "greater than 0"),
         ("LARGO_BINDING_TIMEOUT_SECONDS", "30s", "valid number"),
         ("LARGO_LEASE_DURATION_SECONDS", "12.5", "valid integer"),
+        # A delay near float's range overflows the timestamps the lifecycle writes.
+        ("LARGO_RESTART_BACKOFF_MAX_SECONDS", "inf", "finite number"),
+        ("LARGO_BINDING_TIMEOUT_SECONDS", "1e+12", "less than or equal to 10000000"),
         ("LARGO_METRICS_PORT", "70000", "less than or equal to 65535"),
         ("LARGO_LEADER_ELECTION", "no-namespace", "should match pattern"),
     ],

@@ -19,6 +19,9 @@ from largo.manifests.router import DEFAULT_ROUTER_IMAGE
 from largo.policy.trainjob import Timings
 
 ENV_PREFIX = "LARGO_"
+# Ten million seconds (about four months): no delay or timeout is meant to be longer, and one near
+# float's range would overflow the timestamps the lifecycle writes.
+_LONGEST = 10_000_000
 
 
 def _whole(value: object) -> object:
@@ -38,24 +41,24 @@ Whole = Annotated[int, BeforeValidator(_whole)]
 
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True, allow_inf_nan=False
     )
 
-    restart_backoff_seconds: float = Field(default=10.0, gt=0)
-    restart_backoff_max_seconds: float = Field(default=300.0, gt=0)
-    binding_timeout_seconds: float = Field(default=30.0, gt=0)
-    progress_stale_seconds: float = Field(default=120.0, gt=0)
+    restart_backoff_seconds: float = Field(default=10.0, gt=0, le=_LONGEST)
+    restart_backoff_max_seconds: float = Field(default=300.0, gt=0, le=_LONGEST)
+    binding_timeout_seconds: float = Field(default=30.0, gt=0, le=_LONGEST)
+    progress_stale_seconds: float = Field(default=120.0, gt=0, le=_LONGEST)
     reconcile_workers: Whole = Field(default=8, ge=1, le=64)
     server_image: str = Field(default=DEFAULT_SERVER_IMAGE, min_length=1)
     router_image: str = Field(default=DEFAULT_ROUTER_IMAGE, min_length=1)
-    retry_base_seconds: float = Field(default=0.05, gt=0)
-    retry_max_seconds: float = Field(default=60.0, gt=0)
-    lease_duration_seconds: Whole = Field(default=10, ge=1)
-    renew_deadline_seconds: Whole = Field(default=6, ge=1)
-    retry_period_seconds: Whole = Field(default=1, ge=1)
+    retry_base_seconds: float = Field(default=0.05, gt=0, le=_LONGEST)
+    retry_max_seconds: float = Field(default=60.0, gt=0, le=_LONGEST)
+    lease_duration_seconds: Whole = Field(default=10, ge=1, le=_LONGEST)
+    renew_deadline_seconds: Whole = Field(default=6, ge=1, le=_LONGEST)
+    retry_period_seconds: Whole = Field(default=1, ge=1, le=_LONGEST)
     # Each period scrapes every autoscaled service's replicas: under 0.1 s it would only burn CPU.
     autoscale_period_seconds: float = Field(default=2.0, ge=0.1, le=3600)
-    watch_inactivity_seconds: float = Field(default=70.0, gt=0)
+    watch_inactivity_seconds: float = Field(default=70.0, gt=0, le=_LONGEST)
     # 0: no /metrics (``--metrics-port`` sets it).
     metrics_port: Whole = Field(default=0, ge=0, le=65535)
     # "<namespace>/<lease name>" when the operator runs for leader election (``--leader-elect`` sets it).
