@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from damage import flip_a_byte_of_the_weights
 from gangs import STEPS, TRAIN_ARGS, Gang, scrape
 from largo.dev.cluster import free_port, wait_for
@@ -293,3 +294,11 @@ def test_a_pruning_error_after_a_durable_write_is_logged_not_raised(
     assert writer.written[0] == 10
     assert [step for step, _ in checkpoint.complete(tmp_path)] == [10]
     assert "checkpoint of step 10 written, but pruning" in caplog.text
+
+
+def test_a_v1_checkpoint_without_its_entries_is_refused_not_raised_as_a_key_error(tmp_path: Path) -> None:
+    path = checkpoint.checkpoint_path(tmp_path, 5)
+    torch.save({"format": checkpoint.FORMAT_V1, "step": 5}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable"):
+        checkpoint.read(path, 5)
+    assert checkpoint.load_latest(tmp_path) is None  # skipped, as any unreadable one

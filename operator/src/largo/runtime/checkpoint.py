@@ -160,7 +160,10 @@ def read(path: Path, step: int, mapped: bool = False) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("step") != step:
         raise CheckpointError(f"not a largo checkpoint of step {step}")
     if state.get("format") == FORMAT_V1:
-        return upgrade_v1(state)
+        try:
+            return upgrade_v1(state)
+        except Exception as error:  # a v1 file without the entries a v1 checkpoint has
+            raise CheckpointError(f"not a readable {FORMAT_V1} checkpoint: {error!r}") from error
     if state.get("format") != FORMAT:
         raise CheckpointError(f"format {state.get('format')!r}, expected {FORMAT} or {FORMAT_V1}")
     return state

@@ -406,20 +406,30 @@ def _load_agreed(
     choice raises CheckpointError on every rank instead, so that the gang restarts."""
     if not distributed:
         return checkpoint.load_latest(directory)
-    state = checkpoint.load_latest(directory) if rank == 0 else None
-    chosen = torch.tensor([int(state["step"]) if state is not None else -1], dtype=torch.int64, device=device)
-    dist.broadcast(chosen, src=0)
-    step = int(chosen.item())
+    # Every rank reaches both collectives below whatever fails on it, or the others would wait in them
+    # until the group's timeout.
+    state: dict[str, Any] | None = None
     failure = None
+    if rank == 0:
+        try:
+            state = checkpoint.load_latest(directory)
+        except Exception as error:  # the directory cannot be listed (a stale handle, a permission)
+            failure = f"rank 0 cannot look for a checkpoint in {directory}: {error!r}"
+    chosen = -2 if failure else int(state["step"]) if state is not None else -1
+    told = torch.tensor([chosen], dtype=torch.int64, device=device)
+    dist.broadcast(told, src=0)
+    step = int(told.item())
     if rank != 0 and step >= 0:
         try:
             state = checkpoint.read(checkpoint.checkpoint_path(directory, step), step)
-        except checkpoint.CheckpointError as error:
+        except Exception as error:  # CheckpointError, or what reading a network filesystem raises
             failure = f"rank {rank} cannot read the checkpoint of step {step}, rank 0's choice: {error}"
-    read = torch.tensor([0 if failure else 1], dtype=torch.int64, device=device)
+    read = torch.tensor([0 if failure or step == -2 else 1], dtype=torch.int64, device=device)
     dist.all_reduce(read, op=dist.ReduceOp.MIN)
     if failure is not None:
         raise checkpoint.CheckpointError(failure)
+    if step == -2:
+        raise checkpoint.CheckpointError(f"rank 0 cannot look for a checkpoint in {directory}")
     if read.item() == 0:
         raise checkpoint.CheckpointError(f"another rank cannot read the checkpoint of step {step}")
     return state
