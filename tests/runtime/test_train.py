@@ -136,6 +136,24 @@ def test_a_checkpoint_of_another_model_is_not_resumed_from(tmp_path: Path) -> No
     assert [step for step, _ in checkpoint.complete(checkpoints)] == [5]  # nothing written over it
 
 
+def test_resuming_from_another_job_s_checkpoint_is_said(tmp_path: Path) -> None:
+    """A new job on a finished one's checkpoint directory continues its training: by design, told."""
+    checkpoints = tmp_path / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LARGO_CHECKPOINT_DIR": str(checkpoints)}
+    env |= {"LARGO_JOB_NAMESPACE": "research", "LARGO_JOB_NAME": "pretrain"}
+    command = [sys.executable, "-m", "largo.runtime.train", *TRAIN_ARGS, "--checkpoint-every", "5"]
+    first = subprocess.run([*command, "--steps", "5"], env=env, capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([*command, "--steps", "6"], env=env, capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from checkpoint of step 5" in again.stderr
+    assert "was written by TrainJob" not in again.stderr  # its own
+    env["LARGO_JOB_NAME"] = "pretrain-longer"
+    other = subprocess.run([*command, "--steps", "7"], env=env, capture_output=True, text=True, check=False)
+    assert other.returncode == 0, other.stderr
+    assert "the checkpoint of step 6 was written by TrainJob research/pretrain" in other.stderr
+
+
 @pytest.mark.parametrize("damage", ["truncated", "a flipped bit"])
 def test_a_damaged_checkpoint_is_skipped_on_resume(tmp_path: Path, damage: str) -> None:
     checkpoints = tmp_path / "checkpoints"

@@ -139,7 +139,19 @@ def _state(
         if dataclasses.is_dataclass(config) and not isinstance(config, type)
         else None
     )
-    return {"model": model_state, "optimizer": optimizer_state, "rng": torch.get_rng_state(), "config": shape}
+    return {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "rng": torch.get_rng_state(),
+        "config": shape,
+        "writer": _this_job(),
+    }
+
+
+def _this_job() -> str | None:
+    """The TrainJob this process runs for (``namespace/name``, from the pod's contract), if any."""
+    name, namespace = os.environ.get("LARGO_JOB_NAME"), os.environ.get("LARGO_JOB_NAMESPACE")
+    return f"{namespace}/{name}" if name and namespace else None
 
 
 def shape_mismatch(saved: Any, config: ModelConfig) -> str | None:
@@ -260,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             _restore(model, optimizer, state)
             start = int(state["step"])
             logger.info("resumed from checkpoint of step %d in %s", start, directory)
+            writer = state.get("writer")
+            if isinstance(writer, str) and writer != _this_job():
+                # A new job on a finished one's directory continues its training: say so, once.
+                logger.warning("the checkpoint of step %d was written by TrainJob %s", start, writer)
     # The port the pod declares (LARGO_METRICS_PORT, named `metrics`) unless the command line says: served
     # by the reporting rank, on whichever pod it runs.
     port = args.metrics_port or int(os.environ.get("LARGO_METRICS_PORT") or 0) or None
