@@ -391,14 +391,26 @@ def test_two_queued_jobs_whose_directories_were_swapped_do_not_wait_for_each_oth
     assert (written["a"]["checkpointDirectory"], written["b"]["checkpointDirectory"]) == ("ckpt/y", "ckpt/x")
 
 
-def test_pods_left_on_a_node_that_is_not_ready_hold_nothing() -> None:
+def test_a_queued_job_whose_spec_is_now_invalid_keeps_its_directory() -> None:
+    # Released, then edited into a spec the operator cannot run: once fixed, it resumes its own training.
+    broken = _job("a", nodes=0, checkpoint=SHARED, status={"phase": "Queued", "checkpointDirectory": "ckpt"})
+    assert broken.request is None
+    later = _job("b", gpus=2, checkpoint=SHARED, created="2027-01-15T08:00:01Z")
+    assert _pass([broken, later])["b"]["queue"]["reason"] == "CheckpointInUse"
+
+
+@pytest.mark.parametrize(("node", "holds"), [("not-ready", True), ("gone", False)])
+def test_pods_of_a_deleted_job_hold_until_their_node_is_gone(node: str, holds: bool) -> None:
+    """On a node that is not ready a pod may still run and write to network storage; on one that is
+    gone it writes nothing more (and the pod garbage collector deletes it)."""
     kube = FakeKube()
-    lost = dataclasses.replace(_node("lost"), ready=False)
-    later = _job("b", gpus=2, checkpoint=SHARED)
-    scheduler = _scheduler(kube, [_node("n0"), lost], [later])
-    scheduler.pods.update({"lost": [_stopping_pod_of("deleted")]})
+    nodes = [_node("n0"), dataclasses.replace(_node("not-ready"), ready=False)]
+    scheduler = _scheduler(kube, nodes, [_job("b", gpus=2, checkpoint=SHARED)])
+    scheduler.pods.update({node: [_stopping_pod_of("deleted")]})
     asyncio.run(scheduler.run_pass())
-    assert dict(kube.writes)["b"]["phase"] == "Starting"
+    status = dict(kube.writes)["b"]
+    assert (status["phase"] == "Queued") is holds
+    assert (status.get("reason") == "CheckpointInUse") is holds
 
 
 def test_a_wait_without_a_position_is_written_once() -> None:

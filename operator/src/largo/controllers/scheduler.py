@@ -170,11 +170,12 @@ class Scheduler:
         admitted with, from its admission (written or only pending) until it has finished or been
         suspended (a released or restarting gang has no pods while it queues again)."""
         in_use: dict[str, str] = {}
-        # A pod on a node that is gone or not ready writes nothing more (its own job's lifecycle takes
-        # it for dead): a deleted job's pods left there must not hold the directory for ever.
-        alive = {info.name for info in index_values(self.nodes) if info.ready}
+        # A pod of a node that is gone writes nothing more (and the pod garbage collector deletes it).
+        # One on a node that is only not ready may still run and write to network storage: it holds
+        # the directory until it is gone (a deleted job's pods there may be force-deleted by hand).
+        existing = {info.name for info in index_values(self.nodes)}
         for node, store in self.pods_by_node():
-            if node not in alive:
+            if node not in existing:
                 continue
             for pod in store:
                 if pod.checkpoint is not None and pod.job is not None:

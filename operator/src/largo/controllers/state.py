@@ -109,7 +109,7 @@ class JobEntry:
             # Queued again after an edit of its checkpoint, the job will never write the old directory
             # (pods still stopping hold it themselves); holding it would keep it from everyone, and two
             # jobs whose directories were swapped would wait for each other for ever.
-            if self.phase == Phase.QUEUED and (self.request is None or self.request.checkpoint != held):
+            if self.phase == Phase.QUEUED and self.request is not None and self.request.checkpoint != held:
                 return None
             return held
         if self.phase in _ADMITTED and self.request is not None:

@@ -162,7 +162,7 @@ def read(path: Path, step: int, mapped: bool = False) -> dict[str, Any]:
     if state.get("format") == FORMAT_V1:
         try:
             return upgrade_v1(state)
-        except Exception as error:  # a v1 file without the entries a v1 checkpoint has
+        except (KeyError, TypeError, ValueError) as error:  # a v1 file without a v1 checkpoint's entries
             raise CheckpointError(f"not a readable {FORMAT_V1} checkpoint: {error!r}") from error
     if state.get("format") != FORMAT:
         raise CheckpointError(f"format {state.get('format')!r}, expected {FORMAT} or {FORMAT_V1}")

@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             _restore(model, optimizer, state)
             start = int(state["step"])
             logger.info("resumed from checkpoint of step %d in %s", start, directory)
-            writer = state.get("writer")
-            if isinstance(writer, str) and writer != _this_job():
+            written_by = state.get("writer")
+            if rank == 0 and isinstance(written_by, str) and written_by != _this_job():
                 # A new job on a finished one's directory continues its training: say so, once.
-                logger.warning("the checkpoint of step %d was written by TrainJob %s", start, writer)
+                logger.warning("the checkpoint of step %d was written by TrainJob %s", start, written_by)
     # The port the pod declares (LARGO_METRICS_PORT, named `metrics`) unless the command line says: served
     # by the reporting rank, on whichever pod it runs.
     port = args.metrics_port or int(os.environ.get("LARGO_METRICS_PORT") or 0) or None
