@@ -7,6 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed-$(shell cat operator/pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+# The chart's operator image defaults to its appVersion: `make images` tags that too.
+APP_VERSION := $(shell sed -n 's/^appVersion: *"*\([^"]*\)"*$$/\1/p' charts/largo/Chart.yaml)
 
 .PHONY: all venv tools test unit integration lint format crds dashboard verify demo images clean
 
@@ -58,7 +60,7 @@ demo: venv tools
 
 images:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running container engine (docker)"; exit 1; }
-	docker build -f images/operator/Dockerfile -t largo-operator:dev .
+	docker build -f images/operator/Dockerfile -t largo-operator:dev -t largo-operator:$(APP_VERSION) .
 	docker build -f images/trainer/Dockerfile -t largo-trainer:dev .
 	docker build -f images/router/Dockerfile -t largo-router:dev .
 
