@@ -163,7 +163,7 @@ class Scheduler:
                 used[GPU_RESOURCE] = max(used.get(GPU_RESOURCE, 0), gpus)
         return usage
 
-    def checkpoints_in_use(self, entries: Iterable[JobEntry]) -> dict[str, str]:
+    def checkpoints_in_use(self, entries: Iterable[JobEntry], nodes: Iterable[NodeInfo]) -> dict[str, str]:
         """Each checkpoint directory held, to the gang key of the job that holds it: the directory a
         pod of a TrainJob mounts, while the pod is there (a stopping one may be writing a last
         checkpoint, whether its job finished, was suspended or deleted); and the one a job was
@@ -173,7 +173,7 @@ class Scheduler:
         # A pod of a node that is gone writes nothing more (and the pod garbage collector deletes it).
         # One on a node that is only not ready may still run and write to network storage: it holds
         # the directory until it is gone (a deleted job's pods there may be force-deleted by hand).
-        existing = {info.name for info in index_values(self.nodes)}
+        existing = {info.name for info in nodes}
         for node, store in self.pods_by_node():
             if node not in existing:
                 continue
@@ -227,7 +227,7 @@ class Scheduler:
                     groups[gang_key(group.gang(*service.key))] = (service, group)
         requests = [entry.request for entry in queued if entry.request]
         requests += [service.request(group) for service, group in groups.values()]
-        decision = gang.schedule(nodes, usage, requests, self.checkpoints_in_use(entries))
+        decision = gang.schedule(nodes, usage, requests, self.checkpoints_in_use(entries, nodes))
         by_gang_key = {gang_key(entry.key): entry for entry in queued}
         # One status write per service, whatever number of its groups this pass decided.
         by_service: dict[JobKey, tuple[ServiceEntry, dict[int, Placement], dict[int, Waiting]]] = {}
