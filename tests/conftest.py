@@ -20,6 +20,8 @@ QUICK_OPERATOR_ENV = {
     "LARGO_RESTART_BACKOFF_MAX_SECONDS": "2",
     "LARGO_BINDING_TIMEOUT_SECONDS": "10",
     "LARGO_PROGRESS_STALE_SECONDS": "3",
+    # A node not Ready this long is lost (test_a_node_not_ready_restarts_the_gang_after_its_grace).
+    "LARGO_NODE_LOST_SECONDS": "3",
     # Streams of resources nothing changes are reconnected within a test (counted in the metrics).
     "LARGO_WATCH_INACTIVITY_SECONDS": "30",
 }

@@ -3,6 +3,7 @@ controller-manager and kwok GPU nodes. Pods finish on cue through largo's kwok s
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from largo.dev.cluster import LocalCluster, NodePool, wait_for
+from largo.dev.cluster import KWOK_NODE_ANNOTATION, LocalCluster, NodePool, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from trainjobs import GROUP, PLURAL, TIMEOUT, VERSION, Jobs, bound_claim, overbooked, refuse_pods
 
@@ -215,6 +216,42 @@ def test_lost_node_restarts_the_gang_on_other_nodes(
     )
     assert lost not in status["placement"]["nodes"]
     jobs.wait_event("survivor", "NodeLost", "PodDeleted")
+
+
+def test_a_node_not_ready_restarts_the_gang_after_its_grace(
+    jobs: Jobs, make_pool: Callable[..., NodePool], cluster: LocalCluster
+) -> None:
+    """A node whose kubelet stops reporting: the gang is told (NodeNotReady) and keeps its pods for
+    LARGO_NODE_LOST_SECONDS (3 s here), then restarts on other nodes, its pods there removed."""
+    pool = make_pool(count=3)
+    jobs.create("patient", pool)
+    status = jobs.wait_phase("patient", "Running")
+    down = status["placement"]["nodes"][1]
+    nodes = client.CoreV1Api(jobs.core.api_client)
+    # kwok would make it Ready again: it stops managing the node, as a kubelet that stopped.
+    nodes.patch_node(down, {"metadata": {"annotations": {KWOK_NODE_ANNOTATION: None}}})
+    since = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    ready = {"type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": "kubelet stopped"}
+    stamp = since.strftime("%Y-%m-%dT%H:%M:%SZ")
+    condition = {**ready, "lastTransitionTime": stamp, "lastHeartbeatTime": stamp}
+    nodes.patch_node_status(down, {"status": {"conditions": [condition]}})
+    try:
+        jobs.wait_event("patient", "NodeNotReady")
+        status = jobs.wait(
+            "patient",
+            lambda s: s.get("restarts") == 1 and s.get("phase") == "Running",
+            "running again",
+        )
+        assert down not in status["placement"]["nodes"]
+        jobs.wait_event("patient", "NodeLost")
+        # Not before the grace: the restart came at least 3 s after the node stopped being Ready.
+        events = jobs.core.list_namespaced_event(
+            jobs.namespace, field_selector="involvedObject.name=patient,reason=NodeLost"
+        ).items
+        assert events
+        assert all(event.first_timestamp >= since + datetime.timedelta(seconds=3) for event in events)
+    finally:
+        nodes.delete_node(down)
 
 
 def test_suspend_releases_gpus_and_resume_requeues(jobs: Jobs, gpu_pool: NodePool) -> None:

@@ -30,7 +30,7 @@ def _refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
 def test_defaults_are_the_documented_ones() -> None:
     settings = OperatorSettings()
     assert settings.timings() == Timings(
-        base=10.0, cap=300.0, binding_timeout=30.0, progress_stale_after=120.0
+        base=10.0, cap=300.0, binding_timeout=30.0, progress_stale_after=120.0, node_lost_after=60.0
     )
     assert (settings.reconcile_workers, settings.autoscale_period_seconds) == (8, 2.0)
     assert (settings.retry_base_seconds, settings.retry_max_seconds) == (0.05, 60.0)
@@ -45,11 +45,13 @@ def test_values_are_read_from_the_environment_and_empty_ones_keep_the_default(
 ) -> None:
     monkeypatch.setenv("LARGO_BINDING_TIMEOUT_SECONDS", "12.5")
     monkeypatch.setenv("LARGO_RECONCILE_WORKERS", "3")
+    monkeypatch.setenv("LARGO_NODE_LOST_SECONDS", "0")  # 0: lost as soon as it is not Ready
     monkeypatch.setenv("LARGO_SERVER_IMAGE", "registry.example/largo-trainer:1.0")
     monkeypatch.setenv("LARGO_ROUTER_IMAGE", "")
     settings = OperatorSettings()
     assert settings.timings().binding_timeout == 12.5
     assert settings.reconcile_workers == 3
+    assert settings.timings().node_lost_after == 0
     assert settings.server_image == "registry.example/largo-trainer:1.0"
     assert settings.router_image == "largo-router:dev"
 
@@ -73,6 +75,7 @@ def test_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         ("LARGO_RECONCILE_WORKERS", "65", "less than or equal to 64"),
         ("LARGO_AUTOSCALE_PERIOD_SECONDS", "0", "greater than or equal to 0.1"),
         ("LARGO_BINDING_TIMEOUT_SECONDS", "-1", "greater than 0"),
+        ("LARGO_NODE_LOST_SECONDS", "-1", "greater than or equal to 0"),
         ("LARGO_BINDING_TIMEOUT_SECONDS", "30s", "valid number"),
         ("LARGO_LEASE_DURATION_SECONDS", "12.5", "valid integer"),
         # A delay near float's range overflows the timestamps the lifecycle writes.

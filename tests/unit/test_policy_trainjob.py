@@ -729,3 +729,62 @@ def test_every_status_the_lifecycle_writes_fits_the_model() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         check_status({"restarts": "many"})
     check_status(plan(job(status=admitted()), [pod(0), pod(1)], NONE, NONE, NOW).status)
+
+
+def running_condition(result: Any) -> dict[str, Any]:
+    return dict(next(c for c in result.status["conditions"] if c["type"] == "Running"))
+
+
+def test_a_node_not_ready_within_its_grace_keeps_the_gang_and_says_when_it_restarts() -> None:
+    """A kubelet or runtime hiccup heals within the grace period: restarting for it would cost the
+    steps since the last checkpoint. The gang stays, says why on Running, and is looked at again when
+    the grace ends (no node event comes then)."""
+    running = job(status=admitted(Phase.RUNNING))
+    lost_at = NOW + 45
+    # Not Ready is unusable (no new pod may land there) but not lost.
+    result = plan(running, [pod(0), pod(1)], frozenset({"n1"}), NONE, NOW, not_ready={"n1": lost_at})
+    assert result.status["phase"] == Phase.RUNNING
+    assert result.delete_pods == ()
+    assert not result.force_delete
+    assert result.requeue_after == 45
+    condition = running_condition(result)
+    assert (condition["status"], condition["reason"]) == ("True", Reason.NODE_NOT_READY)
+    assert f"restarts at {timestamp(lost_at)}" in condition["message"]
+    assert "n1 (rank 1)" in condition["message"]
+    assert result.status["reason"] == Reason.NODE_NOT_READY  # what `kubectl get trainjobs` shows
+    assert [(e.type, e.reason) for e in result.events] == [("Warning", Reason.NODE_NOT_READY)]
+
+    # Told once: the next cycles, still not Ready, post no event again.
+    n1 = frozenset({"n1"})
+    again = plan(job(status=result.status), [pod(0), pod(1)], n1, NONE, NOW + 5, not_ready={"n1": lost_at})
+    assert again.events == []
+    assert again.requeue_after == 40
+
+    # Ready again within the grace: nothing restarted, and said so.
+    healed = plan(job(status=result.status), [pod(0), pod(1)], NONE, NONE, NOW + 20)
+    assert healed.status["phase"] == Phase.RUNNING
+    assert not healed.status.get("restarts")
+    assert healed.delete_pods == ()
+    assert running_condition(healed)["reason"] == Reason.PODS_RUNNING
+    assert [(e.type, e.reason) for e in healed.events] == [("Normal", Reason.NODE_READY)]
+
+    # Still not Ready when the grace ends: the node is lost, the gang restarts elsewhere.
+    expired = plan(job(status=result.status), [pod(0), pod(1)], frozenset({"n1"}), frozenset({"n1"}), lost_at)
+    assert expired.status["phase"] == Phase.RESTARTING
+    assert expired.force_delete
+    restarting = next(c for c in expired.status["conditions"] if c["type"] == "Restarting")
+    assert restarting["reason"] == Reason.NODE_LOST
+    assert "not Ready for 60s" in restarting["message"]
+
+
+def test_pods_terminating_on_a_node_not_ready_are_looked_at_again_when_it_is_lost() -> None:
+    """A restart deletes the pods with their grace period; one on a node that is not Ready cannot be
+    confirmed by its kubelet, so when the node is lost it is removed without grace."""
+    view = job(Phase.RESTARTING, status={**admitted(Phase.RESTARTING), "restarts": 1})
+    stuck = pod(1, terminating=True)
+    waiting = plan(view, [stuck], frozenset({"n1"}), NONE, NOW, not_ready={"n1": NOW + 30})
+    assert waiting.delete_pods == ()
+    assert waiting.requeue_after == 30
+    # A node the job has nothing on is not waited for.
+    elsewhere = plan(view, [stuck], frozenset({"n7"}), NONE, NOW, not_ready={"n7": NOW + 30})
+    assert elsewhere.requeue_after is None

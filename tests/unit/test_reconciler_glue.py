@@ -140,3 +140,43 @@ def test_the_next_reconcile_decides_on_the_version_its_own_write_returned() -> N
     reconciler.pods = {KEY: [pod]}
     asyncio.run(reconciler.reconcile(KEY))  # a pod appeared: the counts change
     assert [version for version, _ in kube.writes] == ["2", "3"]  # not 2 again: that would conflict
+
+
+def test_a_running_gang_on_a_node_not_ready_is_told_and_looked_at_again_when_its_grace_ends() -> None:
+    """The reconciler reads the node's Ready transition time from the index: within the grace period
+    it keeps the gang and returns when the grace ends (the node sends no event then)."""
+    kube = FakeKube()
+    running = _body(
+        "Running",
+        "2",
+        attempt=0,
+        placement={"attempt": 0, "nodes": ["n0"]},
+        startTime="2027-01-15T07:00:00Z",
+    )
+    reconciler = _reconciler(kube, running)
+    reconciler.nodes = {
+        "n0": [
+            node_info(
+                {
+                    "metadata": {"name": "n0"},
+                    "status": {
+                        "allocatable": {"nvidia.com/gpu": "8"},
+                        "conditions": [
+                            {"type": "Ready", "status": "False", "lastTransitionTime": "2027-01-15T07:59:50Z"}
+                        ],
+                    },
+                }
+            )
+        ]
+    }
+    labels = {"largo.dev/node-rank": "0", "largo.dev/attempt": "0"}
+    pod = {
+        "metadata": {"name": "j-node-0", "labels": labels, "ownerReferences": [{"uid": "uid-j"}]},
+        "spec": {"nodeName": "n0"},
+        "status": {"phase": "Running"},
+    }
+    reconciler.pods = {KEY: [pod]}
+    again = asyncio.run(reconciler.reconcile(KEY))
+    assert again == 50  # Timings().node_lost_after (60 s) after the node stopped being Ready
+    assert kube.writes[-1][1]["reason"] == "NodeNotReady"
+    assert kube.events == ["NodeNotReady"]

@@ -1,5 +1,6 @@
 """Conversion of raw Kubernetes dicts into scheduling inputs."""
 
+import datetime
 from typing import Any
 
 import pytest
@@ -307,3 +308,27 @@ def test_free_by_node() -> None:
         },  # over-committed reads as 0, unknown resources dropped
         "b": {"cpu": 4000},
     }
+
+
+def test_node_info_says_since_when_a_node_is_not_ready() -> None:
+    node = raw_node()
+    node["status"]["conditions"] = [
+        {"type": "Ready", "status": "Unknown", "lastTransitionTime": "2027-01-15T08:00:00Z"}
+    ]
+    since = datetime.datetime(2027, 1, 15, 8, tzinfo=datetime.UTC).timestamp()
+    assert node_info(node).not_ready_since == since
+    # Ready: no time kept, whatever the condition's transition time (heartbeats do not change it).
+    node["status"]["conditions"] = [
+        {"type": "Ready", "status": "True", "lastTransitionTime": "2027-01-15T08:00:00Z"}
+    ]
+    assert node_info(node).not_ready_since is None
+    # Not Ready without a time: unknown, and so lost at once (NodeInfo.lost_at).
+    node["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    assert node_info(node).not_ready_since is None
+
+
+def test_node_info_knows_an_out_of_service_node_by_its_taint() -> None:
+    taint = {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}
+    assert node_info(raw_node(spec={"taints": [taint]})).out_of_service
+    other = {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}
+    assert not node_info(raw_node(spec={"taints": [other]})).out_of_service

@@ -1,7 +1,7 @@
 """Toleration semantics and value-type validation."""
 
 import pytest
-from largo.sched.types import GangRequest, NodeInfo, Taint, Toleration, WaitReason
+from largo.sched.types import GangRequest, NodeInfo, Taint, Toleration, WaitReason, node_health
 
 GPU_TAINT = Taint("nvidia.com/gpu", "present", "NoSchedule")
 
@@ -75,3 +75,35 @@ def test_wait_reason_is_string() -> None:
     assert WaitReason.Unschedulable == "Unschedulable"
     assert str(WaitReason.InsufficientCapacity) == "InsufficientCapacity"
     assert f"{WaitReason.QueuedBehindHead}" == "QueuedBehindHead"
+
+
+GRACE = 60.0
+NOW = 1_800_000_000.0
+
+
+def test_a_node_not_ready_is_lost_only_after_the_grace_period() -> None:
+    ready = NodeInfo("ready", {})
+    blip = NodeInfo("blip", {}, ready=False, not_ready_since=NOW - 10)
+    down = NodeInfo("down", {}, ready=False, not_ready_since=NOW - GRACE)
+    # An administrator's out-of-service taint means shut down: lost at once, even if still Ready.
+    shut = NodeInfo("shut", {}, out_of_service=True)
+    # Not Ready since an unknown time: lost at once, as before the grace period existed.
+    unknown = NodeInfo("unknown", {}, ready=False)
+    nodes = {node.name: node for node in (ready, blip, down, shut, unknown)}
+    health = node_health([*nodes, "gone"], nodes.get, NOW, GRACE)
+    assert health.lost == {"down", "shut", "unknown", "gone"}
+    # Not Ready is no place for new pods, lost or not.
+    assert health.unusable == {"blip", "down", "unknown", "gone"}
+    assert health.lost_at == {"blip": NOW + 50}
+    assert health.recheck_after(NOW) == 50
+    assert health.recheck_after(NOW + 70) == 0  # overdue: at once
+    assert node_health(["ready"], nodes.get, NOW, GRACE).recheck_after(NOW) is None
+
+
+def test_a_zero_grace_period_loses_a_node_as_soon_as_it_is_not_ready() -> None:
+    blip = NodeInfo("blip", {}, ready=False, not_ready_since=NOW)
+    health = node_health(["blip"], {"blip": blip}.get, NOW, 0.0)
+    assert health.lost == {"blip"}
+    assert health.lost_at == {}
+    assert blip.lost_at(GRACE) == NOW + GRACE
+    assert NodeInfo("ready", {}).lost_at(GRACE) is None

@@ -144,3 +144,52 @@ def test_a_group_with_a_newer_operator_s_field_keeps_its_running_pods() -> None:
     groups = [group for status in written for group in status.get("groups") or []]
     assert groups
     assert all(group["replica"] == 0 and group["nodes"] == ["n0"] and "zone" not in group for group in groups)
+
+
+def test_a_member_s_node_not_ready_restarts_its_group_only_when_the_grace_period_ends() -> None:
+    """As for a TrainJob: a node not Ready for less than LARGO_NODE_LOST_SECONDS keeps the group, and
+    the reconcile looks again when the grace ends; then the group restarts and its pod is removed."""
+    body = _service(1)
+    current = revision(InferenceService.from_body(body).spec, ModelMount(claim_name="weights"))
+    group = {"replica": 0, "attempt": 0, "revision": current, "nodes": ["n0"]}
+    body["status"] = {"groups": [{**group, "admittedAt": "2027-01-15T08:00:00Z"}]}
+    member = _leftover_pod()
+    member["metadata"]["labels"][names.LABEL_REVISION] = current
+    not_ready = {
+        "allocatable": {"nvidia.com/gpu": "8"},
+        "conditions": [{"type": "Ready", "status": "Unknown", "lastTransitionTime": "2027-01-15T07:59:50Z"}],
+    }
+    node = node_info({"metadata": {"name": "n0"}, "spec": {}, "status": not_ready})
+    assert node.not_ready_since == NOW - 10
+
+    def reconcile_at(now: float) -> tuple[AcceptingKube, float | None, list[Mapping[str, Any]]]:
+        kube = AcceptingKube()
+        written: list[Mapping[str, Any]] = []
+
+        async def patch(namespace: str, name: str, version: str | None, status: Mapping[str, Any]) -> Any:
+            written.append(status)
+            return {**body, "status": dict(status)}
+
+        kube.patch_service_status = patch  # type: ignore[method-assign]
+        reconciler = InferenceServiceReconciler(
+            kube=kube,  # type: ignore[arg-type]
+            nodes={"n0": [node]},
+            services={KEY: [service_entry(body)]},
+            pods={KEY: [member]},
+            trainjobs={},
+            claims={("ns", "weights"): [{}]},
+            autoscalers={},
+            wake_scheduler=lambda: None,
+            clock=lambda: now,
+            node_lost_after=60.0,
+        )
+        return kube, asyncio.run(reconciler.reconcile(KEY)), written
+
+    kube, again, written = reconcile_at(NOW)
+    assert kube.deleted == []
+    assert again == 50
+    assert all(g["attempt"] == 0 for status in written for g in status.get("groups") or [])
+    kube, _, written = reconcile_at(NOW + 50)
+    assert kube.deleted == [names.member_pod_name("chat", 0, 0)]
+    assert [g["attempt"] for g in written[-1]["groups"]] == [1]
+    assert "GroupRestarted" in kube.events

@@ -130,6 +130,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         default_image=largo.server_image,
         router_image=largo.router_image,
         binding_timeout=largo.binding_timeout_seconds,
+        node_lost_after=largo.node_lost_seconds,
     )
     reconciler = TrainJobReconciler(
         kube=kube,
@@ -388,10 +389,13 @@ async def node_changed(
     # Heartbeats change nothing the scheduler reads: only capacity, labels, taints or readiness do.
     if seen.get(name) == info and name in seen:
         return
+    before = seen.get(name)
     seen[name] = info
     memo.scheduler.wake()
-    if info is None or not info.usable:
-        # Jobs with pods or placements on this node must notice at once, not at the next resync.
+    recovered = before is not None and not before.usable
+    if info is None or not info.usable or info.out_of_service or recovered:
+        # Jobs with pods or placements on this node must notice at once, not at the next resync: a
+        # node gone, out of service or not Ready (its grace starts), or Ready again (said on the job).
         for store in kwargs["trainjob_queue"].values():
             for entry in store:
                 if entry.placement and name in entry.placement:

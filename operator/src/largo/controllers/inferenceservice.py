@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from largo.policy.inferenceservice import (
     plan,
     resolve_model,
 )
-from largo.sched.types import NodeInfo
+from largo.sched.types import NodeInfo, node_health
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class InferenceServiceReconciler:
     router_image: str = router.DEFAULT_ROUTER_IMAGE
     # How long a member may stay unschedulable on its pinned node before its group is placed again.
     binding_timeout: float = 30.0
+    # How long a node may be not Ready before its members count as dead and their groups restart.
+    node_lost_after: float = 60.0
     _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
     # Services whose network (Services, router) this operator already made (by key, then uid): made
     # once, not every cycle; forgotten when a part is deleted, so that the next cycle makes it again.
@@ -79,13 +81,9 @@ class InferenceServiceReconciler:
         entries: list[ServiceEntry] = list(self.services.get(key) or [])
         return entries[-1] if entries else None
 
-    def _lost(self, names_: Iterable[str]) -> frozenset[str]:
-        lost = set()
-        for name in names_:
-            infos: list[NodeInfo] = list(self.nodes.get(name) or [])
-            if not infos or not infos[-1].ready:
-                lost.add(name)
-        return frozenset(lost)
+    def _node(self, name: str) -> NodeInfo | None:
+        infos: list[NodeInfo] = list(self.nodes.get(name) or [])
+        return infos[-1] if infos else None
 
     async def reconcile(self, key: JobKey) -> float | None:
         entry = self._latest(key)
@@ -139,15 +137,24 @@ class InferenceServiceReconciler:
             # Pods of a group whose entry cannot be read are not taken for leftovers.
             sweep_leftovers=readable,
         )
+        now = self.clock()
+        nodes = node_health(
+            placed | {m.node_name for m in members if m.node_name}, self._node, now, self.node_lost_after
+        )
         decision = plan(
             view,
             resolution,
             members,
-            self._lost(placed | {m.node_name for m in members if m.node_name}),
-            self.clock(),
+            nodes.lost,
+            now,
             selector=",".join(f"{k}={v}" for k, v in sorted(names.leader_selector(name).items())),
             url=names.service_url(name, namespace),
         )
+        recheck = nodes.recheck_after(now)
+        if recheck is not None:
+            # A node that stays not Ready sends no event when its grace ends.
+            before = decision.requeue_after
+            decision.requeue_after = recheck if before is None else min(before, recheck)
         autoscalers = sorted(str(n) for n in self.autoscalers.get(key) or [])
         conflict = bool(autoscalers) and spec.autoscaling is not None
         conditions = set_condition(

@@ -48,6 +48,8 @@ class OperatorSettings(BaseSettings):
     restart_backoff_max_seconds: float = Field(default=300.0, gt=0, le=_LONGEST)
     binding_timeout_seconds: float = Field(default=30.0, gt=0, le=_LONGEST)
     progress_stale_seconds: float = Field(default=120.0, gt=0, le=_LONGEST)
+    # 0: a node is lost as soon as it is not Ready (the behaviour before this setting existed).
+    node_lost_seconds: float = Field(default=60.0, ge=0, le=_LONGEST)
     reconcile_workers: Whole = Field(default=8, ge=1, le=64)
     server_image: str = Field(default=DEFAULT_SERVER_IMAGE, min_length=1)
     router_image: str = Field(default=DEFAULT_ROUTER_IMAGE, min_length=1)
@@ -99,6 +101,7 @@ class OperatorSettings(BaseSettings):
             cap=self.restart_backoff_max_seconds,
             binding_timeout=self.binding_timeout_seconds,
             progress_stale_after=self.progress_stale_seconds,
+            node_lost_after=self.node_lost_seconds,
         )
 
 

@@ -22,7 +22,7 @@ from largo.manifests import trainjob as build
 from largo.policy.conditions import parse_timestamp, set_condition
 from largo.policy.progress import ReadReport, read_report
 from largo.policy.trainjob import JobView, Plan, Timings, counts_only, creation_refused, plan, pod_view
-from largo.sched.types import NodeInfo
+from largo.sched.types import NodeHealth, NodeInfo, node_health
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +69,13 @@ class TrainJobReconciler:
     def hint(self, key: JobKey, body: Mapping[str, Any]) -> None:
         self._hints[key] = body
 
-    def node_sets(self, names: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
-        """(unusable, lost) among ``names``: lost nodes are gone or NotReady; unusable ones also cordoned."""
-        unusable, lost = set(), set()
-        for name in names:
-            infos: list[NodeInfo] = list(self.nodes.get(name) or [])
-            if not infos or not infos[-1].ready:
-                lost.add(name)
-            if not infos or not infos[-1].usable:
-                unusable.add(name)
-        return frozenset(unusable), frozenset(lost)
+    def node_health(self, names: Iterable[str], now: float) -> NodeHealth:
+        """Which of ``names`` are lost or unusable now (``sched.types.node_health``)."""
+        return node_health(names, self._node, now, self.timings.node_lost_after)
+
+    def _node(self, name: str) -> NodeInfo | None:
+        infos: list[NodeInfo] = list(self.nodes.get(name) or [])
+        return infos[-1] if infos else None
 
     def _latest(self, key: JobKey) -> JobEntry | None:
         store = self.jobs.get(key)
@@ -127,10 +124,18 @@ class TrainJobReconciler:
         placement = (body.get("status") or {}).get("placement") or {}
         # Only the job's own nodes matter; one missing from the inventory is gone, hence lost.
         relevant = {pod.node_name for pod in views if pod.node_name} | set(placement.get("nodes") or [])
-        unusable, lost = self.node_sets(relevant)
+        health = self.node_health(relevant, now)
         reports: list[Mapping[str, Any]] = list(self.reports.get(key) or [])
         report = read_report(reports[-1]) if reports else None
-        return plan(job_view(job, body, report), views, unusable, lost, now, self.timings)
+        return plan(
+            job_view(job, body, report),
+            views,
+            health.unusable,
+            health.lost,
+            now,
+            self.timings,
+            not_ready=health.lost_at,
+        )
 
     def complete_admission(self, entry: JobEntry, patch: Mapping[str, Any]) -> dict[str, Any]:
         """The scheduler's admission write, completed with what the first reconcile after it would

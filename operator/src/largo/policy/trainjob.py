@@ -30,6 +30,8 @@ class Timings:
     binding_timeout: float = 30.0
     # A running job whose runtime has not reported progress for this long is shown as stale.
     progress_stale_after: float = 120.0
+    # A node not Ready for this long is lost: its pods count as dead and the gang restarts elsewhere.
+    node_lost_after: float = 60.0
 
     def delay(self, restarts: int) -> float:
         # The exponent is bounded: 2**1024 overflows a float, and backoffLimit may reach 10000.
@@ -218,11 +220,13 @@ def plan(
     lost_nodes: frozenset[str],
     now: float,
     timings: Timings | None = None,
+    not_ready: Mapping[str, float] | None = None,
 ) -> Plan:
     """Decides one reconcile cycle of a TrainJob.
 
-    ``lost_nodes``: nodes that are gone or NotReady (pods on them are dead). ``unusable_nodes``: also
-    cordoned ones (an unbound pod pinned there can never start).
+    ``lost_nodes``: nodes whose pods are dead (gone, out of service, or not Ready for
+    ``timings.node_lost_after``). ``unusable_nodes``: nodes no new pod may land on (also cordoned or
+    not Ready at all). ``not_ready``: nodes not Ready but not yet lost, with when each will be.
     """
     timings = timings or Timings()
     status, malformed = sanitize_status(job.status)
@@ -266,6 +270,13 @@ def plan(
     _accept_report(b)
     if b.status.get("phase") == Phase.RUNNING:
         _progress(b, timings.progress_stale_after)
+        if phase == Phase.RUNNING:
+            _node_readiness(b, current, not_ready or {})
+    # A node that stays not Ready sends no event when its grace ends: look again then.
+    watched = {pod.node_name for pod in pods if pod.node_name} | set(job.placement_nodes or ())
+    due = [at for name, at in (not_ready or {}).items() if name in watched]
+    if due:
+        b.plan.after(max(0.0, min(due) - now))
     if phase not in TERMINAL and not job.suspend and stale:
         b.plan.delete_pods = tuple(dict.fromkeys((*b.plan.delete_pods, *stale)))
     # A pod deleted before its node was lost stays Terminating until the Node object goes: no kubelet
@@ -536,7 +547,8 @@ def _failure(
                 pod.exit_code,
             )
         if pod.node_name is not None and pod.node_name in lost and pod.phase in ("Pending", "Running"):
-            return Reason.NODE_LOST, f"node {pod.node_name} of pod {pod.name} is gone or NotReady", None
+            why = f"gone, out of service, or not Ready for {timings.node_lost_after:g}s"
+            return Reason.NODE_LOST, f"node {pod.node_name} of pod {pod.name} is {why}", None
         if pod.node_name is None and not pod.terminating:
             pinned = placement[pod.rank] if pod.rank < len(placement) else None
             if pinned in unusable:
@@ -642,6 +654,32 @@ def _active(
         b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
         b.condition(ConditionType.RESTARTING, False, Reason.PODS_RUNNING, message)
         b.event(False, Reason.PODS_RUNNING, message)
+
+
+def _node_readiness(b: _Builder, current: Sequence[PodView], not_ready: Mapping[str, float]) -> None:
+    """A running gang with a pod on a node that is not Ready (and not yet lost) says so on Running,
+    and when it will restart if the node stays so; once Ready again, it says that too."""
+    said = any(
+        c.get("type") == ConditionType.RUNNING and c.get("reason") == Reason.NODE_NOT_READY
+        for c in b.status.get("conditions") or []
+    )
+    affected = sorted((pod for pod in current if pod.node_name in not_ready), key=lambda pod: pod.rank)
+    if affected:
+        nodes = sorted({str(pod.node_name) for pod in affected})
+        ranks = ", ".join(str(pod.rank) for pod in affected)
+        restart = timestamp(min(not_ready[node] for node in nodes))
+        message = (
+            f"node {', '.join(nodes)} (rank {ranks}) is not Ready; the gang restarts at {restart} "
+            "unless it is Ready again"
+        )
+        b.condition(ConditionType.RUNNING, True, Reason.NODE_NOT_READY, message)
+        if not said:
+            b.event(True, Reason.NODE_NOT_READY, message)
+    elif said:
+        nodes = sorted(set(b.job.placement_nodes or ()))
+        message = f"nodes Ready again: all {b.job.num_nodes} pods running on {', '.join(nodes)}"
+        b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
+        b.event(False, Reason.NODE_READY, message)
 
 
 def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, str, int | None] | None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
+from largo.policy.conditions import parse_timestamp
 from largo.sched.quantity import parse_resources
-from largo.sched.types import NodeInfo, Taint, Toleration
+from largo.sched.types import OUT_OF_SERVICE_TAINT, NodeInfo, Taint, Toleration
 
 Resources = Mapping[str, int]
 Usage = Mapping[str, Mapping[str, int]]
@@ -53,14 +54,18 @@ def tolerations_from(raw: Iterable[Mapping[str, Any]] | None) -> tuple[Toleratio
 def node_info(node: Mapping[str, Any]) -> NodeInfo:
     """Interpret a Node object. Raises ValueError on a malformed allocatable quantity."""
     conditions = _get(node, "status", "conditions") or ()
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    readiness = next((c for c in conditions if c.get("type") == "Ready"), None) or {}
+    ready = readiness.get("status") == "True"
+    taints = taints_from(_get(node, "spec", "taints"))
     return NodeInfo(
         name=str(_get(node, "metadata", "name") or ""),
         allocatable=parse_resources(_get(node, "status", "allocatable")),
         labels=dict(_get(node, "metadata", "labels") or {}),
-        taints=taints_from(_get(node, "spec", "taints")),
+        taints=taints,
         ready=ready,
         unschedulable=bool(_get(node, "spec", "unschedulable")),
+        not_ready_since=None if ready else parse_timestamp(readiness.get("lastTransitionTime")),
+        out_of_service=any(taint.key == OUT_OF_SERVICE_TAINT for taint in taints),
     )
 
 

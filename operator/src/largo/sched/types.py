@@ -6,8 +6,9 @@ every other resource as an integer count (or bytes).
 
 from __future__ import annotations
 
+import math
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -17,6 +18,8 @@ MEMORY = "memory"
 
 # Taint effects that keep pods off a node; PreferNoSchedule is only a scoring hint.
 BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
+# The taint an administrator sets on a node that is shut down (non-graceful node shutdown).
+OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +60,60 @@ class NodeInfo:
     taints: tuple[Taint, ...] = ()
     ready: bool = True
     unschedulable: bool = False
+    # When Ready stopped being True (the condition's lastTransitionTime), while it is not True; None if
+    # the node is Ready or the time is unknown.
+    not_ready_since: float | None = None
+    # Tainted ``node.kubernetes.io/out-of-service``: an administrator says the node is shut down, so
+    # its pods are dead whatever its Ready condition says.
+    out_of_service: bool = False
 
     @property
     def usable(self) -> bool:
         """A node new pods may land on: Ready and not cordoned."""
         return self.ready and not self.unschedulable
+
+    def lost_at(self, grace: float) -> float | None:
+        """When the pods on this node count as dead: ``grace`` seconds after it stopped being Ready (a
+        kubelet or runtime hiccup heals within it, and restarting a gang for one costs the steps since
+        its last checkpoint), at once when it is out of service or the time is unknown, None while
+        it is Ready."""
+        if self.out_of_service:
+            return -math.inf
+        if self.ready:
+            return None
+        return -math.inf if self.not_ready_since is None else self.not_ready_since + grace
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHealth:
+    """Which of a workload's nodes are lost (their pods are dead: gone, out of service, or not Ready
+    for the grace period) and unusable (no new pod may land there), and when each node that is not
+    Ready yet not lost will count as lost."""
+
+    lost: frozenset[str]
+    unusable: frozenset[str]
+    lost_at: Mapping[str, float] = field(default_factory=dict)
+
+    def recheck_after(self, now: float) -> float | None:
+        """Seconds until the next node counts as lost (look again then: no node event may come)."""
+        return max(0.0, min(self.lost_at.values()) - now) if self.lost_at else None
+
+
+def node_health(
+    names: Iterable[str], lookup: Callable[[str], NodeInfo | None], now: float, grace: float
+) -> NodeHealth:
+    """The health of the nodes ``names`` as ``lookup`` finds them (None: the Node is gone)."""
+    lost, unusable, pending = set(), set(), {}
+    for name in names:
+        info = lookup(name)
+        if info is None or not info.usable:
+            unusable.add(name)
+        at = None if info is None else info.lost_at(grace)
+        if info is None or (at is not None and at <= now):
+            lost.add(name)
+        elif at is not None:
+            pending[name] = at
+    return NodeHealth(frozenset(lost), frozenset(unusable), pending)
 
 
 @dataclass(frozen=True, slots=True)
