@@ -788,3 +788,23 @@ def test_pods_terminating_on_a_node_not_ready_are_looked_at_again_when_it_is_los
     # A node the job has nothing on is not waited for.
     elsewhere = plan(view, [stuck], frozenset({"n7"}), NONE, NOW, not_ready={"n7": NOW + 30})
     assert elsewhere.requeue_after is None
+
+
+def test_a_finished_rank_on_a_node_not_ready_is_not_waited_on_nor_said_ready_when_lost() -> None:
+    """A rank that already succeeded does not need its node: the gang is not told about the node, and
+    when the node is lost nothing restarts and nothing says it is Ready again."""
+    pods = [pod(0), pod(1, "Succeeded")]
+    n1 = frozenset({"n1"})
+    within = plan(job(status=admitted(Phase.RUNNING)), pods, n1, NONE, NOW, not_ready={"n1": NOW + 45})
+    assert within.events == []
+    assert "conditions" not in within.status
+    # Told earlier (the rank was running then), and the node is lost meanwhile: no "Ready again".
+    said = {"type": "Running", "status": "True", "reason": Reason.NODE_NOT_READY, "message": "n1"}
+    told = job(status=admitted(Phase.RUNNING, conditions=[said]))
+    lost = plan(told, pods, n1, n1, NOW + 45)
+    assert lost.status["phase"] == Phase.RUNNING
+    assert lost.events == []
+    assert running_condition(lost)["reason"] == Reason.PODS_RUNNING
+    # The same, the node Ready again: said so.
+    healed = plan(told, pods, NONE, NONE, NOW + 45)
+    assert [(e.type, e.reason) for e in healed.events] == [("Normal", Reason.NODE_READY)]

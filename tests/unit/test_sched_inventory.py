@@ -9,6 +9,7 @@ from largo.sched.inventory import (
     add_usage,
     free_by_node,
     node_info,
+    noticed_not_ready,
     pod_holds_resources,
     pod_requests,
     taints_from,
@@ -329,6 +330,26 @@ def test_node_info_says_since_when_a_node_is_not_ready() -> None:
 
 def test_node_info_knows_an_out_of_service_node_by_its_taint() -> None:
     taint = {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}
-    assert node_info(raw_node(spec={"taints": [taint]})).out_of_service
+    shut = node_info(raw_node(spec={"taints": [taint]}))
+    assert shut.ready and shut.out_of_service
+    # A gang whose pods tolerate every taint would be placed there and lost at once, again and again.
+    assert not shut.usable
     other = {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}
     assert not node_info(raw_node(spec={"taints": [other]})).out_of_service
+
+
+def test_a_not_ready_time_is_never_later_than_when_the_operator_first_saw_it() -> None:
+    """A kubelet stamps its Ready transitions with the node's clock: one running ahead would stretch
+    the grace. An earlier time (the node was not Ready before the operator started) is kept."""
+    node = raw_node()
+    node["status"]["conditions"] = [
+        {"type": "Ready", "status": "False", "lastTransitionTime": "2027-01-15T08:00:00Z"}
+    ]
+    stamped = datetime.datetime(2027, 1, 15, 8, tzinfo=datetime.UTC).timestamp()
+    info = node_info(node)
+    assert noticed_not_ready(info, stamped - 30).not_ready_since == stamped - 30  # its clock ahead
+    assert noticed_not_ready(info, stamped + 30).not_ready_since == stamped
+    node["status"]["conditions"] = [{"type": "Ready", "status": "False"}]  # no time: from first seen
+    assert noticed_not_ready(node_info(node), stamped).not_ready_since == stamped
+    ready = node_info(raw_node())
+    assert noticed_not_ready(ready, stamped) is ready

@@ -92,8 +92,8 @@ def test_a_node_not_ready_is_lost_only_after_the_grace_period() -> None:
     nodes = {node.name: node for node in (ready, blip, down, shut, unknown)}
     health = node_health([*nodes, "gone"], nodes.get, NOW, GRACE)
     assert health.lost == {"down", "shut", "unknown", "gone"}
-    # Not Ready is no place for new pods, lost or not.
-    assert health.unusable == {"blip", "down", "unknown", "gone"}
+    # Not Ready or out of service is no place for new pods, lost or not.
+    assert health.unusable == {"blip", "down", "shut", "unknown", "gone"}
     assert health.lost_at == {"blip": NOW + 50}
     assert health.recheck_after(NOW) == 50
     assert health.recheck_after(NOW + 70) == 0  # overdue: at once

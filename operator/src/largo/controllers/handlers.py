@@ -253,8 +253,14 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index("nodes")
-async def node_inventory(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
-    return {name: inventory.node_info(body)}
+async def node_inventory(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    info = inventory.node_info(body)
+    # kopf's memo here is the node's own: it keeps when this operator first saw the node not Ready.
+    if info.ready:
+        memo.pop("first_seen_not_ready", None)
+        return {name: info}
+    first_seen: float = memo.setdefault("first_seen_not_ready", time.time())
+    return {name: inventory.noticed_not_ready(info, first_seen)}
 
 
 @kopf.index("pods")

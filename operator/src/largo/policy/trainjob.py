@@ -271,7 +271,7 @@ def plan(
     if b.status.get("phase") == Phase.RUNNING:
         _progress(b, timings.progress_stale_after)
         if phase == Phase.RUNNING:
-            _node_readiness(b, current, not_ready or {})
+            _node_readiness(b, current, not_ready or {}, lost_nodes)
     # A node that stays not Ready sends no event when its grace ends: look again then.
     watched = {pod.node_name for pod in pods if pod.node_name} | set(job.placement_nodes or ())
     due = [at for name, at in (not_ready or {}).items() if name in watched]
@@ -656,14 +656,18 @@ def _active(
         b.event(False, Reason.PODS_RUNNING, message)
 
 
-def _node_readiness(b: _Builder, current: Sequence[PodView], not_ready: Mapping[str, float]) -> None:
-    """A running gang with a pod on a node that is not Ready (and not yet lost) says so on Running,
-    and when it will restart if the node stays so; once Ready again, it says that too."""
+def _node_readiness(
+    b: _Builder, current: Sequence[PodView], not_ready: Mapping[str, float], lost: frozenset[str]
+) -> None:
+    """A running gang with a live pod on a node that is not Ready (and not yet lost) says so on
+    Running, and when it will restart if the node stays so; once its nodes are Ready again, that too.
+    A rank that already finished is not waited on: its node does not matter."""
     said = any(
         c.get("type") == ConditionType.RUNNING and c.get("reason") == Reason.NODE_NOT_READY
         for c in b.status.get("conditions") or []
     )
-    affected = sorted((pod for pod in current if pod.node_name in not_ready), key=lambda pod: pod.rank)
+    live = [pod for pod in current if pod.phase in ("Pending", "Running") and not pod.terminating]
+    affected = sorted((pod for pod in live if pod.node_name in not_ready), key=lambda pod: pod.rank)
     if affected:
         nodes = sorted({str(pod.node_name) for pod in affected})
         ranks = ", ".join(str(pod.rank) for pod in affected)
@@ -677,9 +681,12 @@ def _node_readiness(b: _Builder, current: Sequence[PodView], not_ready: Mapping[
             b.event(True, Reason.NODE_NOT_READY, message)
     elif said:
         nodes = sorted(set(b.job.placement_nodes or ()))
-        message = f"nodes Ready again: all {b.job.num_nodes} pods running on {', '.join(nodes)}"
+        running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
+        message = f"{running}/{b.job.num_nodes} pods running or done on {', '.join(nodes)}"
+        recovered = not any(pod.node_name in lost or pod.node_name in not_ready for pod in current)
         b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
-        b.event(False, Reason.NODE_READY, message)
+        if recovered:
+            b.event(False, Reason.NODE_READY, f"nodes Ready again: {message}")
 
 
 def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, str, int | None] | None:

@@ -5,6 +5,7 @@ Everything here is pure: callers fetch nodes and pods, these functions only inte
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -67,6 +68,16 @@ def node_info(node: Mapping[str, Any]) -> NodeInfo:
         not_ready_since=None if ready else parse_timestamp(readiness.get("lastTransitionTime")),
         out_of_service=any(taint.key == OUT_OF_SERVICE_TAINT for taint in taints),
     )
+
+
+def noticed_not_ready(info: NodeInfo, first_seen: float | None) -> NodeInfo:
+    """``info`` whose ``not_ready_since`` is no later than ``first_seen``, when this operator first saw
+    the node not Ready. A kubelet stamps its own Ready transitions with the node's clock, which on a
+    broken node may run ahead and would stretch the grace; an unknown time becomes ``first_seen``."""
+    if info.ready or first_seen is None:
+        return info
+    since = first_seen if info.not_ready_since is None else min(info.not_ready_since, first_seen)
+    return dataclasses.replace(info, not_ready_since=since)
 
 
 def _container_requests(container: Mapping[str, Any]) -> dict[str, int]:

@@ -69,8 +69,9 @@ class NodeInfo:
 
     @property
     def usable(self) -> bool:
-        """A node new pods may land on: Ready and not cordoned."""
-        return self.ready and not self.unschedulable
+        """A node new pods may land on: Ready, not cordoned and not out of service (a taint left on
+        after the node came back would otherwise take gangs whose pods are lost as soon as placed)."""
+        return self.ready and not self.unschedulable and not self.out_of_service
 
     def lost_at(self, grace: float) -> float | None:
         """When the pods on this node count as dead: ``grace`` seconds after it stopped being Ready (a

@@ -133,8 +133,8 @@ class Reason(StrEnum):
     # A bound pod whose container cannot start (its image cannot be pulled, a Secret it reads is
     # missing): said on Running=False until it starts or the job is changed or deleted.
     PODS_NOT_STARTING = "PodsNotStarting"
-    # A node of the running gang is not Ready, not yet for LARGO_NODE_LOST_SECONDS (said on
-    # Running=True, with when the gang restarts if it stays so), and Ready again.
+    # A node of the running gang is not Ready, not yet for LARGO_NODE_LOST_SECONDS (the reason of
+    # Running=True, with when the gang restarts if it stays so); the event when it is Ready again.
     NODE_NOT_READY = "NodeNotReady"
     NODE_READY = "NodeReady"
     # Restarts and failures.
