@@ -231,6 +231,18 @@ AT_800 = ModelMount(claim_name="ckpt", sub_path="runs/a", step=800, train_job=JO
         # What was served came from another job (the spec changed): nothing is pinned.
         (False, {**SERVED_500, "trainJob": "older"}, trainjob(800), AT_800, ServiceReason.MODEL_RESOLVED, []),
         (False, {**SERVED_500, "trainJob": "older"}, None, None, ServiceReason.TRAIN_JOB_NOT_FOUND, []),
+        # A restarted or resumed job reports no step until its next checkpoint: what is served stays.
+        (False, SERVED_500, trainjob(None), AT_500, ServiceReason.MODEL_RESOLVED, ["step-500", "no newer"]),
+        (True, SERVED_500, trainjob(None), AT_500, ServiceReason.MODEL_RESOLVED, ["step-500", "no newer"]),
+        (True, SERVED_500, trainjob(None, phase="Failed"), AT_500, ServiceReason.TRAIN_JOB_FAILED, ["still"]),
+        (
+            True,
+            SERVED_500,
+            {"metadata": {"name": JOB}, "spec": {}, "status": {}},
+            AT_500,
+            ServiceReason.TRAIN_JOB_WITHOUT_CHECKPOINT,
+            ["still serving", "step-500"],
+        ),
     ],
     ids=[
         "job-missing",
@@ -248,6 +260,10 @@ AT_800 = ModelMount(claim_name="ckpt", sub_path="runs/a", step=800, train_job=JO
         "job-gone-pinned-follow",
         "served-from-another-job",
         "served-from-another-job-gone",
+        "pinned-job-restarted",
+        "pinned-job-restarted-follow",
+        "pinned-job-failed-since",
+        "pinned-job-checkpoint-removed",
     ],
 )
 def test_resolve_model_from_a_trainjob(
@@ -889,6 +905,25 @@ def test_losing_the_model_keeps_the_last_served_one_in_status() -> None:
     # The running group keeps serving.
     assert decision.delete == []
     assert decision.status["ready"] == "1/1"
+
+
+def test_without_a_model_a_scale_down_still_frees_gpus() -> None:
+    """No group can be built while the model is missing, but groups beyond spec.replicas still go
+    (a scale to zero must free the GPUs), and a group that is left keeps serving."""
+    sim = ready_service(replicas=3, nodes=1)
+    sim.revision = None
+    sim.resolution = ModelResolution(None, ServiceReason.CLAIM_NOT_FOUND, "claim weights is gone")
+    sim.spec = spec_of(replicas=1, nodesPerReplica=1)
+    decision = sim.cycle()
+    retired = [g["replica"] for g in decision.status["groups"] if g.get("retiring")]
+    assert retired == [1, 2]  # the highest replica ids first, all being ready
+    assert decision.create == []
+    assert decision.status["ready"] == "1/1"
+    sim.spec = spec_of(replicas=0, nodesPerReplica=1)
+    sim.settle(3)
+    assert sim.status["groups"] == []
+    assert sim.pods == {}
+    assert sim.status["phase"] == "ScaledToZero"
 
 
 def test_pods_on_a_lost_node_are_deleted_without_grace() -> None:

@@ -331,7 +331,8 @@ def test_node_info_says_since_when_a_node_is_not_ready() -> None:
 def test_node_info_knows_an_out_of_service_node_by_its_taint() -> None:
     taint = {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}
     shut = node_info(raw_node(spec={"taints": [taint]}))
-    assert shut.ready and shut.out_of_service
+    assert shut.ready
+    assert shut.out_of_service
     # A gang whose pods tolerate every taint would be placed there and lost at once, again and again.
     assert not shut.usable
     other = {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}

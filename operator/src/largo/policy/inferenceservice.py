@@ -83,6 +83,12 @@ def resolve_model(
         )
     job_spec = train_job.get("spec") or {}
     checkpoint = job_spec.get("checkpoint") or {}
+    if not checkpoint.get("claimName") and pinned is not None:
+        return ModelResolution(
+            pinned,
+            ServiceReason.TRAIN_JOB_WITHOUT_CHECKPOINT,
+            f"TrainJob {reference.name} has no spec.checkpoint now; still serving {pinned.summary()}",
+        )
     if not checkpoint.get("claimName"):
         return ModelResolution(
             None,
@@ -91,6 +97,18 @@ def resolve_model(
         )
     job_status = train_job.get("status") or {}
     step = (job_status.get("progress") or {}).get("checkpointStep")
+    if not isinstance(step, int) and pinned is not None:
+        # A restarted or resumed job reports no step until it writes its next checkpoint, and a failed
+        # one may never again: what is served stays (dropping it would stop every scale and restart).
+        failed = job_status.get("phase") == JobPhase.FAILED
+        return ModelResolution(
+            pinned,
+            ServiceReason.TRAIN_JOB_FAILED if failed else ServiceReason.MODEL_RESOLVED,
+            f"TrainJob {reference.name} failed; still serving {pinned.summary()}"
+            if failed
+            else f"serving {pinned.summary()}; TrainJob {reference.name} has reported no newer "
+            "checkpoint since it last started",
+        )
     if not isinstance(step, int):
         if job_status.get("phase") == JobPhase.FAILED:
             return ModelResolution(
@@ -452,8 +470,15 @@ def plan(
     desired = desired_replicas(spec)
     live = [g for g in kept if not g.get("retiring")]
     progressing: tuple[bool, str, str]
+    retire: set[int] = set()
+    create = 0
     if view.revision is None:
         progressing = (False, resolution.reason, resolution.message)
+        # No group can be built without a model, but a scale-down (or to zero) still frees GPUs:
+        # the surplus goes, not-ready first, then the highest replica id (as plan_rollout orders it).
+        surplus = max(0, len(live) - desired.replicas)
+        order = sorted(live, key=lambda g: (bool(g.get("ready")), -int(g["replica"])))
+        retire = {int(g["replica"]) for g in order[:surplus]}
     else:
         rolling = any(g.get("revision") != view.revision for g in live)
         step = plan_rollout(
@@ -479,39 +504,37 @@ def plan(
             STALL_AFTER_RESTARTS,
         )
         progressing = (not step.stalled, step.reason, step.message)
-        retire = set(step.retire)
-        for group in live:
-            if int(group["replica"]) in retire:
-                group["retiring"] = True
-                group["ready"] = False
-                out.delete += [p.name for p in by_group.get(int(group["replica"]), []) if not p.terminating]
-                out.create = [c for c in out.create if c.replica != int(group["replica"])]
-                out.events.append(
-                    Event(
-                        "Normal",
-                        ServiceReason.GROUP_RETIRED,
-                        f"replica {group['replica']} drained and removed",
-                    )
+        retire, create = set(step.retire), step.create
+    for group in live:
+        if int(group["replica"]) in retire:
+            group["retiring"] = True
+            group["ready"] = False
+            out.delete += [p.name for p in by_group.get(int(group["replica"]), []) if not p.terminating]
+            out.create = [c for c in out.create if c.replica != int(group["replica"])]
+            out.events.append(
+                Event(
+                    "Normal",
+                    ServiceReason.GROUP_RETIRED,
+                    f"replica {group['replica']} drained and removed",
                 )
-        taken = {int(g["replica"]) for g in kept} | set(by_group)
-        fresh = 0
-        for _ in range(step.create):
-            replica = next(i for i in range(len(taken) + 1) if i not in taken)
-            taken.add(replica)
-            kept.append(
-                {
-                    "replica": replica,
-                    "revision": view.revision,
-                    "attempt": 0,
-                    "nodes": [],
-                    "queuedAt": timestamp(now),
-                    "ready": False,
-                    "restarts": 0,
-                }
             )
-            fresh += 1
-        if fresh:
-            out.wake_scheduler = True
+    taken = {int(g["replica"]) for g in kept} | set(by_group)
+    for _ in range(create):
+        replica = next(i for i in range(len(taken) + 1) if i not in taken)
+        taken.add(replica)
+        kept.append(
+            {
+                "replica": replica,
+                "revision": view.revision,
+                "attempt": 0,
+                "nodes": [],
+                "queuedAt": timestamp(now),
+                "ready": False,
+                "restarts": 0,
+            }
+        )
+    if create:
+        out.wake_scheduler = True
     kept.sort(key=lambda g: int(g["replica"]))
     if any(not g.get("nodes") and not g.get("retiring") for g in kept):
         # Restarted groups rejoin the queue when their back-off ends: the scheduler must look then.
