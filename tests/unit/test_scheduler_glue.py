@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from largo.controllers.kube import ConflictError
 from largo.controllers.scheduler import Scheduler
-from largo.controllers.state import JobEntry, JobKey, PodUsage, job_entry
+from largo.controllers.state import JobEntry, JobKey, PodUsage, job_entry, service_entry
 from largo.sched.inventory import node_info
 
 NOW = 1_800_000_000.0
@@ -425,3 +425,24 @@ def test_a_wait_without_a_position_is_written_once() -> None:
     scheduler.jobs[("ns", "b")] = [_job("b", checkpoint=SHARED, status=stored)]  # type: ignore[index]
     asyncio.run(scheduler.run_pass())
     assert [name for name, _ in kube.writes] == ["b"]
+
+
+def test_a_job_or_service_being_deleted_is_not_admitted() -> None:
+    """A foreground deletion keeps the object (with a deletionTimestamp) while its dependents go: it
+    must not take GPUs meanwhile, nor hold back the jobs behind it."""
+    going = _job("going")
+    body = {**going.body, "metadata": {**going.body["metadata"], "deletionTimestamp": "2027-01-15T08:01:00Z"}}
+    kube = FakeKube()
+    after = _job("next", created="2027-01-15T08:00:01Z")
+    scheduler = _scheduler(kube, [_node("n0")], [job_entry(body), after])
+    asyncio.run(scheduler.run_pass())
+    assert [name for name, status in kube.writes if status.get("phase") == "Starting"] == ["next"]
+    service = service_entry(
+        {
+            "metadata": {"name": "chat", "namespace": "ns", "deletionTimestamp": "2027-01-15T08:01:00Z"},
+            "spec": {"model": {"claimName": "weights"}, "replicas": 1},
+            "status": {"groups": [{"replica": 0, "attempt": 0, "nodes": []}]},
+        }
+    )
+    assert service.waiting(NOW) == []
+    assert len(dataclasses.replace(service, body={}).waiting(NOW)) == 1

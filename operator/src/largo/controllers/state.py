@@ -87,8 +87,14 @@ class JobEntry:
 
     @property
     def admissible(self) -> bool:
-        """Waiting for admission: queued, or new (a job that fits at once skips the Queued round trip)."""
-        return self.request is not None and not self.suspended and self.phase in (None, Phase.QUEUED)
+        """Waiting for admission: queued, or new (a job that fits at once skips the Queued round trip),
+        and not being deleted (a foreground deletion keeps the object a while)."""
+        return (
+            self.request is not None
+            and not self.suspended
+            and self.phase in (None, Phase.QUEUED)
+            and not _deleting(self.body)
+        )
 
     def due(self, now: float) -> bool:
         """Past any backoff of a released gang."""
@@ -174,6 +180,10 @@ def _mounted_checkpoint(namespace: str, spec: Mapping[str, Any]) -> str | None:
         if mount.get("name") == CHECKPOINT_VOLUME
     ]
     return checkpoint_key(namespace, claims[0], sub_paths[0] if sub_paths else None)
+
+
+def _deleting(body: Mapping[str, Any]) -> bool:
+    return bool((body.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def job_entry(body: Mapping[str, Any]) -> JobEntry:
@@ -284,8 +294,9 @@ class ServiceEntry:
         return [group for group in self.groups if group.nodes]
 
     def waiting(self, now: float) -> list[GroupRecord]:
-        """Groups to admit now: no nodes, not retiring, any restart back-off over."""
-        if self.service is None:
+        """Groups to admit now: no nodes, not retiring, any restart back-off over; none while the
+        service is being deleted (a foreground deletion keeps it while its pods drain)."""
+        if self.service is None or _deleting(self.body):
             return []
         return [
             group
