@@ -130,6 +130,14 @@ def test_answers_that_mean_failure() -> None:
     assert not command_failed("del server replicas/a", "Server deleted.\n")
     assert not command_failed("enable server replicas/a", "\n")
     assert command_failed("enable server replicas/a", "No such server.\n")
+    # `set server ... addr` confirms a change in words (HAProxy 2.6's answers, as Debian ships it).
+    moved = "IP changed from '10.0.0.1' to '10.0.0.2', no need to change the port by 'stats socket command'"
+    same = "no need to change the addr, no need to change the port by 'stats socket command'\n\n"
+    addr = "set server replicas/a addr 10.0.0.2 port 8000"
+    assert not command_failed(addr, moved)
+    assert not command_failed(addr, same)
+    assert command_failed(addr, "Invalid addr '10.0.0.x' by 'stats socket command'\n\n")
+    assert command_failed(addr, "No such server.\n\n")
 
 
 def test_the_configuration_balances_by_least_outstanding_and_holds_when_no_replica_is_usable() -> None:

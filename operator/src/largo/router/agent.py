@@ -53,6 +53,9 @@ _NOT_FORWARDED = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 )
 RESYNC_SECONDS = 2.0
+# HAProxy answers its admin socket at once; one that does not is wedged.
+ADMIN_TIMEOUT_SECONDS = 5.0
+MIB = 1024 * 1024
 
 
 # Seconds a read from the API server may stay silent: beyond the watch's own 60 s.
@@ -96,17 +99,21 @@ class Metrics:
 class RuntimeApi:
     """HAProxy's admin socket: one command per connection."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, answer_within: float = ADMIN_TIMEOUT_SECONDS) -> None:
         self.path = path
+        self.answer_within = answer_within
 
     async def call(self, command: str) -> str:
-        reader, writer = await asyncio.open_unix_connection(str(self.path))
-        try:
-            writer.write(command.encode() + b"\n")
-            await writer.drain()
-            return (await reader.read()).decode()
-        finally:
-            writer.close()
+        """One command's answer; a socket that does not answer in time raises TimeoutError (the sync
+        loop logs it and tries again) rather than freezing the sync for good."""
+        async with asyncio.timeout(self.answer_within):
+            reader, writer = await asyncio.open_unix_connection(str(self.path))
+            try:
+                writer.write(command.encode() + b"\n")
+                await writer.drain()
+                return (await reader.read()).decode()
+            finally:
+                writer.close()
 
 
 class Router:
@@ -123,6 +130,8 @@ class Router:
         self.ready = asyncio.Event()  # set while a replica is ready: held requests may go
         self.synced = False
         self.forwarded: dict[str, int] = {}
+        # Bytes of request bodies the activator holds now.
+        self.held_bytes = 0
         self.haproxy: asyncio.subprocess.Process | None = None
         self.session: aiohttp.ClientSession | None = None
 
@@ -233,8 +242,36 @@ class Router:
     # The activator
 
     async def hold(self, request: web.Request) -> web.StreamResponse:
-        """A request HAProxy had no ready replica for: wait for one, then forward it there."""
-        body = await request.read()
+        """A request HAProxy had no ready replica for: wait for one, then forward it there. Counted as
+        held from its first byte (the autoscaler's signal that load arrived), and its body's size is
+        bounded per request and in all (the router's memory is bounded)."""
+        self.metrics.held.inc()
+        try:
+            return await self._hold(request)
+        finally:
+            self.metrics.held.dec()
+
+    async def _hold(self, request: web.Request) -> web.StreamResponse:
+        limit = self.args.hold_max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return _too_large(limit)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _too_large(limit)
+        if self.held_bytes + len(body) > self.args.hold_max_bytes:
+            self.metrics.hold_timeouts.inc()
+            return _unavailable(
+                f"{self.args.service} is starting and its router holds as much as it can "
+                f"({self.args.hold_max_bytes} bytes of requests); try again later"
+            )
+        self.held_bytes += len(body)
+        try:
+            return await self._forward_when_ready(request, body)
+        finally:
+            self.held_bytes -= len(body)
+
+    async def _forward_when_ready(self, request: web.Request, body: bytes) -> web.StreamResponse:
         started = time.monotonic()
         deadline = started + self.args.hold_timeout
         refused = False
@@ -260,19 +297,15 @@ class Router:
 
     async def wait_for_replica(self, deadline: float) -> Replica | None:
         """A ready replica, the one with the fewest requests forwarded by the activator so far."""
-        self.metrics.held.inc()
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(self.ready.wait(), max(deadline - time.monotonic(), 0))
-                except TimeoutError:
-                    return None
-                ready = [r for r in self.desired.values() if r.state is State.READY]
-                if ready:
-                    return min(ready, key=lambda r: (self.forwarded.get(r.name, 0), r.name))
-                self.ready.clear()
-        finally:
-            self.metrics.held.dec()
+        while True:
+            try:
+                await asyncio.wait_for(self.ready.wait(), max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                return None
+            ready = [r for r in self.desired.values() if r.state is State.READY]
+            if ready:
+                return min(ready, key=lambda r: (self.forwarded.get(r.name, 0), r.name))
+            self.ready.clear()
 
     async def forward(
         self, request: web.Request, body: bytes, replica: Replica, started: float
@@ -315,6 +348,12 @@ class Router:
         return web.Response(status=200 if ready else 503, text="ready" if ready else "not synced yet")
 
 
+def _too_large(limit: int) -> web.Response:
+    message = f"the request body is over the {limit} bytes a request may hold while no replica is ready"
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": 413}}
+    return web.Response(status=413, text=json.dumps(body), content_type="application/json")
+
+
 def _unavailable(message: str) -> web.Response:
     body = {"error": {"message": message, "type": "service_unavailable", "param": None, "code": 503}}
     return web.Response(
@@ -342,6 +381,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=float(env.get("LARGO_HOLD_TIMEOUT_SECONDS", "300")),
         help="seconds a request waits for the first ready replica before a 503",
     )
+    parser.add_argument(
+        "--hold-max-body-bytes",
+        type=int,
+        default=int(env.get("LARGO_HOLD_MAX_BODY_BYTES", str(64 * MIB))),
+        help="largest request body held while no replica is ready (larger ones get a 413)",
+    )
+    parser.add_argument(
+        "--hold-max-bytes",
+        type=int,
+        default=int(env.get("LARGO_HOLD_MAX_BYTES", str(256 * MIB))),
+        help="request bodies held at once, in all (beyond it a 503 with Retry-After)",
+    )
     parser.add_argument("--connect-timeout", type=float, default=2.0)
     parser.add_argument(
         "--drain-timeout", type=float, default=names.ROUTER_DRAIN_SECONDS, help="seconds to finish requests"
@@ -354,6 +405,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def activator_app(router: Router) -> web.Application:
+    """Where HAProxy sends the requests it has no ready replica for. The body is read before the
+    request is forwarded; aiohttp's default cap (1 MiB) would refuse the long prompts and images a
+    model server takes."""
+    app = web.Application(client_max_size=router.args.hold_max_body_bytes)
+    app.router.add_route("*", "/{tail:.*}", router.hold)
+    return app
+
+
 async def run(args: argparse.Namespace) -> int:
     router = Router(args, CollectorRegistry())
     loop = asyncio.get_running_loop()
@@ -362,8 +422,7 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     await router.start_haproxy()
     router.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=2))
-    activator = web.Application()
-    activator.router.add_route("*", "/{tail:.*}", router.hold)
+    activator = activator_app(router)
     own = web.Application()
     own.router.add_get("/metrics", router.metrics_endpoint)
     own.router.add_get("/healthz", router.healthz)

@@ -223,4 +223,8 @@ def command_failed(command: str, answer: str) -> bool:
         return text != "New server registered."
     if command.startswith("del server"):
         return text != "Server deleted."
+    if command.startswith("set server") and " addr " in command:
+        # "IP changed from 'a' to 'b', no need to change the port by 'stats socket command'" (2.6);
+        # a refusal reads "Invalid addr ..." or "No such server.".
+        return not ("changed from" in text or "no need to change" in text)
     return bool(text)
