@@ -305,3 +305,44 @@ def test_a_value_written_out_of_bounds_is_kept_while_there_is_nothing_to_decide_
         asyncio.run(scaler.tick())
         clock.now += 1
     assert kube.writes == []
+
+
+def test_series_that_add_up_to_infinity_are_no_load() -> None:
+    """Each value finite, their sum not: the decision would overflow on it."""
+    text = (
+        "# TYPE largo_serve_requests_in_flight gauge\n"
+        'largo_serve_requests_in_flight{engine="a"} 1e308\n'
+        'largo_serve_requests_in_flight{engine="b"} 1e308\n'
+    )
+    value, _ = replica_load(text, ScalingMetric.IN_FLIGHT, RuntimeType.LARGO, 10.0, None)
+    assert value is None
+
+
+def test_a_scrape_reads_no_more_than_a_metrics_page() -> None:
+    """A replica that answers /metrics with megabytes (a bug, or not a model server) is refused
+    after the first MiB instead of being read and parsed on the operator's event loop."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+    from largo.controllers.autoscaler import SCRAPE_MAX_BYTES, http_scrape
+
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text=LARGO_TEXT)
+
+    async def huge(_: web.Request) -> web.Response:
+        return web.Response(body=b"#" * (SCRAPE_MAX_BYTES + 1))
+
+    async def scenario() -> tuple[str, BaseException | None]:
+        app = web.Application()
+        app.router.add_get("/metrics", page)
+        app.router.add_get("/huge", huge)
+        async with TestServer(app) as server:
+            text = await http_scrape(str(server.make_url("/metrics")))
+            try:
+                await http_scrape(str(server.make_url("/huge")))
+            except ValueError as error:
+                return text, error
+            return text, None
+
+    text, refused = asyncio.run(scenario())
+    assert text == LARGO_TEXT
+    assert refused is not None

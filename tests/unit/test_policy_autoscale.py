@@ -71,6 +71,11 @@ def test_a_sudden_burst_panics_up_at_once_and_does_not_scale_down_during_the_pan
     assert "panic" in decisions[100].reason
     assert decisions[106].replicas == 10  # 40 / 4 within a panic window, not after a minute
     assert all(d.replicas == 10 for d in decisions[106:160])  # the burst is gone at 111; still holding
+    # After the panic, the scale-down waits out scale_down_delay (300 s) from the panic's last need,
+    # as any scale-down does: a burst every few minutes does not swing the replicas 1 -> 10 -> 1.
+    panic_ends = max(t for t, d in enumerate(decisions) if d.panic)
+    assert all(d.replicas == 10 for d in decisions[106 : panic_ends + 300])
+    assert "scaling down slowly" in decisions[panic_ends + 100].reason
     assert decisions[-1].replicas == 1
 
 
@@ -234,3 +239,13 @@ def test_a_request_held_at_zero_after_idle_samples_starts_one_replica_at_once() 
     decision = decide(policy, samples, [], 0, State(), now)
     assert decision.replicas == 1
     assert decision.load == pytest.approx(1.0)
+
+
+def test_requests_held_by_routers_scraped_every_other_second_all_count() -> None:
+    """The controller scrapes the routers each period (2 s): 40 requests held while the service
+    starts, at 4 per replica, want 10 replicas, not the 5 of counting each sample in its own second."""
+    policy = Policy(min_replicas=1, max_replicas=20, target=4.0, scale_to_zero=True)
+    samples = [Sample(t + 0.5, "router/a", 40.0, held=True) for t in range(0, 120, 2)]
+    decision = decide(policy, samples, [], 1, State.starting(1, 0.0), 120.0)
+    assert decision.load == pytest.approx(40.0)
+    assert decision.replicas == 10

@@ -100,11 +100,25 @@ class _Memory:
     counters: dict[str, Counter] = field(default_factory=dict)
 
 
+# A replica's /metrics is a few kB; more is not a metrics page (and is parsed on the event loop).
+SCRAPE_MAX_BYTES = 1024 * 1024
+
+
 async def http_scrape(url: str) -> str:
+    """The text at ``url``; ValueError when it is larger than SCRAPE_MAX_BYTES (read no further)."""
     timeout = aiohttp.ClientTimeout(total=1.0)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(url, allow_redirects=False) as response,
+    ):
         response.raise_for_status()
-        return await response.text()
+        chunks, size = [], 0
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > SCRAPE_MAX_BYTES:
+                raise ValueError(f"{url}: more than {SCRAPE_MAX_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
 
 
 @dataclass
@@ -210,5 +224,5 @@ class Autoscaler:
         for name, text in zip(scraped, texts, strict=True):
             held = None if isinstance(text, BaseException) else held_requests(text)
             if held is not None:
-                samples.append(Sample(now, f"router/{name}", held))
+                samples.append(Sample(now, f"router/{name}", held, held=True))
         return samples

@@ -6,7 +6,8 @@ The shape is Knative's KPA with HPA's scale-down stabilisation:
   of each one's newest sample, carried forward while fresh) averaged over the *stable* window (60 s);
 - a *panic* window (6 s) catches sudden bursts: when it asks for at least ``panic_threshold`` times
   the ready replicas, the service scales up at once and does not scale down until the burst has been
-  gone for a whole stable window;
+  gone for a whole stable window (and then as any scale-down, after ``scale_down_delay``: what the
+  panic asked for counts among the recommendations);
 - scale-down takes the highest recommendation of the last ``scale_down_delay`` seconds, so a load that
   flaps does not make replicas flap; scale-up is immediate;
 - a ready replica whose samples are missing or stale counts as fully busy (at ``target``): missing
@@ -56,6 +57,9 @@ class Sample:
     time: float
     replica: str
     value: float
+    # Requests a router holds for want of a ready replica: carried forward while fresh, like a ready
+    # replica's sample (routers are scraped every period, not every second), never counted busy.
+    held: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,7 @@ def _average_load(
     for sample in sorted(samples, key=lambda s: s.time):
         by_replica.setdefault(sample.replica, []).append(sample)
     replicas = set(by_replica) | set(ready)
+    carried = set(ready) | {sample.replica for sample in samples if sample.held}
     # Ready replicas with nothing fresh now: they may be the busy ones, so they count at the target.
     silent_now = {
         replica
@@ -112,9 +117,10 @@ def _average_load(
         return None
     totals = [0.0] * len(seconds)
     for replica in replicas:
-        # A ready replica's newest sample stands until it goes stale; one that is not ready (gone, or
-        # draining) counts only with a sample in that very second. One pass over its sorted samples.
-        window = policy.stale_after if replica in ready else 1.0
+        # A ready replica's newest sample (or a router's) stands until it goes stale; one that is not
+        # ready (gone, or draining) counts only with a sample in that very second. One pass over its
+        # sorted samples.
+        window = policy.stale_after if replica in carried else 1.0
         own = by_replica.get(replica, [])
         newest = -1  # index of its newest sample at or before the second
         for i, second in enumerate(seconds):
@@ -171,13 +177,15 @@ def decide(
     if in_panic:
         panic_until = now + policy.stable_window
     if panic_until is not None:
-        # In a panic: scale up on the short window, never down.
+        # In a panic: scale up on the short window, never down. What it asked for is remembered, so
+        # the scale-down after it waits out the delay like any other.
         target = max(current, panic_wanted, wanted)
         reason = (
             f"panic: load {panic_load:.1f} over {policy.panic_window:g}s needs {panic_wanted} "
             f"(ready {len(ready)})"
         )
-        return _bounded(policy, target, reason, stable_load, True, State(recent, panic_until, None))
+        panicked = State((*recent, (now, target)), panic_until, None)
+        return _bounded(policy, target, reason, stable_load, True, panicked)
     history = (*recent, (now, wanted))
     # Replicas wanted and none ready yet: the service is starting (woken from zero, say). Idle time
     # counts from a ready replica on: a model that loads for longer than the routers hold a request

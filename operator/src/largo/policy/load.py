@@ -51,6 +51,8 @@ def _sums(text: str, names: Iterable[str]) -> dict[str, float]:
                 if not math.isfinite(value) or value < 0:
                     raise ValueError(f"{sample.name} is {value}, not a count")
                 sums[sample.name] = sums.get(sample.name, 0.0) + value
+    if not all(map(math.isfinite, sums.values())):
+        raise ValueError("a sum of the series is not finite")
     return sums
 
 
@@ -63,9 +65,10 @@ def replica_load(
         if metric is ScalingMetric.IN_FLIGHT:
             names = IN_FLIGHT[runtime]
             sums = _sums(text, names)
-            if not sums:
+            total = sum(sums.values())
+            if not sums or not math.isfinite(total):
                 return None, previous
-            return sum(sums.values()), previous
+            return total, previous
         name = FINISHED[runtime]
         sums = _sums(text, (name,))
     except ValueError:
@@ -75,7 +78,8 @@ def replica_load(
     counter = Counter(now, sums[name])
     if previous is None or now <= previous.time or counter.total < previous.total:
         return None, counter
-    return (counter.total - previous.total) / (now - previous.time), counter
+    rate = (counter.total - previous.total) / (now - previous.time)
+    return (rate if math.isfinite(rate) else None), counter
 
 
 # The router's count of requests waiting for a first ready replica (largo.router.agent).
