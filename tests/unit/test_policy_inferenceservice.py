@@ -613,17 +613,20 @@ def test_a_lost_node_names_the_node_in_the_event() -> None:
 
 
 @pytest.mark.parametrize(
-    ("restarts", "delay"),
-    [(0, 1.0), (1, 2.0), (2, 4.0), (5, 32.0), (6, RESTART_BACKOFF_CAP), (20, RESTART_BACKOFF_CAP)],
+    ("failures", "delay"),
+    [(0, 1.0), (1, 2.0), (5, 32.0), (8, 256.0), (9, RESTART_BACKOFF_CAP), (10_000, RESTART_BACKOFF_CAP)],
 )
-def test_restart_back_off_doubles_up_to_the_cap(restarts: int, delay: float) -> None:
-    status = {"groups": [admitted(0, ["gpu-a"], restarts=restarts, attempt=2)], "desiredReplicas": 1}
+def test_restart_back_off_doubles_with_failures_in_a_row_up_to_the_cap(failures: int, delay: float) -> None:
+    """As CrashLoopBackOff: by the failures since the group last served, not its restarts in all (a
+    group that served for days and fails once starts again at once), up to five minutes."""
+    group = admitted(0, ["gpu-a"], restarts=failures + 7, failures=failures, attempt=2)
+    status = {"groups": [group], "desiredReplicas": 1}
     pods = [replace(running(0, 0, "gpu-a", attempt=2), phase="Failed")]
     view = ServiceView(NAME, "ml", spec_of(replicas=1), 1, status, REV_A)
     decision = plan(view, RESOLVED, pods, NONE, NOW, SELECTOR, URL)
-    group = group_of(decision.status, 0)
-    assert (group["attempt"], group["restarts"]) == (3, restarts + 1)
-    assert group["restartAfter"] == timestamp(NOW + delay)
+    after = group_of(decision.status, 0)
+    assert (after["attempt"], after["restarts"], after["failures"]) == (3, failures + 8, failures + 1)
+    assert after["restartAfter"] == timestamp(NOW + delay)
     assert decision.requeue_after == pytest.approx(delay)
 
 

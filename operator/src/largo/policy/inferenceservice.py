@@ -37,7 +37,9 @@ from largo.policy.rollout import GroupState, plan_rollout
 
 # A failed group waits base * 2**(restarts-1), capped, before it queues again.
 RESTART_BACKOFF_BASE = 1.0
-RESTART_BACKOFF_CAP = 60.0
+# As kubelet's CrashLoopBackOff: a group that keeps failing (a stalled rollout's new revision, say)
+# is started again every five minutes at most, not every minute with an event and an admission each.
+RESTART_BACKOFF_CAP = 300.0
 # Group restarts of the new revision after which a rollout counts as stalled.
 STALL_AFTER_RESTARTS = 3
 
@@ -300,8 +302,10 @@ class ServiceView:
     sweep_leftovers: bool = True
 
 
-def _backoff(restarts: int) -> float:
-    return float(min(RESTART_BACKOFF_BASE * 2 ** max(restarts - 1, 0), RESTART_BACKOFF_CAP))
+def _backoff(failures: int) -> float:
+    """The wait before a group's next start, after ``failures`` failures in a row (since it last
+    served): a group that served a while and fails once starts again at once."""
+    return float(min(RESTART_BACKOFF_BASE * 2 ** min(max(failures - 1, 0), 64), RESTART_BACKOFF_CAP))
 
 
 def _refused_since(group: Mapping[str, Any], attempt: int) -> float | None:
@@ -412,14 +416,15 @@ def plan(
                 )
             group.pop("createRefused", None)
             restarts = int(group.get("restarts") or 0) + 1
-            after = now + _backoff(restarts)
+            failures = int(group.get("failures") or 0) + 1
+            after = now + _backoff(failures)
             out.delete += [p.name for p in current.values() if not p.terminating]
             group.update(
                 attempt=attempt + 1,
                 nodes=[],
                 ready=False,
                 restarts=restarts,
-                failures=int(group.get("failures") or 0) + 1,
+                failures=failures,
                 admittedAt=None,
                 restartAfter=timestamp(after),
                 queuedAt=timestamp(after),
