@@ -1046,3 +1046,25 @@ def test_pods_of_a_group_entry_that_cannot_be_read_are_not_taken_for_leftovers()
         "llama-r1-node-0",
         "llama-r1-node-1",
     }
+
+
+def test_a_new_revision_that_never_becomes_ready_stalls_at_its_progress_deadline() -> None:
+    """No restart happens (its pods run, their readiness never passes): the deadline says the rollout
+    is stuck, once, and the old groups keep serving; the controller is woken when it passes."""
+    sim = ready_service(replicas=2, nodes=1, rollout={"progressDeadlineSeconds": 60})
+    sim.revision = REV_B
+    warnings: list[str] = []
+    requeues: list[float | None] = []
+    for _ in range(30):  # 5 s a cycle: 150 s
+        decision = sim.cycle()
+        warnings += [e.reason for e in decision.events if e.type == "Warning"]
+        requeues.append(decision.requeue_after)
+        sim.pods = {n: replace(p, ready=False) if p.revision == REV_B else p for n, p in sim.pods.items()}
+    progressing = condition(sim.status, "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("False", "ProgressDeadlineExceeded")
+    assert "progressDeadlineSeconds (60s)" in progressing["message"]
+    assert warnings == ["ProgressDeadlineExceeded"]
+    live = [g for g in sim.status["groups"] if not g.get("retiring")]
+    assert sorted(g["revision"] for g in live) == [REV_A, REV_A, REV_B]  # one surge group, stuck
+    assert sim.status["readyReplicas"] == 2
+    assert any(r is not None and 0 < r <= 60 for r in requeues)  # looked at when the deadline passes

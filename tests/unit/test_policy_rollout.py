@@ -201,6 +201,26 @@ def test_a_rollout_whose_new_groups_keep_failing_stalls_and_keeps_the_old_groups
     assert "group 5" in plan_rollout(worse, 4, NEW, 2, 1).message
 
 
+def test_a_new_group_not_ready_past_the_progress_deadline_stalls_the_rollout() -> None:
+    """An image that cannot be pulled, a readiness that never passes: nothing restarts the group, so
+    only a deadline tells the rollout is stuck. It stops (the old groups keep serving) and says so."""
+    late = GroupState(4, NEW, False, unready_for=600)
+    state = [*groups(OLD, 0, 1, 2, 3), late]
+    step = plan_rollout(state, 4, NEW, 2, 1, progress_deadline=600)
+    assert (step.create, step.retire, step.stalled, step.reason) == (0, (), True, "ProgressDeadlineExceeded")
+    assert "group 4" in step.message
+    assert "progressDeadlineSeconds (600s)" in step.message
+    # Within the deadline, or without one, it goes on.
+    earlier = [*state[:4], replace(late, unready_for=599)]
+    assert not plan_rollout(earlier, 4, NEW, 2, 1, progress_deadline=600).stalled
+    assert not plan_rollout(state, 4, NEW, 2, 1).stalled
+    # Ready at last: the rollout resumes.
+    ready = [*state[:4], replace(late, ready=True, unready_for=0)]
+    resumed = plan_rollout(ready, 4, NEW, 2, 1, progress_deadline=600)
+    assert not resumed.stalled
+    assert resumed.retire
+
+
 def test_failures_of_an_old_revision_do_not_stall_and_a_new_spec_replaces_the_failing_group() -> None:
     failing = GroupState(4, NEW, False, failed_restarts=9)
     # The spec changes again: the failing group is now old and not ready, so it goes first.

@@ -302,6 +302,14 @@ class ServiceView:
     sweep_leftovers: bool = True
 
 
+def _unready_for(group: Mapping[str, Any], now: float) -> float:
+    """Seconds since the group was admitted, while it is not ready (0 when ready or not admitted)."""
+    admitted = parse_timestamp(group.get("admittedAt"))
+    if group.get("ready") or not group.get("nodes") or admitted is None:
+        return 0.0
+    return max(0.0, now - admitted)
+
+
 def _backoff(failures: int) -> float:
     """The wait before a group's next start, after ``failures`` failures in a row (since it last
     served): a group that served a while and fails once starts again at once."""
@@ -499,6 +507,7 @@ def plan(
                     # Failures since the group last served, and only while a rollout is under way:
                     # a group that keeps failing outside one is restarted, never a reason to stop scaling.
                     int(g.get("failures") or 0) if rolling and not g.get("ready") else 0,
+                    _unready_for(g, now),
                 )
                 for g in live
             ],
@@ -507,8 +516,19 @@ def plan(
             spec.rollout.max_surge,
             spec.rollout.max_unavailable,
             STALL_AFTER_RESTARTS,
+            spec.rollout.progress_deadline_seconds,
         )
+        # A group that is not ready sends no event when its deadline passes: look again then.
+        deadline = spec.rollout.progress_deadline_seconds
+        for g in live:
+            waited = _unready_for(g, now)
+            if g.get("revision") == view.revision and 0 < waited < deadline:
+                out.requeue_after = _soonest(out.requeue_after, deadline - waited)
         progressing = (not step.stalled, step.reason, step.message)
+        was = next((c for c in conditions if c.get("type") == ServiceConditionType.PROGRESSING), {})
+        if step.stalled and was.get("reason") != step.reason:
+            # Said once, when it stalls: the old groups keep serving and nothing more happens.
+            out.events.append(Event("Warning", step.reason, step.message))
         retire, create = set(step.retire), step.create
     for group in live:
         if int(group["replica"]) in retire:

@@ -24,6 +24,9 @@ The rules, in the order they apply:
   always allowed. Old-revision groups go first, not-ready before ready, then the highest replica id
   first; then, when more groups are at the new revision than ``desired`` (a scale-down), the surplus
   goes, not-ready first, then the highest replica id.
+- Past its deadline: a group at the new revision admitted ``progress_deadline`` seconds ago or more
+  and still not ready (an image that cannot be pulled, a readiness that never passes: nothing that
+  restarts it) stalls the step the same way, as a Deployment's progressDeadlineSeconds.
 - ``max_surge == max_unavailable == 0`` could never replace a group, so ``max_unavailable`` is taken
   as 1, as a Deployment refuses both zero.
 
@@ -49,6 +52,8 @@ class GroupState:
     ready: bool
     # Times the group was restarted after a failure since it was created.
     failed_restarts: int = 0
+    # Seconds since the group was admitted, while it is not ready yet (0 when ready or still queued).
+    unready_for: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,7 @@ def plan_rollout(
     max_surge: int,
     max_unavailable: int,
     stall_after_restarts: int = 3,
+    progress_deadline: float | None = None,
 ) -> RolloutStep:
     """The next step towards ``desired`` ready groups, all at ``revision``; see the module for the
     rules. Raises ValueError on negative counts, ``stall_after_restarts < 1`` or a replica id that
@@ -118,6 +124,16 @@ def plan_rollout(
             f"{updated}/{desired} groups updated, {ready} ready, {total} in all; the others stay as they are"
         )
         return RolloutStep(0, (), updated, ready, True, "RolloutStalled", message)
+
+    late = [g for g in new if progress_deadline is not None and g.unready_for >= progress_deadline]
+    if late:
+        worst = min(late, key=lambda group: (-group.unready_for, group.replica))
+        message = (
+            f"group {worst.replica} at revision {revision} did not become ready within "
+            f"progressDeadlineSeconds ({progress_deadline:g}s) of its admission: rollout stalled with "
+            f"{updated}/{desired} groups updated, {ready} ready, {total} in all; the others stay as they are"
+        )
+        return RolloutStep(0, (), updated, ready, True, "ProgressDeadlineExceeded", message)
 
     if max_surge == 0 and max_unavailable == 0:
         max_unavailable = 1

@@ -282,6 +282,15 @@ class Rollout(SpecModel):
         description="How long a new group must have been ready before it counts as available: an old "
         "group is retired only then (a server that crashes soon after it first turns ready never counts).",
     )
+    progress_deadline_seconds: int = Field(
+        default=600,
+        ge=1,
+        le=86400,
+        description="How long a group of the current revision may take from its admission to ready "
+        "before the rollout counts as stalled: it creates and retires nothing more, so the old groups "
+        "keep serving, and Progressing=False says so (ProgressDeadlineExceeded) until the group is "
+        "ready or the spec changes.",
+    )
 
     @model_validator(mode="after")
     def _not_both_zero(self) -> Self:
