@@ -1068,3 +1068,17 @@ def test_a_new_revision_that_never_becomes_ready_stalls_at_its_progress_deadline
     assert sorted(g["revision"] for g in live) == [REV_A, REV_A, REV_B]  # one surge group, stuck
     assert sim.status["readyReplicas"] == 2
     assert any(r is not None and 0 < r <= 60 for r in requeues)  # looked at when the deadline passes
+
+
+def test_a_slow_group_outside_a_rollout_never_stops_a_scale_up() -> None:
+    """The deadline is a rollout's: a group that takes long to load while the service only scales
+    (no old revision) holds nothing back."""
+    sim = ready_service(replicas=1, nodes=1, rollout={"progressDeadlineSeconds": 10})
+    sim.spec = spec_of(replicas=2, nodesPerReplica=1, rollout={"progressDeadlineSeconds": 10})
+    for _ in range(6):
+        sim.cycle()
+        sim.pods = {n: replace(p, ready=not n.startswith("llama-r1")) for n, p in sim.pods.items()}
+    sim.spec = spec_of(replicas=3, nodesPerReplica=1, rollout={"progressDeadlineSeconds": 10})
+    decision = sim.cycle()
+    assert condition(decision.status, "Progressing")["status"] == "True"
+    assert len([g for g in decision.status["groups"] if not g.get("retiring")]) == 3

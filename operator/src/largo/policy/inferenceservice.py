@@ -507,7 +507,8 @@ def plan(
                     # Failures since the group last served, and only while a rollout is under way:
                     # a group that keeps failing outside one is restarted, never a reason to stop scaling.
                     int(g.get("failures") or 0) if rolling and not g.get("ready") else 0,
-                    _unready_for(g, now),
+                    # Likewise the progress deadline: a slow start outside a rollout stops nothing.
+                    _unready_for(g, now) if rolling else 0.0,
                 )
                 for g in live
             ],
@@ -520,7 +521,7 @@ def plan(
         )
         # A group that is not ready sends no event when its deadline passes: look again then.
         deadline = spec.rollout.progress_deadline_seconds
-        for g in live:
+        for g in live if rolling else ():
             waited = _unready_for(g, now)
             if g.get("revision") == view.revision and 0 < waited < deadline:
                 out.requeue_after = _soonest(out.requeue_after, deadline - waited)
