@@ -33,6 +33,7 @@ from largo.policy.inferenceservice import (
     member_pod,
     plan,
     resolve_model,
+    rollout_under_way,
     served_model,
 )
 
@@ -1082,3 +1083,49 @@ def test_a_slow_group_outside_a_rollout_never_stops_a_scale_up() -> None:
     decision = sim.cycle()
     assert condition(decision.status, "Progressing")["status"] == "True"
     assert len([g for g in decision.status["groups"] if not g.get("retiring")]) == 3
+
+
+def test_a_followed_checkpoint_waits_for_the_rollout_before_it() -> None:
+    """Checkpoints written faster than a model loads: each newer step used to retire the half-loaded
+    groups of the one before, so none was ever served. A newer step now waits while the rollout to
+    the current one goes well; the service moves on as each rollout completes."""
+    follow = from_job(True)
+    sim = ready_service(replicas=2, nodes=1)
+    step, served_steps = 100, set()
+    born = {(p.name, p.revision, p.attempt): -100 for p in sim.pods.values()}
+    for cycle in range(120):  # 5 s a cycle; a checkpoint every 10 s, a load takes 20 s
+        if cycle % 2 == 0:
+            step += 100
+        resolution = resolve_model(
+            follow, sim.status.get("model"), trainjob(step), hold_newer=rollout_under_way(sim.status)
+        )
+        assert resolution.mount is not None
+        sim.resolution, sim.revision = resolution, f"rev-{resolution.mount.step}"
+        sim.cycle()
+        for pod in sim.pods.values():
+            born.setdefault((pod.name, pod.revision, pod.attempt), cycle)
+        sim.pods = {
+            n: replace(p, ready=not p.terminating and cycle - born[(p.name, p.revision, p.attempt)] >= 4)
+            for n, p in sim.pods.items()
+        }
+        live = [g for g in sim.status["groups"] if not g.get("retiring")]
+        if all(g["ready"] and g["revision"] == sim.revision for g in live) and len(live) == 2:
+            served_steps.add(resolution.mount.step)
+    assert len(served_steps) >= 5  # each rollout completed, then the newest step was taken up
+
+
+def test_a_rollout_under_way_holds_a_newer_checkpoint_unless_it_stalls_or_fails() -> None:
+    rolling = {"type": "Progressing", "status": "True", "reason": "RollingOut"}
+    group = {"replica": 0, "revision": REV_B, "nodes": ["n"], "failures": 0}
+    status: dict[str, Any] = {"revision": REV_B, "conditions": [rolling], "groups": [group]}
+    assert rollout_under_way(status)
+    assert not rollout_under_way({**status, "conditions": [{**rolling, "reason": "RolloutComplete"}]})
+    stalled = {**rolling, "status": "False", "reason": "ProgressDeadlineExceeded"}
+    assert not rollout_under_way({**status, "conditions": [stalled]})
+    # A group of the revision rolled to has failed: a newer checkpoint may be the fix.
+    assert not rollout_under_way({**status, "groups": [{**group, "failures": 1}]})
+    held = resolve_model(from_job(True), SERVED_500, trainjob(800), hold_newer=True)
+    assert held.mount == AT_500
+    assert "step 800 is rolled out once this rollout is over" in held.message
+    # Without follow, nothing newer is taken anyway.
+    assert resolve_model(from_job(False), SERVED_500, trainjob(800), hold_newer=False).mount == AT_500

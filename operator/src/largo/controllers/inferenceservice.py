@@ -37,6 +37,7 @@ from largo.policy.inferenceservice import (
     member_pod,
     plan,
     resolve_model,
+    rollout_under_way,
 )
 from largo.sched.types import NodeInfo, node_health
 
@@ -111,7 +112,7 @@ class InferenceServiceReconciler:
         status = _sanitized(body.get("status") or {})
         readable = len(status.get("groups") or []) == len((body.get("status") or {}).get("groups") or [])
         spec = service.spec
-        resolution = self._resolve(namespace, service, status.get("model"))
+        resolution = self._resolve(namespace, service, status)
         revision = (
             build.revision(spec, resolution.mount, self.default_image)
             if resolution.mount is not None
@@ -174,13 +175,21 @@ class InferenceServiceReconciler:
         decision.status["conditions"] = conditions
         return decision
 
-    def _resolve(self, namespace: str, service: InferenceService, served: Any) -> ModelResolution:
+    def _resolve(
+        self, namespace: str, service: InferenceService, status: Mapping[str, Any]
+    ) -> ModelResolution:
+        served = status.get("model")
         source = service.spec.model
         job_body: Mapping[str, Any] | None = None
         if source.from_train_job is not None:
             entries = list(self.trainjobs.get((namespace, source.from_train_job.name)) or [])
             job_body = entries[-1].body if entries else None
-        resolution = resolve_model(service.spec, served if isinstance(served, Mapping) else None, job_body)
+        resolution = resolve_model(
+            service.spec,
+            served if isinstance(served, Mapping) else None,
+            job_body,
+            hold_newer=rollout_under_way(status),
+        )
         mount = resolution.mount
         if mount is not None and not list(self.claims.get((namespace, mount.claim_name)) or []):
             return ModelResolution(

@@ -56,16 +56,36 @@ class ModelResolution:
     message: str
 
 
+def rollout_under_way(status: Mapping[str, Any]) -> bool:
+    """Whether the service is still moving to its current revision, and well: Progressing is True
+    and not complete, and no group at that revision has failed since it last served. A followed
+    checkpoint waits for it (each newer step retired the half-loaded groups of the one before, so
+    checkpoints written faster than a model loads were never served); a stalled or failing rollout
+    does not hold a newer checkpoint back."""
+    progressing: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == ServiceConditionType.PROGRESSING), {}
+    )
+    if progressing.get("status") != "True" or progressing.get("reason") == "RolloutComplete":
+        return False
+    revision = status.get("revision")
+    return not any(
+        group.get("failures") and group.get("revision") == revision and not group.get("retiring")
+        for group in status.get("groups") or []
+    )
+
+
 def resolve_model(
     spec: InferenceServiceSpec,
     served: Mapping[str, Any] | None,
     train_job: Mapping[str, Any] | None,
+    hold_newer: bool = False,
 ) -> ModelResolution:
     """``served``: status.model as last written; ``train_job``: the referenced TrainJob's body, if any.
 
     A TrainJob's newest complete checkpoint is the step its runtime last reported as checkpointed.
     Without ``follow`` the step first served stays pinned; with it, each newer step becomes a new
-    revision (and so a rollout)."""
+    revision (and so a rollout), once the rollout to the one before is over (``hold_newer`` while it
+    is not: ``rollout_under_way``)."""
     source = spec.model
     if source.claim_name is not None:
         mount = ModelMount(claim_name=source.claim_name, sub_path=source.path)
@@ -132,6 +152,12 @@ def resolve_model(
     mode = "following the job's checkpoints" if reference.follow else "pinned: follow is off"
     if pinned is not None and pinned.claim_name == newest.claim_name and not reference.follow:
         return ModelResolution(pinned, ServiceReason.MODEL_RESOLVED, f"serving {pinned.summary()} ({mode})")
+    if pinned is not None and pinned.step is not None and step > pinned.step and hold_newer:
+        return ModelResolution(
+            pinned,
+            ServiceReason.MODEL_RESOLVED,
+            f"serving {pinned.summary()} ({mode}); step {step} is rolled out once this rollout is over",
+        )
     if pinned is not None and pinned.step is not None and step > pinned.step:
         return ModelResolution(
             newest, ServiceReason.NEWER_CHECKPOINT, f"rolling out {newest.summary()} (was step {pinned.step})"
