@@ -346,3 +346,21 @@ def test_a_scrape_reads_no_more_than_a_metrics_page() -> None:
     text, refused = asyncio.run(scenario())
     assert text == LARGO_TEXT
     assert refused is not None
+
+
+def test_a_leader_that_finished_requests_between_scrapes_is_sampled_as_having_served() -> None:
+    """In flight 0 at every scrape, but the finished-requests counter moved: the sample says it served
+    (so the policy does not take the service for idle)."""
+    entry = _service(1, minReplicas=1, scaleToZero=True)
+    totals = iter([5.0, 5.0, 6.0])
+    scaler, _, clock = _autoscaler(entry, [_pod("chat-r0-node-0")], {})
+
+    async def scrape(url: str) -> str:
+        return f"largo_serve_requests_in_flight 0\nlargo_serve_requests_total {next(totals)}\n"
+
+    scaler.scrape = scrape
+    for _ in range(3):
+        asyncio.run(scaler.tick())
+        clock.now += 2
+    samples = scaler._memory[entry.key].samples
+    assert [(s.value, s.served) for s in samples] == [(0.0, False), (0.0, False), (0.0, True)]

@@ -249,3 +249,35 @@ def test_requests_held_by_routers_scraped_every_other_second_all_count() -> None
     decision = decide(policy, samples, [], 1, State.starting(1, 0.0), 120.0)
     assert decision.load == pytest.approx(40.0)
     assert decision.replicas == 10
+
+
+TO_ZERO = Policy(0, 5, 4.0, scale_down_delay=10, scale_to_zero=True, scale_to_zero_grace=30)
+
+
+def _idle_run(served_every: int | None, start: float = 0.0, seconds: int = 400) -> list[Decision]:
+    """One ready replica whose in-flight count reads 0 at every scrape (2 s apart); every
+    ``served_every`` seconds it has finished a request since the scrape before."""
+    samples: list[Sample] = []
+    state, replicas, decisions = State.starting(1, start), 1, []
+    for t in range(int(start), int(start) + seconds, 2):
+        served = served_every is not None and t % served_every == 0
+        samples.append(Sample(float(t), "r0", 0.0, served=served))
+        decision = decide(TO_ZERO, samples, ["r0"] if replicas else [], replicas, state, float(t))
+        decisions.append(decision)
+        replicas, state = decision.replicas, decision.state
+    return decisions
+
+
+def test_short_requests_never_seen_in_flight_still_keep_a_service_from_zero() -> None:
+    """Three half-second requests a minute are seldom in flight when scraped: the finished-requests
+    counter says the replica served, so it is not idle (every later request would wait a cold start)."""
+    assert all(d.replicas == 1 for d in _idle_run(served_every=20))
+    assert any(d.replicas == 0 for d in _idle_run(served_every=None))
+
+
+def test_a_new_controller_waits_a_whole_stable_window_of_samples_before_it_calls_a_service_idle() -> None:
+    """A new leader has seen 2 s of an idle service: that says nothing of the minute before, so it
+    scales to zero only after the stable window and the grace, as the old leader would have."""
+    decisions = _idle_run(served_every=None, start=10_000.0)
+    zero = next(i for i, d in enumerate(decisions) if d.replicas == 0) * 2
+    assert 60 - 10 + 30 <= zero <= 60 + 30 + 4

@@ -21,14 +21,14 @@ from typing import Any
 
 import aiohttp
 
-from largo.api.v1alpha1 import GROUP, InferenceServiceSpec, RuntimeType
+from largo.api.v1alpha1 import GROUP, InferenceServiceSpec, RuntimeType, ScalingMetric
 from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.scheduler import IndexLike, KeyedIndex, index_values
 from largo.controllers.state import JobKey, ServiceEntry
 from largo.manifests import names
 from largo.policy.autoscale import Policy, Sample, State, decide
 from largo.policy.conditions import timestamp
-from largo.policy.load import Counter, held_requests, replica_load
+from largo.policy.load import Counter, finished_counter, held_requests, replica_load
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +178,15 @@ class Autoscaler:
             if isinstance(text, BaseException):
                 # A leader that does not answer counts as busy (the policy's rule for silence).
                 continue
-            value, counter = replica_load(
-                text, scaling.metric, spec.runtime.type, now, memory.counters.get(name)
-            )
+            previous = memory.counters.get(name)
+            value, counter = replica_load(text, scaling.metric, spec.runtime.type, now, previous)
+            if scaling.metric is ScalingMetric.IN_FLIGHT:
+                counter = finished_counter(text, spec.runtime.type, now) or previous
             if counter is not None:
                 memory.counters[name] = counter
+            served = previous is not None and counter is not None and counter.total > previous.total
             if value is not None:
-                memory.samples.append(Sample(now, name, value))
+                memory.samples.append(Sample(now, name, value, served=served))
         if not leaders:
             memory.samples += await self._held(entry.key, now)
         policy = policy_of(spec)

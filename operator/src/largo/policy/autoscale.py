@@ -60,6 +60,8 @@ class Sample:
     # Requests a router holds for want of a ready replica: carried forward while fresh, like a ready
     # replica's sample (routers are scraped every period, not every second), never counted busy.
     held: bool = False
+    # The replica finished requests since its previous sample: it served, whatever its load reads.
+    served: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +193,12 @@ def decide(
     # counts from a ready replica on: a model that loads for longer than the routers hold a request
     # would otherwise be stopped mid-load once its first request gave up, and never serve.
     starting = current > 0 and not ready
-    idle_since = (state.idle_since or now) if stable_load == 0 and not starting else None
+    # Idle: no load and no request served over a whole stable window of samples (a controller that
+    # just started, a new leader, has seen less than that and cannot say).
+    served = any(s.served and now - policy.stable_window < s.time <= now for s in samples)
+    covered = min(s.time for s in samples) <= now - policy.stable_window + policy.stale_after
+    idle = stable_load == 0 and not served and covered and not starting
+    idle_since = (state.idle_since or now) if idle else None
     idle_for = now - idle_since if idle_since is not None else None
     if policy.scale_to_zero and idle_for is not None and idle_for >= policy.scale_to_zero_grace:
         reason = f"no load for {idle_for:.0f}s: scaling to zero"

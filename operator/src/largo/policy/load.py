@@ -82,6 +82,18 @@ def replica_load(
     return (rate if math.isfinite(rate) else None), counter
 
 
+def finished_counter(text: str, runtime: RuntimeType, now: float) -> Counter | None:
+    """The replica's finished-requests counter now, if its text has one. Beside an in-flight load
+    sampled every period, it tells whether requests came and went between two samples (short ones at
+    a low rate are seldom in flight when scraped): a service that served any is not idle."""
+    name = FINISHED[runtime]
+    try:
+        sums = _sums(text, (name,))
+    except ValueError:
+        return None
+    return Counter(now, sums[name]) if name in sums else None
+
+
 # The router's count of requests waiting for a first ready replica (largo.router.agent).
 HELD = "largo_router_requests_held"
 
