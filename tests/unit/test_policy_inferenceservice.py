@@ -232,6 +232,15 @@ AT_800 = ModelMount(claim_name="ckpt", sub_path="runs/a", step=800, train_job=JO
         # What was served came from another job (the spec changed): nothing is pinned.
         (False, {**SERVED_500, "trainJob": "older"}, trainjob(800), AT_800, ServiceReason.MODEL_RESOLVED, []),
         (False, {**SERVED_500, "trainJob": "older"}, None, None, ServiceReason.TRAIN_JOB_NOT_FOUND, []),
+        # The job went back to an earlier checkpoint: followed, and said (a Warning event, below).
+        (
+            True,
+            SERVED_500,
+            trainjob(300),
+            replace(AT_500, step=300),
+            ServiceReason.OLDER_CHECKPOINT,
+            ["rolling back", "step-300", "was step 500"],
+        ),
         # A restarted or resumed job reports no step until its next checkpoint: what is served stays.
         (False, SERVED_500, trainjob(None), AT_500, ServiceReason.MODEL_RESOLVED, ["step-500", "no newer"]),
         (True, SERVED_500, trainjob(None), AT_500, ServiceReason.MODEL_RESOLVED, ["step-500", "no newer"]),
@@ -261,6 +270,7 @@ AT_800 = ModelMount(claim_name="ckpt", sub_path="runs/a", step=800, train_job=JO
         "job-gone-pinned-follow",
         "served-from-another-job",
         "served-from-another-job-gone",
+        "followed-job-went-back",
         "pinned-job-restarted",
         "pinned-job-restarted-follow",
         "pinned-job-failed-since",
@@ -1129,3 +1139,13 @@ def test_a_rollout_under_way_holds_a_newer_checkpoint_unless_it_stalls_or_fails(
     assert "step 800 is rolled out once this rollout is over" in held.message
     # Without follow, nothing newer is taken anyway.
     assert resolve_model(from_job(False), SERVED_500, trainjob(800), hold_newer=False).mount == AT_500
+
+
+def test_a_rollback_to_an_older_checkpoint_is_said_in_a_warning() -> None:
+    sim = ready_service(replicas=1, nodes=1)
+    back = resolve_model(from_job(True), SERVED_500, trainjob(300))
+    sim.resolution, sim.revision = back, REV_B
+    decision = sim.plan()
+    assert [(e.type, e.reason) for e in decision.events if e.reason == back.reason] == [
+        ("Warning", ServiceReason.OLDER_CHECKPOINT)
+    ]

@@ -162,6 +162,17 @@ def resolve_model(
         return ModelResolution(
             newest, ServiceReason.NEWER_CHECKPOINT, f"rolling out {newest.summary()} (was step {pinned.step})"
         )
+    same_directory = pinned is not None and (pinned.claim_name, pinned.sub_path) == (
+        newest.claim_name,
+        newest.sub_path,
+    )
+    if pinned is not None and pinned.step is not None and step < pinned.step and same_directory:
+        return ModelResolution(
+            newest,
+            ServiceReason.OLDER_CHECKPOINT,
+            f"rolling back to {newest.summary()} (was step {pinned.step}): the job's newest checkpoint is "
+            "older than the one served (it went back to an earlier one)",
+        )
     return ModelResolution(newest, ServiceReason.MODEL_RESOLVED, f"serving {newest.summary()} ({mode})")
 
 
@@ -599,7 +610,8 @@ def plan(
     before_model = next((c for c in conditions if c.get("type") == ServiceConditionType.MODEL_READY), {})
     if (before_model.get("reason"), before_model.get("message")) != (resolution.reason, resolution.message):
         # Said once per change, in `kubectl describe`: what is served now, or why nothing can be.
-        waiting = resolution.mount is not None or resolution.reason == ServiceReason.WAITING_FOR_CHECKPOINT
+        fine = resolution.mount is not None and resolution.reason != ServiceReason.OLDER_CHECKPOINT
+        waiting = fine or resolution.reason == ServiceReason.WAITING_FOR_CHECKPOINT
         out.events.append(Event("Normal" if waiting else "Warning", resolution.reason, resolution.message))
     conditions = set_condition(
         conditions,

@@ -118,6 +118,8 @@ class ServiceReason(StrEnum):
     WAITING_FOR_CHECKPOINT = "WaitingForCheckpoint"
     CLAIM_NOT_FOUND = "ClaimNotFound"
     NEWER_CHECKPOINT = "NewerCheckpoint"
+    # A followed job's newest checkpoint is older than the one served (it went back to an earlier one).
+    OLDER_CHECKPOINT = "OlderCheckpoint"
     # Ready.
     ALL_REPLICAS_READY = "AllReplicasReady"
     REPLICAS_NOT_READY = "ReplicasNotReady"
