@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from largo.api.v1alpha1 import Phase, Reason
-from largo.policy.conditions import condition_status, timestamp
+from largo.policy.conditions import condition_status, set_condition, timestamp
 from largo.policy.trainjob import (
     JobView,
     PodView,
@@ -808,3 +808,20 @@ def test_a_finished_rank_on_a_node_not_ready_is_not_waited_on_nor_said_ready_whe
     # The same, the node Ready again: said so.
     healed = plan(told, pods, NONE, NONE, NOW + 45)
     assert [(e.type, e.reason) for e in healed.events] == [("Normal", Reason.NODE_READY)]
+
+
+def test_a_gang_of_a_thousand_nodes_fits_its_conditions() -> None:
+    """Messages that listed every node of a 1024-node gang (cloud node names are ~40 characters)
+    broke the 32768-character limit of a condition, and every write of the job failed."""
+    names = [f"ip-10-0-{i // 250}-{i % 250}.us-west-2.compute.internal-gpu-pool" for i in range(1024)]
+    status = {**admitted(), "placement": {"attempt": 0, "nodes": names}}
+    view = JobView(num_nodes=1024, gpus_per_node=8, status={**status, "phase": Phase.STARTING})
+    pods = [PodView(f"j-node-{r}", r, 0, "Running", names[r]) for r in range(1024)]
+    result = plan(view, pods, NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.RUNNING
+    message = running_condition(result)["message"]
+    assert message.startswith(f"all 1024 pods running on {names[0]}, ")
+    assert message.endswith("(1016 more)")
+    # Whatever a message holds, a condition keeps within the limit.
+    long = set_condition([], "Running", True, "PodsRunning", "x" * 40_000, NOW)
+    assert len(long[0]["message"]) == 32768

@@ -446,3 +446,15 @@ def test_a_job_or_service_being_deleted_is_not_admitted() -> None:
     )
     assert service.waiting(NOW) == []
     assert len(dataclasses.replace(service, body={}).waiting(NOW)) == 1
+
+
+def test_a_gang_of_a_thousand_long_named_nodes_is_admitted() -> None:
+    """The admission's message named every node: past ~750 cloud-named nodes it broke a condition's
+    32768-character limit, and the pass failed every second without ever admitting the gang."""
+    nodes = [_node(f"ip-10-0-{i // 250}-{i % 250}.us-west-2.compute.internal-gpu-pool") for i in range(1024)]
+    kube = FakeKube()
+    scheduler = _scheduler(kube, nodes, [_job("huge", nodes=1024)])
+    asyncio.run(scheduler.run_pass())
+    ((name, status),) = kube.writes
+    assert (name, status["phase"]) == ("huge", "Starting")
+    assert len(status["placement"]["nodes"]) == 1024

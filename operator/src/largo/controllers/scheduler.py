@@ -32,7 +32,7 @@ from largo.controllers.kube import ConflictError, Kube
 from largo.controllers.state import GroupRecord, JobEntry, JobKey, PodUsage, ServiceEntry, gang_key
 from largo.controllers.workqueue import Retry
 from largo.manifests.trainjob import pod_spec_hash
-from largo.policy.conditions import set_condition, timestamp
+from largo.policy.conditions import listed, set_condition, timestamp
 from largo.policy.trainjob import summary
 from largo.sched import gang, inventory
 from largo.sched.types import NodeInfo, Placement, Waiting, WaitReason, checkpoint_directory
@@ -327,14 +327,14 @@ class Scheduler:
                 service.body,
                 "Normal",
                 ServiceReason.GROUP_ADMITTED,
-                f"replica group {replicas} placed on {', '.join(nodes)}",
+                f"replica group {replicas} placed on {listed(nodes)}",
             )
 
     async def _admit(self, entry: JobEntry, placement: Placement) -> None:
         now = self.clock()
         # What a hand or an older operator wrote there must not fail the pass for every job.
         status, _ = sanitize_status(entry.body.get("status") or {})
-        message = f"gang of {len(placement.nodes)} pods placed on {', '.join(sorted(set(placement.nodes)))}"
+        message = f"gang of {len(placement.nodes)} pods placed on {listed(sorted(set(placement.nodes)))}"
         conditions = set_condition(
             status.get("conditions") or [], ConditionType.ADMITTED, True, Reason.ADMITTED, message, now
         )

@@ -26,6 +26,21 @@ def parse_timestamp(value: object) -> float | None:
     return parsed.timestamp()
 
 
+# metav1.Condition's limit on a message; the CRD schema enforces it.
+MESSAGE_LIMIT = 32768
+
+
+def listed(names: Sequence[object], most: int = 8) -> str:
+    """``names`` joined for a message, the first ``most`` of them and a count of the rest: a gang's
+    thousand nodes would not fit a condition (nor be read)."""
+    shown = ", ".join(str(name) for name in names[:most])
+    return f"{shown}, … ({len(names) - most} more)" if len(names) > most else shown
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 1] + "…"
+
+
 def set_condition(
     conditions: Sequence[Mapping[str, Any]],
     type_: str,
@@ -50,7 +65,7 @@ def set_condition(
                 "type": type_,
                 "status": value,
                 "reason": reason,
-                "message": message,
+                "message": _bounded(message),
                 "lastTransitionTime": timestamp(now) if changed else condition.get("lastTransitionTime"),
                 **({"observedGeneration": generation} if generation is not None else {}),
             }
@@ -61,7 +76,7 @@ def set_condition(
                 "type": type_,
                 "status": value,
                 "reason": reason,
-                "message": message,
+                "message": _bounded(message),
                 "lastTransitionTime": timestamp(now),
                 **({"observedGeneration": generation} if generation is not None else {}),
             }

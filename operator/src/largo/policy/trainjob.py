@@ -13,7 +13,7 @@ from typing import Any
 
 from largo.api.v1alpha1 import ConditionType, Phase, Reason, check_status, sanitize_status
 from largo.manifests.names import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_NODE_RANK
-from largo.policy.conditions import condition_status, parse_timestamp, set_condition, timestamp
+from largo.policy.conditions import condition_status, listed, parse_timestamp, set_condition, timestamp
 from largo.policy.pods import cannot_start
 from largo.policy.progress import ReadReport
 
@@ -650,7 +650,7 @@ def _active(
     if job.phase == Phase.STARTING and len(current) == job.num_nodes and running == job.num_nodes:
         b.phase(Phase.RUNNING)
         b.status.pop("releases", None)  # placed and created: the next release waits the shortest
-        message = f"all {job.num_nodes} pods running on {', '.join(sorted(set(placement)))}"
+        message = f"all {job.num_nodes} pods running on {listed(sorted(set(placement)))}"
         b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
         b.condition(ConditionType.RESTARTING, False, Reason.PODS_RUNNING, message)
         b.event(False, Reason.PODS_RUNNING, message)
@@ -670,10 +670,10 @@ def _node_readiness(
     affected = sorted((pod for pod in live if pod.node_name in not_ready), key=lambda pod: pod.rank)
     if affected:
         nodes = sorted({str(pod.node_name) for pod in affected})
-        ranks = ", ".join(str(pod.rank) for pod in affected)
+        ranks = listed([pod.rank for pod in affected])
         restart = timestamp(min(not_ready[node] for node in nodes))
         message = (
-            f"node {', '.join(nodes)} (rank {ranks}) is not Ready; the gang restarts at {restart} "
+            f"node {listed(nodes)} (rank {ranks}) is not Ready; the gang restarts at {restart} "
             "unless it is Ready again"
         )
         b.condition(ConditionType.RUNNING, True, Reason.NODE_NOT_READY, message)
@@ -682,7 +682,7 @@ def _node_readiness(
     elif said:
         nodes = sorted(set(b.job.placement_nodes or ()))
         running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
-        message = f"{running}/{b.job.num_nodes} pods running or done on {', '.join(nodes)}"
+        message = f"{running}/{b.job.num_nodes} pods running or done on {listed(nodes)}"
         recovered = not any(pod.node_name in lost or pod.node_name in not_ready for pod in current)
         b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
         if recovered:
