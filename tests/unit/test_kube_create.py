@@ -161,3 +161,19 @@ def test_applies_use_one_field_manager_whatever_the_replica_creates_with() -> No
     asyncio.run(kube.create("ns", SERVICE))
     assert apps.managers == ["largo-operator"]
     assert core.calls == ["largo-operator-7f9c_1a2b3c4d"]  # creates and status writes say who wrote
+
+
+def test_the_operator_s_client_never_retries_inside_urllib3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib3 retries a connect three times by default, writes included: a write would then be sent
+    up to four connect timeouts after the leader fence was checked, past the Lease's margin."""
+    from kubernetes import config
+
+    def not_in_a_cluster() -> None:
+        raise config.ConfigException("not in a cluster")
+
+    monkeypatch.setattr(config, "load_incluster_config", not_in_a_cluster)
+    monkeypatch.setattr(config, "load_kube_config", lambda: None)
+    kube = Kube.from_environment(LeaderGate())
+    assert kube.api.configuration.retries is False
+    retries = kube.api.rest_client.pool_manager.connection_pool_kw["retries"]
+    assert getattr(retries, "total", retries) is False  # urllib3: no retry, the first error raises

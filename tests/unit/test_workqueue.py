@@ -169,3 +169,15 @@ def test_a_conflict_is_retried_soon_however_often_it_repeats() -> None:
         return max(b - a for a, b in itertools.pairwise(times))
 
     assert asyncio.run(scenario()) < 1.0
+
+
+def test_a_standby_s_queue_takes_nothing() -> None:
+    """No worker runs on a standby: what it queued would only pile up (keys of jobs long gone)."""
+    queue: WorkQueue[str] = WorkQueue()
+    queue.accepting = False
+    for key in range(1000):
+        queue.add(str(key))
+    assert len(queue) == 0
+    queue.accepting = True  # it leads: its handlers' wake-ups count again
+    queue.add("a")
+    assert len(queue) == 1

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,7 +22,7 @@ from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_KIND, SERVICE_PLURAL, VERS
 from largo.controllers.autoscaler import Autoscaler
 from largo.controllers.inferenceservice import InferenceServiceReconciler
 from largo.controllers.kube import COMPONENT, Kube
-from largo.controllers.leader import LeaderGate, identity, start_election
+from largo.controllers.leader import LeaderGate, identity, start_election, supervise
 from largo.controllers.scheduler import Scheduler
 from largo.controllers.settings import OperatorSettings
 from largo.controllers.state import JobKey, job_entry, pod_usage, service_entry
@@ -194,16 +194,20 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         pods for gone, and a scheduling pass on it hand out GPUs in use."""
         if metrics is not None:
             metrics.leader.set(1)
-        memo.tasks = [asyncio.create_task(act_once_indexed(), name="largo-leader")]
+        jobs.accepting = services.accepting = True
+        memo.tasks = [supervise(act_once_indexed(), "largo-leader", lambda: True, exit_process)]
+
+    def supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        return supervise(work, name, lambda: bool(memo.get("stopping")), exit_process)
 
     async def act_once_indexed() -> None:
         await indexed.wait()
         logger.info("%s leads: gang scheduler and %d reconcile workers started", holder, workers)
         memo.tasks += [
-            asyncio.create_task(jobs.run(reconcile, workers), name="largo-trainjob-workers"),
-            asyncio.create_task(scheduler.run(), name="largo-gang-scheduler"),
-            asyncio.create_task(services.run(serving.reconcile, workers), name="largo-service-workers"),
-            asyncio.create_task(autoscaler.run(), name="largo-autoscaler"),
+            supervised(jobs.run(reconcile, workers), "largo-trainjob-workers"),
+            supervised(scheduler.run(), "largo-gang-scheduler"),
+            supervised(services.run(serving.reconcile, workers), "largo-service-workers"),
+            supervised(autoscaler.run(), "largo-autoscaler"),
         ]
         for store in kwargs["trainjob_queue"].values():
             for entry in store:
@@ -216,13 +220,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     if election is None:
         lead()
         return
+    jobs.accepting = services.accepting = False
     namespace, lease = election.split("/", 1)
 
     def stopped() -> None:
         # Never lead again in this process: no task, reservation or queued decision of the old term
         # survives. The Deployment starts a fresh standby.
-        logging.shutdown()
-        os._exit(1)
+        exit_process()
 
     logger.info("%s is a candidate for the Lease %s/%s", holder, namespace, lease)
 
@@ -231,6 +235,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         loop.call_soon_threadsafe(lead)
 
     start_election(gate, lease, namespace, holder, election_timings, started, stopped)
+
+
+def exit_process() -> None:
+    logging.shutdown()
+    os._exit(1)
 
 
 async def _snapshot(indexes: Mapping[str, Any]) -> Snapshot:
@@ -244,6 +253,7 @@ async def _snapshot(indexes: Mapping[str, Any]) -> Snapshot:
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
+    memo.stopping = True
     for task in memo.get("tasks", []):
         task.cancel()
     await asyncio.gather(*memo.get("tasks", []), return_exceptions=True)

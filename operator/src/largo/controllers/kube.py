@@ -134,6 +134,10 @@ class Kube:
         configuration = client.Configuration.get_default_copy()
         # Enough connections for every reconcile worker and the scheduler at once.
         configuration.connection_pool_maxsize = 32
+        # No retries inside urllib3 (its default retries a connect 3 times, for writes too): a write
+        # would then be sent up to 4 connect timeouts after the fence was checked, past the Lease's
+        # margin. The work queue retries, and checks the fence again.
+        configuration.retries = False
         return cls(client.ApiClient(configuration), gate, field_manager)
 
     async def patch_trainjob_status(

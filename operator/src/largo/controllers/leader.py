@@ -14,15 +14,18 @@ the gang scheduler and the reconcile workers. The election itself is the kuberne
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
+from kubernetes import client
 from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
@@ -74,6 +77,15 @@ class LeaderGate:
         self._lost = True
 
     @property
+    def led(self) -> bool:
+        """Whether this replica has led at all (renewed its Lease once)."""
+        return self._valid_until > float("-inf")
+
+    @property
+    def valid_until(self) -> float:
+        return self._valid_until
+
+    @property
     def lost(self) -> bool:
         return self._lost
 
@@ -119,6 +131,38 @@ def identity() -> str:
     return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
+class _TimedLeaseApi(client.CoordinationV1Api):
+    """The Lease calls the client's LeaseLock makes, each bounded in time: it sets no timeout, and a
+    call to an API server that accepts the connection and never answers would block the election for
+    good (no renewal, no giving up, no exit)."""
+
+    def __init__(self, timeout: tuple[float, float], api_client: Any = None) -> None:
+        super().__init__(api_client)
+        self.timeout = timeout
+
+    def read_namespaced_lease(self, *args: Any, **kwargs: Any) -> Any:
+        return super().read_namespaced_lease(*args, **{**kwargs, "_request_timeout": self.timeout})
+
+    def create_namespaced_lease(self, *args: Any, **kwargs: Any) -> Any:
+        return super().create_namespaced_lease(*args, **{**kwargs, "_request_timeout": self.timeout})
+
+    def replace_namespaced_lease(self, *args: Any, **kwargs: Any) -> Any:
+        return super().replace_namespaced_lease(*args, **{**kwargs, "_request_timeout": self.timeout})
+
+
+def timed_lease_lock(name: str, namespace: str, holder: str, timings: ElectionTimings) -> LeaseLock:
+    """The client's LeaseLock whose every call gives up within the renew deadline."""
+    lock = LeaseLock(name, namespace, holder)  # type: ignore[no-untyped-call]
+    lock.api_instance = _TimedLeaseApi((2.0, float(timings.renew_deadline)))
+    return lock
+
+
+def overdue(gate: LeaderGate, lease_duration: float) -> bool:
+    """A leader whose fence closed more than ``lease_duration`` ago and which is still running: its
+    election is stuck (another replica may lead by now), so it must stop."""
+    return not gate.lost and gate.led and gate.clock() > gate.valid_until + lease_duration
+
+
 def start_election(
     gate: LeaderGate,
     lease_name: str,
@@ -137,7 +181,7 @@ def start_election(
         stopped_leading()
 
     config = electionconfig.Config(  # type: ignore[no-untyped-call]
-        LeaseLock(lease_name, namespace, holder),  # type: ignore[no-untyped-call]
+        timed_lease_lock(lease_name, namespace, holder, timings),
         lease_duration=timings.lease_duration,
         renew_deadline=timings.renew_deadline,
         retry_period=timings.retry_period,
@@ -154,6 +198,35 @@ def start_election(
             if not gate.lost:
                 stopped()
 
+    def watchdog() -> None:
+        # However the election thread is held up, a leader that cannot renew stops in time.
+        while not gate.lost:
+            time.sleep(timings.retry_period)
+            if overdue(gate, timings.lease_duration):
+                stopped()
+
     thread = threading.Thread(target=run, name="largo-leader-election", daemon=True)
     thread.start()
+    threading.Thread(target=watchdog, name="largo-leader-watchdog", daemon=True).start()
     return thread
+
+
+def supervise(
+    work: Coroutine[Any, Any, None], name: str, stopping: Callable[[], bool], die: Callable[[], None]
+) -> asyncio.Task[None]:
+    """A leader's task, whose end by an error (or, unless ``stopping``, at all) calls ``die`` (the
+    process exits, its Deployment restarts it as a standby): a leader whose scheduler or workers died
+    would keep the Lease and look healthy while nothing is admitted or reconciled."""
+    task = asyncio.create_task(work, name=name)
+
+    def ended(done: asyncio.Task[None]) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is None and stopping():
+            return
+        logger.critical("%s ended (%r): exiting so that another replica leads", name, error)
+        die()
+
+    task.add_done_callback(ended)
+    return task

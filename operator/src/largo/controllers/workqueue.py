@@ -46,8 +46,13 @@ class WorkQueue(Generic[K]):
         # Keys woken while being processed: processed once more when the current run ends.
         self._dirty: set[K] = set()
         self._timers: dict[K, asyncio.TimerHandle] = {}
+        # A standby's queue takes nothing: no worker would take it off, and keys of jobs long gone
+        # would pile up. The replica that comes to lead enqueues every job it knows anyway.
+        self.accepting = True
 
     def add(self, key: K) -> None:
+        if not self.accepting:
+            return
         if key in self._active:
             self._dirty.add(key)
             return
