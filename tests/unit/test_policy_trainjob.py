@@ -825,3 +825,32 @@ def test_a_gang_of_a_thousand_nodes_fits_its_conditions() -> None:
     # Whatever a message holds, a condition keeps within the limit.
     long = set_condition([], "Running", True, "PodsRunning", "x" * 40_000, NOW)
     assert len(long[0]["message"]) == 32768
+
+
+@pytest.mark.parametrize("taken", [{"terminating": True}, {"disrupted": "EvictionByEvictionAPI"}])
+def test_a_pod_taken_away_is_a_restart_whatever_its_exit_code(taken: dict[str, Any]) -> None:
+    """`kubectl drain`, a preemption or a deletion stops the trainer with SIGTERM (143): with
+    retryableExitCodes [1] that code used to fail the job for good."""
+    view = job(status=admitted(Phase.RUNNING), retryable_exit_codes=frozenset({1}), backoff_limit=3)
+    result = plan(view, [pod(0), pod(1, "Failed", exit_code=143, **taken)], NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.RESTARTING
+    restarting = next(c for c in result.status["conditions"] if c["type"] == "Restarting")
+    assert restarting["reason"] == Reason.POD_DELETED
+    assert "was stopped" in restarting["message"]
+    # The same exit code from a pod nobody took away is the job's own failure.
+    failed = plan(view, [pod(0), pod(1, "Failed", exit_code=143)], NONE, NONE, NOW)
+    assert failed.status["phase"] == Phase.FAILED
+
+
+def test_a_pod_s_disruption_is_read_from_its_condition() -> None:
+    raw = {
+        "metadata": {"name": "j-node-1", "labels": {"largo.dev/node-rank": "1", "largo.dev/attempt": "0"}},
+        "spec": {"nodeName": "n1"},
+        "status": {
+            "phase": "Failed",
+            "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}],
+        },
+    }
+    view = pod_view(raw)
+    assert view is not None
+    assert view.disrupted == "PreemptionByScheduler"

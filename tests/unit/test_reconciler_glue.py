@@ -180,3 +180,25 @@ def test_a_running_gang_on_a_node_not_ready_is_told_and_looked_at_again_when_its
     assert again == 50  # Timings().node_lost_after (60 s) after the node stopped being Ready
     assert kube.writes[-1][1]["reason"] == "NodeNotReady"
     assert kube.events == ["NodeNotReady"]
+
+
+def test_a_decision_s_events_are_posted_even_when_its_pod_calls_fail() -> None:
+    """The restart's event (with the exit code) went out after the deletes: a delete that failed
+    lost it, and the retry, deciding on the written status, had no event to post."""
+    kube = FakeKube()  # its delete_pod raises
+    running = _body("Running", "2", attempt=0, placement={"attempt": 0, "nodes": ["n0"]})
+    reconciler = _reconciler(kube, running)
+    labels = {"largo.dev/node-rank": "0", "largo.dev/attempt": "0"}
+    failed = {
+        "metadata": {"name": "j-node-0", "labels": labels, "ownerReferences": [{"uid": "uid-j"}]},
+        "spec": {"nodeName": "n0"},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1}}}],
+        },
+    }
+    reconciler.pods = {KEY: [failed]}
+    with pytest.raises(AssertionError, match="nothing to delete"):
+        asyncio.run(reconciler.reconcile(KEY))
+    assert kube.writes[-1][1]["phase"] == "Restarting"
+    assert "PodFailed" in kube.events

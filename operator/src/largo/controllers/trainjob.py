@@ -1,7 +1,7 @@
 """One TrainJob reconcile: read the job and its pods fresh, let the pure lifecycle decide, apply the plan.
 
 Order matters: the status is written first, guarded by the resourceVersion the decision was made on;
-only when that write succeeds are pods created or deleted and events posted. A stale decision therefore
+only when that write succeeds are events posted and pods created or deleted. A stale decision therefore
 never acts, and a reconcile interrupted at any point is completed by the next one.
 """
 
@@ -168,6 +168,10 @@ class TrainJobReconciler:
                 admitted = parse_timestamp((decision.status.get("placement") or {}).get("admittedAt"))
                 if admitted is not None:
                     self.observe_start(max(0.0, self.clock() - admitted))
+        # The decision's events go out with its status, before any pod call that may fail: a retry
+        # decides on the written status and would not post them again.
+        for event in decision.events:
+            await self.kube.event(body, event.type, event.reason, event.message)
         if decision.create_ranks:
             nodes = decision.status["placement"]["nodes"]
             attempt = int(decision.status.get("attempt") or 0)
@@ -180,8 +184,6 @@ class TrainJobReconciler:
             await asyncio.gather(
                 *(self.kube.delete_pod(namespace, pod, decision.force_delete) for pod in decision.delete_pods)
             )
-        for event in decision.events:
-            await self.kube.event(body, event.type, event.reason, event.message)
         if decision.delete_job:
             await self.kube.event(
                 body, "Normal", Reason.TTL_EXPIRED, "ttlSecondsAfterFinished passed: deleting"

@@ -52,6 +52,9 @@ class PodView:
     unschedulable_message: str = ""
     # Why its trainer container cannot start, as the kubelet says (``pods.cannot_start``).
     cannot_start: str | None = None
+    # Why Kubernetes is taking it away (its DisruptionTarget condition: a drain's eviction, a
+    # preemption, a taint), if it is.
+    disrupted: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,11 +173,13 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     exit_code = codes.get(CONTAINER_NAME)
     if exit_code is None and codes:
         exit_code = next((code for code in codes.values() if code != 0), 0)
-    since, message = None, ""
+    since, message, disrupted = None, "", None
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             since = parse_timestamp(condition.get("lastTransitionTime"))
             message = str(condition.get("message") or "")
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            disrupted = str(condition.get("reason") or "DisruptionTarget")
     return PodView(
         name=str(metadata.get("name")),
         rank=rank,
@@ -186,6 +191,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         unschedulable_since=since,
         unschedulable_message=message,
         cannot_start=cannot_start(status, CONTAINER_NAME),
+        disrupted=disrupted,
     )
 
 
@@ -540,6 +546,11 @@ def _failure(
 ) -> tuple[Reason, str, int | None] | None:
     """The first reason the current gang cannot go on, with the failed pod's exit code if any."""
     for pod in sorted(current, key=lambda p: p.rank):
+        if pod.phase == "Failed" and (pod.terminating or pod.disrupted):
+            # Taken away (a drain, a preemption, a deletion), not failed: its exit code is the signal
+            # it was stopped with, never the job's verdict on itself, so always a restart.
+            why = pod.disrupted or "deleted"
+            return Reason.POD_DELETED, f"pod {pod.name} (rank {pod.rank}) was stopped: {why}", None
         if pod.phase == "Failed":
             return (
                 Reason.POD_FAILED,
