@@ -854,3 +854,27 @@ def test_a_pod_s_disruption_is_read_from_its_condition() -> None:
     view = pod_view(raw)
     assert view is not None
     assert view.disrupted == "PreemptionByScheduler"
+
+
+def test_a_gang_whose_node_went_before_its_pods_were_created_is_released_at_once() -> None:
+    """Creating every rank and releasing them the cycle after cost two API calls per pod."""
+    result = plan(job(status=admitted()), [], frozenset({"n1"}), frozenset({"n1"}), NOW)
+    assert result.create_ranks == ()
+    assert result.status["phase"] == Phase.QUEUED
+    admitted_condition = next(c for c in result.status["conditions"] if c["type"] == "Admitted")
+    assert admitted_condition["reason"] == Reason.BINDING_FAILED
+    assert "n1 chosen for rank 1" in admitted_condition["message"]
+
+
+def test_suspending_a_restarting_job_leaves_no_restart_behind() -> None:
+    restarting = {
+        **admitted(Phase.RESTARTING),
+        "restarts": 1,
+        "nextRestartTime": timestamp(NOW + 30),
+        "conditions": [{"type": "Restarting", "status": "True", "reason": "PodFailed", "message": "x"}],
+    }
+    result = plan(job(status=restarting, suspend=True), [], NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.SUSPENDED
+    assert "nextRestartTime" not in result.status
+    assert condition_status(result.status["conditions"], "Restarting") == "False"
+    assert result.status["reason"] == Reason.SUSPENDED

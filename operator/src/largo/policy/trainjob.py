@@ -449,6 +449,10 @@ def _suspend(b: _Builder, pods: Sequence[PodView]) -> None:
         b.status["attempt"] = b.job.attempt + 1
         b.condition(ConditionType.ADMITTED, False, Reason.SUSPENDED, "suspended")
         b.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
+        if b.job.phase == Phase.RESTARTING:
+            # The pending restart is the resume now: nothing of it stays to mislead.
+            b.status.pop("nextRestartTime", None)
+            b.condition(ConditionType.RESTARTING, False, Reason.SUSPENDED, "suspended before the restart")
         b.plan.wake_scheduler = True
     if pods:
         b.phase(Phase.SUSPENDING)
@@ -598,6 +602,13 @@ def _active(
         or _start_timed_out(b, current)
     )
     by_rank = {pod.rank: pod for pod in current}
+    if failure is None and job.phase == Phase.STARTING:
+        # A node of the placement that can take no pod now (gone, cordoned, not Ready) is no place to
+        # create the rest of the gang on: released at once, not after a thousand creates.
+        gone = [r for r, node in enumerate(placement) if r not in by_rank and node in unusable]
+        if gone:
+            reason = f"node {placement[gone[0]]} chosen for rank {gone[0]} can no longer take pods"
+            failure = (Reason.BINDING_FAILED, reason, None)
     if failure is None and job.phase == Phase.RUNNING:
         missing = [rank for rank in range(job.num_nodes) if rank not in by_rank]
         if missing:
