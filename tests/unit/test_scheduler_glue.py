@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from largo.controllers.kube import ConflictError
-from largo.controllers.scheduler import Scheduler
+from largo.controllers.scheduler import QUEUE_MESSAGE_REFRESH_SECONDS, Scheduler
 from largo.controllers.state import JobEntry, JobKey, PodUsage, job_entry, service_entry
 from largo.sched.inventory import node_info
 
@@ -458,3 +458,32 @@ def test_a_gang_of_a_thousand_long_named_nodes_is_admitted() -> None:
     ((name, status),) = kube.writes
     assert (name, status["phase"]) == ("huge", "Starting")
     assert len(status["placement"]["nodes"]) == 1024
+
+
+def test_a_waiting_job_s_detail_alone_is_rewritten_at_most_every_refresh_period() -> None:
+    """The room left moves with every pod elsewhere: rewriting each waiting job at each change was one
+    PATCH per queued job per pod event. Its reason or position is written at once; its detail alone
+    once the refresh period has passed."""
+    now = [NOW]
+    waiting = _job("waiting", gpus=8, nodes=2, status={"phase": "Queued"})
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], [waiting])
+    scheduler.clock = lambda: now[0]
+    scheduler.pods["n0"] = [PodUsage("p", {"nvidia.com/gpu": 8})]  # type: ignore[index]
+    asyncio.run(scheduler.run_pass())
+    assert len(kube.writes) == 1
+    told = kube.writes[0][1]["queue"]
+
+    def again(pods_on_n1: int) -> None:
+        # The index shows what was written; a pod elsewhere changes the room left.
+        status = {"phase": "Queued", "queue": {k: v for k, v in told.items() if v is not None}}
+        scheduler.jobs[waiting.key] = [_job("waiting", gpus=8, nodes=2, status=status)]  # type: ignore[index]
+        scheduler.pods["n1"] = [PodUsage(f"q{i}", {"nvidia.com/gpu": 1}) for i in range(pods_on_n1)]  # type: ignore[index]
+        asyncio.run(scheduler.run_pass())
+
+    again(1)
+    assert len(kube.writes) == 1, kube.writes[-1]  # the detail moved 1 s later: not rewritten
+    now[0] += QUEUE_MESSAGE_REFRESH_SECONDS
+    again(2)
+    assert len(kube.writes) == 2
+    assert kube.writes[-1][1]["queue"]["message"] != told["message"]

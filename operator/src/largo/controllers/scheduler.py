@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ from largo.sched import gang, inventory
 from largo.sched.types import NodeInfo, Placement, Waiting, WaitReason, checkpoint_directory
 
 logger = logging.getLogger(__name__)
+
+# How often a waiting job's queue message is rewritten when only its detail (the room left) changed.
+QUEUE_MESSAGE_REFRESH_SECONDS = 30.0
 
 
 class IndexLike(Protocol):
@@ -86,6 +90,9 @@ class Scheduler:
     _pending: dict[JobKey, _Admission] = field(default_factory=dict)
     # The same for replica groups, by the group's gang key.
     _pending_groups: dict[JobKey, _Admission] = field(default_factory=dict)
+    # When each waiting job's queue entry was last written: a change of its message alone (the room
+    # left, which moves with every pod elsewhere) is written at most every QUEUE_MESSAGE_REFRESH_SECONDS.
+    _told: dict[JobKey, float] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _ready: bool = False
 
@@ -210,6 +217,8 @@ class Scheduler:
             pending = self._pending[key]
             if entry is None or entry.phase not in (None, Phase.QUEUED) or entry.attempt != pending.attempt:
                 del self._pending[key]
+        for key in [key for key in self._told if key not in by_key or not by_key[key].admissible]:
+            del self._told[key]
         services: list[ServiceEntry] = index_values(self.services)
         self._settle_groups(services)
         nodes: list[NodeInfo] = index_values(self.nodes)
@@ -382,6 +391,11 @@ class Scheduler:
         # The merge patch drops a null position: compare with what the status holds then.
         if previous == {k: v for k, v in queue.items() if v is not None} and not new:
             return
+        now = self.clock()
+        same_place = all(previous.get(part) == queue[part] for part in ("reason", "position"))
+        recently = now - self._told.get(entry.key, -math.inf) < QUEUE_MESSAGE_REFRESH_SECONDS
+        if same_place and recently and not new:
+            return  # only the detail moved: every queued job rewritten at each pod's end is churn
         # What a hand or an older operator wrote there must not fail the pass for every job.
         status, _ = sanitize_status(entry.body.get("status") or {})
         conditions = set_condition(
@@ -401,6 +415,7 @@ class Scheduler:
         except ConflictError:
             self.wake()
             return
+        self._told[entry.key] = now
         if new:
             await self.kube.event(entry.body, "Normal", Reason.QUEUED, "queued for gang admission")
         if previous.get("reason") != queue["reason"]:
