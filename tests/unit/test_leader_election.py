@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from largo.controllers.leader import ElectionTimings, LeaderGate, overdue, supervise, timed_lease_lock
+from largo.controllers.leader import (
+    ElectionTimings,
+    LeaderGate,
+    overdue,
+    release_lease,
+    supervise,
+    timed_lease_lock,
+)
 
 
 def test_a_lease_call_to_a_server_that_never_answers_gives_up() -> None:
@@ -89,3 +96,61 @@ def test_a_cancelled_leader_task_is_the_operator_stopping() -> None:
 
     asyncio.run(scenario())
     assert died == []
+
+
+class FakeLeases:
+    def __init__(self, holder: str | None) -> None:
+        self.lease = client.V1Lease(
+            metadata=client.V1ObjectMeta(name="largo"),
+            spec=client.V1LeaseSpec(holder_identity=holder, lease_duration_seconds=10),
+        )
+        self.replaced: list[client.V1Lease] = []
+
+    def read_namespaced_lease(self, name: str, namespace: str, **_: Any) -> client.V1Lease:
+        return self.lease
+
+    def replace_namespaced_lease(self, name: str, namespace: str, body: client.V1Lease, **_: Any) -> None:
+        self.replaced.append(body)
+
+
+def _leading_gate() -> LeaderGate:
+    gate = LeaderGate(renew_deadline=6)
+    gate.renewed(gate.clock())
+    return gate
+
+
+def test_a_leader_that_stops_gives_its_lease_up_and_writes_nothing_more() -> None:
+    """As client-go's ReleaseOnCancel: a standby takes over at its next try, not after the Lease's
+    10 s (a gap in scheduling at every rolling update)."""
+    leases, gate = FakeLeases("me"), _leading_gate()
+    assert release_lease(leases, gate, "largo", "ns", "me", 2.0)  # type: ignore[arg-type]
+    assert not gate.leading()
+    ((released,),) = [leases.replaced]
+    assert released.spec.holder_identity is None
+    assert released.spec.lease_duration_seconds == 1
+
+
+@pytest.mark.parametrize(("holder", "leading"), [("another", True), ("me", False)])
+def test_a_lease_not_held_is_left_alone(holder: str, leading: bool) -> None:
+    leases = FakeLeases(holder)
+    gate = _leading_gate() if leading else LeaderGate(renew_deadline=6)
+    assert not release_lease(leases, gate, "largo", "ns", "me", 2.0)  # type: ignore[arg-type]
+    assert leases.replaced == []
+
+
+def test_a_stopping_replica_never_takes_the_lease_again() -> None:
+    """After the release, the election thread would find the Lease without a holder and take it back
+    (the standby would then wait the Lease out after all)."""
+    from kubernetes.leaderelection import electionconfig
+    from largo.controllers.leader import _FencedElection
+
+    class Lock:
+        name, namespace, identity = "largo", "ns", "me"
+
+        def get(self, name: str, namespace: str) -> Any:
+            raise AssertionError("a stopping replica asked for the Lease")
+
+    config = electionconfig.Config(Lock(), 10, 6, 1, lambda: None, lambda: None)  # type: ignore[no-untyped-call]
+    gate = _leading_gate()
+    gate.lose()
+    assert _FencedElection(config, gate).try_acquire_or_renew() is False

@@ -17,12 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
+from kubernetes import client
 
 from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_KIND, SERVICE_PLURAL, VERSION, Phase
 from largo.controllers.autoscaler import Autoscaler
 from largo.controllers.inferenceservice import InferenceServiceReconciler
 from largo.controllers.kube import COMPONENT, Kube
-from largo.controllers.leader import LeaderGate, identity, start_election, supervise
+from largo.controllers.leader import LeaderGate, identity, release_lease, start_election, supervise
 from largo.controllers.scheduler import Scheduler
 from largo.controllers.settings import OperatorSettings
 from largo.controllers.state import JobKey, job_entry, pod_usage, service_entry
@@ -235,6 +236,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         loop.call_soon_threadsafe(lead)
 
     start_election(gate, lease, namespace, holder, election_timings, started, stopped)
+    memo.release_lease = lambda: release_lease(
+        client.CoordinationV1Api(), gate, lease, namespace, holder, election_timings.renew_deadline
+    )
 
 
 def exit_process() -> None:
@@ -257,6 +261,10 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     for task in memo.get("tasks", []):
         task.cancel()
     await asyncio.gather(*memo.get("tasks", []), return_exceptions=True)
+    release = memo.get("release_lease")
+    if release is not None:
+        # Once nothing of this term runs: a standby takes over in about a second, not the Lease's 10.
+        await asyncio.to_thread(release)
 
 
 # -- indexes: the inventory, rebuilt from the cluster at every start ---------------------------------
