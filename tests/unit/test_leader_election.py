@@ -4,6 +4,7 @@ leader whose election is stuck stops, and a leader task that dies ends the proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from typing import Any
@@ -20,17 +21,30 @@ from largo.controllers.leader import (
 )
 
 
-def test_a_lease_call_to_a_server_that_never_answers_gives_up() -> None:
+def test_a_lease_call_to_a_server_that_never_answers_gives_up_after_one_try() -> None:
     """The client's LeaseLock sets no timeout: one such call blocked the election for good, and the
-    leader neither renewed, nor gave up, nor exited."""
+    leader neither renewed, nor gave up, nor exited. And one try only: urllib3's default retries made a
+    2 s timeout 8 s (24 s with the default timings), the process's default configuration having them."""
+    connections: list[socket.socket] = []
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        configuration = client.Configuration(host=f"http://127.0.0.1:{silent.getsockname()[1]}")
-        configuration.retries = False
-        timings = ElectionTimings(lease_duration=4, renew_deadline=2, retry_period=1)
-        lock = timed_lease_lock("largo", "ns", "me", timings)
-        lock.api_instance.api_client = client.ApiClient(configuration)
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    connections.append(silent.accept()[0])  # and never answer
+
+        threading.Thread(target=accept, daemon=True).start()
+        before = client.Configuration.get_default_copy()
+        default = client.Configuration.get_default_copy()
+        default.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        client.Configuration.set_default(default)  # as load_kube_config leaves it: retries on
+        try:
+            timings = ElectionTimings(lease_duration=4, renew_deadline=2, retry_period=1)
+            lock = timed_lease_lock("largo", "ns", "me", timings)
+        finally:
+            client.Configuration.set_default(before)
         outcome: list[Any] = []
 
         def call() -> None:
@@ -42,9 +56,12 @@ def test_a_lease_call_to_a_server_that_never_answers_gives_up() -> None:
         worker = threading.Thread(target=call, daemon=True)
         worker.start()
         worker.join(60)  # a guard against a hang, not a measure of speed
+        for connection in connections:
+            connection.close()
     assert not worker.is_alive(), "the Lease call never returned"
     assert len(outcome) == 1
     assert "timed out" in str(outcome[0]).lower()
+    assert len(connections) == 1  # one try, not four
 
 
 def test_a_leader_whose_fence_closed_a_lease_duration_ago_is_overdue() -> None:
@@ -123,7 +140,7 @@ def test_a_leader_that_stops_gives_its_lease_up_and_writes_nothing_more() -> Non
     """As client-go's ReleaseOnCancel: a standby takes over at its next try, not after the Lease's
     10 s (a gap in scheduling at every rolling update)."""
     leases, gate = FakeLeases("me"), _leading_gate()
-    assert release_lease(leases, gate, "largo", "ns", "me", 2.0)  # type: ignore[arg-type]
+    assert release_lease(leases, gate, "largo", "ns", "me")  # type: ignore[arg-type]
     assert not gate.leading()
     ((released,),) = [leases.replaced]
     assert released.spec.holder_identity is None
@@ -134,7 +151,7 @@ def test_a_leader_that_stops_gives_its_lease_up_and_writes_nothing_more() -> Non
 def test_a_lease_not_held_is_left_alone(holder: str, leading: bool) -> None:
     leases = FakeLeases(holder)
     gate = _leading_gate() if leading else LeaderGate(renew_deadline=6)
-    assert not release_lease(leases, gate, "largo", "ns", "me", 2.0)  # type: ignore[arg-type]
+    assert not release_lease(leases, gate, "largo", "ns", "me")  # type: ignore[arg-type]
     assert leases.replaced == []
 
 

@@ -281,3 +281,15 @@ def test_a_new_controller_waits_a_whole_stable_window_of_samples_before_it_calls
     decisions = _idle_run(served_every=None, start=10_000.0)
     zero = next(i for i, d in enumerate(decisions) if d.replicas == 0) * 2
     assert 60 - 10 + 30 <= zero <= 60 + 30 + 4
+
+
+def test_requests_held_then_served_by_the_first_ready_replica_count_once() -> None:
+    """Once a replica is ready the routers are no longer scraped, and the requests they held are in
+    flight on it: carrying the routers' last sample on counted them twice, panicked the service up
+    (8 held at target 4: 2 wanted, 4 made) and kept the extra replicas for the scale-down delay."""
+    policy = Policy(min_replicas=1, max_replicas=20, target=4.0, scale_to_zero=True)
+    samples = [Sample(t + 0.5, "router/a", 8.0, held=True) for t in range(0, 60, 2)]
+    samples += [Sample(float(t), "r0", 8.0) for t in range(60, 66)]
+    decision = decide(policy, samples, ["r0"], 2, State.starting(2, 0.0), 65.0)
+    assert not decision.panic
+    assert decision.replicas == 2

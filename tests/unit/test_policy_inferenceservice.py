@@ -1106,9 +1106,8 @@ def test_a_followed_checkpoint_waits_for_the_rollout_before_it() -> None:
     for cycle in range(120):  # 5 s a cycle; a checkpoint every 10 s, a load takes 20 s
         if cycle % 2 == 0:
             step += 100
-        resolution = resolve_model(
-            follow, sim.status.get("model"), trainjob(step), hold_newer=rollout_under_way(sim.status)
-        )
+        hold = rollout_under_way(sim.status, sim.now, 600)
+        resolution = resolve_model(follow, sim.status.get("model"), trainjob(step), hold_newer=hold)
         assert resolution.mount is not None
         sim.resolution, sim.revision = resolution, f"rev-{resolution.mount.step}"
         sim.cycle()
@@ -1126,19 +1125,38 @@ def test_a_followed_checkpoint_waits_for_the_rollout_before_it() -> None:
 
 def test_a_rollout_under_way_holds_a_newer_checkpoint_unless_it_stalls_or_fails() -> None:
     rolling = {"type": "Progressing", "status": "True", "reason": "RollingOut"}
-    group = {"replica": 0, "revision": REV_B, "nodes": ["n"], "failures": 0}
-    status: dict[str, Any] = {"revision": REV_B, "conditions": [rolling], "groups": [group]}
-    assert rollout_under_way(status)
-    assert not rollout_under_way({**status, "conditions": [{**rolling, "reason": "RolloutComplete"}]})
+    old = {"replica": 0, "revision": REV_A, "nodes": ["a"], "ready": True}
+    new = {"replica": 1, "revision": REV_B, "nodes": ["b"], "admittedAt": timestamp(NOW - 30)}
+    status: dict[str, Any] = {"revision": REV_B, "conditions": [rolling], "groups": [old, new]}
+    assert rollout_under_way(status, NOW, 600)
     stalled = {**rolling, "status": "False", "reason": "ProgressDeadlineExceeded"}
-    assert not rollout_under_way({**status, "conditions": [stalled]})
+    assert not rollout_under_way({**status, "conditions": [stalled]}, NOW, 600)
     # A group of the revision rolled to has failed: a newer checkpoint may be the fix.
-    assert not rollout_under_way({**status, "groups": [{**group, "failures": 1}]})
+    assert not rollout_under_way({**status, "groups": [old, {**new, "failures": 1}]}, NOW, 600)
+    # No old group left: only a group of it still loading, within the deadline, holds.
+    loading = {**status, "groups": [new]}
+    assert rollout_under_way(loading, NOW, 600)
+    assert not rollout_under_way(loading, NOW, 20)
+    # Waiting for GPUs (no nodes), or once served, or ready: nothing is loading.
+    assert not rollout_under_way({**status, "groups": [{**new, "nodes": []}]}, NOW, 600)
+    served = {**new, "servedAt": timestamp(NOW - 10)}
+    assert not rollout_under_way({**status, "groups": [served]}, NOW, 600)
+    assert not rollout_under_way({**status, "groups": [{**new, "ready": True}]}, NOW, 600)
     held = resolve_model(from_job(True), SERVED_500, trainjob(800), hold_newer=True)
     assert held.mount == AT_500
-    assert "step 800 is rolled out once this rollout is over" in held.message
+    assert "a newer checkpoint is rolled out once this rollout is over" in held.message
     # Without follow, nothing newer is taken anyway.
     assert resolve_model(from_job(False), SERVED_500, trainjob(800), hold_newer=False).mount == AT_500
+
+
+def test_a_followed_checkpoint_is_not_held_by_a_scale_up_waiting_for_gpus() -> None:
+    """A held step used to wait for any Progressing=True (ScalingUp included): a group queued for
+    GPUs held every newer checkpoint for as long as the cluster was full."""
+    sim = ready_service(replicas=1, nodes=1)
+    sim.spec = spec_of(replicas=2, nodesPerReplica=1)
+    sim.apply(sim.plan())  # the new group queues; the scheduler never admits it (no capacity)
+    assert condition(sim.status, "Progressing")["reason"] == "ScalingUp"
+    assert not rollout_under_way(sim.status, sim.now, 600)
 
 
 def test_a_rollback_to_an_older_checkpoint_is_said_in_a_warning() -> None:
@@ -1149,3 +1167,22 @@ def test_a_rollback_to_an_older_checkpoint_is_said_in_a_warning() -> None:
     assert [(e.type, e.reason) for e in decision.events if e.reason == back.reason] == [
         ("Warning", ServiceReason.OLDER_CHECKPOINT)
     ]
+
+
+def test_a_new_group_that_served_then_blinked_does_not_trip_the_progress_deadline() -> None:
+    """The deadline is for a start: a group of the new revision that was ready once and drops its
+    readiness for a moment later is no slow start (it stalled the rollout with a Warning that it
+    "did not become ready")."""
+    sim = ready_service(replicas=2, nodes=1, rollout={"progressDeadlineSeconds": 60, "minReadySeconds": 3600})
+    sim.revision = REV_B
+    for _ in range(4):  # the surge group is admitted and ready; minReadySeconds keeps the rollout going
+        sim.cycle()
+    new = [g for g in sim.status["groups"] if g["revision"] == REV_B]
+    assert len(new) == 1
+    assert new[0]["ready"]
+    assert new[0]["servedAt"]
+    sim.now += 120  # past the deadline since its admission
+    sim.pods = {n: replace(p, ready=p.revision != REV_B) for n, p in sim.pods.items()}
+    decision = sim.cycle()
+    assert condition(decision.status, "Progressing")["status"] == "True"
+    assert not [e for e in decision.events if e.reason == "ProgressDeadlineExceeded"]

@@ -75,3 +75,36 @@ def test_a_wedged_admin_socket_times_out() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(scenario(Path(directory) / "admin.sock"))
+
+
+def test_bytes_still_arriving_count_against_the_budget() -> None:
+    """A body was counted only once read whole: concurrent uploads all buffered in full before any
+    was checked (8 prompts of 60 MiB overran the router's 512 MiB). Chunked uploads, whose length is
+    not declared, are counted as they arrive: the third of three is refused while all three are
+    still sending, before any body is complete."""
+    router = _router("--hold-max-bytes=2500")
+
+    async def scenario() -> tuple[int, list[int]]:
+        finish = asyncio.Event()
+        async with TestServer(activator_app(router)) as server, aiohttp.ClientSession() as session:
+
+            async def chunked() -> Any:
+                yield b"x" * 900
+                await finish.wait()  # the rest only once one of them was refused
+                yield b"x" * 100
+
+            async def one() -> int:
+                async with session.post(server.make_url("/v1/completions"), data=chunked()) as response:
+                    return response.status
+
+            uploads = [asyncio.create_task(one()) for _ in range(3)]
+            done, _ = await asyncio.wait(uploads, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            first = next(iter(done)).result() if done else 0
+            finish.set()
+            return first, sorted(await asyncio.gather(*uploads))
+
+    first, statuses = asyncio.run(scenario())
+    assert first == 503  # refused mid-upload: the budget counts bytes as they come
+    assert statuses == [503, 503, 503]  # the other two held, then timed out
+    assert router.registry.get_sample_value("largo_router_hold_overflows_total") == 1
+    assert router.held_bytes == 0

@@ -17,13 +17,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
-from kubernetes import client
 
 from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_KIND, SERVICE_PLURAL, VERSION, Phase
 from largo.controllers.autoscaler import Autoscaler
 from largo.controllers.inferenceservice import InferenceServiceReconciler
 from largo.controllers.kube import COMPONENT, Kube
-from largo.controllers.leader import LeaderGate, identity, release_lease, start_election, supervise
+from largo.controllers.leader import (
+    LeaderGate,
+    identity,
+    lease_api,
+    release_lease,
+    start_election,
+    supervise,
+)
 from largo.controllers.scheduler import Scheduler
 from largo.controllers.settings import OperatorSettings
 from largo.controllers.state import JobKey, job_entry, pod_usage, service_entry
@@ -237,7 +243,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
 
     start_election(gate, lease, namespace, holder, election_timings, started, stopped)
     memo.release_lease = lambda: release_lease(
-        client.CoordinationV1Api(), gate, lease, namespace, holder, election_timings.renew_deadline
+        lease_api(election_timings.renew_deadline), gate, lease, namespace, holder
     )
 
 

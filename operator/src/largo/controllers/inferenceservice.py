@@ -184,11 +184,12 @@ class InferenceServiceReconciler:
         if source.from_train_job is not None:
             entries = list(self.trainjobs.get((namespace, source.from_train_job.name)) or [])
             job_body = entries[-1].body if entries else None
+        deadline = service.spec.rollout.progress_deadline_seconds
         resolution = resolve_model(
             service.spec,
             served if isinstance(served, Mapping) else None,
             job_body,
-            hold_newer=rollout_under_way(status),
+            hold_newer=rollout_under_way(status, self.clock(), deadline),
         )
         mount = resolution.mount
         if mount is not None and not list(self.claims.get((namespace, mount.claim_name)) or []):

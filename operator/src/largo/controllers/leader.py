@@ -152,10 +152,18 @@ class _TimedLeaseApi(client.CoordinationV1Api):
         return super().replace_namespaced_lease(*args, **{**kwargs, "_request_timeout": self.timeout})
 
 
+def lease_api(read_timeout: float) -> client.CoordinationV1Api:
+    """Lease calls that give up after one try: connect within 2 s, an answer within ``read_timeout``
+    (urllib3 would otherwise retry a timed-out read three times, four times the wait)."""
+    configuration = client.Configuration.get_default_copy()
+    configuration.retries = False
+    return _TimedLeaseApi((2.0, read_timeout), client.ApiClient(configuration))
+
+
 def timed_lease_lock(name: str, namespace: str, holder: str, timings: ElectionTimings) -> LeaseLock:
     """The client's LeaseLock whose every call gives up within the renew deadline."""
     lock = LeaseLock(name, namespace, holder)  # type: ignore[no-untyped-call]
-    lock.api_instance = _TimedLeaseApi((2.0, float(timings.renew_deadline)))
+    lock.api_instance = lease_api(float(timings.renew_deadline))
     return lock
 
 
@@ -214,23 +222,24 @@ def start_election(
 
 
 def release_lease(
-    api: client.CoordinationV1Api, gate: LeaderGate, name: str, namespace: str, holder: str, timeout: float
+    api: client.CoordinationV1Api, gate: LeaderGate, name: str, namespace: str, holder: str
 ) -> bool:
     """Gives the Lease up on a graceful stop, as client-go's ReleaseOnCancel: writes stop first (the
     gate is lost), then the Lease loses its holder, so a standby takes over at its next try (about a
     second) instead of waiting the Lease out. Only a Lease this replica holds is touched; any failure
-    leaves it to expire as it would have. Returns whether it was released."""
+    leaves it to expire as it would have (``api`` bounds each call: ``lease_api``). Returns whether it
+    was released."""
     was_leading = gate.leading()
     gate.lose()
     if not was_leading:
         return False
     try:
-        lease = api.read_namespaced_lease(name, namespace, _request_timeout=timeout)
+        lease = api.read_namespaced_lease(name, namespace)
         if lease.spec is None or lease.spec.holder_identity != holder:
             return False
         lease.spec.holder_identity = None
         lease.spec.lease_duration_seconds = 1
-        api.replace_namespaced_lease(name, namespace, lease, _request_timeout=timeout)
+        api.replace_namespaced_lease(name, namespace, lease)
     except Exception as error:  # the Lease expires on its own
         logger.warning("could not release the lease %s/%s: %s", namespace, name, error)
         return False

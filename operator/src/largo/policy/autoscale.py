@@ -104,7 +104,9 @@ def _average_load(
     for sample in sorted(samples, key=lambda s: s.time):
         by_replica.setdefault(sample.replica, []).append(sample)
     replicas = set(by_replica) | set(ready)
-    carried = set(ready) | {sample.replica for sample in samples if sample.held}
+    # A router's held requests are carried while no replica is ready only: once one is, the requests
+    # it held are in flight there (its own samples count them), and routers are no longer scraped.
+    carried = set(ready) | ({sample.replica for sample in samples if sample.held} if not ready else set())
     # Ready replicas with nothing fresh now: they may be the busy ones, so they count at the target.
     silent_now = {
         replica

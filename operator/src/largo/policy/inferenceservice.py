@@ -56,22 +56,26 @@ class ModelResolution:
     message: str
 
 
-def rollout_under_way(status: Mapping[str, Any]) -> bool:
-    """Whether the service is still moving to its current revision, and well: Progressing is True
-    and not complete, and no group at that revision has failed since it last served. A followed
-    checkpoint waits for it (each newer step retired the half-loaded groups of the one before, so
-    checkpoints written faster than a model loads were never served); a stalled or failing rollout
-    does not hold a newer checkpoint back."""
+def rollout_under_way(status: Mapping[str, Any], now: float, deadline: float) -> bool:
+    """Whether the service is still moving to its current revision, and well: old groups are still
+    being replaced, or groups of it are loading (admitted, never ready yet, within ``deadline``);
+    Progressing is not False (stalled) and no group of it failed since it last served. A followed
+    checkpoint waits for it: each newer step retired the half-loaded groups of the one before, so
+    checkpoints written faster than a model loads were never served. Groups waiting for GPUs, a
+    stalled or failing rollout, or one past its deadline hold nothing back."""
     progressing: Mapping[str, Any] = next(
         (c for c in status.get("conditions") or [] if c.get("type") == ServiceConditionType.PROGRESSING), {}
     )
-    if progressing.get("status") != "True" or progressing.get("reason") == "RolloutComplete":
+    if progressing.get("status") == "False":
         return False
     revision = status.get("revision")
-    return not any(
-        group.get("failures") and group.get("revision") == revision and not group.get("retiring")
-        for group in status.get("groups") or []
-    )
+    live = [group for group in status.get("groups") or [] if not group.get("retiring")]
+    current = [group for group in live if group.get("revision") == revision]
+    if any(group.get("failures") for group in current):
+        return False
+    replacing = any(group.get("revision") != revision for group in live)
+    loading = any(0 < _unready_for(group, now) < deadline for group in current)
+    return replacing or loading
 
 
 def resolve_model(
@@ -156,7 +160,8 @@ def resolve_model(
         return ModelResolution(
             pinned,
             ServiceReason.MODEL_RESOLVED,
-            f"serving {pinned.summary()} ({mode}); step {step} is rolled out once this rollout is over",
+            f"serving {pinned.summary()} ({mode}); "
+            "a newer checkpoint is rolled out once this rollout is over",
         )
     if pinned is not None and pinned.step is not None and step > pinned.step:
         return ModelResolution(
@@ -340,9 +345,10 @@ class ServiceView:
 
 
 def _unready_for(group: Mapping[str, Any], now: float) -> float:
-    """Seconds since the group was admitted, while it is not ready (0 when ready or not admitted)."""
+    """Seconds since the group was admitted while it has not been ready yet in this attempt (0 when
+    it is or was ready, or is not admitted): how long it has been starting."""
     admitted = parse_timestamp(group.get("admittedAt"))
-    if group.get("ready") or not group.get("nodes") or admitted is None:
+    if group.get("ready") or group.get("servedAt") or not group.get("nodes") or admitted is None:
         return 0.0
     return max(0.0, now - admitted)
 
@@ -471,6 +477,7 @@ def plan(
                 restarts=restarts,
                 failures=failures,
                 admittedAt=None,
+                servedAt=None,
                 restartAfter=timestamp(after),
                 queuedAt=timestamp(after),
             )
@@ -505,6 +512,8 @@ def plan(
             group.pop("readySince", None)
         elif not group.get("readySince"):
             group["readySince"] = timestamp(now)
+        if group["ready"] and not group.get("servedAt"):
+            group["servedAt"] = timestamp(now)
         if group.get("failures") and _available(group, spec.rollout.min_ready_seconds, now):
             # Serving (for minReadySeconds): earlier failures no longer say the group cannot start.
             group["failures"] = 0

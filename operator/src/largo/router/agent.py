@@ -91,6 +91,11 @@ class Metrics:
         self.sync_errors = Counter(
             "largo_router_sync_errors", "Runtime-API commands HAProxy refused.", registry=registry
         )
+        self.hold_overflows = Counter(
+            "largo_router_hold_overflows",
+            "Requests refused at once (503) because the router held as many request bytes as it may.",
+            registry=registry,
+        )
         self.watch_restarts = Counter(
             "largo_router_watch_restarts", "EndpointSlice watches started again.", registry=registry
         )
@@ -255,21 +260,40 @@ class Router:
         limit = self.args.hold_max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return _too_large(limit)
+        # Bytes are counted as they arrive (the declared length up front), so that concurrent uploads
+        # cannot buffer more than the budget before any of them is checked.
+        reserved = 0
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _too_large(limit)
-        if self.held_bytes + len(body) > self.args.hold_max_bytes:
-            self.metrics.hold_timeouts.inc()
-            return _unavailable(
-                f"{self.args.service} is starting and its router holds as much as it can "
-                f"({self.args.hold_max_bytes} bytes of requests); try again later"
-            )
-        self.held_bytes += len(body)
-        try:
-            return await self._forward_when_ready(request, body)
+            chunks: list[bytes] = []
+            size = 0
+            if not self._reserve(request.content_length or 0):
+                return self._full()
+            reserved = request.content_length or 0
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    return _too_large(limit)
+                if size > reserved:
+                    if not self._reserve(size - reserved):
+                        return self._full()
+                    reserved = size
+                chunks.append(chunk)
+            return await self._forward_when_ready(request, b"".join(chunks))
         finally:
-            self.held_bytes -= len(body)
+            self.held_bytes -= reserved
+
+    def _reserve(self, size: int) -> bool:
+        if self.held_bytes + size > self.args.hold_max_bytes:
+            return False
+        self.held_bytes += size
+        return True
+
+    def _full(self) -> web.Response:
+        self.metrics.hold_overflows.inc()
+        return _unavailable(
+            f"{self.args.service} is starting and its router holds as much as it can "
+            f"({self.args.hold_max_bytes} bytes of requests); try again later"
+        )
 
     async def _forward_when_ready(self, request: web.Request, body: bytes) -> web.StreamResponse:
         started = time.monotonic()

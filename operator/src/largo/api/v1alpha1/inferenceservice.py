@@ -449,6 +449,11 @@ class GroupStatus(StatusModel):
     admitted_at: datetime | None = None
     ready: bool = Field(default=False, description="Every member running and ready.")
     ready_since: datetime | None = Field(default=None, description="Since when, without interruption.")
+    served_at: datetime | None = Field(
+        default=None,
+        description="When this attempt first became ready: a later readiness drop is not a slow start "
+        "(the rollout's progress deadline counts only until then).",
+    )
     restarts: int = Field(default=0, ge=0, description="Restarts after a failure.")
     failures: int = Field(
         default=0, ge=0, description="Restarts since it last served: what tells a rollout that cannot start."
