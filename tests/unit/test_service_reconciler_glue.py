@@ -99,23 +99,12 @@ class AcceptingKube(RefusingKube):
         pass
 
 
-def test_a_group_with_a_newer_operator_s_field_keeps_its_running_pods() -> None:
-    """After a rollback of the operator (not of its CRD), a group entry holds a field this version does
-    not know: the group is kept (without that field), never taken for gone and its pods deleted."""
-    body = _service(1)
+def _serving_one_group(
+    body: dict[str, Any], node_status: Mapping[str, Any], now: float, **settings: Any
+) -> tuple[AcceptingKube, float | None, list[Mapping[str, Any]]]:
+    """One reconcile at ``now`` of ``body``, whose group 0 runs its member on n0 (``node_status``):
+    the fake API, what the reconcile returned, and the status patches it wrote."""
     current = revision(InferenceService.from_body(body).spec, ModelMount(claim_name="weights"))
-    body["status"] = {
-        "groups": [
-            {
-                "replica": 0,
-                "attempt": 0,
-                "revision": current,
-                "nodes": ["n0"],
-                "admittedAt": "2027-01-15T08:00:00Z",
-                "zone": "a",
-            }
-        ]
-    }
     member = _leftover_pod()
     member["metadata"]["labels"][names.LABEL_REVISION] = current
     kube = AcceptingKube()
@@ -126,8 +115,7 @@ def test_a_group_with_a_newer_operator_s_field_keeps_its_running_pods() -> None:
         return {**body, "status": dict(status)}
 
     kube.patch_service_status = patch  # type: ignore[method-assign]
-    ready = {"allocatable": {"nvidia.com/gpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]}
-    node = node_info({"metadata": {"name": "n0"}, "spec": {}, "status": ready})
+    node = node_info({"metadata": {"name": "n0"}, "spec": {}, "status": dict(node_status)})
     reconciler = InferenceServiceReconciler(
         kube=kube,  # type: ignore[arg-type]
         nodes={"n0": [node]},
@@ -137,9 +125,24 @@ def test_a_group_with_a_newer_operator_s_field_keeps_its_running_pods() -> None:
         claims={("ns", "weights"): [{}]},
         autoscalers={},
         wake_scheduler=lambda: None,
-        clock=lambda: NOW,
+        clock=lambda: now,
+        **settings,
     )
-    asyncio.run(reconciler.reconcile(KEY))
+    return kube, asyncio.run(reconciler.reconcile(KEY)), written
+
+
+def _group(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    current = revision(InferenceService.from_body(body).spec, ModelMount(claim_name="weights"))
+    return {"replica": 0, "attempt": 0, "revision": current, "nodes": ["n0"], **extra}
+
+
+def test_a_group_with_a_newer_operator_s_field_keeps_its_running_pods() -> None:
+    """After a rollback of the operator (not of its CRD), a group entry holds a field this version does
+    not know: the group is kept (without that field), never taken for gone and its pods deleted."""
+    body = _service(1)
+    body["status"] = {"groups": [_group(body, admittedAt="2027-01-15T08:00:00Z", zone="a")]}
+    ready = {"allocatable": {"nvidia.com/gpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]}
+    kube, _, written = _serving_one_group(body, ready, NOW)
     assert kube.deleted == []
     groups = [group for status in written for group in status.get("groups") or []]
     assert groups
@@ -150,46 +153,16 @@ def test_a_member_s_node_not_ready_restarts_its_group_only_when_the_grace_period
     """As for a TrainJob: a node not Ready for less than LARGO_NODE_LOST_SECONDS keeps the group, and
     the reconcile looks again when the grace ends; then the group restarts and its pod is removed."""
     body = _service(1)
-    current = revision(InferenceService.from_body(body).spec, ModelMount(claim_name="weights"))
-    group = {"replica": 0, "attempt": 0, "revision": current, "nodes": ["n0"]}
-    body["status"] = {"groups": [{**group, "admittedAt": "2027-01-15T08:00:00Z"}]}
-    member = _leftover_pod()
-    member["metadata"]["labels"][names.LABEL_REVISION] = current
+    body["status"] = {"groups": [_group(body, admittedAt="2027-01-15T08:00:00Z")]}
     not_ready = {
         "allocatable": {"nvidia.com/gpu": "8"},
         "conditions": [{"type": "Ready", "status": "Unknown", "lastTransitionTime": "2027-01-15T07:59:50Z"}],
     }
-    node = node_info({"metadata": {"name": "n0"}, "spec": {}, "status": not_ready})
-    assert node.not_ready_since == NOW - 10
-
-    def reconcile_at(now: float) -> tuple[AcceptingKube, float | None, list[Mapping[str, Any]]]:
-        kube = AcceptingKube()
-        written: list[Mapping[str, Any]] = []
-
-        async def patch(namespace: str, name: str, version: str | None, status: Mapping[str, Any]) -> Any:
-            written.append(status)
-            return {**body, "status": dict(status)}
-
-        kube.patch_service_status = patch  # type: ignore[method-assign]
-        reconciler = InferenceServiceReconciler(
-            kube=kube,  # type: ignore[arg-type]
-            nodes={"n0": [node]},
-            services={KEY: [service_entry(body)]},
-            pods={KEY: [member]},
-            trainjobs={},
-            claims={("ns", "weights"): [{}]},
-            autoscalers={},
-            wake_scheduler=lambda: None,
-            clock=lambda: now,
-            node_lost_after=60.0,
-        )
-        return kube, asyncio.run(reconciler.reconcile(KEY)), written
-
-    kube, again, written = reconcile_at(NOW)
+    kube, again, written = _serving_one_group(body, not_ready, NOW, node_lost_after=60.0)
     assert kube.deleted == []
-    assert again == 50
+    assert again == 50  # the node stopped being Ready 10 s ago
     assert all(g["attempt"] == 0 for status in written for g in status.get("groups") or [])
-    kube, _, written = reconcile_at(NOW + 50)
+    kube, _, written = _serving_one_group(body, not_ready, NOW + 50, node_lost_after=60.0)
     assert kube.deleted == [names.member_pod_name("chat", 0, 0)]
     assert [g["attempt"] for g in written[-1]["groups"]] == [1]
     assert "GroupRestarted" in kube.events

@@ -115,25 +115,22 @@ def plan_rollout(
         message = f"scaling to zero: retiring {len(retire)} group(s) {_ids(retire)}, {ready} of them ready"
         return RolloutStep(0, retire, updated, ready, False, "ScalingDown", message)
 
+    counts = f"{updated}/{desired} groups updated, {ready} ready, {total} in all"
+
+    def stalled(reason: str, worst: GroupState, why: str) -> RolloutStep:
+        message = f"group {worst.replica} at revision {revision} {why}: rollout stalled with {counts}"
+        return RolloutStep(0, (), updated, ready, True, reason, f"{message}; the others stay as they are")
+
     failing = [group for group in new if group.failed_restarts >= stall_after_restarts]
     if failing:
         worst = min(failing, key=lambda group: (-group.failed_restarts, group.replica))
-        message = (
-            f"group {worst.replica} at revision {revision} was restarted after failures "
-            f"{worst.failed_restarts} times (limit {stall_after_restarts}): rollout stalled with "
-            f"{updated}/{desired} groups updated, {ready} ready, {total} in all; the others stay as they are"
-        )
-        return RolloutStep(0, (), updated, ready, True, "RolloutStalled", message)
-
+        why = f"was restarted after failures {worst.failed_restarts} times (limit {stall_after_restarts})"
+        return stalled("RolloutStalled", worst, why)
     late = [g for g in new if progress_deadline is not None and g.unready_for >= progress_deadline]
     if late:
         worst = min(late, key=lambda group: (-group.unready_for, group.replica))
-        message = (
-            f"group {worst.replica} at revision {revision} did not become ready within "
-            f"progressDeadlineSeconds ({progress_deadline:g}s) of its admission: rollout stalled with "
-            f"{updated}/{desired} groups updated, {ready} ready, {total} in all; the others stay as they are"
-        )
-        return RolloutStep(0, (), updated, ready, True, "ProgressDeadlineExceeded", message)
+        why = f"did not become ready within progressDeadlineSeconds ({progress_deadline:g}s) of its admission"
+        return stalled("ProgressDeadlineExceeded", worst, why)
 
     if max_surge == 0 and max_unavailable == 0:
         max_unavailable = 1
