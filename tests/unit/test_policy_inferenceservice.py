@@ -1139,8 +1139,10 @@ def test_a_rollout_under_way_holds_a_newer_checkpoint_unless_it_stalls_or_fails(
     assert not rollout_under_way(loading, NOW, 20)
     # Waiting for GPUs (no nodes), or once served, or ready: nothing is loading.
     assert not rollout_under_way({**status, "groups": [{**new, "nodes": []}]}, NOW, 600)
-    served = {**new, "servedAt": timestamp(NOW - 10)}
-    assert not rollout_under_way({**status, "groups": [served]}, NOW, 600)
+    lost = {**new, "unreadySince": timestamp(NOW - 700)}  # ready once, not for longer than the deadline
+    assert not rollout_under_way({**status, "groups": [old, lost]}, NOW, 600)
+    # Old groups left while the new one still waits for GPUs: nothing moves, nothing is held.
+    assert not rollout_under_way({**status, "groups": [old, {**new, "nodes": []}]}, NOW, 600)
     assert not rollout_under_way({**status, "groups": [{**new, "ready": True}]}, NOW, 600)
     held = resolve_model(from_job(True), SERVED_500, trainjob(800), hold_newer=True)
     assert held.mount == AT_500
@@ -1170,9 +1172,9 @@ def test_a_rollback_to_an_older_checkpoint_is_said_in_a_warning() -> None:
 
 
 def test_a_new_group_that_served_then_blinked_does_not_trip_the_progress_deadline() -> None:
-    """The deadline is for a start: a group of the new revision that was ready once and drops its
-    readiness for a moment later is no slow start (it stalled the rollout with a Warning that it
-    "did not become ready")."""
+    """The deadline counts from the admission for a group never ready, and from its last readiness for
+    one that was: a blink later is no stall (it stalled the rollout with a Warning), but a readiness
+    lost for good is (a server that crash-loops under load stays Running: nothing restarts it)."""
     sim = ready_service(replicas=2, nodes=1, rollout={"progressDeadlineSeconds": 60, "minReadySeconds": 3600})
     sim.revision = REV_B
     for _ in range(4):  # the surge group is admitted and ready; minReadySeconds keeps the rollout going
@@ -1180,9 +1182,14 @@ def test_a_new_group_that_served_then_blinked_does_not_trip_the_progress_deadlin
     new = [g for g in sim.status["groups"] if g["revision"] == REV_B]
     assert len(new) == 1
     assert new[0]["ready"]
-    assert new[0]["servedAt"]
     sim.now += 120  # past the deadline since its admission
     sim.pods = {n: replace(p, ready=p.revision != REV_B) for n, p in sim.pods.items()}
     decision = sim.cycle()
     assert condition(decision.status, "Progressing")["status"] == "True"
     assert not [e for e in decision.events if e.reason == "ProgressDeadlineExceeded"]
+    for _ in range(15):  # 75 s more without readiness
+        sim.pods = {n: replace(p, ready=p.revision != REV_B) for n, p in sim.pods.items()}
+        sim.cycle()
+    progressing = condition(sim.status, "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("False", "ProgressDeadlineExceeded")
+    assert not rollout_under_way(sim.status, sim.now, 60)

@@ -108,3 +108,27 @@ def test_bytes_still_arriving_count_against_the_budget() -> None:
     assert statuses == [503, 503, 503]  # the other two held, then timed out
     assert router.registry.get_sample_value("largo_router_hold_overflows_total") == 1
     assert router.held_bytes == 0
+
+
+def test_a_body_that_does_not_arrive_gives_its_reservation_back() -> None:
+    """A client that declares a long body and sends none would hold its share of the budget for as
+    long as HAProxy keeps it (an hour): the read is bounded by the hold timeout (0.3 s here)."""
+    router = _router()
+
+    async def scenario() -> tuple[int, Any]:
+        never = asyncio.Event()
+        async with TestServer(activator_app(router)) as server, aiohttp.ClientSession() as session:
+
+            async def stalled() -> Any:
+                yield b"x" * 10
+                await never.wait()
+                yield b"x"
+
+            url = server.make_url("/v1/completions")
+            async with session.post(url, data=stalled(), headers={"Content-Length": "1000"}) as response:
+                return response.status, await response.json()
+
+    status, body = asyncio.run(scenario())
+    assert status == 408
+    assert "did not arrive within 0.3s" in body["error"]["message"]
+    assert router.held_bytes == 0

@@ -158,9 +158,11 @@ def test_a_member_s_node_not_ready_restarts_its_group_only_when_the_grace_period
         "allocatable": {"nvidia.com/gpu": "8"},
         "conditions": [{"type": "Ready", "status": "Unknown", "lastTransitionTime": "2027-01-15T07:59:50Z"}],
     }
+    node = node_info({"metadata": {"name": "n0"}, "spec": {}, "status": not_ready})
+    assert node.not_ready_since == NOW - 10
     kube, again, written = _serving_one_group(body, not_ready, NOW, node_lost_after=60.0)
     assert kube.deleted == []
-    assert again == 50  # the node stopped being Ready 10 s ago
+    assert again == 50  # 60 s of grace, 10 of them gone
     assert all(g["attempt"] == 0 for status in written for g in status.get("groups") or [])
     kube, _, written = _serving_one_group(body, not_ready, NOW + 50, node_lost_after=60.0)
     assert kube.deleted == [names.member_pod_name("chat", 0, 0)]

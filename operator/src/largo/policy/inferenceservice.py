@@ -58,8 +58,9 @@ class ModelResolution:
 
 def rollout_under_way(status: Mapping[str, Any], now: float, deadline: float) -> bool:
     """Whether the service is still moving to its current revision, and well: old groups are still
-    being replaced, or groups of it are loading (admitted, never ready yet, within ``deadline``);
-    Progressing is not False (stalled) and no group of it failed since it last served. A followed
+    being replaced, or groups of it are loading (admitted, not ready, within ``deadline``), while some
+    group of it has GPUs and is within its deadline; Progressing is not False (stalled) and no group
+    of it failed since it last served. A followed
     checkpoint waits for it: each newer step retired the half-loaded groups of the one before, so
     checkpoints written faster than a model loads were never served. Groups waiting for GPUs, a
     stalled or failing rollout, or one past its deadline hold nothing back."""
@@ -72,6 +73,10 @@ def rollout_under_way(status: Mapping[str, Any], now: float, deadline: float) ->
     live = [group for group in status.get("groups") or [] if not group.get("retiring")]
     current = [group for group in live if group.get("revision") == revision]
     if any(group.get("failures") for group in current):
+        return False
+    # Only groups of it that have GPUs and are within their deadline move it on: one waiting for
+    # GPUs may wait for ever, and one past its deadline is stuck.
+    if not any(group.get("nodes") and _unready_for(group, now) < deadline for group in current):
         return False
     replacing = any(group.get("revision") != revision for group in live)
     loading = any(0 < _unready_for(group, now) < deadline for group in current)
@@ -345,12 +350,13 @@ class ServiceView:
 
 
 def _unready_for(group: Mapping[str, Any], now: float) -> float:
-    """Seconds since the group was admitted while it has not been ready yet in this attempt (0 when
-    it is or was ready, or is not admitted): how long it has been starting."""
-    admitted = parse_timestamp(group.get("admittedAt"))
-    if group.get("ready") or group.get("servedAt") or not group.get("nodes") or admitted is None:
+    """Seconds the admitted group has not been ready: since its admission if it never was in this
+    attempt, else since it last stopped being ready (a blink is not a slow start; a readiness lost for
+    good is as stuck as one never reached). 0 when ready or not admitted."""
+    since = parse_timestamp(group.get("unreadySince")) or parse_timestamp(group.get("admittedAt"))
+    if group.get("ready") or not group.get("nodes") or since is None:
         return 0.0
-    return max(0.0, now - admitted)
+    return max(0.0, now - since)
 
 
 def _backoff(failures: int) -> float:
@@ -477,7 +483,7 @@ def plan(
                 restarts=restarts,
                 failures=failures,
                 admittedAt=None,
-                servedAt=None,
+                unreadySince=None,
                 restartAfter=timestamp(after),
                 queuedAt=timestamp(after),
             )
@@ -509,11 +515,12 @@ def plan(
             p.phase == "Running" and p.ready for p in current.values()
         )
         if not group["ready"]:
-            group.pop("readySince", None)
-        elif not group.get("readySince"):
-            group["readySince"] = timestamp(now)
-        if group["ready"] and not group.get("servedAt"):
-            group["servedAt"] = timestamp(now)
+            if group.pop("readySince", None) and not group.get("unreadySince"):
+                group["unreadySince"] = timestamp(now)
+        else:
+            group.pop("unreadySince", None)
+            if not group.get("readySince"):
+                group["readySince"] = timestamp(now)
         if group.get("failures") and _available(group, spec.rollout.min_ready_seconds, now):
             # Serving (for minReadySeconds): earlier failures no longer say the group cannot start.
             group["failures"] = 0

@@ -24,9 +24,10 @@ The rules, in the order they apply:
   always allowed. Old-revision groups go first, not-ready before ready, then the highest replica id
   first; then, when more groups are at the new revision than ``desired`` (a scale-down), the surplus
   goes, not-ready first, then the highest replica id.
-- Past its deadline: a group at the new revision admitted ``progress_deadline`` seconds ago or more
-  and still not ready (an image that cannot be pulled, a readiness that never passes: nothing that
-  restarts it) stalls the step the same way, as a Deployment's progressDeadlineSeconds.
+- Past its deadline: a group at the new revision not ready for ``progress_deadline`` seconds (since
+  its admission, or since it last was ready: an image that cannot be pulled, a readiness that never
+  passes or was lost for good, nothing that restarts it) stalls the step the same way, as a
+  Deployment's progressDeadlineSeconds.
 - ``max_surge == max_unavailable == 0`` could never replace a group, so ``max_unavailable`` is taken
   as 1, as a Deployment refuses both zero.
 
@@ -129,7 +130,7 @@ def plan_rollout(
     late = [g for g in new if progress_deadline is not None and g.unready_for >= progress_deadline]
     if late:
         worst = min(late, key=lambda group: (-group.unready_for, group.replica))
-        why = f"did not become ready within progressDeadlineSeconds ({progress_deadline:g}s) of its admission"
+        why = f"has not been ready for progressDeadlineSeconds ({progress_deadline:g}s)"
         return stalled("ProgressDeadlineExceeded", worst, why)
 
     if max_surge == 0 and max_unavailable == 0:

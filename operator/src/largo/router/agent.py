@@ -262,22 +262,28 @@ class Router:
             return _too_large(limit)
         # Bytes are counted as they arrive (the declared length up front), so that concurrent uploads
         # cannot buffer more than the budget before any of them is checked.
-        reserved = 0
+        reserved = request.content_length or 0
+        if not self._reserve(reserved):
+            return self._full()
         try:
             chunks: list[bytes] = []
             size = 0
-            if not self._reserve(request.content_length or 0):
-                return self._full()
-            reserved = request.content_length or 0
-            async for chunk in request.content.iter_chunked(64 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    return _too_large(limit)
-                if size > reserved:
-                    if not self._reserve(size - reserved):
-                        return self._full()
-                    reserved = size
-                chunks.append(chunk)
+            try:
+                # A body that does not arrive within the hold timeout gives its reservation back
+                # (HAProxy would keep an idle client for its own timeout, an hour).
+                async with asyncio.timeout(self.args.hold_timeout):
+                    async for chunk in request.content.iter_chunked(64 * 1024):
+                        size += len(chunk)
+                        if size > limit:
+                            return _too_large(limit)
+                        if size > reserved:
+                            if not self._reserve(size - reserved):
+                                return self._full()
+                            reserved = size
+                        chunks.append(chunk)
+            except TimeoutError:
+                message = f"the request body did not arrive within {self.args.hold_timeout:g}s"
+                return _error(408, "request_timeout", message)
             return await self._forward_when_ready(request, b"".join(chunks))
         finally:
             self.held_bytes -= reserved
@@ -372,10 +378,17 @@ class Router:
         return web.Response(status=200 if ready else 503, text="ready" if ready else "not synced yet")
 
 
+def _error(status: int, kind: str, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
 def _too_large(limit: int) -> web.Response:
-    message = f"the request body is over the {limit} bytes a request may hold while no replica is ready"
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": 413}}
-    return web.Response(status=413, text=json.dumps(body), content_type="application/json")
+    return _error(
+        413,
+        "invalid_request_error",
+        f"the request body is over the {limit} bytes a request may hold while no replica is ready",
+    )
 
 
 def _unavailable(message: str) -> web.Response:

@@ -449,10 +449,10 @@ class GroupStatus(StatusModel):
     admitted_at: datetime | None = None
     ready: bool = Field(default=False, description="Every member running and ready.")
     ready_since: datetime | None = Field(default=None, description="Since when, without interruption.")
-    served_at: datetime | None = Field(
+    unready_since: datetime | None = Field(
         default=None,
-        description="When this attempt first became ready: a later readiness drop is not a slow start "
-        "(the rollout's progress deadline counts only until then).",
+        description="Since when a group that was ready is not: the rollout's progress deadline counts "
+        "from then (from its admission for one never ready yet).",
     )
     restarts: int = Field(default=0, ge=0, description="Restarts after a failure.")
     failures: int = Field(
