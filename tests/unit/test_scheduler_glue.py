@@ -487,3 +487,24 @@ def test_a_waiting_job_s_detail_alone_is_rewritten_at_most_every_refresh_period(
     again(2)
     assert len(kube.writes) == 2
     assert kube.writes[-1][1]["queue"]["message"] != told["message"]
+
+
+def test_failed_passes_back_off_to_thirty_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API server down for minutes was retried every second, each time with a traceback."""
+    delays: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        if len(delays) == 7:
+            raise asyncio.CancelledError
+
+    async def failing() -> None:
+        raise OSError("connection refused")
+
+    scheduler = _scheduler(FakeKube(), [_node("n0")], [])
+    scheduler.run_pass = failing  # type: ignore[method-assign]
+    scheduler.wake()
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(scheduler.run(resync=0.01))
+    assert delays == [1, 2, 4, 8, 16, 30, 30]

@@ -40,6 +40,9 @@ from largo.sched.types import NodeInfo, Placement, Waiting, WaitReason, checkpoi
 
 logger = logging.getLogger(__name__)
 
+# Back-off of failed scheduling passes.
+PASS_RETRY_SECONDS = 1.0
+PASS_RETRY_MAX_SECONDS = 30.0
 # How often a waiting job's queue message is rewritten when only its detail (the room left) changed.
 QUEUE_MESSAGE_REFRESH_SECONDS = 30.0
 
@@ -107,6 +110,7 @@ class Scheduler:
         self._wake.set()
 
     async def run(self, resync: float = 30.0) -> None:
+        failures = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), resync)
@@ -119,15 +123,24 @@ class Scheduler:
                 await self.run_pass()
             except asyncio.CancelledError:
                 raise
-            except Retry as reason:
-                logger.info("gang scheduling pass: %s; retrying", reason)
-                await asyncio.sleep(1.0)
+            except Exception as error:
+                failures += 1
+                # 1 s, doubling to at most 30 s: an API server down for minutes is retried, not
+                # hammered, and its first failure alone is logged with a traceback.
+                delay = min(PASS_RETRY_SECONDS * 2 ** min(failures - 1, 16), PASS_RETRY_MAX_SECONDS)
+                if isinstance(error, Retry) or failures > 1:
+                    logger.warning(
+                        "gang scheduling pass failed (%d in a row): %s; retrying in %gs",
+                        failures,
+                        error,
+                        delay,
+                    )
+                else:
+                    logger.exception("gang scheduling pass failed; retrying in %gs", delay)
+                await asyncio.sleep(delay)
                 self._wake.set()
                 continue
-            except Exception:
-                logger.exception("gang scheduling pass failed; retrying")
-                await asyncio.sleep(1.0)
-                self._wake.set()
+            failures = 0
 
     def usage(
         self, entries: Iterable[JobEntry], services: Iterable[ServiceEntry] = ()
