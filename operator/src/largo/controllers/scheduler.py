@@ -123,12 +123,18 @@ class Scheduler:
                 await self.run_pass()
             except asyncio.CancelledError:
                 raise
+            except Retry as reason:
+                # Expected and soon over (a write that conflicted): looked at again in a second.
+                logger.info("gang scheduling pass: %s; retrying", reason)
+                await asyncio.sleep(PASS_RETRY_SECONDS)
+                self._wake.set()
+                continue
             except Exception as error:
                 failures += 1
                 # 1 s, doubling to at most 30 s: an API server down for minutes is retried, not
-                # hammered, and its first failure alone is logged with a traceback.
+                # hammered, and only the first failure of a run is logged with a traceback.
                 delay = min(PASS_RETRY_SECONDS * 2 ** min(failures - 1, 16), PASS_RETRY_MAX_SECONDS)
-                if isinstance(error, Retry) or failures > 1:
+                if failures > 1:
                     logger.warning(
                         "gang scheduling pass failed (%d in a row): %s; retrying in %gs",
                         failures,
