@@ -423,7 +423,7 @@ async def node_changed(
     seen[name] = info
     memo.scheduler.wake()
     recovered = before is not None and not before.usable
-    if info is None or not info.usable or info.out_of_service or recovered:
+    if info is None or not info.usable or recovered:
         # Jobs with pods or placements on this node must notice at once, not at the next resync: a
         # node gone, out of service or not Ready (its grace starts), or Ready again (said on the job).
         for store in kwargs["trainjob_queue"].values():
