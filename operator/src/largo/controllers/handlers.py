@@ -19,6 +19,7 @@ from typing import Any
 import kopf
 
 from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_KIND, SERVICE_PLURAL, VERSION, Phase
+from largo.controllers import freshness
 from largo.controllers.autoscaler import Autoscaler
 from largo.controllers.inferenceservice import InferenceServiceReconciler
 from largo.controllers.kube import COMPONENT, Kube
@@ -216,6 +217,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
             supervised(services.run(serving.reconcile, workers), "largo-service-workers"),
             supervised(autoscaler.run(), "largo-autoscaler"),
         ]
+        # Indexes kept by a standby that was cut off for long may hold objects long gone.
+        memo.tasks.append(
+            asyncio.create_task(
+                freshness.verify(lambda: freshness.indexed(kwargs), kube.list_identities, stale_indexes),
+                name="largo-index-check",
+            )
+        )
         for store in kwargs["trainjob_queue"].values():
             for entry in store:
                 jobs.add(entry.key)
@@ -250,6 +258,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
 def exit_process() -> None:
     logging.shutdown()
     os._exit(1)
+
+
+def stale_indexes(found: Mapping[str, set[str]]) -> None:
+    logger.critical(
+        "the indexes hold objects the API server no longer has (%s), deleted while a watch was cut: "
+        "exiting to start again with fresh ones",
+        freshness.describe(found),
+    )
+    exit_process()
 
 
 async def _snapshot(indexes: Mapping[str, Any]) -> Snapshot:

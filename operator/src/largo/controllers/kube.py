@@ -95,6 +95,8 @@ def controller_uid(metadata: Mapping[str, Any]) -> str | None:
 # A write's connect and read timeouts (seconds).
 WRITE_CONNECT_SECONDS = 2.0
 WRITE_READ_SECONDS = 30.0
+# A cluster-wide list of every pod can take a while on a large cluster.
+LIST_READ_SECONDS = 120.0
 
 
 class Kube:
@@ -124,6 +126,35 @@ class Kube:
             return call(*args, **kwargs, _request_timeout=(WRITE_CONNECT_SECONDS, WRITE_READ_SECONDS))
 
         return await asyncio.to_thread(fenced)
+
+    async def list_identities(self) -> dict[str, set[str]]:
+        """The UIDs of every pod, TrainJob and InferenceService, and the names of the nodes, as the API
+        server has them now (``freshness``); read as plain JSON, not as client models."""
+
+        def read() -> dict[str, set[str]]:
+            timeout = (WRITE_CONNECT_SECONDS, LIST_READ_SECONDS)
+
+            def items(response: Any) -> list[dict[str, Any]]:
+                listed: list[dict[str, Any]] = json.loads(response.data)["items"]
+                return listed
+
+            pods = self.core.list_pod_for_all_namespaces(_preload_content=False, _request_timeout=timeout)
+            nodes = self.core.list_node(_preload_content=False, _request_timeout=timeout)
+
+            def custom(plural: str) -> Any:
+                return self.custom.list_cluster_custom_object(
+                    GROUP, VERSION, plural, _preload_content=False, _request_timeout=timeout
+                )
+
+            jobs, services = custom(PLURAL), custom(SERVICE_PLURAL)
+            return {
+                "pods": {item["metadata"]["uid"] for item in items(pods)},
+                "nodes": {item["metadata"]["name"] for item in items(nodes)},
+                "trainjobs": {item["metadata"]["uid"] for item in items(jobs)},
+                "inferenceservices": {item["metadata"]["uid"] for item in items(services)},
+            }
+
+        return await asyncio.to_thread(read)
 
     @classmethod
     def from_environment(cls, gate: LeaderGate | None = None, field_manager: str = COMPONENT) -> Kube:

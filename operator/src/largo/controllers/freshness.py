@@ -1,0 +1,81 @@
+"""The indexes checked against the API server when a replica comes to lead.
+
+kopf removes an index entry only on a DELETED event. After a watch cut for longer than etcd's
+compaction window (about 5 minutes), it lists again, but an object deleted meanwhile never sends its
+DELETED event, so it stays in the indexes: a deleted pod's GPUs counted as held, a deleted job's
+placement reserved, until the process restarts. A leader so cut off loses its Lease and exits; a
+standby that was cut off and later leads would not. So a new leader lists what its decisions rest on
+(pods, nodes, TrainJobs, InferenceServices) and compares: entries of objects that are gone twice, a
+few seconds apart (an object deleted or created at the moment of the list is in one listing and not
+the other), mean stale indexes, and the process exits to start over with fresh ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from largo.controllers.scheduler import index_values
+
+logger = logging.getLogger(__name__)
+
+# Identities by kind: UIDs for namespaced objects, names for nodes (the node index is keyed by name).
+Identities = Mapping[str, set[str]]
+
+# How long a DELETED event already on its way may take to reach the indexes.
+SETTLE_SECONDS = 10.0
+
+
+def indexed(indexes: Mapping[str, Any]) -> dict[str, set[str]]:
+    """What the indexes hold, by kind."""
+
+    def uid(value: Any) -> str:
+        # Entries (PodUsage, JobEntry, ServiceEntry) carry the UID; the pod indexes hold the bodies.
+        return str(value.uid) if hasattr(value, "uid") else str(value["metadata"]["uid"])
+
+    def uids(*names: str) -> set[str]:
+        return {uid(value) for name in names for value in index_values(indexes[name])}
+
+    return {
+        "pods": uids("pod_inventory", "trainjob_pods", "service_pods", "service_routers"),
+        "nodes": {str(name) for name in indexes["node_inventory"]},
+        "trainjobs": uids("trainjob_queue"),
+        "inferenceservices": uids("service_queue"),
+    }
+
+
+def stale(held: Identities, listed: Identities) -> dict[str, set[str]]:
+    """Entries of the indexes whose object the listing does not have, by kind."""
+    gone = {kind: held[kind] - listed.get(kind, set()) for kind in held}
+    return {kind: found for kind, found in gone.items() if found}
+
+
+async def verify(
+    read_indexes: Callable[[], Identities],
+    list_objects: Callable[[], Awaitable[Identities]],
+    on_stale: Callable[[Mapping[str, set[str]]], None],
+    settle: float = SETTLE_SECONDS,
+) -> Mapping[str, set[str]]:
+    """Calls ``on_stale`` with the entries gone from two listings ``settle`` seconds apart and
+    still indexed; returns them (empty when the indexes are fresh). A listing that fails proves
+    nothing: the check ends there, logged."""
+    try:
+        first = stale(read_indexes(), await list_objects())
+        if not first:
+            return {}
+        await asyncio.sleep(settle)
+        second = stale(read_indexes(), await list_objects())
+    except Exception as error:  # an API hiccup at takeover is no reason to stop leading
+        logger.warning("could not check the indexes against the API server: %s", error)
+        return {}
+    persisting = {kind: first[kind] & second.get(kind, set()) for kind in first}
+    persisting = {kind: found for kind, found in persisting.items() if found}
+    if persisting:
+        on_stale(persisting)
+    return persisting
+
+
+def describe(found: Mapping[str, set[str]]) -> str:
+    return ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(found.items()))

@@ -1,0 +1,83 @@
+"""A new leader's indexes against the API server: entries of objects gone in two listings a few
+seconds apart mean a watch missed their deletion (kopf drops an index entry only on a DELETED
+event), and the process starts over; an object deleted or created at the moment of a list, or a
+listing that fails, is no reason to."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from largo.controllers.freshness import Identities, describe, indexed, stale, verify
+from largo.controllers.state import PodUsage
+
+LISTED = {"pods": {"p1", "p2"}, "nodes": {"n0"}, "trainjobs": {"j1"}, "inferenceservices": {"s1"}}
+
+
+def _run(held: list[Identities], listings: list[Identities | Exception]) -> tuple[Any, list[Any]]:
+    told: list[Mapping[str, set[str]]] = []
+    reads, lists = iter(held), iter(listings)
+
+    async def list_objects() -> Identities:
+        listing = next(lists)
+        if isinstance(listing, Exception):
+            raise listing
+        return listing
+
+    found = asyncio.run(verify(lambda: next(reads), list_objects, told.append, settle=0))
+    return found, told
+
+
+def test_fresh_indexes_are_left_alone() -> None:
+    found, told = _run([LISTED], [LISTED])
+    assert (found, told) == ({}, [])
+
+
+def test_entries_of_objects_gone_in_both_listings_end_the_process() -> None:
+    held = {**LISTED, "pods": {"p1", "p2", "gone"}, "trainjobs": {"j1", "old-job"}}
+    found, told = _run([held, held], [LISTED, LISTED])
+    assert found == {"pods": {"gone"}, "trainjobs": {"old-job"}}
+    assert told == [found]
+    assert describe(found) == "1 pods, 1 trainjobs"
+
+
+def test_an_object_created_at_the_moment_of_the_first_list_is_no_stale_entry() -> None:
+    held = {**LISTED, "pods": {"p1", "p2", "new"}}
+    found, told = _run([held, held], [LISTED, {**LISTED, "pods": {"p1", "p2", "new"}}])
+    assert (found, told) == ({}, [])
+
+
+def test_an_object_whose_deletion_was_on_its_way_is_no_stale_entry() -> None:
+    held = {**LISTED, "pods": {"p1", "p2", "leaving"}}
+    found, told = _run([held, LISTED], [LISTED, LISTED])  # its DELETED event arrived meanwhile
+    assert (found, told) == ({}, [])
+
+
+def test_a_listing_that_fails_proves_nothing() -> None:
+    held = {**LISTED, "pods": {"p1", "p2", "gone"}}
+    found, told = _run([held], [OSError("connection refused")])
+    assert (found, told) == ({}, [])
+
+
+def test_what_the_indexes_hold_is_read_from_their_entries_and_bodies() -> None:
+    class Entry:
+        def __init__(self, uid: str) -> None:
+            self.uid = uid
+
+    indexes = {
+        "pod_inventory": {"n0": [PodUsage("p1", {})]},
+        "trainjob_pods": {("ns", "j"): [{"metadata": {"uid": "p2"}}]},
+        "service_pods": {("ns", "s"): [{"metadata": {"uid": "p3"}}]},
+        "service_routers": {},
+        "node_inventory": {"n0": [object()], "n1": [object()]},
+        "trainjob_queue": {("ns", "j"): [Entry("j1")]},
+        "service_queue": {("ns", "s"): [Entry("s1")]},
+    }
+    assert indexed(indexes) == {
+        "pods": {"p1", "p2", "p3"},
+        "nodes": {"n0", "n1"},
+        "trainjobs": {"j1"},
+        "inferenceservices": {"s1"},
+    }
+    assert stale(indexed(indexes), LISTED) == {"pods": {"p3"}, "nodes": {"n1"}}
