@@ -81,3 +81,43 @@ def test_what_the_indexes_hold_is_read_from_their_entries_and_bodies() -> None:
         "inferenceservices": {"s1"},
     }
     assert stale(indexed(indexes), LISTED) == {"pods": {"p3"}, "nodes": {"n1"}}
+
+
+def test_the_api_server_s_objects_are_read_page_by_page_keeping_only_their_identities() -> None:
+    """A large cluster's pods in one list, whole, took the operator's memory (1 GiB from ~12k pods)."""
+    import json
+    from types import SimpleNamespace
+
+    from largo.controllers.kube import LIST_PAGE, Kube
+    from largo.controllers.leader import LeaderGate
+
+    calls: list[tuple[Any, ...]] = []
+
+    def pages(kind: str, key: str, total: int) -> Any:
+        def call(*args: Any, limit: int, _continue: str | None, **_: Any) -> Any:
+            calls.append((kind, limit, _continue))
+            start = int(_continue or 0)
+            items = [{"metadata": {key: f"{kind}-{i}"}} for i in range(start, min(start + limit, total))]
+            token = str(start + limit) if start + limit < total else None
+            return SimpleNamespace(data=json.dumps({"items": items, "metadata": {"continue": token}}))
+
+        return call
+
+    kube = Kube.__new__(Kube)
+    kube.gate = LeaderGate()
+    kube.core = SimpleNamespace(  # type: ignore[assignment]
+        list_pod_for_all_namespaces=pages("pod", "uid", 1200), list_node=pages("node", "name", 3)
+    )
+    jobs, services = pages("job", "uid", 2), pages("service", "uid", 0)
+    kube.custom = SimpleNamespace(  # type: ignore[assignment]
+        list_cluster_custom_object=lambda group, version, plural, **kw: (
+            jobs if plural == "trainjobs" else services
+        )(**kw)
+    )
+    found = asyncio.run(kube.list_identities())
+    assert len(found["pods"]) == 1200
+    assert found["nodes"] == {"node-0", "node-1", "node-2"}
+    assert found["trainjobs"] == {"job-0", "job-1"}
+    assert found["inferenceservices"] == set()
+    pod_pages = [token for kind, limit, token in calls if kind == "pod" and limit == LIST_PAGE]
+    assert pod_pages == [None, "500", "1000"]

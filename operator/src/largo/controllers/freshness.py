@@ -5,9 +5,11 @@ compaction window (about 5 minutes), it lists again, but an object deleted meanw
 DELETED event, so it stays in the indexes: a deleted pod's GPUs counted as held, a deleted job's
 placement reserved, until the process restarts. A leader so cut off loses its Lease and exits; a
 standby that was cut off and later leads would not. So a new leader lists what its decisions rest on
-(pods, nodes, TrainJobs, InferenceServices) and compares: entries of objects that are gone twice, a
-few seconds apart (an object deleted or created at the moment of the list is in one listing and not
-the other), mean stale indexes, and the process exits to start over with fresh ones.
+(pods, nodes, TrainJobs, InferenceServices) and compares: entries of objects that are gone from two
+listings, longer apart than a stalled watch takes to reconnect (an object deleted or created at the
+moment of a list is in one listing and not the other), mean stale indexes, and the process exits to
+start over with fresh ones. The scheduler and the workers run meanwhile: a stale entry mostly
+over-counts the GPUs held, and delaying every takeover by the check would cost more.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ logger = logging.getLogger(__name__)
 # Identities by kind: UIDs for namespaced objects, names for nodes (the node index is keyed by name).
 Identities = Mapping[str, set[str]]
 
-# How long a DELETED event already on its way may take to reach the indexes.
-SETTLE_SECONDS = 10.0
+# Beyond the watch-inactivity timeout (LARGO_WATCH_INACTIVITY_SECONDS): how long a DELETED event
+# already on its way may take to reach the indexes, a silently stalled watch included (kopf
+# reconnects one after that timeout, and a takeover often follows network trouble).
+SETTLE_MARGIN_SECONDS = 30.0
 
 
 def indexed(indexes: Mapping[str, Any]) -> dict[str, set[str]]:
@@ -56,7 +60,7 @@ async def verify(
     read_indexes: Callable[[], Identities],
     list_objects: Callable[[], Awaitable[Identities]],
     on_stale: Callable[[Mapping[str, set[str]]], None],
-    settle: float = SETTLE_SECONDS,
+    settle: float,
 ) -> Mapping[str, set[str]]:
     """Calls ``on_stale`` with the entries gone from two listings ``settle`` seconds apart and
     still indexed; returns them (empty when the indexes are fresh). A listing that fails proves

@@ -220,7 +220,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         # Indexes kept by a standby that was cut off for long may hold objects long gone.
         memo.tasks.append(
             asyncio.create_task(
-                freshness.verify(lambda: freshness.indexed(kwargs), kube.list_identities, stale_indexes),
+                freshness.verify(
+                    lambda: freshness.indexed(kwargs),
+                    kube.list_identities,
+                    stale_indexes,
+                    settle=largo.watch_inactivity_seconds + freshness.SETTLE_MARGIN_SECONDS,
+                ),
                 name="largo-index-check",
             )
         )

@@ -95,8 +95,9 @@ def controller_uid(metadata: Mapping[str, Any]) -> str | None:
 # A write's connect and read timeouts (seconds).
 WRITE_CONNECT_SECONDS = 2.0
 WRITE_READ_SECONDS = 30.0
-# A cluster-wide list of every pod can take a while on a large cluster.
-LIST_READ_SECONDS = 120.0
+# A page of a cluster-wide list, and how long it may take.
+LIST_PAGE = 500
+LIST_READ_SECONDS = 60.0
 
 
 class Kube:
@@ -129,29 +130,34 @@ class Kube:
 
     async def list_identities(self) -> dict[str, set[str]]:
         """The UIDs of every pod, TrainJob and InferenceService, and the names of the nodes, as the API
-        server has them now (``freshness``); read as plain JSON, not as client models."""
+        server has them now (``freshness``). Read in pages of LIST_PAGE as plain JSON, keeping only
+        the identities: a large cluster's pods whole would take the operator's memory, and parsing
+        them at once would hold the interpreter past the Lease's renew deadline."""
+
+        def identities(call: Callable[..., Any], key: str, *args: str) -> set[str]:
+            found: set[str] = set()
+            token: str | None = None
+            while True:
+                response = call(
+                    *args,
+                    limit=LIST_PAGE,
+                    _continue=token,
+                    _preload_content=False,
+                    _request_timeout=(WRITE_CONNECT_SECONDS, LIST_READ_SECONDS),
+                )
+                page = json.loads(response.data)
+                found.update(item["metadata"][key] for item in page["items"])
+                token = (page.get("metadata") or {}).get("continue")
+                if not token:
+                    return found
 
         def read() -> dict[str, set[str]]:
-            timeout = (WRITE_CONNECT_SECONDS, LIST_READ_SECONDS)
-
-            def items(response: Any) -> list[dict[str, Any]]:
-                listed: list[dict[str, Any]] = json.loads(response.data)["items"]
-                return listed
-
-            pods = self.core.list_pod_for_all_namespaces(_preload_content=False, _request_timeout=timeout)
-            nodes = self.core.list_node(_preload_content=False, _request_timeout=timeout)
-
-            def custom(plural: str) -> Any:
-                return self.custom.list_cluster_custom_object(
-                    GROUP, VERSION, plural, _preload_content=False, _request_timeout=timeout
-                )
-
-            jobs, services = custom(PLURAL), custom(SERVICE_PLURAL)
+            custom = self.custom.list_cluster_custom_object
             return {
-                "pods": {item["metadata"]["uid"] for item in items(pods)},
-                "nodes": {item["metadata"]["name"] for item in items(nodes)},
-                "trainjobs": {item["metadata"]["uid"] for item in items(jobs)},
-                "inferenceservices": {item["metadata"]["uid"] for item in items(services)},
+                "pods": identities(self.core.list_pod_for_all_namespaces, "uid"),
+                "nodes": identities(self.core.list_node, "name"),
+                "trainjobs": identities(custom, "uid", GROUP, VERSION, PLURAL),
+                "inferenceservices": identities(custom, "uid", GROUP, VERSION, SERVICE_PLURAL),
             }
 
         return await asyncio.to_thread(read)
