@@ -24,7 +24,7 @@ from largo.api.v1alpha1 import (
 from largo.controllers.autoscaler import ANNOTATION_SCALING
 from largo.controllers.kube import ConflictError, CreateRefused, Kube
 from largo.controllers.objects import newer, owned, status_patch
-from largo.controllers.scheduler import KeyedIndex
+from largo.controllers.scheduler import KeyedIndex, node_lookup
 from largo.controllers.state import JobKey, ServiceEntry
 from largo.manifests import inferenceservice as build
 from largo.manifests import names, router
@@ -39,7 +39,7 @@ from largo.policy.inferenceservice import (
     resolve_model,
     rollout_under_way,
 )
-from largo.sched.types import NodeInfo, node_health
+from largo.sched.types import node_health
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,6 @@ class InferenceServiceReconciler:
     def _latest(self, key: JobKey) -> ServiceEntry | None:
         entries: list[ServiceEntry] = list(self.services.get(key) or [])
         return entries[-1] if entries else None
-
-    def _node(self, name: str) -> NodeInfo | None:
-        infos: list[NodeInfo] = list(self.nodes.get(name) or [])
-        return infos[-1] if infos else None
 
     async def reconcile(self, key: JobKey) -> float | None:
         entry = self._latest(key)
@@ -139,9 +135,8 @@ class InferenceServiceReconciler:
             sweep_leftovers=readable,
         )
         now = self.clock()
-        nodes = node_health(
-            placed | {m.node_name for m in members if m.node_name}, self._node, now, self.node_lost_after
-        )
+        used = placed | {m.node_name for m in members if m.node_name}
+        nodes = node_health(used, node_lookup(self.nodes), now, self.node_lost_after)
         decision = plan(
             view,
             resolution,

@@ -63,6 +63,16 @@ def index_values(index: IndexLike) -> list[Any]:
     return [value for store in index.values() for value in store]
 
 
+def node_lookup(nodes: KeyedIndex) -> Callable[[str], NodeInfo | None]:
+    """A node's entry in the node inventory by name; None for a node that is gone."""
+
+    def lookup(name: str) -> NodeInfo | None:
+        infos: list[NodeInfo] = list(nodes.get(name) or [])
+        return infos[-1] if infos else None
+
+    return lookup
+
+
 @dataclass
 class _Admission:
     attempt: int

@@ -16,13 +16,13 @@ from typing import Any
 from largo.api.v1alpha1 import ConditionType, Phase, Reason
 from largo.controllers.kube import ConflictError, CreateRefused, Kube
 from largo.controllers.objects import newer, owned, status_patch
-from largo.controllers.scheduler import KeyedIndex
+from largo.controllers.scheduler import KeyedIndex, node_lookup
 from largo.controllers.state import JobEntry, JobKey
 from largo.manifests import trainjob as build
 from largo.policy.conditions import parse_timestamp, set_condition
 from largo.policy.progress import ReadReport, read_report
 from largo.policy.trainjob import JobView, Plan, Timings, counts_only, creation_refused, plan, pod_view
-from largo.sched.types import NodeHealth, NodeInfo, node_health
+from largo.sched.types import NodeHealth, node_health
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,7 @@ class TrainJobReconciler:
 
     def node_health(self, names: Iterable[str], now: float) -> NodeHealth:
         """Which of ``names`` are lost or unusable now (``sched.types.node_health``)."""
-        return node_health(names, self._node, now, self.timings.node_lost_after)
-
-    def _node(self, name: str) -> NodeInfo | None:
-        infos: list[NodeInfo] = list(self.nodes.get(name) or [])
-        return infos[-1] if infos else None
+        return node_health(names, node_lookup(self.nodes), now, self.timings.node_lost_after)
 
     def _latest(self, key: JobKey) -> JobEntry | None:
         store = self.jobs.get(key)

@@ -61,21 +61,18 @@ def replica_load(
 ) -> tuple[float | None, Counter | None]:
     """(the load to sample, the counter to keep for the next scrape). The load is None when the text
     lacks the series, cannot be parsed, or (requests per second) there is no earlier scrape yet."""
-    try:
-        if metric is ScalingMetric.IN_FLIGHT:
-            names = IN_FLIGHT[runtime]
-            sums = _sums(text, names)
-            total = sum(sums.values())
-            if not sums or not math.isfinite(total):
-                return None, previous
-            return total, previous
-        name = FINISHED[runtime]
-        sums = _sums(text, (name,))
-    except ValueError:
+    if metric is ScalingMetric.IN_FLIGHT:
+        try:
+            sums = _sums(text, IN_FLIGHT[runtime])
+        except ValueError:
+            return None, previous
+        total = sum(sums.values())
+        if not sums or not math.isfinite(total):
+            return None, previous
+        return total, previous
+    counter = finished_counter(text, runtime, now)
+    if counter is None:
         return None, previous
-    if name not in sums:
-        return None, previous
-    counter = Counter(now, sums[name])
     if previous is None or now <= previous.time or counter.total < previous.total:
         return None, counter
     rate = (counter.total - previous.total) / (now - previous.time)
