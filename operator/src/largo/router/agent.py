@@ -443,10 +443,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def activator_app(router: Router) -> web.Application:
-    """Where HAProxy sends the requests it has no ready replica for. The body is read before the
-    request is forwarded; aiohttp's default cap (1 MiB) would refuse the long prompts and images a
-    model server takes."""
-    app = web.Application(client_max_size=router.args.hold_max_body_bytes)
+    """Where HAProxy sends the requests it has no ready replica for. ``Router.hold`` reads each body
+    itself, within its own bounds (aiohttp's cap applies only to ``request.read()``)."""
+    app = web.Application()
     app.router.add_route("*", "/{tail:.*}", router.hold)
     return app
 
