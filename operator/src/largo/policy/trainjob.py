@@ -656,7 +656,7 @@ def _active(
         b.plan.wake_scheduler = True
         _schedule_ttl(b)
         return
-    running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
+    running = _running_or_done(current)
     stuck = _cannot_start(current)
     if job.phase == Phase.STARTING and stuck:
         message = f"pod {stuck[0].name} cannot start: {stuck[0].cannot_start}"
@@ -703,7 +703,7 @@ def _node_readiness(
             b.event(True, Reason.NODE_NOT_READY, message)
     elif said:
         nodes = sorted(set(b.job.placement_nodes or ()))
-        running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
+        running = _running_or_done(current)
         message = f"{running}/{b.job.num_nodes} pods running or done on {listed(nodes)}"
         recovered = not any(pod.node_name in lost or pod.node_name in not_ready for pod in current)
         b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
@@ -719,7 +719,7 @@ def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, s
     admitted = _admitted_at(b)
     if b.job.phase != Phase.STARTING or limit is None or admitted is None:
         return None
-    running = sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
+    running = _running_or_done(current)
     if running == b.job.num_nodes:
         return None  # every pod runs: this cycle makes the job Running
     remaining = admitted + limit - b.now
@@ -730,6 +730,11 @@ def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, s
     why = f"; pod {stuck[0].name} cannot start: {stuck[0].cannot_start}" if stuck else ""
     message = f"{running}/{b.job.num_nodes} pods running {limit}s after admission (startTimeoutSeconds){why}"
     return Reason.START_TIMEOUT, message, None
+
+
+def _running_or_done(current: Sequence[PodView]) -> int:
+    """Pods of the gang that run or finished well: a finished rank still counts as started."""
+    return sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
 
 
 def _cannot_start(current: Sequence[PodView]) -> list[PodView]:
