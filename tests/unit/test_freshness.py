@@ -121,3 +121,59 @@ def test_the_api_server_s_objects_are_read_page_by_page_keeping_only_their_ident
     assert found["inferenceservices"] == set()
     pod_pages = [token for kind, limit, token in calls if kind == "pod" and limit == LIST_PAGE]
     assert pod_pages == [None, "500", "1000"]
+
+
+def test_checks_asked_while_one_runs_make_one_more_run_after_it_at_least_the_interval_later() -> None:
+    """Several kinds' watches expire together: their asks while a check runs make one run after it,
+    whose listings follow the relists that asked."""
+    from largo.controllers.freshness import Rechecks
+
+    async def scenario() -> tuple[int, list[float]]:
+        loop = asyncio.get_running_loop()
+        started: list[float] = []
+        running, release = asyncio.Event(), asyncio.Event()
+
+        async def check() -> None:
+            started.append(loop.time())
+            running.set()
+            await release.wait()
+            release.clear()
+
+        rechecks = Rechecks(check, interval=0.2)
+        rechecks.ask()
+        await running.wait()
+        running.clear()
+        rechecks.ask()
+        rechecks.ask()  # a third kind's watch: no third run
+        release.set()
+        await running.wait()
+        release.set()
+        assert rechecks.task is not None
+        await rechecks.task
+        return rechecks.runs, started
+
+    runs, started = asyncio.run(scenario())
+    assert runs == 2
+    assert started[1] - started[0] >= 0.2
+
+
+def test_a_check_asked_soon_after_the_last_waits_for_the_interval_and_stop_cancels_it() -> None:
+    from largo.controllers.freshness import Rechecks
+
+    async def scenario() -> tuple[int, bool]:
+        runs: list[None] = []
+
+        async def check() -> None:
+            runs.append(None)
+
+        rechecks = Rechecks(check, interval=3600)
+        rechecks.ask()
+        assert rechecks.task is not None
+        await rechecks.task
+        rechecks.ask()  # an hour's wait before it may run
+        waiting = rechecks.task
+        await asyncio.sleep(0.05)
+        await rechecks.stop()
+        return len(runs), waiting.cancelled()
+
+    assert asyncio.run(scenario()) == (1, True)

@@ -435,8 +435,9 @@ class WatchRestartCounter(logging.Filter):
         return self.keep_debug
 
 
-def count_watch_restarts(count: Callable[[str, str], None]) -> WatchRestartCounter:
-    """Installs the counter on kopf's watching logger; ``count(resource, reason)`` per restart."""
+def on_watch_restarts(count: Callable[[str, str], None]) -> WatchRestartCounter:
+    """Installs the counter on kopf's watching logger; ``count(resource, reason)`` per restart (the
+    operator's metric, and its index check after an expired watch)."""
     logger = logging.getLogger(KOPF_WATCH_LOGGER)
     counter = WatchRestartCounter(count, keep_debug=logger.isEnabledFor(logging.DEBUG))
     logger.setLevel(logging.DEBUG)

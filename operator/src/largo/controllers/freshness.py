@@ -1,10 +1,13 @@
-"""The indexes checked against the API server when a replica comes to lead.
+"""The indexes checked against the API server when a replica comes to lead, and while it leads after
+a watch that expired.
 
 kopf removes an index entry only on a DELETED event. After a watch cut for longer than etcd's
-compaction window (about 5 minutes), it lists again, but an object deleted meanwhile never sends its
-DELETED event, so it stays in the indexes: a deleted pod's GPUs counted as held, a deleted job's
-placement reserved, until the process restarts. A leader so cut off loses its Lease and exits; a
-standby that was cut off and later leads would not. So a new leader lists what its decisions rest on
+compaction window (about 5 minutes), its resource version is gone (410 Gone) and it lists again, but
+an object deleted meanwhile never sends its DELETED event, so it stays in the indexes: a deleted pod's
+GPUs counted as held, a deleted job's placement reserved, until the process restarts. A standby that
+was cut off and later leads would act on them; so would a leader whose watches were cut while its
+Lease renewals went through (an API server restarted behind a load balancer, a watch cache rebuilt).
+So a new leader, and a leader after any watch of its own expired, lists what its decisions rest on
 (pods, nodes, TrainJobs, InferenceServices) and compares: entries of objects that are gone from two
 listings, longer apart than a stalled watch takes to reconnect (an object deleted or created at the
 moment of a list is in one listing and not the other), mean stale indexes, and the process exits to
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -30,6 +34,10 @@ Identities = Mapping[str, set[str]]
 # already on its way may take to reach the indexes, a silently stalled watch included (kopf
 # reconnects one after that timeout, and a takeover often follows network trouble).
 SETTLE_MARGIN_SECONDS = 30.0
+
+# Checks asked for by expired watches start at least this far apart: the watches of several kinds
+# often expire together, and on a large cluster a check lists every pod.
+RECHECK_INTERVAL_SECONDS = 60.0
 
 
 def indexed(indexes: Mapping[str, Any]) -> dict[str, set[str]]:
@@ -83,3 +91,38 @@ async def verify(
 
 def describe(found: Mapping[str, set[str]]) -> str:
     return ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(found.items()))
+
+
+class Rechecks:
+    """Runs ``check`` when asked, one at a time. Asked while one runs, it runs once more after it (the
+    running one's listings may predate the relist that asked); runs start ``interval`` seconds apart
+    at least. Call ``ask`` on the event loop's thread."""
+
+    def __init__(self, check: Callable[[], Awaitable[object]], interval: float) -> None:
+        self.check = check
+        self.interval = interval
+        self.asked = False
+        self.runs = 0
+        self.task: asyncio.Task[None] | None = None
+        self._last_start = -math.inf
+
+    def ask(self) -> None:
+        self.asked = True
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run(), name="largo-index-check")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.asked:
+            wait = self._last_start + self.interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self.asked = False
+            self._last_start = loop.time()
+            self.runs += 1
+            await self.check()
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)

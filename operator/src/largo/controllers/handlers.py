@@ -43,7 +43,7 @@ from largo.manifests.names import (
     LABEL_SERVICE,
     progress_configmap,
 )
-from largo.metrics import Snapshot, count_watch_restarts
+from largo.metrics import Snapshot, on_watch_restarts
 from largo.metrics import serve as serve_metrics
 from largo.sched import inventory
 
@@ -186,13 +186,33 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
         jobs.on_wait = metrics.queue_latency.observe
         reconciler.observe_start = metrics.gang_start.observe
         autoscaler.observe_decision = lambda direction: metrics.autoscaler_decisions.labels(direction).inc()
-        count_watch_restarts(lambda resource, reason: metrics.watch_restarts.labels(resource, reason).inc())
 
         async def reconcile(key: JobKey) -> float | None:
             with metrics.reconcile_seconds.time():
                 return await reconciler.reconcile(key)
 
     memo.indexed = indexed = asyncio.Event()
+    # Indexes kept by a standby that was cut off for long, or by a leader whose watch expired, may
+    # hold objects long gone (freshness.py).
+    memo.index_checks = index_checks = freshness.Rechecks(
+        lambda: freshness.verify(
+            lambda: freshness.indexed(kwargs),
+            kube.list_identities,
+            stale_indexes,
+            settle=largo.watch_inactivity_seconds + freshness.SETTLE_MARGIN_SECONDS,
+        ),
+        interval=freshness.RECHECK_INTERVAL_SECONDS,
+    )
+    acting = asyncio.Event()  # set once this replica leads with filled indexes
+
+    def watch_restarted(resource: str, reason: str) -> None:
+        # kopf logs it on the event loop's thread; the hop keeps that true for any other caller.
+        if metrics is not None:
+            metrics.watch_restarts.labels(resource, reason).inc()
+        if reason == "expired" and acting.is_set() and gate.leading():
+            loop.call_soon_threadsafe(index_checks.ask)
+
+    on_watch_restarts(watch_restarted)
 
     def lead() -> None:
         """This replica leads: once every index is filled, the reconcile workers and the scheduler run
@@ -217,18 +237,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
             supervised(services.run(serving.reconcile, workers), "largo-service-workers"),
             supervised(autoscaler.run(), "largo-autoscaler"),
         ]
-        # Indexes kept by a standby that was cut off for long may hold objects long gone.
-        memo.tasks.append(
-            asyncio.create_task(
-                freshness.verify(
-                    lambda: freshness.indexed(kwargs),
-                    kube.list_identities,
-                    stale_indexes,
-                    settle=largo.watch_inactivity_seconds + freshness.SETTLE_MARGIN_SECONDS,
-                ),
-                name="largo-index-check",
-            )
-        )
+        acting.set()
+        index_checks.ask()
         for store in kwargs["trainjob_queue"].values():
             for entry in store:
                 jobs.add(entry.key)
@@ -289,6 +299,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     for task in memo.get("tasks", []):
         task.cancel()
     await asyncio.gather(*memo.get("tasks", []), return_exceptions=True)
+    if "index_checks" in memo:
+        await memo.index_checks.stop()
     release = memo.get("release_lease")
     if release is not None:
         # Once nothing of this term runs: a standby takes over in about a second, not the Lease's 10.
