@@ -242,7 +242,10 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
     ).stdout
     assert "Pods per replica group" in explained
 
-    # The router's Deployment and a Service deleted by hand are made again.
+    # The router's Deployment and a Service deleted by hand are made again; the Role, changed by hand
+    # as an earlier version of largo could have left it, is brought back to what this one wants.
+    changed = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+    rbac.patch_namespaced_role("llm-router", namespace, {"rules": changed})
     client.AppsV1Api(services.api).delete_namespaced_deployment("llm-router", namespace)
     wait_for(
         lambda: any(
@@ -252,6 +255,11 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
         ),
         TIMEOUT,
         "the router's Deployment made again",
+    )
+    wait_for(
+        lambda: rbac.read_namespaced_role("llm-router", namespace).rules[0].resources == ["endpointslices"],
+        TIMEOUT,
+        "the router's Role brought back",
     )
     services.core.delete_namespaced_service("llm", namespace)
     wait_for(
@@ -552,6 +560,35 @@ def test_bad_input_is_refused_with_the_field_named_or_told_in_a_condition(
             lambda n=name, r=reason, c=condition: (r, c["message"]) in services.events(n), TIMEOUT, "event"
         )
         assert not services.pods(name)
+    # A Deployment of the router's name that is not largo's is told and left alone, never adopted:
+    # largo's owner reference on it would have it deleted with the service.
+    apps = client.AppsV1Api(services.api)
+    labels = {"app": "theirs"}
+    theirs = {
+        "metadata": {"name": "taken-router"},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "c", "image": "example.com/theirs:1"}]},
+            },
+        },
+    }
+    apps.create_namespaced_deployment(services.namespace, theirs)
+    services.create("taken", pool, gpus=1)
+    wait_for(
+        lambda: any(
+            reason == "NameConflict" and "Deployment taken-router already exists" in message
+            for reason, message in services.events("taken")
+        ),
+        TIMEOUT,
+        "a NameConflict event",
+    )
+    kept = apps.read_namespaced_deployment("taken-router", services.namespace)
+    assert not kept.metadata.owner_references
+    assert kept.spec.template.spec.containers[0].image == "example.com/theirs:1"
+    assert not services.pods("taken")
     # Fixing the input is enough: the claim appears, the service serves.
     services.claim("nowhere")
     services.wait_ready("no-claim", 1)

@@ -45,6 +45,9 @@ class FakeCore:
             refs = [SimpleNamespace(uid=self.existing_controller, controller=True)]
         return SimpleNamespace(metadata=SimpleNamespace(owner_references=refs, labels=self.existing_labels))
 
+    def patch_namespaced_service(self, name: str, namespace: str, body: Any, **options: Any) -> None:
+        self.calls.append(f"apply as {options['field_manager']}")
+
     create_namespaced_pod = create_namespaced_service
     read_namespaced_pod = read_namespaced_service
 
@@ -104,6 +107,24 @@ def test_a_name_taken_by_a_foreign_object_is_a_conflict() -> None:
 def test_our_own_object_is_fine() -> None:
     asyncio.run(_kube(FakeCore(_refusal(409, "exists"), OURS)).create("ns", SERVICE))
     asyncio.run(_kube(FakeCore(None)).create("ns", SERVICE))
+
+
+def test_kept_objects_are_created_or_brought_up_to_date_but_never_taken_from_another_owner() -> None:
+    """What an earlier version made (a router's Role, a Service) becomes what this one wants; an object
+    of that name that is not ours is refused, not adopted: our owner reference on it would have the
+    garbage collector delete it with our object."""
+    fresh = FakeCore(None)
+    asyncio.run(_kube(fresh).keep("ns", SERVICE))
+    assert fresh.calls == ["largo-operator"]  # created: nothing to apply
+    ours = FakeCore(_refusal(409, "exists"), OURS)
+    asyncio.run(_kube(ours).keep("ns", SERVICE))
+    assert ours.calls == ["largo-operator", "apply as largo-operator"]
+    for foreign in ("uid-of-someone-else", None):
+        core = FakeCore(_refusal(409, "exists"), foreign)
+        with pytest.raises(CreateRefused) as raised:
+            asyncio.run(_kube(core).keep("ns", SERVICE))
+        assert raised.value.reason == "NameConflict"
+        assert core.calls == ["largo-operator"]  # no apply
 
 
 def test_our_pod_of_an_earlier_attempt_is_not_taken_for_the_new_one() -> None:

@@ -54,6 +54,9 @@ class FakeKube:
             raise CreateRefused("Pod", manifest["metadata"]["name"], "CreateRefused", self.refuse)
         self.created.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
 
+    async def keep(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        await self.create(namespace, manifest)
+
     async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
         raise AssertionError("nothing to delete")
 

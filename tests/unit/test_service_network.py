@@ -40,6 +40,9 @@ class FakeKube:
     async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         self.written.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
 
+    async def keep(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        await self.create(namespace, manifest)
+
     async def event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         pass
 

@@ -68,6 +68,9 @@ class RefusingKube:
     async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         pass
 
+    async def keep(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        await self.create(namespace, manifest)
+
     async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
         self.deleted.append(name)
 

@@ -256,9 +256,9 @@ class InferenceServiceReconciler:
             *router.build_router_account(service),
         ]
         try:
-            await self._create(owner, network)
-            # Applied, not created: a change of spec.router reaches the running router.
-            await self._apply_owned(owner, deployment)
+            # Kept, not only created: a change of spec.router reaches the running router, and what an
+            # earlier version of largo made (the router's Role, a Service) is brought up to date.
+            await self._create(owner, [*network, deployment], keep=True)
         except BaseException:
             if self._networked.get(key) == made:
                 del self._networked[key]
@@ -269,12 +269,15 @@ class InferenceServiceReconciler:
         owner: Mapping[str, Any],
         manifests: list[dict[str, Any]],
         groups: Mapping[str, tuple[int, int]] | None = None,
+        keep: bool = False,
     ) -> None:
-        """Creates ``manifests`` at once; a refusal is told (and, for pods of ``groups``, pod name ->
-        (replica, attempt), recorded on their groups), then raised for back-off."""
+        """Creates ``manifests`` at once (``keep``: or applies them over our own, ``Kube.keep``); a
+        refusal is told (and, for pods of ``groups``, pod name -> (replica, attempt), recorded on their
+        groups), then raised for back-off."""
         namespace = owner["metadata"]["namespace"]
+        write = self.kube.keep if keep else self.kube.create
         results = await asyncio.gather(
-            *(self.kube.create(namespace, owned(manifest, owner)) for manifest in manifests),
+            *(write(namespace, owned(manifest, owner)) for manifest in manifests),
             return_exceptions=True,
         )
         failures = [result for result in results if isinstance(result, BaseException)]
@@ -312,16 +315,6 @@ class InferenceServiceReconciler:
             )
             self._hints[(metadata["namespace"], metadata["name"])] = written
         return news
-
-    async def _apply_owned(self, owner: Mapping[str, Any], manifest: dict[str, Any]) -> None:
-        try:
-            await self.kube.apply(owner["metadata"]["namespace"], owned(manifest, owner))
-        except CreateRefused as refused:
-            logger.warning(
-                "%s/%s: %s", owner["metadata"]["namespace"], owner["metadata"]["name"], refused.message
-            )
-            await self.kube.event(owner, "Warning", refused.reason, refused.message)
-            raise
 
     async def _reject(self, body: Mapping[str, Any], message: str) -> None:
         """A spec the schema let through but largo cannot run: say why, once, and wait for a fix."""

@@ -248,16 +248,17 @@ class Kube:
             if error.status != 404:
                 raise
 
-    async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+    async def create(self, namespace: str, manifest: Mapping[str, Any]) -> bool:
         """Creates ``manifest``; an existing object of the same name is fine only if the same controller
-        owns it. Raises CreateRefused with the API's message for anything the API server refuses."""
+        owns it. True when it was created, False when it was there. Raises CreateRefused with the API's
+        message for anything the API server refuses."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         group, suffix = _KINDS[kind]
         api = getattr(self, group)
         try:
             create = getattr(api, f"create_namespaced_{suffix}")
             await self._write(create, namespace, manifest, field_manager=self.field_manager)
-            return
+            return True
         except ApiException as error:
             if transient(error):
                 raise _unavailable(kind, name, error) from error
@@ -285,6 +286,15 @@ class Kube:
         if wanted != found:
             # Our own pod of an earlier attempt, still terminating: never mistake it for the new one.
             raise Retry(f"{kind} {name} of attempt {found} still exists; attempt {wanted} waits for it")
+        return False
+
+    async def keep(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        """Creates ``manifest``, or applies it over the object of that name when the same controller owns
+        it: what an earlier version of largo made (a Role's rules, a Service's ports) becomes what this
+        one wants. One owned by another controller or by none is a NameConflict, never taken over: our
+        owner reference on it would have the garbage collector delete it with our object."""
+        if not await self.create(namespace, manifest):
+            await self.apply(namespace, manifest)
 
     async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         """Server-side apply of ``manifest`` as largo's field manager: created, or brought back to what

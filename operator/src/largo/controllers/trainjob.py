@@ -173,7 +173,7 @@ class TrainJobReconciler:
             attempt = int(decision.status.get("attempt") or 0)
             # The Service first: a pod without its DNS name (or with a stranger's) cannot rendezvous.
             # The progress ConfigMap is only needed once rank 0 reports: it goes with the pods.
-            await self._create(written, body, [build.build_service(job)])
+            await self._create(written, body, [build.build_service(job)], keep=True)
             pods = [build.build_pod(job, rank, nodes[rank], attempt) for rank in decision.create_ranks]
             await self._create(written, body, [build.build_progress_configmap(job), *pods])
         if decision.delete_pods:
@@ -191,12 +191,18 @@ class TrainJobReconciler:
         return decision.requeue_after
 
     async def _create(
-        self, written: Mapping[str, Any], owner: Mapping[str, Any], manifests: list[dict[str, Any]]
+        self,
+        written: Mapping[str, Any],
+        owner: Mapping[str, Any],
+        manifests: list[dict[str, Any]],
+        keep: bool = False,
     ) -> None:
-        """Creates ``manifests`` at once; a refusal is recorded on the job, then raised for back-off."""
+        """Creates ``manifests`` at once (``keep``: or applies them over our own, ``Kube.keep``); a
+        refusal is recorded on the job, then raised for back-off."""
         namespace = owner["metadata"]["namespace"]
+        write = self.kube.keep if keep else self.kube.create
         results = await asyncio.gather(
-            *(self.kube.create(namespace, owned(manifest, owner)) for manifest in manifests),
+            *(write(namespace, owned(manifest, owner)) for manifest in manifests),
             return_exceptions=True,
         )
         failures = [result for result in results if isinstance(result, BaseException)]
