@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 
+import pytest
 from largo.controllers.workqueue import Retry, WorkQueue
 
 
@@ -181,3 +183,36 @@ def test_a_standby_s_queue_takes_nothing() -> None:
     queue.accepting = True  # it leads: its handlers' wake-ups count again
     queue.add("a")
     assert len(queue) == 1
+
+
+def test_a_key_failing_over_and_over_prints_its_traceback_once_per_streak(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An API server down for minutes fails every key at every retry: one traceback per key and
+    streak says what happened; the rest are single lines that still carry the error."""
+
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue(base_delay=0.001, max_delay=0.001)
+        runs = itertools.count(1)
+        done = asyncio.Event()
+
+        async def worker(key: str) -> float | None:
+            run = next(runs)
+            if run in (1, 2, 3, 5):  # a streak of three, a success, a new streak
+                raise ConnectionError(f"connection refused (run {run})")
+            if run == 6:
+                done.set()
+                return None
+            return 0.001
+
+        queue.add("a")
+        await _drain(queue, worker, done)
+
+    with caplog.at_level(logging.INFO, logger="largo.controllers.workqueue"):
+        asyncio.run(scenario())
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert [r.exc_info is not None for r in failures] == [True, False, False, True]
+    assert (
+        "failed again (2 in a row): ConnectionError: connection refused (run 2)" in failures[1].getMessage()
+    )
+    assert "(3 in a row)" in failures[2].getMessage()

@@ -113,7 +113,20 @@ class WorkQueue(Generic[K]):
                 except Exception as error:
                     again, failed = self.backoff(key), True
                     self.on_failure(type(error).__name__)
-                    logger.exception("reconcile of %s failed; again in %.2fs", key, again)
+                    in_a_row = self._failures[key]
+                    if in_a_row == 1:
+                        logger.exception("reconcile of %s failed; again in %.2fs", key, again)
+                    else:
+                        # The traceback once per streak: an API server down for minutes would
+                        # otherwise print one per key and retry, thousands of them, hiding the cause.
+                        logger.error(
+                            "reconcile of %s failed again (%d in a row): %s: %s; again in %.2fs",
+                            key,
+                            in_a_row,
+                            type(error).__name__,
+                            error,
+                            again,
+                        )
                 finally:
                     self._active.discard(key)
                 if key in self._dirty and not failed:
