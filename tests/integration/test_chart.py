@@ -11,6 +11,8 @@ import pytest
 import yaml
 from kubernetes import client
 from largo.dev.cluster import LocalCluster, wait_for
+from largo.dev.operator_process import OperatorProcess
+from trainjobs import GROUP, VERSION, bound_claim
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +29,12 @@ _WATCHED = (
 # Children created, and read back when a create answers 409 (controllers/kube.py).
 _CREATED = (
     "pods", "services", "configmaps", "serviceaccounts", "roles.rbac.authorization.k8s.io",
-    "rolebindings.rbac.authorization.k8s.io",
+    "rolebindings.rbac.authorization.k8s.io", "deployments.apps",
+)  # fmt: skip
+# Children kept: applied over our own when the create answers 409 (Kube.keep).
+_KEPT = (
+    "services", "serviceaccounts", "roles.rbac.authorization.k8s.io",
+    "rolebindings.rbac.authorization.k8s.io", "deployments.apps",
 )  # fmt: skip
 # Every call the operator makes cluster-wide, as (verb, resource[.group][/subresource]): the
 # ClusterRole must allow each (the operator's own tests run as an administrator, so only this shows a
@@ -39,9 +46,8 @@ OPERATOR_CALLS = {
     ("create", "events"),
     *((verb, kind) for verb in ("list", "watch") for kind in _WATCHED),
     *((verb, kind) for verb in ("create", "get") for kind in _CREATED),
+    *(("patch", kind) for kind in _KEPT),
     ("delete", "pods"),
-    ("create", "deployments.apps"),  # the router's Deployment, server-side applied
-    ("patch", "deployments.apps"),
     ("delete", "trainjobs.largo.dev"),  # ttlSecondsAfterFinished
     ("patch", "trainjobs.largo.dev/status"),
     ("patch", "inferenceservices.largo.dev"),  # the autoscaler's spec.replicas
@@ -152,7 +158,7 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
 
 
 def test_helm_install_runs_the_operator_with_least_privilege(
-    cluster: LocalCluster, api: client.ApiClient, crds: None
+    cluster: LocalCluster, api: client.ApiClient, crds: None, operator: OperatorProcess, tmp_path: Path
 ) -> None:
     namespace = f"largo-{uuid.uuid4().hex[:6]}"
     release = f"largo-{uuid.uuid4().hex[:6]}"
@@ -209,6 +215,9 @@ def test_helm_install_runs_the_operator_with_least_privilege(
             ("patch", "horizontalpodautoscalers.autoscaling"),
         ]:
             assert not can(verb, resource), (verb, resource)
+        # The list above is written by hand: the operator itself, run as the chart's account, shows
+        # what it lacks on the paths it takes.
+        _serve_as_the_chart_s_account(cluster, api, namespace, operator, tmp_path)
     finally:
         uninstall = helm(cluster, "uninstall", release, "--namespace", namespace, "--wait")
         assert uninstall.returncode == 0, uninstall.stderr
@@ -256,3 +265,69 @@ def test_the_monitoring_objects_are_valid_for_the_prometheus_operator(
     assert (
         "podmonitor.monitoring.coreos.com/largo-operator-serving created (server dry run)" in applied.stdout
     )
+
+
+def _serve_as_the_chart_s_account(
+    cluster: LocalCluster, api: client.ApiClient, release_namespace: str, operator: OperatorProcess, tmp: Path
+) -> None:
+    """The operator, with the token of the chart's ServiceAccount in place of the session's
+    administrator, makes an InferenceService's pods, Services and router, then, restarted, keeps them
+    (a create answering 409, a read, a server-side apply over each): no call of it is forbidden."""
+    core = client.CoreV1Api(api)
+    token = core.create_namespaced_service_account_token(
+        "largo-operator", release_namespace, {"spec": {"audiences": [], "expirationSeconds": 3600}}
+    ).status.token
+    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    config["users"][0]["user"] = {"token": token}
+    kubeconfig = tmp / "chart-account.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    work = f"work-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": work}})
+    volume = bound_claim(core, work, "weights", "ReadOnlyMany", hostPath={"path": "/models"})
+    log = tmp / "chart-account-operator.log"
+    as_account = OperatorProcess(kubeconfig, log)
+    operator.stop()  # one operator at a time on the cluster
+    try:
+        as_account.start()
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "InferenceService",
+            "metadata": {"name": "chat"},
+            "spec": {
+                "model": {"claimName": "weights"},
+                "resourcesPerNode": {"nvidia.com/gpu": 1, "cpu": "1", "memory": "1Gi"},
+                "podTemplate": {"terminationGracePeriodSeconds": 1},
+            },
+        }
+        custom = client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object(GROUP, VERSION, work, "inferenceservices", body)
+
+        def ready() -> bool:
+            status = custom.get_namespaced_custom_object(GROUP, VERSION, work, "inferenceservices", "chat")
+            return (status.get("status") or {}).get("ready") == "1/1"
+
+        wait_for(
+            ready,
+            120,
+            "the service ready, served by the operator as the chart's account",
+            as_account.assert_alive,
+        )
+        rbac = client.RbacAuthorizationV1Api(api)
+        changed = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+        rbac.patch_namespaced_role("chat-router", work, {"rules": changed})
+        as_account.stop()
+        as_account.start()
+        wait_for(
+            lambda: rbac.read_namespaced_role("chat-router", work).rules[0].resources == ["endpointslices"],
+            60,
+            "the router's Role kept by the restarted operator",
+            as_account.assert_alive,
+        )
+        events = core.list_namespaced_event(work, field_selector="involvedObject.name=chat").items
+        assert not [e.message for e in events if e.type == "Warning"]
+        assert "forbidden" not in log.read_text().lower(), log.read_text()[-4000:]
+    finally:
+        as_account.stop()
+        operator.start()
+        core.delete_namespace(work)
+        core.delete_persistent_volume(volume)

@@ -240,6 +240,30 @@ def test_a_missing_model_is_told_not_fatal_and_the_process_ends(tmp_path: Path) 
     asyncio.run(scenario())
 
 
+def test_a_model_its_storage_fails_to_give_is_told_fatal_so_the_pod_restarts(
+    trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unlike a missing or damaged model, a network filesystem's moment may be mended by a restart:
+    a server left unready for it would never be. The engine's side, run here in-process."""
+    import errno
+    import multiprocessing
+
+    from largo.runtime import engine_host
+    from largo.runtime.engine_process import NotLoaded
+
+    def storage_failed(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ETIMEDOUT, "Connection timed out")
+
+    monkeypatch.setattr(checkpoint.torch, "load", storage_failed)
+    monkeypatch.setattr(engine_host, "ignore_signals", lambda: None)  # this is pytest's own process
+    front, engine_side = multiprocessing.Pipe()
+    engine_host.engine_main(engine_side, parse_args(engine_args(trained)))
+    told = front.recv()
+    assert isinstance(told, NotLoaded)
+    assert told.fatal
+    assert "could not be read from its storage" in told.problem
+
+
 def test_the_engine_s_process_ignores_the_signals_the_front_end_drains_on(trained: Path) -> None:
     async def scenario() -> None:
         async with loaded_engine(trained) as client:

@@ -320,3 +320,52 @@ def test_a_v1_checkpoint_without_its_entries_is_refused_not_raised_as_a_key_erro
     with pytest.raises(checkpoint.CheckpointError, match="not a readable"):
         checkpoint.read(path, 5)
     assert checkpoint.load_latest(tmp_path) is None  # skipped, as any unreadable one
+
+
+def test_a_checkpoint_the_storage_fails_to_give_is_not_skipped_for_an_older_one_or_for_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A network filesystem's moment (EIO, a timeout) says nothing of the checkpoint: resuming from an
+    older one, or from step 0, would silently undo training. The gang restarts instead."""
+    import errno
+
+    from largo.runtime import train
+
+    checkpoints = tmp_path / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LARGO_CHECKPOINT_DIR": str(checkpoints)}
+    command = [sys.executable, "-m", "largo.runtime.train", *TRAIN_ARGS, "--checkpoint-every", "10"]
+    first = subprocess.run([*command, "--steps", "20"], env=env, capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    written = sorted(path.name for path in checkpoints.iterdir())
+
+    def storage_failed(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(checkpoint.torch, "load", storage_failed)
+    with pytest.raises(checkpoint.CheckpointStorageError, match="could not be read from its storage"):
+        checkpoint.load_latest(checkpoints)
+    monkeypatch.setenv("LARGO_CHECKPOINT_DIR", str(checkpoints))
+    assert train.main([*TRAIN_ARGS, "--steps", "30", "--checkpoint-every", "10"]) == 1
+    assert "the gang restarts" in caplog.text
+    assert sorted(path.name for path in checkpoints.iterdir()) == written  # nothing trained from 0
+
+
+def test_a_checkpoint_pruned_between_listing_and_reading_makes_the_listing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer wrote step 30 and pruned step 20 while a reader had listed 20 as the newest: it
+    takes 30, not the older 10 (which a small --keep may prune next)."""
+    for step in (10, 20):
+        checkpoint.save(tmp_path, step, {"weights": [step]})
+    read = checkpoint.damaged_record
+
+    def meanwhile(path: Path) -> str | None:
+        if path == checkpoint.checkpoint_path(tmp_path, 20) and path.exists():
+            checkpoint.save(tmp_path, 30, {"weights": [30]})
+            path.unlink()
+        return read(path)
+
+    monkeypatch.setattr(checkpoint, "damaged_record", meanwhile)
+    loaded = checkpoint.load_latest(tmp_path)
+    assert loaded is not None
+    assert loaded["step"] == 30

@@ -2,13 +2,16 @@
 
 A crash or a SIGKILL mid-write leaves at most a ``.partial`` file, never a truncated checkpoint under a
 final name; a checkpoint that cannot be read anyway (a damaged disk, a copy gone wrong) is skipped with
-a log line, and the one before it is used. A checkpoint is a zip archive (torch.save's format) whose
-records carry a CRC-32 that torch.load does not check: ``read`` checks them first, so a flipped byte in
-the weights is refused rather than trained on or served.
+a log line, and the one before it is used. A checkpoint the storage fails to give (an I/O error, a
+network filesystem's timeout, a permission) is not skipped: nothing is known of it, and resuming from
+an older one, or from nothing, would silently undo training. A checkpoint is a zip archive
+(torch.save's format) whose records carry a CRC-32 that torch.load does not check: ``read`` checks
+them first, so a flipped byte in the weights is refused rather than trained on or served.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -117,19 +120,70 @@ def complete(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+# Listings taken again when a checkpoint vanishes between listing and reading (pruned by the trainer
+# as it wrote a newer one) before giving up.
+RELISTS = 3
+
+
 def load_latest(directory: Path, mapped: bool = False) -> dict[str, Any] | None:
-    """The newest checkpoint that reads back whole, or None; unreadable ones are skipped and logged.
-    ``mapped``: as ``read``."""
-    for step, path in complete(directory):
-        try:
-            return read(path, step, mapped)
-        except CheckpointError as error:  # any reason a file cannot be read means: try the previous one
-            logger.warning("skipping checkpoint %s: %s", path, error)
-    return None
+    """The newest checkpoint that reads back whole, or None when there is none; damaged ones are skipped
+    and logged. One pruned while this ran makes it list again: a newer one was written meanwhile, and
+    the older ones may be pruned too. Raises CheckpointStorageError when the storage fails, and
+    CheckpointError when checkpoints keep vanishing. ``mapped``: as ``read``."""
+    for _ in range(RELISTS):
+        for step, path in complete(directory):
+            try:
+                return read(path, step, mapped)
+            except CheckpointGoneError:
+                break
+            except CheckpointError as error:  # damaged: try the previous one
+                logger.warning("skipping checkpoint %s: %s", path, error)
+        else:
+            return None
+    raise CheckpointError(f"checkpoints in {directory} were removed as they were read, {RELISTS} times")
 
 
 class CheckpointError(Exception):
     """The file is not a readable largo checkpoint of the step its name says."""
+
+
+class CheckpointGoneError(CheckpointError):
+    """The file was removed after it was listed (pruned as a newer one was written)."""
+
+
+class CheckpointStorageError(Exception):
+    """The storage failed to give the file's bytes (an I/O error, a network filesystem's timeout or
+    stale handle, a permission): nothing is known of the checkpoint itself, so it must not be skipped
+    for an older one. Not a CheckpointError on purpose."""
+
+
+# What the storage, not the file's contents, answers: a damaged archive raises other errors.
+_STORAGE_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.ENOTCONN,
+        errno.ECONNRESET,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EAGAIN,
+        errno.EINTR,
+        errno.ENXIO,
+    }
+)
+
+
+def _unreadable(path: Path, error: BaseException) -> Exception:
+    """What a failed read of ``path`` means: gone, the storage's failure, or a damaged file."""
+    if isinstance(error, FileNotFoundError):
+        return CheckpointGoneError(f"removed before it could be read: {error}")
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return CheckpointStorageError(f"checkpoint {path} could not be read from its storage: {error!r}")
+    return CheckpointError(f"cannot be read: {error}")
 
 
 def damaged_record(path: Path) -> str | None:
@@ -149,14 +203,18 @@ def read(path: Path, step: int, mapped: bool = False) -> dict[str, Any]:
     delete under it."""
     try:
         damaged = damaged_record(path)
+    except MemoryError:  # not the file's fault, and an older checkpoint is no smaller
+        raise
     except Exception as error:  # a damaged archive's headers raise many kinds, as torch.load does below
-        raise CheckpointError(f"cannot be read: {error}") from error
+        raise _unreadable(path, error) from error
     if damaged is not None:
         raise CheckpointError(f"damaged: record {damaged} does not match its checksum")
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+    except MemoryError:
+        raise
     except Exception as error:  # torch.load raises many kinds for a damaged file
-        raise CheckpointError(f"cannot be read: {error}") from error
+        raise _unreadable(path, error) from error
     if not isinstance(state, dict) or state.get("step") != step:
         raise CheckpointError(f"not a largo checkpoint of step {step}")
     if state.get("format") == FORMAT_V1:

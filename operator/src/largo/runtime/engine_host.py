@@ -48,6 +48,11 @@ class ModelError(Exception):
     """The checkpoint cannot be served: missing, unreadable, or not the reference model's."""
 
 
+class StorageError(ModelError):
+    """The checkpoint's storage failed to give it (``checkpoint.CheckpointStorageError``): unlike a
+    missing or damaged model, a restart may mend it, so the server exits and its pod is restarted."""
+
+
 def model_config(state: dict[str, Any]) -> ModelConfig:
     """The model's shape: recorded in the checkpoint by the trainer, else read from its tensors."""
     recorded = state.get("config")
@@ -146,7 +151,7 @@ def start_engine(args: argparse.Namespace, unready: Callable[[str], None] = lamb
     loading.load(args, 0, args.step if args.step >= 0 else None)
     forward: PipelineForward | LocalForward
     if args.members > 1:
-        if loading.problem is not None:
+        if loading.problem is not None and not loading.unavailable:  # a storage failure: a restart
             unready(loading.problem)
         join_group(args, 0)
         stage, step = agree_on_the_checkpoint(args, 0, loading)
@@ -189,13 +194,18 @@ class Loading:
     stage: Stage | None = None
     step: int | None = None
     problem: str | None = None
+    unavailable: bool = False  # the problem is the storage's (StorageError)
 
     def load(self, args: argparse.Namespace, member: int, step: int | None) -> None:
         """``load_stage`` into this, or why it cannot: whatever goes wrong, a member goes on to its
         group's next collective call to say so (an exception past it would leave the others waiting)."""
         self.stage = self.step = self.problem = None  # what it held goes before the next comes
+        self.unavailable = False
         try:
             self.stage, self.step = load_stage(args, member, step)
+        except checkpoint.CheckpointStorageError as error:
+            self.problem, self.unavailable = str(error), True
+            logger.error("cannot load the model: %s", error)
         except ModelError as error:
             self.problem = str(error)
             logger.error("cannot load the model: %s", error)
@@ -204,9 +214,9 @@ class Loading:
             logger.exception("cannot load the model")
 
     def held(self) -> tuple[Stage, int]:
-        """The stage and its step; ModelError saying why when nothing was loaded."""
+        """The stage and its step; ModelError (StorageError) saying why when nothing was loaded."""
         if self.stage is None or self.step is None:
-            raise ModelError(str(self.problem))
+            raise (StorageError if self.unavailable else ModelError)(str(self.problem))
         return self.stage, self.step
 
 
@@ -242,11 +252,12 @@ def agree_on_the_checkpoint(args: argparse.Namespace, member: int, loading: Load
             loading.load(args, member, step)
             problem = loading.problem
     outcomes: list[Any] = [None] * args.members
-    dist.all_gather_object(outcomes, problem)
-    failures = [f"member {number}: {said}" for number, said in enumerate(outcomes) if said is not None]
+    dist.all_gather_object(outcomes, (problem, loading.unavailable) if problem is not None else None)
+    failures = [f"member {number}: {said[0]}" for number, said in enumerate(outcomes) if said is not None]
     if failures:
         loading.stage = None
-        raise ModelError("; ".join(failures))
+        storage = any(said is not None and said[1] for said in outcomes)
+        raise (StorageError if storage else ModelError)("; ".join(failures))
     return loading.held()  # no failure: it holds the leader's step
 
 
@@ -263,6 +274,9 @@ def engine_main(connection: Connection, args: argparse.Namespace) -> None:
     try:
         set_threads(args)
         engine = start_engine(args, lambda reason: connection.send(NotLoaded(reason, fatal=False)))
+    except StorageError as error:  # a restart may mend it
+        connection.send(NotLoaded(str(error), fatal=True))
+        return
     except ModelError as error:  # (after an early word from ``unready``, the front end reads no more)
         connection.send(NotLoaded(str(error), fatal=False))
         return
@@ -303,6 +317,9 @@ def member(args: argparse.Namespace) -> int:
     join_group(args, args.member)
     try:
         stage, step = agree_on_the_checkpoint(args, args.member, loading)
+    except StorageError as error:  # the group is restarted, as the leader's server exits
+        logger.error("not serving: %s", error)
+        return 1
     except ModelError as error:
         return _idle_saying_why(str(error))
     logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(stage.layers), step)

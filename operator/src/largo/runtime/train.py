@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if directory is not None:
         try:
             state = _load_agreed(directory, distributed, rank, device)
-        except checkpoint.CheckpointError as error:
+        except (checkpoint.CheckpointError, checkpoint.CheckpointStorageError) as error:
             logger.error("%s; the gang restarts", error)
             return 1
         if state is not None:
