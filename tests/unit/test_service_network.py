@@ -100,3 +100,23 @@ def test_a_refused_write_leaves_the_network_to_be_made_again() -> None:
     kube.refuse = False
     _make(reconciler)
     assert "Deployment/chat-router" in kube.written
+
+
+def test_the_role_binding_is_written_after_its_role_and_the_router_after_its_binding() -> None:
+    """From an account without the bind verb, the API server refuses a RoleBinding whose Role is not
+    there yet (it checks that the binder holds the Role's rules): written at once, they would be
+    refused at every new service."""
+
+    class BindingChecked(FakeKube):
+        async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+            name = manifest["metadata"]["name"]
+            if manifest["kind"] == "RoleBinding" and f"Role/{name}" not in self.written:
+                raise CreateRefused("RoleBinding", name, "CreateRefused", f'rolebindings "{name}" not found')
+            await asyncio.sleep(0)  # a write takes its time
+            await super().create(namespace, manifest)
+
+    kube = BindingChecked()
+    asyncio.run(_reconciler(kube).make_network(KEY, BODY, InferenceService.from_body(BODY)))
+    written = kube.written
+    assert written.index("Role/chat-router") < written.index("RoleBinding/chat-router")
+    assert written.index("RoleBinding/chat-router") < written.index("Deployment/chat-router")

@@ -249,16 +249,26 @@ class InferenceServiceReconciler:
         if self._networked.get(key) == made:
             return
         self._networked[key] = made
-        network = [
-            build.build_members_service(service),
-            router.build_replicas_service(service),
-            build.build_service(service),
-            *router.build_router_account(service),
+        account, role, binding = router.build_router_account(service)
+        # In the order they need each other: the API server refuses a RoleBinding to a Role that does not
+        # exist yet from an account without the bind verb (it checks the binder holds the Role's rules),
+        # and a router started before its binding would be refused its first listing.
+        stages = [
+            [
+                build.build_members_service(service),
+                router.build_replicas_service(service),
+                build.build_service(service),
+                account,
+                role,
+            ],
+            [binding],
+            [deployment],
         ]
         try:
-            # Kept, not only created: a change of spec.router reaches the running router, and what an
-            # earlier version of largo made (the router's Role, a Service) is brought up to date.
-            await self._create(owner, [*network, deployment], keep=True)
+            for manifests in stages:
+                # Kept, not only created: a change of spec.router reaches the running router, and what
+                # an earlier version of largo made (the router's Role, a Service) is brought up to date.
+                await self._create(owner, manifests, keep=True)
         except BaseException:
             if self._networked.get(key) == made:
                 del self._networked[key]
