@@ -120,7 +120,22 @@ def test_jobs_by_phase_and_gpus_by_namespace_and_queue() -> None:
     assert series[("largo_queue_gpus", (*key, ("state", "requested")))] == 8 + 16 + 8
     assert series[("largo_queue_gpus", (*key, ("state", "allocated")))] == 8
     assert series[("largo_queue_gpus", (*key, ("state", "waiting")))] == 8 + 16
-    assert series[("largo_queue_length", (("queue", "default"),))] == 2
+    assert series[("largo_queue_length", (("queue", "default"), ("reason", "")))] == 2
+
+
+def test_waiting_jobs_are_counted_by_why_they_wait() -> None:
+    """A job waiting for another's checkpoint directory waits by design: the stuck-queue alert
+    leaves it out, so the length says why each job waits."""
+    jobs = [
+        _job("new", 8, 1),
+        _job("full", 8, 2, "Queued", reason="InsufficientCapacity"),
+        _job("behind", 8, 1, "Queued", reason="QueuedBehindHead"),
+        _job("second-run", 8, 1, "Queued", reason="CheckpointInUse"),
+        _job("also-second", 8, 1, "Queued", reason="CheckpointInUse"),
+    ]
+    series = _series(Snapshot(nodes=[_node("a")], pods=[], jobs=jobs))
+    lengths = {dict(key)["reason"]: n for (name, key), n in series.items() if name == "largo_queue_length"}
+    assert lengths == {"": 1, "InsufficientCapacity": 1, "QueuedBehindHead": 1, "CheckpointInUse": 2}
 
 
 def test_other_extended_resources_are_counted_like_gpus() -> None:

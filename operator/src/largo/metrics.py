@@ -245,10 +245,15 @@ def queue_gpus(jobs: Sequence[JobEntry]) -> dict[tuple[str, str], dict[str, int]
         states["requested"] += _job_gpus(entry)
         if entry.active:
             states["allocated"] += _job_gpus(entry)
-        if entry.admissible:
+        if counted_waiting(entry):
             states["waiting"] += _job_gpus(entry)
             states["jobs"] += 1
     return out
+
+
+def counted_waiting(entry: JobEntry) -> bool:
+    """A job counted as waiting for admission (``queue_gpus``, ``largo_queue_length``)."""
+    return entry.job is not None and entry.phase not in (Phase.SUCCEEDED, Phase.FAILED) and entry.admissible
 
 
 def _fragmentation(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]]) -> list[Metric]:
@@ -279,14 +284,23 @@ def _workload_families(jobs: Sequence[JobEntry]) -> list[Metric]:
         "ones, waiting for admission.",
         labels=["namespace", "queue", "state"],
     )
-    length = GaugeMetricFamily("largo_queue_length", "Jobs waiting for admission.", labels=["queue"])
-    lengths: dict[str, int] = {}
+    length = GaugeMetricFamily(
+        "largo_queue_length",
+        "Jobs waiting for admission, by why (their status.reason: InsufficientCapacity, QueuedBehindHead, "
+        "Unschedulable, CheckpointInUse, ...; empty for a job not looked at yet).",
+        labels=["queue", "reason"],
+    )
+    lengths: dict[tuple[str, str], int] = {}
     for (namespace, queue), states in sorted(queue_gpus(jobs).items()):
         for state in _QUEUE_STATES:
             gpus.add_metric([namespace, queue, state], states[state])
-        lengths[queue] = lengths.get(queue, 0) + states["jobs"]
-    for queue, count in sorted(lengths.items()):
-        length.add_metric([queue], count)
+        lengths.setdefault((queue, ""), 0)
+    for entry in jobs:
+        if counted_waiting(entry):
+            reason = str((entry.body.get("status") or {}).get("reason") or "") if entry.phase else ""
+            lengths[entry.queue_name, reason] = lengths.get((entry.queue_name, reason), 0) + 1
+    for (queue, reason), count in sorted(lengths.items()):
+        length.add_metric([queue, reason], count)
     return [phases, gpus, length]
 
 
