@@ -369,3 +369,55 @@ def test_a_checkpoint_pruned_between_listing_and_reading_makes_the_listing_again
     loaded = checkpoint.load_latest(tmp_path)
     assert loaded is not None
     assert loaded["step"] == 30
+
+
+def test_a_learning_rate_changed_between_attempts_is_used_not_the_checkpoint_s(tmp_path: Path) -> None:
+    """A restore brings the checkpoint's optimizer groups back, their learning rate with them: a job's
+    edited --lr would otherwise never reach its next attempt."""
+    checkpoints = tmp_path / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LARGO_CHECKPOINT_DIR": str(checkpoints)}
+    command = [sys.executable, "-m", "largo.runtime.train", *TRAIN_ARGS, "--checkpoint-every", "5"]
+    first = subprocess.run([*command, "--steps", "5"], env=env, capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    edited = [*command, "--steps", "6", "--lr", "0.0005"]
+    second = subprocess.run(edited, env=env, capture_output=True, text=True, check=False)
+    assert second.returncode == 0, second.stderr
+    assert "learning rate 0.0005 from the arguments replaces the checkpoint's 0.003" in second.stderr
+    resumed = checkpoint.load_latest(checkpoints)
+    assert resumed is not None
+    assert resumed["step"] == 6
+    assert {group["lr"] for group in resumed["optimizer"]["param_groups"]} == {0.0005}
+
+
+def test_two_writers_saving_one_step_at_once_each_rename_a_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's script that saves from every rank: two writes of one step in flight at once never share
+    a file (one truncating the other's, then renaming it from under it), so both succeed and the file
+    under the final name is whole."""
+    both_written = threading.Barrier(2, timeout=60)
+    save = torch.save
+
+    def save_then_wait(obj: Any, out: Any) -> None:
+        save(obj, out)
+        both_written.wait()  # both writes are in flight before either is renamed
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_then_wait)
+    errors: list[BaseException] = []
+
+    def write(value: int) -> None:
+        try:
+            checkpoint.save(tmp_path, 7, {"weights": torch.full((1000,), float(value))})
+        except BaseException as error:  # told by the assertion below
+            errors.append(error)
+
+    writers = [threading.Thread(target=write, args=(value,)) for value in (1, 2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    assert errors == []
+    loaded = checkpoint.read(checkpoint.checkpoint_path(tmp_path, 7), 7)
+    assert float(loaded["weights"][0]) in (1.0, 2.0)
+    assert torch.equal(loaded["weights"], torch.full((1000,), loaded["weights"][0].item()))
+    assert [path.name for path in tmp_path.iterdir()] == ["step-000000007.pt"]

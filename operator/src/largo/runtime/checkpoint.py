@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+import uuid
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -38,11 +39,16 @@ def checkpoint_path(directory: Path, step: int) -> Path:
 
 def save(directory: Path, step: int, state: dict[str, Any]) -> Path:
     """Writes ``state`` as the checkpoint of ``step``; readers never see a half-written file."""
+    created = not directory.is_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    if created:  # the directory's own entry must survive a crash, as the file's rename below
+        _fsync_directory(directory.parent)
     final = checkpoint_path(directory, step)
-    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    # A name of its own: two processes saving one step (a user's script run on every rank) never write
+    # into each other's file, and each renames a whole one.
+    partial = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
-        with partial.open("wb") as out:
+        with partial.open("xb") as out:
             torch.save({**state, "format": FORMAT, "step": step}, out)
             out.flush()
             os.fsync(out.fileno())
@@ -51,13 +57,16 @@ def save(directory: Path, step: int, state: dict[str, Any]) -> Path:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, final)
-    # The rename itself must survive a crash too.
+    _fsync_directory(directory)  # the rename itself must survive a crash too
+    return final
+
+
+def _fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-    return final
 
 
 class BackgroundWriter:

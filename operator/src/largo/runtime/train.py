@@ -183,6 +183,17 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str
     torch.set_rng_state(state["rng"])
 
 
+def _keep_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float | None:
+    """Sets ``lr`` (the arguments') on every parameter group after a restore, which brings back the
+    checkpoint's own: an edit of a job's ``--lr`` reaches its next attempt (there is no schedule that
+    would own it). Returns the checkpoint's learning rate when it differed, else None."""
+    restored = [float(group["lr"]) for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    differing = [value for value in restored if value != lr]
+    return differing[0] if differing else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -272,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             _restore(model, optimizer, state)
             start = int(state["step"])
             logger.info("resumed from checkpoint of step %d in %s", start, directory)
+            restored_lr = _keep_learning_rate(optimizer, args.lr)
+            if restored_lr is not None and rank == 0:
+                logger.info(
+                    "learning rate %g from the arguments replaces the checkpoint's %g", args.lr, restored_lr
+                )
             written_by = state.get("writer")
             if rank == 0 and isinstance(written_by, str) and written_by != _this_job():
                 # A new job on a finished one's directory continues its training: say so, once.
