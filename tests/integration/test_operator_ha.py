@@ -131,9 +131,11 @@ def _writes_after(manager: str, since: datetime.datetime, objects: list[dict[str
     found = []
     for item in objects:
         for entry in (item.get("metadata") or {}).get("managedFields") or []:
-            written = datetime.datetime.fromisoformat(str(entry.get("time")).replace("Z", "+00:00"))
-            if entry.get("manager") == manager and written > since:
-                found.append(f"{item['metadata']['name']} at {entry.get('time')}")
+            if entry.get("manager") != manager:
+                continue  # among them the applies' one manager, whose entry of a no-op apply has no time
+            stamp = entry.get("time")
+            if stamp is None or datetime.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")) > since:
+                found.append(f"{item['metadata']['name']} at {stamp}")  # an undated write counts
     return found
 
 
