@@ -271,6 +271,23 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
     )
 
 
+def test_a_router_setting_removed_from_the_spec_is_removed_from_the_router(services: Services) -> None:
+    """The router's Deployment is applied from its first write: a field set when it was made (here a
+    node selector) and later dropped from spec.router leaves it, where a create would have kept it
+    owned by the create's field manager for ever."""
+    apps = client.AppsV1Api(services.api)
+    services.create("edge", None, router={"nodeSelector": {"tier": "edge"}})
+
+    def selector() -> Any:
+        named = "metadata.name=edge-router"
+        found = apps.list_namespaced_deployment(services.namespace, field_selector=named)
+        return found.items[0].spec.template.spec.node_selector if found.items else "absent"
+
+    wait_for(lambda: selector() == {"tier": "edge"}, TIMEOUT, "the router made with its node selector")
+    services.patch_spec("edge", {"router": {"nodeSelector": None}})
+    wait_for(lambda: not selector(), TIMEOUT, "the node selector gone from the router")
+
+
 def test_kubectl_scale_works_without_autoscaling_and_is_clamped_with_it(
     services: Services, make_pool: Callable[..., NodePool], cluster: LocalCluster
 ) -> None:

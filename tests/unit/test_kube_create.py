@@ -28,6 +28,7 @@ class FakeCore:
         self.refusal = refusal
         self.existing_controller = existing_controller
         self.existing_labels: dict[str, str] = {}
+        self.absent = False
         self.calls: list[str] = []
         self.timeouts: list[tuple[float, float]] = []
 
@@ -39,7 +40,10 @@ class FakeCore:
         if self.refusal is not None:
             raise self.refusal
 
-    def read_namespaced_service(self, name: str, namespace: str) -> Any:
+    def read_namespaced_service(self, name: str, namespace: str, **_: Any) -> Any:
+        self.calls.append("read")
+        if self.absent:
+            raise _refusal(404, f'services "{name}" not found')
         refs = []
         if self.existing_controller is not None:
             refs = [SimpleNamespace(uid=self.existing_controller, controller=True)]
@@ -109,22 +113,24 @@ def test_our_own_object_is_fine() -> None:
     asyncio.run(_kube(FakeCore(None)).create("ns", SERVICE))
 
 
-def test_kept_objects_are_created_or_brought_up_to_date_but_never_taken_from_another_owner() -> None:
-    """What an earlier version made (a router's Role, a Service) becomes what this one wants; an object
-    of that name that is not ours is refused, not adopted: our owner reference on it would have the
-    garbage collector delete it with our object."""
+def test_kept_objects_are_applied_when_new_or_ours_but_never_taken_from_another_owner() -> None:
+    """What an earlier version made (a router's Role, a Service) becomes what this one wants, applied
+    from the start so that a field a later version drops is removed (a create's fields would stay owned
+    by its manager); an object of that name that is not ours is refused, not adopted: our owner
+    reference on it would have the garbage collector delete it with our object."""
     fresh = FakeCore(None)
+    fresh.absent = True
     asyncio.run(_kube(fresh).keep("ns", SERVICE))
-    assert fresh.calls == ["largo-operator"]  # created: nothing to apply
-    ours = FakeCore(_refusal(409, "exists"), OURS)
+    assert fresh.calls == ["read", "apply as largo-operator"]  # created by the apply, never by a create
+    ours = FakeCore(None, OURS)
     asyncio.run(_kube(ours).keep("ns", SERVICE))
-    assert ours.calls == ["largo-operator", "apply as largo-operator"]
+    assert ours.calls == ["read", "apply as largo-operator"]
     for foreign in ("uid-of-someone-else", None):
-        core = FakeCore(_refusal(409, "exists"), foreign)
+        core = FakeCore(None, foreign)
         with pytest.raises(CreateRefused) as raised:
             asyncio.run(_kube(core).keep("ns", SERVICE))
         assert raised.value.reason == "NameConflict"
-        assert core.calls == ["largo-operator"]  # no apply
+        assert core.calls == ["read"]  # no apply
 
 
 def test_our_pod_of_an_earlier_attempt_is_not_taken_for_the_new_one() -> None:

@@ -85,6 +85,23 @@ def _unavailable(kind: str, name: str, error: ApiException) -> Retry:
     return Retry(f"{kind} {name}: the API server answered {error.status}: {api_message(error)}")
 
 
+def _refuse_foreign(manifest: Mapping[str, Any], existing: Any) -> None:
+    """Raises NameConflict when ``existing`` (a client model) is not controlled by what ``manifest``
+    names as its controller."""
+    ours = controller_uid(manifest["metadata"])
+    references = existing.metadata.owner_references or []
+    theirs = next((str(ref.uid) for ref in references if ref.controller), None)
+    if ours is not None and theirs != ours:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        owner = f"controlled by uid {theirs}" if theirs else "not controlled by any object"
+        raise CreateRefused(
+            kind,
+            name,
+            "NameConflict",
+            f"{kind} {name} already exists and is {owner}, not by the object it is created for",
+        )
+
+
 def controller_uid(metadata: Mapping[str, Any]) -> str | None:
     for reference in metadata.get("ownerReferences") or []:
         if reference.get("controller"):
@@ -248,17 +265,16 @@ class Kube:
             if error.status != 404:
                 raise
 
-    async def create(self, namespace: str, manifest: Mapping[str, Any]) -> bool:
+    async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         """Creates ``manifest``; an existing object of the same name is fine only if the same controller
-        owns it. True when it was created, False when it was there. Raises CreateRefused with the API's
-        message for anything the API server refuses."""
+        owns it. Raises CreateRefused with the API's message for anything the API server refuses."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         group, suffix = _KINDS[kind]
         api = getattr(self, group)
         try:
             create = getattr(api, f"create_namespaced_{suffix}")
             await self._write(create, namespace, manifest, field_manager=self.field_manager)
-            return True
+            return
         except ApiException as error:
             if transient(error):
                 raise _unavailable(kind, name, error) from error
@@ -270,31 +286,34 @@ class Kube:
             if error.status == 404:  # gone between the create and the read: try the create again
                 raise Retry(f"{kind} {name} went away while being created") from error
             raise
-        ours = controller_uid(manifest["metadata"])
-        references = existing.metadata.owner_references or []
-        theirs = next((str(ref.uid) for ref in references if ref.controller), None)
-        if ours is not None and theirs != ours:
-            owner = f"controlled by uid {theirs}" if theirs else "not controlled by any object"
-            raise CreateRefused(
-                kind,
-                name,
-                "NameConflict",
-                f"{kind} {name} already exists and is {owner}, not by the object it is created for",
-            )
+        _refuse_foreign(manifest, existing)
         wanted = (manifest["metadata"].get("labels") or {}).get(LABEL_ATTEMPT)
         found = (existing.metadata.labels or {}).get(LABEL_ATTEMPT)
         if wanted != found:
             # Our own pod of an earlier attempt, still terminating: never mistake it for the new one.
             raise Retry(f"{kind} {name} of attempt {found} still exists; attempt {wanted} waits for it")
-        return False
 
     async def keep(self, namespace: str, manifest: Mapping[str, Any]) -> None:
-        """Creates ``manifest``, or applies it over the object of that name when the same controller owns
-        it: what an earlier version of largo made (a Role's rules, a Service's ports) becomes what this
-        one wants. One owned by another controller or by none is a NameConflict, never taken over: our
-        owner reference on it would have the garbage collector delete it with our object."""
-        if not await self.create(namespace, manifest):
-            await self.apply(namespace, manifest)
+        """Applies ``manifest`` server-side, creating it or bringing ours to what this version of largo
+        wants (a Role's rules, a Service's ports, a router's spec). Applied from the start rather than
+        created then applied: the fields a create sets stay owned by its manager, so one that a later spec
+        or version drops would never be removed. An object of that name owned by another controller or by
+        none is a NameConflict, never taken over: our owner reference on it would have the garbage
+        collector delete it with our object. (One created by someone else between the read and the apply,
+        milliseconds apart, would be taken over.)"""
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        group, suffix = _KINDS[kind]
+        read = getattr(getattr(self, group), f"read_namespaced_{suffix}")
+        try:
+            existing = await asyncio.to_thread(read, name, namespace, _request_timeout=LIST_READ_SECONDS)
+        except ApiException as error:
+            if transient(error):
+                raise _unavailable(kind, name, error) from error
+            if error.status != 404:
+                raise CreateRefused(kind, name, "CreateRefused", api_message(error)) from error
+        else:
+            _refuse_foreign(manifest, existing)
+        await self.apply(namespace, manifest)
 
     async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         """Server-side apply of ``manifest`` as largo's field manager: created, or brought back to what
