@@ -3,6 +3,7 @@ with exactly the environment the TrainJob builder renders (the master address ma
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,13 +184,20 @@ def test_checkpoints_are_pruned_to_the_newest(tmp_path: Path) -> None:
     state: dict[str, Any] = {"weights": [1, 2, 3]}
     for step in (10, 20, 30, 40):
         checkpoint.save(tmp_path, step, state)
-    (tmp_path / "step-000000050.pt.partial").write_bytes(b"interrupted")
+    interrupted = tmp_path / "step-000000050.pt.1234-0a1b2c3d.partial"
+    interrupted.write_bytes(b"interrupted")
+    old = time.time() - checkpoint.STALE_PARTIAL_SECONDS - 60
+    os.utime(interrupted, (old, old))
+    in_flight = tmp_path / "step-000000060.pt.5678-4e5f6a7b.partial"  # another writer's, being written
+    in_flight.write_bytes(b"being written")
     removed = checkpoint.prune(tmp_path, keep=2)
     assert sorted(path.name for path in removed) == [
         "step-000000010.pt",
         "step-000000020.pt",
-        "step-000000050.pt.partial",
+        interrupted.name,
     ]
+    assert in_flight.exists()
+    in_flight.unlink()
     assert [step for step, _ in checkpoint.complete(tmp_path)] == [40, 30]
     loaded = checkpoint.load_latest(tmp_path)
     assert loaded is not None
@@ -348,6 +357,30 @@ def test_a_checkpoint_the_storage_fails_to_give_is_not_skipped_for_an_older_one_
     assert train.main([*TRAIN_ARGS, "--steps", "30", "--checkpoint-every", "10"]) == 1
     assert "the gang restarts" in caplog.text
     assert sorted(path.name for path in checkpoints.iterdir()) == written  # nothing trained from 0
+
+
+def test_a_directory_the_storage_fails_to_list_is_its_failure_not_an_empty_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from largo.runtime import engine_host
+
+    checkpoint.save(tmp_path, 10, {"weights": [10]})
+
+    def stale(directory: Path) -> Any:
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(checkpoint, "complete", stale)
+    with pytest.raises(checkpoint.CheckpointStorageError):
+        checkpoint.load_latest(tmp_path)
+    # The server's loading says so as the storage's failure (its process exits, to be restarted),
+    # whatever raised it: a pinned step's file is looked for with a stat that fails the same way.
+    monkeypatch.setattr(engine_host, "load_stage", lambda *args: stale(tmp_path))
+    loading = engine_host.Loading()
+    loading.load(argparse.Namespace(), 0, 10)
+    with pytest.raises(engine_host.StorageError):
+        loading.held()
 
 
 def test_a_checkpoint_pruned_between_listing_and_reading_makes_the_listing_again(

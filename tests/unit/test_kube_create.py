@@ -29,6 +29,7 @@ class FakeCore:
         self.existing_controller = existing_controller
         self.existing_labels: dict[str, str] = {}
         self.absent = False
+        self.apply_refusal: ApiException | None = None
         self.calls: list[str] = []
         self.timeouts: list[tuple[float, float]] = []
 
@@ -51,6 +52,8 @@ class FakeCore:
 
     def patch_namespaced_service(self, name: str, namespace: str, body: Any, **options: Any) -> None:
         self.calls.append(f"apply as {options['field_manager']}")
+        if self.apply_refusal is not None:
+            raise self.apply_refusal
 
     create_namespaced_pod = create_namespaced_service
     read_namespaced_pod = read_namespaced_service
@@ -131,6 +134,14 @@ def test_kept_objects_are_applied_when_new_or_ours_but_never_taken_from_another_
             asyncio.run(_kube(core).keep("ns", SERVICE))
         assert raised.value.reason == "NameConflict"
         assert core.calls == ["read"]  # no apply
+    # A refused apply is a refused create: a TrainJob's gang is released when it lasts.
+    quota = FakeCore(None)
+    quota.absent = True
+    quota.apply_refusal = _refusal(403, 'services "j" is forbidden: exceeded quota')
+    with pytest.raises(CreateRefused) as refused:
+        asyncio.run(_kube(quota).keep("ns", SERVICE))
+    assert refused.value.reason == "CreateRefused"
+    assert refused.value.message == 'services "j" is forbidden: exceeded quota'
 
 
 def test_our_pod_of_an_earlier_attempt_is_not_taken_for_the_new_one() -> None:

@@ -198,9 +198,13 @@ def test_a_key_failing_over_and_over_prints_its_traceback_once_per_streak(
 
         async def worker(key: str) -> float | None:
             run = next(runs)
-            if run in (1, 2, 3, 5):  # a streak of three, a success, a new streak
+            if run in (1, 2, 3):  # a streak of three, then a success
                 raise ConnectionError(f"connection refused (run {run})")
-            if run == 6:
+            if run in (5, 6):  # a new streak: expected retries first, each one line
+                raise Retry("the object changed since it was read")
+            if run in (7, 8):  # then its first unexpected error: its traceback, once
+                raise KeyError(f"a bug (run {run})")
+            if run == 9:
                 done.set()
                 return None
             return 0.001
@@ -211,7 +215,8 @@ def test_a_key_failing_over_and_over_prints_its_traceback_once_per_streak(
     with caplog.at_level(logging.INFO, logger="largo.controllers.workqueue"):
         asyncio.run(scenario())
     failures = [r for r in caplog.records if "failed" in r.getMessage()]
-    assert [r.exc_info is not None for r in failures] == [True, False, False, True]
+    assert [r.exc_info is not None for r in failures] == [True, False, False, True, False]
+    assert "a bug (run 7)" in str(failures[3].exc_info)
     assert (
         "failed again (2 in a row): ConnectionError: connection refused (run 2)" in failures[1].getMessage()
     )

@@ -104,9 +104,12 @@ class Rechecks:
         self.asked = False
         self.runs = 0
         self.task: asyncio.Task[None] | None = None
+        self.stopped = False
         self._last_start = -math.inf
 
     def ask(self) -> None:
+        if self.stopped:  # a watch that expires while the operator stops
+            return
         self.asked = True
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run(), name="largo-index-check")
@@ -123,6 +126,7 @@ class Rechecks:
             await self.check()
 
     async def stop(self) -> None:
+        self.stopped = True
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)

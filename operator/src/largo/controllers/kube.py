@@ -339,7 +339,9 @@ class Kube:
         except ApiException as error:
             if transient(error):
                 raise _unavailable(kind, name, error) from error
-            raise CreateRefused(kind, name, "ApplyRefused", api_message(error)) from error
+            # As a create's: the apply is how a kept object is created, and a refusal that lasts must
+            # release a gang's GPUs as any refused create does (policy reads CreateRefused).
+            raise CreateRefused(kind, name, "CreateRefused", api_message(error)) from error
 
     async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
         try:

@@ -40,6 +40,8 @@ class WorkQueue(Generic[K]):
         self.on_wait: Callable[[float], None] = lambda seconds: None
         self._since: dict[K, float] = {}
         self._failures: dict[K, int] = {}
+        # Keys whose unexpected error's traceback was logged in their current streak of failures.
+        self._traced: set[K] = set()
         self._queue: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()
         self._active: set[K] = set()
@@ -81,6 +83,7 @@ class WorkQueue(Generic[K]):
 
     def forget(self, key: K) -> None:
         self._failures.pop(key, None)
+        self._traced.discard(key)
 
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
@@ -114,7 +117,8 @@ class WorkQueue(Generic[K]):
                     again, failed = self.backoff(key), True
                     self.on_failure(type(error).__name__)
                     in_a_row = self._failures[key]
-                    if in_a_row == 1:
+                    if key not in self._traced:
+                        self._traced.add(key)
                         logger.exception("reconcile of %s failed; again in %.2fs", key, again)
                     else:
                         # The traceback once per streak: an API server down for minutes would

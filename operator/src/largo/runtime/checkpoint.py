@@ -1,10 +1,10 @@
 """Checkpoints written atomically (write aside, fsync, rename) and read back newest-complete-first.
 
 A crash or a SIGKILL mid-write leaves at most a ``.partial`` file, never a truncated checkpoint under a
-final name; a checkpoint that cannot be read anyway (a damaged disk, a copy gone wrong) is skipped with
-a log line, and the one before it is used. A checkpoint the storage fails to give (an I/O error, a
-network filesystem's timeout, a permission) is not skipped: nothing is known of it, and resuming from
-an older one, or from nothing, would silently undo training. A checkpoint is a zip archive
+final name; a checkpoint whose contents cannot be read (truncated, a flipped bit, a copy gone wrong) is
+skipped with a log line, and the one before it is used. A checkpoint the storage fails to give (an
+I/O error, a network filesystem's timeout, a permission) is not skipped: nothing is known of it, and
+resuming from an older one, or from nothing, would silently undo training. A checkpoint is a zip archive
 (torch.save's format) whose records carry a CRC-32 that torch.load does not check: ``read`` checks
 them first, so a flipped byte in the weights is refused rather than trained on or served.
 """
@@ -140,7 +140,11 @@ def load_latest(directory: Path, mapped: bool = False) -> dict[str, Any] | None:
     the older ones may be pruned too. Raises CheckpointStorageError when the storage fails, and
     CheckpointError when checkpoints keep vanishing. ``mapped``: as ``read``."""
     for _ in range(RELISTS):
-        for step, path in complete(directory):
+        try:
+            found = complete(directory)
+        except OSError as error:  # the directory cannot be listed: a stale handle, an I/O error
+            raise _unreadable(directory, error) from error
+        for step, path in found:
             try:
                 return read(path, step, mapped)
             except CheckpointGoneError:
@@ -186,11 +190,16 @@ _STORAGE_ERRNOS = frozenset(
 )
 
 
+def storage_failed(error: BaseException) -> bool:
+    """Whether ``error`` is the storage's failure rather than anything about a file's contents."""
+    return isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS
+
+
 def _unreadable(path: Path, error: BaseException) -> Exception:
     """What a failed read of ``path`` means: gone, the storage's failure, or a damaged file."""
     if isinstance(error, FileNotFoundError):
         return CheckpointGoneError(f"removed before it could be read: {error}")
-    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+    if storage_failed(error):
         return CheckpointStorageError(f"checkpoint {path} could not be read from its storage: {error!r}")
     return CheckpointError(f"cannot be read: {error}")
 
@@ -290,16 +299,31 @@ def _split_fused(name: str, tensor: torch.Tensor | None) -> dict[str, Any]:
     }
 
 
+# A temporary file untouched this long is a leftover of an interrupted write; a younger one may be
+# another writer's, in flight (an earlier attempt's rank 0 still running on a lost node, say).
+STALE_PARTIAL_SECONDS = 600.0
+
+
 def prune(directory: Path, keep: int, written: int | None = None) -> list[Path]:
     """Removes all but the newest ``keep`` checkpoints (at least one), and leftovers of interrupted
     writes; never the one of step ``written``, the checkpoint just written: a newer-numbered file (a
     damaged one that resuming skipped, or another run's) would otherwise push it out."""
     removed = [path for step, path in complete(directory)[max(keep, 1) :] if step != written]
     if directory.is_dir():
-        removed += [path for path in directory.iterdir() if path.name.endswith(PARTIAL_SUFFIX)]
+        now = time.time()
+        for path in directory.iterdir():
+            if path.name.endswith(PARTIAL_SUFFIX) and _untouched_for(path, now) > STALE_PARTIAL_SECONDS:
+                removed.append(path)
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
+
+
+def _untouched_for(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:  # renamed by its writer meanwhile
+        return 0.0
 
 
 def latest_checkpoint(directory: str | os.PathLike[str] | None = None) -> Path | None:

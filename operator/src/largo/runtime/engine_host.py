@@ -211,6 +211,8 @@ class Loading:
             logger.error("cannot load the model: %s", error)
         except Exception as error:  # out of the device's memory, for one
             self.problem = f"{type(error).__name__}: {error}"
+            # A directory the storage fails to list or stat (a stale handle) is its failure too.
+            self.unavailable = checkpoint.storage_failed(error)
             logger.exception("cannot load the model")
 
     def held(self) -> tuple[Stage, int]:
