@@ -692,6 +692,7 @@ class Replica:
         *extra: str,
         worker: tuple[Path, list[str]] | None = None,  # the worker's own model directory and arguments
         ready: bool = True,
+        worker_env: dict[str, str] | None = None,
     ) -> None:
         rendezvous = free_port()
         stage = ["--members", "2", "--leader-addr", "127.0.0.1", "--leader-port", str(rendezvous)]
@@ -701,6 +702,7 @@ class Replica:
             "OMP_NUM_THREADS": "1",
             "LARGO_MODEL_DIR": str(worker_dir),
             "LARGO_METRICS_PORT": "0",
+            **(worker_env or {}),
         }
         self.worker_log = workdir / "worker.log"
         self.worker = subprocess.Popen(
@@ -814,6 +816,29 @@ def test_a_two_pod_replica_in_bfloat16_answers_as_a_one_pod_one(trained: Path, t
         one.stop()
         if replica is not None:
             replica.stop()
+
+
+def test_a_member_whose_storage_fails_restarts_the_group(trained: Path, tmp_path: Path) -> None:
+    """A network filesystem's moment on one member is not a model that cannot be served: the members
+    exit 1 and so does the leader, so that the controller restarts the group (an unready replica idle
+    for good would never mend). The worker's reads fail with EIO through a sitecustomize on its path."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "sitecustomize.py").write_text(
+        "import errno\n"
+        "from largo.runtime import checkpoint\n"
+        "def _eio(path):\n"
+        "    raise OSError(errno.EIO, 'Input/output error', str(path))\n"
+        "checkpoint.damaged_record = _eio\n"
+    )
+    replica = Replica(trained, tmp_path, ready=False, worker_env={"PYTHONPATH": str(faults)})
+    try:
+        assert replica.worker.wait(timeout=120) == 1
+        assert "could not be read from its storage" in replica.worker_log.read_text()
+        assert replica.leader.process.wait(timeout=120) == 1  # fatal: the leader's pod fails too
+        assert "member 1: checkpoint" in replica.leader.log.read_text()
+    finally:
+        replica.stop()
 
 
 def test_a_member_that_dies_makes_the_leader_unready_and_exit(trained: Path, tmp_path: Path) -> None:
