@@ -133,6 +133,25 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
         generated = yaml.safe_load((REPO / "crds" / f"{name}.yaml").read_text())
         assert crd["spec"] == generated["spec"]
         assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    # Settings the chart does not name reach the operator through operator.extraEnv.
+    extra = helm(
+        cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3",
+        "--set-string", "operator.extraEnv[0].name=LARGO_WATCH_INACTIVITY_SECONDS",
+        "--set-string", "operator.extraEnv[0].value=90",
+    )  # fmt: skip
+    assert extra.returncode == 0, extra.stderr
+    rendered_env = next(
+        doc for doc in yaml.safe_load_all(extra.stdout) if doc and doc["kind"] == "Deployment"
+    )["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "LARGO_WATCH_INACTIVITY_SECONDS", "value": "90"} in rendered_env
+    assert "LARGO_ROUTER_IMAGE" in [entry["name"] for entry in rendered_env]  # beside the chart's own
+    unquoted = helm(
+        cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3",
+        "--set", "operator.extraEnv[0].name=LARGO_WATCH_INACTIVITY_SECONDS",
+        "--set", "operator.extraEnv[0].value=90",
+    )  # fmt: skip
+    assert unquoted.returncode != 0  # a number where Kubernetes takes a string: refused by the schema
+
     without = helm(
         cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--set", "crds.enabled=false"
     )
