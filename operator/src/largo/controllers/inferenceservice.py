@@ -281,7 +281,7 @@ class InferenceServiceReconciler:
         groups: Mapping[str, tuple[int, int]] | None = None,
         keep: bool = False,
     ) -> None:
-        """Creates ``manifests`` at once (``keep``: or applies them over our own, ``Kube.keep``); a
+        """Creates ``manifests`` at once (``keep``: applies them server-side instead, ``Kube.keep``); a
         refusal is told (and, for pods of ``groups``, pod name -> (replica, attempt), recorded on their
         groups), then raised for back-off."""
         namespace = owner["metadata"]["namespace"]

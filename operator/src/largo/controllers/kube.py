@@ -305,7 +305,8 @@ class Kube:
         group, suffix = _KINDS[kind]
         read = getattr(getattr(self, group), f"read_namespaced_{suffix}")
         try:
-            existing = await asyncio.to_thread(read, name, namespace, _request_timeout=LIST_READ_SECONDS)
+            timeout = (WRITE_CONNECT_SECONDS, WRITE_READ_SECONDS)  # as the apply that follows
+            existing = await asyncio.to_thread(read, name, namespace, _request_timeout=timeout)
         except ApiException as error:
             if transient(error):
                 raise _unavailable(kind, name, error) from error

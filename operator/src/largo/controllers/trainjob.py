@@ -197,7 +197,7 @@ class TrainJobReconciler:
         manifests: list[dict[str, Any]],
         keep: bool = False,
     ) -> None:
-        """Creates ``manifests`` at once (``keep``: or applies them over our own, ``Kube.keep``); a
+        """Creates ``manifests`` at once (``keep``: applies them server-side instead, ``Kube.keep``); a
         refusal is recorded on the job, then raised for back-off."""
         namespace = owner["metadata"]["namespace"]
         write = self.kube.keep if keep else self.kube.create
