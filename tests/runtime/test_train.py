@@ -204,6 +204,10 @@ def test_checkpoints_are_pruned_to_the_newest(tmp_path: Path) -> None:
     assert loaded["step"] == 40
     assert loaded["weights"] == [1, 2, 3]
     assert checkpoint.latest_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 40)
+    # A flipped bit in the newest, which torch.load reads without a word: users' scripts get the one before.
+    newest = checkpoint.save(tmp_path, 40, {"weights": torch.zeros(1000)})
+    flip_a_byte_of_the_weights(newest)
+    assert checkpoint.latest_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 30)
 
 
 def test_pruning_keeps_the_checkpoint_just_written_and_at_least_one(tmp_path: Path) -> None:

@@ -18,13 +18,16 @@ import re
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 FORMAT = "largo.checkpoint/v2"
 # v1: one fused qkv projection per block; optimizer state keyed by parameter position (DDP runs).
@@ -135,10 +138,16 @@ RELISTS = 3
 
 
 def load_latest(directory: Path, mapped: bool = False) -> dict[str, Any] | None:
-    """The newest checkpoint that reads back whole, or None when there is none; damaged ones are skipped
-    and logged. One pruned while this ran makes it list again: a newer one was written meanwhile, and
-    the older ones may be pruned too. Raises CheckpointStorageError when the storage fails, and
-    CheckpointError when checkpoints keep vanishing. ``mapped``: as ``read``."""
+    """The newest checkpoint that reads back whole, or None when there is none (``newest``). ``mapped``:
+    as ``read``."""
+    return newest(directory, lambda step, path: read(path, step, mapped))
+
+
+def newest(directory: Path, take: Callable[[int, Path], T]) -> T | None:
+    """``take(step, path)`` of the newest checkpoint it takes, or None when there is none; one it refuses
+    as damaged (CheckpointError) is skipped and logged. One pruned while this ran makes it list again: a
+    newer one was written meanwhile, and the older ones may be pruned too. Raises
+    CheckpointStorageError when the storage fails, and CheckpointError when checkpoints keep vanishing."""
     for _ in range(RELISTS):
         try:
             found = complete(directory)
@@ -146,7 +155,7 @@ def load_latest(directory: Path, mapped: bool = False) -> dict[str, Any] | None:
             raise _unreadable(directory, error) from error
         for step, path in found:
             try:
-                return read(path, step, mapped)
+                return take(step, path)
             except CheckpointGoneError:
                 break
             except CheckpointError as error:  # damaged: try the previous one
@@ -211,6 +220,20 @@ def damaged_record(path: Path) -> str | None:
         return archive.testzip()
 
 
+def check_whole(path: Path) -> Path:
+    """``path``, once every record of its archive matched its checksum; CheckpointError (or its
+    storage's failure) otherwise."""
+    try:
+        damaged = damaged_record(path)
+    except MemoryError:  # not the file's fault, and an older checkpoint is no smaller
+        raise
+    except Exception as error:  # a damaged archive's headers raise many kinds, as torch.load does
+        raise _unreadable(path, error) from error
+    if damaged is not None:
+        raise CheckpointError(f"damaged: record {damaged} does not match its checksum")
+    return path
+
+
 def read(path: Path, step: int, mapped: bool = False) -> dict[str, Any]:
     """The checkpoint at ``path``, in the current format whatever format it was written in.
 
@@ -219,14 +242,7 @@ def read(path: Path, step: int, mapped: bool = False) -> dict[str, Any]:
     trainer's Adam moments, twice the weights). Only for a state dropped soon after: a tensor left
     mapped reads a file that a checkpoint's retention, on another node of a network filesystem, may
     delete under it."""
-    try:
-        damaged = damaged_record(path)
-    except MemoryError:  # not the file's fault, and an older checkpoint is no smaller
-        raise
-    except Exception as error:  # a damaged archive's headers raise many kinds, as torch.load does below
-        raise _unreadable(path, error) from error
-    if damaged is not None:
-        raise CheckpointError(f"damaged: record {damaged} does not match its checksum")
+    check_whole(path)
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except MemoryError:
@@ -327,9 +343,10 @@ def _untouched_for(path: Path, now: float) -> float:
 
 
 def latest_checkpoint(directory: str | os.PathLike[str] | None = None) -> Path | None:
-    """For users' own scripts: the newest checkpoint file in ``directory`` or ``$LARGO_CHECKPOINT_DIR``."""
+    """For users' own scripts: the newest checkpoint file in ``directory`` or ``$LARGO_CHECKPOINT_DIR``
+    whose records match their checksums (a flipped bit, which torch.load reads without a word, or a
+    truncated file is skipped and logged, as when largo's trainer resumes)."""
     root = directory or os.environ.get("LARGO_CHECKPOINT_DIR")
     if not root:
         return None
-    found = complete(Path(root))
-    return found[0][1] if found else None
+    return newest(Path(root), lambda step, path: check_whole(path))
