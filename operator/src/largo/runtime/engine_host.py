@@ -36,6 +36,7 @@ from largo.runtime.engine_process import (
 )
 from largo.runtime.model import ModelConfig, TinyGPT, stage_holds, stage_layers
 from largo.runtime.pipeline import PipelineForward
+from largo.runtime.teardown import exit_without_finalizers
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +318,13 @@ def member(args: argparse.Namespace) -> int:
     if loading.stage is not None:
         load_seconds.set(time.monotonic() - started)
     join_group(args, args.member)
+    # Once in the group, the process leaves without the interpreter's teardown, which gloo's threads
+    # can abort (exit -6) when the leader goes first.
+    return exit_without_finalizers(_serve_in_group(args, loading))
+
+
+def _serve_in_group(args: argparse.Namespace, loading: Loading) -> int:
+    """A member's life once its group formed; its exit code."""
     try:
         stage, step = agree_on_the_checkpoint(args, args.member, loading)
     except StorageError as error:  # the group is restarted, as the leader's server exits

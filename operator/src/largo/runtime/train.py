@@ -36,6 +36,7 @@ from largo.runtime import checkpoint, data, metrics, parallel
 from largo.runtime.cpus import torch_threads
 from largo.runtime.model import ModelConfig, TinyGPT
 from largo.runtime.progress import ProgressReporter, progress_fields
+from largo.runtime.teardown import exit_without_finalizers
 
 logger = logging.getLogger("largo.runtime.train")
 
@@ -497,20 +498,6 @@ def _checkpoint(
         # A snapshot: the gathered tensors may share storage with the live parameters and optimizer
         # state, which the next steps update in place while the writer pickles.
         writer.submit(step, tree_map_only(torch.Tensor, lambda tensor: tensor.detach().clone(), state))
-
-
-def exit_without_finalizers(code: int) -> None:
-    """Leaves a distributed run once its last checkpoint is on disk, skipping the interpreter's teardown.
-
-    After the group is gone, torch and gloo may still own threads that call back into Python; when the
-    interpreter finalises under them, such a thread is unwound through C++ code that cannot be unwound
-    and the process aborts ("terminate called without an active exception", exit -6). torchrun would
-    report a finished job as failed, and the operator would restart it. Nothing is left to clean up.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":
