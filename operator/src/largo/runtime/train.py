@@ -115,17 +115,22 @@ def _state(
     gathered across the data and tensor dimensions, the pipeline stages' parts merged. Collective: every
     rank takes part."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    from torch.utils._pytree import tree_map_only
 
-    # With cpu_offload only rank 0 receives the gathered tensors; a pipeline needs every stage's first
-    # rank to hold its stage's part.
-    options = StateDictOptions(full_state_dict=True, cpu_offload=layout.pipeline == 1)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    if layout.pipeline > 1:
+    if layout.pipeline == 1:
+        # Gathered one tensor at a time and moved off the device: only rank 0 keeps them.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    else:
+        # cpu_offload keeps the gathered tensors on global rank 0 only, and each stage's first rank
+        # needs its stage's: gather them here, the same way, from the sharded state.
         _, replica, shard = layout.coordinates(rank)
-        if replica or shard:
+        keeper = not (replica or shard)
+        model_state, optimizer_state = get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=False)
+        )
+        part = _whole_on_cpu((model_state, optimizer_state), keep=keeper)
+        if not keeper:
             return None
-        part = tree_map_only(torch.Tensor, lambda tensor: tensor.cpu(), (model_state, optimizer_state))
         parts: list[Any] | None = [None] * layout.pipeline if rank == 0 else None
         dist.gather_object(part, parts, dst=0, group=mesh["pipeline"].get_group())
         if parts is None:
@@ -147,6 +152,21 @@ def _state(
         "config": shape,
         "writer": _this_job(),
     }
+
+
+def _whole_on_cpu(state: Any, keep: bool) -> Any:
+    """``state`` with each sharded tensor made whole and copied to the CPU, one tensor at a time, so
+    that the device never holds more than one whole tensor (a stage that only fits sharded would not fit
+    gathered at once). Collective over each tensor's mesh: every rank of the stage calls it, in the same
+    order (the state's, the same on each); ranks that do not ``keep`` get None for every tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._pytree import tree_map_only
+
+    def whole(tensor: torch.Tensor) -> torch.Tensor | None:
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        return full.detach().cpu() if keep else None
+
+    return tree_map_only(torch.Tensor, whole, state)
 
 
 def _this_job() -> str | None:
