@@ -36,6 +36,7 @@ from largo.policy.inferenceservice import (
     rollout_under_way,
     served_model,
 )
+from largo.policy.pods import unschedulable_as_seen
 
 NOW = 1_800_000_000.0
 NONE: frozenset[str] = frozenset()
@@ -969,7 +970,9 @@ def test_a_member_that_cannot_bind_for_the_binding_timeout_restarts_its_group() 
     assert "member 1 (llama-r0-node-1) could not be bound" in message
     assert "Insufficient nvidia.com/gpu" in message
     sim.pods["llama-r0-node-1"] = replace(stuck, unschedulable_since=sim.now - 5)
-    assert restarted(sim.plan()) == []  # not yet
+    waiting = sim.plan()
+    assert restarted(waiting) == []  # not yet
+    assert waiting.requeue_after == pytest.approx(25)  # no event comes when the timeout ends
 
 
 def test_a_group_whose_pods_are_refused_gives_its_gpus_back_after_the_binding_timeout() -> None:
@@ -1193,3 +1196,22 @@ def test_a_new_group_that_served_then_blinked_does_not_trip_the_progress_deadlin
     progressing = condition(sim.status, "Progressing")
     assert (progressing["status"], progressing["reason"]) == ("False", "ProgressDeadlineExceeded")
     assert not rollout_under_way(sim.status, sim.now, 60)
+
+
+def test_an_unschedulable_pod_s_wait_counts_from_the_operator_s_first_sight() -> None:
+    stuck = replace(
+        ready_service(replicas=1).pods["llama-r0-node-1"], unschedulable_since=NOW - 120, node_name=None
+    )
+    running = replace(stuck, name="llama-r0-node-0", unschedulable_since=None)
+    seen_views, seen = unschedulable_as_seen([running, stuck], {}, NOW)
+    assert seen == {"llama-r0-node-1": NOW}  # first seen now, though the scheduler says 2 min ago
+    assert [view.unschedulable_since for view in seen_views] == [None, NOW]
+    later, seen = unschedulable_as_seen([running, stuck], seen, NOW + 10)
+    assert later[1].unschedulable_since == NOW
+    assert seen == {"llama-r0-node-1": NOW}
+    # A later transition than the first sight (the pod waits again) is kept as reported.
+    again = replace(stuck, unschedulable_since=NOW + 20)
+    assert unschedulable_as_seen([again], seen, NOW + 25)[0][0].unschedulable_since == NOW + 20
+    # Bound: forgotten, so that a new wait is counted afresh.
+    bound = replace(stuck, unschedulable_since=None)
+    assert unschedulable_as_seen([bound], seen, NOW + 30) == ([bound], {})

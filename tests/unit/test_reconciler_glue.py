@@ -205,3 +205,47 @@ def test_a_decision_s_events_are_posted_even_when_its_pod_calls_fail() -> None:
         asyncio.run(reconciler.reconcile(KEY))
     assert kube.writes[-1][1]["phase"] == "Restarting"
     assert "PodFailed" in kube.events
+
+
+class DeletingKube(FakeKube):
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleted: list[str] = []
+
+    async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
+        self.deleted.append(name)
+
+
+def test_the_binding_timeout_counts_from_when_the_operator_saw_the_pod_wait() -> None:
+    """kube-scheduler stamps PodScheduled with its own clock; one two minutes behind the operator's
+    released a gang the moment its pod waited. The wait counts from the operator's first sight."""
+    kube = DeletingKube()
+    clock = [NOW]
+    starting = _body("Starting", "2", attempt=0, placement={"attempt": 0, "nodes": ["n0"]})
+    reconciler = _reconciler(kube, starting)
+    reconciler.clock = lambda: clock[0]
+    reconciler.count_interval = 0.0
+    labels = {"largo.dev/node-rank": "0", "largo.dev/attempt": "0"}
+    unschedulable = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/1 nodes are available",
+        "lastTransitionTime": "2027-01-15T07:58:00Z",  # NOW - 120 s by the scheduler's clock
+    }
+    pod = {
+        "metadata": {"name": "j-node-0", "labels": labels, "ownerReferences": [{"uid": "uid-j"}]},
+        "spec": {},
+        "status": {"phase": "Pending", "conditions": [unschedulable]},
+    }
+    reconciler.pods = {KEY: [pod]}
+    again = asyncio.run(reconciler.reconcile(KEY))
+    assert kube.deleted == []
+    assert again == pytest.approx(30)  # Timings().binding_timeout from now, when it was first seen
+    clock[0] = NOW + 29
+    asyncio.run(reconciler.reconcile(KEY))
+    assert kube.deleted == []
+    clock[0] = NOW + 30
+    asyncio.run(reconciler.reconcile(KEY))
+    assert kube.deleted == ["j-node-0"]
+    assert "could not be bound" in str(kube.writes[-1][1].get("message") or kube.writes[-1][1])

@@ -39,6 +39,7 @@ from largo.policy.inferenceservice import (
     resolve_model,
     rollout_under_way,
 )
+from largo.policy.pods import unschedulable_as_seen
 from largo.sched.types import node_health
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class InferenceServiceReconciler:
     # How long a node may be not Ready before its members count as dead and their groups restart.
     node_lost_after: float = 60.0
     _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
+    # When this operator first saw each service's pods unschedulable (``pods.unschedulable_as_seen``).
+    _unschedulable: dict[JobKey, dict[str, float]] = field(default_factory=dict)
     # Services whose network (Services, router) this operator already made (by key, then uid): made
     # once, not every cycle; forgotten when a part is deleted, so that the next cycle makes it again.
     _networked: dict[JobKey, tuple[str, str]] = field(default_factory=dict)
@@ -86,6 +89,7 @@ class InferenceServiceReconciler:
         entry = self._latest(key)
         if entry is None or (entry.body.get("metadata") or {}).get("deletionTimestamp"):
             self._hints.pop(key, None)
+            self._unschedulable.pop(key, None)
             self.wake_scheduler()
             return None
         # Our last write's result stays the view until the index shows it: a decision on an older
@@ -120,7 +124,11 @@ class InferenceServiceReconciler:
             for pod in self.pods.get(key) or []
             if any(ref.get("uid") == uid for ref in (pod["metadata"].get("ownerReferences") or []))
         ]
-        members = [view for view in map(member_pod, owned) if view is not None]
+        now = self.clock()
+        views = [view for view in map(member_pod, owned) if view is not None]
+        members, self._unschedulable[key] = unschedulable_as_seen(
+            views, self._unschedulable.get(key, {}), now
+        )
         placed = {n for g in status.get("groups") or [] for n in g.get("nodes") or []}
         view = ServiceView(
             name=name,
@@ -134,7 +142,6 @@ class InferenceServiceReconciler:
             # Pods of a group whose entry cannot be read are not taken for leftovers.
             sweep_leftovers=readable,
         )
-        now = self.clock()
         used = placed | {m.node_name for m in members if m.node_name}
         nodes = node_health(used, node_lookup(self.nodes), now, self.node_lost_after)
         decision = plan(

@@ -20,6 +20,7 @@ from largo.controllers.scheduler import KeyedIndex, node_lookup
 from largo.controllers.state import JobEntry, JobKey
 from largo.manifests import trainjob as build
 from largo.policy.conditions import parse_timestamp, set_condition
+from largo.policy.pods import unschedulable_as_seen
 from largo.policy.progress import ReadReport, read_report
 from largo.policy.trainjob import JobView, Plan, Timings, counts_only, creation_refused, plan, pod_view
 from largo.sched.types import NodeHealth, node_health
@@ -63,6 +64,8 @@ class TrainJobReconciler:
     _last_write: dict[JobKey, float] = field(default_factory=dict)
     # Objects returned by our own writes, newer than the index until their watch event arrives.
     _hints: dict[JobKey, Mapping[str, Any]] = field(default_factory=dict)
+    # When this operator first saw each job's pods unschedulable (``pods.unschedulable_as_seen``).
+    _unschedulable: dict[JobKey, dict[str, float]] = field(default_factory=dict)
     # Told, when a gang becomes Running, how long it took since its admission (for the metrics).
     observe_start: Callable[[float], None] = lambda seconds: None
 
@@ -89,6 +92,7 @@ class TrainJobReconciler:
         if entry is None or (entry.body.get("metadata") or {}).get("deletionTimestamp"):
             # Deleted: the API server's garbage collector removes what it owned.
             self._last_write.pop(key, None)
+            self._unschedulable.pop(key, None)
             self.wake_scheduler()
             return None
         # The newer of the hint (an object our own write returned) and the index's version.
@@ -116,7 +120,9 @@ class TrainJobReconciler:
             for pod in (store or [])
             if any(ref.get("uid") == uid for ref in (pod["metadata"].get("ownerReferences") or []))
         ]
-        views = [view for view in map(pod_view, owned) if view is not None]
+        views, self._unschedulable[key] = unschedulable_as_seen(
+            [view for view in map(pod_view, owned) if view is not None], self._unschedulable.get(key, {}), now
+        )
         placement = (body.get("status") or {}).get("placement") or {}
         # Only the job's own nodes matter; one missing from the inventory is gone, hence lost.
         relevant = {pod.node_name for pod in views if pod.node_name} | set(placement.get("nodes") or [])

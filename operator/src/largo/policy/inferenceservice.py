@@ -446,6 +446,12 @@ def plan(
             and p.unschedulable_since is not None
             and now - p.unschedulable_since >= view.binding_timeout
         ]
+        # A pod that waits sends no event when the binding timeout ends.
+        for pod in current.values():
+            if pod.phase == "Pending" and pod.unschedulable_since is not None and pod not in unbound:
+                out.requeue_after = _soonest(
+                    out.requeue_after, pod.unschedulable_since + view.binding_timeout - now
+                )
         refused = _refused_since(group, attempt) if len(current) < len(nodes) else None
         if current and len(current) == len(nodes):
             group.pop("createRefused", None)  # every member exists: whatever was refused got through
