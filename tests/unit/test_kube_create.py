@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from kubernetes import client
 from kubernetes.client import ApiException
-from largo.controllers.kube import MESSAGE_LIMIT, CreateRefused, Kube
+from largo.controllers.kube import ANNOTATION_APPLIED, MESSAGE_LIMIT, CreateRefused, Kube, holds, stamped
 from largo.controllers.leader import LeaderGate, NotLeader
 from largo.controllers.workqueue import Retry
 
@@ -29,6 +29,7 @@ class FakeCore:
         self.existing_controller = existing_controller
         self.existing_labels: dict[str, str] = {}
         self.absent = False
+        self.existing: client.V1Service | None = None  # what a read returns, if set
         self.apply_refusal: ApiException | None = None
         self.calls: list[str] = []
         self.timeouts: list[tuple[float, float]] = []
@@ -45,10 +46,18 @@ class FakeCore:
         self.calls.append("read")
         if self.absent:
             raise _refusal(404, f'services "{name}" not found')
+        if self.existing is not None:
+            return self.existing
         refs = []
         if self.existing_controller is not None:
-            refs = [SimpleNamespace(uid=self.existing_controller, controller=True)]
-        return SimpleNamespace(metadata=SimpleNamespace(owner_references=refs, labels=self.existing_labels))
+            refs = [
+                client.V1OwnerReference(
+                    api_version="v1", kind="Job", name="j", uid=self.existing_controller, controller=True
+                )
+            ]
+        return client.V1Service(
+            metadata=client.V1ObjectMeta(owner_references=refs, labels=self.existing_labels)
+        )
 
     def patch_namespaced_service(self, name: str, namespace: str, body: Any, **options: Any) -> None:
         self.calls.append(f"apply as {options['field_manager']}")
@@ -62,6 +71,7 @@ class FakeCore:
 def _kube(core: FakeCore) -> Kube:
     kube = Kube.__new__(Kube)
     kube.core = core  # type: ignore[assignment]
+    kube.api = client.ApiClient()
     kube.gate = LeaderGate()
     kube.field_manager = "largo-operator"
     return kube
@@ -142,6 +152,59 @@ def test_kept_objects_are_applied_when_new_or_ours_but_never_taken_from_another_
         asyncio.run(_kube(quota).keep("ns", SERVICE))
     assert refused.value.reason == "CreateRefused"
     assert refused.value.message == 'services "j" is forbidden: exceeded quota'
+
+
+def test_a_kept_object_that_holds_what_this_manifest_applied_is_not_applied_again() -> None:
+    """A restarted operator reads each service's network: an object applied from the same manifest and
+    unchanged since takes no write; one changed by hand, or wanted otherwise now, is applied."""
+    manifest = {
+        **SERVICE,
+        "apiVersion": "v1",
+        "spec": {"ports": [{"name": "http", "port": 80}], "selector": {"app": "j"}},
+    }
+    wanted = stamped(manifest)
+    assert stamped(manifest) == wanted  # the same digest for the same manifest
+    digest = wanted["metadata"]["annotations"][ANNOTATION_APPLIED]
+    owner = client.V1OwnerReference(api_version="v1", kind="Job", name="j", uid=OURS, controller=True)
+
+    def live(port: int, applied: str | None = digest) -> client.V1Service:
+        return client.V1Service(
+            api_version="v1",
+            kind="Service",
+            metadata=client.V1ObjectMeta(
+                name="j",
+                owner_references=[owner],
+                annotations={ANNOTATION_APPLIED: applied} if applied else None,
+                resource_version="7",  # the server's own fields and defaults do not matter
+            ),
+            spec=client.V1ServiceSpec(
+                ports=[client.V1ServicePort(name="http", port=port, protocol="TCP", target_port=80)],
+                selector={"app": "j"},
+                type="ClusterIP",
+            ),
+        )
+
+    core = FakeCore(None, OURS)
+    core.existing = live(80)
+    asyncio.run(_kube(core).keep("ns", manifest))
+    assert core.calls == ["read"]
+    for changed in (live(81), live(80, applied=None), live(80, applied="from-another-manifest")):
+        core = FakeCore(None, OURS)
+        core.existing = changed
+        asyncio.run(_kube(core).keep("ns", manifest))
+        assert core.calls == ["read", "apply as largo-operator"]
+
+
+def test_holds_reads_fields_the_way_an_apply_sets_them() -> None:
+    assert holds({"a": 1, "b": {"c": "x", "d": 2}}, {"b": {"c": "x"}})
+    assert not holds({"b": {"c": "y"}}, {"b": {"c": "x"}})
+    assert not holds({}, {"b": {}})
+    assert holds({"a": 1}, {"b": None})  # an absent field stays absent
+    assert not holds({"b": 1}, {"b": None})
+    assert holds([{"name": "x", "extra": 1}], [{"name": "x"}])
+    assert not holds([{"name": "x"}, {"name": "y"}], [{"name": "x"}])  # an item someone added
+    assert not holds({"port": "80"}, {"port": 80})  # written in another form: applied, to be sure
+    assert not holds({"on": 1}, {"on": True})
 
 
 def test_our_pod_of_an_earlier_attempt_is_not_taken_for_the_new_one() -> None:

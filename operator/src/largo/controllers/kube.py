@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
 import logging
 import uuid
@@ -100,6 +101,41 @@ def _refuse_foreign(manifest: Mapping[str, Any], existing: Any) -> None:
             "NameConflict",
             f"{kind} {name} already exists and is {owner}, not by the object it is created for",
         )
+
+
+# On every kept object: a digest of the manifest last applied, so that an unchanged one is not applied
+# again (an operator's start reads each service's network; applying it too doubled the calls).
+ANNOTATION_APPLIED = "largo.dev/applied"
+
+
+def stamped(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its digest in ``ANNOTATION_APPLIED`` (a digest of everything else)."""
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
+    metadata = dict(manifest["metadata"])
+    metadata["annotations"] = {
+        **(metadata.get("annotations") or {}),
+        ANNOTATION_APPLIED: digest.hexdigest()[:20],
+    }
+    return {**manifest, "metadata": metadata}
+
+
+def holds(live: Any, wanted: Any) -> bool:
+    """Whether ``live`` (an object as the API server returns it) has every field ``wanted`` sets, with
+    its value (fields the server defaults or others set do not matter; a None wanted is an absent
+    field). Lists match item by item. A value the server writes in another form (a quantity, an
+    int-or-string) does not match: the caller then applies, which costs a call and nothing else."""
+    if isinstance(wanted, Mapping):
+        return isinstance(live, Mapping) and all(
+            live.get(key) is None if value is None else key in live and holds(live[key], value)
+            for key, value in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(wanted)
+            and all(holds(item, want) for item, want in zip(live, wanted, strict=True))
+        )
+    return bool(live == wanted and type(live) is type(wanted))
 
 
 def controller_uid(metadata: Mapping[str, Any]) -> str | None:
@@ -300,9 +336,11 @@ class Kube:
         or version drops would never be removed. An object of that name owned by another controller or by
         none is a NameConflict, never taken over: our owner reference on it would have the garbage
         collector delete it with our object. (One created by someone else between the read and the apply,
-        milliseconds apart, would be taken over.)"""
+        milliseconds apart, would be taken over.) One that already holds what ``manifest`` sets, applied
+        by this manifest (its digest, ``ANNOTATION_APPLIED``), is left as it is: no write."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         group, suffix = _KINDS[kind]
+        wanted = stamped(manifest)
         read = getattr(getattr(self, group), f"read_namespaced_{suffix}")
         try:
             timeout = (WRITE_CONNECT_SECONDS, WRITE_READ_SECONDS)  # as the apply that follows
@@ -314,7 +352,10 @@ class Kube:
                 raise CreateRefused(kind, name, "CreateRefused", api_message(error)) from error
         else:
             _refuse_foreign(manifest, existing)
-        await self.apply(namespace, manifest)
+            live = self.api.sanitize_for_serialization(existing)  # type: ignore[no-untyped-call]
+            if holds(live, wanted):
+                return  # this manifest was applied, and what it sets has not changed since
+        await self.apply(namespace, wanted)
 
     async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         """Server-side apply of ``manifest`` as largo's field manager: created, or brought back to what

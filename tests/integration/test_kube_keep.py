@@ -1,0 +1,83 @@
+"""Kept objects on a real API server: an InferenceService's network, applied once, is only read by a
+restarted operator (the server's defaults and its own fields do not count as changes); a field changed
+by hand is applied back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from kubernetes import client
+from largo.api.v1alpha1 import InferenceService
+from largo.controllers.inferenceservice import InferenceServiceReconciler
+from largo.controllers.kube import Kube
+
+pytestmark = pytest.mark.integration
+
+
+class CountingKube(Kube):
+    """The operator's client, counting its applies."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        super().__init__(api)
+        self.applied: list[str] = []
+
+    async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
+        self.applied.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
+        await super().apply(namespace, manifest)
+
+
+def _make_network(api: client.ApiClient, owner: Mapping[str, Any], service: InferenceService) -> list[str]:
+    """What a freshly started operator applies for the service's network."""
+    kube = CountingKube(api)
+    reconciler = InferenceServiceReconciler(
+        kube=kube,
+        nodes={},
+        services={},
+        pods={},
+        trainjobs={},
+        claims={},
+        autoscalers={},
+        wake_scheduler=lambda: None,
+        clock=lambda: 0.0,
+    )
+    key = (owner["metadata"]["namespace"], service.metadata.name)
+    asyncio.run(reconciler.make_network(key, owner, service))
+    return sorted(kube.applied)
+
+
+def test_a_network_applied_before_is_only_read_until_something_changes(
+    api: client.ApiClient, namespace: str
+) -> None:
+    core = client.CoreV1Api(api)
+    # A stand-in owner (no InferenceService object, so the session's operator leaves this alone); the
+    # garbage collector keeps children whose owner exists.
+    holder = core.create_namespaced_config_map(namespace, {"metadata": {"name": "holder"}})
+    owner = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "holder", "namespace": namespace, "uid": holder.metadata.uid},
+    }
+    body = {
+        "metadata": {"name": "chat", "namespace": namespace, "uid": holder.metadata.uid},
+        "spec": {"model": {"claimName": "weights"}, "router": {"nodeSelector": {"tier": "edge"}}},
+    }
+    service = InferenceService.from_body(body)
+    first = _make_network(api, owner, service)
+    assert len(first) == 7, first  # three Services, the router's account, Role, binding, Deployment
+    assert _make_network(api, owner, service) == []  # a restart: read, nothing written
+
+    # A field largo sets, changed by hand, is brought back; only that object is written.
+    selector = core.read_namespaced_service("chat", namespace).spec.selector
+    label = sorted(selector)[0]
+    core.patch_namespaced_service("chat", namespace, {"spec": {"selector": {label: "someone-else"}}})
+    assert _make_network(api, owner, service) == ["Service/chat"]
+    assert core.read_namespaced_service("chat", namespace).spec.selector == selector
+    # A field the spec drops is removed: the manifest changed, so it is applied.
+    plain = InferenceService.from_body({**body, "spec": {"model": {"claimName": "weights"}}})
+    assert _make_network(api, owner, plain) == ["Deployment/chat-router"]
+    router = client.AppsV1Api(api).read_namespaced_deployment("chat-router", namespace)
+    assert not router.spec.template.spec.node_selector
+    assert _make_network(api, owner, plain) == []
