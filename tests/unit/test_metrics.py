@@ -132,10 +132,12 @@ def test_waiting_jobs_are_counted_by_why_they_wait() -> None:
         _job("behind", 8, 1, "Queued", reason="QueuedBehindHead"),
         _job("second-run", 8, 1, "Queued", reason="CheckpointInUse"),
         _job("also-second", 8, 1, "Queued", reason="CheckpointInUse"),
+        # Queued again after its pods were refused: the summary shows the refusal, the queue why it waits.
+        _job("refused-before", 8, 1, "Queued", reason="CreateRefused", queue={"reason": "CheckpointInUse"}),
     ]
     series = _series(Snapshot(nodes=[_node("a")], pods=[], jobs=jobs))
     lengths = {dict(key)["reason"]: n for (name, key), n in series.items() if name == "largo_queue_length"}
-    assert lengths == {"": 1, "InsufficientCapacity": 1, "QueuedBehindHead": 1, "CheckpointInUse": 2}
+    assert lengths == {"": 1, "InsufficientCapacity": 1, "QueuedBehindHead": 1, "CheckpointInUse": 3}
 
 
 def test_other_extended_resources_are_counted_like_gpus() -> None:

@@ -286,8 +286,8 @@ def _workload_families(jobs: Sequence[JobEntry]) -> list[Metric]:
     )
     length = GaugeMetricFamily(
         "largo_queue_length",
-        "Jobs waiting for admission, by why (their status.reason: InsufficientCapacity, QueuedBehindHead, "
-        "Unschedulable, CheckpointInUse, ...; empty for a job not looked at yet).",
+        "Jobs waiting for admission, by why (their status.queue.reason: InsufficientCapacity, "
+        "QueuedBehindHead, Unschedulable, CheckpointInUse, ...; empty for a job not looked at yet).",
         labels=["queue", "reason"],
     )
     lengths: dict[tuple[str, str], int] = {}
@@ -297,7 +297,10 @@ def _workload_families(jobs: Sequence[JobEntry]) -> list[Metric]:
         lengths.setdefault((queue, ""), 0)
     for entry in jobs:
         if counted_waiting(entry):
-            reason = str((entry.body.get("status") or {}).get("reason") or "") if entry.phase else ""
+            # Why the scheduler left it waiting (status.queue.reason); the summarised status.reason
+            # may show another condition's (a refusal of an earlier attempt's pods).
+            summary = (entry.body.get("status") or {}).get("reason")
+            reason = str(entry.queue.get("reason") or summary or "") if entry.phase else ""
             lengths[entry.queue_name, reason] = lengths.get((entry.queue_name, reason), 0) + 1
     for (queue, reason), count in sorted(lengths.items()):
         length.add_metric([queue, reason], count)
