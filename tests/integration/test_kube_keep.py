@@ -81,3 +81,44 @@ def test_a_network_applied_before_is_only_read_until_something_changes(
     router = client.AppsV1Api(api).read_namespaced_deployment("chat-router", namespace)
     assert not router.spec.template.spec.node_selector
     assert _make_network(api, owner, plain) == []
+
+
+def test_an_object_an_earlier_version_created_loses_a_field_this_one_drops(
+    api: client.ApiClient, namespace: str
+) -> None:
+    """Versions before applies created these objects, owned by the create's manager (per replica): a
+    field the manifest no longer sets stayed for ever. The create's fields are taken into the apply's
+    (as kubectl's csaupgrade does), so the apply removes it; a user's own change stays."""
+    core = client.CoreV1Api(api)
+    holder = core.create_namespaced_config_map(namespace, {"metadata": {"name": "holder"}})
+    reference = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "name": "holder",
+        "uid": holder.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    old = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "made-before", "ownerReferences": [reference], "labels": {"tier": "old"}},
+        "spec": {"selector": {"app": "x", "tier": "old"}, "ports": [{"name": "http", "port": 80}]},
+    }
+    core.create_namespaced_service(namespace, old, field_manager="largo-operator-7d9f_1a2b3c4d")
+    core.patch_namespaced_service(
+        "made-before", namespace, {"metadata": {"annotations": {"team": "search"}}}, field_manager="someone"
+    )
+    wanted = {
+        **old,
+        "metadata": {"name": "made-before", "ownerReferences": [reference]},
+        "spec": {"selector": {"app": "x"}, "ports": [{"name": "http", "port": 80}]},
+    }
+    asyncio.run(Kube(api).keep(namespace, wanted))
+    now = core.read_namespaced_service("made-before", namespace)
+    assert now.spec.selector == {"app": "x"}
+    assert not (now.metadata.labels or {}).get("tier")
+    assert now.metadata.annotations["team"] == "search"
+    managers = {(entry.manager, entry.operation) for entry in now.metadata.managed_fields}
+    assert ("largo-operator-7d9f_1a2b3c4d", "Update") not in managers
+    assert ("largo-operator", "Apply") in managers

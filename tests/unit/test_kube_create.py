@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client import ApiException
-from largo.controllers.kube import ANNOTATION_APPLIED, MESSAGE_LIMIT, CreateRefused, Kube, holds, stamped
+from largo.controllers.kube import (
+    ANNOTATION_APPLIED,
+    MESSAGE_LIMIT,
+    CreateRefused,
+    Kube,
+    created_fields_absorbed,
+    holds,
+    stamped,
+)
 from largo.controllers.leader import LeaderGate, NotLeader
 from largo.controllers.workqueue import Retry
 
@@ -205,6 +213,46 @@ def test_holds_reads_fields_the_way_an_apply_sets_them() -> None:
     assert not holds([{"name": "x"}, {"name": "y"}], [{"name": "x"}])  # an item someone added
     assert not holds({"port": "80"}, {"port": 80})  # written in another form: applied, to be sure
     assert not holds({"on": 1}, {"on": True})
+
+
+def test_the_fields_an_earlier_version_s_create_set_are_taken_into_the_apply_s() -> None:
+    owner = {"f:ownerReferences": {f'k:{{"uid":"{OURS}"}}': {}}}
+    create = {
+        "manager": "largo-operator-abc_12345678",
+        "operation": "Update",
+        "apiVersion": "v1",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:metadata": owner, "f:spec": {"f:selector": {"f:app": {}, "f:tier": {}}}},
+    }
+    apply = {
+        "manager": "largo-operator",
+        "operation": "Apply",
+        "apiVersion": "v1",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:ports": {}}},
+    }
+    user = {"manager": "kubectl-edit", "operation": "Update", "fieldsV1": {"f:metadata": {"f:labels": {}}}}
+    status = {**create, "subresource": "status", "fieldsV1": {"f:status": {}}}
+    live = {"metadata": {"managedFields": [create, user, status, apply]}}
+    absorbed = created_fields_absorbed(live, OURS)
+    assert absorbed is not None
+    assert absorbed[:2] == [user, status]  # another manager's and a status writer's are left alone
+    assert absorbed[2]["manager"] == "largo-operator"
+    assert absorbed[2]["operation"] == "Apply"
+    assert absorbed[2]["fieldsV1"] == {
+        "f:metadata": owner,
+        "f:spec": {"f:ports": {}, "f:selector": {"f:app": {}, "f:tier": {}}},
+    }
+    # Without an apply entry yet, one is made from the create's.
+    (made,) = created_fields_absorbed({"metadata": {"managedFields": [create]}}, OURS) or []
+    assert (made["manager"], made["operation"], made["fieldsV1"]) == (
+        "largo-operator",
+        "Apply",
+        create["fieldsV1"],
+    )
+    # Nothing of ours created by update, or another controller's: nothing to change.
+    assert created_fields_absorbed({"metadata": {"managedFields": [user, apply]}}, OURS) is None
+    assert created_fields_absorbed(live, "uid-of-someone-else") is None
 
 
 def test_our_pod_of_an_earlier_attempt_is_not_taken_for_the_new_one() -> None:

@@ -138,6 +138,43 @@ def holds(live: Any, wanted: Any) -> bool:
     return bool(live == wanted and type(live) is type(wanted))
 
 
+def _union(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
+    """Two managedFields field sets (fieldsV1 tries) as one."""
+    merged = dict(first)
+    for key, value in second.items():
+        merged[key] = _union(merged[key], value) if key in merged else value
+    return merged
+
+
+def created_fields_absorbed(live: Mapping[str, Any], controller: str) -> list[dict[str, Any]] | None:
+    """``live``'s managedFields with the entries of the managers that created it by update, if any,
+    merged into largo's apply entry (None when there are none: nothing to change). Versions of largo
+    before applies created their objects: those fields stay owned by the create's manager (one per
+    replica), so a field this version no longer sets would never be removed. Taken into the apply
+    entry, the next apply without them removes them, as client-go's csaupgrade does for kubectl. The
+    creating entries are told apart by what only a create of ours sets by update: the owner
+    reference to ``controller`` (the uid)."""
+    entries = list((live.get("metadata") or {}).get("managedFields") or [])
+    ours = f'k:{{"uid":"{controller}"}}'
+
+    def created_ours(entry: Mapping[str, Any]) -> bool:
+        references = ((entry.get("fieldsV1") or {}).get("f:metadata") or {}).get("f:ownerReferences") or {}
+        return entry.get("operation") == "Update" and not entry.get("subresource") and ours in references
+
+    created = [entry for entry in entries if created_ours(entry)]
+    if not created:
+        return None
+    applying = next(
+        (e for e in entries if e.get("manager") == COMPONENT and e.get("operation") == "Apply"),
+        {**created[0], "manager": COMPONENT, "operation": "Apply", "fieldsV1": {}},
+    )
+    fields: dict[str, Any] = dict(applying.get("fieldsV1") or {})
+    for entry in created:
+        fields = _union(fields, entry.get("fieldsV1") or {})
+    kept = [entry for entry in entries if entry is not applying and not created_ours(entry)]
+    return [*kept, {**applying, "fieldsV1": fields}]
+
+
 def controller_uid(metadata: Mapping[str, Any]) -> str | None:
     for reference in metadata.get("ownerReferences") or []:
         if reference.get("controller"):
@@ -337,7 +374,9 @@ class Kube:
         none is a NameConflict, never taken over: our owner reference on it would have the garbage
         collector delete it with our object. (One created by someone else between the read and the apply,
         milliseconds apart, would be taken over.) One that already holds what ``manifest`` sets, applied
-        by this manifest (its digest, ``ANNOTATION_APPLIED``), is left as it is: no write."""
+        by this manifest (its digest, ``ANNOTATION_APPLIED``), is left as it is: no write. One that an
+        earlier version created has its create's fields taken into the apply's first
+        (``created_fields_absorbed``), so that the apply removes those this version drops."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         group, suffix = _KINDS[kind]
         wanted = stamped(manifest)
@@ -355,7 +394,31 @@ class Kube:
             live = self.api.sanitize_for_serialization(existing)  # type: ignore[no-untyped-call]
             if holds(live, wanted):
                 return  # this manifest was applied, and what it sets has not changed since
+            controller = controller_uid(manifest["metadata"])
+            absorbed = created_fields_absorbed(live, controller) if controller else None
+            if absorbed is not None:
+                await self._absorb(kind, name, namespace, live, absorbed)
         await self.apply(namespace, wanted)
+
+    async def _absorb(
+        self, kind: str, name: str, namespace: str, live: Mapping[str, Any], fields: list[dict[str, Any]]
+    ) -> None:
+        """Replaces the managedFields of ``live`` with ``fields`` (``created_fields_absorbed``), if the
+        object has not changed since it was read (else the apply goes ahead, and the next start tries
+        again)."""
+        group, suffix = _KINDS[kind]
+        patch = getattr(getattr(self, group), f"patch_namespaced_{suffix}")
+        version = (live.get("metadata") or {}).get("resourceVersion")
+        body = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+            {"op": "replace", "path": "/metadata/managedFields", "value": fields},
+        ]
+        try:
+            await self._write(patch, name, namespace, body, _content_type="application/json-patch+json")
+        except ApiException as error:
+            if transient(error):
+                raise _unavailable(kind, name, error) from error
+            logger.info("%s %s: its creator's fields were not taken over: %s", kind, name, api_message(error))
 
     async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         """Server-side apply of ``manifest`` as largo's field manager: created, or brought back to what
