@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 from largo.api.v1alpha1 import InferenceService
 from largo.controllers.inferenceservice import InferenceServiceReconciler
-from largo.controllers.kube import Kube
+from largo.controllers.kube import ConflictError, Kube
 
 pytestmark = pytest.mark.integration
 
@@ -122,3 +122,20 @@ def test_an_object_an_earlier_version_created_loses_a_field_this_one_drops(
     managers = {(entry.manager, entry.operation) for entry in now.metadata.managed_fields}
     assert ("largo-operator-7d9f_1a2b3c4d", "Update") not in managers
     assert ("largo-operator", "Apply") in managers
+
+
+def test_taking_over_fields_of_an_object_that_changed_since_it_was_read_is_a_conflict(
+    api: client.ApiClient, namespace: str
+) -> None:
+    """The managedFields are replaced only on the version read (a JSON patch's test of the
+    resourceVersion): a write in between is a conflict, read again soon, never a lasting refusal."""
+    core = client.CoreV1Api(api)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "moving"}})
+    read = api.sanitize_for_serialization(core.read_namespaced_config_map("moving", namespace))
+    core.patch_namespaced_config_map("moving", namespace, {"data": {"k": "v"}})
+    with pytest.raises(ConflictError):
+        asyncio.run(
+            Kube(api)._absorb(
+                "ConfigMap", "moving", namespace, read, read["metadata"].get("managedFields") or []
+            )
+        )

@@ -68,6 +68,9 @@ class FakeCore:
         )
 
     def patch_namespaced_service(self, name: str, namespace: str, body: Any, **options: Any) -> None:
+        if options.get("_content_type") == "application/json-patch+json":
+            self.calls.append("absorb")
+            return
         self.calls.append(f"apply as {options['field_manager']}")
         if self.apply_refusal is not None:
             raise self.apply_refusal
@@ -196,6 +199,22 @@ def test_a_kept_object_that_holds_what_this_manifest_applied_is_not_applied_agai
     core.existing = live(80)
     asyncio.run(_kube(core).keep("ns", manifest))
     assert core.calls == ["read"]
+    # Created by an earlier version, and as wanted now: its create's fields are taken over first, so
+    # that a later manifest without one of them removes it.
+    created = live(80)
+    created.metadata.managed_fields = [
+        client.V1ManagedFieldsEntry(
+            manager="largo-operator-abc_12345678",
+            operation="Update",
+            api_version="v1",
+            fields_type="FieldsV1",
+            fields_v1={"f:metadata": {"f:ownerReferences": {f'k:{{"uid":"{OURS}"}}': {}}}},
+        )
+    ]
+    core = FakeCore(None, OURS)
+    core.existing = created
+    asyncio.run(_kube(core).keep("ns", manifest))
+    assert core.calls == ["read", "absorb", "apply as largo-operator"]
     for changed in (live(81), live(80, applied=None), live(80, applied="from-another-manifest")):
         core = FakeCore(None, OURS)
         core.existing = changed
@@ -250,6 +269,11 @@ def test_the_fields_an_earlier_version_s_create_set_are_taken_into_the_apply_s()
         "Apply",
         create["fieldsV1"],
     )
+    # An apply under a replica's own name (versions that applied so) is taken over the same way.
+    replica_apply = {**create, "operation": "Apply"}
+    (merged,) = created_fields_absorbed({"metadata": {"managedFields": [replica_apply, apply]}}, OURS) or []
+    assert merged["manager"] == "largo-operator"
+    assert merged["fieldsV1"]["f:spec"] == {"f:ports": {}, "f:selector": {"f:app": {}, "f:tier": {}}}
     # Nothing of ours created by update, or another controller's: nothing to change.
     assert created_fields_absorbed({"metadata": {"managedFields": [user, apply]}}, OURS) is None
     assert created_fields_absorbed(live, "uid-of-someone-else") is None

@@ -1200,18 +1200,24 @@ def test_a_new_group_that_served_then_blinked_does_not_trip_the_progress_deadlin
 
 def test_an_unschedulable_pod_s_wait_counts_from_the_operator_s_first_sight() -> None:
     stuck = replace(
-        ready_service(replicas=1).pods["llama-r0-node-1"], unschedulable_since=NOW - 120, node_name=None
+        ready_service(replicas=1).pods["llama-r0-node-1"],
+        unschedulable_since=NOW - 120,
+        node_name=None,
+        uid="uid-1",
     )
-    running = replace(stuck, name="llama-r0-node-0", unschedulable_since=None)
+    running = replace(stuck, name="llama-r0-node-0", unschedulable_since=None, uid="uid-0")
     seen_views, seen = unschedulable_as_seen([running, stuck], {}, NOW)
-    assert seen == {"llama-r0-node-1": NOW}  # first seen now, though the scheduler says 2 min ago
+    assert seen == {"uid-1": NOW}  # first seen now, though the scheduler says 2 min ago
     assert [view.unschedulable_since for view in seen_views] == [None, NOW]
     later, seen = unschedulable_as_seen([running, stuck], seen, NOW + 10)
     assert later[1].unschedulable_since == NOW
-    assert seen == {"llama-r0-node-1": NOW}
+    assert seen == {"uid-1": NOW}
     # A later transition than the first sight (the pod waits again) is kept as reported.
     again = replace(stuck, unschedulable_since=NOW + 20)
     assert unschedulable_as_seen([again], seen, NOW + 25)[0][0].unschedulable_since == NOW + 20
+    # The next attempt's pod has the same name, not the same uid: its wait is its own.
+    successor = replace(stuck, uid="uid-1-next")
+    assert unschedulable_as_seen([successor], seen, NOW + 40)[0][0].unschedulable_since == NOW + 40
     # Bound: forgotten, so that a new wait is counted afresh.
     bound = replace(stuck, unschedulable_since=None)
     assert unschedulable_as_seen([bound], seen, NOW + 30) == ([bound], {})

@@ -147,10 +147,11 @@ def _union(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any
 
 
 def created_fields_absorbed(live: Mapping[str, Any], controller: str) -> list[dict[str, Any]] | None:
-    """``live``'s managedFields with the entries of the managers that created it by update, if any,
-    merged into largo's apply entry (None when there are none: nothing to change). Versions of largo
-    before applies created their objects: those fields stay owned by the create's manager (one per
-    replica), so a field this version no longer sets would never be removed. Taken into the apply
+    """``live``'s managedFields with the entries of the managers that created it by update (or applied
+    it under a replica's own name), if any, merged into largo's apply entry (None when there are none:
+    nothing to change). Versions of largo before applies created their objects: those fields stay owned
+    by the create's manager (one per replica), so a field this version no longer sets would never be
+    removed. Taken into the apply
     entry, the next apply without them removes them, as client-go's csaupgrade does for kubectl. The
     creating entries are told apart by what only a create of ours sets by update: the owner
     reference to ``controller`` (the uid)."""
@@ -159,7 +160,9 @@ def created_fields_absorbed(live: Mapping[str, Any], controller: str) -> list[di
 
     def created_ours(entry: Mapping[str, Any]) -> bool:
         references = ((entry.get("fieldsV1") or {}).get("f:metadata") or {}).get("f:ownerReferences") or {}
-        return entry.get("operation") == "Update" and not entry.get("subresource") and ours in references
+        # A create's (an update), or an apply under a replica's own name (versions that applied so).
+        by = entry.get("operation") == "Update" or entry.get("manager") != COMPONENT
+        return by and not entry.get("subresource") and ours in references
 
     created = [entry for entry in entries if created_ours(entry)]
     if not created:
@@ -392,25 +395,26 @@ class Kube:
         else:
             _refuse_foreign(manifest, existing)
             live = self.api.sanitize_for_serialization(existing)  # type: ignore[no-untyped-call]
-            if holds(live, wanted):
-                return  # this manifest was applied, and what it sets has not changed since
             controller = controller_uid(manifest["metadata"])
             absorbed = created_fields_absorbed(live, controller) if controller else None
             if absorbed is not None:
                 await self._absorb(kind, name, namespace, live, absorbed)
+            elif holds(live, wanted):
+                return  # this manifest was applied, and what it sets has not changed since
         await self.apply(namespace, wanted)
 
     async def _absorb(
         self, kind: str, name: str, namespace: str, live: Mapping[str, Any], fields: list[dict[str, Any]]
     ) -> None:
         """Replaces the managedFields of ``live`` with ``fields`` (``created_fields_absorbed``), if the
-        object has not changed since it was read (else the apply goes ahead, and the next start tries
-        again)."""
+        object has not changed since it was read (else a ConflictError: read again). Another refusal
+        (a webhook, a permission) lets the apply go ahead: the entries stay, the next start tries again."""
         group, suffix = _KINDS[kind]
         patch = getattr(getattr(self, group), f"patch_namespaced_{suffix}")
         version = (live.get("metadata") or {}).get("resourceVersion")
+        # The resourceVersion written with it makes the API server refuse a stale one with a 409.
         body = [
-            {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+            {"op": "replace", "path": "/metadata/resourceVersion", "value": version},
             {"op": "replace", "path": "/metadata/managedFields", "value": fields},
         ]
         try:
@@ -418,6 +422,8 @@ class Kube:
         except ApiException as error:
             if transient(error):
                 raise _unavailable(kind, name, error) from error
+            if error.status == 409:
+                raise ConflictError(f"{kind} {name} changed while its fields were taken over") from error
             logger.info("%s %s: its creator's fields were not taken over: %s", kind, name, api_message(error))
 
     async def apply(self, namespace: str, manifest: Mapping[str, Any]) -> None:

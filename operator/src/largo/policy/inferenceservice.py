@@ -261,6 +261,8 @@ class MemberPod:
     unschedulable_message: str = ""
     # Why its server container cannot start, as the kubelet says (``pods.cannot_start``).
     cannot_start: str | None = None
+    # The pod's uid: its name comes back with the group's next attempt.
+    uid: str = ""
 
 
 def member_pod(pod: Mapping[str, Any]) -> MemberPod | None:
@@ -297,6 +299,7 @@ def member_pod(pod: Mapping[str, Any]) -> MemberPod | None:
         unschedulable_since=since,
         unschedulable_message=message,
         cannot_start=cannot_start(status, SERVER_CONTAINER_NAME),
+        uid=str(metadata.get("uid") or ""),
     )
 
 

@@ -35,6 +35,8 @@ class _Unschedulable(Protocol):
     @property
     def name(self) -> str: ...
     @property
+    def uid(self) -> str: ...
+    @property
     def unschedulable_since(self) -> float | None: ...
 
 
@@ -45,7 +47,8 @@ def unschedulable_as_seen(
     views: Sequence[View], first_seen: Mapping[str, float], now: float
 ) -> tuple[list[View], dict[str, float]]:
     """``views`` whose ``unschedulable_since`` is no earlier than when this operator first saw each
-    pod unschedulable (``first_seen``, by pod name; a pod seen so for the first time is seen ``now``),
+    pod unschedulable (``first_seen``, by pod uid, as a name comes back with the next attempt; a pod seen
+    so for the first time is seen ``now``),
     and the sightings to pass next time (only the pods unschedulable now). kube-scheduler stamps
     PodScheduled with its own clock: one behind the operator's by more than the binding timeout would
     release a gang as soon as its pods wait. An operator that restarts counts the wait again."""
@@ -54,8 +57,9 @@ def unschedulable_as_seen(
     for view in views:
         since = view.unschedulable_since
         if since is not None:
-            seen[view.name] = first_seen.get(view.name, now)
-            if since < seen[view.name]:
-                view = dataclasses.replace(view, unschedulable_since=seen[view.name])  # type: ignore[type-var]
+            key = view.uid or view.name
+            seen[key] = first_seen.get(key, now)
+            if since < seen[key]:
+                view = dataclasses.replace(view, unschedulable_since=seen[key])  # type: ignore[type-var]
         out.append(view)
     return out, seen

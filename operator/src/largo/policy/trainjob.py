@@ -55,6 +55,8 @@ class PodView:
     # Why Kubernetes is taking it away (its DisruptionTarget condition: a drain's eviction, a
     # preemption, a taint), if it is.
     disrupted: str | None = None
+    # The pod's uid: its name comes back with the next attempt.
+    uid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +194,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         unschedulable_message=message,
         cannot_start=cannot_start(status, CONTAINER_NAME),
         disrupted=disrupted,
+        uid=str(metadata.get("uid") or ""),
     )
 
 
