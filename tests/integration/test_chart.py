@@ -245,6 +245,45 @@ def test_helm_install_runs_the_operator_with_least_privilege(
     )
 
 
+def test_upgrades_turn_leader_election_on_and_off_without_two_acting_operators(
+    cluster: LocalCluster, api: client.ApiClient, crds: None
+) -> None:
+    """Off to on: the unelected operator would act beside the new leader, so it is stopped first (a
+    Recreate rollout, that once; later upgrades roll). On to off: Recreate without the rolling
+    parameters an elected release had (the API server refuses the two together)."""
+    namespace = f"largo-{uuid.uuid4().hex[:6]}"
+    release = f"largo-{uuid.uuid4().hex[:6]}"
+    apps = client.AppsV1Api(api)
+    common = (
+        "--namespace", namespace, "--create-namespace", "--set", "crds.enabled=false", "--wait",
+        "--timeout", "120s",
+    )  # fmt: skip
+    unelected = ("--set", "operator.leaderElection.enabled=false", "--set", "operator.replicas=1")
+
+    def upgrade(*values: str) -> client.V1Deployment:
+        done = helm(cluster, "upgrade", "--install", release, str(CHART), *common, *values)
+        assert done.returncode == 0, done.stdout + done.stderr
+        deployment = apps.read_namespaced_deployment("largo-operator", namespace)
+        assert deployment.status.ready_replicas == deployment.spec.replicas
+        return deployment
+
+    try:
+        assert upgrade(*unelected).spec.strategy.type == "Recreate"
+        elected = upgrade()
+        assert elected.spec.strategy.type == "Recreate"
+        assert elected.spec.strategy.rolling_update is None
+        pods = client.CoreV1Api(api).list_namespaced_pod(namespace).items
+        assert len(pods) == 2
+        assert all("--leader-elect" in pod.spec.containers[0].args for pod in pods)
+        assert upgrade("--set", "operator.logLevel=debug").spec.strategy.type == "RollingUpdate"
+        back = upgrade(*unelected)
+        assert (back.spec.strategy.type, back.spec.strategy.rolling_update) == ("Recreate", None)
+        assert back.spec.replicas == 1
+    finally:
+        uninstall = helm(cluster, "uninstall", release, "--namespace", namespace, "--wait")
+        assert uninstall.returncode == 0, uninstall.stderr
+
+
 def test_the_monitoring_objects_are_valid_for_the_prometheus_operator(
     cluster: LocalCluster, api: client.ApiClient, namespace: str
 ) -> None:
