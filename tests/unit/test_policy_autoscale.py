@@ -128,6 +128,17 @@ def test_scale_to_zero_after_the_grace_and_back_on_demand() -> None:
     assert min(d.replicas for d in run(without, lambda t, n: 0.0, 200)) == 1
 
 
+def test_scale_to_zero_waits_out_the_scale_down_delay() -> None:
+    """A service kept warm for scaleDownDelaySeconds (a model that takes minutes to load) is not cold
+    started after a minute without load: zero is a scale-down, and waits out the delay as any other."""
+    warm = Policy(0, 5, 4.0, scale_down_delay=300, scale_to_zero=True, scale_to_zero_grace=30)
+    decisions = run(warm, lambda t, n: 4.0 if t < 60 else 0.0, 600)
+    zero = next(t for t, d in enumerate(decisions) if d.replicas == 0)
+    # The last load (at 59 s) leaves the stable window (60 s) at 119 s; the delay runs from then.
+    assert 59 + 60 + 300 <= zero <= 59 + 60 + 300 + 5
+    assert decisions[zero].reason == "no load for 300s: scaling to zero"
+
+
 def test_a_replica_woken_from_zero_is_not_scaled_to_zero_before_it_is_ready() -> None:
     """The first request is held by the router for a while, then gives up; the model takes 10 minutes
     to load. Idle time counts from a ready replica on, so the load is not cut short."""

@@ -13,8 +13,9 @@ The shape is Knative's KPA with HPA's scale-down stabilisation:
 - a ready replica whose samples are missing or stale counts as fully busy (at ``target``): missing
   metrics never cause a scale-down;
 - with no sample at all the service holds where it is; [minReplicas, maxReplicas] clamp every
-  decision, except that ``scale_to_zero`` lets an idle service (no load for the stable window and the
-  grace, counted from a ready replica on) go to zero; any demand then brings one replica back.
+  decision, except that ``scale_to_zero`` lets an idle service (no load for the stable window, then
+  for the longer of the grace and ``scale_down_delay``, counted from a ready replica on) go to zero;
+  any demand then brings one replica back.
 
 The controller keeps ``State`` between calls. It is small and is rebuilt by running: a controller that
 starts without it (a new leader) seeds it with the replicas it finds (``State.starting``), so that a
@@ -202,7 +203,9 @@ def decide(
     idle = stable_load == 0 and not served and covered and not starting
     idle_since = (state.idle_since or now) if idle else None
     idle_for = now - idle_since if idle_since is not None else None
-    if policy.scale_to_zero and idle_for is not None and idle_for >= policy.scale_to_zero_grace:
+    # Zero is a scale-down like any other: it waits out the delay too (as Knative's scale-down-delay),
+    # so a service kept warm for scale_down_delay is not cold-started after the stable window.
+    if policy.scale_to_zero and idle_for is not None and idle_for >= _zero_after(policy):
         reason = f"no load for {idle_for:.0f}s: scaling to zero"
         return _bounded(policy, 0, reason, stable_load, False, State(history, None, idle_since))
     stabilized = max(r for _, r in history)
@@ -235,6 +238,11 @@ def _clamp(policy: Policy, replicas: int) -> int:
     if replicas == 0 and policy.scale_to_zero:
         return 0
     return max(policy.min_replicas, 1, min(policy.max_replicas, replicas))
+
+
+def _zero_after(policy: Policy) -> float:
+    """How long a service must have been idle (after a stable window without load) to go to zero."""
+    return max(policy.scale_to_zero_grace, policy.scale_down_delay)
 
 
 def _bounded(

@@ -251,10 +251,13 @@ class Autoscaling(SpecModel):
         default=300,
         ge=0,
         le=3600,
-        description="Scale down only to the highest replicas wanted over this window; scale-up is at once.",
+        description="Scale down only to the highest replicas wanted over this window; scale-up is at once. "
+        "With scaleToZero, zero waits this long too.",
     )
     scale_to_zero: bool = Field(
-        default=False, description="Below minReplicas to zero when idle; the first request brings one back."
+        default=False,
+        description="Below minReplicas to zero when idle (no load for stableWindowSeconds, then for "
+        "scaleDownDelaySeconds, at least 30 s); the first request brings one back.",
     )
 
     @model_validator(mode="after")
