@@ -126,7 +126,7 @@ class Stage:
         # keeps them apart for tensor parallelism in training; a server is faster with one matrix), and
         # the layers called as functions, without nn.Module's per-call dispatch (decoding a small model
         # is many small operations: their overhead is the cost).
-        pack = self.device.type == "cpu" and config.width >= WIDE_MODEL and onednn_available()
+        pack = self.device.type == "cpu" and config.width >= WIDE_MODEL and onednn_available(dtype)
         self._weights: dict[int, _BlockWeights] = {}
         with torch.no_grad():
             for layer in layers:
@@ -349,15 +349,24 @@ class Product:
         return functional.gelu(out) if gelu else out
 
 
-def onednn_available() -> bool:
-    """Whether this torch has oneDNN's packed linear products (a private operator inductor uses: a
-    torch without it serves with ``functional.linear``)."""
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch has oneDNN's packed linear products for ``dtype`` on this CPU (a private
+    operator inductor uses: a torch without it serves with ``functional.linear``). oneDNN packs
+    bfloat16 and float16 weights only on CPUs with the instructions for them (AVX512-BF16, AMX,
+    AVX-NE-CONVERT): elsewhere the packing raises, and a model in bfloat16 served nothing."""
     mkldnn = torch.ops.mkldnn
-    return bool(
+    available = bool(
         torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
         and hasattr(mkldnn, "_reorder_linear_weight")
         and hasattr(mkldnn, "_linear_pointwise")
     )
+    if not available or dtype == torch.float32:
+        return available
+    supported = {
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+        torch.float16: "_is_mkldnn_fp16_supported",
+    }.get(dtype)
+    return supported is not None and hasattr(mkldnn, supported) and bool(getattr(mkldnn, supported)())
 
 
 @dataclass(frozen=True, slots=True)
