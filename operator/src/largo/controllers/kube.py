@@ -151,10 +151,9 @@ def created_fields_absorbed(live: Mapping[str, Any], controller: str) -> list[di
     it under a replica's own name), if any, merged into largo's apply entry (None when there are none:
     nothing to change). Versions of largo before applies created their objects: those fields stay owned
     by the create's manager (one per replica), so a field this version no longer sets would never be
-    removed. Taken into the apply
-    entry, the next apply without them removes them, as client-go's csaupgrade does for kubectl. The
-    creating entries are told apart by what only a create of ours sets by update: the owner
-    reference to ``controller`` (the uid)."""
+    removed. Taken into the apply entry, the next apply without them removes them, as client-go's
+    csaupgrade does for kubectl. The creating entries are told apart by what only a create of ours
+    sets: the owner reference to ``controller`` (the uid)."""
     entries = list((live.get("metadata") or {}).get("managedFields") or [])
     ours = f'k:{{"uid":"{controller}"}}'
 
