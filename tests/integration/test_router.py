@@ -179,7 +179,7 @@ def slices(api: client.ApiClient, namespace: str) -> Slices:
 def start_router(cluster: LocalCluster, namespace: str) -> Iterator[Any]:
     started: list[Router] = []
 
-    def start(hold_timeout: float = 60) -> Router:
+    def start(hold_timeout: float = 60, hold_keepalive: float = 15) -> Router:
         port, metrics_port = free_port(), free_port()
         env = {
             **os.environ,
@@ -197,6 +197,7 @@ def start_router(cluster: LocalCluster, namespace: str) -> Iterator[Any]:
             f"--activator-port={free_port()}",
             f"--exporter-port={free_port()}",
             f"--hold-timeout={hold_timeout}",
+            f"--hold-keepalive={hold_keepalive}",
         ]
         router = Router(subprocess.Popen(command, env=env), port, metrics_port)
         started.append(router)
@@ -326,6 +327,28 @@ def test_a_held_request_gets_a_clear_503_when_no_replica_comes(start_router: Any
     code, body = router.post()
     assert code == 503
     assert body["error"]["message"] == f"no replica of {SERVICE} became ready within 1s; try again later"
+    assert router.value("largo_router_hold_timeouts_total") == 1
+
+
+def test_a_held_stream_gets_keepalives_through_the_proxy_while_it_waits(start_router: Any) -> None:
+    """A streaming client held while a model loads hears from the router before any idle timeout in
+    between would cut it: HAProxy passes the activator's keepalive comments on while the request is
+    still held, and the hold timeout ends the stream with an error event."""
+    router = start_router(hold_timeout=3, hold_keepalive=0.5)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{router.port}/v1/completions",
+        data=json.dumps({"prompt": "hi", "max_tokens": 4, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"] == "text/event-stream"
+        assert answer.readline() == f": waiting for a replica of {SERVICE}\n".encode()
+        assert router.value("largo_router_requests_held") == 1  # the comment came while it waited
+        rest = answer.read().decode()
+    (error,) = [json.loads(line[len("data: ") :]) for line in rest.splitlines() if line.startswith("data: ")]
+    assert error["error"]["code"] == 503
+    assert error["error"]["message"] == f"no replica of {SERVICE} became ready within 3s; try again later"
     assert router.value("largo_router_hold_timeouts_total") == 1
 
 

@@ -81,6 +81,7 @@ def test_the_router_deployment_runs_the_agent_with_its_contract() -> None:
         "LARGO_HTTP_PORT": "8080",
         "LARGO_METRICS_PORT": "9400",
         "LARGO_HOLD_TIMEOUT_SECONDS": "300",
+        "LARGO_HOLD_KEEPALIVE_SECONDS": "15",
     }
     assert spec["replicas"] == 1
     assert "nodeSelector" not in template["spec"]
@@ -105,13 +106,14 @@ def test_builders_refuse_a_service_without_namespace(build: Any) -> None:
         build(make(namespace=None))
 
 
-def test_spec_router_sets_replicas_placement_and_the_hold_timeout() -> None:
+def test_spec_router_sets_replicas_placement_the_hold_timeout_and_the_keepalive() -> None:
     toleration = {"key": "dedicated", "operator": "Equal", "value": "edge", "effect": "NoSchedule"}
     manifest = build_router_deployment(
         make(
             router={
                 "replicas": 2,
                 "holdTimeoutSeconds": 30,
+                "streamKeepaliveSeconds": 0,
                 "nodeSelector": {"pool": "cpu"},
                 "tolerations": [toleration],
             }
@@ -123,6 +125,7 @@ def test_spec_router_sets_replicas_placement_and_the_hold_timeout() -> None:
     assert pod_spec["tolerations"] == [toleration]
     env = {e["name"]: e.get("value") for e in pod_spec["containers"][0]["env"]}
     assert env["LARGO_HOLD_TIMEOUT_SECONDS"] == "30"
+    assert env["LARGO_HOLD_KEEPALIVE_SECONDS"] == "0"
     assert "imagePullSecrets" not in pod_spec
 
 
@@ -138,6 +141,8 @@ def test_the_router_pulls_its_image_with_the_services_pull_secrets() -> None:
         ({"replicas": 0}, "replicas"),
         ({"replicas": 17}, "replicas"),
         ({"holdTimeoutSeconds": 0}, "holdTimeoutSeconds"),
+        ({"streamKeepaliveSeconds": -1}, "streamKeepaliveSeconds"),
+        ({"streamKeepaliveSeconds": 301}, "streamKeepaliveSeconds"),
     ],
 )
 def test_router_settings_out_of_bounds_are_refused_naming_the_field(

@@ -1,10 +1,12 @@
 """The router's activator, on a real socket, while no replica is ready: a long request is held like
 any other (not refused at aiohttp's 1 MiB default), one over the per-request cap gets an OpenAI-style
-413, and the bytes held in all are bounded. And the admin socket of a wedged HAProxy times out."""
+413, and the bytes held in all are bounded; a held streaming request gets keepalive comments, then the
+replica's events or an error event. And the admin socket of a wedged HAProxy times out."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,8 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
-from largo.router.agent import Router, RuntimeApi, activator_app, parse_args
+from largo.router.agent import Router, RuntimeApi, activator_app, answer_as_event, parse_args, wants_stream
+from largo.router.haproxy import Replica, State
 from prometheus_client import CollectorRegistry
 
 MIB = 1024 * 1024
@@ -132,3 +136,139 @@ def test_a_body_that_does_not_arrive_gives_its_reservation_back() -> None:
     assert status == 408
     assert "did not arrive within 0.3s" in body["error"]["message"]
     assert router.held_bytes == 0
+
+
+# Streaming requests held while a model loads: keepalives, then the replica's events.
+
+STREAM = json.dumps({"prompt": "hi", "max_tokens": 2, "stream": True}).encode()
+WAITING = b": waiting for a replica of chat"
+
+
+@pytest.mark.parametrize(
+    ("body", "streams"),
+    [
+        (STREAM, True),
+        (b'{"prompt": "hi", "stream": false}', False),
+        (b'{"prompt": "hi", "stream": "yes"}', False),
+        (b'{"prompt": "hi"}', False),
+        (b'[{"stream": true}]', False),
+        (b"not json", False),
+        (b"\xff\xfe", False),
+    ],
+)
+def test_only_a_json_object_with_stream_true_asks_for_events(body: bytes, streams: bool) -> None:
+    assert wants_stream(body) is streams
+
+
+def test_a_replica_s_answer_after_the_events_started_keeps_its_error_or_its_body() -> None:
+    refused = {"error": {"message": "max_tokens must be at least 1", "type": "invalid_request_error"}}
+    assert answer_as_event(400, json.dumps(refused).encode()) == f"data: {json.dumps(refused)}\n\n".encode()
+    whole = {"choices": [{"text": "ok"}]}
+    assert answer_as_event(200, json.dumps(whole).encode()) == (
+        f"data: {json.dumps(whole)}\n\ndata: [DONE]\n\n".encode()
+    )
+    (event,) = _events(answer_as_event(502, b"<html>bad gateway</html>"))
+    assert event["error"]["code"] == 502
+    assert event["error"]["message"] == "the replica answered 502"
+
+
+def _events(stream: bytes) -> list[Any]:
+    """The data events of a server-sent event stream, parsed (``[DONE]`` as itself)."""
+    data = [line[len(b"data: ") :] for line in stream.split(b"\n") if line.startswith(b"data: ")]
+    return [d.decode() if d == b"[DONE]" else json.loads(d) for d in data]
+
+
+def _replica_app(status: int) -> web.Application:
+    """A replica that streams two events and [DONE], or refuses with ``status`` and an OpenAI error."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if status != 200:
+            error = {"error": {"message": "max_tokens must be at least 1", "type": "invalid_request_error"}}
+            return web.json_response(error, status=status)
+        events = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await events.prepare(request)
+        for text in ("a", "b"):
+            await events.write(f"data: {json.dumps({'choices': [{'text': text}]})}\n\n".encode())
+        await events.write(b"data: [DONE]\n\n")
+        await events.write_eof()
+        return events
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    return app
+
+
+async def _held_stream(
+    router: Router, body: bytes, replica_status: int | None, ready_after_keepalives: int = 2
+) -> tuple[int, str, list[bytes]]:
+    """Posts ``body`` while no replica is ready; after ``ready_after_keepalives`` comments a replica
+    answering ``replica_status`` becomes ready (None: none ever does). The status, the content type and
+    the lines the client read."""
+    async with (
+        TestServer(_replica_app(replica_status or 200)) as replica_server,
+        TestServer(activator_app(router)) as activator,
+        aiohttp.ClientSession() as session,
+    ):
+        router.session = aiohttp.ClientSession()
+        try:
+            async with session.post(activator.make_url("/v1/completions"), data=body) as response:
+                lines: list[bytes] = []
+                while line := await response.content.readline():
+                    lines.append(line.rstrip(b"\n"))
+                    if replica_status is not None and lines.count(WAITING) == ready_after_keepalives:
+                        port = replica_server.port
+                        assert port is not None
+                        router.desired = {"chat-r0": Replica("chat-r0", "127.0.0.1", port, State.READY)}
+                        router.ready.set()
+                return (response.status, response.content_type, [line for line in lines if line])
+        finally:
+            await router.session.close()
+
+
+def test_a_held_stream_gets_keepalives_then_the_replica_s_events() -> None:
+    router = _router("--hold-timeout=30", "--hold-keepalive=0.05")
+    status, content_type, lines = asyncio.run(_held_stream(router, STREAM, replica_status=200))
+    assert (status, content_type) == (200, "text/event-stream")
+    assert lines[:2] == [WAITING, WAITING]  # the events started at the first keepalive
+    assert _events(b"\n".join(lines[2:])) == [
+        {"choices": [{"text": "a"}]},
+        {"choices": [{"text": "b"}]},
+        "[DONE]",
+    ]
+    assert router.registry.get_sample_value("largo_router_hold_seconds_count") == 1
+    assert router.registry.get_sample_value("largo_router_requests_held") == 0
+
+
+def test_a_held_stream_that_no_replica_takes_ends_with_an_error_event_at_the_hold_timeout() -> None:
+    router = _router("--hold-timeout=0.4", "--hold-keepalive=0.1")
+    status, _, lines = asyncio.run(_held_stream(router, STREAM, replica_status=None))
+    assert status == 200  # sent with the first keepalive
+    assert 2 <= lines.count(WAITING) <= 4
+    (event,) = _events(b"\n".join(lines))
+    assert event["error"]["code"] == 503
+    assert event["error"]["message"] == "no replica of chat became ready within 0.4s; try again later"
+    assert router.registry.get_sample_value("largo_router_hold_timeouts_total") == 1
+
+
+def test_a_held_stream_the_replica_refuses_gets_the_replica_s_error_as_an_event() -> None:
+    router = _router("--hold-timeout=30", "--hold-keepalive=0.05")
+    status, _, lines = asyncio.run(_held_stream(router, STREAM, replica_status=400, ready_after_keepalives=1))
+    assert status == 200
+    (event,) = _events(b"\n".join(lines))
+    assert event["error"]["message"] == "max_tokens must be at least 1"
+
+
+@pytest.mark.parametrize(
+    ("body", "flags"),
+    [
+        (b'{"prompt": "hi", "stream": false}', ["--hold-keepalive=0.05"]),  # not a stream
+        (STREAM, ["--hold-keepalive=0"]),  # keepalives off
+    ],
+)
+def test_other_held_requests_wait_in_silence_and_get_the_503_status(body: bytes, flags: list[str]) -> None:
+    router = _router(*flags)
+    status, content_type, lines = asyncio.run(_held_stream(router, body, replica_status=None))
+    assert (status, content_type) == (503, "application/json")
+    assert WAITING not in lines
+    assert "became ready within 0.3s" in json.loads(b"".join(lines))["error"]["message"]

@@ -111,6 +111,7 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
             {"name": "LARGO_HTTP_PORT", "value": str(names.ROUTER_HTTP_PORT)},
             {"name": "LARGO_METRICS_PORT", "value": str(names.METRICS_PORT)},
             {"name": "LARGO_HOLD_TIMEOUT_SECONDS", "value": str(settings.hold_timeout_seconds)},
+            {"name": "LARGO_HOLD_KEEPALIVE_SECONDS", "value": str(settings.stream_keepalive_seconds)},
         ],
         "ports": [
             {"name": names.HTTP_PORT_NAME, "containerPort": names.ROUTER_HTTP_PORT, "protocol": "TCP"},

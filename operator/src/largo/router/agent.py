@@ -56,6 +56,8 @@ RESYNC_SECONDS = 2.0
 # HAProxy answers its admin socket at once; one that does not is wedged.
 ADMIN_TIMEOUT_SECONDS = 5.0
 MIB = 1024 * 1024
+# What is read of a replica's error answer to pass it on as an event (its OpenAI-style body is short).
+ERROR_BODY_BYTES = 64 * 1024
 
 
 # Seconds a read from the API server may stay silent: beyond the watch's own 60 s.
@@ -304,26 +306,45 @@ class Router:
     async def _forward_when_ready(self, request: web.Request, body: bytes) -> web.StreamResponse:
         started = time.monotonic()
         deadline = started + self.args.hold_timeout
+        # A streaming client waiting in silence for a model to load is cut by whatever idle timeout
+        # lies between it and us (a cloud load balancer's 60 s): once it has waited a keepalive
+        # period, its event stream starts and carries comments until a replica answers.
+        keepalive = self.args.hold_keepalive if wants_stream(body) else 0.0
+        next_keepalive = started + keepalive
+        events: web.StreamResponse | None = None
         refused = False
         while True:
-            replica = await self.wait_for_replica(deadline)
+            until = min(deadline, next_keepalive) if keepalive > 0 else deadline
+            replica = await self.wait_for_replica(until)
+            if replica is None and until < deadline:
+                if events is None:
+                    events = await start_events(request)
+                try:
+                    await events.write(f": waiting for a replica of {self.args.service}\n\n".encode())
+                except ConnectionResetError:  # the client left: its request waits no more
+                    return events
+                next_keepalive = time.monotonic() + keepalive
+                continue
             if replica is None:
                 self.metrics.hold_timeouts.inc()
                 # A replica ready in its slice that refuses (readiness on another port, a process gone
                 # since) is not one that never came: the answer says which.
                 what = "answered" if refused else "became ready"
-                return _unavailable(
+                message = (
                     f"no replica of {self.args.service} {what} within {self.args.hold_timeout:g}s; "
                     "try again later"
                 )
+                if events is not None:
+                    return await end_events(events, error_event(503, "service_unavailable", message))
+                return _unavailable(message)
             try:
-                response = await self.forward(request, body, replica, started)
+                if events is not None:
+                    return await self.forward_into(events, request, body, replica, started)
+                return await self.forward(request, body, replica, started)
             except aiohttp.ClientConnectorError:
                 # It went away between its EndpointSlice and now: the next one will do.
                 refused = True
                 await asyncio.sleep(0.1)
-                continue
-            return response
 
     async def wait_for_replica(self, deadline: float) -> Replica | None:
         """A ready replica, the one with the fewest requests forwarded by the activator so far."""
@@ -356,6 +377,25 @@ class Router:
             await response.write_eof()
             return response
 
+    async def forward_into(
+        self, events: web.StreamResponse, request: web.Request, body: bytes, replica: Replica, started: float
+    ) -> web.StreamResponse:
+        """Forwards a request whose event stream has started (its status, 200, is sent): the replica's
+        events follow the keepalives; any other answer becomes an error event."""
+        assert self.session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+        url = replica_url(replica.address, replica.port, str(request.rel_url))
+        self.forwarded[replica.name] = self.forwarded.get(replica.name, 0) + 1
+        async with self.session.request(request.method, url, headers=headers, data=body) as upstream:
+            self.metrics.hold_seconds.observe(time.monotonic() - started)
+            if upstream.status == 200 and upstream.content_type == "text/event-stream":
+                async for chunk in upstream.content.iter_any():
+                    await events.write(chunk)
+                await events.write_eof()
+                return events
+            answer = await upstream.content.read(ERROR_BODY_BYTES)
+        return await end_events(events, answer_as_event(upstream.status, answer))
+
     # The agent's own endpoints
 
     async def metrics_endpoint(self, _: web.Request) -> web.Response:
@@ -376,6 +416,46 @@ class Router:
     async def readyz(self, _: web.Request) -> web.Response:
         ready = self.synced and self.haproxy is not None and self.haproxy.returncode is None
         return web.Response(status=200 if ready else 503, text="ready" if ready else "not synced yet")
+
+
+def wants_stream(body: bytes) -> bool:
+    """A completion asked for as server-sent events (OpenAI's ``"stream": true``)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:  # not JSON (nor UTF-8): the replica will say what is wrong with it
+        return False
+    return isinstance(parsed, dict) and parsed.get("stream") is True
+
+
+def error_event(status: int, kind: str, message: str) -> bytes:
+    """An OpenAI-style error as a server-sent event: the status is sent, the error goes in the stream
+    (as a server's own mid-stream errors do, and as OpenAI's clients read them)."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def answer_as_event(status: int, answer: bytes) -> bytes:
+    """A replica's answer to a request whose event stream had started: its error as an event (a bad
+    request's 400 keeps the replica's message), a whole answer as one event followed by ``[DONE]``."""
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(answer)
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return f"data: {json.dumps(parsed)}\n\n".encode()
+        if status == 200:
+            return f"data: {json.dumps(parsed)}\n\ndata: [DONE]\n\n".encode()
+    return error_event(status, "server_error", f"the replica answered {status}")
+
+
+async def start_events(request: web.Request) -> web.StreamResponse:
+    events = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await events.prepare(request)
+    return events
+
+
+async def end_events(events: web.StreamResponse, last: bytes) -> web.StreamResponse:
+    await events.write(last)
+    await events.write_eof()
+    return events
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
@@ -417,6 +497,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=float(env.get("LARGO_HOLD_TIMEOUT_SECONDS", "300")),
         help="seconds a request waits for the first ready replica before a 503",
+    )
+    parser.add_argument(
+        "--hold-keepalive",
+        type=float,
+        default=float(env.get("LARGO_HOLD_KEEPALIVE_SECONDS", "15")),
+        help="seconds after which a held streaming request's event stream starts, with a comment each "
+        "period until a replica answers (0: held in silence, answered with the replica's status)",
     )
     parser.add_argument(
         "--hold-max-body-bytes",

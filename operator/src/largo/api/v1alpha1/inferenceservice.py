@@ -316,6 +316,16 @@ class Router(SpecModel):
         description="How long a request waits for a first ready replica (scale from zero, a replica "
         "starting) before a 503 with Retry-After.",
     )
+    stream_keepalive_seconds: int = Field(
+        default=15,
+        ge=0,
+        le=300,
+        description='A held streaming request ("stream": true) that has waited this long gets its event '
+        "stream started (status 200) and an SSE comment every period until a replica answers, so that "
+        "an idle timeout between the client and the router (a load balancer's 60 s) does not cut it "
+        "while a model loads; the replica's events follow, and an error (the hold timeout, a 400) "
+        "comes as an error event. 0: held in silence, answered with the replica's status.",
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Where router pods run (they need no GPU)."
     )
@@ -393,7 +403,10 @@ class InferenceServiceSpec(SpecModel):
     scheduling: Scheduling = Field(default_factory=Scheduling, json_schema_extra={"default": {}})
     pod_template: PodTemplate = Field(default_factory=PodTemplate)
     router: Router = Field(
-        default_factory=Router, json_schema_extra={"default": {"replicas": 1, "holdTimeoutSeconds": 300}}
+        default_factory=Router,
+        json_schema_extra={
+            "default": {"replicas": 1, "holdTimeoutSeconds": 300, "streamKeepaliveSeconds": 15}
+        },
     )
 
     @field_validator("resources_per_node", mode="before")
