@@ -61,13 +61,16 @@ class Metrics:
         self.latency = Histogram(
             "largo_serve_request_seconds",
             "A request's latency, first byte in to last byte out.",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            # Long generations run for minutes on a GPU: above the last bucket a quantile reads as
+            # the bucket itself, so the buckets reach as far as requests go.
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=registry,
         )
         self.first_token = Histogram(
             "largo_serve_time_to_first_token_seconds",
             "From a request's arrival to its first generated token.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            # A long prompt, or a wait in the queue under a burst, takes the first token past 5 s.
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=registry,
         )
         self.per_token = Histogram(
@@ -85,7 +88,7 @@ class Metrics:
         self.batch_size = Histogram(
             "largo_serve_batch_size",
             "Requests decoded together in one iteration.",
-            buckets=(1, 2, 4, 8, 16, 32, 64),
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),  # --max-batch may be set above 32
             registry=registry,
         )
         self.cache_usage = Gauge(

@@ -1,0 +1,30 @@
+"""The server's histograms reach as far as requests go: a quantile above the last finite bucket reads
+as that bucket (Prometheus' histogram_quantile), so a minutes-long generation would show as 30 s."""
+
+from __future__ import annotations
+
+import pytest
+from largo.runtime.serve import Metrics
+from prometheus_client import CollectorRegistry
+
+
+def _bucket(registry: CollectorRegistry, name: str, le: str) -> float | None:
+    return registry.get_sample_value(f"{name}_bucket", {"le": le})
+
+
+@pytest.mark.parametrize(
+    ("histogram", "name", "observed", "below", "at"),
+    [
+        ("latency", "largo_serve_request_seconds", 200.0, "120.0", "300.0"),
+        ("latency", "largo_serve_request_seconds", 590.0, "300.0", "600.0"),
+        ("first_token", "largo_serve_time_to_first_token_seconds", 20.0, "10.0", "30.0"),
+        ("batch_size", "largo_serve_batch_size", 100, "64.0", "128.0"),
+    ],
+)
+def test_a_long_observation_lands_in_a_finite_bucket(
+    histogram: str, name: str, observed: float, below: str, at: str
+) -> None:
+    registry = CollectorRegistry()
+    getattr(Metrics(registry), histogram).observe(observed)
+    assert _bucket(registry, name, below) == 0
+    assert _bucket(registry, name, at) == 1
