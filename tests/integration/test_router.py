@@ -179,7 +179,7 @@ def slices(api: client.ApiClient, namespace: str) -> Slices:
 def start_router(cluster: LocalCluster, namespace: str) -> Iterator[Any]:
     started: list[Router] = []
 
-    def start(hold_timeout: float = 60, hold_keepalive: float = 15) -> Router:
+    def start(hold_timeout: float = 60, hold_keepalive: float = 15, drain_timeout: float = 30) -> Router:
         port, metrics_port = free_port(), free_port()
         env = {
             **os.environ,
@@ -198,6 +198,7 @@ def start_router(cluster: LocalCluster, namespace: str) -> Iterator[Any]:
             f"--exporter-port={free_port()}",
             f"--hold-timeout={hold_timeout}",
             f"--hold-keepalive={hold_keepalive}",
+            f"--drain-timeout={drain_timeout}",
         ]
         router = Router(subprocess.Popen(command, env=env), port, metrics_port)
         started.append(router)
@@ -320,6 +321,64 @@ def test_requests_are_held_until_the_first_replica_is_ready(
         assert [future.result() for future in held] == [(200, {"replica": first.name})] * 3
     assert router.value("largo_router_requests_held") == 0
     assert router.value("largo_router_hold_seconds_count") == 3
+
+
+def test_a_held_request_whose_client_left_is_not_sent_to_the_replica_that_comes(
+    start_router: Any, slices: Slices, replicas: list[Replica]
+) -> None:
+    """HAProxy closes the activator's side when its client goes, and the activator lets the request go
+    at once: it counts as load no more and the first replica does not compute an answer nobody reads."""
+    router = start_router(hold_timeout=60)
+    body = json.dumps({"prompt": "hi", "max_tokens": 4}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {SERVICE}\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", router.port)) as connection:
+        connection.sendall(head.encode() + body)
+        wait_for(lambda: router.value("largo_router_requests_held") == 1, 20, "the request held")
+    wait_for(lambda: router.value("largo_router_requests_held") == 0, 20, "the request let go")
+    first = Replica("chat-r0-node-0").start()
+    replicas.append(first)
+    slices.put("chat-first", first.port, [_endpoint(first)])
+    _known(router, first.name)
+    assert router.post() == (200, {"replica": first.name})
+    assert first.served == 1  # the later request only
+    assert router.value("largo_router_hold_timeouts_total") == 0
+
+
+def test_a_request_whose_client_left_is_aborted_at_its_replica(
+    start_router: Any, slices: Slices, replicas: list[Replica]
+) -> None:
+    """HAProxy closes the replica's connection when the client goes, so that the model server cancels
+    the generation (it frees the batch slot of a request whose connection closed); by HTTP's default it
+    would wait for an answer nobody reads."""
+    router = start_router()
+    slow = Replica("chat-r0-node-0", delay=30).start()
+    replicas.append(slow)
+    slices.put("chat-slow", slow.port, [_endpoint(slow)])
+    _known(router, slow.name)
+
+    def sessions() -> float:
+        return router.value("haproxy_server_current_sessions", proxy="replicas", server=slow.name)
+
+    body = json.dumps({"prompt": "hi", "max_tokens": 4}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {SERVICE}\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", router.port)) as connection:
+        connection.sendall(head.encode() + body)
+        wait_for(lambda: slow.in_flight == 1 and sessions() == 1, 20, "the request at the replica")
+    wait_for(lambda: sessions() == 0, 10, "the replica's session closed")  # its answer was 30 s away
+    assert slow.served == 0
+
+
+def test_a_router_stopped_while_it_holds_a_request_exits_at_its_drain_timeout(start_router: Any) -> None:
+    """HAProxy's soft stop waits for the held request; at the drain timeout it is stopped and the agent
+    exits cleanly (it used to fail on the wait it had cancelled, exit status 1 and a traceback)."""
+    router = start_router(hold_timeout=60, drain_timeout=1)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(router.post)
+        wait_for(lambda: router.value("largo_router_requests_held") == 1, 20, "the request held")
+        router.process.terminate()
+        assert router.process.wait(30) == 0
+        with pytest.raises(ConnectionError):  # cut when HAProxy stopped: the client may send it again
+            answer.result()
 
 
 def test_a_held_request_gets_a_clear_503_when_no_replica_comes(start_router: Any) -> None:

@@ -1,7 +1,8 @@
 """The router's activator, on a real socket, while no replica is ready: a long request is held like
 any other (not refused at aiohttp's 1 MiB default), one over the per-request cap gets an OpenAI-style
 413, and the bytes held in all are bounded; a held streaming request gets keepalive comments, then the
-replica's events or an error event. And the admin socket of a wedged HAProxy times out."""
+replica's events or an error event; a held request whose client left is let go. And the admin socket
+of a wedged HAProxy times out."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from largo.router.agent import Router, RuntimeApi, activator_app, answer_as_event, parse_args, wants_stream
+from largo.router.agent import (
+    Router,
+    RuntimeApi,
+    activator_app,
+    activator_runner,
+    answer_as_event,
+    parse_args,
+    wants_stream,
+)
 from largo.router.haproxy import Replica, State
 from prometheus_client import CollectorRegistry
 
@@ -272,3 +281,39 @@ def test_other_held_requests_wait_in_silence_and_get_the_503_status(body: bytes,
     assert (status, content_type) == (503, "application/json")
     assert WAITING not in lines
     assert "became ready within 0.3s" in json.loads(b"".join(lines))["error"]["message"]
+
+
+def test_a_held_request_whose_client_left_is_let_go() -> None:
+    """On the activator's own server (aiohttp's test server cancels handlers; its servers do not by
+    default): a held request whose client closed the connection stops counting as held (the load the
+    autoscaler scales from zero for) at once, not at the hold timeout, and gives its bytes back."""
+    router = _router("--hold-timeout=60")
+    held = "largo_router_requests_held"
+
+    async def until(condition: Any, within: float) -> None:
+        async with asyncio.timeout(within):
+            while not condition():  # noqa: ASYNC110 (a gauge's value: nothing to wait on but it)
+                await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        runner = activator_runner(router)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            _, port = runner.addresses[0][:2]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = b'{"prompt": "hi"}'
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: chat\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await until(lambda: router.registry.get_sample_value(held) == 1, 10)
+            assert router.held_bytes == len(body)
+            writer.close()
+            await writer.wait_closed()
+            await until(lambda: router.registry.get_sample_value(held) == 0, 10)
+            assert router.held_bytes == 0
+            assert router.registry.get_sample_value("largo_router_hold_timeouts_total") == 0
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())

@@ -537,6 +537,13 @@ def activator_app(router: Router) -> web.Application:
     return app
 
 
+def activator_runner(router: Router) -> web.AppRunner:
+    """The activator's server. A held request whose client left (HAProxy closes our side when its
+    client goes) is cancelled: it counts as load no more, gives its bytes back, and is not sent to the
+    replica that comes. aiohttp's servers do not cancel by default (its test server does)."""
+    return web.AppRunner(activator_app(router), access_log=None, handler_cancellation=True)
+
+
 async def run(args: argparse.Namespace) -> int:
     router = Router(args, CollectorRegistry())
     loop = asyncio.get_running_loop()
@@ -545,12 +552,11 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     await router.start_haproxy()
     router.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=2))
-    activator = activator_app(router)
     own = web.Application()
     own.router.add_get("/metrics", router.metrics_endpoint)
     own.router.add_get("/healthz", router.healthz)
     own.router.add_get("/readyz", router.readyz)
-    runners = [web.AppRunner(activator, access_log=None), web.AppRunner(own, access_log=None)]
+    runners = [activator_runner(router), web.AppRunner(own, access_log=None)]
     for runner in runners:
         await runner.setup()
     await web.TCPSite(runners[0], "127.0.0.1", args.activator_port).start()
@@ -571,9 +577,9 @@ async def run(args: argparse.Namespace) -> int:
     if router.haproxy.returncode is None:
         # Soft stop: HAProxy stops listening and finishes the requests in flight.
         router.haproxy.send_signal(signal.SIGUSR1)
-        try:
-            await asyncio.wait_for(exited, args.drain_timeout)
-        except TimeoutError:
+        # Not wait_for: at its timeout it cancels the wait on HAProxy's exit, which is awaited next.
+        drained, _ = await asyncio.wait({exited}, timeout=args.drain_timeout)
+        if not drained:
             router.haproxy.terminate()
             await exited
     else:

@@ -81,6 +81,10 @@ defaults
   mode http
   option http-keep-alive
   option http-no-delay
+  # A client that closes before its answer has left (a timeout, a cancelled call): the request is
+  # aborted at the server too, so a held one stops counting as load and a replica stops generating for
+  # nobody. HTTP allows a client to half-close and still read; no OpenAI client does.
+  option abortonclose
   timeout connect {connect_ms}ms
   # Completions stream for as long as they generate: the model server bounds a request, not the proxy.
   timeout client 1h
