@@ -7,6 +7,7 @@ of a wedged HAProxy times out."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import shutil
 import tempfile
@@ -317,3 +318,118 @@ def test_a_held_request_whose_client_left_is_let_go() -> None:
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+# A replica that fails while a held request is forwarded to it.
+
+
+async def _raw_replica(answer: bytes) -> asyncio.Server:
+    """A replica that reads a request's head and body, writes ``answer`` (bytes as they come on the
+    wire) and closes the connection."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lengths = [line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")]
+        length = int(lengths[0].split(b":")[1]) if lengths else 0
+        await reader.readexactly(length)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def _forwarded(router: Router, replica_answer: bytes, body: bytes) -> tuple[int, str, bytes, bool]:
+    """Posts ``body`` while the replica is not ready yet; it becomes ready after ``0.1`` s. The status,
+    the content type, the body the client read (before a cut, if cut) and whether it was cut."""
+    replica = await _raw_replica(replica_answer)
+    async with (
+        replica,
+        TestServer(activator_app(router)) as activator,
+        aiohttp.ClientSession() as session,
+    ):
+        router.session = aiohttp.ClientSession()
+
+        async def ready_soon() -> None:
+            await asyncio.sleep(0.1)
+            port = replica.sockets[0].getsockname()[1]
+            router.desired = {"chat-r0": Replica("chat-r0", "127.0.0.1", port, State.READY)}
+            router.ready.set()
+
+        becoming_ready = asyncio.create_task(ready_soon())
+        try:
+            async with session.post(activator.make_url("/v1/completions"), data=body) as response:
+                read = b""
+                try:
+                    async for chunk in response.content.iter_any():
+                        read += chunk
+                except aiohttp.ClientPayloadError:
+                    return response.status, response.content_type, read, True
+                return response.status, response.content_type, read, False
+        finally:
+            await becoming_ready
+            await router.session.close()
+
+
+def test_a_replica_that_closes_before_answering_gets_a_502_the_client_can_read() -> None:
+    """Not sent again (a request that kills its replica would kill the next one), and said in the
+    OpenAI error shape, not aiohttp's text 500."""
+    router = _router("--hold-timeout=30")
+    status, content_type, body, _ = asyncio.run(_forwarded(router, b"", b'{"prompt": "hi"}'))
+    assert (status, content_type) == (502, "application/json")
+    error = json.loads(body)["error"]
+    assert error["type"] == "server_error"
+    assert error["message"].startswith("the replica of chat failed before answering")
+    assert router.forwarded == {"chat-r0": 1}
+
+
+def test_a_held_stream_whose_replica_fails_mid_event_ends_with_an_error_event() -> None:
+    """The events the replica finished reach the client; the half-written one does not (the client
+    would fail to parse it), and an error event ends the stream."""
+    router = _router("--hold-timeout=30", "--hold-keepalive=0.05")
+    whole = b'data: {"choices": [{"text": "a"}]}\n\n'
+    half = b'data: {"partial'
+    chunk = whole + half
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + f"{len(chunk):x}\r\n".encode()
+        + chunk
+        + b"\r\n"
+    )  # and the connection closes without the last chunk
+    status, content_type, body, cut = asyncio.run(_forwarded(router, answer, STREAM))
+    assert (status, content_type, cut) == (200, "text/event-stream", False)
+    assert body.startswith(WAITING)  # held a keepalive period, then forwarded
+    events = _events(body)
+    assert events[0] == {"choices": [{"text": "a"}]}
+    (error,) = events[1:]
+    assert error["error"]["code"] == 502
+    assert error["error"]["message"].startswith("the replica of chat failed mid-answer")
+    assert b'"partial' not in body
+
+
+def test_a_compressed_answer_reaches_the_client_readable() -> None:
+    """The forwarding client decompresses the replica's answer: its Content-Encoding must not be
+    passed on with the decompressed bytes."""
+    router = _router("--hold-timeout=30")
+    payload = json.dumps({"choices": [{"text": "ok"}]}).encode()
+    compressed = gzip.compress(payload)
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        + f"Content-Length: {len(compressed)}\r\n\r\n".encode()
+        + compressed
+    )
+    status, _, body, _ = asyncio.run(_forwarded(router, answer, b'{"prompt": "hi"}'))
+    assert status == 200
+    assert json.loads(body) == {"choices": [{"text": "ok"}]}
+
+
+def test_an_answer_its_replica_fails_mid_way_reaches_the_client_cut() -> None:
+    """Its status is sent when the replica fails: the connection closes before the answer's end, so
+    that the client knows it is incomplete (an answer ended properly would be a wrong one)."""
+    router = _router("--hold-timeout=30")
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5\r\n{"cho\r\n'
+    )
+    status, _, body, cut = asyncio.run(_forwarded(router, answer, b'{"prompt": "hi"}'))
+    assert (status, body, cut) == (200, b'{"cho', True)

@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 _NOT_FORWARDED = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 )
+# The forwarding client decompresses a replica's answer: passed on as it is read, it has no encoding.
+_NOT_ANSWERED = _NOT_FORWARDED | {"content-encoding"}
 RESYNC_SECONDS = 2.0
 # HAProxy answers its admin socket at once; one that does not is wedged.
 ADMIN_TIMEOUT_SECONDS = 5.0
@@ -304,6 +306,12 @@ class Router:
         )
 
     async def _forward_when_ready(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        try:
+            return await self._answer_when_ready(request, body)
+        except ClientGoneError as gone:  # its answer can go nowhere; aiohttp closes the connection
+            return gone.response
+
+    async def _answer_when_ready(self, request: web.Request, body: bytes) -> web.StreamResponse:
         started = time.monotonic()
         deadline = started + self.args.hold_timeout
         # A streaming client waiting in silence for a model to load is cut by whatever idle timeout
@@ -319,10 +327,7 @@ class Router:
             if replica is None and until < deadline:
                 if events is None:
                     events = await start_events(request)
-                try:
-                    await events.write(f": waiting for a replica of {self.args.service}\n\n".encode())
-                except ConnectionResetError:  # the client left: its request waits no more
-                    return events
+                await send(events, f": waiting for a replica of {self.args.service}\n\n".encode())
                 next_keepalive = time.monotonic() + keepalive
                 continue
             if replica is None:
@@ -345,12 +350,26 @@ class Router:
                 # It went away between its EndpointSlice and now: the next one will do.
                 refused = True
                 await asyncio.sleep(0.1)
+            except aiohttp.ClientError as error:
+                # It took the request and failed before answering (a process killed, out of memory).
+                # Not sent again: a request that kills its replica would kill the next one too.
+                message = f"the replica of {self.args.service} failed before answering ({_said(error)})"
+                logger.warning("%s: %s", replica.name, message)
+                if events is not None:
+                    return await end_events(events, error_event(502, "server_error", message))
+                return _error(502, "server_error", message)
 
     async def wait_for_replica(self, deadline: float) -> Replica | None:
         """A ready replica, the one with the fewest requests forwarded by the activator so far."""
         while True:
+            # Checked here: a timeout expires only at a wait, and a set event is not waited for.
+            if time.monotonic() >= deadline:
+                return None
             try:
-                await asyncio.wait_for(self.ready.wait(), max(deadline - time.monotonic(), 0))
+                # Not wait_for: on Python 3.11 it drops a cancellation (the client left) that comes
+                # with the event, and the request would go to the replica for nobody.
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self.ready.wait()
             except TimeoutError:
                 return None
             ready = [r for r in self.desired.values() if r.state is State.READY]
@@ -358,22 +377,35 @@ class Router:
                 return min(ready, key=lambda r: (self.forwarded.get(r.name, 0), r.name))
             self.ready.clear()
 
-    async def forward(
-        self, request: web.Request, body: bytes, replica: Replica, started: float
-    ) -> web.StreamResponse:
+    def _send_to(
+        self, request: web.Request, body: bytes, replica: Replica
+    ) -> aiohttp.client._RequestContextManager:
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
         url = replica_url(replica.address, replica.port, str(request.rel_url))
         self.forwarded[replica.name] = self.forwarded.get(replica.name, 0) + 1
-        async with self.session.request(request.method, url, headers=headers, data=body) as upstream:
+        return self.session.request(request.method, url, headers=headers, data=body)
+
+    async def forward(
+        self, request: web.Request, body: bytes, replica: Replica, started: float
+    ) -> web.StreamResponse:
+        async with self._send_to(request, body, replica) as upstream:
             self.metrics.hold_seconds.observe(time.monotonic() - started)
             response = web.StreamResponse(
                 status=upstream.status,
-                headers={k: v for k, v in upstream.headers.items() if k.lower() not in _NOT_FORWARDED},
+                headers={k: v for k, v in upstream.headers.items() if k.lower() not in _NOT_ANSWERED},
             )
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            await prepare(response, request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await send(response, chunk)
+            except aiohttp.ClientError as error:
+                # Its status is sent: the client is told by the connection closing before the answer's
+                # end (an answer ended properly would be a wrong one).
+                logger.warning("%s failed mid-answer: %s", replica.name, _said(error))
+                if request.transport is not None:
+                    request.transport.close()
+                raise ClientGoneError(response) from error
             await response.write_eof()
             return response
 
@@ -381,20 +413,26 @@ class Router:
         self, events: web.StreamResponse, request: web.Request, body: bytes, replica: Replica, started: float
     ) -> web.StreamResponse:
         """Forwards a request whose event stream has started (its status, 200, is sent): the replica's
-        events follow the keepalives; any other answer becomes an error event."""
-        assert self.session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
-        url = replica_url(replica.address, replica.port, str(request.rel_url))
-        self.forwarded[replica.name] = self.forwarded.get(replica.name, 0) + 1
-        async with self.session.request(request.method, url, headers=headers, data=body) as upstream:
+        events follow the keepalives; any other answer, or a failure, becomes an error event."""
+        async with self._send_to(request, body, replica) as upstream:
             self.metrics.hold_seconds.observe(time.monotonic() - started)
-            if upstream.status == 200 and upstream.content_type == "text/event-stream":
+            if upstream.status != 200 or upstream.content_type != "text/event-stream":
+                answer = await upstream.content.read(ERROR_BODY_BYTES)
+                return await end_events(events, answer_as_event(upstream.status, answer))
+            # Passed on in whole lines, so that a replica that fails mid-line leaves no part of one
+            # before the error event (the client would fail to parse it, not read the error).
+            partial = b""
+            try:
                 async for chunk in upstream.content.iter_any():
-                    await events.write(chunk)
-                await events.write_eof()
-                return events
-            answer = await upstream.content.read(ERROR_BODY_BYTES)
-        return await end_events(events, answer_as_event(upstream.status, answer))
+                    lines, newline, partial = (partial + chunk).rpartition(b"\n")
+                    if newline:
+                        await send(events, lines + newline)
+            except aiohttp.ClientError as error:
+                message = f"the replica of {self.args.service} failed mid-answer ({_said(error)})"
+                logger.warning("%s: %s", replica.name, message)
+                # The blank line ends an event the replica had begun; the error's follows.
+                return await end_events(events, b"\n" + error_event(502, "server_error", message))
+            return await end_events(events, partial)
 
     # The agent's own endpoints
 
@@ -446,16 +484,47 @@ def answer_as_event(status: int, answer: bytes) -> bytes:
     return error_event(status, "server_error", f"the replica answered {status}")
 
 
+class ClientGoneError(Exception):
+    """Nothing more can be sent to the client: it closed its connection (aiohttp's reset error is also
+    one of its client errors, which here mean the replica's), or its answer must end cut."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the client's connection is closed")
+        self.response = response
+
+
+async def prepare(response: web.StreamResponse, request: web.Request) -> None:
+    try:
+        await response.prepare(request)
+    except ConnectionResetError as error:
+        raise ClientGoneError(response) from error
+
+
+async def send(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionResetError as error:
+        raise ClientGoneError(response) from error
+
+
 async def start_events(request: web.Request) -> web.StreamResponse:
     events = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await events.prepare(request)
+    await prepare(events, request)
     return events
 
 
 async def end_events(events: web.StreamResponse, last: bytes) -> web.StreamResponse:
-    await events.write(last)
-    await events.write_eof()
+    await send(events, last)
+    try:
+        await events.write_eof()
+    except ConnectionResetError as error:
+        raise ClientGoneError(events) from error
     return events
+
+
+def _said(error: BaseException) -> str:
+    """An error in a few words: aiohttp's own are sometimes without a message."""
+    return str(error) or type(error).__name__
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
