@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from largo.api.v1alpha1 import Phase, Reason
+from largo.manifests.names import CONTAINER_NAME
 from largo.policy.conditions import condition_status, set_condition, timestamp
 from largo.policy.trainjob import (
     JobView,
@@ -830,7 +831,8 @@ def test_a_gang_of_a_thousand_nodes_fits_its_conditions() -> None:
 @pytest.mark.parametrize("taken", [{"terminating": True}, {"disrupted": "EvictionByEvictionAPI"}])
 def test_a_pod_taken_away_is_a_restart_whatever_its_exit_code(taken: dict[str, Any]) -> None:
     """`kubectl drain`, a preemption or a deletion stops the trainer with SIGTERM (143): with
-    retryableExitCodes [1] that code used to fail the job for good."""
+    retryableExitCodes [1] that code used to fail the job for good. A trainer that catches SIGTERM,
+    saves and exits 0 is stopped all the same: that used to end the job Succeeded, unfinished."""
     view = job(status=admitted(Phase.RUNNING), retryable_exit_codes=frozenset({1}), backoff_limit=3)
     result = plan(view, [pod(0), pod(1, "Failed", exit_code=143, **taken)], NONE, NONE, NOW)
     assert result.status["phase"] == Phase.RESTARTING
@@ -840,6 +842,88 @@ def test_a_pod_taken_away_is_a_restart_whatever_its_exit_code(taken: dict[str, A
     # The same exit code from a pod nobody took away is the job's own failure.
     failed = plan(view, [pod(0), pod(1, "Failed", exit_code=143)], NONE, NONE, NOW)
     assert failed.status["phase"] == Phase.FAILED
+    # Exit 0 on SIGTERM: the rest of the gang still running, or already done, or a 1-node job.
+    for pods in (
+        [pod(0), pod(1, "Succeeded", exit_code=0, **taken)],
+        [pod(0, "Succeeded", exit_code=0), pod(1, "Succeeded", exit_code=0, **taken)],
+    ):
+        stopped = plan(view, pods, NONE, NONE, NOW)
+        assert stopped.status["phase"] == Phase.RESTARTING
+        restarting = next(c for c in stopped.status["conditions"] if c["type"] == "Restarting")
+        assert restarting["reason"] == Reason.POD_DELETED
+        assert set(stopped.delete_pods) == {p.name for p in pods if not p.terminating}
+    one_node = {**admitted(Phase.RUNNING), "placement": {"attempt": 0, "nodes": ["n0"]}}
+    single = JobView(num_nodes=1, gpus_per_node=8, status=one_node)
+    alone = plan(single, [pod(0, "Succeeded", exit_code=0, **taken)], NONE, NONE, NOW)
+    assert alone.status["phase"] == Phase.RESTARTING
+    assert "completionTime" not in alone.status
+
+
+def raw_pod(rank: int, phase: str, finished: float, **metadata: Any) -> dict[str, Any]:
+    """A pod as the API server has it, its trainer ended with 0 at ``finished``."""
+    conditions = metadata.pop("conditions", [])
+    ended = {"terminated": {"exitCode": 0, "finishedAt": timestamp(finished)}}
+    return {
+        "metadata": {
+            "name": f"j-node-{rank}",
+            "labels": {"largo.dev/node-rank": str(rank), "largo.dev/attempt": "0"},
+            **metadata,
+        },
+        "spec": {"nodeName": f"n{rank}"},
+        "status": {
+            "phase": phase,
+            "conditions": conditions,
+            "containerStatuses": [{"name": CONTAINER_NAME, "state": ended}],
+        },
+    }
+
+
+def viewed(raw: dict[str, Any]) -> PodView:
+    view = pod_view(raw)
+    assert view is not None
+    return view
+
+
+def evicted(at: float) -> dict[str, Any]:
+    return {
+        "conditions": [
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "lastTransitionTime": timestamp(at),
+            }
+        ]
+    }
+
+
+def test_a_job_that_finished_succeeds_even_if_a_finished_pod_is_taken_away_after() -> None:
+    """The operator deletes no pod of a running gang unless the gang fails, and none of a job that
+    succeeded: a finished job's pods are not marked before it is seen Succeeded. The eviction API does
+    mark a pod that already finished (a drain of a node whose rank is done) before deleting it: a
+    trainer that ended before it was taken away finished, and the job succeeds."""
+    view = job(status=admitted(Phase.RUNNING))
+    rank0 = viewed(raw_pod(0, "Succeeded", NOW - 30))
+    finished = plan(view, [rank0, viewed(raw_pod(1, "Succeeded", NOW - 20))], NONE, NONE, NOW)
+    assert finished.status["phase"] == Phase.SUCCEEDED
+    assert finished.delete_pods == ()
+    # Rank 1 ended, then its node was drained (or the pod deleted, with its grace period): still done.
+    deleted = {"deletionTimestamp": timestamp(NOW + 25), "deletionGracePeriodSeconds": 30}
+    for marks in (evicted(NOW - 5), deleted):
+        later = viewed(raw_pod(1, "Succeeded", NOW - 20, **marks))
+        assert not later.taken_away
+        assert plan(view, [rank0, later], NONE, NONE, NOW).status["phase"] == Phase.SUCCEEDED
+    # Ended after (or within the second) it was taken away, or with no time to tell: it was stopped.
+    untimed = {"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "TaintManager"}]}
+    for marks in (evicted(NOW - 25), evicted(NOW - 20), untimed):
+        stopped = viewed(raw_pod(1, "Succeeded", NOW - 20, **marks))
+        assert stopped.taken_away
+        assert plan(view, [rank0, stopped], NONE, NONE, NOW).status["phase"] == Phase.RESTARTING
+    # A job seen Succeeded stays so while its pods go (its TTL, the job's deletion, a drain).
+    gone = [pod(0, "Succeeded", terminating=True), pod(1, "Succeeded", disrupted="EvictionByEvictionAPI")]
+    kept = plan(job(Phase.SUCCEEDED, status={**admitted(Phase.SUCCEEDED)}), gone, NONE, NONE, NOW)
+    assert kept.status["phase"] == Phase.SUCCEEDED
+    assert kept.events == []
 
 
 def test_a_pod_s_disruption_is_read_from_its_condition() -> None:

@@ -57,6 +57,22 @@ class PodView:
     disrupted: str | None = None
     # The pod's uid: its name comes back with the next attempt.
     uid: str = ""
+    # Epoch seconds its trainer container ended (``finishedAt``), and it was taken away (the
+    # DisruptionTarget condition's time, or when its deletion was asked for), where known.
+    finished_at: float | None = None
+    taken_at: float | None = None
+
+    @property
+    def taken_away(self) -> bool:
+        """Deleted or disrupted, unless it had ended on its own before: the eviction API marks and
+        deletes a pod that already finished too (a drain of a node whose rank is done)."""
+        if not (self.terminating or self.disrupted):
+            return False
+        ended, taken = self.finished_at, self.taken_at
+        if self.phase not in ("Succeeded", "Failed") or ended is None or taken is None:
+            return True
+        # Strictly earlier: a trainer that exits within the second it gets SIGTERM was stopped.
+        return int(ended) >= int(taken)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,20 +184,28 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     status = pod.get("status") or {}
     # The trainer container's exit code speaks for the pod; without it, the first non-zero one.
     codes: dict[str, int] = {}
+    ends: dict[str, float | None] = {}
     for container in status.get("containerStatuses") or []:
         terminated = (container.get("state") or {}).get("terminated")
         if terminated is not None:
             codes[str(container.get("name"))] = int(terminated.get("exitCode", 0))
+            ends[str(container.get("name"))] = parse_timestamp(terminated.get("finishedAt"))
     exit_code = codes.get(CONTAINER_NAME)
     if exit_code is None and codes:
         exit_code = next((code for code in codes.values() if code != 0), 0)
     since, message, disrupted = None, "", None
+    taken: list[float | None] = []  # when it was taken away, by each sign of it
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             since = parse_timestamp(condition.get("lastTransitionTime"))
             message = str(condition.get("message") or "")
         if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
             disrupted = str(condition.get("reason") or "DisruptionTarget")
+            taken.append(parse_timestamp(condition.get("lastTransitionTime")))
+    deleted = parse_timestamp(metadata.get("deletionTimestamp"))
+    if deleted is not None:
+        # deletionTimestamp is when the grace period ends: the deletion was asked for that long before.
+        taken.append(deleted - float(metadata.get("deletionGracePeriodSeconds") or 0))
     return PodView(
         name=str(metadata.get("name")),
         rank=rank,
@@ -195,7 +219,15 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         cannot_start=cannot_start(status, CONTAINER_NAME),
         disrupted=disrupted,
         uid=str(metadata.get("uid") or ""),
+        finished_at=ends.get(CONTAINER_NAME),
+        taken_at=_earliest(taken),
     )
+
+
+def _earliest(times: Sequence[float | None]) -> float | None:
+    """The earliest of ``times``; None when there are none or any is unknown (it may be earlier)."""
+    known = [t for t in times if t is not None]
+    return min(known) if known and len(known) == len(times) else None
 
 
 # -- the plan --------------------------------------------------------------------------------------
@@ -553,9 +585,10 @@ def _failure(
 ) -> tuple[Reason, str, int | None] | None:
     """The first reason the current gang cannot go on, with the failed pod's exit code if any."""
     for pod in sorted(current, key=lambda p: p.rank):
-        if pod.phase == "Failed" and (pod.terminating or pod.disrupted):
-            # Taken away (a drain, a preemption, a deletion), not failed: its exit code is the signal
-            # it was stopped with, never the job's verdict on itself, so always a restart.
+        if pod.phase in ("Succeeded", "Failed") and pod.taken_away:
+            # Taken away (a drain, a preemption, a deletion), not finished: its exit code is how it
+            # took the signal it was stopped with (a trainer that saves and exits 0 on SIGTERM too),
+            # never the job's verdict on itself, so always a restart.
             why = pod.disrupted or "deleted"
             return Reason.POD_DELETED, f"pod {pod.name} (rank {pod.rank}) was stopped: {why}", None
         if pod.phase == "Failed":
@@ -649,7 +682,9 @@ def _active(
             b.plan.after(max(0.0, min(waiting) + timings.binding_timeout - b.now))
     _spec_in_effect(b)
 
-    if len(current) == job.num_nodes and all(pod.phase == "Succeeded" for pod in current):
+    # Every rank ended 0 on its own: one that exited 0 because it was taken away did not finish.
+    done = [pod for pod in current if pod.phase == "Succeeded" and not pod.taken_away]
+    if len(done) == len(current) == job.num_nodes:
         b.phase(Phase.SUCCEEDED)
         b.status["completionTime"] = timestamp(b.now)
         message = f"all {job.num_nodes} pods succeeded"
