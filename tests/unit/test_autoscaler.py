@@ -364,3 +364,58 @@ def test_a_leader_that_finished_requests_between_scrapes_is_sampled_as_having_se
         clock.now += 2
     samples = scaler._memory[entry.key].samples
     assert [(s.value, s.served) for s in samples] == [(0.0, False), (0.0, False), (0.0, True)]
+
+
+def test_a_new_replica_without_a_rate_yet_does_not_scale_up() -> None:
+    """Requests per second, 15 on one replica against a target of 10: the second replica comes up,
+    and its first scrape has a counter but no rate yet (a rate needs two). It is not load at the
+    target: the service stays at 2 (it went 2 -> 3, and back only after the scale-down delay)."""
+    entry = service_entry(
+        {
+            "metadata": {"name": "chat", "namespace": "ns", "uid": "u", "resourceVersion": "7"},
+            "spec": {
+                "model": {"claimName": "w"},
+                "replicas": 2,
+                "autoscaling": {"maxReplicas": 10, "target": 10, "metric": "requestsPerSecond"},
+            },
+        }
+    )
+    totals = {"http://10.0.0.1:9400/metrics": 0.0, "http://10.0.0.2:9400/metrics": 0.0}
+
+    async def scrape(url: str) -> str:
+        return f"largo_serve_requests_total {totals[url]}\n"
+
+    scaler, kube, clock = _autoscaler(entry, [_pod("chat-r0-node-0")], {})
+    scaler.scrape = scrape
+    for _ in range(40):  # 80 s of 15 rps on one replica, the second still loading its model
+        asyncio.run(scaler.tick())
+        clock.now += 2
+        totals["http://10.0.0.1:9400/metrics"] += 30
+    assert kube.writes == []
+    scaler.pods = {entry.key: [_pod("chat-r0-node-0"), _pod("chat-r1-node-0", ip="10.0.0.2")]}
+    for _ in range(5):  # ready now: no rate at its first scrape, then 0 rps
+        asyncio.run(scaler.tick())
+        clock.now += 2
+        totals["http://10.0.0.1:9400/metrics"] += 30
+    assert kube.writes == []
+
+
+def test_a_new_replica_that_does_not_answer_counts_busy_only_from_when_it_was_ready() -> None:
+    """A silent replica counts at the target (it may be the busy one), but not over the seconds before
+    it was ready: one just up and not answering yet does not read as a whole window at the target."""
+    entry = _service(2, stableWindowSeconds=60)
+    loads: dict[str, float | None] = {
+        "http://10.0.0.1:9400/metrics": 3.0,
+        "http://10.0.0.2:9400/metrics": None,
+    }
+    scaler, kube, clock = _autoscaler(entry, [_pod("chat-r0-node-0")], loads)
+    for _ in range(40):
+        asyncio.run(scaler.tick())
+        clock.now += 2
+    scaler.pods = {entry.key: [_pod("chat-r0-node-0"), _pod("chat-r1-node-0", ip="10.0.0.2")]}
+    asyncio.run(scaler.tick())
+    assert kube.writes == []  # 3 in flight + 2 for one second of 60 = 2 replicas at target 2
+    for _ in range(40):  # still silent: from its ready second on, it counts busy, as before
+        clock.now += 2
+        asyncio.run(scaler.tick())
+    assert {replicas for _, _, replicas, _ in kube.writes} == {3}  # (the fake never writes back)

@@ -304,3 +304,20 @@ def test_requests_held_then_served_by_the_first_ready_replica_count_once() -> No
     decision = decide(policy, samples, ["r0"], 2, State.starting(2, 0.0), 65.0)
     assert not decision.panic
     assert decision.replicas == 2
+
+
+def test_a_replica_counts_busy_only_from_when_it_was_ready_and_not_while_warming() -> None:
+    """15 requests per second on r0 for a minute, target 10; r1 became ready at 59 and has no sample
+    yet. Counted at the target over the whole window (and the panic window) it read as 25: 3
+    replicas. It counts from its ready second only, and not at all while it answers without a value."""
+    policy = Policy(min_replicas=1, max_replicas=10, target=10.0, stable_window=60, panic_window=6)
+    samples = [Sample(float(t), "r0", 15.0) for t in range(0, 61)]
+    whole = decide(policy, samples, ["r0", "r1"], 2, State.starting(2, 0.0), 60.0)
+    assert whole.replicas == 3  # r1 not known to be new: the whole window at the target
+    since = decide(policy, samples, ["r0", "r1"], 2, State.starting(2, 0.0), 60.0, ready_since={"r1": 59.0})
+    assert since.replicas == 2
+    assert since.load == pytest.approx(15.0 + 2 * 10.0 / 60)
+    warm = decide(policy, samples, ["r0", "r1"], 2, State.starting(2, 0.0), 60.0, warming={"r1"})
+    assert warm.replicas == 2
+    assert warm.load == pytest.approx(15.0)
+    assert "counted busy" not in warm.reason

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,8 @@ class _Memory:
     samples: list[Sample] = field(default_factory=list)
     state: State = field(default_factory=State)
     counters: dict[str, Counter] = field(default_factory=dict)
+    # When each ready leader was first seen ready (-inf: already ready when the loop started).
+    ready_since: dict[str, float] = field(default_factory=dict)
 
 
 # A replica's /metrics is a few kB; more is not a metrics page (and is parsed on the event loop).
@@ -166,20 +169,31 @@ class Autoscaler:
         scaling = spec.autoscaling
         assert scaling is not None
         memory = self._memory.get(entry.key)
-        if memory is None:
-            memory = self._memory[entry.key] = _Memory(state=State.starting(spec.replicas, self.clock()))
         leaders = ready_leaders(list(self.pods.get(entry.key) or []))
+        if memory is None:
+            memory = self._memory[entry.key] = _Memory(
+                state=State.starting(spec.replicas, self.clock()),
+                # Found ready: for all the loop knows, ready for longer than any window.
+                ready_since=dict.fromkeys(leaders, -math.inf),
+            )
         urls = {name: metrics_url(pod, spec) for name, pod in leaders.items()}
         texts = await asyncio.gather(
             *(self.scrape(url) for url in urls.values() if url is not None), return_exceptions=True
         )
         now = self.clock()
+        for name in leaders:
+            memory.ready_since.setdefault(name, now)
+        warming: set[str] = set()
         for name, text in zip([n for n, u in urls.items() if u is not None], texts, strict=True):
             if isinstance(text, BaseException):
                 # A leader that does not answer counts as busy (the policy's rule for silence).
                 continue
             previous = memory.counters.get(name)
             value, counter = replica_load(text, scaling.metric, spec.runtime.type, now, previous)
+            if value is None and counter is not None and counter is not previous:
+                # It answered with a counter but no rate yet (its first scrape, or a reset: a rate needs
+                # two): not silent, so not counted at the target.
+                warming.add(name)
             if scaling.metric is ScalingMetric.IN_FLIGHT:
                 counter = finished_counter(text, spec.runtime.type, now) or previous
             if counter is not None:
@@ -194,7 +208,18 @@ class Autoscaler:
         memory.samples = [s for s in memory.samples if s.time > horizon]
         for gone in set(memory.counters) - set(leaders):
             del memory.counters[gone]
-        decision = decide(policy, memory.samples, sorted(leaders), spec.replicas, memory.state, now)
+        for gone in set(memory.ready_since) - set(leaders):
+            del memory.ready_since[gone]
+        decision = decide(
+            policy,
+            memory.samples,
+            sorted(leaders),
+            spec.replicas,
+            memory.state,
+            now,
+            ready_since=memory.ready_since,
+            warming=warming,
+        )
         memory.state = decision.state
         if decision.replicas == spec.replicas:
             return

@@ -11,7 +11,9 @@ The shape is Knative's KPA with HPA's scale-down stabilisation:
 - scale-down takes the highest recommendation of the last ``scale_down_delay`` seconds, so a load that
   flaps does not make replicas flap; scale-up is immediate;
 - a ready replica whose samples are missing or stale counts as fully busy (at ``target``): missing
-  metrics never cause a scale-down;
+  metrics never cause a scale-down; it counts so from the second it was ready on (``ready_since``),
+  not over seconds before it existed, and not at all while it answers without a value yet
+  (``warming``: a rate needs two scrapes), so a replica that just came up does not read as load;
 - with no sample at all the service holds where it is; [minReplicas, maxReplicas] clamp every
   decision, except that ``scale_to_zero`` lets an idle service (no load for the stable window, then
   for the longer of the grace and ``scale_down_delay``, counted from a ready replica on) go to zero;
@@ -25,7 +27,7 @@ scale-down still waits out the delay.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -91,13 +93,20 @@ class Decision:
 
 
 def _average_load(
-    samples: Sequence[Sample], ready: Sequence[str], since: float, now: float, policy: Policy
+    samples: Sequence[Sample],
+    ready: Sequence[str],
+    since: float,
+    now: float,
+    policy: Policy,
+    ready_since: Mapping[str, float],
+    warming: Collection[str],
 ) -> tuple[float, int] | None:
     """The service's total load averaged over each second since ``since``. A second's total is the sum
     over replicas of each one's newest sample at that second (carried forward while fresh, so replicas
     sampled at different moments all count), as KPA sums its pods; a ready replica with no fresh sample
-    counts as busy, at ``target``. Also returns how many ready replicas are silent now. None when no
-    sample falls in the window."""
+    counts as busy, at ``target``, in the seconds since it was ready (``ready_since``; absent: before
+    the window), unless it is ``warming``. Also returns how many ready replicas are silent now. None
+    when no sample falls in the window."""
     if not any(since <= sample.time <= now for sample in samples):
         return None
     samples = [sample for sample in samples if since - policy.stale_after < sample.time <= now]
@@ -109,10 +118,14 @@ def _average_load(
     # it held are in flight there (its own samples count them), and routers are no longer scraped.
     carried = set(ready) | ({sample.replica for sample in samples if sample.held} if not ready else set())
     # Ready replicas with nothing fresh now: they may be the busy ones, so they count at the target.
+    # One that answered without a value yet (a rate needs two scrapes: a replica just up, or back
+    # after a blink) is not: it has served next to nothing, and counting it at the target made every
+    # scale-up of a rate-scaled service overshoot by the replicas it had just added.
     silent_now = {
         replica
         for replica in ready
-        if not any(now - policy.stale_after < s.time <= now for s in by_replica.get(replica, ()))
+        if replica not in warming
+        and not any(now - policy.stale_after < s.time <= now for s in by_replica.get(replica, ()))
     }
     # From the first whole second at or after the first sample: seconds before the service reported
     # anything say nothing about it (and one before its first sample would read it as idle).
@@ -133,18 +146,29 @@ def _average_load(
                 newest += 1
             if newest >= 0 and own[newest].time > second - window:
                 totals[i] += own[newest].value
-            elif replica in silent_now:
+            elif replica in silent_now and second >= ready_since.get(replica, -math.inf):
+                # Not before it was ready: a replica that did not exist carried no load then.
                 totals[i] += policy.target
     return sum(totals) / len(totals), len(silent_now)
 
 
 def decide(
-    policy: Policy, samples: Sequence[Sample], ready: Sequence[str], current: int, state: State, now: float
+    policy: Policy,
+    samples: Sequence[Sample],
+    ready: Sequence[str],
+    current: int,
+    state: State,
+    now: float,
+    ready_since: Mapping[str, float] | None = None,
+    warming: Collection[str] = (),
 ) -> Decision:
     """The replicas wanted now, and why. ``ready``: the ready replicas' names; ``current``: replicas
-    desired before this decision."""
-    stable = _average_load(samples, ready, now - policy.stable_window, now, policy)
-    panic = _average_load(samples, ready, now - policy.panic_window, now, policy)
+    desired before this decision; ``ready_since``: when a ready replica was first seen ready (one not
+    in it has been ready longer than the window); ``warming``: ready replicas that answered but have
+    no value yet."""
+    since = ready_since or {}
+    stable = _average_load(samples, ready, now - policy.stable_window, now, policy, since, warming)
+    panic = _average_load(samples, ready, now - policy.panic_window, now, policy, since, warming)
     recent = tuple((t, r) for t, r in state.recommendations if now - t <= policy.scale_down_delay)
     # At zero, the newest fresh sample of each router (their held requests): demand that the windows
     # have not averaged in yet (a sample off a whole second) still starts a replica now.
