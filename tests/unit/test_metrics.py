@@ -227,6 +227,56 @@ def test_serving_groups_hold_gpus_and_services_are_counted_by_phase_and_replicas
     assert replicas == {"desired": 2, "existing": 2, "ready": 1, "updated": 2}
 
 
+def _serving(*groups: dict[str, Any], gpus: int = 8) -> Any:
+    return service_entry(
+        {
+            "metadata": {"name": "chat", "namespace": "team-b", "uid": "u", "resourceVersion": "3"},
+            "spec": {
+                "model": {"claimName": "w"},
+                "nodesPerReplica": 1,
+                "resourcesPerNode": {GPU: gpus},
+                "scheduling": {"queue": "serving"},
+            },
+            "status": {"phase": "Progressing", "groups": list(groups)},
+        }
+    )
+
+
+def test_a_serving_group_at_the_head_of_the_queue_has_its_stranded_gpus_counted() -> None:
+    """TrainJobs and serving groups wait in one queue: a group first in line is the head."""
+    head = {"replica": 0, "revision": "r", "attempt": 0, "nodes": [], "queue": {"position": 1}}
+    snapshot = Snapshot(
+        nodes=[_node("a"), _node("b")],
+        pods=[("a", PodUsage("x", {GPU: 4})), ("b", PodUsage("y", {GPU: 4}))],
+        jobs=[_job("second", 4, 1, "Queued", queue={"position": 2})],
+        services=[_serving(head)],
+    )
+    # 4 + 4 free GPUs, none of them 8 in one place for the group's one 8-GPU pod.
+    assert _series(snapshot)[("largo_cluster_gpus_stranded", ())] == 8
+
+
+def test_waiting_serving_groups_are_counted_in_their_queue() -> None:
+    """A serving group that never fits holds the queue like a job: the stuck-queue alert must see it."""
+    snapshot = Snapshot(
+        nodes=[_node("a")],
+        pods=[],
+        jobs=[],
+        services=[
+            _serving(
+                {"replica": 0, "revision": "r", "attempt": 0, "nodes": ["a"]},
+                {"replica": 1, "attempt": 0, "nodes": [], "queue": {"reason": "Unschedulable"}},
+                {"replica": 2, "revision": "r", "attempt": 0, "nodes": [], "retiring": True},
+            )
+        ],
+    )
+    series = _series(snapshot)
+    key = (("namespace", "team-b"), ("queue", "serving"))
+    assert series[("largo_queue_gpus", (*key, ("state", "requested")))] == 16
+    assert series[("largo_queue_gpus", (*key, ("state", "allocated")))] == 8
+    assert series[("largo_queue_gpus", (*key, ("state", "waiting")))] == 8
+    assert series[("largo_queue_length", (("queue", "serving"), ("reason", "Unschedulable")))] == 1
+
+
 def test_kopf_s_watch_restarts_are_counted_from_its_own_log_lines_which_are_then_dropped() -> None:
     import logging
 

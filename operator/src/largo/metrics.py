@@ -22,7 +22,7 @@ from largo.controllers.state import JobEntry, PodUsage, ServiceEntry
 from largo.policy.conditions import parse_timestamp
 from largo.sched import gang
 from largo.sched.inventory import free_by_node
-from largo.sched.types import NodeInfo
+from largo.sched.types import GangRequest, NodeInfo
 
 GPU = GPU_RESOURCE
 # The gang shapes fragmentation is reported for: pods of this many GPUs.
@@ -102,7 +102,7 @@ def resource_families(snapshot: Snapshot) -> list[Metric]:
         *_gpu_families(per_node),
         _extended_family(snapshot),
         *_fragmentation(snapshot, per_node),
-        *_workload_families(snapshot.jobs),
+        *_workload_families(snapshot),
         _checkpoint_family(snapshot),
         *_service_families(snapshot.services),
     ]
@@ -218,10 +218,10 @@ def largest_gangs(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]])
 
 def stranded(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]]) -> int:
     """Free GPUs the head of the queue cannot use; 0 with no queue."""
-    head = _head(snapshot.jobs)
-    if head is None or head.request is None:
+    head = _head(snapshot)
+    if head is None:
         return 0
-    return gang.stranded_gpus(snapshot.nodes, free_by_node(snapshot.nodes, _usage(per_node)), head.request)
+    return gang.stranded_gpus(snapshot.nodes, free_by_node(snapshot.nodes, _usage(per_node)), head)
 
 
 def jobs_by_phase(jobs: Sequence[JobEntry]) -> dict[str, int]:
@@ -234,20 +234,40 @@ def jobs_by_phase(jobs: Sequence[JobEntry]) -> dict[str, int]:
     return by_phase
 
 
-def queue_gpus(jobs: Sequence[JobEntry]) -> dict[tuple[str, str], dict[str, int]]:
-    """Per (namespace, queue): GPUs requested by unfinished jobs, allocated, waiting; and ``jobs``
-    waiting for admission."""
+def queue_gpus(snapshot: Snapshot) -> dict[tuple[str, str], dict[str, int]]:
+    """Per (namespace, queue): GPUs requested by unfinished jobs and serving groups, allocated, waiting;
+    and ``jobs``: the jobs and serving groups waiting for admission."""
     out: dict[tuple[str, str], dict[str, int]] = {}
-    for entry in jobs:
+
+    def states(namespace: str, queue: str) -> dict[str, int]:
+        return out.setdefault((namespace, queue), dict.fromkeys((*_QUEUE_STATES, "jobs"), 0))
+
+    for entry in snapshot.jobs:
         if entry.job is None or entry.phase in (Phase.SUCCEEDED, Phase.FAILED):
             continue
-        states = out.setdefault((entry.key[0], entry.queue_name), dict.fromkeys((*_QUEUE_STATES, "jobs"), 0))
-        states["requested"] += _job_gpus(entry)
+        counts = states(entry.key[0], entry.queue_name)
+        counts["requested"] += _job_gpus(entry)
         if entry.active:
-            states["allocated"] += _job_gpus(entry)
+            counts["allocated"] += _job_gpus(entry)
         if counted_waiting(entry):
-            states["waiting"] += _job_gpus(entry)
-            states["jobs"] += 1
+            counts["waiting"] += _job_gpus(entry)
+            counts["jobs"] += 1
+    # Serving groups wait in the same queue as TrainJobs (controllers/scheduler.py): left out, a group
+    # that never fits would hold the queue with nothing shown waiting.
+    for service in snapshot.services:
+        if service.service is None:
+            continue
+        gpus = service.per_pod.get(GPU, 0) * service.service.spec.nodes_per_replica
+        counts = states(service.key[0], service.service.spec.scheduling.queue)
+        waiting = service.waiting(snapshot.now)
+        for group in service.groups:
+            if group.nodes:
+                counts["requested"] += gpus
+                counts["allocated"] += gpus
+            elif group in waiting:
+                counts["requested"] += gpus
+                counts["waiting"] += gpus
+                counts["jobs"] += 1
     return out
 
 
@@ -272,36 +292,42 @@ def _fragmentation(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]]
     return [largest, lost]
 
 
-def _workload_families(jobs: Sequence[JobEntry]) -> list[Metric]:
+def _workload_families(snapshot: Snapshot) -> list[Metric]:
     phases = GaugeMetricFamily(
         "largo_trainjobs", "TrainJobs by phase (New: not decided yet).", labels=["phase"]
     )
-    for phase, count in sorted(jobs_by_phase(jobs).items()):
+    for phase, count in sorted(jobs_by_phase(snapshot.jobs).items()):
         phases.add_metric([phase], count)
     gpus = GaugeMetricFamily(
         "largo_queue_gpus",
-        "GPUs of a namespace's jobs in a queue: requested by every unfinished job, allocated to admitted "
-        "ones, waiting for admission.",
+        "GPUs of a namespace's jobs and serving groups in a queue: requested by every unfinished one, "
+        "allocated to admitted ones, waiting for admission.",
         labels=["namespace", "queue", "state"],
     )
     length = GaugeMetricFamily(
         "largo_queue_length",
-        "Jobs waiting for admission, by why (their status.queue.reason: InsufficientCapacity, "
-        "QueuedBehindHead, Unschedulable, CheckpointInUse, ...; empty for a job not looked at yet).",
+        "Jobs and InferenceService replica groups waiting for admission, by why (their status.queue.reason: "
+        "InsufficientCapacity, QueuedBehindHead, Unschedulable, CheckpointInUse, ...; empty for one not "
+        "looked at yet).",
         labels=["queue", "reason"],
     )
     lengths: dict[tuple[str, str], int] = {}
-    for (namespace, queue), states in sorted(queue_gpus(jobs).items()):
+    for (namespace, queue), states in sorted(queue_gpus(snapshot).items()):
         for state in _QUEUE_STATES:
             gpus.add_metric([namespace, queue, state], states[state])
         lengths.setdefault((queue, ""), 0)
-    for entry in jobs:
+    for entry in snapshot.jobs:
         if counted_waiting(entry):
             # Why the scheduler left it waiting (status.queue.reason); the summarised status.reason
             # may show another condition's (a refusal of an earlier attempt's pods).
             summary = (entry.body.get("status") or {}).get("reason")
             reason = str(entry.queue.get("reason") or summary or "") if entry.phase else ""
             lengths[entry.queue_name, reason] = lengths.get((entry.queue_name, reason), 0) + 1
+    for service in snapshot.services:
+        for group in service.waiting(snapshot.now):
+            assert service.service is not None  # waiting() is empty without a valid spec
+            queue, reason = service.service.spec.scheduling.queue, str(group.queue.get("reason") or "")
+            lengths[queue, reason] = lengths.get((queue, reason), 0) + 1
     for (queue, reason), count in sorted(lengths.items()):
         length.add_metric([queue, reason], count)
     return [phases, gpus, length]
@@ -311,11 +337,16 @@ def _usage(per_node: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int
     return {name: {GPU: counts["largo"] + counts["other"]} for name, counts in per_node.items()}
 
 
-def _head(jobs: Iterable[JobEntry]) -> JobEntry | None:
-    """The job the scheduler last named the head of the queue (status.queue.position 1)."""
-    for entry in jobs:
-        if entry.admissible and entry.queue.get("position") == 1:
-            return entry
+def _head(snapshot: Snapshot) -> GangRequest | None:
+    """The request of the gang the scheduler last named the head of the queue (position 1): a TrainJob
+    or an InferenceService's replica group, which wait in one queue (controllers/scheduler.py)."""
+    for entry in snapshot.jobs:
+        if entry.admissible and entry.request is not None and entry.queue.get("position") == 1:
+            return entry.request
+    for service in snapshot.services:
+        for group in service.waiting(snapshot.now):
+            if group.queue.get("position") == 1:
+                return service.request(group)  # what the scheduler asks for it
     return None
 
 

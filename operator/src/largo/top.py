@@ -55,7 +55,7 @@ def render(snapshot: Snapshot) -> str:
         "",
         f"{'NAMESPACE':<20} {'QUEUE':<16} {'REQUESTED':>9} {'ALLOCATED':>9} {'WAITING':>7} {'JOBS':>4}",
     ]
-    for (namespace, queue), states in sorted(queue_gpus(snapshot.jobs).items()):
+    for (namespace, queue), states in sorted(queue_gpus(snapshot).items()):
         lines.append(
             f"{namespace:<20} {queue:<16} {states['requested']:>9} {states['allocated']:>9} "
             f"{states['waiting']:>7} {states['jobs']:>4}"
