@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
+from kubernetes import client
 from largo.controllers.state import JobEntry, PodUsage, job_entry
-from largo.metrics import Snapshot
+from largo.metrics import Snapshot, node_gpus
 from largo.sched.types import NodeInfo
-from largo.top import render
+from largo.top import render, snapshot_from_cluster
 
 GPU = "nvidia.com/gpu"
 
@@ -67,3 +69,58 @@ def test_plain_output_shows_nodes_queues_the_queue_and_running_jobs() -> None:
     assert running.split()[1:3] == ["Running", "1/1"]
     assert running.endswith("42% 420/1000 loss 2.310")
     assert screen[-1] == "TrainJobs: Queued 1, Running 1"
+
+
+def _node(name: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {}},
+        "spec": {},
+        "status": {
+            "allocatable": {"cpu": "32", GPU: "8", "pods": "110"},
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+
+
+class _Core:
+    api_client = client.ApiClient()
+
+    def list_node(self) -> Any:
+        return SimpleNamespace(items=[_node("a"), _node("b")])
+
+    def list_pod_for_all_namespaces(self) -> Any:
+        return SimpleNamespace(items=[])
+
+
+class _Custom:
+    def __init__(self, items: dict[str, list[dict[str, Any]]]) -> None:
+        self.items = items
+
+    def list_cluster_custom_object(self, group: str, version: str, plural: str) -> dict[str, Any]:
+        return {"items": self.items.get(plural, [])}
+
+
+def test_a_serving_group_s_admitted_gpus_are_held_as_in_the_metrics() -> None:
+    """A group placed on a, its pod not bound yet: its GPUs are largo's, not free, and it queues with the
+    jobs (the same numbers as the metrics, which read InferenceServices too)."""
+    service = {
+        "apiVersion": "largo.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "chat", "namespace": "team-b", "uid": "u", "resourceVersion": "3"},
+        "spec": {"model": {"claimName": "w"}, "nodesPerReplica": 1, "resourcesPerNode": {GPU: 8}},
+        "status": {
+            "phase": "Progressing",
+            "groups": [
+                {"replica": 0, "revision": "r", "attempt": 0, "nodes": ["a"]},
+                {"replica": 1, "revision": "r", "attempt": 0, "nodes": [], "queue": {"position": 1}},
+            ],
+        },
+    }
+    snapshot = snapshot_from_cluster(_Core(), _Custom({"inferenceservices": [service]}))
+    assert node_gpus(snapshot)["a"] == {"allocatable": 8, "largo": 8, "other": 0, "free": 0}
+    screen = render(snapshot).splitlines()
+    assert screen[0].startswith("GPUs: 8/16 held (50%), stranded for the head of the queue: 0,")
+    queue_row = next(line for line in screen if line.startswith("team-b "))
+    assert queue_row.split() == ["team-b", "default", "16", "8", "8", "1"]
+    queued = next(line for line in screen if line.startswith("team-b/chat#r1"))
+    assert queued.split()[1] == "1"

@@ -1,8 +1,8 @@
 """``largo top``: GPU allocation, the queue and running jobs in a terminal, for people without Grafana.
 
 The numbers are the operator's metrics' own (``largo.metrics``), computed from one listing of nodes,
-pods and TrainJobs. ``render`` is pure; ``run`` lists, renders, and refreshes like ``top`` on a
-terminal (plain output, once, when stdout is not one).
+pods, TrainJobs and InferenceServices. ``render`` is pure; ``run`` lists, renders, and refreshes like
+``top`` on a terminal (plain output, once, when stdout is not one).
 """
 
 from __future__ import annotations
@@ -60,16 +60,21 @@ def render(snapshot: Snapshot) -> str:
             f"{namespace:<20} {queue:<16} {states['requested']:>9} {states['allocated']:>9} "
             f"{states['waiting']:>7} {states['jobs']:>4}"
         )
-    waiting = sorted(
-        (entry for entry in snapshot.jobs if entry.admissible),
-        key=lambda entry: (entry.queue.get("position") or 10**9, entry.key),
-    )
+    # Jobs and serving replica groups (service#r<replica>) share the queue.
+    queued: list[tuple[tuple[str, str], Mapping[str, Any]]] = [
+        (entry.key, entry.queue) for entry in snapshot.jobs if entry.admissible
+    ]
+    queued += [
+        (group.gang(*service.key), group.queue)
+        for service in snapshot.services
+        for group in service.waiting(snapshot.now)
+    ]
     lines += ["", f"{'QUEUED':<32} {'POS':>3}  REASON"]
-    for entry in waiting:
-        position = entry.queue.get("position")
-        reason = entry.queue.get("reason") or "New"
-        message = entry.queue.get("message") or ""
-        lines.append(f"{'/'.join(entry.key):<32} {position or '-':>3}  {reason}: {message}".rstrip(": "))
+    for key, told in sorted(queued, key=lambda item: (item[1].get("position") or 10**9, item[0])):
+        position = told.get("position")
+        reason = told.get("reason") or "New"
+        message = told.get("message") or ""
+        lines.append(f"{'/'.join(key):<32} {position or '-':>3}  {reason}: {message}".rstrip(": "))
     running = [entry for entry in snapshot.jobs if entry.phase in (Phase.STARTING, Phase.RUNNING)]
     lines += ["", f"{'RUNNING':<32} {'PHASE':<9} {'NODES':<6} PROGRESS"]
     for entry in sorted(running, key=lambda entry: entry.key):
@@ -85,8 +90,8 @@ def render(snapshot: Snapshot) -> str:
 
 def snapshot_from_cluster(core: Any, custom: Any) -> Snapshot:
     """One listing of the cluster, read as the operator's indexes read it."""
-    from largo.api.v1alpha1 import GROUP, PLURAL, VERSION
-    from largo.controllers.state import job_entry, pod_usage
+    from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_PLURAL, VERSION
+    from largo.controllers.state import job_entry, pod_usage, service_entry
     from largo.sched.inventory import node_info
 
     api = core.api_client
@@ -98,7 +103,11 @@ def snapshot_from_cluster(core: Any, custom: Any) -> Snapshot:
             pods.append((str(pod.spec.node_name), usage))
     listed = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
     jobs = [job_entry(item) for item in listed["items"]]
-    return Snapshot(nodes=nodes, pods=pods, jobs=jobs)
+    # Serving groups hold GPUs (admitted members whose pods are not bound yet) and queue with the jobs:
+    # without them, the numbers would not be the metrics' (``handlers._snapshot``).
+    listed = custom.list_cluster_custom_object(GROUP, VERSION, SERVICE_PLURAL)
+    services = [service_entry(item) for item in listed["items"]]
+    return Snapshot(nodes=nodes, pods=pods, jobs=jobs, now=time.time(), services=services)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
