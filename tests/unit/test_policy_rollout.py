@@ -191,14 +191,40 @@ def test_a_rollout_whose_new_groups_keep_failing_stalls_and_keeps_the_old_groups
     assert (step.updated, step.ready) == (1, 4)
     assert "group 4" in step.message
     assert "3 times" in step.message
-    # Neither does it grow or shrink on a stalled revision.
+    # Nor does it grow on a stalled revision.
     assert plan_rollout(state, 6, NEW, 2, 1).create == 0
-    assert plan_rollout(state, 2, NEW, 2, 1).retire == ()
+    assert plan_rollout(state, 6, NEW, 2, 1).retire == ()
     # The limit is the caller's.
     assert not plan_rollout(state, 4, NEW, 2, 1, stall_after_restarts=4).stalled
     # The worst group is named.
     worse = [*state, GroupState(5, NEW, False, failed_restarts=7)]
     assert "group 5" in plan_rollout(worse, 4, NEW, 2, 1).message
+
+
+def test_a_stalled_rollout_still_scales_down_and_keeps_the_failing_group() -> None:
+    """The autoscaler (or a user) asks for fewer groups while the new revision keeps failing: the GPUs
+    of the groups beyond ``desired`` are freed, not held until the spec changes again."""
+    state = [
+        *groups(OLD, 0, 1, 2),
+        GroupState(3, OLD, False),
+        GroupState(4, NEW, True),
+        GroupState(5, NEW, False, failed_restarts=3),
+        GroupState(6, NEW, False, failed_restarts=5),
+    ]
+    # Five groups besides the failing ones; two wanted: the old not-ready one, then old before new.
+    step = plan_rollout(state, 2, NEW, 2, 1)
+    assert (step.create, step.retire, step.stalled, step.reason) == (0, (3, 2, 1), True, "RolloutStalled")
+    assert "group 6" in step.message
+    assert "retiring [3, 2, 1]" in step.message
+    # Applied, the step after it retires nothing more, and the failing groups still say why.
+    after = plan_rollout([g for g in state if g.replica not in step.retire], 2, NEW, 2, 1)
+    assert (after.create, after.retire, after.stalled) == (0, (), True)
+    # At the count it has, a stalled rollout retires nothing: the old groups keep serving.
+    assert plan_rollout(state, 5, NEW, 2, 1).retire == ()
+    # A group late past its deadline is kept the same way.
+    late = [*groups(OLD, 0, 1, 2, 3), GroupState(4, NEW, False, unready_for=900)]
+    deadline = plan_rollout(late, 1, NEW, 2, 1, progress_deadline=600)
+    assert (deadline.retire, deadline.reason) == ((3, 2, 1), "ProgressDeadlineExceeded")
 
 
 def test_a_new_group_not_ready_past_the_progress_deadline_stalls_the_rollout() -> None:

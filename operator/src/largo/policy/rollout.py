@@ -13,9 +13,12 @@ The rules, in the order they apply:
 - ``desired == 0`` (scale to zero): every group is retired at once, whatever its state.
 - Stalled: when a group at the new revision has been restarted after failures at least
   ``stall_after_restarts`` times, the new pods keep failing and more of them will not help. The step
-  creates nothing and retires nothing, so the old groups keep serving, and says which group failed
-  how often. The service stays as it is until the spec changes again (the failing group is then an
-  old, not-ready group and goes first) or the caller replaces the group.
+  creates nothing, so the old groups keep serving, and says which group failed how often. The
+  service stays as it is until the spec changes again (the failing group is then an old, not-ready
+  group and goes first) or the caller replaces the group. A scale-down still frees GPUs while
+  stalled, as a Deployment's does: the groups beyond ``desired``, not counting the failing ones
+  (kept: they say why, and one retired would only be built again), go, not-ready first, then old
+  before new, then the highest replica id.
 - Never more than ``desired + max_surge`` groups in all, counting groups not yet ready and groups
   retired in this very step (they hold their GPUs while they drain). A plain scale-up, with no old
   groups, creates up to ``desired`` at once: the surge limits rollouts, not growth.
@@ -118,20 +121,26 @@ def plan_rollout(
 
     counts = f"{updated}/{desired} groups updated, {ready} ready, {total} in all"
 
-    def stalled(reason: str, worst: GroupState, why: str) -> RolloutStep:
+    def stalled(reason: str, stuck: Sequence[GroupState], worst: GroupState, why: str) -> RolloutStep:
         message = f"group {worst.replica} at revision {revision} {why}: rollout stalled with {counts}"
-        return RolloutStep(0, (), updated, ready, True, reason, f"{message}; the others stay as they are")
+        stuck_ids = {group.replica for group in stuck}
+        others = [group for group in groups if group.replica not in stuck_ids]
+        order = sorted(others, key=lambda group: (group.ready, group.revision == revision, -group.replica))
+        retire = tuple(group.replica for group in order[: max(len(others) - desired, 0)])
+        if retire:
+            message += f"; scaling down: retiring {_ids(retire)}"
+        return RolloutStep(0, retire, updated, ready, True, reason, f"{message}; the others stay as they are")
 
     failing = [group for group in new if group.failed_restarts >= stall_after_restarts]
     if failing:
         worst = min(failing, key=lambda group: (-group.failed_restarts, group.replica))
         why = f"was restarted after failures {worst.failed_restarts} times (limit {stall_after_restarts})"
-        return stalled("RolloutStalled", worst, why)
+        return stalled("RolloutStalled", failing, worst, why)
     late = [g for g in new if progress_deadline is not None and g.unready_for >= progress_deadline]
     if late:
         worst = min(late, key=lambda group: (-group.unready_for, group.replica))
         why = f"has not been ready for progressDeadlineSeconds ({progress_deadline:g}s)"
-        return stalled("ProgressDeadlineExceeded", worst, why)
+        return stalled("ProgressDeadlineExceeded", late, worst, why)
 
     if max_surge == 0 and max_unavailable == 0:
         max_unavailable = 1
