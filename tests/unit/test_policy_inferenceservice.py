@@ -578,8 +578,10 @@ def restarted(decision: ServicePlan) -> list[str]:
             lambda sim: setattr(sim, "lost", frozenset({sim.pods["llama-r0-node-0"].node_name, "elsewhere"})),
             "lost",
         ),
+        # Deleted and gone between two reconciles: never seen terminating.
+        (lambda sim: sim.pods.pop("llama-r0-node-1"), "member 1 (llama-r0-node-1) is gone"),
     ],
-    ids=["member-failed", "member-deleted", "node-lost"],
+    ids=["member-failed", "member-deleted", "node-lost", "member-vanished"],
 )
 def test_a_broken_group_restarts_whole_and_alone(break_it: Any, cause: str) -> None:
     sim = ready_service()
@@ -596,7 +598,7 @@ def test_a_broken_group_restarts_whole_and_alone(break_it: Any, cause: str) -> N
     assert group["restartAfter"] == timestamp(sim.now + 1)
     assert group.get("admittedAt") is None
     # Both members of the group go (the broken one too, unless already terminating), none of the other.
-    expected = {"llama-r0-node-0", "llama-r0-node-1"} - {n for n, p in sim.pods.items() if p.terminating}
+    expected = {n for n, p in sim.pods.items() if n.startswith("llama-r0-") and not p.terminating}
     assert set(decision.delete) == expected
     assert decision.create == []
     assert group_of(decision.status, 1) == other
@@ -610,6 +612,31 @@ def test_a_broken_group_restarts_whole_and_alone(break_it: Any, cause: str) -> N
     assert decision.status["ready"] == "1/2"
     assert decision.status["phase"] == "Degraded"
     check_service_status(decision.status)
+
+
+def test_a_member_not_created_yet_is_created_alone_and_a_restarted_group_forms_again() -> None:
+    """Before every member has existed, a missing one is still to be created (its create was refused,
+    or the pod index has not shown it yet): no restart for that. After a restart the new attempt's
+    members are waited for the same way."""
+    sim = ready_service()
+    assert all(g["formed"] for g in sim.status["groups"])
+    group = group_of(sim.status, 0)
+    group["formed"] = False
+    del sim.pods["llama-r0-node-1"]
+    decision = sim.plan()
+    assert restarted(decision) == []
+    assert [(c.replica, c.member) for c in decision.create] == [(0, 1)]
+    assert group_of(decision.status, 0)["formed"] is False
+
+    sim = ready_service()
+    del sim.pods["llama-r0-node-1"]
+    restart = sim.cycle()
+    assert len(restarted(restart)) == 1
+    assert group_of(restart.status, 0)["formed"] is False
+    sim.settle(3)
+    assert group_of(sim.status, 0)["attempt"] == 1
+    assert group_of(sim.status, 0)["formed"] is True
+    assert sim.status["ready"] == "2/2"
 
 
 def test_a_lost_node_names_the_node_in_the_event() -> None:
@@ -1082,6 +1109,13 @@ def test_a_new_revision_that_never_becomes_ready_stalls_at_its_progress_deadline
     assert sorted(g["revision"] for g in live) == [REV_A, REV_A, REV_B]  # one surge group, stuck
     assert sim.status["readyReplicas"] == 2
     assert any(r is not None and 0 < r <= 60 for r in requeues)  # looked at when the deadline passes
+    # Scaled down while stalled (the autoscaler at night): an old group's GPUs are freed.
+    sim.spec = spec_of(replicas=1, nodesPerReplica=1, rollout={"progressDeadlineSeconds": 60})
+    decision = sim.cycle()
+    live = [g for g in decision.status["groups"] if not g.get("retiring")]
+    assert sorted(g["revision"] for g in live) == [REV_A, REV_B]
+    assert "GroupRetired" in [e.reason for e in decision.events]
+    assert condition(decision.status, "Progressing")["reason"] == "ProgressDeadlineExceeded"
 
 
 def test_a_slow_group_outside_a_rollout_never_stops_a_scale_up() -> None:

@@ -30,6 +30,7 @@ from largo.manifests.names import (
     LABEL_REPLICA,
     LABEL_REVISION,
     SERVER_CONTAINER_NAME,
+    member_pod_name,
 )
 from largo.policy.conditions import parse_timestamp, set_condition, timestamp
 from largo.policy.pods import cannot_start
@@ -461,13 +462,21 @@ def plan(
         refused_too_long = refused is not None and now - refused >= view.binding_timeout
         if refused is not None and not refused_too_long:
             out.requeue_after = _soonest(out.requeue_after, refused + view.binding_timeout - now)
-        if failed or lost or unbound or refused_too_long:
+        # Once every member has existed, one missing was deleted while nobody looked (its whole
+        # termination fell between two reconciles, or it was removed at once): the pipeline it was a
+        # stage of is broken, so it is never recreated alone.
+        vanished = [m for m in range(len(nodes)) if m not in current] if group.get("formed") else []
+        if len(current) == len(nodes):
+            group["formed"] = True
+        if failed or lost or vanished or unbound or refused_too_long:
             if failed:
                 pod = failed[0]
                 what = "was deleted" if pod.terminating else pod.phase.lower()
                 cause = f"member {pod.member} ({pod.name}) {what}"
             elif lost:
                 cause = f"node {', '.join(lost)} lost"
+            elif vanished:
+                cause = f"member {vanished[0]} ({member_pod_name(view.name, replica, vanished[0])}) is gone"
             elif unbound:
                 pod = unbound[0]
                 cause = (
@@ -489,6 +498,7 @@ def plan(
                 attempt=attempt + 1,
                 nodes=[],
                 ready=False,
+                formed=False,
                 restarts=restarts,
                 failures=failures,
                 admittedAt=None,

@@ -292,9 +292,9 @@ class Rollout(SpecModel):
         ge=1,
         le=86400,
         description="How long a group of the current revision may take from its admission to ready "
-        "before the rollout counts as stalled: it creates and retires nothing more, so the old groups "
-        "keep serving, and Progressing=False says so (ProgressDeadlineExceeded) until the group is "
-        "ready or the spec changes.",
+        "before the rollout counts as stalled: it creates nothing more and retires only for a "
+        "scale-down, so the old groups keep serving, and Progressing=False says so "
+        "(ProgressDeadlineExceeded) until the group is ready or the spec changes.",
     )
 
     @model_validator(mode="after")
@@ -464,6 +464,11 @@ class GroupStatus(StatusModel):
     queued_at: datetime | None = Field(default=None, description="When it joined the admission queue.")
     admitted_at: datetime | None = None
     ready: bool = Field(default=False, description="Every member running and ready.")
+    formed: bool = Field(
+        default=False,
+        description="Every member of this attempt has existed: one missing after that was deleted, "
+        "and the group restarts whole.",
+    )
     ready_since: datetime | None = Field(default=None, description="Since when, without interruption.")
     unready_since: datetime | None = Field(
         default=None,
