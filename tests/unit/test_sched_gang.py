@@ -1,10 +1,11 @@
 """Gang placement and strict-order admission."""
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import pytest
 from largo.sched.gang import place, schedule
-from largo.sched.inventory import add_usage, free_by_node
+from largo.sched.inventory import POD_SLOTS, add_usage, free_by_node
 from largo.sched.types import (
     Decision,
     GangRequest,
@@ -535,6 +536,19 @@ def test_nothing_else_is_placed_beside_an_exclusive_pod_in_the_same_pass() -> No
     assert placed["ns/alone"] == ("a",)
     assert placed["ns/small"] == ("b",)  # not onto a's four free GPUs
     assert by_key(decision)["ns/big"].reason is WaitReason.InsufficientCapacity
+
+
+def test_a_gang_without_gpus_is_not_placed_beside_an_exclusive_pod_in_the_same_pass() -> None:
+    nodes = [replace(node("a"), allocatable={**node("a").allocatable, POD_SLOTS: 110})]
+    queue = [
+        GangRequest("ns/alone", 0, 1.0, 1, {"cpu": 1000, GPU: 4, POD_SLOTS: 1}, exclusive=True),
+        GangRequest("ns/cpu", 0, 2.0, 1, {"cpu": 1000, POD_SLOTS: 1}),
+    ]
+    decision = schedule(nodes, {}, queue)
+    assert admitted(decision) == {"ns/alone": ("a",)}
+    assert by_key(decision)["ns/cpu"].reason is WaitReason.InsufficientCapacity
+    # Without the exclusive gang the same node takes it.
+    assert admitted(schedule(nodes, {}, queue[1:])) == {"ns/cpu": ("a",)}
 
 
 # --- one gang per checkpoint directory -----------------------------------------------------------------

@@ -190,6 +190,24 @@ def test_a_bound_exclusive_pod_holds_its_whole_node_across_passes() -> None:
     assert kube.writes[-1][1]["phase"] == "Starting"  # an ordinary 4-GPU pod leaves room
 
 
+def test_a_gang_without_gpus_is_not_placed_beside_a_bound_exclusive_pod() -> None:
+    """The node is the exclusive pod's: not only its GPUs but its pod slots are taken, so a CPU-only
+    job that would fit in the free cpu and memory waits for another node."""
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0")], [_job("cpu", gpus=0)])
+    exclusive = PodUsage(
+        uid="p", requests={"nvidia.com/gpu": 4}, job=("ns", "other"), attempt=0, rank=0, exclusive=True
+    )
+    scheduler.pods[("n0")] = [exclusive]  # type: ignore[index]
+    asyncio.run(scheduler.run_pass())
+    ((_, status),) = kube.writes
+    assert status["phase"] == "Queued"
+    scheduler.pods["n0"] = [PodUsage("p", {"nvidia.com/gpu": 4})]  # type: ignore[index]
+    scheduler.jobs[("ns", "cpu")] = [_job("cpu", gpus=0)]  # type: ignore[index]
+    asyncio.run(scheduler.run_pass())
+    assert kube.writes[-1][1]["phase"] == "Starting"
+
+
 class FailingKube(FakeKube):
     """Fails one job's admission write at once, answers the other's only after a while."""
 

@@ -192,11 +192,14 @@ class Scheduler:
                     if admission.exclusive:
                         whole.add(node)
         if whole:
+            # The node is the exclusive pod's: no GPU and no pod slot left, so nothing else of largo's
+            # goes there, not even a gang that asks for no GPU.
             allocatable = {info.name: info.allocatable for info in index_values(self.nodes)}
             for node in whole:
-                gpus = allocatable.get(node, {}).get(GPU_RESOURCE, 0)
                 used = usage.setdefault(node, {})
-                used[GPU_RESOURCE] = max(used.get(GPU_RESOURCE, 0), gpus)
+                for resource in (GPU_RESOURCE, inventory.POD_SLOTS):
+                    held = allocatable.get(node, {}).get(resource, 0)
+                    used[resource] = max(used.get(resource, 0), held)
         return usage
 
     def checkpoints_in_use(self, entries: Iterable[JobEntry], nodes: Iterable[NodeInfo]) -> dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from largo.sched.inventory import Usage, free_by_node
+from largo.sched.inventory import POD_SLOTS, Usage, free_by_node
 from largo.sched.quantity import format_resource
 from largo.sched.types import (
     BLOCKING_EFFECTS,
@@ -316,8 +316,11 @@ def schedule(
                 for resource, amount in request.per_pod.items():
                     if resource in node_free:
                         node_free[resource] -= amount
-                if request.exclusive and GPU in node_free:
-                    node_free[GPU] = 0  # the node is the pod's: nothing else is placed there
+                if request.exclusive:
+                    # The node is the pod's: nothing else is placed there, not even a pod without GPUs.
+                    for resource in (GPU, POD_SLOTS):
+                        if resource in node_free:
+                            node_free[resource] = 0
     return Decision(admitted=tuple(admitted), waiting=tuple(waiting))
 
 
