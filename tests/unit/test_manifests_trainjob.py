@@ -477,3 +477,7 @@ def test_the_scheduler_reads_the_checkpoint_directory_a_trainer_pod_mounts(
     # The same key the job's own request holds the directory by.
     assert usage.checkpoint == key == gang_request(job, ("ml", "llama"), {}).checkpoint
     assert pod_usage({**pod, "spec": {**pod["spec"], "volumes": []}}).checkpoint is None  # type: ignore[union-attr]
+    assert usage.resident is False
+    owner = [{"kind": "DaemonSet", "controller": True}]
+    daemon = {**pod, "metadata": {**pod["metadata"], "ownerReferences": owner}}
+    assert pod_usage(daemon).resident is True  # type: ignore[union-attr]

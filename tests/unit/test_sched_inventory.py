@@ -12,11 +12,12 @@ from largo.sched.inventory import (
     noticed_not_ready,
     pod_holds_resources,
     pod_requests,
+    resident,
     taints_from,
     tolerations_from,
     usage_by_node,
 )
-from largo.sched.types import GangRequest, NodeInfo, Taint, Toleration
+from largo.sched.types import GangRequest, NodeInfo, Taint, Toleration, WaitReason
 
 GI = 2**30
 
@@ -354,3 +355,43 @@ def test_a_not_ready_time_is_never_later_than_when_the_operator_first_saw_it() -
     assert noticed_not_ready(node_info(node), stamped).not_ready_since == stamped
     ready = node_info(raw_node())
     assert noticed_not_ready(ready, stamped) is ready
+
+
+def _owned(kind: str, controller: bool = True) -> dict[str, Any]:
+    return {"metadata": {"ownerReferences": [{"kind": kind, "name": "x", "controller": controller}]}}
+
+
+@pytest.mark.parametrize(
+    ("pod", "expected"),
+    [
+        (_owned("DaemonSet"), True),
+        (_owned("Node"), True),  # a static pod's mirror
+        ({"metadata": {"annotations": {"kubernetes.io/config.mirror": "abc"}}}, True),
+        (_owned("ReplicaSet"), False),
+        (_owned("DaemonSet", controller=False), False),
+        ({"metadata": {}}, False),
+        ({}, False),
+    ],
+)
+def test_resident_pods_are_daemonsets_and_static_pods(pod: dict[str, Any], expected: bool) -> None:
+    assert resident(pod) is expected
+
+
+def test_a_gang_that_fits_only_where_daemonset_pods_are_never_fits_and_blocks_nobody() -> None:
+    """A DaemonSet's pod takes 500m cpu of each node for good: a job that asks for the node's whole
+    allocatable cpu can never run. Taken for one that waits, it held the queue's head forever."""
+    nodes = [NodeInfo("a", {"cpu": 8000, "pods": 110})]
+    daemon = {"a": {"cpu": 500, "pods": 1}}
+    whole = GangRequest("ns/whole", 0, 1.0, 1, {"cpu": 8000, "pods": 1})
+    small = GangRequest("ns/small", 0, 2.0, 1, {"cpu": 1000, "pods": 1})
+    decision = schedule(nodes, daemon, [whole, small], resident=daemon)
+    assert [p.key for p in decision.admitted] == ["ns/small"]
+    (waiting,) = decision.waiting
+    assert (waiting.key, waiting.reason, waiting.position) == ("ns/whole", WaitReason.Unschedulable, None)
+    assert waiting.message.startswith("can never fit: ")
+    assert "largest allocatable cpu: 7500m on a" in waiting.message
+    assert "beside what DaemonSet and static pods hold" in waiting.message
+    # Other pods come and go: what they hold does not make a gang one that never fits.
+    blocked = schedule(nodes, daemon, [whole, small])
+    assert blocked.admitted == ()
+    assert {w.key: w.reason for w in blocked.waiting}["ns/whole"] is WaitReason.InsufficientCapacity

@@ -526,3 +526,14 @@ def test_failed_passes_back_off_to_thirty_seconds(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(scheduler.run(resync=0.01))
     assert delays == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_what_a_daemonset_pod_holds_makes_a_gang_that_needs_it_one_that_never_fits() -> None:
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0")], [_job("whole", gpus=8)])
+    daemon = PodUsage(uid="d", requests={"nvidia.com/gpu": 1, "pods": 1}, resident=True)
+    scheduler.pods["n0"] = [daemon]  # type: ignore[index]
+    asyncio.run(scheduler.run_pass())
+    ((_, status),) = kube.writes
+    assert status["queue"]["reason"] == "Unschedulable"
+    assert "DaemonSet" in status["queue"]["message"]

@@ -202,6 +202,15 @@ class Scheduler:
                     used[resource] = max(used.get(resource, 0), held)
         return usage
 
+    def resident_usage(self) -> dict[str, dict[str, int]]:
+        """What pods that never leave their node (DaemonSets', static pods') hold there."""
+        usage: dict[str, dict[str, int]] = {}
+        for node, store in self.pods_by_node():
+            for pod in store:
+                if pod.resident:
+                    inventory.add_usage(usage, node, pod.requests)
+        return usage
+
     def checkpoints_in_use(self, entries: Iterable[JobEntry], nodes: Iterable[NodeInfo]) -> dict[str, str]:
         """Each checkpoint directory held, to the gang key of the job that holds it: the directory a
         pod of a TrainJob mounts, while the pod is there (a stopping one may be writing a last
@@ -268,7 +277,9 @@ class Scheduler:
                     groups[gang_key(group.gang(*service.key))] = (service, group)
         requests = [entry.request for entry in queued if entry.request]
         requests += [service.request(group) for service, group in groups.values()]
-        decision = gang.schedule(nodes, usage, requests, self.checkpoints_in_use(entries, nodes))
+        decision = gang.schedule(
+            nodes, usage, requests, self.checkpoints_in_use(entries, nodes), self.resident_usage()
+        )
         by_gang_key = {gang_key(entry.key): entry for entry in queued}
         # One status write per service, whatever number of its groups this pass decided.
         by_service: dict[JobKey, tuple[ServiceEntry, dict[int, Placement], dict[int, Waiting]]] = {}

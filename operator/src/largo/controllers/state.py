@@ -45,6 +45,8 @@ class PodUsage:
     exclusive: bool = False
     # The checkpoint directory a TrainJob's pod mounts (``checkpoint_key``): held while the pod is.
     checkpoint: str | None = None
+    # A DaemonSet's or a static pod: what it holds is never free, even on an otherwise empty cluster.
+    resident: bool = False
 
 
 # Admitted once and not finished or suspended since: a released or restarting gang queues again, and
@@ -161,6 +163,7 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
         rank=rank,
         exclusive=labels.get(LABEL_EXCLUSIVE) == "true",
         checkpoint=checkpoint,
+        resident=inventory.resident(pod),
     )
 
 

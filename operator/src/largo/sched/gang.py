@@ -2,8 +2,9 @@
 
 A gang is admitted only when every pod fits at once. Jobs are considered in order (priority, then
 arrival, then key); the first job that does not fit blocks everything behind it, so a stream of
-small jobs can never starve a large one. Jobs that could not fit even in an empty cluster are
-reported and skipped instead, because waiting for them would block the queue forever.
+small jobs can never starve a large one. Jobs that could not fit even in an empty cluster (one
+with only its DaemonSets' and static pods) are reported and skipped instead, because waiting for them
+would block the queue forever.
 """
 
 from __future__ import annotations
@@ -252,6 +253,7 @@ def schedule(
     usage: Usage,
     queue: Sequence[GangRequest],
     checkpoints_in_use: Mapping[str, str] | None = None,
+    resident: Usage | None = None,
 ) -> Decision:
     """Decide which queued gangs start now and why the others wait.
 
@@ -260,11 +262,14 @@ def schedule(
     gangs that are not admitted. ``checkpoints_in_use`` maps the checkpoint directory of each gang
     that holds one (admitted and not finished or suspended, or with pods still stopping) to that
     gang's key: another queued gang that writes the same directory waits for it without blocking
-    the gangs behind it.
+    the gangs behind it. ``resident`` is what pods that never leave their node hold (DaemonSets',
+    static pods'; part of ``usage`` too): a gang that fits only where they are cannot ever fit, and
+    were it taken for one that waits, it would block the queue for good.
     """
     in_use = dict(checkpoints_in_use or {})
     free = free_by_node(nodes, usage)
-    empty = free_by_node(nodes, {})
+    empty = free_by_node(nodes, resident or {})
+    beside = "; counted beside what DaemonSet and static pods hold" if any((resident or {}).values()) else ""
     ordered = sorted(queue, key=lambda r: (-r.priority, r.arrival, r.key))
     admitted: list[Placement] = []
     waiting: list[Waiting] = []
@@ -280,7 +285,7 @@ def schedule(
         candidates = _candidates(nodes, request)
         if _place_among(candidates, empty, request) is None:
             reason = _explain(nodes, candidates, empty, request, "allocatable")
-            wait(request, WaitReason.Unschedulable, f"can never fit: {reason}")
+            wait(request, WaitReason.Unschedulable, f"can never fit: {reason}{beside}")
             continue
         holder = in_use.get(request.checkpoint) if request.checkpoint is not None else None
         # A released or restarting gang holds its directory while it queues again: not against itself.

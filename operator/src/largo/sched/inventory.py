@@ -135,6 +135,19 @@ def held(pod: Mapping[str, Any]) -> dict[str, int]:
     return {**pod_requests(pod), POD_SLOTS: 1}
 
 
+def resident(pod: Mapping[str, Any]) -> bool:
+    """A pod that stays on its node as long as the node does: a DaemonSet's, or a static pod (its
+    mirror names the annotation kubelet sets, and the Node as its owner). What it holds is never free
+    for a gang, even on an otherwise empty cluster."""
+    metadata = pod.get("metadata") or {}
+    if "kubernetes.io/config.mirror" in (metadata.get("annotations") or {}):
+        return True
+    return any(
+        owner.get("controller") and owner.get("kind") in ("DaemonSet", "Node")
+        for owner in metadata.get("ownerReferences") or ()
+    )
+
+
 def pod_holds_resources(pod: Mapping[str, Any]) -> bool:
     """A pod holds its requests until it is terminal; a terminating pod still holds until gone."""
     return _get(pod, "status", "phase") not in _TERMINAL_PHASES
