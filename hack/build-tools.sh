@@ -183,7 +183,11 @@ libs=\$(echo "\$root"/usr/lib/*-linux-gnu)
 LD_LIBRARY_PATH="\$libs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "\$root/usr/sbin/$command" "\$@"
 SH
   chmod +x "$BIN/$command"
-  "$BIN/$command" --version 2>&1 | head -1 >&2 || "$BIN/$command" -v | head -1 >&2
+  # Read whole, then its first line shown: `| head -1` closed the pipe on a tool that writes more
+  # (haproxy), which then died of SIGPIPE and failed the build under pipefail.
+  local said
+  said=$("$BIN/$command" --version 2>&1 || "$BIN/$command" -v 2>&1)
+  echo "${said%%$'\n'*}" >&2
 }
 
 build_coredns() {
