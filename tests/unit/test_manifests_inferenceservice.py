@@ -646,6 +646,8 @@ BASE_MODEL = ModelMount(claim_name="ckpt", sub_path="run", step=100, train_job="
         ({}, ModelMount(claim_name="ckpt", sub_path="run", step=200, train_job="pretrain")),
         ({}, ModelMount(claim_name="other", sub_path="run", step=100, train_job="pretrain")),
         ({}, ModelMount(claim_name="ckpt", sub_path="run2", step=100, train_job="pretrain")),
+        ({"scheduling": {"schedulerName": "volcano"}}, BASE_MODEL),
+        ({"scheduling": {"exclusiveNodes": True}}, BASE_MODEL),
     ],
     ids=[
         "image",
@@ -659,6 +661,8 @@ BASE_MODEL = ModelMount(claim_name="ckpt", sub_path="run", step=100, train_job="
         "model-step",
         "model-claim",
         "model-sub-path",
+        "scheduler-name",
+        "exclusive-nodes",
     ],
 )
 def test_revision_changes_with_what_shapes_the_pods(change: dict[str, Any], model: ModelMount) -> None:
@@ -677,9 +681,18 @@ def test_revision_changes_with_what_shapes_the_pods(change: dict[str, Any], mode
         {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}},
         {"autoscaling": {"maxReplicas": 8, "scaleToZero": True, "target": 2.5}},
         {"scheduling": {"queue": "batch", "priority": 7}},
+        {"scheduling": {"exclusiveNodes": False, "topologyKey": "rack"}},
         {"rollout": {"maxSurge": 0, "maxUnavailable": 1}},
     ],
-    ids=["replicas", "replicas-zero", "autoscaling", "autoscaling-other", "scheduling", "rollout"],
+    ids=[
+        "replicas",
+        "replicas-zero",
+        "autoscaling",
+        "autoscaling-other",
+        "scheduling",
+        "placement",
+        "rollout",
+    ],
 )
 def test_revision_ignores_count_scaling_and_scheduling(change: dict[str, Any]) -> None:
     before = revision(make(**BASE_SPEC).spec, BASE_MODEL)

@@ -67,6 +67,13 @@ def revision(spec: InferenceServiceSpec, model: ModelMount, default_image: str =
     )
     shaping["image"] = server_image(spec, default_image)
     shaping["model"] = [model.claim_name, model.sub_path, model.directory, model.step]
+    # The scheduling fields the pods carry (their schedulerName, the exclusive-node label); only when
+    # set, so that a spec without them hashes as it did before they counted.
+    placed = spec.scheduling.model_dump(
+        mode="json", by_alias=True, exclude_defaults=True, include={"scheduler_name", "exclusive_nodes"}
+    )
+    if placed:
+        shaping["scheduling"] = placed
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
