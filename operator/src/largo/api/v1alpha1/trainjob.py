@@ -301,14 +301,16 @@ class Scheduling(SpecModel):
         default=0,
         ge=-(2**31),
         le=2**31 - 1,
-        description="Higher runs first within a queue; only largo's queue uses it, not pod priority.",
+        description="Higher is admitted first: largo admits every job and replica group of the cluster "
+        "in one order (priority, then arrival), whatever its queue; not pod priority.",
     )
     queue: str = Field(
         default="default",
         min_length=1,
         max_length=63,
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-        description="Queue the job waits in.",
+        description="A name to group jobs by in the metrics (largo_queue_length, largo_queue_gpus) and "
+        "alerts; it does not split the admission order, which is one for the cluster.",
     )
     topology_key: str | None = Field(
         default=None,
