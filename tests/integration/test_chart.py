@@ -151,6 +151,21 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
         "--set", "operator.extraEnv[0].value=90",
     )  # fmt: skip
     assert unquoted.returncode != 0  # a number where Kubernetes takes a string: refused by the schema
+    # A tag `--set` reads as a number, and Prometheus's durations in full (1m30s, 1d): taken.
+    numeric = helm(
+        cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--set", "image.tag=2",
+        "--set", "monitoring.serviceMonitor.interval=1m30s", "--set", "monitoring.podMonitor.interval=1d",
+    )  # fmt: skip
+    assert numeric.returncode == 0, numeric.stderr
+    deployment = next(d for d in yaml.safe_load_all(numeric.stdout) if d and d["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":2")
+    for interval in ("90", "1m30", "1.5m", "m"):
+        bad = helm(
+            cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3",
+            "--set-string", f"monitoring.serviceMonitor.interval={interval}",
+        )  # fmt: skip
+        assert bad.returncode != 0, interval
+        assert "interval" in bad.stderr, bad.stderr
 
     without = helm(
         cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "--set", "crds.enabled=false"
