@@ -7,6 +7,7 @@ from typing import Any
 
 from largo.controllers.state import JobEntry, PodUsage, job_entry, service_entry
 from largo.metrics import OperatorMetrics, Snapshot, node_gpus, resource_families
+from largo.policy.conditions import parse_timestamp
 from largo.sched.types import NodeInfo
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -134,10 +135,22 @@ def test_waiting_jobs_are_counted_by_why_they_wait() -> None:
         _job("also-second", 8, 1, "Queued", reason="CheckpointInUse"),
         # Queued again after its pods were refused: the summary shows the refusal, the queue why it waits.
         _job("refused-before", 8, 1, "Queued", reason="CreateRefused", queue={"reason": "CheckpointInUse"}),
+        # Released after a failure: not waiting for admission until its back-off ends.
+        _job("failed", 8, 1, "Queued", reason="PodFailed", nextAdmissionTime="2027-01-15T09:00:00Z"),
+        _job("failed-before", 8, 1, "Queued", reason="PodFailed", nextAdmissionTime="2027-01-15T07:00:00Z"),
     ]
-    series = _series(Snapshot(nodes=[_node("a")], pods=[], jobs=jobs))
+    now = parse_timestamp("2027-01-15T08:30:00Z")
+    assert now is not None
+    series = _series(Snapshot(nodes=[_node("a")], pods=[], jobs=jobs, now=now))
     lengths = {dict(key)["reason"]: n for (name, key), n in series.items() if name == "largo_queue_length"}
-    assert lengths == {"": 1, "InsufficientCapacity": 1, "QueuedBehindHead": 1, "CheckpointInUse": 3}
+    assert lengths == {
+        "": 1,
+        "InsufficientCapacity": 1,
+        "QueuedBehindHead": 1,
+        "CheckpointInUse": 3,
+        "BackOff": 1,
+        "PodFailed": 1,
+    }
 
 
 def test_other_extended_resources_are_counted_like_gpus() -> None:

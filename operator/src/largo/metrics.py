@@ -308,7 +308,7 @@ def _workload_families(snapshot: Snapshot) -> list[Metric]:
         "largo_queue_length",
         "Jobs and InferenceService replica groups waiting for admission, by why (their status.queue.reason: "
         "InsufficientCapacity, QueuedBehindHead, Unschedulable, CheckpointInUse, ...; empty for one not "
-        "looked at yet).",
+        "looked at yet; BackOff for a restarting TrainJob whose back-off has not ended).",
         labels=["queue", "reason"],
     )
     lengths: dict[tuple[str, str], int] = {}
@@ -322,6 +322,8 @@ def _workload_families(snapshot: Snapshot) -> list[Metric]:
             # may show another condition's (a refusal of an earlier attempt's pods).
             summary = (entry.body.get("status") or {}).get("reason")
             reason = str(entry.queue.get("reason") or summary or "") if entry.phase else ""
+            if not entry.due(snapshot.now):
+                reason = BACK_OFF  # a released gang the scheduler leaves be until its back-off ends
             lengths[entry.queue_name, reason] = lengths.get((entry.queue_name, reason), 0) + 1
     for service in snapshot.services:
         for group in service.waiting(snapshot.now):
@@ -331,6 +333,10 @@ def _workload_families(snapshot: Snapshot) -> list[Metric]:
     for (queue, reason), count in sorted(lengths.items()):
         length.add_metric([queue, reason], count)
     return [phases, gpus, length]
+
+
+# largo_queue_length's reason for a job in its restart back-off (status.nextAdmissionTime to come).
+BACK_OFF = "BackOff"
 
 
 def _usage(per_node: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
