@@ -349,6 +349,7 @@ def test_the_events_the_alerts_count_are_exported_at_zero_from_the_start() -> No
     }
     assert samples == {
         ("Admitted", "Normal"): 0.0,
+        ("GroupAdmitted", "Normal"): 0.0,
         ("PodFailed", "Warning"): 0.0,
         ("NodeLost", "Warning"): 0.0,
         ("PodDeleted", "Warning"): 0.0,

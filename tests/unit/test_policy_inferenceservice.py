@@ -757,9 +757,15 @@ def test_a_new_revision_rolls_group_by_group_within_the_bounds(
     assert sim.status["phase"] == "Ready"
 
 
-def test_an_old_group_missing_a_member_makes_way_instead_of_being_completed() -> None:
+@pytest.mark.parametrize("formed", [False, True], ids=["never-whole", "member-gone"])
+def test_an_old_group_missing_a_member_makes_way_instead_of_being_completed(formed: bool) -> None:
+    """Also one whose member went unseen after it was whole: restarted, it would queue again at the old
+    revision (and could head the queue) only to be retired once admitted."""
     status = {
-        "groups": [admitted(0, ["gpu-a", "gpu-b"]), admitted(1, ["gpu-c", "gpu-d"], revision=REV_B)],
+        "groups": [
+            {**admitted(0, ["gpu-a", "gpu-b"]), "formed": formed},
+            admitted(1, ["gpu-c", "gpu-d"], revision=REV_B),
+        ],
         "desiredReplicas": 2,
     }
     pods = [
@@ -771,6 +777,7 @@ def test_an_old_group_missing_a_member_makes_way_instead_of_being_completed() ->
     decision = plan(view, RESOLVED, pods, NONE, NOW, SELECTOR, URL)
     assert decision.create == []
     assert group_of(decision.status, 0)["retiring"] is True
+    assert restarted(decision) == []
     assert "llama-r0-node-0" in decision.delete
     # A replacement at the new revision is queued, under a fresh replica id.
     fresh = [g for g in decision.status["groups"] if not g.get("retiring")]

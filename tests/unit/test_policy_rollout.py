@@ -211,7 +211,7 @@ def test_a_stalled_rollout_still_scales_down_and_keeps_the_failing_group() -> No
         GroupState(5, NEW, False, failed_restarts=3),
         GroupState(6, NEW, False, failed_restarts=5),
     ]
-    # Five groups besides the failing ones; two wanted: the old not-ready one, then old before new.
+    # Seven groups, two wanted with a surge of two: the old not-ready one, then old before new.
     step = plan_rollout(state, 2, NEW, 2, 1)
     assert (step.create, step.retire, step.stalled, step.reason) == (0, (3, 2, 1), True, "RolloutStalled")
     assert "group 6" in step.message
@@ -221,10 +221,17 @@ def test_a_stalled_rollout_still_scales_down_and_keeps_the_failing_group() -> No
     assert (after.create, after.retire, after.stalled) == (0, (), True)
     # At the count it has, a stalled rollout retires nothing: the old groups keep serving.
     assert plan_rollout(state, 5, NEW, 2, 1).retire == ()
-    # A group late past its deadline is kept the same way.
+    # Nor does it trim the surge the rollout made: a ready new group and one still loading beside
+    # the failing one, all within desired + maxSurge.
+    surged = [*groups(OLD, 0, 1, 2), GroupState(3, NEW, True), GroupState(4, NEW, False, failed_restarts=3)]
+    assert plan_rollout(surged, 3, NEW, 2, 1).retire == ()
+    loading = [*groups(OLD, 0, 1), GroupState(3, NEW, False), GroupState(4, NEW, False, failed_restarts=3)]
+    assert plan_rollout(loading, 2, NEW, 2, 1).retire == ()
+    # A group late past its deadline is kept the same way; the scale-down leaves desired + maxSurge.
     late = [*groups(OLD, 0, 1, 2, 3), GroupState(4, NEW, False, unready_for=900)]
     deadline = plan_rollout(late, 1, NEW, 2, 1, progress_deadline=600)
-    assert (deadline.retire, deadline.reason) == ((3, 2, 1), "ProgressDeadlineExceeded")
+    assert (deadline.retire, deadline.reason) == ((3, 2), "ProgressDeadlineExceeded")
+    assert plan_rollout(late, 1, NEW, 0, 1, progress_deadline=600).retire == (3, 2, 1)
 
 
 def test_a_new_group_not_ready_past_the_progress_deadline_stalls_the_rollout() -> None:

@@ -369,6 +369,7 @@ class ResourceCollector(Collector):
 # The events the alerts count (charts/largo/files/prometheus-rules.yaml).
 _ALERTED_EVENTS = (
     ("Admitted", "Normal"),
+    ("GroupAdmitted", "Normal"),
     ("PodFailed", "Warning"),
     ("NodeLost", "Warning"),
     ("PodDeleted", "Warning"),

@@ -465,7 +465,10 @@ def plan(
         # Once every member has existed, one missing was deleted while nobody looked (its whole
         # termination fell between two reconciles, or it was removed at once): the pipeline it was a
         # stage of is broken, so it is never recreated alone.
-        vanished = [m for m in range(len(nodes)) if m not in current] if group.get("formed") else []
+        # (A group of an older revision or shape missing one makes way for a new one instead: below.)
+        buildable = group.get("revision") == view.revision and len(nodes) == spec.nodes_per_replica
+        watched = bool(group.get("formed")) and buildable
+        vanished = [m for m in range(len(nodes)) if m not in current] if watched else []
         if len(current) == len(nodes):
             group["formed"] = True
         if failed or lost or vanished or unbound or refused_too_long:

@@ -16,9 +16,10 @@ The rules, in the order they apply:
   creates nothing, so the old groups keep serving, and says which group failed how often. The
   service stays as it is until the spec changes again (the failing group is then an old, not-ready
   group and goes first) or the caller replaces the group. A scale-down still frees GPUs while
-  stalled, as a Deployment's does: the groups beyond ``desired``, not counting the failing ones
-  (kept: they say why, and one retired would only be built again), go, not-ready first, then old
-  before new, then the highest replica id.
+  stalled, as a Deployment's does: groups go until no more than ``desired + max_surge`` are left in
+  all (the rollout's own bound, so a stall alone retires nothing) and no fewer than ``desired``
+  besides the failing ones (kept: they say why, and one retired would only be built again),
+  not-ready first, then old before new, then the highest replica id.
 - Never more than ``desired + max_surge`` groups in all, counting groups not yet ready and groups
   retired in this very step (they hold their GPUs while they drain). A plain scale-up, with no old
   groups, creates up to ``desired`` at once: the surge limits rollouts, not growth.
@@ -126,7 +127,9 @@ def plan_rollout(
         stuck_ids = {group.replica for group in stuck}
         others = [group for group in groups if group.replica not in stuck_ids]
         order = sorted(others, key=lambda group: (group.ready, group.revision == revision, -group.replica))
-        retire = tuple(group.replica for group in order[: max(len(others) - desired, 0)])
+        # Only what a scale-down put above the rollout's own bound goes, never the surge it made.
+        excess = min(len(others) - desired, len(groups) - (desired + max_surge))
+        retire = tuple(group.replica for group in order[: max(excess, 0)])
         if retire:
             message += f"; scaling down: retiring {_ids(retire)}"
         return RolloutStep(0, retire, updated, ready, True, reason, f"{message}; the others stay as they are")
