@@ -77,7 +77,7 @@ def helm(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> None:
+def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster, tmp_path: Path) -> None:
     lint = helm(cluster, "lint", str(CHART), "--strict")
     assert lint.returncode == 0, lint.stdout + lint.stderr
     rendered = helm(cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3")
@@ -157,8 +157,21 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster) -> Non
         "--set", "monitoring.serviceMonitor.interval=1m30s", "--set", "monitoring.podMonitor.interval=1d",
     )  # fmt: skip
     assert numeric.returncode == 0, numeric.stderr
-    deployment = next(d for d in yaml.safe_load_all(numeric.stdout) if d and d["kind"] == "Deployment")
-    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":2")
+    tagged = next(d for d in yaml.safe_load_all(numeric.stdout) if d and d["kind"] == "Deployment")
+    assert tagged["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":2")
+    # In a values file a number is a float: written whole, and one that is not whole is refused.
+    for tag, expected in (("1234567", ":1234567"), ("1.5", None)):
+        values = tmp_path / f"tag-{tag}.yaml"
+        values.write_text(f"image:\n  tag: {tag}\n")
+        rendered = helm(
+            cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "-f", str(values)
+        )
+        if expected is None:
+            assert rendered.returncode != 0
+            assert "/image/tag" in rendered.stderr, rendered.stderr
+            continue
+        assert rendered.returncode == 0, rendered.stderr
+        assert f'image: "largo-operator{expected}"' in rendered.stdout
     for interval in ("90", "1m30", "1.5m", "m"):
         bad = helm(
             cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3",
