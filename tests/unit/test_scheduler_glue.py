@@ -174,9 +174,12 @@ def test_a_gang_that_can_never_fit_is_told_so(gpus: int) -> None:
     assert status["queue"]["reason"] == "Unschedulable"
 
 
-def test_a_bound_exclusive_pod_holds_its_whole_node_across_passes() -> None:
+@pytest.mark.parametrize("gpus", [2, 0], ids=["gpu-job", "cpu-only-job"])
+def test_a_bound_exclusive_pod_holds_its_whole_node_across_passes(gpus: int) -> None:
+    """The node is the exclusive pod's: its free GPUs, and its pod slots (a CPU-only job would fit in
+    the free cpu and memory), are no one else's until it goes."""
     kube = FakeKube()
-    scheduler = _scheduler(kube, [_node("n0")], [_job("small", gpus=2)])
+    scheduler = _scheduler(kube, [_node("n0")], [_job("small", gpus=gpus)])
     exclusive = PodUsage(
         uid="p", requests={"nvidia.com/gpu": 4}, job=("ns", "other"), attempt=0, rank=0, exclusive=True
     )
@@ -185,27 +188,9 @@ def test_a_bound_exclusive_pod_holds_its_whole_node_across_passes() -> None:
     ((_, status),) = kube.writes
     assert status["phase"] == "Queued"  # four GPUs are free, but the node is the exclusive pod's
     scheduler.pods["n0"] = [PodUsage("p", {"nvidia.com/gpu": 4})]  # type: ignore[index]
-    scheduler.jobs[("ns", "small")] = [_job("small", gpus=2)]  # type: ignore[index]
+    scheduler.jobs[("ns", "small")] = [_job("small", gpus=gpus)]  # type: ignore[index]
     asyncio.run(scheduler.run_pass())
     assert kube.writes[-1][1]["phase"] == "Starting"  # an ordinary 4-GPU pod leaves room
-
-
-def test_a_gang_without_gpus_is_not_placed_beside_a_bound_exclusive_pod() -> None:
-    """The node is the exclusive pod's: not only its GPUs but its pod slots are taken, so a CPU-only
-    job that would fit in the free cpu and memory waits for another node."""
-    kube = FakeKube()
-    scheduler = _scheduler(kube, [_node("n0")], [_job("cpu", gpus=0)])
-    exclusive = PodUsage(
-        uid="p", requests={"nvidia.com/gpu": 4}, job=("ns", "other"), attempt=0, rank=0, exclusive=True
-    )
-    scheduler.pods[("n0")] = [exclusive]  # type: ignore[index]
-    asyncio.run(scheduler.run_pass())
-    ((_, status),) = kube.writes
-    assert status["phase"] == "Queued"
-    scheduler.pods["n0"] = [PodUsage("p", {"nvidia.com/gpu": 4})]  # type: ignore[index]
-    scheduler.jobs[("ns", "cpu")] = [_job("cpu", gpus=0)]  # type: ignore[index]
-    asyncio.run(scheduler.run_pass())
-    assert kube.writes[-1][1]["phase"] == "Starting"
 
 
 class FailingKube(FakeKube):
