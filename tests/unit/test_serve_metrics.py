@@ -4,8 +4,10 @@ as that bucket (Prometheus' histogram_quantile), so a minutes-long generation wo
 from __future__ import annotations
 
 import pytest
+from largo.api.v1alpha1 import RuntimeType, ScalingMetric
+from largo.policy.load import replica_load
 from largo.runtime.serve import Metrics
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 
 def _bucket(registry: CollectorRegistry, name: str, le: str) -> float | None:
@@ -28,3 +30,15 @@ def test_a_long_observation_lands_in_a_finite_bucket(
     getattr(Metrics(registry), histogram).observe(observed)
     assert _bucket(registry, name, below) == 0
     assert _bucket(registry, name, at) == 1
+
+
+def test_a_server_that_has_not_answered_yet_has_a_rate_of_zero() -> None:
+    """The requestsPerSecond autoscaler reads the finished-requests counter: before a first answer it
+    must be there at 0, or the leader has no rate and counts as busy at the target."""
+    registry = CollectorRegistry()
+    Metrics(registry)
+    text = generate_latest(registry).decode()
+    rate, counter = replica_load(text, ScalingMetric.REQUESTS_PER_SECOND, RuntimeType.LARGO, 10.0, None)
+    assert rate is None  # a first scrape has nothing to take a rate against
+    assert counter is not None
+    assert replica_load(text, ScalingMetric.REQUESTS_PER_SECOND, RuntimeType.LARGO, 12.0, counter)[0] == 0.0

@@ -58,6 +58,10 @@ class Metrics:
         self.requests = Counter(
             "largo_serve_requests", "Finished requests by HTTP status code.", ["code"], registry=registry
         )
+        # Exported at 0 from the start: a server that has not answered yet has a rate of 0 for the
+        # requestsPerSecond autoscaler, not none (a leader without a rate is counted at the target, so
+        # a service nobody calls never scaled down or to zero).
+        self.requests.labels("200")
         self.latency = Histogram(
             "largo_serve_request_seconds",
             "A request's latency, first byte in to last byte out.",
