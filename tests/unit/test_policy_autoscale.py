@@ -321,3 +321,26 @@ def test_a_replica_counts_busy_only_from_when_it_was_ready_and_not_while_warming
     assert warm.replicas == 2
     assert warm.load == pytest.approx(15.0)
     assert "counted busy" not in warm.reason
+
+
+def test_no_scale_to_zero_while_the_newest_sample_shows_requests() -> None:
+    """Scraped off a whole second (as a controller's clock is), the sample taken at the very tick that
+    would scale to zero is past the windows' last whole second: requests it shows in flight stop the
+    scale to zero, which would cut them to the drain and cold-start the next."""
+    policy = Policy(0, 5, 4.0, scale_down_delay=10, scale_to_zero=True, scale_to_zero_grace=30)
+
+    def first_zero(busy_at: float | None) -> float | None:
+        samples: list[Sample] = []
+        state, replicas = State(), 1
+        for t in range(200):
+            now = t + 0.37
+            samples.append(Sample(now, "r0", 3.0 if now == busy_at else 0.0))
+            decision = decide(policy, samples, ["r0"], replicas, state, now)
+            if decision.replicas == 0:
+                return now
+            replicas, state = decision.replicas, decision.state
+        return None
+
+    idle = first_zero(None)
+    assert idle is not None
+    assert first_zero(idle) != idle  # requests at that tick: it waits

@@ -224,7 +224,10 @@ def decide(
     # just started, a new leader, has seen less than that and cannot say).
     served = any(s.served and now - policy.stable_window < s.time <= now for s in samples)
     covered = min(s.time for s in samples) <= now - policy.stable_window + policy.stale_after
-    idle = stable_load == 0 and not served and covered and not starting
+    # The windows count whole seconds, so a sample taken at ``now`` off a whole second (the scrape of
+    # this very tick) is not in them yet: requests it shows in flight are load, not idle time.
+    busy_now = _fresh_demand(samples, now, policy) > 0
+    idle = stable_load == 0 and not served and covered and not starting and not busy_now
     idle_since = (state.idle_since or now) if idle else None
     idle_for = now - idle_since if idle_since is not None else None
     # Zero is a scale-down like any other: it waits out the delay too (as Knative's scale-down-delay),
