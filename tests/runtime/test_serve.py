@@ -744,6 +744,35 @@ def test_a_two_pod_replica_answers_as_a_one_pod_replica(
         replica.stop()
 
 
+def test_a_two_pod_replica_deleted_whole_drains_its_requests_through_both_stages(
+    trained: Path, tmp_path: Path
+) -> None:
+    """Kubernetes signals every pod of a deleted group at once: the worker's stage keeps serving the
+    requests the leader drains, and both exit once the leader stops the pipeline."""
+    replica = Replica(trained, tmp_path, "--max-batch", "1")
+    try:
+        leader = replica.leader
+        body = {"prompt": "def ", "max_tokens": 25, "temperature": 0}
+        with ThreadPoolExecutor(48) as pool:
+            pending = [pool.submit(leader.post, body) for _ in range(48)]
+            wait_for(lambda: leader.metrics()["largo_serve_requests_in_flight"] >= 8, 60, "8 in flight")
+            replica.worker.send_signal(signal.SIGTERM)
+            leader.process.send_signal(signal.SIGTERM)
+            results = [future.result(timeout=120) for future in pending]
+        codes = [code for code, _, _ in results]
+        # Those in flight at the signal (8 at least) finished whole; later ones were refused, never cut.
+        assert codes.count(200) >= 8, codes
+        assert set(codes) <= {200, 503, 0}
+        assert all(
+            json.loads(text)["usage"]["completion_tokens"] == 25 for code, _, text in results if code == 200
+        )
+        assert leader.process.wait(timeout=60) == 0
+        assert replica.worker.wait(timeout=60) == 0
+        assert "SIGTERM: serving until the leader stops" in replica.worker_log.read_text()
+    finally:
+        replica.stop()
+
+
 @pytest.mark.parametrize("without", ["worker", "leader", "worker's memory"])
 def test_a_member_without_the_model_makes_the_replica_unready_saying_why(
     trained: Path, tmp_path: Path, without: str

@@ -166,7 +166,12 @@ def test_member_names_and_dns(
     ("spec", "model", "expected"),
     [
         (
-            {"nodesPerReplica": 2, "resourcesPerNode": {GPU: 8}, "runtime": {"port": 9000}},
+            {
+                "nodesPerReplica": 2,
+                "resourcesPerNode": {GPU: 8},
+                "runtime": {"port": 9000},
+                "podTemplate": {"terminationGracePeriodSeconds": 120},
+            },
             MODEL,
             {
                 "LARGO_SERVICE": "llama",
@@ -181,6 +186,7 @@ def test_member_names_and_dns(
                 "LARGO_SERVED_MODEL_NAME": "llama",
                 "LARGO_HTTP_PORT": "9000",
                 "LARGO_METRICS_PORT": "9400",
+                "LARGO_DRAIN_SECONDS": "112",  # the grace period less the preStop's 5 s and 3 to exit
             },
         ),
         (
@@ -199,6 +205,7 @@ def test_member_names_and_dns(
                 "LARGO_SERVED_MODEL_NAME": "llama",
                 "LARGO_HTTP_PORT": "8000",
                 "LARGO_METRICS_PORT": "9400",
+                "LARGO_DRAIN_SECONDS": "22",  # Kubernetes' default grace period, 30 s
                 "LARGO_MODEL_STEP": "1200",
             },
         ),
@@ -209,6 +216,21 @@ def test_contract_env(spec: dict[str, Any], model: ModelMount, expected: dict[st
     entries = contract_env(make(**spec), model, replica=4, member=1)
     assert {e["name"]: e["value"] for e in entries} == expected
     assert len(entries) == len(expected)
+
+
+@pytest.mark.parametrize("runtime", ["largo", "vllm", "custom"])
+def test_every_member_waits_for_the_routers_before_its_sigterm(runtime: str) -> None:
+    """The leader's endpoint is marked terminating at the deletion; the routers take it out within
+    seconds. Every member, not the leader only: the stages are stopped together."""
+    extra: dict[str, Any] = {"image": "mine:1"} if runtime == "custom" else {}
+    gpus = {"resourcesPerNode": {GPU: 1}} if runtime == "vllm" else {}
+    service = make(nodesPerReplica=2, runtime={"type": runtime, **extra}, **gpus)
+    for member in (0, 1):
+        container = pod(service, replica=0, member=member, node="n")["spec"]["containers"][0]
+        assert container["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    short = make(podTemplate={"terminationGracePeriodSeconds": 5})
+    env = {e["name"]: e["value"] for e in contract_env(short, MODEL, replica=0, member=0)}
+    assert env["LARGO_DRAIN_SECONDS"] == "0"  # never negative
 
 
 def test_labels_and_annotations() -> None:

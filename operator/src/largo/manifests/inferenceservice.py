@@ -22,6 +22,21 @@ JSON = dict[str, Any]
 LARGO_SERVER_COMMAND = ["python", "-m", "largo.runtime.serve"]
 # The image the `largo` runtime uses unless the service names one: the operator's (chart value).
 DEFAULT_SERVER_IMAGE = "largo-trainer:dev"
+# Every member of a group waits this long after its deletion before its SIGTERM, so that the routers
+# have taken its leader out (the EndpointSlice marks it terminating at once) before it refuses requests.
+SERVER_PRE_STOP_SECONDS = 5
+# Kubernetes' terminationGracePeriodSeconds when the pod template leaves it unset.
+DEFAULT_GRACE_SECONDS = 30
+# Of the grace left after the preStop, what the server's drain leaves for its own exit.
+EXIT_MARGIN_SECONDS = 3
+
+
+def drain_seconds(spec: InferenceServiceSpec) -> int:
+    """How long the server may finish in-flight requests after its SIGTERM: the pod's grace period
+    (``podTemplate.terminationGracePeriodSeconds``) less the preStop and a margin to exit."""
+    grace = spec.pod_template.termination_grace_period_seconds
+    grace = DEFAULT_GRACE_SECONDS if grace is None else grace
+    return max(grace - SERVER_PRE_STOP_SECONDS - EXIT_MARGIN_SECONDS, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +165,7 @@ def contract_env(service: InferenceService, model: ModelMount, replica: int, mem
         "LARGO_SERVED_MODEL_NAME": name,
         "LARGO_HTTP_PORT": str(spec.runtime.port),
         "LARGO_METRICS_PORT": str(names.METRICS_PORT),
+        "LARGO_DRAIN_SECONDS": str(drain_seconds(spec)),
     }
     if model.step is not None:
         values["LARGO_MODEL_STEP"] = str(model.step)
@@ -266,6 +282,8 @@ def build_pod(
         "env": [*contract_env(service, model, replica, member), *defaults, *user],
         "ports": ports,
         "volumeMounts": mounts,
+        # On every member: the pipeline's stages are stopped together, after the routers let go.
+        "lifecycle": {"preStop": {"sleep": {"seconds": SERVER_PRE_STOP_SECONDS}}},
     }
     if template.container_security_context is not None:
         container["securityContext"] = dict(template.container_security_context)

@@ -334,6 +334,10 @@ def _serve_in_group(args: argparse.Namespace, loading: Loading) -> int:
         return _idle_saying_why(str(error))
     logger.info("stage %d of %d: blocks %s of step %d", args.member, args.members, list(stage.layers), step)
     freeze_heap()
+    # A group's pods are deleted together: its leader drains the requests in flight through every
+    # stage, so a member's SIGTERM must not end its stage under them. The leader stops the pipeline
+    # when its drain is over (or the kubelet's SIGKILL ends the member at the grace period's end).
+    signal.signal(signal.SIGTERM, lambda *_: logger.info("SIGTERM: serving until the leader stops"))
     try:
         pipeline.run_member(stage, args.member, args.members)
     except Exception as error:  # the leader or a neighbour went away: the group is restarted whole

@@ -475,7 +475,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     parser.add_argument("--max-waiting", type=int, default=64, help="requests queued before 429s")
     parser.add_argument(
-        "--drain-seconds", type=float, default=25.0, help="time to finish requests on SIGTERM"
+        "--drain-seconds",
+        type=float,
+        default=float(env("LARGO_DRAIN_SECONDS") or 25),
+        help="time to finish requests on SIGTERM (the controller sets it from the pod's grace period)",
     )
     parser.add_argument("--members", type=int, default=int(env("LARGO_MEMBERS", "1")), help="pipeline stages")
     parser.add_argument("--member", type=int, default=int(env("LARGO_MEMBER", "0")), help="this pod's stage")
