@@ -344,3 +344,16 @@ def test_no_scale_to_zero_while_the_newest_sample_shows_requests() -> None:
     idle = first_zero(None)
     assert idle is not None
     assert first_zero(idle) != idle  # requests at that tick: it waits
+
+
+def test_periodic_bursts_below_the_panic_threshold_do_not_swing_the_replicas() -> None:
+    """40 in flight for 10 s every two minutes, 2 between: at 10 replicas a burst is not twice the
+    ready ones, so it starts no panic. Remembered only through the minute's average (~8, 3 replicas),
+    the scale-down landed in a burst and the burst panicked it back: 10 -> 3 -> 10 every six minutes."""
+    policy = Policy(1, 20, 4.0, stable_window=60, panic_window=6, scale_down_delay=300)
+    counts = [d.replicas for d in run(policy, lambda t, n: 40.0 if t % 120 < 10 else 2.0, 1500)]
+    assert max(counts) == 10
+    assert min(counts[10:]) == 10  # held through the bursts, no swing
+    # Once the bursts stop, the replicas come down after the delay, as before.
+    quiet = [d.replicas for d in run(policy, lambda t, n: 40.0 if t < 10 else 2.0, 800)]
+    assert quiet[-1] == 1

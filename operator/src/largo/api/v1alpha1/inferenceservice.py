@@ -251,7 +251,8 @@ class Autoscaling(SpecModel):
         default=300,
         ge=0,
         le=3600,
-        description="Scale down only to the highest replicas wanted over this window; scale-up is at once. "
+        description="Scale down only to the highest replicas wanted over this window (by the stable "
+        "or the panic window's load, whichever wanted more); scale-up is at once. "
         "With scaleToZero, zero waits this long too.",
     )
     scale_to_zero: bool = Field(
