@@ -228,9 +228,13 @@ def test_every_member_waits_for_the_routers_before_its_sigterm(runtime: str) -> 
     for member in (0, 1):
         container = pod(service, replica=0, member=member, node="n")["spec"]["containers"][0]
         assert container["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
-    short = make(podTemplate={"terminationGracePeriodSeconds": 5})
-    env = {e["name"]: e["value"] for e in contract_env(short, MODEL, replica=0, member=0)}
-    assert env["LARGO_DRAIN_SECONDS"] == "0"  # never negative
+    # The API server refuses a preStop sleep not less than the grace period: shorter, or none.
+    for grace, sleep, drain in ((6, 5, 0), (4, 3, 0), (1, None, 0), (0, None, 0), (60, 5, 52)):
+        short = make(podTemplate={"terminationGracePeriodSeconds": grace})
+        container = pod(short, replica=0, member=0, node="n")["spec"]["containers"][0]
+        assert container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds") == sleep
+        env = {e["name"]: e["value"] for e in contract_env(short, MODEL, replica=0, member=0)}
+        assert env["LARGO_DRAIN_SECONDS"] == str(drain)  # never negative
 
 
 def test_labels_and_annotations() -> None:

@@ -31,12 +31,21 @@ DEFAULT_GRACE_SECONDS = 30
 EXIT_MARGIN_SECONDS = 3
 
 
+def _grace_seconds(spec: InferenceServiceSpec) -> int:
+    grace = spec.pod_template.termination_grace_period_seconds
+    return DEFAULT_GRACE_SECONDS if grace is None else grace
+
+
+def pre_stop_seconds(spec: InferenceServiceSpec) -> int:
+    """The preStop sleep: SERVER_PRE_STOP_SECONDS, shorter where the grace period is (the API server
+    refuses a sleep that is not less than it); 0 (none) with a grace period of 1 s or 0."""
+    return min(SERVER_PRE_STOP_SECONDS, max(_grace_seconds(spec) - 1, 0))
+
+
 def drain_seconds(spec: InferenceServiceSpec) -> int:
     """How long the server may finish in-flight requests after its SIGTERM: the pod's grace period
     (``podTemplate.terminationGracePeriodSeconds``) less the preStop and a margin to exit."""
-    grace = spec.pod_template.termination_grace_period_seconds
-    grace = DEFAULT_GRACE_SECONDS if grace is None else grace
-    return max(grace - SERVER_PRE_STOP_SECONDS - EXIT_MARGIN_SECONDS, 0)
+    return max(_grace_seconds(spec) - pre_stop_seconds(spec) - EXIT_MARGIN_SECONDS, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,9 +291,11 @@ def build_pod(
         "env": [*contract_env(service, model, replica, member), *defaults, *user],
         "ports": ports,
         "volumeMounts": mounts,
-        # On every member: the pipeline's stages are stopped together, after the routers let go.
-        "lifecycle": {"preStop": {"sleep": {"seconds": SERVER_PRE_STOP_SECONDS}}},
     }
+    pre_stop = pre_stop_seconds(spec)
+    if pre_stop:
+        # On every member: the pipeline's stages are stopped together, after the routers let go.
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": pre_stop}}}
     if template.container_security_context is not None:
         container["securityContext"] = dict(template.container_security_context)
     if command:
