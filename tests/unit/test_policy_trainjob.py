@@ -271,6 +271,53 @@ def test_vanished_pod_of_a_running_job_is_a_failure() -> None:
     assert "rank 1" in result.events[0].message
 
 
+def test_a_finished_rank_whose_pod_is_then_gone_is_done_not_lost() -> None:
+    """Kubernetes deletes a finished pod at once (a drain's eviction, the pod garbage collector after
+    its node went): a rank seen ended 0 is recorded, and its pod's absence is no failure after that."""
+    view = job(status=admitted(Phase.RUNNING, restarts=3), backoff_limit=3)
+    seen = plan(view, [pod(0), pod(1, "Succeeded", finished_at=NOW - 5)], NONE, NONE, NOW)
+    assert seen.status["phase"] == Phase.RUNNING
+    assert seen.status["placement"]["succeededRanks"] == [1]
+    gone = plan(job(status=seen.status, backoff_limit=3), [pod(0)], NONE, NONE, NOW + 5)
+    assert gone.status["phase"] == Phase.RUNNING
+    assert gone.delete_pods == ()
+    last = [pod(0, "Succeeded", finished_at=NOW + 8)]
+    ended = plan(job(status=gone.status, backoff_limit=3), last, NONE, NONE, NOW + 9)
+    assert ended.status["phase"] == Phase.SUCCEEDED
+    # Not recorded (it was never seen finished), a rank's absence is still a failure.
+    assert plan(view, [pod(0)], NONE, NONE, NOW).status["phase"] == Phase.FAILED
+    # The record is the attempt's: a restarted gang's placement starts without it.
+    recorded = {**seen.status, "restarts": 0}
+    restarted = plan(job(status=recorded), [pod(0, "Failed", exit_code=1)], NONE, NONE, NOW + 5)
+    assert restarted.status["phase"] == Phase.RESTARTING
+    assert "placement" not in restarted.status or "succeededRanks" not in restarted.status["placement"]
+
+
+def test_a_rank_that_finished_while_the_gang_starts_is_not_created_again() -> None:
+    view = job(status=admitted(Phase.STARTING))
+    seen = plan(view, [pod(0, "Pending"), pod(1, "Succeeded", finished_at=NOW - 1)], NONE, NONE, NOW)
+    assert seen.status["placement"]["succeededRanks"] == [1]
+    gone = plan(job(status=seen.status), [pod(0)], NONE, NONE, NOW + 1)
+    assert gone.create_ranks == ()
+    assert gone.status["phase"] == Phase.RUNNING
+
+
+def test_the_first_pod_to_fail_decides_not_the_lowest_rank() -> None:
+    """Rank 1 exits with a permanent code; rank 0, its peer gone, fails 20 s later with 1. Both are seen
+    failed at once (after an operator restart, say): the first failure decides."""
+    view = job(status=admitted(Phase.RUNNING), permanent_exit_codes=frozenset({2}))
+    pods = [
+        pod(0, "Failed", exit_code=1, finished_at=NOW - 10),
+        pod(1, "Failed", exit_code=2, finished_at=NOW - 30),
+    ]
+    result = plan(view, pods, NONE, NONE, NOW)
+    assert result.status["phase"] == Phase.FAILED
+    assert "rank 1" in result.status["message"]
+    # A running rank on a lost node does not hide it either.
+    lost = plan(view, [pod(0), pods[1]], frozenset({"n0"}), frozenset({"n0"}), NOW)
+    assert lost.status["phase"] == Phase.FAILED
+
+
 def test_unbound_pod_on_unusable_node_releases_the_gang_without_a_restart() -> None:
     pods = [pod(0), PodView("j-node-1", 1, 0, "Pending", None)]
     result = plan(job(status=admitted()), pods, frozenset({"n1"}), NONE, NOW)

@@ -7,6 +7,7 @@ Each policy (suspend, deadline, failure, success, TTL) is a small function of it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -583,8 +584,15 @@ def _failure(
     now: float,
     timings: Timings,
 ) -> tuple[Reason, str, int | None] | None:
-    """The first reason the current gang cannot go on, with the failed pod's exit code if any."""
-    for pod in sorted(current, key=lambda p: p.rank):
+    """The first reason the current gang cannot go on, with the failed pod's exit code if any. Pods that
+    ended are looked at in the order they ended (then by rank): the first failure decides, not a
+    lower rank that failed later because its peer was gone (its exit code hid a permanent one)."""
+
+    def order(pod: PodView) -> tuple[float, int]:
+        ended = pod.finished_at if pod.phase in ("Succeeded", "Failed") else None
+        return (math.inf if ended is None else ended, pod.rank)
+
+    for pod in sorted(current, key=order):
         if pod.phase in ("Succeeded", "Failed") and pod.taken_away:
             # Taken away (a drain, a preemption, a deletion), not finished: its exit code is how it
             # took the signal it was stopped with (a trainer that saves and exits 0 on SIGTERM too),
@@ -638,15 +646,17 @@ def _active(
         or _start_timed_out(b, current)
     )
     by_rank = {pod.rank: pod for pod in current}
+    finished = _finished_ranks(b, current)
     if failure is None and job.phase == Phase.STARTING:
         # A node of the placement that can take no pod now (gone, cordoned, not Ready) is no place to
         # create the rest of the gang on: released at once, not after a thousand creates.
-        gone = [r for r, node in enumerate(placement) if r not in by_rank and node in unusable]
+        absent = [r for r in range(len(placement)) if r not in by_rank and r not in finished]
+        gone = [r for r in absent if placement[r] in unusable]
         if gone:
             reason = f"node {placement[gone[0]]} chosen for rank {gone[0]} can no longer take pods"
             failure = (Reason.BINDING_FAILED, reason, None)
     if failure is None and job.phase == Phase.RUNNING:
-        missing = [rank for rank in range(job.num_nodes) if rank not in by_rank]
+        missing = [rank for rank in range(job.num_nodes) if rank not in by_rank and rank not in finished]
         if missing:
             failure = (Reason.POD_DELETED, f"pod of rank {missing[0]} disappeared while the job ran", None)
     if failure is not None:
@@ -663,7 +673,7 @@ def _active(
             f"waiting for {len(earlier)} pod(s) of an earlier attempt to terminate",
         )
     elif job.phase == Phase.STARTING:
-        to_create = tuple(rank for rank in range(job.num_nodes) if rank not in by_rank)
+        to_create = tuple(r for r in range(job.num_nodes) if r not in by_rank and r not in finished)
         if to_create and _spec_changed(b):
             if current:
                 message = f"the spec changed before every pod of attempt {job.attempt} was created"
@@ -682,9 +692,10 @@ def _active(
             b.plan.after(max(0.0, min(waiting) + timings.binding_timeout - b.now))
     _spec_in_effect(b)
 
-    # Every rank ended 0 on its own: one that exited 0 because it was taken away did not finish.
+    # Every rank ended 0 on its own: one that exited 0 because it was taken away did not finish. A
+    # rank seen so whose pod is gone since (deleted once finished) counts as done.
     done = [pod for pod in current if pod.phase == "Succeeded" and not pod.taken_away]
-    if len(done) == len(current) == job.num_nodes:
+    if len(done) == len(current) and finished >= set(range(job.num_nodes)):
         b.phase(Phase.SUCCEEDED)
         b.status["completionTime"] = timestamp(b.now)
         message = f"all {job.num_nodes} pods succeeded"
@@ -694,7 +705,7 @@ def _active(
         b.plan.wake_scheduler = True
         _schedule_ttl(b)
         return
-    running = _running_or_done(current)
+    running = _running_or_done(current) + len(finished - set(by_rank))
     stuck = _cannot_start(current)
     if job.phase == Phase.STARTING and stuck:
         message = f"pod {stuck[0].name} cannot start: {stuck[0].cannot_start}"
@@ -707,13 +718,27 @@ def _active(
         b.condition(ConditionType.RUNNING, False, Reason.PODS_NOT_STARTING, message)
         if not told:
             b.event(True, Reason.PODS_NOT_STARTING, message)
-    if job.phase == Phase.STARTING and len(current) == job.num_nodes and running == job.num_nodes:
+    if job.phase == Phase.STARTING and running == job.num_nodes:
         b.phase(Phase.RUNNING)
         b.status.pop("releases", None)  # placed and created: the next release waits the shortest
         message = f"all {job.num_nodes} pods running on {listed(sorted(set(placement)))}"
         b.condition(ConditionType.RUNNING, True, Reason.PODS_RUNNING, message)
         b.condition(ConditionType.RESTARTING, False, Reason.PODS_RUNNING, message)
         b.event(False, Reason.PODS_RUNNING, message)
+
+
+def _finished_ranks(b: _Builder, current: Sequence[PodView]) -> set[int]:
+    """The ranks of this attempt that ended 0 on their own, seen now or recorded before in
+    ``placement.succeededRanks`` (recorded here when news): Kubernetes deletes a finished pod without
+    grace, so once gone it is only known from that record."""
+    placement = b.status.get("placement")
+    if not isinstance(placement, dict):
+        return set()
+    recorded = {int(r) for r in placement.get("succeededRanks") or [] if isinstance(r, int)}
+    seen = {pod.rank for pod in current if pod.phase == "Succeeded" and not pod.taken_away}
+    if not seen <= recorded:
+        b.status["placement"] = {**placement, "succeededRanks": sorted(recorded | seen)}
+    return recorded | seen
 
 
 def _node_readiness(

@@ -569,6 +569,12 @@ class Placement(StatusModel):
         default=None,
         description="Hash of the spec this attempt's pods are built from (their largo.dev/spec-hash).",
     )
+    succeeded_ranks: list[int] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Ranks of this attempt seen ended 0 on their own: one whose pod is gone after that "
+        "(Kubernetes deletes a finished pod at once, a drain's eviction too) is done, not lost.",
+    )
 
 
 class ProgressReport(StatusModel):
