@@ -302,6 +302,16 @@ def test_a_rank_that_finished_while_the_gang_starts_is_not_created_again() -> No
     assert gone.status["phase"] == Phase.RUNNING
 
 
+def test_a_placement_without_a_node_for_every_rank_is_queued_again() -> None:
+    """A hand-written placement of one node for a 2-node job: no rank is created on a node it lacks
+    (the controller indexed past its end on every retry), the job queues for a real admission."""
+    short = {**admitted(Phase.STARTING), "placement": {"attempt": 0, "nodes": ["n0"]}}
+    result = plan(job(status=short), [], NONE, NONE, NOW)
+    assert result.create_ranks == ()
+    assert result.status["phase"] == Phase.QUEUED
+    assert result.wake_scheduler is True
+
+
 def test_the_first_pod_to_fail_decides_not_the_lowest_rank() -> None:
     """Rank 1 exits with a permanent code; rank 0, its peer gone, fails 20 s later with 1. Both are seen
     failed at once (after an operator restart, say): the first failure decides."""

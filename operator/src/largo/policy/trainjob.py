@@ -302,11 +302,12 @@ def plan(
         _restarting(b, pods, lost_nodes)
     elif phase == Phase.QUEUED:
         _released_backoff(b)
-    elif phase in (Phase.STARTING, Phase.RUNNING) and job.placement_nodes is not None:
+    elif phase in (Phase.STARTING, Phase.RUNNING) and len(job.placement_nodes or ()) == job.num_nodes:
         earlier = [pod for pod in pods if pod.attempt != job.attempt]
-        _active(b, current, earlier, job.placement_nodes, unusable_nodes, lost_nodes, timings)
+        _active(b, current, earlier, job.placement_nodes or (), unusable_nodes, lost_nodes, timings)
     elif phase in (Phase.STARTING, Phase.RUNNING):
-        # Admitted without a placement for this attempt (written by hand or lost): queue again.
+        # Admitted without a placement for this attempt, or one without a node for every rank (written
+        # by hand or lost): queue again.
         _enqueue(b, resumed=False)
 
     _accept_report(b)
