@@ -387,9 +387,17 @@ def test_the_spec_hash_moves_with_the_fields_that_shape_pods_only() -> None:
         {"command": ["python", "other.py"]},
         {"env": [{"name": "A", "value": "1"}]},
         {"podTemplate": {"labels": {"team": "y"}}},
+        # The pods carry these two: an attempt half created must not mix them.
+        {"scheduling": {"schedulerName": "volcano"}},
+        {"scheduling": {"exclusiveNodes": True}},
     ):
         assert pod_spec_hash(make_job(**{**GPU_JOB, **change}).spec) != same, change
-    for change in ({"suspend": True}, {"activeDeadlineSeconds": 60}, {"ttlSecondsAfterFinished": 5}):
+    for change in (
+        {"suspend": True},
+        {"activeDeadlineSeconds": 60},
+        {"ttlSecondsAfterFinished": 5},
+        {"scheduling": {"priority": 5, "queue": "q", "exclusiveNodes": False}},
+    ):
         assert pod_spec_hash(make_job(**{**GPU_JOB, **change}).spec) == same, change
 
 

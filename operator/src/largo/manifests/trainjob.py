@@ -70,6 +70,13 @@ def pod_spec_hash(spec: TrainJobSpec) -> str:
         exclude_none=True,
         include={"command", "args", "env", "checkpoint", "pod_template"},
     )
+    # The scheduling fields the pods carry (their schedulerName, the exclusive-node label); only when
+    # set, so that a spec without them hashes as it did before they counted.
+    placed = spec.scheduling.model_dump(
+        mode="json", by_alias=True, exclude_defaults=True, include={"scheduler_name", "exclusive_nodes"}
+    )
+    if placed:
+        shaping["scheduling"] = placed
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
