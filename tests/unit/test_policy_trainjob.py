@@ -265,6 +265,26 @@ def test_a_gang_still_starting_past_its_start_timeout_restarts_then_fails() -> N
     assert unset.status["phase"] == Phase.STARTING
 
 
+def test_the_start_timeout_counts_from_when_the_pods_could_be_created() -> None:
+    """Resumed (or released) while the previous attempt's pods still terminate, with a grace period
+    longer than the start timeout (a last checkpoint): the wait for them is no start that failed."""
+    placement = {"attempt": 1, "nodes": ["n0", "n1"], "admittedAt": timestamp(NOW)}
+    status = {**admitted(attempt=1), "placement": placement}
+    view = job(status=status, start_timeout_seconds=60, backoff_limit=0)
+    earlier = [pod(0, attempt=0, terminating=True), pod(1, attempt=0, terminating=True)]
+    waiting = plan(view, earlier, NONE, NONE, NOW + 300)
+    assert waiting.status["phase"] == Phase.STARTING
+    assert waiting.create_ranks == ()
+    # Gone at last: the pods are created, and the timeout counts from now.
+    created = plan(view, [], NONE, NONE, NOW + 400)
+    assert created.create_ranks == (0, 1)
+    assert created.status["placement"]["creatingSince"] == timestamp(NOW + 400)
+    later = job(status=created.status, start_timeout_seconds=60, backoff_limit=0)
+    pending = [pod(0, "Pending", attempt=1), pod(1, "Pending", attempt=1)]
+    assert plan(later, pending, NONE, NONE, NOW + 450).status["phase"] == Phase.STARTING
+    assert plan(later, pending, NONE, NONE, NOW + 460).status["phase"] == Phase.FAILED
+
+
 def test_vanished_pod_of_a_running_job_is_a_failure() -> None:
     result = plan(job(status=admitted(Phase.RUNNING)), [pod(0)], NONE, NONE, NOW)
     assert result.status["phase"] == Phase.RESTARTING

@@ -683,6 +683,8 @@ def _active(
             # Nothing of this attempt exists yet: it is simply built from the new spec.
             b.status["placement"] = {**b.status["placement"], "specHash": job.spec_hash}
         b.plan.create_ranks = to_create
+        if to_create and "creatingSince" not in b.status["placement"]:
+            b.status["placement"] = {**b.status["placement"], "creatingSince": timestamp(b.now)}
         if not b.plan.create_ranks and _pods_created_false(b):
             b.condition(
                 ConditionType.PODS_CREATED, True, Reason.PODS_CREATED, f"all {job.num_nodes} pods created"
@@ -783,6 +785,14 @@ def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, s
     admitted = _admitted_at(b)
     if b.job.phase != Phase.STARTING or limit is None or admitted is None:
         return None
+    # From when its pods could be created: not the time the previous attempt's took to terminate
+    # (a long grace period writing a last checkpoint), which no new pod could shorten. A placement
+    # of an earlier version, without the mark, with pods of its own: from the admission.
+    placement = b.status.get("placement") or {}
+    creating = parse_timestamp(placement.get("creatingSince"))
+    if creating is None and not current:
+        return None
+    admitted = max(admitted, creating or admitted)
     running = _running_or_done(current)
     if running == b.job.num_nodes:
         return None  # every pod runs: this cycle makes the job Running

@@ -569,6 +569,11 @@ class Placement(StatusModel):
         default=None,
         description="Hash of the spec this attempt's pods are built from (their largo.dev/spec-hash).",
     )
+    creating_since: datetime | None = Field(
+        default=None,
+        description="When this attempt's pods could first be created (the earlier attempt's gone): "
+        "startTimeoutSeconds counts from then.",
+    )
     succeeded_ranks: list[int] = Field(
         default_factory=list,
         max_length=1024,
