@@ -5,6 +5,8 @@ controller would, feeding each decision's replicas and state into the next."""
 from __future__ import annotations
 
 import itertools
+import math
+import random
 from collections.abc import Callable
 
 import pytest
@@ -33,6 +35,9 @@ def run(
             ]
             if not names and total > 0:
                 samples.append(Sample(float(t), "activator", total))
+        # What the decision reads lies within the stable window (and a sample's staleness): older
+        # samples are dropped, as the controller drops them, so that a long run stays linear.
+        samples = [s for s in samples if s.time > t - policy.stable_window - 2 * policy.stale_after]
         decision = decide(policy, samples, names, replicas, state, float(t))
         decisions.append(decision)
         replicas, state = decision.replicas, decision.state
@@ -357,3 +362,21 @@ def test_periodic_bursts_below_the_panic_threshold_do_not_swing_the_replicas() -
     # Once the bursts stop, the replicas come down after the delay, as before.
     quiet = [d.replicas for d in run(policy, lambda t, n: 40.0 if t < 10 else 2.0, 800)]
     assert quiet[-1] == 1
+
+
+def test_noise_around_a_steady_load_is_not_remembered_as_a_burst() -> None:
+    """A steady load of 10 in flight, Poisson noise: the short window's peaks are noise, not a burst
+    (under the panic threshold times the stable need), so the replicas settle near what the average
+    needs instead of the highest peak of the last scaleDownDelaySeconds."""
+    rng = random.Random(1)
+
+    def poisson(t: int, n: int) -> float:
+        limit, count, product = math.exp(-10.0), 0, rng.random()
+        while product >= limit:
+            count += 1
+            product *= rng.random()
+        return float(count)
+
+    policy = Policy(min_replicas=1, max_replicas=50, target=1.0)
+    counts = [d.replicas for d in run(policy, poisson, 1200, replicas=20)[600:]]
+    assert sum(counts) / len(counts) < 13  # 10 needed on average; the peaks' memory made it 15

@@ -215,10 +215,12 @@ def decide(
         )
         panicked = State((*recent, (now, target)), panic_until, None)
         return _bounded(policy, target, reason, stable_load, True, panicked)
-    # The scale-down remembers what the short window needed too: a burst that is not twice the ready
-    # replicas starts no panic, and remembered only through the stable window's average it let a
-    # scale-down land in the middle of the next burst (10 -> 3 -> 10 every few minutes).
-    history = (*recent, (now, max(wanted, panic_wanted)))
+    # The scale-down remembers a burst too: one that is not twice the ready replicas starts no panic,
+    # and remembered only through the stable window's average it let a scale-down land in the middle
+    # of the next burst (10 -> 3 -> 10 every few minutes). A burst is the short window needing the
+    # panic threshold times what the stable one does: its noise around a steady load is not.
+    burst = panic_wanted >= policy.panic_threshold * wanted
+    history = (*recent, (now, max(wanted, panic_wanted) if burst else wanted))
     # Replicas wanted and none ready yet: the service is starting (woken from zero, say). Idle time
     # counts from a ready replica on: a model that loads for longer than the routers hold a request
     # would otherwise be stopped mid-load once its first request gave up, and never serve.
