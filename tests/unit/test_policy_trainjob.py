@@ -314,12 +314,27 @@ def test_a_finished_rank_whose_pod_is_then_gone_is_done_not_lost() -> None:
 
 
 def test_a_rank_that_finished_while_the_gang_starts_is_not_created_again() -> None:
-    view = job(status=admitted(Phase.STARTING))
+    placement = {"attempt": 0, "nodes": ["n0", "n1"], "admittedAt": timestamp(NOW - 10)}
+    view = job(status={**admitted(Phase.STARTING), "placement": placement}, start_timeout_seconds=60)
     seen = plan(view, [pod(0, "Pending"), pod(1, "Succeeded", finished_at=NOW - 1)], NONE, NONE, NOW)
     assert seen.status["placement"]["succeededRanks"] == [1]
-    gone = plan(job(status=seen.status), [pod(0)], NONE, NONE, NOW + 1)
+    # Past the start timeout too: the finished rank counts as started.
+    gone = plan(job(status=seen.status, start_timeout_seconds=60), [pod(0)], NONE, NONE, NOW + 100)
     assert gone.create_ranks == ()
     assert gone.status["phase"] == Phase.RUNNING
+
+
+def test_a_recorded_rank_taken_away_after_it_finished_is_still_done() -> None:
+    """A drain evicts a finished pod in the very second it ended: its times cannot tell, but the
+    record says it was seen finished before."""
+    view = job(status=admitted(Phase.RUNNING))
+    seen = plan(view, [pod(0), pod(1, "Succeeded", finished_at=NOW - 5)], NONE, NONE, NOW)
+    evicted = pod(1, "Succeeded", finished_at=NOW - 5, disrupted="EvictionByEvictionAPI", taken_at=NOW - 5)
+    assert evicted.taken_away
+    later = plan(job(status=seen.status), [pod(0), evicted], NONE, NONE, NOW + 1)
+    assert later.status["phase"] == Phase.RUNNING
+    # Unrecorded, the same pod is a rank stopped before it finished: a restart.
+    assert plan(view, [pod(0), evicted], NONE, NONE, NOW + 1).status["phase"] == Phase.RESTARTING
 
 
 def test_a_placement_without_a_node_for_every_rank_is_queued_again() -> None:

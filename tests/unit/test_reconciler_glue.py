@@ -11,6 +11,7 @@ import pytest
 from largo.controllers.kube import ConflictError, CreateRefused
 from largo.controllers.state import job_entry
 from largo.controllers.trainjob import TrainJobReconciler
+from largo.policy.conditions import timestamp
 from largo.policy.trainjob import Timings
 from largo.sched.inventory import node_info
 
@@ -99,6 +100,18 @@ def test_the_scheduler_s_hint_creates_the_gang_before_the_index_catches_up() -> 
     reconciler.hint(KEY, _hinted())
     asyncio.run(reconciler.reconcile(KEY))
     assert kube.created == ["Service/j", "ConfigMap/j-progress", "Pod/j-node-0"]
+
+
+def test_the_admission_write_is_completed_with_what_the_first_reconcile_would_write() -> None:
+    """The scheduler's admission write carries the first reconcile's status (counts, start time, when
+    the pods can be created): that reconcile then creates the pods without a write of its own."""
+    queued = _body("Queued", "1", attempt=0)
+    reconciler = _reconciler(FakeKube(), queued)
+    patch = {"phase": "Starting", "placement": {"attempt": 0, "nodes": ["n0"]}, "queue": None}
+    completed = reconciler.complete_admission(job_entry(queued), patch)
+    assert completed["placement"]["creatingSince"] == timestamp(NOW)
+    assert completed["placement"]["nodes"] == ["n0"]
+    assert "startTime" in completed
 
 
 def test_a_decision_on_a_stale_version_never_acts() -> None:

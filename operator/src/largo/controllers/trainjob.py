@@ -148,7 +148,10 @@ class TrainJobReconciler:
         before = dict(entry.body.get("status") or {})
         admitted = {k: v for k, v in {**before, **patch}.items() if v is not None}
         decision = self._decide(entry.key, {**entry.body, "status": admitted}, entry.job, self.clock())
-        if not decision.create_ranks or decision.status.get("placement") != admitted.get("placement"):
+        # The decision marks when the pods could first be created (creatingSince): the same
+        # placement otherwise, carried in the admission write.
+        placed = {k: v for k, v in (decision.status.get("placement") or {}).items() if k != "creatingSince"}
+        if not decision.create_ranks or placed != admitted.get("placement"):
             return dict(patch)
         return {**patch, **status_patch(admitted, decision.status)}
 

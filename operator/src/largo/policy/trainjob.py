@@ -584,6 +584,7 @@ def _failure(
     lost: frozenset[str],
     now: float,
     timings: Timings,
+    finished: frozenset[int] | set[int] = frozenset(),
 ) -> tuple[Reason, str, int | None] | None:
     """The first reason the current gang cannot go on, with the failed pod's exit code if any. Pods that
     ended are looked at in the order they ended (then by rank): the first failure decides, not a
@@ -594,6 +595,8 @@ def _failure(
         return (math.inf if ended is None else ended, pod.rank)
 
     for pod in sorted(current, key=order):
+        if pod.phase == "Succeeded" and pod.rank in finished:
+            continue  # seen ended 0 on its own before: taken away since, it had finished
         if pod.phase in ("Succeeded", "Failed") and pod.taken_away:
             # Taken away (a drain, a preemption, a deletion), not finished: its exit code is how it
             # took the signal it was stopped with (a trainer that saves and exits 0 on SIGTERM too),
@@ -641,13 +644,13 @@ def _active(
     job = b.job
     if "startTime" not in b.status:
         b.status["startTime"] = timestamp(b.now)
+    finished = _finished_ranks(b, current)
     failure = (
-        _failure(current, placement, unusable, lost, b.now, timings)
+        _failure(current, placement, unusable, lost, b.now, timings, finished)
         or _refused_too_long(b, timings)
-        or _start_timed_out(b, current)
+        or _start_timed_out(b, current, finished)
     )
     by_rank = {pod.rank: pod for pod in current}
-    finished = _finished_ranks(b, current)
     if failure is None and job.phase == Phase.STARTING:
         # A node of the placement that can take no pod now (gone, cordoned, not Ready) is no place to
         # create the rest of the gang on: released at once, not after a thousand creates.
@@ -777,7 +780,9 @@ def _node_readiness(
             b.event(False, Reason.NODE_READY, f"nodes Ready again: {message}")
 
 
-def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, str, int | None] | None:
+def _start_timed_out(
+    b: _Builder, current: Sequence[PodView], finished: set[int]
+) -> tuple[Reason, str, int | None] | None:
     """A gang still starting ``startTimeoutSeconds`` after its admission: a failure, counted as a
     restart (a pod whose image cannot be pulled, a volume that never attaches: waiting on would hold
     the GPUs for good)."""
@@ -793,9 +798,9 @@ def _start_timed_out(b: _Builder, current: Sequence[PodView]) -> tuple[Reason, s
     if creating is None and not current:
         return None
     admitted = max(admitted, creating or admitted)
-    running = _running_or_done(current)
+    running = _running_or_done(current) + len(finished - {pod.rank for pod in current})
     if running == b.job.num_nodes:
-        return None  # every pod runs: this cycle makes the job Running
+        return None  # every pod runs (or finished): this cycle makes the job Running
     remaining = admitted + limit - b.now
     if remaining > 0:
         b.plan.after(remaining)
