@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from largo.api.v1alpha1 import GPU_RESOURCE, PodTemplate
+from largo.api.v1alpha1 import GPU_RESOURCE, PodTemplate, Scheduling
 from largo.manifests import names
 
 JSON = dict[str, Any]
+
+
+def carried_scheduling(scheduling: Scheduling) -> JSON:
+    """The scheduling fields a pod carries (its schedulerName, the exclusive-node label) that are set,
+    for a hash of what shapes the pods: empty when neither is, so that a spec without them hashes as
+    it did before they counted."""
+    return scheduling.model_dump(
+        mode="json", by_alias=True, exclude_defaults=True, include={"scheduler_name", "exclusive_nodes"}
+    )
 
 
 def equal_resources(resources_per_node: Mapping[str, Any]) -> JSON:

@@ -12,7 +12,13 @@ from typing import Any
 
 from largo.api.v1alpha1 import GPU_RESOURCE, Backend, TrainJob, TrainJobSpec
 from largo.manifests import names
-from largo.manifests.pods import add_shared_memory, equal_resources, gpu_tolerations, pinned_pod_spec
+from largo.manifests.pods import (
+    add_shared_memory,
+    carried_scheduling,
+    equal_resources,
+    gpu_tolerations,
+    pinned_pod_spec,
+)
 from largo.sched.quantity import parse_resources
 
 # Defaults that only make logs more useful; any of them is dropped when the user sets it in env.
@@ -70,11 +76,7 @@ def pod_spec_hash(spec: TrainJobSpec) -> str:
         exclude_none=True,
         include={"command", "args", "env", "checkpoint", "pod_template"},
     )
-    # The scheduling fields the pods carry (their schedulerName, the exclusive-node label); only when
-    # set, so that a spec without them hashes as it did before they counted.
-    placed = spec.scheduling.model_dump(
-        mode="json", by_alias=True, exclude_defaults=True, include={"scheduler_name", "exclusive_nodes"}
-    )
+    placed = carried_scheduling(spec.scheduling)
     if placed:
         shaping["scheduling"] = placed
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -584,7 +585,7 @@ def _failure(
     lost: frozenset[str],
     now: float,
     timings: Timings,
-    finished: frozenset[int] | set[int] = frozenset(),
+    finished: AbstractSet[int] = frozenset(),
 ) -> tuple[Reason, str, int | None] | None:
     """The first reason the current gang cannot go on, with the failed pod's exit code if any. Pods that
     ended are looked at in the order they ended (then by rank): the first failure decides, not a
@@ -711,7 +712,7 @@ def _active(
         b.plan.wake_scheduler = True
         _schedule_ttl(b)
         return
-    running = _running_or_done(current) + len(finished - set(by_rank))
+    running = _running_or_done(current, finished)
     stuck = _cannot_start(current)
     if job.phase == Phase.STARTING and stuck:
         message = f"pod {stuck[0].name} cannot start: {stuck[0].cannot_start}"
@@ -781,7 +782,7 @@ def _node_readiness(
 
 
 def _start_timed_out(
-    b: _Builder, current: Sequence[PodView], finished: set[int]
+    b: _Builder, current: Sequence[PodView], finished: AbstractSet[int]
 ) -> tuple[Reason, str, int | None] | None:
     """A gang still starting ``startTimeoutSeconds`` after its admission: a failure, counted as a
     restart (a pod whose image cannot be pulled, a volume that never attaches: waiting on would hold
@@ -798,7 +799,7 @@ def _start_timed_out(
     if creating is None and not current:
         return None
     admitted = max(admitted, creating or admitted)
-    running = _running_or_done(current) + len(finished - {pod.rank for pod in current})
+    running = _running_or_done(current, finished)
     if running == b.job.num_nodes:
         return None  # every pod runs (or finished): this cycle makes the job Running
     remaining = admitted + limit - b.now
@@ -811,9 +812,11 @@ def _start_timed_out(
     return Reason.START_TIMEOUT, message, None
 
 
-def _running_or_done(current: Sequence[PodView]) -> int:
-    """Pods of the gang that run or finished well: a finished rank still counts as started."""
-    return sum(1 for pod in current if pod.phase in ("Running", "Succeeded"))
+def _running_or_done(current: Sequence[PodView], finished: AbstractSet[int] = frozenset()) -> int:
+    """Ranks of the gang that run or finished well: a finished rank still counts as started, also one
+    recorded finished (``finished``) whose pod is gone."""
+    gone = finished - {pod.rank for pod in current}
+    return sum(1 for pod in current if pod.phase in ("Running", "Succeeded")) + len(gone)
 
 
 def _cannot_start(current: Sequence[PodView]) -> list[PodView]:
