@@ -160,14 +160,19 @@ class Scheduler:
 
     def usage(
         self, entries: Iterable[JobEntry], services: Iterable[ServiceEntry] = ()
-    ) -> dict[str, dict[str, int]]:
-        """What every node holds: bound pods, plus admitted ranks whose pods are not bound yet."""
+    ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+        """What every node holds: bound pods, plus admitted ranks whose pods are not bound yet; and,
+        from the same pass over the pods, what those that never leave their node (DaemonSets', static
+        pods') hold there."""
         usage: dict[str, dict[str, int]] = {}
+        resident: dict[str, dict[str, int]] = {}
         bound: set[tuple[JobKey, int, int]] = set()
         whole: set[str] = set()  # nodes an exclusive pod holds
         for node, store in self.pods_by_node():
             for pod in store:
                 inventory.add_usage(usage, node, pod.requests)
+                if pod.resident:
+                    inventory.add_usage(resident, node, pod.requests)
                 if pod.job is not None and pod.attempt is not None and pod.rank is not None:
                     bound.add((pod.job, pod.attempt, pod.rank))
                 if pod.exclusive:
@@ -200,16 +205,7 @@ class Scheduler:
                 for resource in (GPU_RESOURCE, inventory.POD_SLOTS):
                     held = allocatable.get(node, {}).get(resource, 0)
                     used[resource] = max(used.get(resource, 0), held)
-        return usage
-
-    def resident_usage(self) -> dict[str, dict[str, int]]:
-        """What pods that never leave their node (DaemonSets', static pods') hold there."""
-        usage: dict[str, dict[str, int]] = {}
-        for node, store in self.pods_by_node():
-            for pod in store:
-                if pod.resident:
-                    inventory.add_usage(usage, node, pod.requests)
-        return usage
+        return usage, resident
 
     def checkpoints_in_use(self, entries: Iterable[JobEntry], nodes: Iterable[NodeInfo]) -> dict[str, str]:
         """Each checkpoint directory held, to the gang key of the job that holds it: the directory a
@@ -263,7 +259,7 @@ class Scheduler:
         services: list[ServiceEntry] = index_values(self.services)
         self._settle_groups(services)
         nodes: list[NodeInfo] = index_values(self.nodes)
-        usage = self.usage(entries, services)
+        usage, resident = self.usage(entries, services)
         now = self.clock()
         queued = [
             entry
@@ -277,9 +273,7 @@ class Scheduler:
                     groups[gang_key(group.gang(*service.key))] = (service, group)
         requests = [entry.request for entry in queued if entry.request]
         requests += [service.request(group) for service, group in groups.values()]
-        decision = gang.schedule(
-            nodes, usage, requests, self.checkpoints_in_use(entries, nodes), self.resident_usage()
-        )
+        decision = gang.schedule(nodes, usage, requests, self.checkpoints_in_use(entries, nodes), resident)
         by_gang_key = {gang_key(entry.key): entry for entry in queued}
         # One status write per service, whatever number of its groups this pass decided.
         by_service: dict[JobKey, tuple[ServiceEntry, dict[int, Placement], dict[int, Waiting]]] = {}
