@@ -707,6 +707,97 @@ def test_an_earlier_attempt_s_refusal_does_not_release_the_next_admission() -> N
     assert result.events == []
 
 
+def test_refusals_of_a_resumed_attempt_release_its_gang() -> None:
+    """Refused, suspended within the binding timeout, resumed and refused again: the new attempt's
+    refusals have their own clock, which runs out (the old refusal's condition left behind made
+    every later refusal look like an earlier attempt's, and the gang held its GPUs for good)."""
+    timings = Timings(binding_timeout=30)
+    first = admitted(placement={"attempt": 0, "nodes": ["n0", "n1"], "admittedAt": timestamp(NOW - 20)})
+    starting = plan(job(status=first), [], NONE, NONE, NOW - 20, timings).status
+    patch, _ = creation_refused(starting, "CreateRefused", "exceeded quota", NOW - 19, 1)
+    refused = {**starting, **patch}
+    suspended = plan(job(status=refused, suspend=True), [], NONE, NONE, NOW - 10, timings).status
+    assert condition_status(suspended["conditions"], "PodsCreated") is None
+    resumed = plan(job(status=suspended), [], NONE, NONE, NOW, timings).status
+    assert resumed["phase"] == Phase.QUEUED
+    assert resumed["reason"] != "CreateRefused"  # nothing of the new attempt was refused yet
+    placement = {"attempt": resumed["attempt"], "nodes": ["n0", "n1"], "admittedAt": timestamp(NOW + 1)}
+    again = {**resumed, "phase": Phase.STARTING, "placement": placement}
+    readmitted = plan(job(status=again), [], NONE, NONE, NOW + 1)
+    patch, _ = creation_refused(readmitted.status, "CreateRefused", "exceeded quota", NOW + 2, 1)
+    later = plan(job(status={**readmitted.status, **patch}), [], NONE, NONE, NOW + 40, timings)
+    assert later.status["phase"] == Phase.QUEUED
+    assert [e.reason for e in later.events] == ["CreateRefused"]
+
+
+def test_a_refusal_left_from_an_earlier_attempt_starts_no_clock() -> None:
+    """A refusal condition older than the attempt's admission (written by an older operator, which
+    kept it across a restart) is restarted by the attempt's own first refusal."""
+    old = plan(job(status=admitted()), [], NONE, NONE, NOW - 100).status
+    stale, _ = creation_refused(old, "CreateRefused", "exceeded quota", NOW - 100, 1)
+    placement = {"attempt": 1, "nodes": ["n0", "n1"], "admittedAt": timestamp(NOW)}
+    readmitted = {**old, **stale, "attempt": 1, "placement": placement}
+    patch, news = creation_refused(readmitted, "CreateRefused", "exceeded quota", NOW + 1, 1)
+    (refused,) = [c for c in patch["conditions"] if c["type"] == "PodsCreated"]
+    assert refused["lastTransitionTime"] == timestamp(NOW + 1)
+    assert not news  # the same message: no second event
+    refused = job(status={**readmitted, **patch})
+    still = plan(refused, [], NONE, NONE, NOW + 20, Timings(binding_timeout=30))
+    assert still.status["phase"] == Phase.STARTING
+    released = plan(refused, [], NONE, NONE, NOW + 32, Timings(binding_timeout=30))
+    assert released.status["phase"] == Phase.QUEUED
+
+
+def test_a_restart_forgets_the_refusals_of_the_attempt_it_ends() -> None:
+    starting = plan(job(status=admitted()), [pod(0, "Pending")], NONE, NONE, NOW).status
+    patch, _ = creation_refused(starting, "CreateRefused", "exceeded quota", NOW, 1)
+    restarted = plan(
+        job(status={**starting, **patch}),
+        [pod(0, "Failed", exit_code=1, finished_at=NOW + 1)],
+        NONE,
+        NONE,
+        NOW + 2,
+    ).status
+    assert restarted["phase"] == Phase.RESTARTING
+    assert condition_status(restarted["conditions"], "PodsCreated") is None
+    assert restarted["reason"] == "PodFailed"
+
+
+def _restarted() -> dict[str, Any]:
+    """A job whose running gang lost a rank: Restarting=True."""
+    running = admitted(Phase.RUNNING)
+    failed = [pod(0), pod(1, "Failed", exit_code=1, finished_at=NOW)]
+    status = plan(job(status=running, backoff_limit=1), failed, NONE, NONE, NOW).status
+    assert condition_status(status["conditions"], "Restarting") == "True"
+    return status
+
+
+def test_a_job_that_ends_after_a_restart_is_not_restarting() -> None:
+    restarted = _restarted()
+    placement = {"attempt": 1, "nodes": ["n0", "n1"], "admittedAt": timestamp(NOW + 100)}
+    again = {**restarted, "phase": Phase.STARTING, "placement": placement}
+    failing = [pod(0, "Pending", attempt=1), pod(1, "Failed", attempt=1, exit_code=1, finished_at=NOW + 110)]
+    failed = plan(job(status=again, backoff_limit=1), failing, NONE, NONE, NOW + 111).status
+    assert failed["phase"] == Phase.FAILED
+    assert condition_status(failed["conditions"], "Restarting") == "False"
+    done = [pod(0, "Succeeded", attempt=1), pod(1, "Succeeded", attempt=1)]
+    succeeded = plan(job(status=again, backoff_limit=1), done, NONE, NONE, NOW + 111).status
+    assert succeeded["phase"] == Phase.SUCCEEDED
+    assert condition_status(succeeded["conditions"], "Restarting") == "False"
+    over = plan(job(status=restarted, active_deadline_seconds=5), [], NONE, NONE, NOW + 60).status
+    assert over["phase"] == Phase.FAILED
+    assert condition_status(over["conditions"], "Restarting") == "False"
+
+
+def test_a_job_suspended_before_its_restarted_gang_ran_is_not_restarting() -> None:
+    restarted = _restarted()
+    queued = plan(job(status=restarted), [], NONE, NONE, NOW + 100).status
+    assert queued["phase"] == Phase.QUEUED
+    suspended = plan(job(status=queued, suspend=True), [], NONE, NONE, NOW + 101).status
+    assert suspended["phase"] == Phase.SUSPENDED
+    assert condition_status(suspended["conditions"], "Restarting") == "False"
+
+
 def test_a_name_conflict_is_its_own_reason() -> None:
 
     starting = plan(job(status=admitted()), [], NONE, NONE, NOW).status

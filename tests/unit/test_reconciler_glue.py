@@ -262,3 +262,16 @@ def test_the_binding_timeout_counts_from_when_the_operator_saw_the_pod_wait() ->
     asyncio.run(reconciler.reconcile(KEY))
     assert kube.deleted == ["j-node-0"]
     assert "could not be bound" in str(kube.writes[-1][1].get("message") or kube.writes[-1][1])
+
+
+def test_a_spec_largo_cannot_run_is_the_job_s_reason() -> None:
+    """An object the schema let through (created before the CRD had the rule) is refused with
+    InvalidSpec, shown as status.reason (``kubectl get tj -o wide``), not a stale one."""
+    body = _body("Queued", "1", reason="InsufficientCapacity", message="needs 1 pod x 8 nvidia.com/gpu")
+    body["spec"]["resourcesPerNode"] = {"nvidia.com/gpu": "1.5"}
+    kube = FakeKube()
+    asyncio.run(_reconciler(kube, body).reconcile(KEY))
+    assert kube.events == ["InvalidSpec"]
+    ((_, patch),) = kube.writes
+    assert patch["reason"] == "InvalidSpec"
+    assert "must be a whole" in patch["message"]

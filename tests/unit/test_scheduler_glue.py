@@ -522,3 +522,19 @@ def test_what_a_daemonset_pod_holds_makes_a_gang_that_needs_it_one_that_never_fi
     ((_, status),) = kube.writes
     assert status["queue"]["reason"] == "Unschedulable"
     assert "DaemonSet" in status["queue"]["message"]
+
+
+def test_a_finished_rank_of_a_running_gang_leaves_its_gpus_to_the_queue() -> None:
+    """Rank 1 ended 0 (recorded in placement.succeededRanks: never created again) while rank 0 runs
+    on: its node is free for the next job, not reserved as a rank still to be bound."""
+    placement = {"attempt": 0, "nodes": ["n0", "n1"], "succeededRanks": [1]}
+    running = _job("a", nodes=2, status={"phase": "Running", "attempt": 0, "placement": placement})
+    waiting = _job("b", created="2027-01-15T08:00:05Z")
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], [running, waiting])
+    rank_0 = PodUsage(uid="p0", requests={"nvidia.com/gpu": 8, "pods": 1}, job=("ns", "a"), attempt=0, rank=0)
+    scheduler.pods = Index({"n0": [rank_0]})
+    usage, _ = scheduler.usage([running, waiting])
+    assert usage.get("n1", {}).get("nvidia.com/gpu", 0) == 0
+    asyncio.run(scheduler.run_pass())
+    assert [(name, status.get("phase")) for name, status in kube.writes] == [("b", "Starting")]

@@ -79,6 +79,8 @@ class _Admission:
     nodes: tuple[str, ...]
     per_pod: Mapping[str, int]
     exclusive: bool = False
+    # Ranks that finished and are never created again: nothing to reserve for them.
+    done: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -181,7 +183,9 @@ class Scheduler:
         for entry in entries:
             if entry.active and entry.placement is not None:
                 exclusive = entry.request is not None and entry.request.exclusive
-                reserved[entry.key] = _Admission(entry.attempt, entry.placement, entry.per_pod, exclusive)
+                reserved[entry.key] = _Admission(
+                    entry.attempt, entry.placement, entry.per_pod, exclusive, entry.succeeded_ranks
+                )
         reserved.update(self._pending)
         for service in services:
             exclusive = service.exclusive
@@ -192,7 +196,7 @@ class Scheduler:
         reserved.update(self._pending_groups)
         for key, admission in reserved.items():
             for rank, node in enumerate(admission.nodes):
-                if (key, admission.attempt, rank) not in bound:
+                if (key, admission.attempt, rank) not in bound and rank not in admission.done:
                     inventory.add_usage(usage, node, admission.per_pod)
                     if admission.exclusive:
                         whole.add(node)

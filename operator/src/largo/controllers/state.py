@@ -25,7 +25,7 @@ from largo.manifests.names import (
     LABEL_SERVICE,
 )
 from largo.policy.conditions import parse_timestamp
-from largo.policy.trainjob import gang_position, status_attempt, status_placement
+from largo.policy.trainjob import gang_position, status_attempt, status_placement, status_succeeded_ranks
 from largo.sched import inventory
 from largo.sched.types import GangRequest, checkpoint_key, checkpoint_key_of
 
@@ -74,6 +74,8 @@ class JobEntry:
     invalid: str | None
     # Epoch seconds before which a released gang is not admitted again (its backoff), if any.
     admissible_from: float | None = None
+    # The placed ranks that finished (``placement.succeededRanks``): they hold nothing any more.
+    succeeded_ranks: frozenset[int] = frozenset()
 
     @property
     def per_pod(self) -> Mapping[str, int]:
@@ -215,6 +217,7 @@ def job_entry(body: Mapping[str, Any]) -> JobEntry:
         job=job,
         invalid=invalid,
         admissible_from=parse_timestamp(status.get("nextAdmissionTime")),
+        succeeded_ranks=status_succeeded_ranks(status),
     )
 
 

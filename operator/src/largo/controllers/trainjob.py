@@ -22,7 +22,16 @@ from largo.manifests import trainjob as build
 from largo.policy.conditions import parse_timestamp, set_condition
 from largo.policy.pods import unschedulable_as_seen
 from largo.policy.progress import ReadReport, read_report
-from largo.policy.trainjob import JobView, Plan, Timings, counts_only, creation_refused, plan, pod_view
+from largo.policy.trainjob import (
+    JobView,
+    Plan,
+    Timings,
+    counts_only,
+    creation_refused,
+    plan,
+    pod_view,
+    summary,
+)
 from largo.sched.types import NodeHealth, node_health
 
 logger = logging.getLogger(__name__)
@@ -246,18 +255,16 @@ class TrainJobReconciler:
         conditions = status.get("conditions") or []
         if any(c.get("reason") == Reason.INVALID_SPEC and c.get("message") == message for c in conditions):
             return
-        patch = {
-            "observedGeneration": metadata.get("generation"),
-            "conditions": set_condition(
-                conditions,
-                ConditionType.ADMITTED,
-                False,
-                Reason.INVALID_SPEC,
-                message,
-                self.clock(),
-                metadata.get("generation"),
-            ),
-        }
+        updated = set_condition(
+            conditions,
+            ConditionType.ADMITTED,
+            False,
+            Reason.INVALID_SPEC,
+            message,
+            self.clock(),
+            metadata.get("generation"),
+        )
+        patch = {"observedGeneration": metadata.get("generation"), "conditions": updated, **summary(updated)}
         try:
             await self.kube.patch_trainjob_status(
                 metadata["namespace"], metadata["name"], metadata.get("resourceVersion"), patch

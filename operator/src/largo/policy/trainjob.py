@@ -132,6 +132,15 @@ def status_placement(status: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(placement["nodes"])
 
 
+def status_succeeded_ranks(status: Mapping[str, Any]) -> frozenset[int]:
+    """The ranks of the current attempt's gang recorded as finished (``placement.succeededRanks``):
+    never created again, so they hold nothing."""
+    placement = status.get("placement")
+    if not isinstance(placement, dict) or placement.get("attempt") != status_attempt(status):
+        return frozenset()
+    return frozenset(r for r in placement.get("succeededRanks") or [] if isinstance(r, int))
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     type: str  # Normal | Warning
@@ -255,6 +264,18 @@ class _Builder:
     def phase(self, phase: Phase) -> None:
         self.status["phase"] = phase
 
+    def forget_creates(self) -> None:
+        """Drops ``PodsCreated``: the next attempt's creates start with a clean slate (and, refused,
+        a fresh binding timeout), and no earlier attempt's refusal is shown as the job's reason."""
+        self.status["conditions"] = [
+            c for c in self.status.get("conditions") or [] if c.get("type") != ConditionType.PODS_CREATED
+        ]
+
+    def restart_over(self, reason: Reason, message: str) -> None:
+        """``Restarting`` False once the job ends or is suspended before its restarted gang ran."""
+        if condition_status(self.status.get("conditions") or [], ConditionType.RESTARTING) == "True":
+            self.condition(ConditionType.RESTARTING, False, reason, message)
+
 
 def plan(
     job: JobView,
@@ -374,8 +395,14 @@ def creation_refused(
     conditions = status.get("conditions") or []
     before = next((c for c in conditions if c.get("type") == ConditionType.PODS_CREATED), None)
     news = before is None or before.get("status") != "False" or before.get("message") != message
-    if before is not None and before.get("reason") not in (Reason.CREATE_REFUSED, Reason.NAME_CONFLICT):
-        # False for another reason (waiting for an earlier attempt): the refusals' clock starts now.
+    admitted_at = parse_timestamp((status.get("placement") or {}).get("admittedAt"))
+    since = parse_timestamp((before or {}).get("lastTransitionTime"))
+    if before is not None and (
+        before.get("reason") not in (Reason.CREATE_REFUSED, Reason.NAME_CONFLICT)
+        or (admitted_at is not None and since is not None and since < admitted_at)
+    ):
+        # False for another reason (waiting for an earlier attempt), or an earlier attempt's refusal:
+        # this attempt's refusals' clock starts now.
         conditions = [c for c in conditions if c.get("type") != ConditionType.PODS_CREATED]
     updated = set_condition(conditions, ConditionType.PODS_CREATED, False, reason, message, now, generation)
     return {"conditions": updated, **summary(updated)}, news
@@ -487,10 +514,11 @@ def _suspend(b: _Builder, pods: Sequence[PodView]) -> None:
         b.status["attempt"] = b.job.attempt + 1
         b.condition(ConditionType.ADMITTED, False, Reason.SUSPENDED, "suspended")
         b.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
-        if b.job.phase == Phase.RESTARTING:
-            # The pending restart is the resume now: nothing of it stays to mislead.
-            b.status.pop("nextRestartTime", None)
-            b.condition(ConditionType.RESTARTING, False, Reason.SUSPENDED, "suspended before the restart")
+        b.forget_creates()
+        # A pending restart (or a restarted gang not running yet) is the resume now: nothing of it
+        # stays to mislead.
+        b.status.pop("nextRestartTime", None)
+        b.restart_over(Reason.SUSPENDED, "suspended before the restarted gang ran")
         b.plan.wake_scheduler = True
     if pods:
         b.phase(Phase.SUSPENDING)
@@ -530,6 +558,7 @@ def _fail(b: _Builder, reason: Reason, message: str) -> None:
     b.status.pop("nextAdmissionTime", None)
     b.condition(ConditionType.FAILED, True, reason, message)
     b.condition(ConditionType.RUNNING, False, reason, message)
+    b.restart_over(reason, message)
     b.event(True, reason, message)
     b.plan.wake_scheduler = True
     _schedule_ttl(b)
@@ -708,6 +737,7 @@ def _active(
         message = f"all {job.num_nodes} pods succeeded"
         b.condition(ConditionType.COMPLETE, True, Reason.SUCCEEDED, message)
         b.condition(ConditionType.RUNNING, False, Reason.SUCCEEDED, message)
+        b.restart_over(Reason.SUCCEEDED, message)
         b.event(False, Reason.SUCCEEDED, message)
         b.plan.wake_scheduler = True
         _schedule_ttl(b)
@@ -741,7 +771,7 @@ def _finished_ranks(b: _Builder, current: Sequence[PodView]) -> set[int]:
     placement = b.status.get("placement")
     if not isinstance(placement, dict):
         return set()
-    recorded = {int(r) for r in placement.get("succeededRanks") or [] if isinstance(r, int)}
+    recorded = set(status_succeeded_ranks(b.status))
     seen = {pod.rank for pod in current if pod.phase == "Succeeded" and not pod.taken_away}
     if not seen <= recorded:
         b.status["placement"] = {**placement, "succeededRanks": sorted(recorded | seen)}
@@ -911,10 +941,7 @@ def _handle_failure(
         b.status["attempt"] = job.attempt + 1
         b.phase(Phase.QUEUED)
         b.status.pop("placement", None)
-        # The next attempt's creates start with a clean slate (and a fresh binding timeout).
-        b.status["conditions"] = [
-            c for c in b.status.get("conditions") or [] if c.get("type") != ConditionType.PODS_CREATED
-        ]
+        b.forget_creates()
         queued_again = "gang released and queued again"
         if reason != Reason.SPEC_CHANGED:
             # A refusal that lasts (a quota, a webhook, a node the kube-scheduler keeps refusing) would
@@ -940,6 +967,7 @@ def _handle_failure(
     b.status["lastRestartTime"] = timestamp(b.now)
     b.status["nextRestartTime"] = timestamp(b.now + delay)
     b.status.pop("placement", None)
+    b.forget_creates()
     b.phase(Phase.RESTARTING)
     b.condition(ConditionType.RESTARTING, True, reason, message)
     b.condition(ConditionType.RUNNING, False, reason, message)
