@@ -419,3 +419,24 @@ def test_a_new_replica_that_does_not_answer_counts_busy_only_from_when_it_was_re
         clock.now += 2
         asyncio.run(scaler.tick())
     assert {replicas for _, _, replicas, _ in kube.writes} == {3}  # (the fake never writes back)
+
+
+@pytest.mark.parametrize("period", [2.0, 15.0])
+def test_a_longer_sampling_period_reads_the_whole_load(period: float) -> None:
+    """At 15 s (HPA's own sync period) a sample once went stale 10 s in: every period ended with
+    seconds read as idle, the service read 2/3 of its load and never panicked."""
+    entry = _service(1, maxReplicas=10, target=4, stableWindowSeconds=60)
+    kube, clock = FakeKube(), Clock()
+    clock.now += 0.37
+    start = clock.now
+
+    async def scrape(url: str) -> str:
+        return f"largo_serve_requests_in_flight {0 if clock.now - start < 120 else 12}\n"
+
+    services, pods = {entry.key: [entry]}, {entry.key: [_pod("chat-r0-node-0")]}
+    scaler = Autoscaler(kube, services, pods, clock=clock, scrape=scrape, period=period)  # type: ignore[arg-type]
+    for _ in range(int(400 / period)):
+        asyncio.run(scaler.tick())
+        clock.now += period
+    replicas, annotations = kube.writes[-1][2], kube.writes[-1][3]
+    assert (replicas, json.loads(annotations[ANNOTATION_SCALING])["metricValue"]) == (3, 12.0)

@@ -4,6 +4,7 @@ controller would, feeding each decision's replicas and state into the next."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -23,7 +24,8 @@ def run(
     silent: Callable[[int, str], bool] = lambda t, r: False,
 ) -> list[Decision]:
     """``load(t, replicas)``: total load at second t, spread evenly over the ready replicas (None: no
-    sample at all). Replicas are ready as soon as they are wanted."""
+    sample at all). Replicas are ready as soon as they are wanted, and sampled every second."""
+    policy = dataclasses.replace(policy, period=1.0)
     samples: list[Sample] = []
     state, decisions = State(), []
     for t in range(seconds):
@@ -380,3 +382,55 @@ def test_noise_around_a_steady_load_is_not_remembered_as_a_burst() -> None:
     policy = Policy(min_replicas=1, max_replicas=50, target=1.0)
     counts = [d.replicas for d in run(policy, poisson, 1200, replicas=20)[600:]]
     assert sum(counts) / len(counts) < 13  # 10 needed on average; the peaks' memory made it 15
+
+
+QUICK = dataclasses.replace(POLICY, scale_down_delay=0)
+
+
+def test_the_load_a_replica_carried_before_it_left_is_not_halved() -> None:
+    """Three replicas at 3 in flight each, sampled every 2 s; at 200 one's group restarts and its
+    requests move to the other two. The service's load never changed: its samples from while it was
+    ready stand for their period, so the window still reads 9 and nothing scales down."""
+    samples: list[Sample] = []
+    state, current = State(), 3
+    for tick in range(110):
+        now = 100 + 2 * tick + 0.5  # off a whole second, as the loop's clock is
+        ready = ["r0", "r1", "r2"] if now < 200 else ["r0", "r1"]
+        samples = [s for s in samples if s.time > now - 70]
+        samples += [Sample(now, r, 9.0 / len(ready)) for r in ready]
+        decision = decide(QUICK, samples, ready, current, state, now)
+        state, current = decision.state, decision.replicas
+        if now >= 170:
+            assert decision.load == pytest.approx(9.0, abs=0.3), (now, decision.load)
+            assert decision.replicas == 3, (now, decision.reason)
+
+
+def test_seconds_a_ready_replica_could_not_be_read_stay_busy_once_it_answers() -> None:
+    """r1's metrics fail from 100 to 150 (it counts at the target meanwhile), then it answers again:
+    those seconds are not read as idle afterwards (missing metrics never cause a scale-down)."""
+    samples: list[Sample] = []
+    state, current = State(), 2
+    for tick in range(90):
+        now = 2 * tick + 0.5
+        samples.append(Sample(now, "r0", 3.0))
+        if not 100 < now < 150:
+            samples.append(Sample(now, "r1", 3.0))
+        samples = [s for s in samples if s.time > now - 70]
+        decision = decide(QUICK, samples, ["r0", "r1"], current, state, now)
+        state, current = decision.state, decision.replicas
+        if now >= 60:
+            assert decision.replicas == 2, (now, decision.load, decision.reason)
+
+
+def test_a_replica_warming_up_before_its_first_value_is_not_counted_busy_afterwards() -> None:
+    """A rate needs two scrapes: the seconds before a new replica's first value are not its load, even
+    once it has one (counting them at the target overshot every scale-up of a rate-scaled service)."""
+    samples = [Sample(float(t) + 0.5, "r0", 1.0) for t in range(0, 60, 2)]
+    samples += [Sample(float(t) + 0.5, "r1", 1.0) for t in range(40, 60, 2)]
+    decision = decide(QUICK, samples, ["r0", "r1"], 2, State(), 59.5, ready_since={"r1": 30.0})
+    assert decision.load == pytest.approx(1.0 + 20 / 59, abs=0.05)
+
+
+def test_samples_must_outlive_the_sampling_period() -> None:
+    with pytest.raises(ValueError, match="sampling period"):
+        Policy(min_replicas=1, max_replicas=2, target=1.0, stale_after=10.0, period=10.0)

@@ -39,11 +39,16 @@ ANNOTATION_SCALING = f"{GROUP}/scaling-decision"
 Scrape = Callable[[str], Awaitable[str]]
 
 
-def policy_of(spec: InferenceServiceSpec) -> Policy:
+def policy_of(spec: InferenceServiceSpec, period: float = 2.0) -> Policy:
+    """The service's autoscaling policy, its replicas sampled every ``period`` seconds."""
     scaling = spec.autoscaling
     assert scaling is not None
     window = float(scaling.stable_window_seconds)
     return Policy(
+        # A sample stands until the next two scrapes have had their chance: at a period over 4 s the
+        # default 10 s would read the end of every period as idle.
+        stale_after=max(10.0, 2.5 * period),
+        period=period,
         min_replicas=scaling.min_replicas,
         max_replicas=scaling.max_replicas,
         target=scaling.target,
@@ -203,7 +208,7 @@ class Autoscaler:
                 memory.samples.append(Sample(now, name, value, served=served))
         if not leaders:
             memory.samples += await self._held(entry.key, now)
-        policy = policy_of(spec)
+        policy = policy_of(spec, self.period)
         horizon = now - policy.stable_window - policy.stale_after
         memory.samples = [s for s in memory.samples if s.time > horizon]
         for gone in set(memory.counters) - set(leaders):

@@ -41,12 +41,17 @@ class Policy:
     panic_window: float = 6.0
     panic_threshold: float = 2.0
     scale_down_delay: float = 300.0
-    # A replica's samples older than this no longer describe it.
+    # A replica's samples older than this no longer describe it (``stale_after_for``: longer with a
+    # longer sampling period, or every period would end with seconds read as idle).
     stale_after: float = 10.0
+    # How often replicas are sampled: a sample of a replica that is no longer ready stands for one.
+    period: float = 2.0
     scale_to_zero: bool = False
     scale_to_zero_grace: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.stale_after <= self.period:
+            raise ValueError("samples must stay fresh for longer than the sampling period")
         if self.min_replicas < 0 or self.max_replicas < max(self.min_replicas, 1):
             raise ValueError("need 0 <= minReplicas <= maxReplicas and maxReplicas >= 1")
         if self.target <= 0:
@@ -105,8 +110,11 @@ def _average_load(
     over replicas of each one's newest sample at that second (carried forward while fresh, so replicas
     sampled at different moments all count), as KPA sums its pods; a ready replica with no fresh sample
     counts as busy, at ``target``, in the seconds since it was ready (``ready_since``; absent: before
-    the window), unless it is ``warming``. Also returns how many ready replicas are silent now. None
-    when no sample falls in the window."""
+    the window), unless it is ``warming``; so does a ready replica in a second after its first sample
+    when it had no fresh sample then (its scrapes failed a while): missing metrics never read as idle.
+    A replica no longer ready (gone, draining) is no longer sampled: each of its samples stands for
+    the sampling period it was taken in. Also returns how many ready replicas are silent now. None when
+    no sample falls in the window."""
     if not any(since <= sample.time <= now for sample in samples):
         return None
     samples = [sample for sample in samples if since - policy.stale_after < sample.time <= now]
@@ -136,17 +144,26 @@ def _average_load(
     totals = [0.0] * len(seconds)
     for replica in replicas:
         # A ready replica's newest sample (or a router's) stands until it goes stale; one that is not
-        # ready (gone, or draining) counts only with a sample in that very second. One pass over its
-        # sorted samples.
-        window = policy.stale_after if replica in carried else 1.0
+        # ready (gone, or draining) for the period it was taken in: it was ready then, and its load
+        # was real (a restart or a rollout that moved it to the others does not halve it). A router's
+        # held requests, once a replica is ready, only in their very second: they are that replica's
+        # now. One pass over its sorted samples.
         own = by_replica.get(replica, [])
+        if replica in carried:
+            window = policy.stale_after
+        else:
+            window = 1.0 if any(sample.held for sample in own) else policy.period
+        # Counted busy where it has no fresh sample: a ready replica silent now, or after its first
+        # sample (before it, a replica may have been warming up: a rate needs two scrapes).
+        busy_when_silent = replica in ready and replica not in warming
+        ready_from = ready_since.get(replica, -math.inf)
         newest = -1  # index of its newest sample at or before the second
         for i, second in enumerate(seconds):
             while newest + 1 < len(own) and own[newest + 1].time <= second:
                 newest += 1
             if newest >= 0 and own[newest].time > second - window:
                 totals[i] += own[newest].value
-            elif replica in silent_now and second >= ready_since.get(replica, -math.inf):
+            elif busy_when_silent and (newest >= 0 or replica in silent_now) and second >= ready_from:
                 # Not before it was ready: a replica that did not exist carried no load then.
                 totals[i] += policy.target
     return sum(totals) / len(totals), len(silent_now)

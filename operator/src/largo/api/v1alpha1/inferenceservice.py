@@ -252,7 +252,8 @@ class Autoscaling(SpecModel):
         ge=0,
         le=3600,
         description="Scale down only to the highest replicas wanted over this window (by the stable "
-        "or the panic window's load, whichever wanted more); scale-up is at once. "
+        "window's load, or the panic window's when it was a burst: at least twice the stable window's "
+        "need); scale-up is at once. "
         "With scaleToZero, zero waits this long too.",
     )
     scale_to_zero: bool = Field(
