@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 from largo.api.v1alpha1 import RuntimeType, ScalingMetric
-from largo.controllers.autoscaler import ANNOTATION_SCALING, Autoscaler, metrics_url, ready_leaders
+from largo.controllers.autoscaler import (
+    ANNOTATION_SCALING,
+    Autoscaler,
+    metrics_url,
+    ready_leaders,
+    router_metrics_url,
+)
 from largo.controllers.kube import ConflictError
 from largo.controllers.state import service_entry
 from largo.policy.load import Counter, held_requests, replica_load
@@ -223,6 +229,11 @@ def test_metrics_are_read_from_vllm_s_http_port() -> None:
     assert entry.service is not None
     assert metrics_url(_pod("v-r0-node-0"), entry.service.spec) == "http://10.0.0.1:8080/metrics"
     assert metrics_url(_pod("v-r0-node-0", ip=None), entry.service.spec) is None
+    # An IPv6 cluster's pod IP: in brackets, or no scrape ever parses and the service never scales.
+    assert (
+        metrics_url(_pod("v-r0-node-0", ip="fd00::5"), entry.service.spec) == "http://[fd00::5]:8080/metrics"
+    )
+    assert router_metrics_url(_pod("v-router-0", ip="fd00::6")) == "http://[fd00::6]:9400/metrics"
 
 
 def test_requests_held_by_the_router_bring_a_service_back_from_zero() -> None:

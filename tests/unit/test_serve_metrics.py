@@ -3,10 +3,13 @@ as that bucket (Prometheus' histogram_quantile), so a minutes-long generation wo
 
 from __future__ import annotations
 
+import socket
+import urllib.request
+
 import pytest
 from largo.api.v1alpha1 import RuntimeType, ScalingMetric
 from largo.policy.load import replica_load
-from largo.runtime.serve import Metrics
+from largo.runtime.serve import Metrics, serve_metrics
 from prometheus_client import CollectorRegistry, generate_latest
 
 
@@ -42,3 +45,26 @@ def test_a_server_that_has_not_answered_yet_has_a_rate_of_zero() -> None:
     assert rate is None  # a first scrape has nothing to take a rate against
     assert counter is not None
     assert replica_load(text, ScalingMetric.REQUESTS_PER_SECOND, RuntimeType.LARGO, 12.0, counter)[0] == 0.0
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_the_metrics_page_answers_on_ipv4_and_on_ipv6() -> None:
+    """The operator scrapes the pod's IP, an IPv6 one in an IPv6 cluster: the page listens on both."""
+    registry = CollectorRegistry()
+    Metrics(registry)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve_metrics(port, registry)
+    hosts = ["127.0.0.1", *(["[::1]"] if _ipv6_loopback() else [])]
+    for host in hosts:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as page:
+            assert b"largo_serve_requests_in_flight" in page.read()

@@ -67,7 +67,7 @@ def metrics_url(pod: Mapping[str, Any], spec: InferenceServiceSpec) -> str | Non
     if not ip:
         return None
     port = spec.runtime.port if spec.runtime.type is RuntimeType.VLLM else names.METRICS_PORT
-    return f"http://{ip}:{port}/metrics"
+    return f"http://{names.host_port(ip, port)}/metrics"
 
 
 def serving(pods: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
@@ -96,7 +96,7 @@ def ready_leaders(pods: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]
 
 def router_metrics_url(pod: Mapping[str, Any]) -> str | None:
     ip = (pod.get("status") or {}).get("podIP")
-    return f"http://{ip}:{names.METRICS_PORT}/metrics" if ip else None
+    return f"http://{names.host_port(ip, names.METRICS_PORT)}/metrics" if ip else None
 
 
 @dataclass

@@ -142,3 +142,9 @@ def replicas_service(service: str) -> str:
 
 def router_selector(service: str) -> dict[str, str]:
     return {LABEL_ROUTER: service}
+
+
+def host_port(address: str, port: int) -> str:
+    """``address:port``, an IPv6 address in brackets (as an IPv6 cluster's pods and EndpointSlices
+    give it)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

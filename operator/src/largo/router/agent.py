@@ -39,7 +39,6 @@ from largo.router.haproxy import (
     Replica,
     State,
     command_failed,
-    host_port,
     parse_servers_state,
     render_config,
     replicas_from_slices,
@@ -68,7 +67,7 @@ WATCH_READ_SECONDS = 90
 
 def replica_url(address: str, port: int, path: str) -> str:
     """``http://address:port/path``, an IPv6 address in brackets (as an IPv6 cluster's slices give)."""
-    return f"http://{host_port(address, port)}{path}"
+    return f"http://{names.host_port(address, port)}{path}"
 
 
 class Metrics:
@@ -629,7 +628,8 @@ async def run(args: argparse.Namespace) -> int:
     for runner in runners:
         await runner.setup()
     await web.TCPSite(runners[0], "127.0.0.1", args.activator_port).start()
-    await web.TCPSite(runners[1], "0.0.0.0", args.metrics_port).start()
+    # Every address, IPv4 and IPv6 where the pod has one: the operator scrapes the pod's IP.
+    await web.TCPSite(runners[1], None, args.metrics_port).start()
     stopping = threading.Event()
     threading.Thread(
         target=router.watch_slices,

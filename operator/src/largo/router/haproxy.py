@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from largo.manifests.names import host_port
+
 JSON = Mapping[str, Any]
 
 BACKEND = "replicas"
@@ -146,11 +148,6 @@ def replicas_from_slices(slices: Iterable[JSON], port_name: str = "http") -> dic
             if known is None or (known.state is State.DRAINING and state is State.READY):
                 replicas[name] = Replica(name, str(addresses[0]), port, state)
     return replicas
-
-
-def host_port(address: str, port: int) -> str:
-    """``address:port``, an IPv6 address in brackets (as an IPv6 cluster's EndpointSlices give it)."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _server(name: str) -> str:

@@ -469,7 +469,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--step", type=int, default=int(env("LARGO_MODEL_STEP") or -1), help="default: newest"
     )
     parser.add_argument("--name", default=env("LARGO_SERVED_MODEL_NAME", "largo"), help="the model's name")
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument(
+        "--host", default=None, help="the address to listen on; default: every one, IPv4 and IPv6 where there"
+    )
     parser.add_argument("--port", type=int, default=int(env("LARGO_HTTP_PORT", "8000")))
     parser.add_argument("--metrics-port", type=int, default=int(env("LARGO_METRICS_PORT", "9400")))
     parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
@@ -543,12 +545,21 @@ def start_engine_process(args: argparse.Namespace) -> EngineClient:
     return EngineClient(process, ours, args.max_batch + args.max_waiting)
 
 
+def serve_metrics(port: int, registry: CollectorRegistry) -> None:
+    """The metrics page on every address: IPv6's wildcard takes IPv4 too (Linux's default), and a pod
+    without IPv6 serves on IPv4's. The operator scrapes the pod's IP, an IPv6 one in an IPv6 cluster."""
+    try:
+        start_http_server(port, addr="::", registry=registry)
+    except OSError:
+        start_http_server(port, addr="0.0.0.0", registry=registry)
+
+
 async def serve(args: argparse.Namespace) -> int:
     """The leader's (or a single pod's) server; returns the process's exit code."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     if args.metrics_port:
-        start_http_server(args.metrics_port, registry=registry)
+        serve_metrics(args.metrics_port, registry)
     # Alive at once, ready once the model is loaded (and the pipeline formed): a slow load is no failure.
     server = Server(args.name, None, metrics, "loading")
     # What is still open after the drain is cut after 2 s: the pod's grace period is nearly over.
