@@ -219,6 +219,10 @@ class Stage:
             decoded = decode.x.shape[0]
             rows.append(decode.x.reshape(decoded, width))
             slots = torch.tensor(decode.slots, device=self.device)
+            # Where each decoded token's key and value go in a layer's cache, as rows of
+            # [k|v x slot x head x position, head width]: one copy per layer writes both, where indexing
+            # by slot and position wrote each apart at several times the cost.
+            cache_rows = self._cache_rows(slots, decode.positions)
             run = slot_run(decode.slots)
             span = read_span(decode.longest, self.context, self.device, in_place=run is not None)
             read = run if run is not None else slots
@@ -246,9 +250,9 @@ class Stage:
             fused = weights.qkv(_norm(weights.norm_attention, x))
             attended: list[torch.Tensor] = []
             if decode is not None:
-                q, k, v = (t.reshape(decoded, heads, head_width) for t in fused[:decoded].chunk(3, dim=1))
-                self.cache[index, 0, slots, :, decode.positions] = k
-                self.cache[index, 1, slots, :, decode.positions] = v
+                q = fused[:decoded, :width].reshape(decoded, heads, head_width)
+                layer_cache = self.cache[index].view(-1, head_width)
+                layer_cache.index_copy_(0, cache_rows, fused[:decoded, width:].reshape(-1, head_width))
                 keys = self.cache[index, 0, read, :, :span].reshape(decoded * heads, span, head_width)
                 values = self.cache[index, 1, read, :, :span].reshape(decoded * heads, span, head_width)
                 if self.keys_first:
@@ -280,6 +284,15 @@ class Stage:
             x[decoded:].view(prompts, length, width) if prefill is not None else None,
             x[:decoded].view(decoded, 1, width) if decode is not None else None,
         )
+
+    def _cache_rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The rows of a layer's cache (``cache[layer].view(-1, head width)``) that decoded tokens at
+        ``positions`` of ``slots`` write: [token, k|v, head] flattened, the order of their projections."""
+        max_batch, heads, context = self.cache.shape[2:5]
+        kinds = torch.arange(2, device=self.device)[None, :, None]
+        each_head = torch.arange(heads, device=self.device)[None, None, :]
+        rows = ((kinds * max_batch + slots[:, None, None]) * heads + each_head) * context
+        return (rows + positions[:, None, None]).reshape(-1)
 
     def head(self, rows: torch.Tensor) -> torch.Tensor:
         """Hidden states ([rows, width]) after the last layer -> logits ([rows, vocabulary])."""
