@@ -361,6 +361,10 @@ def _owned(kind: str, controller: bool = True) -> dict[str, Any]:
     return {"metadata": {"ownerReferences": [{"kind": kind, "name": "x", "controller": controller}]}}
 
 
+def _leaving(pod: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {**pod["metadata"], "deletionTimestamp": "2027-01-15T08:00:00Z"}}
+
+
 @pytest.mark.parametrize(
     ("pod", "expected"),
     [
@@ -369,6 +373,9 @@ def _owned(kind: str, controller: bool = True) -> dict[str, Any]:
         ({"metadata": {"annotations": {"kubernetes.io/config.mirror": "abc"}}}, True),
         (_owned("ReplicaSet"), False),
         (_owned("DaemonSet", controller=False), False),
+        # Leaving (a DaemonSet's rolling update replaces it): what it holds is free once it is gone,
+        # and its replacement counts then; both counted, a gang fitting beside one looked never to fit.
+        (_leaving(_owned("DaemonSet")), False),
         ({"metadata": {}}, False),
         ({}, False),
     ],

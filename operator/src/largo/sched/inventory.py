@@ -138,8 +138,12 @@ def held(pod: Mapping[str, Any]) -> dict[str, int]:
 def resident(pod: Mapping[str, Any]) -> bool:
     """A pod that stays on its node as long as the node does: a DaemonSet's, or a static pod (its
     mirror names the annotation kubelet sets, and the Node as its owner). What it holds is never free
-    for a gang, even on an otherwise empty cluster."""
+    for a gang, even on an otherwise empty cluster. One being deleted is not: it leaves (a DaemonSet's
+    rolling update creates its replacement, counted then), and what it holds till then is usage, not a
+    limit on what could ever fit."""
     metadata = pod.get("metadata") or {}
+    if metadata.get("deletionTimestamp"):
+        return False
     if "kubernetes.io/config.mirror" in (metadata.get("annotations") or {}):
         return True
     return any(
