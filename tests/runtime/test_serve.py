@@ -425,6 +425,8 @@ def test_what_the_server_does_not_do_is_refused_and_nothing_fails_its_engine(ser
         ),
         "surrogate prompt": ({"prompt": "\ud800"}, "must be valid Unicode text"),
         "surrogate stop": ({"prompt": "hi", "stop": ["\udc00"]}, "must be valid Unicode text"),
+        "token ids past a byte": ({"prompt": [100, 256]}, "token ids must be in [0, 255]"),
+        "prompt of no kind": ({"prompt": {"text": "hi"}}, "list of token ids"),
     }
     for what, (body, says) in refused.items():
         code, text = _post_raw(served, json.dumps(body).encode())
@@ -433,6 +435,14 @@ def test_what_the_server_does_not_do_is_refused_and_nothing_fails_its_engine(ser
     code, text = _post_raw(served, b'{"prompt": "hi"}', "application/json; charset=no-such-charset")
     assert code == 400
     assert "not valid JSON" in text
+    # Nested deeper than the parser goes (it once gave aiohttp's plain-text 500, which clients retry),
+    # and a body over the limit (a plain-text 413): OpenAI-style errors, counted.
+    code, text = _post_raw(served, b"[" * 100_000 + b"]" * 100_000)
+    assert code == 400
+    assert "not valid JSON" in json.loads(text)["error"]["message"]
+    code, text = _post_raw(served, json.dumps({"prompt": "x" * (3 << 20)}).encode())
+    assert code == 413
+    assert "request body is over" in json.loads(text)["error"]["message"]
     # Accepted: the widest seeds, nulls as defaults, and a temperature so small its division overflows
     # (it is greedy, as temperature 0).
     greedy = json.loads(served.post({"prompt": "def ", "max_tokens": 8, "temperature": 0})[2])
@@ -442,6 +452,9 @@ def test_what_the_server_does_not_do_is_refused_and_nothing_fails_its_engine(ser
         {"prompt": "def ", "max_tokens": 8, "temperature": 1e-45},
         {"prompt": "def ", "max_tokens": 8, "temperature": 0, "top_p": None, "stream": None, "n": None},
         {"prompt": ["def "], "max_tokens": 8, "temperature": 0, "n": 1, "echo": False, "logprobs": None},
+        # The model's tokens are its bytes: a prompt of token ids, alone or in a list of one.
+        {"prompt": list(b"def "), "max_tokens": 8, "temperature": 0},
+        {"prompt": [list(b"def ")], "max_tokens": 8, "temperature": 0},
     ):
         code, _, text = served.post(body)
         assert code == 200, (body, text)
@@ -449,9 +462,14 @@ def test_what_the_server_does_not_do_is_refused_and_nothing_fails_its_engine(ser
     code, _, text = served.post({"prompt": "def ", "max_tokens": None, "temperature": None, "seed": 1})
     assert code == 200
     assert json.loads(text)["usage"]["completion_tokens"] == 16  # max_tokens' default
+    unset = {"prompt": "def ", "max_tokens": 4, "stream": True, "stream_options": {"include_usage": None}}
+    code, _, text = served.post(unset)
+    assert code == 200
+    assert '"usage"' not in text
     metrics = served.metrics()
-    assert metrics["largo_serve_requests_total{code=200}"] == 7
-    assert metrics["largo_serve_errors_total{code=400}"] == len(refused) + 1
+    assert metrics["largo_serve_requests_total{code=200}"] == 10
+    assert metrics["largo_serve_errors_total{code=400}"] == len(refused) + 2
+    assert metrics["largo_serve_errors_total{code=413}"] == 1
     assert "largo_serve_errors_total{code=503}" not in metrics
     served.alive()
 
@@ -504,12 +522,12 @@ def test_overload_is_refused_with_retry_after_not_queued_without_bound(trained: 
 
 
 def _sigterm_with_requests_in_flight(
-    server: Served, max_tokens: int, in_flight: int
+    server: Served, max_tokens: int, in_flight: int, stream: bool = False
 ) -> list[tuple[int, dict[str, str], str]]:
     """48 requests sent at once to a server with a batch of one (queued one behind the other), SIGTERM
     once ``in_flight`` of them are, and what each got."""
     wait_for(lambda: server.status("/readyz")[0] == 200, 60, "ready", server.alive)
-    body = {"prompt": "def ", "max_tokens": max_tokens, "temperature": 0}
+    body = {"prompt": "def ", "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     with ThreadPoolExecutor(48) as pool:
         pending = [pool.submit(server.post, body) for _ in range(48)]
         wait_for(
@@ -551,6 +569,21 @@ def test_what_the_drain_could_not_finish_is_answered_503(trained: Path, tmp_path
     assert sum(code == 200 for code, _, _ in results) + len(left) >= 24
     assert all(message in left or "draining" in message for message in said)
     assert all(headers.get("Retry-After") == "1" for code, headers, _ in results if code == 503)
+
+
+def test_a_stream_the_drain_ended_before_its_first_token_gets_503(trained: Path, tmp_path: Path) -> None:
+    """A stream still queued when the drain ends has sent nothing: it gets the 503 a whole answer gets
+    (the router retries it elsewhere), not a 200 with an error event. One cut mid-stream has its 200
+    sent already: it ends with an error event."""
+    server = Served(trained, tmp_path, "--max-batch", "1", "--drain-seconds", "0")
+    results = _sigterm_with_requests_in_flight(server, 28, 24, stream=True)
+    assert server.process.wait(timeout=60) == 0
+    queued = [text for code, _, text in results if code == 503 and "stopped before" in text]
+    assert len(queued) >= 20  # a batch of one: all but the running one were queued
+    assert all(headers.get("Retry-After") == "1" for code, headers, _ in results if code == 503)
+    streamed = [text for code, _, text in results if code == 200]
+    assert all(text.endswith("data: [DONE]\n\n") for text in streamed)
+    assert all('"finish_reason": "length"' in text or '"error"' in text for text in streamed)
 
 
 def test_a_server_without_its_model_is_alive_but_never_ready(tmp_path: Path) -> None:
@@ -883,6 +916,55 @@ def test_a_member_that_dies_makes_the_leader_unready_and_exit(trained: Path, tmp
         assert "the engine failed" in replica.leader.log.read_text()
     finally:
         replica.stop()
+
+
+class _SteppedForward:
+    """A forward that runs one iteration each time the test allows it."""
+
+    def __init__(self, forward: LocalForward) -> None:
+        self.forward = forward
+        self.allowed = threading.Semaphore(0)
+        self.steps = 0
+
+    def step(
+        self, arrivals: list[tuple[int, list[int]]], running: Running | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        assert self.allowed.acquire(timeout=30)
+        self.steps += 1
+        return self.forward.step(arrivals, running)
+
+
+def test_requests_whose_clients_left_leave_the_queue_while_the_batch_is_full() -> None:
+    """They free their places in the bounded queue at the next iteration, not once a slot frees: a
+    long generation would otherwise keep new clients out with 429s behind requests nobody waits for."""
+    torch.manual_seed(0)
+    model = TinyGPT(ModelConfig(context=32, width=32))
+    forward = _SteppedForward(LocalForward(Stage(model, range(model.config.depth), 1)))
+    engine = Engine(forward, model.config.context, max_batch=1, max_waiting=2)
+    ended: dict[str, str] = {}
+    requests = {}
+    for name in ("running", "left", "also left"):
+        request = Request(prompt=list(b"def "), max_tokens=20, temperature=0.0)
+        request.on_finish = lambda reason, name=name: ended.__setitem__(name, reason)  # type: ignore[misc]
+        requests[name] = request
+    engine.start()
+    try:
+        assert engine.submit(requests["running"])
+        forward.allowed.release()  # its prefill
+        wait_for(lambda: forward.steps == 1, 30, "the first request admitted")
+        assert engine.submit(requests["left"])
+        assert engine.submit(requests["also left"])
+        assert not engine.submit(Request(prompt=list(b"x"), max_tokens=1))  # the queue is full
+        requests["left"].cancelled = requests["also left"].cancelled = True
+        forward.allowed.release()
+        wait_for(lambda: len(ended) == 2, 30, "the cancelled requests ended")
+        assert ended == {"left": "cancelled", "also left": "cancelled"}
+        assert engine.stats().waiting == 0
+        assert engine.submit(Request(prompt=list(b"x"), max_tokens=1))  # their places are free
+    finally:
+        for _ in range(64):
+            forward.allowed.release()
+        engine.stop()
 
 
 def test_sampling_is_greedy_at_zero_and_nucleus_keeps_the_top_mass() -> None:

@@ -604,11 +604,13 @@ class Engine:
                 continue
             with self._lock:
                 admitted, dropped = [], []
+                if any(request.cancelled for request in self._waiting):
+                    # Their clients went away while they waited: they leave now, batch full or not, and
+                    # free their places in the queue (the front end counts them until they finish).
+                    dropped = [request for request in self._waiting if request.cancelled]
+                    self._waiting = deque(request for request in self._waiting if not request.cancelled)
                 while self._waiting and self._free:
                     request = self._waiting.popleft()
-                    if request.cancelled:  # its client went away while it waited: no prefill for it
-                        dropped.append(request)
-                        continue
                     # The lowest free slot: the running slots stay a consecutive run (``slot_run``).
                     request.slot = heapq.heappop(self._free)
                     admitted.append(request)

@@ -36,6 +36,8 @@ from largo.runtime.engine_process import EngineClient, NotLoadedError, Output, S
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_BYTES = 1 << 20
+# A request's body: the prompt escaped in JSON may take more bytes than the prompt.
+MAX_BODY_BYTES = 2 * MAX_PROMPT_BYTES
 # The seeds torch's generators take.
 SEEDS = (-(1 << 63), 1 << 64)
 # requests_total's code for a request whose client went away before its answer (as nginx logs it).
@@ -145,7 +147,7 @@ class Server:
         self.idle.set()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_PROMPT_BYTES * 2)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/healthz", self.healthz)
@@ -169,18 +171,9 @@ class Server:
     def _parse(self, body: Any) -> tuple[Completion, bool] | web.Response:
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object", "invalid_request_error")
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                return _error(
-                    400,
-                    f"one prompt per request, not a list of {len(prompt)}: send each as its own request "
-                    "(the server batches concurrent requests)",
-                    "invalid_request_error",
-                )
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            return _error(400, "prompt must be a non-empty string", "invalid_request_error")
+        prompt = _prompt(body.get("prompt"))
+        if isinstance(prompt, web.Response):
+            return prompt
         unsupported = _unsupported(body)
         if unsupported is not None:
             return _error(400, unsupported, "invalid_request_error")
@@ -215,7 +208,7 @@ class Server:
         if not isinstance(stream, bool):
             return _error(400, "stream must be a boolean", "invalid_request_error")
         options = _given(body, "stream_options", {})
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        if not isinstance(options, dict) or not isinstance(_given(options, "include_usage", False), bool):
             message = "stream_options must be an object whose include_usage is a boolean"
             return _error(400, message, "invalid_request_error")
         if options and not stream:
@@ -228,7 +221,8 @@ class Server:
                 "not_found_error",
             )
         try:
-            encoded, stops = prompt.encode(), tuple(s.encode() for s in stop)
+            encoded = prompt.encode() if isinstance(prompt, str) else prompt
+            stops = tuple(s.encode() for s in stop)
         except UnicodeEncodeError:  # a lone surrogate (JSON's "\\ud800") is no text
             return _error(400, "prompt and stop must be valid Unicode text", "invalid_request_error")
         assert self.engine is not None
@@ -262,7 +256,11 @@ class Server:
             return self._refused(_error(503, self._failed(), "service_unavailable", 1))
         try:
             body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, LookupError):  # (LookupError: an unknown charset)
+        except web.HTTPRequestEntityTooLarge:
+            message = f"the request body is over {MAX_BODY_BYTES} bytes"
+            return self._refused(_error(413, message, "invalid_request_error"))
+        # LookupError: an unknown charset; RecursionError: JSON nested deeper than the parser goes.
+        except (json.JSONDecodeError, UnicodeDecodeError, LookupError, RecursionError):
             return self._refused(_error(400, "the request body is not valid JSON", "invalid_request_error"))
         parsed = self._parse(body)
         if isinstance(parsed, web.Response):
@@ -379,9 +377,14 @@ class Server:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        await response.prepare(http)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         async for item in self._tokens(completion):
+            if not response.prepared:
+                if item == "error":
+                    # Nothing sent yet (it waited in the queue, say): a 503 the router retries elsewhere.
+                    return _error(503, self._ended_why(), "service_unavailable", 1)
+                # The status goes with the first chunk, so that a stream ended before it is still a 503.
+                await response.prepare(http)
             if item == "error":  # the status (200) is sent: an error event, counted as the 503 it would be
                 self.metrics.errors.labels("503").inc()
                 failed = {"error": {"message": self._ended_why(), "type": "server_error"}}
@@ -416,6 +419,29 @@ class Server:
                 "total_tokens": prompt + completion.generated,
             }
         return body
+
+
+def _prompt(given: Any) -> str | bytes | web.Response:
+    """The request's prompt: text, or the model's tokens (its bytes, 0-255), alone or in a list of one."""
+    if isinstance(given, list) and len(given) == 1 and isinstance(given[0], str | list):
+        given = given[0]
+    if isinstance(given, str) and given:
+        return given
+    tokens = isinstance(given, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in given)
+    if tokens and given:
+        if not all(0 <= t < 256 for t in given):
+            message = "token ids must be in [0, 255]: the model's tokens are bytes"
+            return _error(400, message, "invalid_request_error")
+        return bytes(given)
+    if isinstance(given, list) and len(given) > 1 and all(isinstance(p, str | list) for p in given):
+        return _error(
+            400,
+            f"one prompt per request, not a list of {len(given)}: send each as its own request "
+            "(the server batches concurrent requests)",
+            "invalid_request_error",
+        )
+    message = "prompt must be a non-empty string or list of token ids, or a list of one"
+    return _error(400, message, "invalid_request_error")
 
 
 def _finish_reason(reason: str) -> str:
