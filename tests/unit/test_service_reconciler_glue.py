@@ -14,6 +14,7 @@ from largo.controllers.kube import CreateRefused
 from largo.controllers.state import service_entry
 from largo.manifests import names
 from largo.manifests.inferenceservice import ModelMount, revision
+from largo.policy.conditions import timestamp
 from largo.sched.inventory import node_info
 
 NOW = 1_800_000_000.0
@@ -171,3 +172,93 @@ def test_a_member_s_node_not_ready_restarts_its_group_only_when_the_grace_period
     assert kube.deleted == [names.member_pod_name("chat", 0, 0)]
     assert [g["attempt"] for g in written[-1]["groups"]] == [1]
     assert "GroupRestarted" in kube.events
+
+
+GPU_NODE = node_info(
+    {
+        "metadata": {"name": "n0"},
+        "spec": {},
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "allocatable": {"nvidia.com/gpu": "8"},
+        },
+    }
+)
+
+
+def test_an_admitted_group_whose_service_name_is_taken_gives_its_gpus_back() -> None:
+    """The network goes before the pods: its refusal (a Service of that name that is not ours, a
+    TrainJob's of the same name) is recorded on the group waiting for it, whose GPUs go back after the
+    binding timeout, as when its pods are refused. It once held them for good, without a pod."""
+    body = _service(1)
+    body["spec"]["resourcesPerNode"] = {"nvidia.com/gpu": 8}
+    admitted = {"queuedAt": timestamp(NOW - 60), "admittedAt": timestamp(NOW - 50), "ready": False}
+    body["status"] = {"groups": [{**_group(body), **admitted, "restarts": 0}]}
+    kube = RefusingKube()
+    created: list[str] = []
+    refuse = kube.create
+
+    async def create(namespace: str, manifest: Mapping[str, Any]) -> None:
+        if manifest["kind"] == "Pod":
+            created.append(manifest["metadata"]["name"])
+        await refuse(namespace, manifest)
+
+    async def patch(namespace: str, name: str, version: str | None, status: Mapping[str, Any]) -> Any:
+        body["status"] = {**body["status"], **status}
+        return body
+
+    kube.create = create  # type: ignore[method-assign]
+    kube.patch_service_status = patch  # type: ignore[method-assign]
+    for seconds in (0, 10, 60):
+        reconciler = InferenceServiceReconciler(
+            kube=kube,  # type: ignore[arg-type]
+            nodes={"n0": [GPU_NODE]},
+            services={KEY: [service_entry(body)]},
+            pods={},
+            trainjobs={},
+            claims={("ns", "weights"): [{}]},
+            autoscalers={},
+            wake_scheduler=lambda: None,
+            clock=lambda seconds=seconds: NOW + seconds,  # type: ignore[misc]
+        )
+        with pytest.raises(CreateRefused):
+            asyncio.run(reconciler.reconcile(KEY))
+        if seconds < 60:
+            (group,) = body["status"]["groups"]
+            assert group["createRefused"]["reason"] == "NameConflict"
+            assert kube.events.count("NameConflict") == 1  # told once, not at every retry
+    assert created == []
+    (group,) = body["status"]["groups"]
+    assert not group.get("nodes")  # released: queued again, its GPUs for the next in line
+
+
+def test_a_running_service_whose_spec_turns_invalid_is_not_shown_ready() -> None:
+    """Edited to what largo cannot run (``cpu: 10E``, which the schema lets through): Ready=False with
+    InvalidSpec, and the phase agrees (Degraded while the replicas of the spec before still serve)."""
+    body = _service(2)
+    body["spec"]["resourcesPerNode"] = {"cpu": "10E"}
+    body["status"] = {"phase": "Ready", "readyReplicas": 2, "ready": "2/2"}
+    kube = AcceptingKube()
+    written: list[Mapping[str, Any]] = []
+
+    async def patch(namespace: str, name: str, version: str | None, status: Mapping[str, Any]) -> Any:
+        written.append(status)
+        return body
+
+    kube.patch_service_status = patch  # type: ignore[method-assign]
+    reconciler = InferenceServiceReconciler(
+        kube=kube,  # type: ignore[arg-type]
+        nodes={},
+        services={KEY: [service_entry(body)]},
+        pods={},
+        trainjobs={},
+        claims={},
+        autoscalers={},
+        wake_scheduler=lambda: None,
+        clock=lambda: NOW,
+    )
+    asyncio.run(reconciler.reconcile(KEY))
+    ((patch_written),) = written
+    assert patch_written["phase"] == "Degraded"
+    assert patch_written["reason"] == "InvalidSpec"
+    assert kube.events == ["InvalidSpec"]

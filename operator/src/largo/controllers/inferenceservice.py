@@ -17,6 +17,7 @@ from typing import Any
 from largo.api.v1alpha1 import (
     InferenceService,
     ServiceConditionType,
+    ServicePhase,
     ServiceReason,
     check_service_status,
     sanitize_service_status,
@@ -231,8 +232,11 @@ class InferenceServiceReconciler:
             )
         for event in decision.events:
             await self.kube.event(written, event.type, event.reason, event.message)
-        # The network before the pods: a replica without its Services would be reachable by no one.
-        await self.make_network((namespace, name), written, service)
+        # The network before the pods: a replica without its Services would be reachable by no one. Its
+        # refusal (a Service of that name that is not ours) is recorded on the groups whose pods wait
+        # for it, as a refusal of their pods is: their GPUs go back after the binding timeout.
+        waiting = {c.replica: c.attempt for c in decision.create} if decision.model is not None else {}
+        await self.make_network((namespace, name), written, service, waiting)
         if decision.create and decision.model is not None:
             model = decision.model
             pods = [
@@ -246,11 +250,18 @@ class InferenceServiceReconciler:
             await self._create(written, pods, groups)
         return decision.requeue_after
 
-    async def make_network(self, key: JobKey, owner: Mapping[str, Any], service: InferenceService) -> None:
+    async def make_network(
+        self,
+        key: JobKey,
+        owner: Mapping[str, Any],
+        service: InferenceService,
+        waiting: Mapping[int, int] | None = None,
+    ) -> None:
         """The service's Services, the router's account and its Deployment, written once per (uid, router
         Deployment). Marked as made before the writes, not after: a part deleted while they are in flight
         clears the mark (``forget_network``) and the next cycle makes it again, where a mark set after them
-        would overwrite that and leave the part missing. A failed write clears the mark too."""
+        would overwrite that and leave the part missing. A failed write clears the mark too. A refusal is
+        recorded on the ``waiting`` groups (replica -> attempt), whose pods are created after it."""
         deployment = router.build_router_deployment(service, self.router_image)
         made = (str(owner["metadata"].get("uid")), json.dumps(deployment, sort_keys=True))
         if self._networked.get(key) == made:
@@ -275,7 +286,7 @@ class InferenceServiceReconciler:
             for manifests in stages:
                 # Kept, not only created: a change of spec.router reaches the running router, and what
                 # an earlier version of largo made (the router's Role, a Service) is brought up to date.
-                await self._create(owner, manifests, keep=True)
+                await self._create(owner, manifests, keep=True, blocked=waiting)
         except BaseException:
             if self._networked.get(key) == made:
                 del self._networked[key]
@@ -287,10 +298,11 @@ class InferenceServiceReconciler:
         manifests: list[dict[str, Any]],
         groups: Mapping[str, tuple[int, int]] | None = None,
         keep: bool = False,
+        blocked: Mapping[int, int] | None = None,
     ) -> None:
         """Creates ``manifests`` at once (``keep``: applies them server-side instead, ``Kube.keep``); a
         refusal is told (and, for pods of ``groups``, pod name -> (replica, attempt), recorded on their
-        groups), then raised for back-off."""
+        groups; for anything else, on the ``blocked`` groups that wait for it), then raised for back-off."""
         namespace = owner["metadata"]["namespace"]
         write = self.kube.keep if keep else self.kube.create
         results = await asyncio.gather(
@@ -304,6 +316,8 @@ class InferenceServiceReconciler:
             refused_groups = dict(
                 groups[failure.name] for failure in refused if groups and failure.name in groups
             )
+            if not refused_groups and blocked:
+                refused_groups = dict(blocked)
             if refused_groups:
                 try:
                     news = await self._record_refusal(owner, refused_groups, refused[0])
@@ -350,9 +364,13 @@ class InferenceServiceReconciler:
             self.clock(),
             metadata.get("generation"),
         )
+        serving = int((body.get("status") or {}).get("readyReplicas") or 0) > 0
         patch = {
             "observedGeneration": metadata.get("generation"),
             "conditions": updated,
+            # Its replicas of the spec before may still serve, but not as asked: never Ready beside
+            # Ready=False.
+            "phase": ServicePhase.DEGRADED if serving else ServicePhase.PENDING,
             "reason": ServiceReason.INVALID_SPEC.value,
             "message": message,
         }
