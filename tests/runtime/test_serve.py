@@ -426,6 +426,7 @@ def test_what_the_server_does_not_do_is_refused_and_nothing_fails_its_engine(ser
         "surrogate prompt": ({"prompt": "\ud800"}, "must be valid Unicode text"),
         "surrogate stop": ({"prompt": "hi", "stop": ["\udc00"]}, "must be valid Unicode text"),
         "token ids past a byte": ({"prompt": [100, 256]}, "token ids must be in [0, 255]"),
+        "stop of no kind": ({"prompt": "hi", "stop": 0}, "stop must be a string or a list"),
         "prompt of no kind": ({"prompt": {"text": "hi"}}, "list of token ids"),
     }
     for what, (body, says) in refused.items():

@@ -198,8 +198,8 @@ class Server:
         whole = isinstance(seed, int) and not isinstance(seed, bool)
         if seed is not None and not (whole and SEEDS[0] <= seed < SEEDS[1]):
             return _error(400, "seed must be an integer in [-2^63, 2^64)", "invalid_request_error")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
+        stop = _given(body, "stop", [])
+        stop = ([stop] if stop else []) if isinstance(stop, str) else stop  # 0 or false is no stop list
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             return _error(
                 400, "stop must be a string or a list of at most 4 non-empty strings", "invalid_request_error"
