@@ -165,6 +165,7 @@ def test_from_body_accepts_mapping_views() -> None:
         ({"failurePolicy": {"permanentExitCodes": [256]}}, "permanentExitCodes"),
         ({"failurePolicy": {"permanentExitCodes": [1, 1]}}, "duplicates"),
         ({"failurePolicy": {"backoffLimit": -1}}, "backoffLimit"),
+        ({"failurePolicy": {"disruptions": "Sometimes"}}, "disruptions"),
         ({"activeDeadlineSeconds": 0}, "activeDeadlineSeconds"),
         ({"ttlSecondsAfterFinished": -1}, "ttlSecondsAfterFinished"),
         ({"checkpoint": {"claimName": "c", "path": "relative"}}, "path"),

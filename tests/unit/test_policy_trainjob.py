@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -179,6 +180,39 @@ def test_lost_node_restarts_and_force_deletes() -> None:
         next(c for c in result.status["conditions"] if c["type"] == "Restarting")["reason"]
         == Reason.NODE_LOST
     )
+
+
+def _evicted(rank: int) -> PodView:
+    return pod(rank, "Failed", exit_code=143, disrupted="EvictionByEvictionAPI", taken_at=NOW - 1)
+
+
+@pytest.mark.parametrize(
+    ("disruption", "lost"),
+    [(lambda: [pod(0), _evicted(1)], NONE), (lambda: [pod(0), pod(1)], frozenset({"n1"}))],
+    ids=["evicted", "node lost"],
+)
+def test_disruptions_can_be_left_out_of_the_backoff_limit(
+    disruption: Callable[[], list[PodView]], lost: frozenset[str]
+) -> None:
+    """A pod taken away (a drain, a preemption) or a lost node is no failure of the job's: with
+    failurePolicy.disruptions Ignore, such restarts do not use up backoffLimit (they are counted in
+    status.disruptions, and backed off as any restart); a failure of its own still fails it."""
+    running = admitted(Phase.RUNNING, restarts=2, disruptions=2)
+    ignoring_view = job(status=running, backoff_limit=0, ignore_disruptions=True)
+    ignoring = plan(ignoring_view, disruption(), lost, lost, NOW)
+    assert ignoring.status["phase"] == Phase.RESTARTING
+    assert (ignoring.status["restarts"], ignoring.status["disruptions"]) == (3, 3)
+    assert "not counted against backoffLimit" in ignoring.events[-1].message
+    assert ignoring.requeue_after == Timings().delay(3)  # backed off as the third restart
+    failed = plan(ignoring_view, [pod(0), pod(1, "Failed", exit_code=1)], NONE, NONE, NOW)
+    assert failed.status["phase"] == Phase.FAILED  # its own failure: counted, and the limit is 0
+    # Counted (the default, as a Job's): the limit is used up.
+    counting = plan(job(status=running, backoff_limit=2), disruption(), lost, lost, NOW)
+    assert counting.status["phase"] == Phase.FAILED
+    recorded = plan(job(status=admitted(Phase.RUNNING), backoff_limit=2), disruption(), lost, lost, NOW)
+    assert (recorded.status["restarts"], recorded.status["disruptions"]) == (1, 1)
+    own = plan(job(status=admitted(Phase.RUNNING)), [pod(0), pod(1, "Failed", exit_code=1)], NONE, NONE, NOW)
+    assert "disruptions" not in own.status
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from largo.api.v1alpha1 import ConditionType, Phase, Reason
+from largo.api.v1alpha1 import ConditionType, DisruptionPolicy, Phase, Reason
 from largo.controllers.kube import ConflictError, CreateRefused, Kube
 from largo.controllers.objects import newer, owned, status_patch
 from largo.controllers.scheduler import KeyedIndex, node_lookup
@@ -47,6 +47,7 @@ def job_view(job: Any, body: Mapping[str, Any], report: ReadReport | None = None
         permanent_exit_codes=frozenset(failure.permanent_exit_codes),
         retryable_exit_codes=frozenset(failure.retryable_exit_codes),
         start_timeout_seconds=failure.start_timeout_seconds,
+        ignore_disruptions=failure.disruptions is DisruptionPolicy.IGNORE,
         active_deadline_seconds=spec.active_deadline_seconds,
         ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
         suspend=spec.suspend,

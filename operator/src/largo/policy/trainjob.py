@@ -89,6 +89,9 @@ class JobView:
     active_deadline_seconds: int | None = None
     # failurePolicy.startTimeoutSeconds: how long an admitted gang may take to have every pod running.
     start_timeout_seconds: int | None = None
+    # failurePolicy.disruptions Ignore: restarts because pods were taken away do not count against
+    # backoffLimit.
+    ignore_disruptions: bool = False
     ttl_seconds_after_finished: int | None = None
     suspend: bool = False
     generation: int | None = None
@@ -110,6 +113,15 @@ class JobView:
     @property
     def restarts(self) -> int:
         return int(self.status.get("restarts") or 0)
+
+    @property
+    def disruptions(self) -> int:
+        return int(self.status.get("disruptions") or 0)
+
+    @property
+    def counted_restarts(self) -> int:
+        """The restarts backoffLimit counts: all, or with disruptions ignored, those the job caused."""
+        return self.restarts - (min(self.disruptions, self.restarts) if self.ignore_disruptions else 0)
 
     @property
     def releases(self) -> int:
@@ -914,6 +926,9 @@ def _refused_too_long(b: _Builder, timings: Timings) -> tuple[Reason, str, int |
     return reason, str(refusal.get("message") or "the API server refused the gang's pods"), None
 
 
+# Restarts because Kubernetes took pods away, not because the job failed (failurePolicy.disruptions).
+_DISRUPTIONS = frozenset({Reason.POD_DELETED, Reason.NODE_LOST})
+
 # Failures of placement or creation, not of the job: the gang is released and queued again without
 # counting a restart.
 _RELEASE_REASONS = frozenset(
@@ -957,12 +972,17 @@ def _handle_failure(
         b.event(True, reason, f"{message}; {queued_again}")
         b.plan.wake_scheduler = True
         return
-    if job.restarts >= job.backoff_limit:
+    disrupted = reason in _DISRUPTIONS
+    ignored = disrupted and job.ignore_disruptions
+    if not ignored and job.counted_restarts >= job.backoff_limit:
         _fail(b, Reason.BACKOFF_LIMIT_EXCEEDED, f"{message}; backoffLimit {job.backoff_limit} reached")
         return
     restarts = job.restarts + 1
+    # Every restart backs off, disruptions too: a node that keeps failing is not retried in a tight loop.
     delay = timings.delay(restarts)
     b.status["restarts"] = restarts
+    if disrupted:
+        b.status["disruptions"] = job.disruptions + 1
     b.status["attempt"] = job.attempt + 1
     b.status["lastRestartTime"] = timestamp(b.now)
     b.status["nextRestartTime"] = timestamp(b.now + delay)
@@ -972,7 +992,10 @@ def _handle_failure(
     b.condition(ConditionType.RESTARTING, True, reason, message)
     b.condition(ConditionType.RUNNING, False, reason, message)
     b.condition(ConditionType.ADMITTED, False, reason, "gang released for restart")
-    b.event(True, reason, f"{message}; restarting the whole gang (restart {restarts}) in {delay:.0f}s")
+    uncounted = " (a disruption: not counted against backoffLimit)" if ignored else ""
+    b.event(
+        True, reason, f"{message}; restarting the whole gang (restart {restarts}{uncounted}) in {delay:.0f}s"
+    )
     b.plan.wake_scheduler = True
     b.plan.after(delay)
 

@@ -100,6 +100,13 @@ class Backend(StrEnum):
     GLOO = "gloo"
 
 
+class DisruptionPolicy(StrEnum):
+    """Whether a gang restart because Kubernetes took a pod away counts against backoffLimit."""
+
+    COUNT = "Count"
+    IGNORE = "Ignore"
+
+
 class Phase(StrEnum):
     QUEUED = "Queued"
     STARTING = "Starting"
@@ -260,6 +267,14 @@ class FailurePolicy(SpecModel):
         max_length=256,
         json_schema_extra={"x-kubernetes-list-type": "set"},
         description="Exit codes that trigger a restart; empty means every non-permanent code.",
+    )
+    disruptions: DisruptionPolicy = Field(
+        default=DisruptionPolicy.COUNT,
+        description="Whether a gang restart because Kubernetes took a pod away (a drain's eviction, a "
+        "preemption, a deleted pod, a lost node), not because the job failed, counts against "
+        "backoffLimit: Count (as a Job's does) or Ignore (a Job's podFailurePolicy ignoring "
+        "DisruptionTarget). Either way such restarts are counted in status.disruptions and back off as "
+        "any restart does.",
     )
     start_timeout_seconds: int | None = Field(
         default=None,
@@ -635,6 +650,12 @@ class TrainJobStatus(StatusModel):
     gpus: int | None = Field(default=None, ge=0, description="GPUs of the whole gang.")
     pod_counts: PodCounts | None = None
     restarts: int | None = Field(default=None, ge=0, description="Gang restarts so far.")
+    disruptions: int | None = Field(
+        default=None,
+        ge=0,
+        description="Of the restarts, those because Kubernetes took a pod away (not counted against "
+        "backoffLimit with failurePolicy.disruptions Ignore).",
+    )
     attempt: int | None = Field(
         default=None,
         ge=0,
