@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from largo.controllers.kube import ConflictError, CreateRefused
 from largo.controllers.state import job_entry
-from largo.controllers.trainjob import TrainJobReconciler
+from largo.controllers.trainjob import TrainJobReconciler, job_view
 from largo.policy.conditions import timestamp
 from largo.policy.trainjob import Timings
 from largo.sched.inventory import node_info
@@ -275,3 +275,12 @@ def test_a_spec_largo_cannot_run_is_the_job_s_reason() -> None:
     ((_, patch),) = kube.writes
     assert patch["reason"] == "InvalidSpec"
     assert "must be a whole" in patch["message"]
+
+
+@pytest.mark.parametrize(("policy", "ignored"), [({}, False), ({"disruptions": "Ignore"}, True)])
+def test_the_failure_policy_s_disruptions_reach_the_lifecycle(policy: dict[str, Any], ignored: bool) -> None:
+    body = _body("Running", "1")
+    body["spec"]["failurePolicy"] = policy
+    entry = job_entry(body)
+    assert entry.job is not None
+    assert job_view(entry.job, body).ignore_disruptions is ignored
