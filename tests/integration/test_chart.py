@@ -160,8 +160,10 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster, tmp_pa
     tagged = next(d for d in yaml.safe_load_all(numeric.stdout) if d and d["kind"] == "Deployment")
     assert tagged["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":2")
     # In a values file a number is a float: written whole, and one that is not whole is refused.
-    for tag, expected in (("1234567", ":1234567"), ("0", ":0"), ('""', ":0.1.0"), ("1.5", None)):
-        values = tmp_path / f"tag-{tag}.yaml"
+    for index, (tag, expected) in enumerate(
+        (("1234567", ":1234567"), ("0", ":0"), ('""', ":0.1.0"), ("1.5", None))
+    ):
+        values = tmp_path / f"tag-{index}.yaml"
         values.write_text(f"image:\n  tag: {tag}\n")
         rendered = helm(
             cluster, "template", "largo", str(CHART), "--kube-version", "1.36.3", "-f", str(values)
