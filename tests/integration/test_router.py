@@ -23,6 +23,7 @@ import pytest
 from kubernetes import client
 from largo.dev import tools
 from largo.dev.cluster import LocalCluster, free_port, wait_for
+from largo.router.agent import ipv6_available
 from prometheus_client.parser import text_string_to_metric_families
 
 SERVICE = "chat"
@@ -265,6 +266,16 @@ def test_requests_go_to_the_replica_with_fewer_outstanding(
             replica.served
         )
     assert router.value("largo_router_replicas", state="ready") == 2
+    if ipv6_available():  # an IPv6 or dual-stack cluster's Service reaches it on IPv6
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                f"http://[::1]:{router.port}/v1/completions",
+                data=json.dumps({"prompt": "hi", "max_tokens": 4}).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=30,
+        ) as answer:
+            assert answer.status == 200
 
 
 def test_a_dead_replica_costs_no_request(start_router: Any, slices: Slices, replicas: list[Replica]) -> None:

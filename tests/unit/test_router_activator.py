@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from largo.router.agent import (
+    PARSED_BODY_BYTES,
     Router,
     RuntimeApi,
     activator_app,
@@ -168,6 +169,25 @@ WAITING = b": waiting for a replica of chat"
 )
 def test_only_a_json_object_with_stream_true_asks_for_events(body: bytes, streams: bool) -> None:
     assert wants_stream(body) is streams
+
+
+LONG_IDS = b", ".join([b"100"] * 400_000)  # a prompt of token ids, over PARSED_BODY_BYTES
+
+
+@pytest.mark.parametrize(
+    ("body", "streams"),
+    [
+        (b'{"prompt": [' + LONG_IDS + b'], "stream": true}', True),
+        (b'{"stream" : true, "prompt": [' + LONG_IDS + b"]}", True),
+        (b'{"prompt": [' + LONG_IDS + b'], "stream": false}', False),
+        # Inside a string its quotes are escaped: not the request's flag.
+        (b'{"prompt": "say \\"stream\\": true ' + b"x" * (2 << 20) + b'"}', False),
+    ],
+)
+def test_a_large_body_is_searched_for_stream_not_parsed_whole(body: bytes, streams: bool) -> None:
+    """Parsed whole, 64 MiB of token ids took ~600 MiB, past the router container's memory limit."""
+    assert len(body) > PARSED_BODY_BYTES
+    assert wants_stream(bytearray(body)) is streams
 
 
 def test_a_replica_s_answer_after_the_events_started_keeps_its_error_or_its_body() -> None:
@@ -433,3 +453,51 @@ def test_an_answer_its_replica_fails_mid_way_reaches_the_client_cut() -> None:
     )
     status, _, body, cut = asyncio.run(_forwarded(router, answer, b'{"prompt": "hi"}'))
     assert (status, body, cut) == (200, b'{"cho', True)
+
+
+class _AdminSocket:
+    """HAProxy's admin socket with no server yet, or wedged (a call times out)."""
+
+    def __init__(self) -> None:
+        self.wedged = False
+
+    async def call(self, command: str) -> str:
+        if self.wedged:
+            raise TimeoutError(command)
+        return "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state\n"
+
+
+def test_ready_once_the_replicas_are_listed_and_synced_and_not_while_haproxy_is_wedged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new router that cannot list its EndpointSlices knows no replica: ready, it would take the
+    service's traffic from the old one and hold every request until its 503. A proxy whose admin
+    socket stopped answering is taken out of the Service, and restarted once that lasts."""
+    now = [1000.0]
+    monkeypatch.setattr("largo.router.agent.time.monotonic", lambda: now[0])
+    router = _router()
+    router.haproxy = type("Process", (), {"returncode": None})()  # type: ignore[assignment]
+    socket = _AdminSocket()
+    router.api = socket  # type: ignore[assignment]
+
+    def status(probe: Any) -> tuple[int, str]:
+        answer = asyncio.run(probe(None))
+        return answer.status, answer.text
+
+    asyncio.run(router.sync())
+    assert status(router.readyz) == (503, "the replicas' EndpointSlices are not listed yet")
+    assert status(router.healthz)[0] == 200
+    router.on_slices({})
+    asyncio.run(router.sync())
+    assert status(router.readyz) == (200, "ready")
+    socket.wedged = True
+    now[0] += 16
+    with pytest.raises(TimeoutError):
+        asyncio.run(router.sync())
+    assert status(router.readyz) == (503, "haproxy's servers are not synced")
+    assert status(router.healthz)[0] == 200
+    now[0] += 45
+    assert status(router.healthz) == (503, "haproxy's admin socket does not answer")
+    socket.wedged = False
+    asyncio.run(router.sync())
+    assert status(router.readyz)[0] == status(router.healthz)[0] == 200

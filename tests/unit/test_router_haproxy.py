@@ -88,14 +88,14 @@ def test_commands_add_enable_drain_move_and_remove() -> None:
         "add server replicas/late 10.0.0.8:8000 check inter 1s fall 2 rise 1",
         "enable health replicas/late",
         "set server replicas/late health up",
-        "enable server replicas/late",
+        # Seen leaving first: out of maintenance straight into drain, never enabled in between.
         "set server replicas/late state drain",
         "set server replicas/leaving state drain",
         "set server replicas/moved addr 10.0.0.7 port 8001",
         "add server replicas/new 10.0.0.6:8000 check inter 1s fall 2 rise 1",
         "enable health replicas/new",
         "set server replicas/new health up",
-        "enable server replicas/new",
+        "set server replicas/new state ready",
     ]
     assert sync_commands(desired, desired) == []
 
@@ -152,6 +152,10 @@ def test_the_configuration_balances_by_least_outstanding_and_holds_when_no_repli
     assert "  server activator 127.0.0.1:8081\n" in text
     assert "  timeout connect 500ms\n" in text
     assert "  retry-on conn-failure empty-response 503\n" in text
+    # Where the pod has IPv6, its wildcard with IPv4 mapped onto it: one listener for both.
+    dual = render_config("/run/admin.sock", Ports(serve=8080, activator=8081, exporter=8404), 0.5, ipv6=True)
+    assert "  bind :::8080 v4v6\n" in dual
+    assert "  bind 127.0.0.1:8404\n" in dual
 
 
 def test_the_proxy_s_own_errors_are_openai_style_json_naming_the_service() -> None:

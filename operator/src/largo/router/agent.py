@@ -17,7 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -47,6 +49,18 @@ from largo.router.haproxy import (
 
 logger = logging.getLogger(__name__)
 
+
+def ipv6_available() -> bool:
+    """Whether this pod can listen on IPv6 (an IPv6 or dual-stack cluster's Service reaches the router
+    there); a kernel without it would make HAProxy fail to start on IPv6's wildcard."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the forwarding client sets itself.
 _NOT_FORWARDED = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
@@ -56,6 +70,12 @@ _NOT_ANSWERED = _NOT_FORWARDED | {"content-encoding"}
 RESYNC_SECONDS = 2.0
 # HAProxy answers its admin socket at once; one that does not is wedged.
 ADMIN_TIMEOUT_SECONDS = 5.0
+# Ready only while HAProxy was synced this recently (a sync is due every RESYNC_SECONDS): a wedged
+# proxy takes no more traffic. Alive only while its admin socket answered within the longer bound.
+READY_SYNCED_WITHIN_SECONDS = 15.0
+ALIVE_SYNCED_WITHIN_SECONDS = 60.0
+# How long a scrape of HAProxy's exporter may take: a wedged proxy must not hang the agent's /metrics.
+EXPORTER_SECONDS = 2.0
 MIB = 1024 * 1024
 # What is read of a replica's error answer to pass it on as an event (its OpenAI-style body is short).
 ERROR_BODY_BYTES = 64 * 1024
@@ -136,7 +156,12 @@ class Router:
         self.servers: dict[str, Replica] = {}
         self.changed = asyncio.Event()
         self.ready = asyncio.Event()  # set while a replica is ready: held requests may go
-        self.synced = False
+        # The replicas' EndpointSlices were listed once: before, no replica is known (ready or not).
+        self.listed = False
+        # When HAProxy's servers were last made the known replicas (a sync after the first listing),
+        # and when its admin socket last answered a whole sync (whether or not anything was listed).
+        self.synced_at: float | None = None
+        self.answered_at = time.monotonic()
         self.forwarded: dict[str, int] = {}
         # Bytes of request bodies the activator holds now.
         self.held_bytes = 0
@@ -147,7 +172,9 @@ class Router:
 
     async def start_haproxy(self) -> None:
         config_path = self.workdir / "haproxy.cfg"
-        config = render_config(str(self.api.path), self.ports, self.args.connect_timeout, self.args.service)
+        config = render_config(
+            str(self.api.path), self.ports, self.args.connect_timeout, self.args.service, ipv6_available()
+        )
         config_path.write_text(config)
         self.haproxy = await asyncio.create_subprocess_exec(self.args.haproxy, "-db", "-f", str(config_path))
         deadline = time.monotonic() + 10
@@ -171,7 +198,9 @@ class Router:
             self.metrics.replicas.labels(state.value).set(
                 sum(1 for s in self.servers.values() if s.state is state)
             )
-        self.synced = True
+        self.answered_at = time.monotonic()
+        if self.listed:
+            self.synced_at = self.answered_at
 
     async def keep_synced(self) -> None:
         while True:
@@ -186,6 +215,7 @@ class Router:
     # EndpointSlices
 
     def on_slices(self, slices: dict[str, JSON]) -> None:
+        self.listed = True
         self.desired = replicas_from_slices(slices.values())
         # Counts of replicas that left go with them: every rollout names new pods.
         self.forwarded = {name: n for name, n in self.forwarded.items() if name in self.desired}
@@ -269,7 +299,9 @@ class Router:
         if not self._reserve(reserved):
             return self._full()
         try:
-            chunks: list[bytes] = []
+            # One buffer, grown in place: a list of chunks joined at the end held every byte twice
+            # while the request was held (256 MiB of holds took over 512 MiB).
+            body = bytearray()
             size = 0
             try:
                 # A body that does not arrive within the hold timeout gives its reservation back
@@ -283,11 +315,11 @@ class Router:
                             if not self._reserve(size - reserved):
                                 return self._full()
                             reserved = size
-                        chunks.append(chunk)
+                        body += chunk
             except TimeoutError:
                 message = f"the request body did not arrive within {self.args.hold_timeout:g}s"
                 return _error(408, "request_timeout", message)
-            return await self._forward_when_ready(request, b"".join(chunks))
+            return await self._forward_when_ready(request, body)
         finally:
             self.held_bytes -= reserved
 
@@ -304,13 +336,13 @@ class Router:
             f"({self.args.hold_max_bytes} bytes of requests); try again later"
         )
 
-    async def _forward_when_ready(self, request: web.Request, body: bytes) -> web.StreamResponse:
+    async def _forward_when_ready(self, request: web.Request, body: bytearray) -> web.StreamResponse:
         try:
             return await self._answer_when_ready(request, body)
         except ClientGoneError as gone:  # its answer can go nowhere; aiohttp closes the connection
             return gone.response
 
-    async def _answer_when_ready(self, request: web.Request, body: bytes) -> web.StreamResponse:
+    async def _answer_when_ready(self, request: web.Request, body: bytearray) -> web.StreamResponse:
         started = time.monotonic()
         deadline = started + self.args.hold_timeout
         # A streaming client waiting in silence for a model to load is cut by whatever idle timeout
@@ -377,7 +409,7 @@ class Router:
             self.ready.clear()
 
     def _send_to(
-        self, request: web.Request, body: bytes, replica: Replica
+        self, request: web.Request, body: bytearray, replica: Replica
     ) -> aiohttp.client._RequestContextManager:
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
@@ -386,7 +418,7 @@ class Router:
         return self.session.request(request.method, url, headers=headers, data=body)
 
     async def forward(
-        self, request: web.Request, body: bytes, replica: Replica, started: float
+        self, request: web.Request, body: bytearray, replica: Replica, started: float
     ) -> web.StreamResponse:
         async with self._send_to(request, body, replica) as upstream:
             self.metrics.hold_seconds.observe(time.monotonic() - started)
@@ -409,7 +441,12 @@ class Router:
             return response
 
     async def forward_into(
-        self, events: web.StreamResponse, request: web.Request, body: bytes, replica: Replica, started: float
+        self,
+        events: web.StreamResponse,
+        request: web.Request,
+        body: bytearray,
+        replica: Replica,
+        started: float,
     ) -> web.StreamResponse:
         """Forwards a request whose event stream has started (its status, 200, is sent): the replica's
         events follow the keepalives; any other answer, or a failure, becomes an error event."""
@@ -440,23 +477,47 @@ class Router:
         assert self.session is not None
         ours = generate_latest(self.registry).decode()
         try:
-            async with self.session.get(f"http://127.0.0.1:{self.ports.exporter}/metrics") as answer:
+            async with self.session.get(
+                f"http://127.0.0.1:{self.ports.exporter}/metrics",
+                timeout=aiohttp.ClientTimeout(total=EXPORTER_SECONDS),
+            ) as answer:
                 theirs = await answer.text()
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, TimeoutError):
             theirs = ""
         return web.Response(text=ours + theirs, content_type="text/plain", charset="utf-8")
 
     async def healthz(self, _: web.Request) -> web.Response:
-        alive = self.haproxy is not None and self.haproxy.returncode is None
-        return web.Response(status=200 if alive else 503, text="ok" if alive else "haproxy exited")
+        if self.haproxy is None or self.haproxy.returncode is not None:
+            return web.Response(status=503, text="haproxy exited")
+        # Its admin socket silent this long: wedged, and restarted rather than left taking traffic. (An
+        # API server out of reach is no reason: a restart would not bring it back.)
+        if time.monotonic() - self.answered_at > ALIVE_SYNCED_WITHIN_SECONDS:
+            return web.Response(status=503, text="haproxy's admin socket does not answer")
+        return web.Response(text="ok")
 
     async def readyz(self, _: web.Request) -> web.Response:
-        ready = self.synced and self.haproxy is not None and self.haproxy.returncode is None
-        return web.Response(status=200 if ready else 503, text="ready" if ready else "not synced yet")
+        if self.haproxy is None or self.haproxy.returncode is not None:
+            return web.Response(status=503, text="haproxy exited")
+        if not self.listed:
+            # It knows no replica, ready or not: it would hold every request, then answer 503.
+            return web.Response(status=503, text="the replicas' EndpointSlices are not listed yet")
+        synced_at = self.synced_at
+        if synced_at is None or time.monotonic() - synced_at > READY_SYNCED_WITHIN_SECONDS:
+            return web.Response(status=503, text="haproxy's servers are not synced")
+        return web.Response(text="ready")
 
 
-def wants_stream(body: bytes) -> bool:
+# Bodies up to this size are parsed to read "stream"; a larger one is searched for it instead: a
+# prompt of token ids parsed whole takes about ten times its size (64 MiB of ids, ~600 MiB).
+PARSED_BODY_BYTES = 1 << 20
+# "stream": true outside a string (a quote escaped inside one is preceded by a backslash).
+_STREAM_TRUE = re.compile(rb'(?<!\\)"stream"\s*:\s*true\b')
+
+
+def wants_stream(body: bytes | bytearray) -> bool:
     """A completion asked for as server-sent events (OpenAI's ``"stream": true``)."""
+    if len(body) > PARSED_BODY_BYTES:
+        return _STREAM_TRUE.search(body) is not None
     try:
         parsed = json.loads(body)
     except ValueError:  # not JSON (nor UTF-8): the replica will say what is wrong with it

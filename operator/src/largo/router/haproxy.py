@@ -68,11 +68,14 @@ def _http_errors(service: str) -> str:
     )
 
 
-def render_config(socket_path: str, ports: Ports, connect_timeout_s: float = 2.0, service: str = "") -> str:
-    """The configuration HAProxy starts with: one frontend; the replicas' backend, balanced by least
-    outstanding requests; and the activator's, used while the replicas' has no usable server.
-    Replicas arrive later through the runtime API."""
+def render_config(
+    socket_path: str, ports: Ports, connect_timeout_s: float = 2.0, service: str = "", ipv6: bool = False
+) -> str:
+    """The configuration HAProxy starts with: one frontend (on IPv4 and, where the pod has it, IPv6);
+    the replicas' backend, balanced by least outstanding requests; and the activator's, used while the
+    replicas' has no usable server. Replicas arrive later through the runtime API."""
     connect_ms = max(1, round(connect_timeout_s * 1000))
+    listen = f":::{ports.serve} v4v6" if ipv6 else f":{ports.serve}"
     return f"""\
 global
   stats socket {socket_path} mode 600 level admin
@@ -94,7 +97,7 @@ defaults
   timeout http-request 30s
 
 frontend serve
-  bind :{ports.serve}
+  bind {listen}
   # No replica can take it (none ready, or all leaving): the activator holds it until one is ready.
   use_backend {HOLD} if {{ nbsrv({BACKEND}) lt 1 }}
   default_backend {BACKEND}
@@ -159,7 +162,7 @@ def sync_commands(current: Mapping[str, Replica], desired: Mapping[str, Replica]
 
     A new replica is added in maintenance (as HAProxy adds dynamic servers), given a TCP health check
     (a dead process is noticed between EndpointSlice updates) that starts from up (its EndpointSlice
-    says it is ready), then enabled. A replica that left is put
+    says it is ready), then set ready (or draining). A replica that left is put
     in maintenance and deleted; HAProxy refuses the deletion while requests are still on it, and the
     caller repeats it on the next sync (see ``removals``)."""
     commands: list[str] = []
@@ -174,10 +177,10 @@ def sync_commands(current: Mapping[str, Replica], desired: Mapping[str, Replica]
                 f"enable health {_server(name)}",
                 # Ready by its EndpointSlice already: up now, not after its first check.
                 f"set server {_server(name)} health up",
-                f"enable server {_server(name)}",
+                # Out of maintenance straight into its state: one seen leaving first never takes a
+                # request between an "enable" and a "drain".
+                f"set server {_server(name)} state {'drain' if replica.state is State.DRAINING else 'ready'}",
             ]
-            if replica.state is State.DRAINING:
-                commands.append(f"set server {_server(name)} state drain")
             continue
         if (known.address, known.port) != (replica.address, replica.port):
             # The same pod name on a new address: a restarted replica group.
