@@ -458,3 +458,77 @@ def test_two_writers_saving_one_step_at_once_each_rename_a_whole_file(
     assert float(loaded["weights"][0]) in (1.0, 2.0)
     assert torch.equal(loaded["weights"], torch.full((1000,), loaded["weights"][0].item()))
     assert [path.name for path in tmp_path.iterdir()] == ["step-000000007.pt"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--heads", "5"], "--heads 5 must divide --width"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+        (["--data", "{tmp}/no-such-dir"], "no-such-dir is neither a file nor a directory"),
+        (["--data", "{tmp}/short.txt"], "fewer than the 34 a window needs"),
+        (["--data", "{tmp}/empty"], "no training text found"),
+    ],
+)
+def test_what_no_restart_can_mend_exits_2(tmp_path: Path, extra: list[str], says: str) -> None:
+    """Exit 2 is the reference's "bad arguments" (for failurePolicy.permanentExitCodes); these crashed
+    with exit 1, and each restart held the gang's GPUs again for the same failure."""
+    (tmp_path / "short.txt").write_text("too short for a window")
+    (tmp_path / "empty").mkdir()
+    extra = [part.format(tmp=tmp_path) for part in extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LARGO_CHECKPOINT_DIR", None)
+    command = [sys.executable, "-m", "largo.runtime.train", *TRAIN_ARGS, "--steps", "2", *extra]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr
+
+
+def test_a_cut_of_the_text_is_said(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (corpus / name).write_text(name * 1000)  # 5,000 bytes each
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LARGO_CHECKPOINT_DIR", None)
+    command = [sys.executable, "-m", "largo.runtime.train", *TRAIN_ARGS, "--steps", "1"]
+    cut = subprocess.run(
+        [*command, "--data", str(corpus), "--data-bytes", "6000"], env=env, capture_output=True, text=True
+    )
+    assert cut.returncode == 0, cut.stderr
+    assert "training on the first 6000 bytes of the text (--data-bytes): 9000 bytes left out" in cut.stderr
+    whole = subprocess.run([*command, "--data", str(corpus)], env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    assert "left out" not in whole.stderr
+
+
+def test_a_run_resumed_with_nothing_left_to_train_reports_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new job on a finished one's directory trains nothing: its report still names the checkpoint,
+    which a model server following the job waits for."""
+    from largo.runtime import train
+
+    reports: list[dict[str, Any]] = []
+
+    class Captured:
+        def __init__(self, interval: float) -> None:
+            pass
+
+        def report(self, fields: dict[str, Any]) -> None:
+            reports.append(fields)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(train, "ProgressReporter", Captured)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    checkpoints = tmp_path / "checkpoints"
+    args = [*TRAIN_ARGS, "--steps", "4", "--checkpoint-every", "4", "--checkpoint-dir", str(checkpoints)]
+    first = subprocess.run(  # the finished job (a process of its own: its metrics are registered once)
+        [sys.executable, "-m", "largo.runtime.train", *args], capture_output=True, text=True, check=False
+    )
+    assert first.returncode == 0, first.stderr
+    assert train.main(args) == 0
+    (report,) = reports
+    assert (report["step"], report["checkpointStep"], report["loss"]) == (4, 4, None)

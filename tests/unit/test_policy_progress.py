@@ -4,6 +4,7 @@ and never able to change anything but status.progress."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -173,3 +174,15 @@ def test_a_report_carries_the_newest_checkpoint() -> None:
     assert read.progress["checkpointedAt"] == timestamp(NOW - 120)
     without = progress_fields(40, 100, 1.25, 5000.0, 2.0, NOW)
     assert "checkpointedAt" not in without
+
+
+@pytest.mark.parametrize("loss", [math.nan, math.inf, None])
+def test_a_loss_that_is_no_number_is_sent_as_null_and_the_report_is_taken(loss: float | None) -> None:
+    """A diverged run's NaN once made the operator refuse every report from then on: the progress froze
+    at the last finite step, then read as stale, and the last report's checkpoint never arrived."""
+    report = progress_fields(40, 100, loss, 5000.0, 2.0, NOW, checkpoint=(30, NOW - 120))
+    assert report["loss"] is None
+    read = read_report(data(json.dumps(report, allow_nan=False)))
+    assert read.progress is not None
+    assert read.progress["step"] == 40
+    assert read.progress["checkpointStep"] == 30

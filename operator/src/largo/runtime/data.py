@@ -6,14 +6,18 @@ uninterrupted run would have seen, so the data position is the step itself.
 
 from __future__ import annotations
 
+import logging
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
-_DEFAULT_LIMIT = 2_000_000
+# Bytes of text read by default: every rank holds them (the reference model learns from far less).
+DEFAULT_LIMIT = 2_000_000
 
 
 def default_corpus() -> list[Path]:
@@ -23,24 +27,41 @@ def default_corpus() -> list[Path]:
 
 
 def text_files(paths: Iterable[Path]) -> list[Path]:
+    """The files named, and the text files under the directories named; ValueError for a path that
+    does not exist (a mistyped one would otherwise train on the others without a word)."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
             files.extend(sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()))
         elif path.is_file():
             files.append(path)
+        else:
+            raise ValueError(f"{path} is neither a file nor a directory")
     return files
 
 
-def load_bytes(paths: Iterable[Path], limit: int = _DEFAULT_LIMIT) -> torch.Tensor:
-    """The files' bytes, concatenated in order, as a uint8 tensor of at most ``limit`` tokens."""
+def load_bytes(paths: Iterable[Path], limit: int = DEFAULT_LIMIT, say_cut: bool = True) -> torch.Tensor:
+    """The files' bytes, concatenated in order, as a uint8 tensor of at most ``limit`` tokens; a cut is
+    logged (``say_cut``), with how much of the text it left out."""
+    paths = list(paths)
+    files = text_files(paths)
     chunks: list[bytes] = []
     total = 0
-    for path in text_files(paths):
-        chunk = path.read_bytes()[: limit - total]
+    for index, path in enumerate(files):
+        whole = path.read_bytes()
+        chunk = whole[: limit - total]
         chunks.append(chunk)
         total += len(chunk)
         if total >= limit:
+            left = len(whole) - len(chunk) + sum(p.stat().st_size for p in files[index + 1 :])
+            if left and say_cut:
+                logger.warning(
+                    "training on the first %d bytes of the text (--data-bytes): %d bytes left out, "
+                    "starting in %s",
+                    limit,
+                    left,
+                    path if len(chunk) < len(whole) else files[index + 1],
+                )
             break
     if total < 2:
         raise ValueError(f"no training text found in {[str(p) for p in paths]}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import threading
 from typing import Any
@@ -40,24 +41,29 @@ def _utc(epoch: float) -> str:
 def progress_fields(
     step: int,
     total: int,
-    loss: float,
+    loss: float | None,
     tokens_per_second: float,
     steps_per_second: float,
     now: float,
     checkpoint: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
     """One progress report (pure); ``checkpoint`` is (step, epoch seconds) of the newest complete
-    checkpoint this run wrote, from which the operator tells how much work a failure would lose."""
+    checkpoint this run wrote, from which the operator tells how much work a failure would lose. A
+    loss that is not a number (a diverged run, or none computed) is sent as null, which the operator
+    takes, where NaN made it refuse every report from then on."""
     percent = round(100.0 * step / total, 1) if total else 0.0
     eta = (total - step) / steps_per_second if steps_per_second > 0 else None
-    summary = f"{percent:g}% {step}/{total} loss {loss:.3f}"
+    finite = loss is not None and math.isfinite(loss)
+    summary = f"{percent:g}% {step}/{total}"
+    if loss is not None:
+        summary += f" loss {loss:.3f}"
     if eta is not None:
         summary += f" ETA {_duration(eta)}"
     fields: dict[str, Any] = {
         "step": step,
         "totalSteps": total,
         "percent": percent,
-        "loss": round(loss, 6),
+        "loss": round(loss, 6) if finite and loss is not None else None,
         "tokensPerSecond": round(tokens_per_second, 1),
         "updatedAt": _utc(now),
         "summary": summary,

@@ -19,6 +19,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -55,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument(
         "--data", type=Path, action="append", default=None, help="text file or directory (repeatable)"
+    )
+    parser.add_argument(
+        "--data-bytes",
+        type=int,
+        default=data.DEFAULT_LIMIT,
+        help="bytes of the text read, in file order (each rank holds them in memory; a cut is logged)",
     )
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="default: $LARGO_CHECKPOINT_DIR")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
@@ -215,6 +222,19 @@ def _keep_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float | 
     return differing[0] if differing else None
 
 
+def bad_arguments(args: argparse.Namespace) -> str | None:
+    """Why the arguments cannot train, if they cannot (pure)."""
+    positive = ("steps", "batch_size", "context", "width", "depth", "heads", "checkpoint_every", "keep")
+    for name in positive:
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}"
+    if args.width % args.heads:
+        return f"--heads {args.heads} must divide --width {args.width}"
+    if args.data_bytes < 2:
+        return f"--data-bytes must be at least 2, not {args.data_bytes}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -230,6 +250,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(torch_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     distributed = world > 1
     config = ModelConfig(context=args.context, width=args.width, depth=args.depth, heads=args.heads)
+    # What no restart can mend exits 2 (the reference's "bad arguments", for failurePolicy's
+    # permanentExitCodes), before the process group: a crash would exit 1 and be retried.
+    wrong = bad_arguments(args)
+    if wrong is not None:
+        logger.error("bad arguments: %s", wrong)
+        return 2
+    try:
+        # The default corpus (the standard library's sources) is cut without a word: it is a sample.
+        corpus = data.load_bytes(args.data or data.default_corpus(), args.data_bytes, say_cut=bool(args.data))
+    except ValueError as error:
+        logger.error("bad --data: %s", error)
+        return 2
+    if len(corpus) < args.context + 2:
+        needs = args.context + 2
+        logger.error("bad --data: %d bytes of text, fewer than the %d a window needs", len(corpus), needs)
+        return 2
     try:
         layout = parallel.Layout(world, args.tp, args.pp)
         layout.check_model(config)
@@ -255,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model: nn.Module = TinyGPT(config).to(device)
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    corpus = data.load_bytes(args.data or data.default_corpus())
     reporting = rank == layout.reporter
     recorder = metrics.TrainMetrics() if reporting else None
 
@@ -304,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             _restore(model, optimizer, state)
             start = int(state["step"])
             logger.info("resumed from checkpoint of step %d in %s", start, directory)
+            if start >= args.steps:
+                logger.info("step %d is at or past --steps %d: nothing left to train", start, args.steps)
             restored_lr = _keep_learning_rate(optimizer, args.lr)
             if restored_lr is not None and rank == 0:
                 logger.info(
@@ -374,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             if step % args.log_every == 0 or step == args.steps or stop:
                 if isinstance(model, DistributedDataParallel):
                     recorder.collectives(model, 1 / rate if rate > 0 else 0.0)
-                print(json.dumps({"step": step, "loss": value, "tokens_per_second": rate * tokens_per_step}))
+                shown = value if math.isfinite(value) else None  # NaN is no JSON
+                print(json.dumps({"step": step, "loss": shown, "tokens_per_second": rate * tokens_per_step}))
                 sys.stdout.flush()
             if reporter is not None:
                 last_progress = (step, args.steps, value, rate * tokens_per_step, rate)
@@ -394,6 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     if reporter is not None:
         if last_progress is not None:
             reporter.report(progress_fields(*last_progress, time.time(), saved))
+        elif start >= args.steps and directory is not None:
+            # Resumed with nothing left to train (a new job on a finished one's directory): its
+            # checkpoint is what a model server following this job loads, so the report names it.
+            try:
+                made = checkpoint.checkpoint_path(directory, start).stat().st_mtime
+            except OSError:  # pruned since, or unreadable here: when it was seen is close enough
+                made = time.time()
+            reporter.report(progress_fields(start, args.steps, None, 0.0, 0.0, time.time(), (start, made)))
         reporter.close()
     if distributed:
         # Gloo aborts the process ("terminate called without an active exception") when a process
