@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import re
+from pathlib import Path
 from typing import Any
 
+import yaml
 from largo.controllers.state import JobEntry, PodUsage, job_entry, service_entry
 from largo.metrics import OperatorMetrics, Snapshot, node_gpus, resource_families
 from largo.policy.conditions import parse_timestamp
@@ -353,4 +356,28 @@ def test_the_events_the_alerts_count_are_exported_at_zero_from_the_start() -> No
         ("PodFailed", "Warning"): 0.0,
         ("NodeLost", "Warning"): 0.0,
         ("PodDeleted", "Warning"): 0.0,
+        ("GroupRestarted", "Warning"): 0.0,
     }
+
+
+def test_every_event_reason_an_alert_reads_is_among_them() -> None:
+    rules = Path(__file__).parents[2] / "charts" / "largo" / "files" / "prometheus-rules.yaml"
+    groups = yaml.safe_load(rules.read_text())["groups"]
+    expressions = [rule["expr"] for group in groups for rule in group["rules"]]
+    read = {
+        reason
+        for expression in expressions
+        for match in re.finditer(r'largo_events_total\{reason=~"([^"]+)"', expression)
+        for reason in match.group(1).split("|")
+    }
+    assert "GroupRestarted" in read
+    registry = CollectorRegistry()
+    OperatorMetrics(registry)
+    exported = {
+        sample.labels["reason"]
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        if family.name == "largo_events"
+        for sample in family.samples
+        if sample.name == "largo_events_total"
+    }
+    assert read <= exported

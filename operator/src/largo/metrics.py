@@ -373,6 +373,7 @@ _ALERTED_EVENTS = (
     ("PodFailed", "Warning"),
     ("NodeLost", "Warning"),
     ("PodDeleted", "Warning"),
+    ("GroupRestarted", "Warning"),
 )
 
 
