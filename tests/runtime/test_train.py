@@ -22,6 +22,8 @@ from damage import flip_a_byte_of_the_weights
 from gangs import STEPS, TRAIN_ARGS, Gang, scrape
 from largo.dev.cluster import free_port, wait_for
 from largo.runtime import checkpoint
+from largo.runtime.metrics import TrainMetrics
+from prometheus_client import CollectorRegistry
 
 pytestmark = pytest.mark.runtime
 
@@ -522,6 +524,8 @@ def test_a_run_resumed_with_nothing_left_to_train_reports_its_checkpoint(
             pass
 
     monkeypatch.setattr(train, "ProgressReporter", Captured)
+    # A registry of its own: another test's run in this process registered the trainer's series.
+    monkeypatch.setattr(train.metrics, "TrainMetrics", lambda: TrainMetrics(CollectorRegistry()))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     checkpoints = tmp_path / "checkpoints"
     args = [*TRAIN_ARGS, "--steps", "4", "--checkpoint-every", "4", "--checkpoint-dir", str(checkpoints)]
@@ -532,3 +536,9 @@ def test_a_run_resumed_with_nothing_left_to_train_reports_its_checkpoint(
     assert train.main(args) == 0
     (report,) = reports
     assert (report["step"], report["checkpointStep"], report["loss"]) == (4, 4, None)
+    # With steps left, the reports name the checkpoint resumed from until the run writes one: after a
+    # restart the work at risk (LargoNoCheckpoint, status.progress) is still known.
+    reports.clear()
+    longer = [*TRAIN_ARGS, "--steps", "6", "--checkpoint-every", "100", "--checkpoint-dir", str(checkpoints)]
+    assert train.main(longer) == 0
+    assert [(r["step"], r["checkpointStep"]) for r in reports] == [(5, 4), (6, 4), (6, 6)]

@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(os.environ["LARGO_CHECKPOINT_DIR"]) if os.environ.get("LARGO_CHECKPOINT_DIR") else None
     )
     start = 0
+    resumed: tuple[int, float] | None = None  # the checkpoint resumed from: (step, when written)
     if directory is not None:
         try:
             state = _load_agreed(directory, distributed, rank, device)
@@ -341,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("resumed from checkpoint of step %d in %s", start, directory)
             if start >= args.steps:
                 logger.info("step %d is at or past --steps %d: nothing left to train", start, args.steps)
+            try:
+                resumed = (start, checkpoint.checkpoint_path(directory, start).stat().st_mtime)
+            except OSError:  # pruned since, or unreadable here: when it was read is close enough
+                resumed = (start, time.time())
             restored_lr = _keep_learning_rate(optimizer, args.lr)
             if restored_lr is not None and rank == 0:
                 logger.info(
@@ -363,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     step = start
     last_progress: tuple[int, int, float, float, float] | None = None  # the latest report's figures
-    saved: tuple[int, float] | None = None  # the newest checkpoint this run wrote: (step, when)
+    # The newest complete checkpoint: (step, when). The one resumed from until this run writes one, so
+    # that a restarted run's reports still say how much work a failure would lose.
+    saved: tuple[int, float] | None = resumed
     writer = checkpoint.BackgroundWriter(directory, args.keep) if directory is not None else None
     # DDP times its own all-reduce; every other distributed layout is timed from gloo's own records.
     sampling = (
@@ -432,14 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     if reporter is not None:
         if last_progress is not None:
             reporter.report(progress_fields(*last_progress, time.time(), saved))
-        elif start >= args.steps and directory is not None:
+        elif resumed is not None:
             # Resumed with nothing left to train (a new job on a finished one's directory): its
             # checkpoint is what a model server following this job loads, so the report names it.
-            try:
-                made = checkpoint.checkpoint_path(directory, start).stat().st_mtime
-            except OSError:  # pruned since, or unreadable here: when it was seen is close enough
-                made = time.time()
-            reporter.report(progress_fields(start, args.steps, None, 0.0, 0.0, time.time(), (start, made)))
+            reporter.report(progress_fields(start, args.steps, None, 0.0, 0.0, time.time(), resumed))
         reporter.close()
     if distributed:
         # Gloo aborts the process ("terminate called without an active exception") when a process
