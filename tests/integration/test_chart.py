@@ -193,6 +193,7 @@ def test_chart_lints_and_renders_the_generated_crd(cluster: LocalCluster, tmp_pa
     election = "operator.leaderElection"
     for values, says in (
         ([f"{election}.leaseDurationSeconds=5"], "must be less than leaseDurationSeconds"),
+        ([f"{election}.renewDeadlineSeconds=8"], "renewDeadlineSeconds + 2 (a write's connect timeout)"),
         (
             [f"{election}.retryPeriodSeconds=5", f"{election}.leaseDurationSeconds=20"],
             "must be more than 1.2 x retryPeriodSeconds",

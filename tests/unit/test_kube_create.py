@@ -50,8 +50,9 @@ class FakeCore:
         if self.refusal is not None:
             raise self.refusal
 
-    def read_namespaced_service(self, name: str, namespace: str, **_: Any) -> Any:
+    def read_namespaced_service(self, name: str, namespace: str, **options: Any) -> Any:
         self.calls.append("read")
+        self.timeouts.append(options["_request_timeout"])  # every call bounded: none may hang a worker
         if self.absent:
             raise _refusal(404, f'services "{name}" not found')
         if self.existing is not None:

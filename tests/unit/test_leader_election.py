@@ -41,7 +41,7 @@ def test_a_lease_call_to_a_server_that_never_answers_gives_up_after_one_try() ->
         default.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
         client.Configuration.set_default(default)  # as load_kube_config leaves it: retries on
         try:
-            timings = ElectionTimings(lease_duration=4, renew_deadline=2, retry_period=1)
+            timings = ElectionTimings(lease_duration=5, renew_deadline=2, retry_period=1)
             lock = timed_lease_lock("largo", "ns", "me", timings)
         finally:
             client.Configuration.set_default(before)

@@ -112,6 +112,10 @@ def test_election_timings_a_standby_could_not_honour_are_refused(monkeypatch: py
     [line] = _refusal(monkeypatch, LARGO_LEASE_DURATION_SECONDS="6")
     assert "retry_period + renew_deadline < lease_duration" in line
     assert "LARGO_LEASE_DURATION_SECONDS 6" in line
+    # A deposed leader's last write, begun at its renew deadline and slow to connect, would land after
+    # the standby took the Lease: client-go's rule alone (1 + 8 < 10) let it.
+    [line] = _refusal(monkeypatch, LARGO_LEASE_DURATION_SECONDS="10", LARGO_RENEW_DEADLINE_SECONDS="8")
+    assert "renew_deadline + 2 (a write's connect timeout) < lease_duration" in line
 
 
 def test_largo_operator_stops_before_kopf_with_the_reasons() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from largo.controllers.kube import ConflictError
-from largo.controllers.scheduler import QUEUE_MESSAGE_REFRESH_SECONDS, Scheduler
+from largo.controllers.scheduler import PASS_RETRY_SECONDS, QUEUE_MESSAGE_REFRESH_SECONDS, Scheduler
 from largo.controllers.state import JobEntry, JobKey, PodUsage, job_entry, service_entry
 from largo.sched.inventory import node_info
 
@@ -137,9 +137,17 @@ def test_a_conflicting_admission_reserves_nothing_and_is_decided_again() -> None
     scheduler = _scheduler(
         kube, [_node("n0"), _node("n1")], [_job("a"), _job("b", created="2027-01-15T08:00:01Z")]
     )
-    asyncio.run(scheduler.run_pass())
+
+    async def conflicted() -> bool:
+        await scheduler.run_pass()
+        # Decided again in a second, when the index shows the newer version: at once, the same write
+        # conflicted again for as long as the index lagged (hundreds of passes a second).
+        woken_at_once = scheduler._wake.is_set()
+        await asyncio.sleep(PASS_RETRY_SECONDS + 0.2)
+        return not woken_at_once and scheduler._wake.is_set()
+
+    assert asyncio.run(conflicted())
     assert scheduler.admitted_keys == [("ns", "b")]  # type: ignore[attr-defined]
-    assert scheduler._wake.is_set()  # the job that changed is decided again at once
     kube.conflict.clear()
     asyncio.run(scheduler.run_pass())
     # "a" was not held for the refused write: it gets the other node now, not a second one on top.
@@ -538,3 +546,19 @@ def test_a_finished_rank_of_a_running_gang_leaves_its_gpus_to_the_queue() -> Non
     assert usage.get("n1", {}).get("nvidia.com/gpu", 0) == 0
     asyncio.run(scheduler.run_pass())
     assert [(name, status.get("phase")) for name, status in kube.writes] == [("b", "Starting")]
+
+
+def test_a_stop_that_comes_with_a_wake_up_stops_the_scheduler() -> None:
+    """Python 3.11's wait_for swallowed a cancel that came as its event was set: the operator's
+    graceful stop then waited for ever on the scheduler, and kept the Lease till the kubelet's kill."""
+    scheduler = _scheduler(FakeKube(), [_node("n0")], [])
+
+    async def stopped() -> bool:
+        task = asyncio.create_task(scheduler.run())
+        await asyncio.sleep(0.05)
+        scheduler.wake()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        return task in done and task.cancelled()
+
+    assert asyncio.run(stopped())

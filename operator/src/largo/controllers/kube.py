@@ -20,7 +20,7 @@ from kubernetes import client, config
 from kubernetes.client import ApiException
 
 from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_PLURAL, VERSION
-from largo.controllers.leader import LeaderGate, NotLeader
+from largo.controllers.leader import WRITE_CONNECT_SECONDS, LeaderGate, NotLeader
 from largo.controllers.workqueue import Retry
 from largo.manifests.names import LABEL_ATTEMPT
 
@@ -184,8 +184,8 @@ def controller_uid(metadata: Mapping[str, Any]) -> str | None:
     return None
 
 
-# A write's connect and read timeouts (seconds).
-WRITE_CONNECT_SECONDS = 2.0
+# A write's read timeout (seconds); its connect timeout, WRITE_CONNECT_SECONDS, is the leader
+# election's (a fenced write must connect before a standby may take over).
 WRITE_READ_SECONDS = 30.0
 # A page of a cluster-wide list, and how long it may take.
 LIST_PAGE = 500
@@ -355,11 +355,17 @@ class Kube:
                 raise _unavailable(kind, name, error) from error
             if error.status != 409:
                 raise CreateRefused(kind, name, "CreateRefused", api_message(error)) from error
+        read = getattr(api, f"read_namespaced_{suffix}")
         try:
-            existing = await asyncio.to_thread(getattr(api, f"read_namespaced_{suffix}"), name, namespace)
+            # Bounded as every other call: a half-open pooled connection would hold the worker (and its
+            # job's key) until the kernel gives up on the socket.
+            timeout = (WRITE_CONNECT_SECONDS, WRITE_READ_SECONDS)
+            existing = await asyncio.to_thread(read, name, namespace, _request_timeout=timeout)
         except ApiException as error:
             if error.status == 404:  # gone between the create and the read: try the create again
                 raise Retry(f"{kind} {name} went away while being created") from error
+            if transient(error):
+                raise _unavailable(kind, name, error) from error
             raise
         _refuse_foreign(manifest, existing)
         wanted = (manifest["metadata"].get("labels") or {}).get(LABEL_ATTEMPT)

@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 _SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
+# How long a write may take to connect (seconds): the fence's margin (ElectionTimings).
+WRITE_CONNECT_SECONDS = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class ElectionTimings:
     """client-go's meaning: a standby takes over ``lease_duration`` after the last renewal it saw; a
@@ -52,6 +56,15 @@ class ElectionTimings:
             raise ValueError("leader election needs retry_period + renew_deadline < lease_duration")
         if not self.renew_deadline > 1.2 * self.retry_period:
             raise ValueError("leader election needs renew_deadline > 1.2 * retry_period")
+        # The fence (LeaderGate) lets a write start until renew_deadline after the renewal began, and
+        # its connection may take WRITE_CONNECT_SECONDS: it must reach the API server before a standby
+        # can hold the Lease, lease_duration after that renewal.
+        if not self.renew_deadline + WRITE_CONNECT_SECONDS < self.lease_duration:
+            raise ValueError(
+                f"leader election needs renew_deadline + {WRITE_CONNECT_SECONDS:g} (a write's connect "
+                "timeout) < lease_duration, or a deposed leader's last write could land after a standby "
+                "took over"
+            )
 
 
 @dataclass

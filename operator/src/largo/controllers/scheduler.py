@@ -110,12 +110,24 @@ class Scheduler:
     _told: dict[JobKey, float] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _ready: bool = False
+    _again: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         # Handlers, the only callers, run once kopf has filled every index from its initial listing:
         # from then on a pass sees the whole inventory.
         self._ready = True
         self._wake.set()
+
+    def _again_soon(self) -> None:
+        """A write conflicted: another pass in a second, when the index shows the newer version. At
+        once it would conflict again for as long as the index lags (a job deleted during a watch's
+        gap, the watches stopped at a shutdown): hundreds of failed writes a second."""
+        if self._again is None:
+            self._again = asyncio.get_running_loop().call_later(PASS_RETRY_SECONDS, self._again_now)
+
+    def _again_now(self) -> None:
+        self._again = None
+        self.wake()
 
     def nudge(self) -> None:
         """Asks for a pass without claiming the indexes are filled (see ``wake``)."""
@@ -124,8 +136,11 @@ class Scheduler:
     async def run(self, resync: float = 30.0) -> None:
         failures = 0
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that arrives as
+            # the event is set (a wake-up beside the operator's stop), and the stop waited for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), resync)
+                async with asyncio.timeout(resync):
+                    await self._wake.wait()
             self._wake.clear()
             if not self._ready:
                 # However slowly the indexes fill, no pass runs on a partial inventory: it could
@@ -360,7 +375,7 @@ class Scheduler:
                 *service.key, service.resource_version, {"groups": groups}
             )
         except ConflictError:
-            self.wake()
+            self._again_soon()
             return
         for replica, placement in admitted.items():
             record = next(g for g in service.groups if g.replica == replica)
@@ -411,7 +426,7 @@ class Scheduler:
         try:
             updated = await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, complete)
         except ConflictError:
-            self.wake()
+            self._again_soon()
             return
         exclusive = entry.request is not None and entry.request.exclusive
         self._pending[entry.key] = _Admission(entry.attempt, placement.nodes, entry.per_pod, exclusive)
@@ -454,7 +469,7 @@ class Scheduler:
         try:
             await self.kube.patch_trainjob_status(*entry.key, entry.resource_version, patch)
         except ConflictError:
-            self.wake()
+            self._again_soon()
             return
         self._told[entry.key] = now
         if new:

@@ -204,8 +204,10 @@ class Router:
 
     async def keep_synced(self) -> None:
         while True:
+            # asyncio.timeout: Python 3.11's wait_for swallows a cancel that comes as the event is set.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), RESYNC_SECONDS)
+                async with asyncio.timeout(RESYNC_SECONDS):
+                    await self.changed.wait()
             self.changed.clear()
             try:
                 await self.sync()

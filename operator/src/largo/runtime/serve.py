@@ -645,7 +645,8 @@ async def serve(args: argparse.Namespace) -> int:
     server.draining = True
     logger.info("draining %d request(s)", server.in_flight)
     try:
-        await asyncio.wait_for(server.idle.wait(), args.drain_seconds)
+        async with asyncio.timeout(args.drain_seconds):
+            await server.idle.wait()
     except TimeoutError:
         logger.warning("%d request(s) still in flight after %.0fs", server.in_flight, args.drain_seconds)
     for task in tasks:
