@@ -29,3 +29,26 @@ def test_largo_dev_is_still_there_for_developers() -> None:
         [sys.executable, "-m", "largo", "dev", "--help"], capture_output=True, text=True, check=True
     )
     assert "{up,down,status," in run.stdout  # the dev subcommands are listed
+
+
+# As installed without the dev extra (the operator's image): cryptography cannot be imported.
+WITHOUT_DEV = """
+import sys
+sys.modules["cryptography"] = None
+from largo.cli import main
+for argv in (["top", "--help"], ["dev", "up"]):
+    try:
+        print("exit", main(argv))
+    except SystemExit as done:
+        print("exit", done.code)
+"""
+
+
+def test_largo_top_runs_without_the_dev_extra_and_dev_commands_say_what_they_need() -> None:
+    """`kubectl exec ... largo top` in the operator's image crashed importing the dev tooling."""
+    run = subprocess.run([sys.executable, "-c", WITHOUT_DEV], capture_output=True, text=True, check=True)
+    assert "usage: largo top" in run.stdout
+    lines = run.stdout.strip().splitlines()
+    assert lines[-3] == "exit 0"  # top --help
+    assert lines[-2].startswith("largo dev: needs largo's dev extra (pip install 'largo[dev]')")
+    assert lines[-1] == "exit 2"

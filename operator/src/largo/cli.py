@@ -16,12 +16,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     operator_cli.add_parser(subparsers)
     top.add_parser(subparsers)
-    if arguments[:1] != ["operator"]:
+    if arguments[:1] not in (["operator"], ["top"]):
         # The development tooling (local cluster, PKI, localnode) and its dependencies stay out of the
-        # operator's process and image: `largo operator` never imports largo.dev.
-        from largo.dev import cli as dev_cli
-
-        dev_cli.add_parser(subparsers)
+        # operator's process and image: `largo operator` and `largo top` never import largo.dev, which
+        # needs the `dev` extra (cryptography, for one).
+        try:
+            from largo.dev import cli as dev_cli
+        except ImportError as error:
+            if arguments[:1] and not arguments[0].startswith("-"):
+                print(f"largo {arguments[0]}: needs largo's dev extra (pip install 'largo[dev]'): {error}")
+                return 2
+        else:
+            dev_cli.add_parser(subparsers)
     args = parser.parse_args(arguments)
     code: int = args.handler(args)
     return code
