@@ -323,6 +323,9 @@ INVALID = [
     ({"resourcesPerNode": {"nvidia.com/gpu": "2"}, "parallelism": {"pipeline": 3}}, "tensor x pipeline"),
     ({"parallelism": {"tensor": 0}}, "parallelism.tensor"),
     ({"resourcesPerNode": {"memory": "-1Gi"}}, "spec.resourcesPerNode.memory"),
+    ({"checkpoint": {"claimName": "c", "subPath": "runs/../../other-team"}}, "must not contain '..'"),
+    ({"podTemplate": {"labels": {"largo.dev/exclusive-node": "true"}}}, "largo's own keys"),
+    ({"podTemplate": {"annotations": {"largo.dev/placement-node": "n0"}}}, "largo's own keys"),
 ]
 
 

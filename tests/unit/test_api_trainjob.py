@@ -166,6 +166,16 @@ def test_from_body_accepts_mapping_views() -> None:
         ({"failurePolicy": {"permanentExitCodes": [1, 1]}}, "duplicates"),
         ({"failurePolicy": {"backoffLimit": -1}}, "backoffLimit"),
         ({"failurePolicy": {"disruptions": "Sometimes"}}, "disruptions"),
+        ({"checkpoint": {"claimName": "c", "subPath": "../x"}}, "must not contain '..'"),
+        ({"podTemplate": {"labels": {"largo.dev/exclusive-node": "true"}}}, "largo's own keys"),
+        ({"podTemplate": {"volumes": [{"name": "largo-dshm", "emptyDir": {}}]}}, "named like largo's own"),
+        (
+            {
+                "checkpoint": {"claimName": "c"},
+                "podTemplate": {"volumeMounts": [{"name": "v", "mountPath": "/checkpoints/"}]},
+            },
+            "must not mount over spec.checkpoint.path",
+        ),
         ({"activeDeadlineSeconds": 0}, "activeDeadlineSeconds"),
         ({"ttlSecondsAfterFinished": -1}, "ttlSecondsAfterFinished"),
         ({"checkpoint": {"claimName": "c", "path": "relative"}}, "path"),

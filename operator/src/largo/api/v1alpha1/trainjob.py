@@ -71,6 +71,18 @@ MSG_RESERVED_ENV = (
     + " are reserved; largo and torchrun set them"
 )
 MSG_ENV_VALUE_EXCLUSIVE = "spec.env: value and valueFrom are mutually exclusive"
+# Label and annotation keys largo sets on its pods (which of them a pod has says how it is scheduled and
+# scraped), volume names it adds: a template's own would override or duplicate them.
+RESERVED_KEY_PREFIX = "largo.dev/"
+RESERVED_VOLUME_PREFIX = "largo-"
+MSG_RESERVED_KEYS = (
+    f"spec.podTemplate labels and annotations must not use largo's own keys ({RESERVED_KEY_PREFIX}...)"
+)
+MSG_RESERVED_VOLUMES = (
+    f"spec.podTemplate.volumes must not be named like largo's own ({RESERVED_VOLUME_PREFIX}...)"
+)
+MSG_SUB_PATH_UP = "spec.checkpoint.subPath must not contain '..' (Kubernetes refuses such a subPath)"
+MSG_CHECKPOINT_MOUNT = "spec.podTemplate.volumeMounts must not mount over spec.checkpoint.path"
 MSG_EXIT_CODE_OVERLAP = (
     "spec.failurePolicy: an exit code may not be in both permanentExitCodes and retryableExitCodes"
 )
@@ -235,8 +247,16 @@ class Checkpoint(SpecModel):
         min_length=1,
         max_length=4096,
         pattern=r"^[^/]",
-        description="Relative directory inside the claim to mount instead of its root.",
+        description="Relative directory inside the claim to mount instead of its root (no '..').",
+        json_schema_extra=validations(cel(r"!self.matches('(^|/)\\.\\.(/|$)')", MSG_SUB_PATH_UP)),
     )
+
+    @field_validator("sub_path")
+    @classmethod
+    def _stays_inside(cls, value: str | None) -> str | None:
+        if value is not None and ".." in value.split("/"):
+            raise ValueError(MSG_SUB_PATH_UP)
+        return value
 
 
 class FailurePolicy(SpecModel):
@@ -380,8 +400,18 @@ class PodTemplate(SpecModel):
     volume_mounts: list[FreeForm] = Field(
         default_factory=list, description="core/v1 VolumeMounts of the trainer container."
     )
-    annotations: dict[str, str] = Field(default_factory=dict)
-    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        json_schema_extra=validations(
+            cel(f"self.all(k, !k.startsWith('{RESERVED_KEY_PREFIX}'))", MSG_RESERVED_KEYS)
+        ),
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        json_schema_extra=validations(
+            cel(f"self.all(k, !k.startsWith('{RESERVED_KEY_PREFIX}'))", MSG_RESERVED_KEYS)
+        ),
+    )
     service_account_name: str | None = Field(default=None, min_length=1, max_length=253)
     # None rather than an empty list when unset: the pods' spec hash of an object written before the
     # field existed stays the same, so an operator upgrade restarts no job and rolls no service.
@@ -406,6 +436,17 @@ class PodTemplate(SpecModel):
         le=86400,
         description="Seconds between SIGTERM and SIGKILL when a pod is stopped: time to write a checkpoint.",
     )
+
+    @model_validator(mode="after")
+    def _none_of_largo_s_own(self) -> Self:
+        # Refused here, and so by the operator as InvalidSpec: the volumes are free-form to the API
+        # server. Accepted, their pods were refused at every attempt, or a user's label made a packed
+        # gang's pods look exclusive to the scheduler.
+        if any(key.startswith(RESERVED_KEY_PREFIX) for key in (*self.labels, *self.annotations)):
+            raise ValueError(MSG_RESERVED_KEYS)
+        if any(str(volume.get("name", "")).startswith(RESERVED_VOLUME_PREFIX) for volume in self.volumes):
+            raise ValueError(MSG_RESERVED_VOLUMES)
+        return self
 
 
 class TrainJobSpec(SpecModel):
@@ -526,6 +567,11 @@ class TrainJobSpec(SpecModel):
             raise ValueError(MSG_RESERVED_ENV)
         if len(set(names)) != len(names):
             raise ValueError("spec.env: names must be unique")
+        if self.checkpoint is not None and any(
+            str(mount.get("mountPath", "")).rstrip("/") == self.checkpoint.path.rstrip("/")
+            for mount in self.pod_template.volume_mounts
+        ):
+            raise ValueError(MSG_CHECKPOINT_MOUNT)
         return self
 
 
