@@ -9,7 +9,7 @@ from kubernetes import client
 from largo.controllers.state import JobEntry, PodUsage, job_entry
 from largo.metrics import Snapshot, node_gpus
 from largo.sched.types import NodeInfo
-from largo.top import render, snapshot_from_cluster
+from largo.top import BAR_WIDTH, _bar, render, snapshot_from_cluster
 
 GPU = "nvidia.com/gpu"
 
@@ -124,3 +124,10 @@ def test_a_serving_group_s_admitted_gpus_are_held_as_in_the_metrics() -> None:
     assert queue_row.split() == ["team-b", "default", "16", "8", "8", "1"]
     queued = next(line for line in screen if line.startswith("team-b/chat#r1"))
     assert queued.split()[1] == "1"
+
+
+def test_a_node_holding_more_than_it_offers_keeps_its_bar_width() -> None:
+    """A GPU marked unhealthy under a running pod: held passes allocatable; the row stays aligned."""
+    over = _bar({"allocatable": 4, "largo": 8, "other": 0})
+    assert over == "[####]"
+    assert len(_bar({"allocatable": 64, "largo": 80, "other": 3})) == BAR_WIDTH + 2

@@ -25,7 +25,9 @@ def _bar(counts: Mapping[str, int], width: int = BAR_WIDTH) -> str:
     if total <= 0:
         return "[" + " " * width + "]"
     cells = min(width, total)
-    largo = round(cells * counts.get("largo", 0) / total)
+    # Held can pass allocatable (a GPU the device plugin marked unhealthy under a running pod): the bar
+    # stays its width, full.
+    largo = min(cells, round(cells * counts.get("largo", 0) / total))
     other = min(cells - largo, round(cells * counts.get("other", 0) / total))
     return "[" + "#" * largo + "+" * other + "." * (cells - largo - other) + "]"
 
