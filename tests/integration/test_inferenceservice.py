@@ -518,6 +518,7 @@ def test_bad_input_is_refused_with_the_field_named_or_told_in_a_condition(
             {"runtime": {"type": "vllm"}, "resourcesPerNode": {"cpu": "1"}},
             "spec.runtime.type vllm",
         ),
+        "a port every pod has": ({"runtime": {"port": 9400}}, "spec.runtime.port must not be 9400"),
         "custom without image": ({"runtime": {"type": "custom"}}, "spec.runtime.image is required"),
         "rollout both zero": ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "cannot both be 0"),
         "negative memory": ({"resourcesPerNode": {"memory": "-1Gi"}}, "spec.resourcesPerNode.memory"),

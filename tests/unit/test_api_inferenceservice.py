@@ -40,6 +40,9 @@ def test_defaults_are_one_largo_replica_of_one_pod() -> None:
         ({"model": {"claimName": "w", "fromTrainJob": {"name": "j"}}}, "set exactly one of claimName"),
         ({"model": {"fromTrainJob": {"name": "j"}, "path": "x"}}, "spec.model.path is a directory inside"),
         ({"runtime": {"type": "custom"}}, "spec.runtime.image is required when spec.runtime.type is custom"),
+        ({"runtime": {"port": 9400}}, "spec.runtime.port must not be 9400 (the metrics page)"),
+        ({"runtime": {"port": 29500}}, "or 29500 (the pipeline's rendezvous)"),
+        ({"podTemplate": {"labels": {"largo.dev/replica": "spoofed"}}}, "must not use largo's own keys"),
         ({"runtime": {"type": "vllm"}}, "must be at least 1 with spec.runtime.type vllm"),
         (
             {"runtime": {"type": "vllm"}, "resourcesPerNode": {"nvidia.com/gpu": 0}},

@@ -6,11 +6,11 @@ Service `<job>` (publishNotReadyAddresses) gives rank 0 a DNS name before any po
 
 from __future__ import annotations
 
-from largo.api.v1alpha1.common import GROUP, MAX_JOB_NAME_LENGTH
+from largo.api.v1alpha1.common import GROUP, MASTER_PORT, MAX_JOB_NAME_LENGTH, METRICS_PORT
 
-MASTER_PORT = 29500
-# Rank 0 serves the trainer's Prometheus metrics here (container port `metrics`).
-METRICS_PORT = 9400
+# MASTER_PORT: the rendezvous. METRICS_PORT: rank 0 serves the trainer's Prometheus metrics there
+# (container port `metrics`), as a model server's leader and members do.
+__all__ = ["MASTER_PORT", "METRICS_PORT"]
 METRICS_PORT_NAME = "metrics"
 RENDEZVOUS_PORT_NAME = "rendezvous"
 CONTAINER_NAME = "trainer"

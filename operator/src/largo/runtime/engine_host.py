@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 
 from largo.runtime import checkpoint, pipeline
 from largo.runtime.engine import Engine, LocalForward, Request, Stage
@@ -34,6 +34,7 @@ from largo.runtime.engine_process import (
     freeze_heap,
     ignore_signals,
 )
+from largo.runtime.metrics import serve as serve_metrics
 from largo.runtime.model import ModelConfig, TinyGPT, stage_holds, stage_layers
 from largo.runtime.pipeline import PipelineForward
 from largo.runtime.teardown import exit_without_finalizers
@@ -311,7 +312,7 @@ def member(args: argparse.Namespace) -> int:
         "largo_serve_model_load_seconds", "How long loading the model took.", registry=registry
     )
     if args.metrics_port:
-        start_http_server(args.metrics_port, registry=registry)
+        serve_metrics(args.metrics_port, registry)
     started = time.monotonic()
     loading = Loading()
     loading.load(args, args.member, args.step if args.step >= 0 else None)

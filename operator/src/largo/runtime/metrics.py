@@ -89,5 +89,10 @@ class TrainMetrics:
         )
 
 
-def serve(port: int) -> None:
-    start_http_server(port)
+def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    """The metrics page on every address: IPv6's wildcard takes IPv4 too (Linux's default), and a pod
+    without IPv6 serves on IPv4's. Prometheus scrapes the pod's IP, an IPv6 one in an IPv6 cluster."""
+    try:
+        start_http_server(port, addr="::", registry=registry)
+    except OSError:
+        start_http_server(port, addr="0.0.0.0", registry=registry)

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from largo.runtime.cpus import torch_threads
 from largo.runtime.engine_process import EngineClient, NotLoadedError, Output, Submission, freeze_heap
+from largo.runtime.metrics import serve as serve_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -569,15 +570,6 @@ def start_engine_process(args: argparse.Namespace) -> EngineClient:
     process.start()
     theirs.close()
     return EngineClient(process, ours, args.max_batch + args.max_waiting)
-
-
-def serve_metrics(port: int, registry: CollectorRegistry) -> None:
-    """The metrics page on every address: IPv6's wildcard takes IPv4 too (Linux's default), and a pod
-    without IPv6 serves on IPv4's. The operator scrapes the pod's IP, an IPv6 one in an IPv6 cluster."""
-    try:
-        start_http_server(port, addr="::", registry=registry)
-    except OSError:
-        start_http_server(port, addr="0.0.0.0", registry=registry)
 
 
 async def serve(args: argparse.Namespace) -> int:

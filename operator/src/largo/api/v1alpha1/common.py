@@ -28,6 +28,11 @@ MAX_NUM_NODES = 1024
 JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
+# Ports every pod of largo's declares: the rendezvous (torch.distributed's store) and the metrics page.
+MASTER_PORT = 29500
+METRICS_PORT = 9400
+
+
 def cel(
     rule: str, message: str, *, reason: str | None = None, field_path: str | None = None
 ) -> dict[str, str]:

@@ -15,6 +15,8 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from largo.api.v1alpha1.common import (
+    MASTER_PORT,
+    METRICS_PORT,
     Condition,
     ObjectMeta,
     SpecModel,
@@ -66,6 +68,10 @@ MSG_SERVICE_NAME_FORMAT = (
 MSG_MODEL_ONE_SOURCE = "spec.model: set exactly one of claimName or fromTrainJob"
 MSG_MODEL_PATH_WITHOUT_CLAIM = "spec.model.path is a directory inside spec.model.claimName: set claimName"
 MSG_CUSTOM_NEEDS_IMAGE = "spec.runtime.image is required when spec.runtime.type is custom"
+MSG_RESERVED_PORT = (
+    f"spec.runtime.port must not be {METRICS_PORT} (the metrics page) or {MASTER_PORT} (the pipeline's "
+    "rendezvous): every pod of the service listens there"
+)
 MSG_VLLM_NEEDS_GPUS = (
     f"spec.resourcesPerNode['{GPU_RESOURCE}'] must be at least 1 with spec.runtime.type vllm: "
     "vLLM serves on GPUs only"
@@ -191,7 +197,12 @@ class Runtime(SpecModel):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.type != 'custom' || has(self.image)", MSG_CUSTOM_NEEDS_IMAGE, field_path=".image")
+            cel("self.type != 'custom' || has(self.image)", MSG_CUSTOM_NEEDS_IMAGE, field_path=".image"),
+            cel(
+                f"!has(self.port) || (self.port != {METRICS_PORT} && self.port != {MASTER_PORT})",
+                MSG_RESERVED_PORT,
+                field_path=".port",
+            ),
         )
     )
 
@@ -223,6 +234,8 @@ class Runtime(SpecModel):
     def _custom_image(self) -> Self:
         if self.type is RuntimeType.CUSTOM and self.image is None:
             raise ValueError(MSG_CUSTOM_NEEDS_IMAGE)
+        if self.port in (METRICS_PORT, MASTER_PORT):
+            raise ValueError(MSG_RESERVED_PORT)
         return self
 
 
