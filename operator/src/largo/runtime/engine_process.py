@@ -21,6 +21,7 @@ import gc
 import itertools
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -31,6 +32,12 @@ logger = logging.getLogger(__name__)
 
 # How long a stopping engine may take to end its iteration (a pipeline's members are told too).
 STOP_SECONDS = 10.0
+# With requests in it, an engine that has told nothing for this long is stalled (a pipeline member hung
+# in a step: the leader's own wait lasts the pipeline timeout, 10 minutes): the server turns unready,
+# then, after the longer bound, not alive, so that its group is restarted. An iteration takes
+# milliseconds, and the engine tells its progress at least every PROGRESS_SECONDS while requests run.
+STALLED_UNREADY_SECONDS = 30.0
+STALLED_DEAD_SECONDS = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +152,8 @@ class EngineClient:
         self._open: dict[int, Callable[[Output], None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loaded: asyncio.Future[Loaded] | None = None
+        # When the engine last told its progress, or requests last came to an idle engine.
+        self.progressed_at = time.monotonic()
 
     async def loaded(self) -> Loaded:
         """Waits until the engine has its model (raises ``NotLoadedError`` when it cannot)."""
@@ -162,6 +171,8 @@ class EngineClient:
         """Sends ``submission``; False when ``limit`` requests are already in the engine (answer 429)."""
         if self.failure is not None or len(self._open) >= self.limit:
             return False
+        if not self._open:  # idle until now: its silence so far was no stall
+            self.progressed_at = time.monotonic()
         self._open[submission.id] = deliver
         self._send(submission)
         return True
@@ -205,8 +216,13 @@ class EngineClient:
         except (EOFError, OSError):
             self._lost()
 
+    def stalled_for(self, now: float) -> float:
+        """Seconds the engine has told nothing while requests are in it (0 when idle or moving)."""
+        return now - self.progressed_at if self._open else 0.0
+
     def _handle(self, message: Any) -> None:
         if isinstance(message, Progress):
+            self.progressed_at = time.monotonic()
             self.stats = message.stats
             for size in message.batch_sizes:
                 self.observe_batch(size)

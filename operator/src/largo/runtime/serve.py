@@ -31,7 +31,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from largo.runtime.cpus import torch_threads
-from largo.runtime.engine_process import EngineClient, NotLoadedError, Output, Submission, freeze_heap
+from largo.runtime.engine_process import (
+    STALLED_DEAD_SECONDS,
+    STALLED_UNREADY_SECONDS,
+    EngineClient,
+    NotLoadedError,
+    Output,
+    Submission,
+    freeze_heap,
+)
 from largo.runtime.metrics import serve as serve_metrics
 
 logger = logging.getLogger(__name__)
@@ -155,7 +163,13 @@ class Server:
         app.router.add_get("/readyz", self.readyz)
         return app
 
+    def _stalled(self) -> float:
+        return self.engine.stalled_for(time.monotonic()) if self.engine is not None else 0.0
+
     async def healthz(self, _: web.Request) -> web.Response:
+        stalled = self._stalled()
+        if stalled > STALLED_DEAD_SECONDS:  # the pod fails its liveness probe, and its group restarts
+            return web.Response(status=503, text=f"the engine has made no progress for {stalled:.0f}s\n")
         return web.Response(text="ok\n")
 
     async def readyz(self, _: web.Request) -> web.Response:
@@ -163,6 +177,14 @@ class Server:
             return web.Response(status=503, text=f"model not loaded: {self.problem}\n")
         if self.draining:
             return web.Response(status=503, text="draining\n")
+        stalled = self._stalled()
+        if stalled > STALLED_UNREADY_SECONDS:
+            assert self.engine is not None
+            message = (
+                f"the engine has made no progress for {stalled:.0f}s with {self.engine.outstanding} "
+                "request(s) in it (a pipeline member hung?)"
+            )
+            return web.Response(status=503, text=message + "\n")
         return web.Response(text="ready\n")
 
     async def models(self, _: web.Request) -> web.Response:
