@@ -41,8 +41,8 @@ class Policy:
     panic_window: float = 6.0
     panic_threshold: float = 2.0
     scale_down_delay: float = 300.0
-    # A replica's samples older than this no longer describe it (``stale_after_for``: longer with a
-    # longer sampling period, or every period would end with seconds read as idle).
+    # A replica's samples older than this no longer describe it (the controller's ``policy_of`` makes
+    # it longer with a longer sampling period, or every period would end with seconds read as idle).
     stale_after: float = 10.0
     # How often replicas are sampled: a sample of a replica that is no longer ready stands for one.
     period: float = 2.0
