@@ -904,6 +904,29 @@ def test_a_member_whose_storage_fails_restarts_the_group(trained: Path, tmp_path
         replica.stop()
 
 
+def test_a_member_that_found_a_newer_checkpoint_than_the_leader_s_pruned_one_restarts_the_group(
+    trained: Path, tmp_path: Path
+) -> None:
+    """The trainer wrote step 40 and pruned step 20 while the replica loaded: the leader listed before and
+    loaded 20, the member after and loaded 40. Told to load 20, the member finds it gone: the group
+    restarts (every member then loads 40), where it stayed unready for good. Two directories stand in
+    for the one the trainer changed between the two listings."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    for directory, step in ((before, 20), (after, 40)):
+        directory.mkdir()
+        name = checkpoint.checkpoint_path(trained, step).name
+        shutil.copy(trained / name, directory / name)
+    replica = Replica(before, tmp_path, worker=(after, []), ready=False)
+    try:
+        assert replica.worker.wait(timeout=120) == 1
+        assert replica.leader.process.wait(timeout=120) == 1  # fatal: the leader's pod fails too
+        said = replica.leader.log.read_text()
+        assert "member 1: checkpoint of step 20 not found" in said
+        assert "it found step 40, newer: the group restarts to load the newest" in said
+    finally:
+        replica.stop()
+
+
 def test_a_member_that_dies_makes_the_leader_unready_and_exit(trained: Path, tmp_path: Path) -> None:
     replica = Replica(trained, tmp_path)
     try:

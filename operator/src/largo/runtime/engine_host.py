@@ -253,8 +253,15 @@ def agree_on_the_checkpoint(args: argparse.Namespace, member: int, loading: Load
         if leader_problem is not None:
             problem = None  # the leader's problem is told once, as the leader's
         elif loading.step != step:
+            found = loading.step
+            newer = found is not None and step is not None and found > step
             loading.load(args, member, step)
             problem = loading.problem
+            if problem is not None and newer:
+                # The leader's step was pruned as a newer one came, between its listing and ours: a
+                # restart of the group has every member load the newest. Unready, it stayed so for good.
+                loading.unavailable = True
+                problem += f" (it found step {found}, newer: the group restarts to load the newest)"
     outcomes: list[Any] = [None] * args.members
     dist.all_gather_object(outcomes, (problem, loading.unavailable) if problem is not None else None)
     failures = [f"member {number}: {said[0]}" for number, said in enumerate(outcomes) if said is not None]
