@@ -279,9 +279,7 @@ class _Builder:
     def forget_creates(self) -> None:
         """Drops ``PodsCreated``: the next attempt's creates start with a clean slate (and, refused,
         a fresh binding timeout), and no earlier attempt's refusal is shown as the job's reason."""
-        self.status["conditions"] = [
-            c for c in self.status.get("conditions") or [] if c.get("type") != ConditionType.PODS_CREATED
-        ]
+        self.status["conditions"] = _without_pods_created(self.status.get("conditions") or [])
 
     def restart_over(self, reason: Reason, message: str) -> None:
         """``Restarting`` False once the job ends or is suspended before its restarted gang ran."""
@@ -397,6 +395,10 @@ def summary(conditions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"reason": None, "message": None}
 
 
+def _without_pods_created(conditions: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [c for c in conditions if c.get("type") != ConditionType.PODS_CREATED]
+
+
 def creation_refused(
     status: Mapping[str, Any], reason: str, message: str, now: float, generation: int | None
 ) -> tuple[dict[str, Any], bool]:
@@ -415,7 +417,7 @@ def creation_refused(
     ):
         # False for another reason (waiting for an earlier attempt), or an earlier attempt's refusal:
         # this attempt's refusals' clock starts now.
-        conditions = [c for c in conditions if c.get("type") != ConditionType.PODS_CREATED]
+        conditions = _without_pods_created(conditions)
     updated = set_condition(conditions, ConditionType.PODS_CREATED, False, reason, message, now, generation)
     return {"conditions": updated, **summary(updated)}, news
 

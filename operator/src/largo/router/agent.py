@@ -73,7 +73,7 @@ ADMIN_TIMEOUT_SECONDS = 5.0
 # Ready only while HAProxy was synced this recently (a sync is due every RESYNC_SECONDS): a wedged
 # proxy takes no more traffic. Alive only while its admin socket answered within the longer bound.
 READY_SYNCED_WITHIN_SECONDS = 15.0
-ALIVE_SYNCED_WITHIN_SECONDS = 60.0
+ALIVE_ANSWERED_WITHIN_SECONDS = 60.0
 # How long a scrape of HAProxy's exporter may take: a wedged proxy must not hang the agent's /metrics.
 EXPORTER_SECONDS = 2.0
 MIB = 1024 * 1024
@@ -488,17 +488,20 @@ class Router:
             theirs = ""
         return web.Response(text=ours + theirs, content_type="text/plain", charset="utf-8")
 
+    def _haproxy_exited(self) -> bool:
+        return self.haproxy is None or self.haproxy.returncode is not None
+
     async def healthz(self, _: web.Request) -> web.Response:
-        if self.haproxy is None or self.haproxy.returncode is not None:
+        if self._haproxy_exited():
             return web.Response(status=503, text="haproxy exited")
         # Its admin socket silent this long: wedged, and restarted rather than left taking traffic. (An
         # API server out of reach is no reason: a restart would not bring it back.)
-        if time.monotonic() - self.answered_at > ALIVE_SYNCED_WITHIN_SECONDS:
+        if time.monotonic() - self.answered_at > ALIVE_ANSWERED_WITHIN_SECONDS:
             return web.Response(status=503, text="haproxy's admin socket does not answer")
         return web.Response(text="ok")
 
     async def readyz(self, _: web.Request) -> web.Response:
-        if self.haproxy is None or self.haproxy.returncode is not None:
+        if self._haproxy_exited():
             return web.Response(status=503, text="haproxy exited")
         if not self.listed:
             # It knows no replica, ready or not: it would hold every request, then answer 503.

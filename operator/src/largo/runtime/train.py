@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         logger.error("bad --data: %s", error)
         return 2
-    if len(corpus) < args.context + 2:
-        needs = args.context + 2
+    needs = args.context + 2  # a window and the token after its last
+    if len(corpus) < needs:
         logger.error("bad --data: %d bytes of text, fewer than the %d a window needs", len(corpus), needs)
         return 2
     try:
