@@ -40,6 +40,7 @@ class FakeKube:
         self.conflict, self.refuse = conflict, refuse
         self.writes: list[tuple[str | None, Mapping[str, Any]]] = []
         self.created: list[str] = []
+        self.manifests: list[Mapping[str, Any]] = []
         self.events: list[str] = []
 
     async def patch_trainjob_status(
@@ -54,6 +55,7 @@ class FakeKube:
         if manifest["kind"] == "Pod" and self.refuse:
             raise CreateRefused("Pod", manifest["metadata"]["name"], "CreateRefused", self.refuse)
         self.created.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
+        self.manifests.append(manifest)
 
     async def keep(self, namespace: str, manifest: Mapping[str, Any]) -> None:
         await self.create(namespace, manifest)
@@ -100,6 +102,22 @@ def test_the_scheduler_s_hint_creates_the_gang_before_the_index_catches_up() -> 
     reconciler.hint(KEY, _hinted())
     asyncio.run(reconciler.reconcile(KEY))
     assert kube.created == ["Service/j", "ConfigMap/j-progress", "Pod/j-node-0"]
+
+
+def test_the_job_s_own_labels_stay_off_its_children() -> None:
+    """Children carry the template's labels and largo's, owner references, never the job's own labels: a
+    job labelled ``app: web`` put its pods behind the user's Service selecting ``app: web``."""
+    kube = FakeKube()
+    hinted = _hinted()
+    hinted["metadata"]["labels"] = {"app": "web"}
+    reconciler = _reconciler(kube, hinted)
+    reconciler.hint(KEY, hinted)
+    asyncio.run(reconciler.reconcile(KEY))
+    assert [m["kind"] for m in kube.manifests] == ["Service", "ConfigMap", "Pod"]
+    for manifest in kube.manifests:
+        assert "app" not in (manifest["metadata"].get("labels") or {}), manifest["kind"]
+        (reference,) = manifest["metadata"]["ownerReferences"]
+        assert (reference["kind"], reference["name"], reference["controller"]) == ("TrainJob", "j", True)
 
 
 def test_the_admission_write_is_completed_with_what_the_first_reconcile_would_write() -> None:

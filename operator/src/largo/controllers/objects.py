@@ -28,6 +28,9 @@ def status_patch(current: Mapping[str, Any], status: Mapping[str, Any]) -> dict[
 
 
 def owned(manifest: dict[str, Any], owner: Mapping[str, Any]) -> dict[str, Any]:
-    """Sets ``owner`` as the child's controller, so deleting the owner deletes the child."""
-    kopf.adopt(manifest, owner=kopf.Body(cast(Any, dict(owner))))
+    """Sets ``owner`` as the child's controller, so deleting the owner deletes the child. Only the
+    reference: ``kopf.adopt`` also copies the owner's labels onto the child, and a job labelled ``app:
+    web`` put its pods behind the user's own Service selecting ``app: web`` (children carry the template's
+    labels and largo's, as a Deployment's pods carry its template's, not its own)."""
+    kopf.append_owner_reference(manifest, owner=kopf.Body(cast(Any, dict(owner))))
     return manifest

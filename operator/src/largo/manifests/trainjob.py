@@ -1,6 +1,6 @@
 """Pure builders: TrainJob -> the Kubernetes objects of its gang, as plain JSON-shaped dicts.
 
-Nothing here talks to the API server; owner references are added by the caller (kopf.adopt).
+Nothing here talks to the API server; owner references are added by the caller (``objects.owned``).
 """
 
 from __future__ import annotations
