@@ -107,6 +107,43 @@ def test_stranded_gpus_are_the_free_ones_the_head_of_the_queue_cannot_use() -> N
     assert no_queue[("largo_cluster_gpus_stranded", ())] == 0
 
 
+def test_a_finished_rank_holds_no_gpus() -> None:
+    """A rank in placement.succeededRanks has a Succeeded pod, gone from the pod index: the scheduler
+    reserves nothing for it, and the series say so (they showed its GPUs held while the queue got them)."""
+    placement = {"attempt": 0, "nodes": ["a", "b"], "succeededRanks": [1]}
+    running = _job("run", 4, 2, "Running", attempt=0, placement=placement)
+    rank_0 = PodUsage("p0", {GPU: 4}, ("team-a", "run"), 0, 0)
+    snapshot = Snapshot(nodes=[_node("a"), _node("b")], pods=[("a", rank_0)], jobs=[running])
+    per_node = node_gpus(snapshot)
+    assert per_node["a"] == {"allocatable": 8, "largo": 4, "other": 0, "free": 4}
+    assert per_node["b"] == {"allocatable": 8, "largo": 0, "other": 0, "free": 8}
+
+
+def test_free_gpus_beside_a_taken_resource_the_head_needs_are_stranded() -> None:
+    """The head needs an RDMA adapter besides its GPUs: a node whose only adapter is taken cannot take
+    one of its pods, so its free GPUs are stranded, as the scheduler sees it."""
+    head = _job("head", 4, 1, "Queued", queue={"position": 1, "reason": "InsufficientCapacity"})
+    spec = {**head.body["spec"], "resourcesPerNode": {GPU: 4, "rdma/hca": 1}}
+    head = job_entry({**head.body, "spec": spec})
+    taken = PodUsage("p", {GPU: 4, "rdma/hca": 1, "pods": 1}, ("team-a", "other"), 0, 0)
+    node = NodeInfo("a", {"cpu": 32_000, GPU: 8, "rdma/hca": 1, "pods": 110}, {}, ())
+    snapshot = Snapshot(nodes=[node], pods=[("a", taken)], jobs=[head])
+    assert _series(snapshot)[("largo_cluster_gpus_stranded", ())] == 4
+
+
+def test_an_exclusive_head_strands_the_free_gpus_of_nodes_partly_in_use() -> None:
+    """exclusiveNodes: a pod of the head needs a node with no GPU in use, so 7 free GPUs beside a used
+    one are of no use to it."""
+    head = _job("head", 2, 2, "Queued", queue={"position": 1, "reason": "InsufficientCapacity"})
+    head = job_entry({**head.body, "spec": {**head.body["spec"], "scheduling": {"exclusiveNodes": True}}})
+    snapshot = Snapshot(
+        nodes=[_node("a"), _node("b"), _node("c")],
+        pods=[("a", PodUsage("x", {GPU: 1})), ("b", PodUsage("y", {GPU: 1}))],
+        jobs=[head],
+    )
+    assert _series(snapshot)[("largo_cluster_gpus_stranded", ())] == 14  # c is whole: its 8 are usable
+
+
 def test_jobs_by_phase_and_gpus_by_namespace_and_queue() -> None:
     jobs = [
         _job("new", 8, 1),

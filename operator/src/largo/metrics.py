@@ -21,7 +21,7 @@ from largo.api.v1alpha1 import GPU_RESOURCE, Phase
 from largo.controllers.state import JobEntry, PodUsage, ServiceEntry
 from largo.policy.conditions import parse_timestamp
 from largo.sched import gang
-from largo.sched.inventory import free_by_node
+from largo.sched.inventory import POD_SLOTS, free_by_node
 from largo.sched.types import GangRequest, NodeInfo
 
 GPU = GPU_RESOURCE
@@ -75,7 +75,8 @@ def node_resource(snapshot: Snapshot, resource: str) -> dict[str, dict[str, int]
         if not entry.active or entry.placement is None:
             continue
         for rank, node_name in enumerate(entry.placement):
-            if (entry.key, entry.attempt, rank) not in bound:
+            # A finished rank's pod holds nothing (the scheduler reserves nothing for it either).
+            if (entry.key, entry.attempt, rank) not in bound and rank not in entry.succeeded_ranks:
                 by_node.setdefault(node_name, _slot())["largo"] += entry.per_pod.get(resource, 0)
                 if entry.request is not None and entry.request.exclusive:
                     whole.add(node_name)
@@ -86,7 +87,7 @@ def node_resource(snapshot: Snapshot, resource: str) -> dict[str, dict[str, int]
                     by_node.setdefault(node_name, _slot())["largo"] += service.per_pod.get(resource, 0)
                     if service.exclusive:
                         whole.add(node_name)
-    if resource == GPU:
+    if resource in (GPU, POD_SLOTS):  # what an exclusive pod holds whole (Scheduler.usage)
         for node_name in whole:
             counts = by_node.setdefault(node_name, _slot())
             counts["largo"] = max(counts["largo"], counts["allocatable"] - counts["other"])
@@ -221,7 +222,13 @@ def stranded(snapshot: Snapshot, per_node: Mapping[str, Mapping[str, int]]) -> i
     head = _head(snapshot)
     if head is None:
         return 0
-    return gang.stranded_gpus(snapshot.nodes, free_by_node(snapshot.nodes, _usage(per_node)), head)
+    # Every resource the head asks for, as the scheduler counts it: a node whose RDMA adapter or pod
+    # slots are taken strands its free GPUs for a head that needs one.
+    usage = _usage(per_node)
+    for resource in head.per_pod.keys() - {GPU}:
+        for name, counts in node_resource(snapshot, resource).items():
+            usage.setdefault(name, {})[resource] = counts["largo"] + counts["other"]
+    return gang.stranded_gpus(snapshot.nodes, free_by_node(snapshot.nodes, usage), head)
 
 
 def jobs_by_phase(jobs: Sequence[JobEntry]) -> dict[str, int]:

@@ -334,14 +334,20 @@ def schedule(
 
 def stranded_gpus(nodes: Sequence[NodeInfo], free: Free, request: GangRequest) -> int:
     """Free GPUs that ``request`` cannot use at all: on nodes it may not run on, or where not even one
-    of its pods fits. Capacity that exists but is in the wrong place for the job that waits first."""
+    of its pods fits (an exclusive gang's: on nodes with a GPU in use). Capacity that exists but is in
+    the wrong place for the job that waits first."""
     candidates = {node.name for node in _candidates(nodes, request)}
     stranded = 0
     for node in nodes:
         if not node.usable:
             continue
         node_free = free.get(node.name, _NO_FREE)
-        if node.name not in candidates or _room(node_free, request.per_pod, 1) == 0:
+        # An exclusive gang's pod needs a node no GPU of which is in use (``_fits_whole``).
+        if request.exclusive:
+            fits = _fits_whole(node, free, request)
+        else:
+            fits = _room(node_free, request.per_pod, 1) > 0
+        if node.name not in candidates or not fits:
             stranded += node_free.get(GPU, 0)
     return stranded
 
