@@ -823,6 +823,19 @@ def test_a_job_that_ends_after_a_restart_is_not_restarting() -> None:
     assert condition_status(over["conditions"], "Restarting") == "False"
 
 
+def test_a_job_never_admitted_keeps_its_first_attempt_across_a_suspend() -> None:
+    """Created suspended (as a batch system creates it), or suspended while queued: no gang was held, so
+    no new attempt, and its admission is still its first (the queue wait is observed at attempt 0)."""
+    created = plan(job(suspend=True), [], NONE, NONE, NOW)
+    assert created.status["phase"] == Phase.SUSPENDED
+    assert created.status.get("attempt", 0) == 0
+    resumed = plan(job(status=created.status), [], NONE, NONE, NOW + 60)
+    assert resumed.status["phase"] == Phase.QUEUED
+    assert resumed.status.get("attempt", 0) == 0
+    queued = plan(job(status=resumed.status, suspend=True), [], NONE, NONE, NOW + 70)
+    assert queued.status.get("attempt", 0) == 0
+
+
 def test_a_job_suspended_before_its_restarted_gang_ran_is_not_restarting() -> None:
     restarted = _restarted()
     queued = plan(job(status=restarted), [], NONE, NONE, NOW + 100).status

@@ -521,11 +521,14 @@ def _suspend(b: _Builder, pods: Sequence[PodView]) -> None:
     """Suspending while any pod still terminates (its GPUs are not free yet), Suspended once none is left."""
     b.plan.delete_pods = tuple(pod.name for pod in pods if not pod.terminating)
     if b.job.phase not in (Phase.SUSPENDING, Phase.SUSPENDED):
-        b.status.pop("placement", None)
+        # A new attempt only for a job that held a gang: one never admitted (created suspended, or
+        # suspended while queued) keeps attempt 0, whose admission is its first (largo_queue_wait_seconds).
+        held = b.status.pop("placement", None) is not None or bool(pods)
+        if held:
+            b.status["attempt"] = b.job.attempt + 1
         b.status.pop("queue", None)
         # As for a Kubernetes Job, the deadline counts again from the next start.
         b.status.pop("startTime", None)
-        b.status["attempt"] = b.job.attempt + 1
         b.condition(ConditionType.ADMITTED, False, Reason.SUSPENDED, "suspended")
         b.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
         b.forget_creates()
