@@ -418,3 +418,19 @@ def test_every_event_reason_an_alert_reads_is_among_them() -> None:
         if sample.name == "largo_events_total"
     }
     assert read <= exported
+
+
+def test_a_serving_group_in_its_restart_back_off_still_waits_in_its_queue() -> None:
+    """A group whose back-off (restartAfter) has not ended wants its GPUs as a TrainJob in its back-off
+    does: requested and waiting, BackOff in the queue's length (it was in no state at all)."""
+    now = parse_timestamp("2027-01-15T08:30:00Z")
+    after = "2027-01-15T09:00:00Z"
+    backing_off = {"replica": 1, "revision": "r", "attempt": 2, "nodes": [], "restartAfter": after}
+    placed = {"replica": 0, "revision": "r", "attempt": 0, "nodes": ["a"]}
+    services = [_serving(placed, backing_off)]
+    snapshot = Snapshot(nodes=[_node("a"), _node("b")], pods=[], jobs=[], now=now, services=services)
+    series = _series(snapshot)
+    key = (("namespace", "team-b"), ("queue", "serving"))
+    assert series[("largo_queue_gpus", (*key, ("state", "requested")))] == 16
+    assert series[("largo_queue_gpus", (*key, ("state", "waiting")))] == 8
+    assert series[("largo_queue_length", (("queue", "serving"), ("reason", "BackOff")))] == 1

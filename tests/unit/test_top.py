@@ -8,6 +8,7 @@ from typing import Any
 from kubernetes import client
 from largo.controllers.state import JobEntry, PodUsage, job_entry
 from largo.metrics import Snapshot, node_gpus
+from largo.policy.conditions import parse_timestamp
 from largo.sched.types import NodeInfo
 from largo.top import BAR_WIDTH, _bar, render, snapshot_from_cluster
 
@@ -131,3 +132,14 @@ def test_a_node_holding_more_than_it_offers_keeps_its_bar_width() -> None:
     over = _bar({"allocatable": 4, "largo": 8, "other": 0})
     assert over == "[####]"
     assert len(_bar({"allocatable": 64, "largo": 80, "other": 3})) == BAR_WIDTH + 2
+
+
+def test_a_job_in_its_restart_back_off_shows_back_off_not_new() -> None:
+    """A released gang in its back-off has no status.queue (the scheduler leaves it be): it showed New,
+    a job never looked at, where largo_queue_length says BackOff."""
+    after = "2027-01-15T09:00:00Z"
+    released = _job("failed", 8, 1, phase="Queued", reason="PodFailed", attempt=1, nextAdmissionTime=after)
+    now = parse_timestamp("2027-01-15T08:30:00Z")
+    snapshot = Snapshot(nodes=[NodeInfo("a", {GPU: 8})], pods=[], jobs=[released], now=now)
+    (line,) = [line for line in render(snapshot).splitlines() if line.startswith("team-a/failed")]
+    assert line.split()[-1] == "BackOff", line

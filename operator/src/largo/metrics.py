@@ -266,7 +266,8 @@ def queue_gpus(snapshot: Snapshot) -> dict[tuple[str, str], dict[str, int]]:
             continue
         gpus = service.per_pod.get(GPU, 0) * service.service.spec.nodes_per_replica
         counts = states(service.key[0], service.service.spec.scheduling.queue)
-        waiting = service.waiting(snapshot.now)
+        # A group in its restart back-off waits too, as a TrainJob in its back-off does.
+        waiting = service.waiting(snapshot.now) + service.backing_off(snapshot.now)
         for group in service.groups:
             if group.nodes:
                 counts["requested"] += gpus
@@ -315,7 +316,7 @@ def _workload_families(snapshot: Snapshot) -> list[Metric]:
         "largo_queue_length",
         "Jobs and InferenceService replica groups waiting for admission, by why (their status.queue.reason: "
         "InsufficientCapacity, QueuedBehindHead, Unschedulable, CheckpointInUse, ...; empty for one not "
-        "looked at yet; BackOff for a restarting TrainJob whose back-off has not ended).",
+        "looked at yet; BackOff for a restarting TrainJob or replica group whose back-off has not ended).",
         labels=["queue", "reason"],
     )
     lengths: dict[tuple[str, str], int] = {}
@@ -337,6 +338,10 @@ def _workload_families(snapshot: Snapshot) -> list[Metric]:
             assert service.service is not None  # waiting() is empty without a valid spec
             queue, reason = service.service.spec.scheduling.queue, str(group.queue.get("reason") or "")
             lengths[queue, reason] = lengths.get((queue, reason), 0) + 1
+        if backing_off := len(service.backing_off(snapshot.now)):
+            assert service.service is not None  # backing_off() is empty without a valid spec
+            queue = service.service.spec.scheduling.queue
+            lengths[queue, BACK_OFF] = lengths.get((queue, BACK_OFF), 0) + backing_off
     for (queue, reason), count in sorted(lengths.items()):
         length.add_metric([queue, reason], count)
     return [phases, gpus, length]

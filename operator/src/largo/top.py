@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from largo.api.v1alpha1 import Phase
-from largo.metrics import Snapshot, jobs_by_phase, largest_gangs, node_gpus, queue_gpus, stranded
+from largo.metrics import BACK_OFF, Snapshot, jobs_by_phase, largest_gangs, node_gpus, queue_gpus, stranded
 
 BAR_WIDTH = 24
 
@@ -63,13 +63,22 @@ def render(snapshot: Snapshot) -> str:
             f"{states['waiting']:>7} {states['jobs']:>4}"
         )
     # Jobs and serving replica groups (service#r<replica>) share the queue.
+    # One in its restart back-off shows BackOff (the scheduler leaves it be, so it has no reason yet).
+    back_off = {"reason": BACK_OFF}
     queued: list[tuple[tuple[str, str], Mapping[str, Any]]] = [
-        (entry.key, entry.queue) for entry in snapshot.jobs if entry.admissible
+        (entry.key, entry.queue if entry.due(snapshot.now) else back_off)
+        for entry in snapshot.jobs
+        if entry.admissible
     ]
     queued += [
         (group.gang(*service.key), group.queue)
         for service in snapshot.services
         for group in service.waiting(snapshot.now)
+    ]
+    queued += [
+        (group.gang(*service.key), back_off)
+        for service in snapshot.services
+        for group in service.backing_off(snapshot.now)
     ]
     lines += ["", f"{'QUEUED':<32} {'POS':>3}  REASON"]
     for key, told in sorted(queued, key=lambda item: (item[1].get("position") or 10**9, item[0])):

@@ -312,6 +312,19 @@ class ServiceEntry:
             and (group.restart_after is None or group.restart_after <= now)
         ]
 
+    def backing_off(self, now: float) -> list[GroupRecord]:
+        """Groups to admit once their restart back-off ends (``restart_after`` still to come)."""
+        if self.service is None or _deleting(self.body):
+            return []
+        return [
+            group
+            for group in self.groups
+            if not group.nodes
+            and not group.retiring
+            and group.restart_after is not None
+            and group.restart_after > now
+        ]
+
     def request(self, group: GroupRecord) -> GangRequest:
         assert self.service is not None
         spec = self.service.spec
