@@ -74,6 +74,22 @@ def test_gpus_held_by_largo_by_others_and_free_per_node() -> None:
     assert series[("largo_cluster_largest_gang_pods", (("gpus_per_pod", "8"),))] == 0  # fragmented
 
 
+def test_a_node_gone_from_the_index_has_no_row_and_holds_nothing() -> None:
+    """Its pods are not collected yet: their GPUs on a node that no longer offers any made a row of 0
+    allocatable and an allocation ratio of 2."""
+    running = _job("run", 8, 2, "Running", attempt=0, placement={"attempt": 0, "nodes": ["a", "gone"]})
+    snapshot = Snapshot(
+        nodes=[_node("a")],
+        pods=[
+            ("a", PodUsage("p0", {GPU: 8}, ("team-a", "run"), 0, 0)),
+            ("gone", PodUsage("p1", {GPU: 8}, ("team-a", "run"), 0, 1)),
+        ],
+        jobs=[running],
+    )
+    assert set(node_gpus(snapshot)) == {"a"}
+    assert _series(snapshot)[("largo_cluster_gpu_allocation_ratio", ())] == 1.0
+
+
 def test_a_node_held_whole_by_an_exclusive_gang_has_no_gpu_free() -> None:
     """exclusiveNodes: the scheduler counts the node's every GPU as used, bound pod or admitted rank;
     the series say what it will do, not 6 GPUs no gang will get."""

@@ -93,7 +93,10 @@ def node_resource(snapshot: Snapshot, resource: str) -> dict[str, dict[str, int]
             counts["largo"] = max(counts["largo"], counts["allocatable"] - counts["other"])
     for counts in by_node.values():
         counts["free"] = max(0, counts["allocatable"] - counts["largo"] - counts["other"])
-    return by_node
+    # A node gone from the index, whose pods are not collected yet, offers nothing and holds nothing:
+    # counted, it made a row of 0 allocatable and pushed the allocation ratio past 1.
+    known = {node.name for node in snapshot.nodes}
+    return {name: counts for name, counts in by_node.items() if name in known}
 
 
 def resource_families(snapshot: Snapshot) -> list[Metric]:
