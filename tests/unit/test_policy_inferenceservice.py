@@ -1125,6 +1125,56 @@ def test_a_new_revision_that_never_becomes_ready_stalls_at_its_progress_deadline
     assert condition(decision.status, "Progressing")["reason"] == "ProgressDeadlineExceeded"
 
 
+@pytest.mark.parametrize("surge", [0, 1])
+def test_a_rollout_whose_old_groups_all_went_first_still_stalls_at_its_deadline(surge: int) -> None:
+    """maxUnavailable >= replicas lets the last old group go before its replacement is ready: the
+    rollout is still under way until the new group serves, so its deadline holds (it stayed
+    Progressing=True, WaitingForReady, for good)."""
+    rollout = {"maxSurge": surge, "maxUnavailable": 1, "progressDeadlineSeconds": 60}
+    sim = ready_service(replicas=1, nodes=1, rollout=rollout)
+    sim.revision = REV_B
+    reasons: list[str] = []
+    for _ in range(60):  # 5 s a cycle: 300 s
+        sim.cycle()
+        reasons.append(condition(sim.status, "Progressing")["reason"])
+        sim.pods = {n: replace(p, ready=False) if p.revision == REV_B else p for n, p in sim.pods.items()}
+    assert not [g for g in sim.status["groups"] if g["revision"] == REV_A]  # every old group is gone
+    assert "WaitingForReady" not in reasons  # a rollout under way says so until it completes
+    progressing = condition(sim.status, "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("False", "ProgressDeadlineExceeded")
+
+
+def test_a_rollout_whose_old_groups_all_went_first_stalls_when_the_new_one_keeps_failing() -> None:
+    sim = ready_service(replicas=1, nodes=1, rollout={"maxSurge": 0, "maxUnavailable": 1})
+    sim.revision = REV_B
+    for _ in range(200):  # 1,000 s: back-offs of 1, 2, 4, 8 ... s
+        sim.cycle()
+        new = {n: p for n, p in sim.pods.items() if p.revision == REV_B}
+        failed = {n: replace(p, phase="Failed", ready=False) for n, p in new.items()}
+        sim.pods = {**sim.pods, **failed}
+    (group,) = [g for g in sim.status["groups"] if not g.get("retiring")]
+    assert group["restarts"] >= 3
+    progressing = condition(sim.status, "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("False", "RolloutStalled")
+
+
+def test_a_completed_rollout_is_over_for_the_deadline() -> None:
+    """Once the new groups served, a slow group of a later scale-up is no rollout's."""
+    rollout = {"maxSurge": 0, "maxUnavailable": 1, "progressDeadlineSeconds": 10}
+    sim = ready_service(replicas=1, nodes=1, rollout=rollout)
+    sim.revision = REV_B
+    for _ in range(10):
+        sim.cycle()
+    assert condition(sim.status, "Progressing")["reason"] == "RolloutComplete"
+    slow = {g["replica"] for g in sim.status["groups"]} ^ {0, 1}  # the replica id the scale-up takes
+    sim.spec = spec_of(replicas=2, nodesPerReplica=1, rollout=rollout)
+    for _ in range(6):  # 30 s, three deadlines
+        sim.cycle()
+        sim.pods = {n: replace(p, ready=p.replica not in slow) for n, p in sim.pods.items()}
+    progressing = condition(sim.status, "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("True", "WaitingForReady")
+
+
 def test_a_slow_group_outside_a_rollout_never_stops_a_scale_up() -> None:
     """The deadline is a rollout's: a group that takes long to load while the service only scales
     (no old revision) holds nothing back."""

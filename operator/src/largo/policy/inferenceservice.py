@@ -43,6 +43,8 @@ RESTART_BACKOFF_BASE = 1.0
 RESTART_BACKOFF_CAP = 300.0
 # Group restarts of the new revision after which a rollout counts as stalled.
 STALL_AFTER_RESTARTS = 3
+# Progressing reasons of a rollout under way (plan_rollout's): it stays one until it completes.
+ROLLOUT_REASONS = frozenset({"RollingOut", "RolloutStalled", "ProgressDeadlineExceeded"})
 
 
 # -- the model's source ------------------------------------------------------------------------------
@@ -568,7 +570,12 @@ def plan(
         order = sorted(live, key=lambda g: (bool(g.get("ready")), -int(g["replica"])))
         retire = {int(g["replica"]) for g in order[:surplus]}
     else:
-        rolling = any(g.get("revision") != view.revision for g in live)
+        was = next((c for c in conditions if c.get("type") == ServiceConditionType.PROGRESSING), {})
+        # A rollout is under way while an old group is left, draining ones too, and after that until it
+        # completes: when maxUnavailable let every old group go before its replacement was ready, a new
+        # revision that never became ready (or kept failing) was no rollout any more, and never stalled.
+        old_left = any(g.get("revision") != view.revision for g in kept)
+        rolling = old_left or was.get("reason") in ROLLOUT_REASONS
         step = plan_rollout(
             [
                 GroupState(
@@ -593,6 +600,7 @@ def plan(
             spec.rollout.max_unavailable,
             STALL_AFTER_RESTARTS,
             spec.rollout.progress_deadline_seconds,
+            rolling_out=rolling,
         )
         # A group that is not ready sends no event when its deadline passes: look again then.
         deadline = spec.rollout.progress_deadline_seconds
@@ -601,7 +609,6 @@ def plan(
             if g.get("revision") == view.revision and 0 < waited < deadline:
                 out.requeue_after = _soonest(out.requeue_after, deadline - waited)
         progressing = (not step.stalled, step.reason, step.message)
-        was = next((c for c in conditions if c.get("type") == ServiceConditionType.PROGRESSING), {})
         if step.stalled and was.get("reason") != step.reason:
             # Said once, when it stalls: the old groups keep serving and nothing more happens.
             out.events.append(Event("Warning", step.reason, step.message))

@@ -96,10 +96,13 @@ def plan_rollout(
     max_unavailable: int,
     stall_after_restarts: int = 3,
     progress_deadline: float | None = None,
+    rolling_out: bool = False,
 ) -> RolloutStep:
     """The next step towards ``desired`` ready groups, all at ``revision``; see the module for the
-    rules. Raises ValueError on negative counts, ``stall_after_restarts < 1`` or a replica id that
-    appears twice."""
+    rules. ``rolling_out``: a rollout is under way though no old group is left (every one was retired
+    before its replacement was ready: ``max_unavailable`` allowed it), so it is said to be one until
+    the groups are ready. Raises ValueError on negative counts, ``stall_after_restarts < 1`` or a
+    replica id that appears twice."""
     if desired < 0 or max_surge < 0 or max_unavailable < 0:
         raise ValueError("desired, max_surge and max_unavailable must be >= 0")
     if stall_after_restarts < 1:
@@ -170,7 +173,7 @@ def plan_rollout(
     else:
         action = "waiting for groups to become ready"
     bounds = f"(at most {most} in all, at least {floor} ready)"
-    if old:
+    if old or (rolling_out and (create or retire or ready < desired)):
         reason, message = "RollingOut", f"{numbers} {bounds}: {action}"
     elif create:
         reason, message = "ScalingUp", f"{numbers}: {action}"
