@@ -490,3 +490,7 @@ def test_the_scheduler_reads_the_checkpoint_directory_a_trainer_pod_mounts(
     owner = [{"kind": "DaemonSet", "controller": True}]
     daemon = {**pod, "metadata": {**pod["metadata"], "ownerReferences": owner}}
     assert pod_usage(daemon).resident is True  # type: ignore[union-attr]
+    # Whose rank it is: the controlling object's uid (not a mere owner's).
+    owners = [{"kind": "ConfigMap", "uid": "u-cm"}, {"kind": "TrainJob", "uid": "u-job", "controller": True}]
+    assert pod_usage({**pod, "metadata": {**pod["metadata"], "ownerReferences": owners}}).owner == "u-job"  # type: ignore[union-attr]
+    assert usage.owner is None

@@ -562,3 +562,70 @@ def test_a_stop_that_comes_with_a_wake_up_stops_the_scheduler() -> None:
         return task in done and task.cancelled()
 
     assert asyncio.run(stopped())
+
+
+def test_a_job_deleted_and_created_again_before_the_index_showed_its_admission_is_decided() -> None:
+    """``kubectl replace --force`` between two passes: the new object (another uid, no status) is another
+    gang. The old one's admission, written but not indexed, was kept for it: the new job got no status
+    at all and the old placement's GPUs stayed reserved."""
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0")], [_job("a")])
+    asyncio.run(scheduler.run_pass())
+    assert [name for name, _ in kube.writes] == ["a"]
+    scheduler.jobs[("ns", "a")] = [dataclasses.replace(_job("a"), uid="uid-a-2")]  # type: ignore[index]
+    kube.writes.clear()
+    asyncio.run(scheduler.run_pass())
+    ((name, status),) = kube.writes
+    assert (name, status["phase"]) == ("a", "Starting")  # the old admission's GPUs are free again
+
+
+def test_a_service_deleted_and_created_again_before_its_group_s_admission_was_indexed_is_decided() -> None:
+    class Kube(FakeKube):
+        async def patch_service_status(
+            self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+        ) -> dict[str, Any]:
+            self.writes.append((name, status))
+            metadata = {"name": name, "namespace": namespace, "resourceVersion": "2"}
+            return {"metadata": metadata, "status": status}
+
+    def service(uid: str) -> Any:
+        group = {"replica": 0, "revision": "r1", "attempt": 0, "nodes": [], "queuedAt": "2027-01-15T08:00Z"}
+        return service_entry(
+            {
+                "metadata": {"name": "chat", "namespace": "ns", "uid": uid, "resourceVersion": "1"},
+                "spec": {"model": {"claimName": "weights"}, "resourcesPerNode": {"nvidia.com/gpu": 8}},
+                "status": {"groups": [group]},
+            }
+        )
+
+    kube = Kube()
+    scheduler = _scheduler(kube, [_node("n0")], [], services=Index({("ns", "chat"): [service("uid-1")]}))
+    asyncio.run(scheduler.run_pass())
+    assert kube.writes[0][1]["groups"][0]["nodes"] == ["n0"]
+    scheduler.services[("ns", "chat")] = [service("uid-2")]  # type: ignore[index]
+    kube.writes.clear()
+    asyncio.run(scheduler.run_pass())
+    assert kube.writes
+    assert kube.writes[0][1]["groups"][0]["nodes"] == ["n0"]
+
+
+def test_the_stopping_pods_of_a_deleted_job_do_not_stand_for_the_ranks_of_its_namesake() -> None:
+    """The new job of the same name is at attempt 0 again: the old one's pod of rank 0, still in its
+    grace period, was taken for the new rank 0's, nothing was reserved where the new one was admitted,
+    and the next gang got the same GPUs."""
+    placement = {"attempt": 0, "nodes": ["n1"], "admittedAt": "2027-01-15T09:00:01Z"}
+    new = _job("a", status={"phase": "Starting", "attempt": 0, "placement": placement})
+    waiting = _job("b", created="2027-01-15T09:00:02Z")
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], [new, waiting])
+    old_pod = PodUsage("old", {"nvidia.com/gpu": 8, "pods": 1}, ("ns", "a"), 0, 0, owner="uid-a-deleted")
+    scheduler.pods = Index({"n0": [old_pod]})
+    usage, _ = scheduler.usage([new, waiting])
+    assert usage["n1"]["nvidia.com/gpu"] == 8
+    asyncio.run(scheduler.run_pass())
+    assert [name for name, status in kube.writes if status.get("phase") == "Starting"] == []
+    # Its own pod (owned by the new object) is the rank's, as one orphaned by hand is (no owner).
+    for owner in ("uid-a", None):
+        pod = PodUsage("new", {"nvidia.com/gpu": 8, "pods": 1}, ("ns", "a"), 0, 0, owner=owner)
+        scheduler.pods = Index({"n1": [pod]})
+        assert scheduler.usage([new])[0]["n1"]["nvidia.com/gpu"] == 8

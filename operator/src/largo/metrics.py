@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from largo.api.v1alpha1 import GPU_RESOURCE, Phase
-from largo.controllers.state import JobEntry, PodUsage, ServiceEntry
+from largo.controllers.state import BoundRanks, JobEntry, PodUsage, ServiceEntry, bound_rank, is_bound
 from largo.policy.conditions import parse_timestamp
 from largo.sched import gang
 from largo.sched.inventory import POD_SLOTS, free_by_node
@@ -61,14 +61,13 @@ def node_resource(snapshot: Snapshot, resource: str) -> dict[str, dict[str, int]
     by_node: dict[str, dict[str, int]] = {}
     for node in snapshot.nodes:
         by_node[node.name] = {**_slot(), "allocatable": node.allocatable.get(resource, 0)}
-    bound: set[tuple[tuple[str, str], int, int]] = set()
+    bound: BoundRanks = set()
     # Nodes a gang with exclusiveNodes holds whole: the scheduler counts all their GPUs as used.
     whole: set[str] = set()
     for node_name, pod in snapshot.pods:
         owner = "largo" if pod.job is not None else "other"
         by_node.setdefault(node_name, _slot())[owner] += pod.requests.get(resource, 0)
-        if pod.job is not None and pod.attempt is not None and pod.rank is not None:
-            bound.add((pod.job, pod.attempt, pod.rank))
+        bound_rank(bound, pod)
         if pod.exclusive:
             whole.add(node_name)
     for entry in snapshot.jobs:
@@ -76,14 +75,16 @@ def node_resource(snapshot: Snapshot, resource: str) -> dict[str, dict[str, int]
             continue
         for rank, node_name in enumerate(entry.placement):
             # A finished rank's pod holds nothing (the scheduler reserves nothing for it either).
-            if (entry.key, entry.attempt, rank) not in bound and rank not in entry.succeeded_ranks:
+            if rank in entry.succeeded_ranks:
+                continue
+            if not is_bound(bound, entry.key, entry.uid, entry.attempt, rank):
                 by_node.setdefault(node_name, _slot())["largo"] += entry.per_pod.get(resource, 0)
                 if entry.request is not None and entry.request.exclusive:
                     whole.add(node_name)
     for service in snapshot.services:
         for group in service.placed():
             for member, node_name in enumerate(group.nodes):
-                if (group.gang(*service.key), group.attempt, member) not in bound:
+                if not is_bound(bound, group.gang(*service.key), service.uid, group.attempt, member):
                     by_node.setdefault(node_name, _slot())["largo"] += service.per_pod.get(resource, 0)
                     if service.exclusive:
                         whole.add(node_name)

@@ -30,7 +30,17 @@ from largo.api.v1alpha1 import (
     sanitize_status,
 )
 from largo.controllers.kube import ConflictError, Kube
-from largo.controllers.state import GroupRecord, JobEntry, JobKey, PodUsage, ServiceEntry, gang_key
+from largo.controllers.state import (
+    BoundRanks,
+    GroupRecord,
+    JobEntry,
+    JobKey,
+    PodUsage,
+    ServiceEntry,
+    bound_rank,
+    gang_key,
+    is_bound,
+)
 from largo.controllers.workqueue import Retry
 from largo.manifests.trainjob import pod_spec_hash
 from largo.policy.conditions import listed, set_condition, timestamp
@@ -81,6 +91,8 @@ class _Admission:
     exclusive: bool = False
     # Ranks that finished and are never created again: nothing to reserve for them.
     done: frozenset[int] = frozenset()
+    # The admitted object's uid: one deleted and created again under its name is another gang.
+    uid: str = ""
 
 
 @dataclass
@@ -183,15 +195,14 @@ class Scheduler:
         pods') hold there."""
         usage: dict[str, dict[str, int]] = {}
         resident: dict[str, dict[str, int]] = {}
-        bound: set[tuple[JobKey, int, int]] = set()
+        bound: BoundRanks = set()
         whole: set[str] = set()  # nodes an exclusive pod holds
         for node, store in self.pods_by_node():
             for pod in store:
                 inventory.add_usage(usage, node, pod.requests)
                 if pod.resident:
                     inventory.add_usage(resident, node, pod.requests)
-                if pod.job is not None and pod.attempt is not None and pod.rank is not None:
-                    bound.add((pod.job, pod.attempt, pod.rank))
+                bound_rank(bound, pod)
                 if pod.exclusive:
                     whole.add(node)
         reserved: dict[JobKey, _Admission] = {}
@@ -199,19 +210,21 @@ class Scheduler:
             if entry.active and entry.placement is not None:
                 exclusive = entry.request is not None and entry.request.exclusive
                 reserved[entry.key] = _Admission(
-                    entry.attempt, entry.placement, entry.per_pod, exclusive, entry.succeeded_ranks
+                    entry.attempt, entry.placement, entry.per_pod, exclusive, entry.succeeded_ranks, entry.uid
                 )
         reserved.update(self._pending)
         for service in services:
             exclusive = service.exclusive
             for group in service.placed():
                 reserved[group.gang(*service.key)] = _Admission(
-                    group.attempt, group.nodes, service.per_pod, exclusive
+                    group.attempt, group.nodes, service.per_pod, exclusive, uid=service.uid
                 )
         reserved.update(self._pending_groups)
         for key, admission in reserved.items():
             for rank, node in enumerate(admission.nodes):
-                if (key, admission.attempt, rank) not in bound and rank not in admission.done:
+                if rank in admission.done:
+                    continue
+                if not is_bound(bound, key, admission.uid, admission.attempt, rank):
                     inventory.add_usage(usage, node, admission.per_pod)
                     if admission.exclusive:
                         whole.add(node)
@@ -271,7 +284,12 @@ class Scheduler:
         for key in list(self._pending):
             entry = by_key.get(key)
             pending = self._pending[key]
-            if entry is None or entry.phase not in (None, Phase.QUEUED) or entry.attempt != pending.attempt:
+            if (
+                entry is None
+                or entry.uid != pending.uid  # deleted and created again under its name
+                or entry.phase not in (None, Phase.QUEUED)
+                or entry.attempt != pending.attempt
+            ):
                 del self._pending[key]
         for key in [key for key in self._told if key not in by_key or not by_key[key].admissible]:
             del self._told[key]
@@ -328,13 +346,19 @@ class Scheduler:
 
     def _settle_groups(self, services: Iterable[ServiceEntry]) -> None:
         """A group's admission is settled once the index shows its nodes, or the group moved on."""
-        shown: dict[JobKey, GroupRecord] = {}
+        shown: dict[JobKey, tuple[str, GroupRecord]] = {}
         for service in services:
             for group in service.groups:
-                shown[group.gang(*service.key)] = group
+                shown[group.gang(*service.key)] = (service.uid, group)
         for key, pending in list(self._pending_groups.items()):
-            seen = shown.get(key)
-            if seen is None or seen.nodes or seen.attempt != pending.attempt or seen.retiring:
+            uid, seen = shown.get(key, ("", None))
+            if (
+                seen is None
+                or uid != pending.uid  # the service was deleted and created again under its name
+                or seen.nodes
+                or seen.attempt != pending.attempt
+                or seen.retiring
+            ):
                 del self._pending_groups[key]
 
     async def _decide_groups(
@@ -380,7 +404,7 @@ class Scheduler:
         for replica, placement in admitted.items():
             record = next(g for g in service.groups if g.replica == replica)
             self._pending_groups[record.gang(*service.key)] = _Admission(
-                record.attempt, placement.nodes, service.per_pod, service.exclusive
+                record.attempt, placement.nodes, service.per_pod, service.exclusive, uid=service.uid
             )
             if record.attempt == 0:
                 self.observe_admission(max(0.0, now - record.queued_at))
@@ -429,7 +453,9 @@ class Scheduler:
             self._again_soon()
             return
         exclusive = entry.request is not None and entry.request.exclusive
-        self._pending[entry.key] = _Admission(entry.attempt, placement.nodes, entry.per_pod, exclusive)
+        self._pending[entry.key] = _Admission(
+            entry.attempt, placement.nodes, entry.per_pod, exclusive, uid=entry.uid
+        )
         self.admitted(entry.key, updated)
         if entry.attempt == 0 and entry.request is not None and entry.request.arrival:
             self.observe_admission(max(0.0, now - entry.request.arrival))

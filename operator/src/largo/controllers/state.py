@@ -47,6 +47,9 @@ class PodUsage:
     checkpoint: str | None = None
     # A DaemonSet's or a static pod: what it holds is never free, even on an otherwise empty cluster.
     resident: bool = False
+    # The uid of the object controlling it (a TrainJob or an InferenceService): the pods of a deleted one
+    # still stopping are not the ranks of a new one of the same name.
+    owner: str | None = None
 
 
 # Admitted once and not finished or suspended since: a released or restarting gang queues again, and
@@ -166,7 +169,31 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
         exclusive=labels.get(LABEL_EXCLUSIVE) == "true",
         checkpoint=checkpoint,
         resident=inventory.resident(pod),
+        owner=_controller_uid(metadata),
     )
+
+
+# (gang, its object's uid, attempt, rank) of each bound pod of a gang (``bound_rank``).
+BoundRanks = set[tuple[JobKey, str | None, int, int]]
+
+
+def bound_rank(bound: BoundRanks, pod: PodUsage) -> None:
+    if pod.job is not None and pod.attempt is not None and pod.rank is not None:
+        bound.add((pod.job, pod.owner, pod.attempt, pod.rank))
+
+
+def is_bound(bound: BoundRanks, gang: JobKey, uid: str, attempt: int, rank: int) -> bool:
+    """Whether the rank of the gang of object ``uid`` has its pod bound: a pod of a deleted object of
+    the same name (stopping, still in the index) is not; one without an owner (orphaned by hand) is
+    taken by its labels."""
+    return (gang, uid, attempt, rank) in bound or (gang, None, attempt, rank) in bound
+
+
+def _controller_uid(metadata: Mapping[str, Any]) -> str | None:
+    for reference in metadata.get("ownerReferences") or []:
+        if reference.get("controller"):
+            return str(reference.get("uid"))
+    return None
 
 
 def _mounted_checkpoint(namespace: str, spec: Mapping[str, Any]) -> str | None:
