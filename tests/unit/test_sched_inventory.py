@@ -218,6 +218,17 @@ def pod(**spec: Any) -> dict[str, Any]:
             {"cpu": 1250, "memory": 120 * 2**20},
             id="overhead",
         ),
+        pytest.param(
+            {
+                # PodLevelResources: the pod's cpu and memory requests stand for its containers'; what
+                # it does not name (a GPU) is still theirs, and the overhead adds to both.
+                "resources": {"requests": {"cpu": "24", "memory": "200Gi"}},
+                "containers": [container({"cpu": "1", "nvidia.com/gpu": "2"})],
+                "overhead": {"cpu": "250m"},
+            },
+            {"cpu": 24250, "memory": 200 * GI, "nvidia.com/gpu": 2},
+            id="pod-level-requests",
+        ),
         pytest.param({"containers": None, "initContainers": None}, {}, id="nulls"),
     ],
 )

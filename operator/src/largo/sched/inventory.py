@@ -103,7 +103,8 @@ def pod_requests(pod: Mapping[str, Any]) -> dict[str, int]:
 
     Sum of app containers, at least the peak of any init container (sidecar init containers with
     ``restartPolicy: Always`` keep running, so they add to the app containers and to every later
-    init container), plus ``spec.overhead``. Not the pod slot it takes (``held``).
+    init container), the pod-level requests (``spec.resources``) in place of those for what they name,
+    plus ``spec.overhead``. Not the pod slot it takes (``held``).
     """
     spec = _get(pod, "spec") or {}
     total: dict[str, int] = {}
@@ -123,6 +124,11 @@ def pod_requests(pod: Mapping[str, Any]) -> dict[str, int]:
             _add_into(step, sidecars)
         _max_into(init_peak, step)
     _max_into(total, init_peak)
+    # Pod-level requests (PodLevelResources, on by default from Kubernetes 1.34) stand for the
+    # containers' of what they name: cpu, memory and huge pages.
+    for name, amount in parse_resources((spec.get("resources") or {}).get("requests")).items():
+        if name in ("cpu", "memory") or name.startswith("hugepages-"):
+            total[name] = amount
 
     _add_into(total, parse_resources(spec.get("overhead")))
     return total
