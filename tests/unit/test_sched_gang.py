@@ -209,6 +209,14 @@ def test_place_cpu_only_job_avoids_gpu_nodes() -> None:
     assert place(nodes, free_of(nodes), gang("ns/j", gpu=0, cpu=4000)) == Placement("ns/j", ("cpu-1",))
 
 
+def test_place_cpu_only_job_avoids_gpu_nodes_whose_gpus_are_all_busy() -> None:
+    """No GPU free there ties with a CPU node: the cpu it took is what the GPUs need once free."""
+    nodes = [node("gpu-1", gpu=8, cpu=64_000), node("cpu-1", gpu=0, cpu=96_000)]
+    free = free_of(nodes)
+    free["gpu-1"] = {**free["gpu-1"], GPU: 0, "cpu": 32_000}  # its GPUs all busy
+    assert place(nodes, free, gang("ns/j", gpu=0, cpu=4000)) == Placement("ns/j", ("cpu-1",))
+
+
 # --- topology --------------------------------------------------------------------------------------
 
 

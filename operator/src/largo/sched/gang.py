@@ -93,24 +93,28 @@ def _pack_exclusive(
 def _pack_shared(candidates: Sequence[NodeInfo], free: Free, request: GangRequest) -> tuple[str, ...] | None:
     """Best-fit packing of identical pods, or None if the set cannot hold the whole gang.
 
-    Pods go to the feasible node with the fewest free GPUs (then cpu, then name). Placing a pod
-    only lowers that node's key, so it stays the best choice until full: filling nodes one at a
+    Pods go to the feasible node with the fewest free GPUs (then cpu, then name); a gang that asks
+    for no GPU goes to nodes without GPUs first, so it takes no cpu a GPU node's GPUs will need
+    when they are free again (a GPU node with none free ties with a CPU node otherwise). Placing a
+    pod only lowers that node's key, so it stays the best choice until full: filling nodes one at a
     time in key order is the same as assigning pod by pod, and is exact for identical pods.
     """
     n = request.pod_count
-    rooms: list[tuple[int, int, str, int]] = []
+    cpu_only = request.per_pod.get(GPU, 0) == 0
+    rooms: list[tuple[bool, int, int, str, int]] = []
     total = 0
     for node in candidates:
         node_free = free.get(node.name, _NO_FREE)
         room = _room(node_free, request.per_pod, n)
         if room:
-            rooms.append((node_free.get(GPU, 0), node_free.get(CPU, 0), node.name, room))
+            gpu_node = cpu_only and node.allocatable.get(GPU, 0) > 0
+            rooms.append((gpu_node, node_free.get(GPU, 0), node_free.get(CPU, 0), node.name, room))
             total += room
     if total < n:
         return None
     rooms.sort()
     assigned: list[str] = []
-    for _gpu, _cpu, name, room in rooms:
+    for _gpu_node, _gpu, _cpu, name, room in rooms:
         take = min(room, n - len(assigned))
         assigned.extend([name] * take)
         if len(assigned) == n:
