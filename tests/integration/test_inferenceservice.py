@@ -523,6 +523,15 @@ def test_bad_input_is_refused_with_the_field_named_or_told_in_a_condition(
         "rollout both zero": ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "cannot both be 0"),
         "negative memory": ({"resourcesPerNode": {"memory": "-1Gi"}}, "spec.resourcesPerNode.memory"),
         "negative count": ({"resourcesPerNode": {"memory": -1}}, "greater than or equal to 0"),
+        # What the pods would be refused for is refused itself, not by every pod creation.
+        "model path up": ({"model": {"claimName": "weights", "path": "../x"}}, "spec.model.path must not"),
+        "ray's port": (
+            {"runtime": {"type": "vllm", "port": 6379}, "resourcesPerNode": {"nvidia.com/gpu": 1}},
+            "spec.runtime.port must not be 6379",
+        ),
+        "decimal exponent": ({"resourcesPerNode": {"cpu": "1e1.5"}}, "spec.resourcesPerNode.cpu"),
+        "env name": ({"env": [{"name": "A=B", "value": "1"}]}, "spec.env[0].name"),
+        "account": ({"podTemplate": {"serviceAccountName": "Server"}}, "spec.podTemplate.serviceAccountName"),
     }
     for what, (spec, message) in refused.items():
         body = services.body("bad", pool, **spec)

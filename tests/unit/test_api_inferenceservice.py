@@ -57,6 +57,16 @@ def test_defaults_are_one_largo_replica_of_one_pod() -> None:
         ({"resourcesPerNode": {"cpu": "10E"}}, "spec.resourcesPerNode['cpu']: quantity '10E' for cpu is"),
         ({"env": [{"name": "LARGO_MEMBER", "value": "3"}]}, "are reserved"),
         ({"replicas": -1}, "replicas"),
+        ({"model": {"claimName": "w", "path": "../other-model"}}, "spec.model.path must not contain '..'"),
+        ({"model": {"claimName": "w", "path": "a/../../b"}}, "spec.model.path must not contain '..'"),
+        (
+            {"podTemplate": {"volumeMounts": [{"name": "v", "mountPath": "/model/"}]}},
+            "must not mount over /model, where the model is mounted",
+        ),
+        (
+            {"runtime": {"type": "vllm", "port": 6379}, "resourcesPerNode": {"nvidia.com/gpu": 1}},
+            "spec.runtime.port must not be 6379 with spec.runtime.type vllm",
+        ),
     ],
 )
 def test_bad_specs_are_refused_with_the_field_named(spec: dict[str, Any], message: str) -> None:

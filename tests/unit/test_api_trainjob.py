@@ -181,6 +181,16 @@ def test_from_body_accepts_mapping_views() -> None:
         ({"checkpoint": {"claimName": "c", "path": "relative"}}, "path"),
         ({"unknownField": 1}, "unknownField"),
         ({"scheduling": {"queue": "Bad Queue"}}, "queue"),
+        # Kubernetes' own formats of what goes to the pods: refused here, not by each pod creation.
+        ({"resourcesPerNode": {"cpu": "1e1.5"}}, "not a valid quantity"),
+        ({"resourcesPerNode": {"bad key": "1"}}, "'bad key' is not a resource name"),
+        ({"env": [{"name": "A=B", "value": "1"}]}, "spec.env.0.name"),
+        ({"podTemplate": {"serviceAccountName": "Trainer"}}, "serviceAccountName"),
+        ({"podTemplate": {"priorityClassName": "high priority"}}, "priorityClassName"),
+        ({"podTemplate": {"labels": {"bad key!": "x"}}}, "podTemplate.labels: 'bad key!' is not a valid key"),
+        ({"podTemplate": {"labels": {"team": "a b"}}}, "'a b' is not a valid label value"),
+        ({"podTemplate": {"labels": {"team": "x" * 64}}}, "is not a valid label value"),
+        ({"podTemplate": {"annotations": {"/x": "anything"}}}, "'/x' is not a valid key"),
     ],
 )
 def test_spec_rules(spec: dict[str, Any], message: str) -> None:
@@ -310,3 +320,17 @@ def test_parallelism_defaults_to_plain_data_parallelism() -> None:
     parallelism = TrainJob.model_validate(body()).spec.parallelism
     assert (parallelism.tensor, parallelism.pipeline) == (1, 1)
     assert "tensor" in errors(body(parallelism={"tensor": 0}))[0]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"resourcesPerNode": {"cpu": "1e3", "memory": "2E+1", "example.com/fpga": "1", "hugepages-2Mi": "1"}},
+        {"env": [{"name": "my.var-1", "value": "1"}, {"name": "with space", "value": "2"}]},
+        {"podTemplate": {"serviceAccountName": "trainer.ml", "priorityClassName": "high"}},
+        {"podTemplate": {"labels": {"app.kubernetes.io/name": "x", "empty": "", "a": "A.b-c_D"}}},
+        {"podTemplate": {"annotations": {"example.com/note": "any text at all, = and spaces"}}},
+    ],
+)
+def test_kubernetes_formats_that_are_valid_are_taken(spec: dict[str, Any]) -> None:
+    TrainJob.model_validate(body(**spec))

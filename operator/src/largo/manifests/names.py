@@ -7,6 +7,7 @@ Service `<job>` (publishNotReadyAddresses) gives rank 0 a DNS name before any po
 from __future__ import annotations
 
 from largo.api.v1alpha1.common import GROUP, MASTER_PORT, MAX_JOB_NAME_LENGTH, METRICS_PORT
+from largo.api.v1alpha1.common import MODEL_MOUNT as MODEL_MOUNT
 
 # MASTER_PORT: the rendezvous. METRICS_PORT: rank 0 serves the trainer's Prometheus metrics there
 # (container port `metrics`), as a model server's leader and members do.
@@ -96,7 +97,6 @@ HTTP_PORT_NAME = "http"
 SERVICE_PORT = 80
 SERVER_CONTAINER_NAME = "server"
 MODEL_VOLUME = "largo-model"
-MODEL_MOUNT = "/model"
 
 
 def members_service(service: str) -> str:

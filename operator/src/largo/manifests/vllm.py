@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from largo.api.v1alpha1 import GPU_RESOURCE
+from largo.api.v1alpha1.common import RAY_PORT as RAY_PORT
 
 # Pinned, not `latest`: the arguments below are those of this release. Stock images of later
 # releases no longer ship Ray, which multi-pod replicas need.
 VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
-RAY_PORT = 6379
 # How long a worker waits for the leader's Ray head to accept connections before it fails. The
 # members of a group start together, and the head takes a moment to come up.
 RAY_JOIN_TIMEOUT_SECONDS = 600

@@ -31,6 +31,36 @@ JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Ports every pod of largo's declares: the rendezvous (torch.distributed's store) and the metrics page.
 MASTER_PORT = 29500
 METRICS_PORT = 9400
+# Where a model server's pods mount the model (an InferenceService's podTemplate must not mount there).
+MODEL_MOUNT = "/model"
+# Ray's head port, on which the vllm preset's leader starts Ray for a replica of several pods.
+RAY_PORT = 6379
+
+
+# Kubernetes' own formats for what largo passes through to its pods, checked here so that a spec the
+# pods would be refused for is refused itself (the API server's message, not a pod creation loop).
+# A DNS-1123 subdomain: a service account's or a priority class's name, a label key's prefix.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A label value (empty, or at most 63 of these), and a qualified name's name part (1..63).
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# An environment variable's name as every supported Kubernetes takes it: printable ASCII without '='
+# (1.34 and later; earlier ones are stricter still: letters, digits, '_', '-' and '.').
+ENV_NAME_PATTERN = r"^[ -<>-~]+$"
+_DNS_SUBDOMAIN_RE = re.compile(DNS_SUBDOMAIN_PATTERN)
+_LABEL_VALUE_RE = re.compile(LABEL_VALUE_PATTERN)
+
+
+def is_qualified_name(key: str) -> bool:
+    """A label key's or a resource name's format: an optional DNS-subdomain prefix and '/', then a
+    name of 1..63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit."""
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and not (0 < len(prefix) <= 253 and _DNS_SUBDOMAIN_RE.match(prefix)):
+        return False
+    return 0 < len(name) <= 63 and bool(_LABEL_VALUE_RE.match(name))
+
+
+def is_label_value(value: str) -> bool:
+    return len(value) <= 63 and bool(_LABEL_VALUE_RE.match(value))
 
 
 def cel(

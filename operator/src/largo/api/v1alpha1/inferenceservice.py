@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from largo.api.v1alpha1.common import (
     MASTER_PORT,
     METRICS_PORT,
+    MODEL_MOUNT,
+    RAY_PORT,
     Condition,
     ObjectMeta,
     SpecModel,
@@ -71,6 +73,17 @@ MSG_CUSTOM_NEEDS_IMAGE = "spec.runtime.image is required when spec.runtime.type 
 MSG_RESERVED_PORT = (
     f"spec.runtime.port must not be {METRICS_PORT} (the metrics page) or {MASTER_PORT} (the pipeline's "
     "rendezvous): every pod of the service listens there"
+)
+MSG_RAY_PORT = (
+    f"spec.runtime.port must not be {RAY_PORT} with spec.runtime.type vllm: the leader of a replica of "
+    "several pods starts Ray there"
+)
+MSG_MODEL_PATH_UP = (
+    "spec.model.path must not contain '..': it is the model volume's subPath, which Kubernetes refuses "
+    "with '..'"
+)
+MSG_MODEL_MOUNT = (
+    f"spec.podTemplate.volumeMounts must not mount over {MODEL_MOUNT}, where the model is mounted"
 )
 MSG_VLLM_NEEDS_GPUS = (
     f"spec.resourcesPerNode['{GPU_RESOURCE}'] must be at least 1 with spec.runtime.type vllm: "
@@ -179,9 +192,17 @@ class ModelSource(SpecModel):
         min_length=1,
         max_length=4096,
         pattern=r"^[^/]",
-        description="Directory inside the claim, relative to its root; the root when unset.",
+        description="Directory inside the claim, relative to its root; the root when unset (no '..').",
+        json_schema_extra=validations(cel(r"!self.matches('(^|/)\\.\\.(/|$)')", MSG_MODEL_PATH_UP)),
     )
     from_train_job: FromTrainJob | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _stays_inside(cls, value: str | None) -> str | None:
+        if value is not None and ".." in value.split("/"):
+            raise ValueError(MSG_MODEL_PATH_UP)
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
@@ -201,6 +222,11 @@ class Runtime(SpecModel):
             cel(
                 f"!has(self.port) || (self.port != {METRICS_PORT} && self.port != {MASTER_PORT})",
                 MSG_RESERVED_PORT,
+                field_path=".port",
+            ),
+            cel(
+                f"self.type != 'vllm' || !has(self.port) || self.port != {RAY_PORT}",
+                MSG_RAY_PORT,
                 field_path=".port",
             ),
         )
@@ -236,6 +262,8 @@ class Runtime(SpecModel):
             raise ValueError(MSG_CUSTOM_NEEDS_IMAGE)
         if self.port in (METRICS_PORT, MASTER_PORT):
             raise ValueError(MSG_RESERVED_PORT)
+        if self.type is RuntimeType.VLLM and self.port == RAY_PORT:
+            raise ValueError(MSG_RAY_PORT)
         return self
 
 
@@ -442,6 +470,9 @@ class InferenceServiceSpec(SpecModel):
             raise ValueError(MSG_RESERVED_ENV)
         if len(set(names)) != len(names):
             raise ValueError("spec.env: names must be unique")
+        mounts = [str(mount.get("mountPath", "")).rstrip("/") for mount in self.pod_template.volume_mounts]
+        if MODEL_MOUNT in mounts:
+            raise ValueError(MSG_MODEL_MOUNT)
         return self
 
 

@@ -17,12 +17,15 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
 
 from largo.api.v1alpha1.common import (
+    DNS_SUBDOMAIN_PATTERN,
+    ENV_NAME_PATTERN,
     MAX_JOB_NAME_LENGTH,
     MAX_NUM_NODES,
     Condition,
@@ -33,6 +36,8 @@ from largo.api.v1alpha1.common import (
     check_name,
     immutable,
     immutable_message,
+    is_label_value,
+    is_qualified_name,
     root_config,
     validations,
 )
@@ -47,10 +52,11 @@ RESERVED_ENV_PREFIXES = ("PET_", "LARGO_")
 RESERVED_ENV_NAMES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
 
 # resource.Quantity's grammar without its minus sign (a request cannot be negative); the API server
-# checks it via `pattern`, and `minimum` a bare integer.
+# checks it via `pattern`, and `minimum` a bare integer. The exponent is whole, as Kubernetes' parser
+# reads it (its grammar's comment allows a decimal one, which it then refuses: 1e1.5).
 QUANTITY_PATTERN = (
     r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?[0-9]+))?$"
 )
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 _WHOLE_RE = re.compile(r"^[0-9]+$")
@@ -82,6 +88,11 @@ MSG_RESERVED_VOLUMES = (
     f"spec.podTemplate.volumes must not be named like largo's own ({RESERVED_VOLUME_PREFIX}...)"
 )
 MSG_SUB_PATH_UP = "spec.checkpoint.subPath must not contain '..' (Kubernetes refuses such a subPath)"
+MSG_QUALIFIED_NAME = (
+    "an optional DNS subdomain and '/', then at most 63 letters, digits, '-', '_' or '.', starting and "
+    "ending with a letter or digit"
+)
+MSG_LABEL_VALUE = "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
 MSG_CHECKPOINT_MOUNT = "spec.podTemplate.volumeMounts must not mount over spec.checkpoint.path"
 MSG_EXIT_CODE_OVERLAP = (
     "spec.failurePolicy: an exit code may not be in both permanentExitCodes and retryableExitCodes"
@@ -218,7 +229,7 @@ class EnvVar(SpecModel):
         )
     )
 
-    name: str = Field(min_length=1, max_length=253)
+    name: str = Field(min_length=1, max_length=253, pattern=ENV_NAME_PATTERN)
     value: str | None = None
     value_from: FreeForm | None = Field(
         default=None, description="A core/v1 EnvVarSource, passed through to the pod unchanged."
@@ -412,7 +423,9 @@ class PodTemplate(SpecModel):
             cel(f"self.all(k, !k.startsWith('{RESERVED_KEY_PREFIX}'))", MSG_RESERVED_KEYS)
         ),
     )
-    service_account_name: str | None = Field(default=None, min_length=1, max_length=253)
+    service_account_name: str | None = Field(
+        default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN
+    )
     # None rather than an empty list when unset: the pods' spec hash of an object written before the
     # field existed stays the same, so an operator upgrade restarts no job and rolls no service.
     image_pull_secrets: list[LocalObjectReference] | None = Field(
@@ -429,13 +442,26 @@ class PodTemplate(SpecModel):
         "capabilities.drop [ALL]). Unset: the container runs as its image made it (RDMA needs "
         "IPC_LOCK, for one).",
     )
-    priority_class_name: str | None = Field(default=None, min_length=1, max_length=253)
+    priority_class_name: str | None = Field(
+        default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN
+    )
     termination_grace_period_seconds: int | None = Field(
         default=None,
         ge=0,
         le=86400,
         description="Seconds between SIGTERM and SIGKILL when a pod is stopped: time to write a checkpoint.",
     )
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _kubernetes_keys(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        field = f"spec.podTemplate.{info.field_name}"
+        for key, text in value.items():
+            if not is_qualified_name(key):
+                raise ValueError(f"{field}: '{key}' is not a valid key: {MSG_QUALIFIED_NAME}")
+            if info.field_name == "labels" and not is_label_value(text):
+                raise ValueError(f"{field}['{key}']: '{text}' is not a valid label value: {MSG_LABEL_VALUE}")
+        return value
 
     @model_validator(mode="after")
     def _none_of_largo_s_own(self) -> Self:
@@ -584,6 +610,10 @@ def check_resources(resources: Mapping[str, int | str]) -> None:
     if gpus is not None and not _WHOLE_RE.match(str(gpus)):
         raise ValueError(MSG_GPU_WHOLE)
     for resource, quantity in resources.items():
+        if not is_qualified_name(resource):
+            raise ValueError(
+                f"spec.resourcesPerNode: '{resource}' is not a resource name: {MSG_QUALIFIED_NAME}"
+            )
         if isinstance(quantity, str) and not _QUANTITY_RE.match(quantity):
             raise ValueError(f"spec.resourcesPerNode['{resource}'] is not a valid quantity")
         try:
