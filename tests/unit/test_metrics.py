@@ -450,3 +450,25 @@ def test_a_serving_group_in_its_restart_back_off_still_waits_in_its_queue() -> N
     assert series[("largo_queue_gpus", (*key, ("state", "requested")))] == 16
     assert series[("largo_queue_gpus", (*key, ("state", "waiting")))] == 8
     assert series[("largo_queue_length", (("queue", "serving"), ("reason", "BackOff")))] == 1
+
+
+def test_the_operator_s_metrics_page_answers_on_ipv4_and_on_ipv6() -> None:
+    """Prometheus scrapes the operator pod's IP, an IPv6 one in an IPv6 cluster."""
+    import socket
+    import urllib.request
+
+    from largo.metrics import serve
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve(port, lambda: Snapshot(nodes=[_node("a")], pods=[], jobs=[]))
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        hosts = ["127.0.0.1", "[::1]"]
+    except OSError:  # no IPv6 here
+        hosts = ["127.0.0.1"]
+    for host in hosts:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as page:
+            assert b'largo_node_gpus_allocatable{node="a"} 8.0' in page.read()

@@ -52,3 +52,15 @@ def test_largo_top_runs_without_the_dev_extra_and_dev_commands_say_what_they_nee
     assert lines[-3] == "exit 0"  # top --help
     assert lines[-2].startswith("largo dev: needs largo's dev extra (pip install 'largo[dev]')")
     assert lines[-1] == "exit 2"
+
+
+def test_the_health_checks_listen_on_the_pod_ip_s_family() -> None:
+    """kopf serves them on one socket, IPv6-only for ``::``: the kubelet probes the pod's IP."""
+    from largo.controllers.main import liveness_endpoint
+
+    url = "http://0.0.0.0:8080/healthz"
+    assert liveness_endpoint(url, "fd00:10:244::7") == "http://[::]:8080/healthz"
+    assert liveness_endpoint(url, "10.244.0.7") == url
+    assert liveness_endpoint(url, None) == url
+    assert liveness_endpoint("http://127.0.0.1:8080/healthz", "fd00::7") == "http://127.0.0.1:8080/healthz"
+    assert liveness_endpoint(None, "fd00::7") is None

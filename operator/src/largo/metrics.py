@@ -13,13 +13,14 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from largo.api.v1alpha1 import GPU_RESOURCE, Phase
 from largo.controllers.state import BoundRanks, JobEntry, PodUsage, ServiceEntry, bound_rank, is_bound
 from largo.policy.conditions import parse_timestamp
+from largo.runtime.metrics import serve as serve_metrics
 from largo.sched import gang
 from largo.sched.inventory import POD_SLOTS, free_by_node
 from largo.sched.types import GangRequest, NodeInfo
@@ -522,5 +523,5 @@ def serve(port: int, snapshot: Callable[[], Snapshot]) -> OperatorMetrics:
     registry = CollectorRegistry()
     registry.register(ResourceCollector(snapshot))
     metrics = OperatorMetrics(registry)
-    start_http_server(port, registry=registry)
+    serve_metrics(port, registry)  # on IPv6's and IPv4's addresses: Prometheus scrapes the pod's IP
     return metrics

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import urllib.parse
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,6 +58,18 @@ def log_handler(log_format: str) -> logging.Handler:
     return handler
 
 
+def liveness_endpoint(url: str | None, pod_ip: str | None) -> str | None:
+    """The health checks' URL, on the address family of the pod's IP when ``url`` names every
+    address: kopf serves them on one socket, which asyncio makes IPv6-only for ``::``, and the kubelet
+    probes the pod's (primary) IP, an IPv6 one in an IPv6 cluster, where ``0.0.0.0`` was never reached."""
+    if url is None or not pod_ip or ":" not in pod_ip:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname != "0.0.0.0":
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"[::]:{parts.port}" if parts.port else "[::]"))
+
+
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -92,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         # Several replicas coordinate through largo's own Lease election (controllers/leader.py), not
         # kopf peering, which pauses handlers but fences neither the scheduler nor the writes.
         standalone=True,
-        liveness_endpoint=args.liveness,
+        liveness_endpoint=liveness_endpoint(args.liveness, os.environ.get("POD_IP")),
         # The start-up handler, which kopf calls without our arguments, finds them here.
         memo=kopf.Memo(settings=settings),
     )
