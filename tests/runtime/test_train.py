@@ -225,6 +225,74 @@ def test_pruning_keeps_the_checkpoint_just_written_and_at_least_one(tmp_path: Pa
     assert [step for step, _ in checkpoint.complete(tmp_path)] == [200]
 
 
+def test_pruning_goes_on_past_a_file_it_cannot_remove(tmp_path: Path) -> None:
+    """One that cannot go (here a directory under a checkpoint's name) kept every older checkpoint and
+    stale temporary file on the disk, at every checkpoint; the failure is raised once the rest are gone."""
+    for step in (1, 3, 4):
+        checkpoint.save(tmp_path, step, {"weights": [step]})
+    checkpoint.checkpoint_path(tmp_path, 2).mkdir()
+    stale = tmp_path / "step-000000005.pt.1-0a1b2c3d.partial"
+    stale.write_bytes(b"interrupted")
+    old = time.time() - checkpoint.STALE_PARTIAL_SECONDS - 60
+    os.utime(stale, (old, old))
+    with pytest.raises(IsADirectoryError):
+        checkpoint.prune(tmp_path, keep=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "step-000000002.pt",
+        "step-000000003.pt",
+        "step-000000004.pt",
+    ]
+
+
+def test_a_step_past_nine_digits_is_listed_resumed_and_pruned(tmp_path: Path) -> None:
+    for step in (999_999_999, 1_000_000_000):
+        checkpoint.save(tmp_path, step, {"weights": [step]})
+    assert [step for step, _ in checkpoint.complete(tmp_path)] == [1_000_000_000, 999_999_999]
+    loaded = checkpoint.load_latest(tmp_path)
+    assert loaded is not None
+    assert loaded["step"] == 1_000_000_000
+    checkpoint.prune(tmp_path, keep=1)
+    assert [step for step, _ in checkpoint.complete(tmp_path)] == [1_000_000_000]
+
+
+def test_a_broken_link_under_a_checkpoint_s_name_is_skipped(tmp_path: Path) -> None:
+    """It stays after every listing: taken for a file pruned as it was read, it made every resume list
+    again three times and fail, with a good older checkpoint there."""
+    checkpoint.save(tmp_path, 100, {"weights": [100]})
+    checkpoint.checkpoint_path(tmp_path, 200).symlink_to(tmp_path / "gone" / "step-000000200.pt")
+    loaded = checkpoint.load_latest(tmp_path)
+    assert loaded is not None
+    assert loaded["step"] == 100
+    assert checkpoint.latest_checkpoint(tmp_path) == checkpoint.checkpoint_path(tmp_path, 100)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 600000000 bytes",
+        "unable to mmap 600001641 bytes from file <step-000000002.pt>: Cannot allocate memory (12)",
+    ],
+)
+def test_a_checkpoint_too_big_for_memory_is_not_skipped_for_an_older_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    """torch's allocator and its file mapping say so as RuntimeError (under a hard memory cap): taken for
+    damage, the newest checkpoint was skipped and an older one resumed or served."""
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, {"weights": [step]})
+    load = torch.load
+
+    def short_of_memory(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if Path(path) == checkpoint.checkpoint_path(tmp_path, 2):
+            raise RuntimeError(refusal)
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", short_of_memory)
+    with pytest.raises(MemoryError, match="does not fit"):
+        checkpoint.load_latest(tmp_path)
+    assert not checkpoint.out_of_memory(RuntimeError("PytorchStreamReader failed reading zip archive"))
+
+
 def test_the_background_writer_writes_prunes_and_keeps_one_write_in_flight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

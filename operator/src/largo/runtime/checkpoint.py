@@ -32,7 +32,8 @@ T = TypeVar("T")
 FORMAT = "largo.checkpoint/v2"
 # v1: one fused qkv projection per block; optimizer state keyed by parameter position (DDP runs).
 FORMAT_V1 = "largo.checkpoint/v1"
-_NAME = re.compile(r"^step-(\d{9})\.pt$")
+# At least nine digits: ``checkpoint_path`` pads to nine, and a step of 10^9 or more takes more.
+_NAME = re.compile(r"^step-(\d{9,})\.pt$")
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -204,9 +205,26 @@ def storage_failed(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says memory ran out: Python's MemoryError, or torch's, which its allocator and
+    its mapping of a file raise as RuntimeError (under a hard memory cap, an address-space limit)."""
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "Cannot allocate memory" in text or f"({errno.ENOMEM})" in text
+    )
+
+
+def _too_big(path: Path, error: BaseException) -> MemoryError:
+    if isinstance(error, MemoryError):
+        return error
+    return MemoryError(f"checkpoint {path} does not fit in memory: {error}")
+
+
 def _unreadable(path: Path, error: BaseException) -> Exception:
     """What a failed read of ``path`` means: gone, the storage's failure, or a damaged file."""
-    if isinstance(error, FileNotFoundError):
+    if isinstance(error, FileNotFoundError) and not path.is_symlink():
         return CheckpointGoneError(f"removed before it could be read: {error}")
     if storage_failed(error):
         return CheckpointStorageError(f"checkpoint {path} could not be read from its storage: {error!r}")
@@ -225,9 +243,9 @@ def check_whole(path: Path) -> Path:
     storage's failure) otherwise."""
     try:
         damaged = damaged_record(path)
-    except MemoryError:  # not the file's fault, and an older checkpoint is no smaller
-        raise
     except Exception as error:  # a damaged archive's headers raise many kinds, as torch.load does
+        if out_of_memory(error):  # not the file's fault, and an older checkpoint is no smaller
+            raise _too_big(path, error) from error
         raise _unreadable(path, error) from error
     if damaged is not None:
         raise CheckpointError(f"damaged: record {damaged} does not match its checksum")
@@ -245,9 +263,9 @@ def read(path: Path, step: int, mapped: bool = False) -> dict[str, Any]:
     check_whole(path)
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
-    except MemoryError:
-        raise
     except Exception as error:  # torch.load raises many kinds for a damaged file
+        if out_of_memory(error):  # not the file's fault: an older one, loaded instead, would be wrong
+            raise _too_big(path, error) from error
         raise _unreadable(path, error) from error
     if not isinstance(state, dict) or state.get("step") != step:
         raise CheckpointError(f"not a largo checkpoint of step {step}")
@@ -330,8 +348,16 @@ def prune(directory: Path, keep: int, written: int | None = None) -> list[Path]:
         for path in directory.iterdir():
             if path.name.endswith(PARTIAL_SUFFIX) and _untouched_for(path, now) > STALE_PARTIAL_SECONDS:
                 removed.append(path)
+    # Each on its own: one that cannot go (a directory of that name, a permission) must not keep every
+    # older one on the disk, at every checkpoint; the first failure is raised once the rest are gone.
+    failures: list[OSError] = []
     for path in removed:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            failures.append(error)
+    if failures:
+        raise failures[0]
     return removed
 
 
