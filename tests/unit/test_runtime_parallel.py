@@ -211,3 +211,35 @@ def test_a_file_of_another_format_or_step_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
         checkpoint.read(path, 5)
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "differs"),
+    [
+        (ModelConfig(depth=4), ModelConfig(depth=2), "depth 4 (now 2)"),
+        (ModelConfig(width=32, heads=4), ModelConfig(width=64), "width 32 (now 64)"),
+        (ModelConfig(context=32), ModelConfig(context=64), "context 32 (now 64)"),
+        (ModelConfig(heads=8), ModelConfig(heads=4), None),  # the heads are in no tensor's shape
+        (ModelConfig(), ModelConfig(), None),
+    ],
+)
+def test_a_checkpoint_that_records_no_shape_is_compared_on_what_its_tensors_say(
+    tmp_path: Path, saved: ModelConfig, now: ModelConfig, differs: str | None
+) -> None:
+    """Written before checkpoints recorded their model: a deeper one resumed into a shallower model lost
+    its last blocks without a word, a narrower one failed every attempt on a size mismatch."""
+    from largo.runtime.engine_host import model_config
+    from largo.runtime.train import shape_mismatch
+
+    model = TinyGPT(saved)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros((1, 4), dtype=torch.long), torch.zeros((1, 4), dtype=torch.long)).backward()
+    optimizer.step()
+    torch.save(_v1_checkpoint(model, optimizer), checkpoint.checkpoint_path(tmp_path, 7))
+    state = checkpoint.load_latest(tmp_path)
+    assert state is not None
+    assert "config" not in state or state["config"] is None
+    assert shape_mismatch(state, now) == differs
+    served = model_config(state)
+    assert (served.depth, served.width, served.context) == (saved.depth, saved.width, saved.context)
+    assert served.heads == 4

@@ -279,6 +279,23 @@ def read(path: Path, step: int, mapped: bool = False) -> dict[str, Any]:
     return state
 
 
+def model_shape(state: dict[str, Any]) -> dict[str, Any]:
+    """The reference model's shape a checkpoint is of: the ``config`` the trainer records, else (written
+    before it did) what its tensors say: vocabulary, context, width and depth, not the heads. Raises
+    KeyError or ValueError for weights that are not the reference model's."""
+    recorded = state.get("config")
+    if isinstance(recorded, dict):
+        return dict(recorded)
+    weights = state["model"]
+    vocab, width = weights["tokens.weight"].shape
+    return {
+        "vocab_size": vocab,
+        "context": weights["positions.weight"].shape[0],
+        "width": width,
+        "depth": len({key.split(".")[1] for key in weights if key.startswith("blocks.")}),
+    }
+
+
 _FUSED = re.compile(r"^(blocks\.\d+\.)qkv\.(weight|bias)$")
 
 

@@ -56,18 +56,13 @@ class StorageError(ModelError):
 
 
 def model_config(state: dict[str, Any]) -> ModelConfig:
-    """The model's shape: recorded in the checkpoint by the trainer, else read from its tensors."""
-    recorded = state.get("config")
-    weights = state["model"]
-    if isinstance(recorded, dict):
-        return ModelConfig(**recorded)
+    """The model's shape: recorded in the checkpoint by the trainer, else read from its tensors, with
+    the trainer's default heads (their number is in no tensor's shape: such a checkpoint of a model
+    trained with other ``--heads`` must be written again by the trainer, resumed and saved)."""
     try:
-        vocab, width = weights["tokens.weight"].shape
-        context = weights["positions.weight"].shape[0]
-        depth = len({key.split(".")[1] for key in weights if key.startswith("blocks.")})
+        return ModelConfig(**checkpoint.model_shape(state))
     except (KeyError, ValueError) as error:
         raise ModelError(f"not a checkpoint of the reference model: {error}") from error
-    return ModelConfig(vocab_size=vocab, context=context, width=width, depth=depth)
 
 
 def load_model(

@@ -182,14 +182,17 @@ def _this_job() -> str | None:
     return f"{namespace}/{name}" if name and namespace else None
 
 
-def shape_mismatch(saved: Any, config: ModelConfig) -> str | None:
-    """How the model a checkpoint recorded (its ``config``) differs from ``config``, or None. A
-    checkpoint of another shape is never resumed from: a shallower model took the first blocks' weights
-    without a word, a narrower one failed each attempt on a size mismatch."""
-    if not isinstance(saved, dict):
-        return None  # written before checkpoints recorded their model: nothing to compare
-    wanted = dataclasses.asdict(config).items()
-    differing = [f"{key} {saved.get(key)} (now {value})" for key, value in wanted if saved.get(key) != value]
+def shape_mismatch(state: dict[str, Any], config: ModelConfig) -> str | None:
+    """How the model of checkpoint ``state`` (``checkpoint.model_shape``) differs from ``config``, or
+    None. A checkpoint of another shape is never resumed from: a shallower model took the first blocks'
+    weights without a word, a narrower one failed each attempt on a size mismatch. One written before
+    checkpoints recorded their model is compared on what its tensors say (not the heads)."""
+    try:
+        saved = checkpoint.model_shape(state)
+    except (KeyError, ValueError, AttributeError) as error:
+        return f"not the reference model ({error!r})"
+    wanted = [(key, value) for key, value in dataclasses.asdict(config).items() if key in saved]
+    differing = [f"{key} {saved[key]} (now {value})" for key, value in wanted if saved[key] != value]
     return ", ".join(differing) or None
 
 
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s; the gang restarts", error)
             return 1
         if state is not None:
-            mismatch = shape_mismatch(state.get("config"), config)
+            mismatch = shape_mismatch(state, config)
             if mismatch is not None:
                 logger.error(
                     "the checkpoint of step %d in %s is of another model: %s; start the job with the "
