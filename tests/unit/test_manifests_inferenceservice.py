@@ -21,6 +21,7 @@ from largo.manifests.inferenceservice import (
     pod_tolerations,
     revision,
 )
+from largo.manifests.names import LABEL_REVISION
 from largo.manifests.vllm import VLLM_IMAGE
 
 GPU = "nvidia.com/gpu"
@@ -733,6 +734,30 @@ def test_revision_follows_the_default_image_and_is_stable() -> None:
     # An image the service names wins over the default, so the default no longer matters.
     named = make(runtime={"type": "largo", "image": "mine:1"}).spec
     assert revision(named, MODEL, "largo:a") == revision(named, MODEL, "largo:b")
+
+
+@pytest.mark.parametrize(
+    ("written", "again"),
+    [
+        ({"runtime": {"type": "largo"}}, {"runtime": {"type": "largo", "args": []}}),
+        ({"runtime": {"type": "largo"}}, {"runtime": {"type": "largo", "command": []}}),
+        ({}, {"podTemplate": {"imagePullSecrets": []}}),
+        ({}, {"resourcesPerNode": {"nvidia.com/gpu": 1, "cpu": "8"}}),
+        ({}, {"resourcesPerNode": {"nvidia.com/gpu": "1", "cpu": 8}}),
+    ],
+)
+def test_spellings_of_one_pod_are_one_revision(written: dict[str, Any], again: dict[str, Any]) -> None:
+    """A tool that writes `args: []` or `cpu: "8"` where the last apply had none or 8 rolled every group
+    for pods alike to the byte."""
+    weights = ModelMount(claim_name="weights")
+    base = {"model": {"claimName": "weights"}, "resourcesPerNode": {"nvidia.com/gpu": 1, "cpu": 8}}
+    specs = [{**base, **spelling} for spelling in (written, again)]
+    first, second = (make("chat", **spec) for spec in specs)
+    pods = [build_pod(service, weights, 0, 0, "n1", 0) for service in (first, second)]
+    for pod in pods:
+        pod["metadata"]["labels"].pop(LABEL_REVISION)
+    assert pods[0] == pods[1]
+    assert revision(first.spec, weights) == revision(second.spec, weights)
 
 
 def test_a_revision_hashes_as_it_did_in_earlier_versions() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,9 @@ def server_image(spec: InferenceServiceSpec, default_image: str = DEFAULT_SERVER
     return VLLM_IMAGE if spec.runtime.type is RuntimeType.VLLM else default_image
 
 
+_WHOLE = re.compile(r"[0-9]+")
+
+
 def revision(spec: InferenceServiceSpec, model: ModelMount, default_image: str = DEFAULT_SERVER_IMAGE) -> str:
     """A hash of everything that shapes a replica group's pods: groups of one revision are alike, and a
     new revision (image, args, model, runtime, resources, ...) is rolled out group by group."""
@@ -95,6 +99,17 @@ def revision(spec: InferenceServiceSpec, model: ModelMount, default_image: str =
         exclude_none=True,
         include={"runtime", "nodes_per_replica", "resources_per_node", "env", "pod_template"},
     )
+    # Spellings of one pod hash alike (a tool that writes `args: []` or `cpu: "8"` where the last apply
+    # had none or 8 rolled every group): empty lists the pods do not show are dropped, and whole-number
+    # quantities are numbers. A spec written without these spellings hashes as before (an operator
+    # upgrade rolls it not); one written with them rolls once.
+    for section, key in (("runtime", "args"), ("runtime", "command"), ("podTemplate", "imagePullSecrets")):
+        if shaping.get(section, {}).get(key) == []:
+            del shaping[section][key]
+    shaping["resourcesPerNode"] = {
+        name: int(quantity) if isinstance(quantity, str) and _WHOLE.fullmatch(quantity) else quantity
+        for name, quantity in shaping.get("resourcesPerNode", {}).items()
+    }
     shaping["image"] = server_image(spec, default_image)
     shaping["model"] = [model.claim_name, model.sub_path, model.directory, model.step]
     placed = carried_scheduling(spec.scheduling)
