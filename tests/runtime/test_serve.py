@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import http.client
 import json
@@ -126,6 +127,18 @@ def test_greedy_tokens_are_the_same_alone_and_in_a_batch(trained: Path) -> None:
                 expected = int(torch.argmax(model.head(model.norm(hidden[:, -1]))[0]))
             assert token == expected
             sequence.append(token)
+
+
+def test_a_float16_checkpoint_is_served_in_float32_on_a_cpu(tmp_path: Path) -> None:
+    """float16 is served on a GPU only, as when asked for by name: ``auto`` took a float16 checkpoint's
+    own precision and served it on a CPU, without fast products for it."""
+    model = TinyGPT(ModelConfig(width=32, depth=1, context=16)).half()
+    checkpoint.save(tmp_path, 3, {"model": model.state_dict(), "config": dataclasses.asdict(model.config)})
+    served, step = load_model(tmp_path, None, torch.device("cpu"))
+    assert step == 3
+    assert {p.dtype for p in served.parameters()} == {torch.float32}
+    asked, _ = load_model(tmp_path, None, torch.device("cpu"), "bfloat16")
+    assert {p.dtype for p in asked.parameters()} == {torch.bfloat16}
 
 
 def test_a_model_served_in_bfloat16_keeps_its_maths_and_batches_as_alone(trained: Path) -> None:

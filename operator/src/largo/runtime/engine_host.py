@@ -102,6 +102,11 @@ def load_model(
     except (RuntimeError, KeyError) as error:
         raise ModelError(f"checkpoint does not fit the reference model {config}: {error}") from error
     precision = checkpoint_dtype(state) if dtype == "auto" else getattr(torch, dtype)
+    if dtype == "auto" and precision == torch.float16 and device.type == "cpu":
+        # Served on a GPU only, as a float16 asked for by name (``resolve``): a CPU has no fast products
+        # for it, and a checkpoint in it is served in float32 there.
+        logger.info("the checkpoint's float16 weights are served in float32 on a CPU")
+        precision = torch.float32
     return model.to(device=device, dtype=precision).eval(), int(state["step"])
 
 
