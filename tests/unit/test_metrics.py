@@ -472,3 +472,15 @@ def test_the_operator_s_metrics_page_answers_on_ipv4_and_on_ipv6() -> None:
     for host in hosts:
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as page:
             assert b'largo_node_gpus_allocatable{node="a"} 8.0' in page.read()
+
+
+def test_no_resource_series_before_the_indexes_hold_the_first_listing() -> None:
+    """A restarted operator's empty indexes said: every GPU free, no job, at each start."""
+    from largo.metrics import ResourceCollector
+
+    registry = CollectorRegistry()
+    registry.register(ResourceCollector(lambda: None))
+    assert "largo_node_gpus_allocatable" not in generate_latest(registry).decode()
+    filled = CollectorRegistry()
+    filled.register(ResourceCollector(lambda: Snapshot(nodes=[_node("a")], pods=[], jobs=[])))
+    assert 'largo_node_gpus_allocatable{node="a"} 8.0' in generate_latest(filled).decode()

@@ -374,13 +374,15 @@ def _head(snapshot: Snapshot) -> GangRequest | None:
 
 
 class ResourceCollector(Collector):
-    """Reads a snapshot of the indexes at each scrape."""
+    """Reads a snapshot of the indexes at each scrape; none (no series) before they are filled."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot | None]) -> None:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        yield from resource_families(self.snapshot())
+        snapshot = self.snapshot()
+        if snapshot is not None:
+            yield from resource_families(snapshot)
 
 
 # The events the alerts count (charts/largo/files/prometheus-rules.yaml).
@@ -518,7 +520,7 @@ def on_watch_restarts(count: Callable[[str, str], None]) -> WatchRestartCounter:
     return counter
 
 
-def serve(port: int, snapshot: Callable[[], Snapshot]) -> OperatorMetrics:
+def serve(port: int, snapshot: Callable[[], Snapshot | None]) -> OperatorMetrics:
     """Starts /metrics on ``port`` with the resource collector and the operator's instruments."""
     registry = CollectorRegistry()
     registry.register(ResourceCollector(snapshot))

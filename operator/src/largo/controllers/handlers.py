@@ -169,7 +169,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     reconcile = reconciler.reconcile
     metrics_port = largo.metrics_port
 
-    def snapshot() -> Snapshot:
+    def snapshot() -> Snapshot | None:
+        # Until the indexes hold the first listing, they tell nothing: no series rather than a cluster
+        # of free GPUs and no jobs (a dip in every graph at each start).
+        indexed = memo.get("indexed")
+        if indexed is None or not indexed.is_set():
+            return None
         # Scrapes run in prometheus-client's thread; the indexes change on the event loop, so the
         # snapshot is taken there.
         return asyncio.run_coroutine_threadsafe(_snapshot(kwargs), loop).result(timeout=10)
