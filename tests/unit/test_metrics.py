@@ -284,6 +284,7 @@ def test_serving_groups_hold_gpus_and_services_are_counted_by_phase_and_replicas
     assert held == {"a": 8, "b": 8, "c": 8, "d": 8, "e": 0}
     series = _series(snapshot)
     assert series[("largo_inferenceservices", (("phase", "Degraded"),))] == 1
+    assert series[("largo_inferenceservices", (("phase", "Ready"),))] == 0  # there at 0, not vanished
     replicas = {
         state: series[
             (

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from largo.api.v1alpha1 import GPU_RESOURCE, Phase
+from largo.api.v1alpha1 import GPU_RESOURCE, Phase, ServicePhase
 from largo.controllers.state import BoundRanks, JobEntry, PodUsage, ServiceEntry, bound_rank, is_bound
 from largo.policy.conditions import parse_timestamp
 from largo.runtime.metrics import serve as serve_metrics
@@ -115,7 +115,9 @@ def resource_families(snapshot: Snapshot) -> list[Metric]:
 
 
 def services_by_phase(services: Iterable[ServiceEntry]) -> dict[str, int]:
-    counts: dict[str, int] = {}
+    """Every phase (and New) with its count, 0 included, as ``jobs_by_phase``: a series that vanished at
+    0 read as no data, not as none."""
+    counts: dict[str, int] = {**{str(phase): 0 for phase in ServicePhase}, "New": 0}
     for entry in services:
         phase = str((entry.body.get("status") or {}).get("phase") or "New")
         counts[phase] = counts.get(phase, 0) + 1
