@@ -328,6 +328,9 @@ def test_only_the_leader_serves_http_and_is_probed(
     assert leader["livenessProbe"]["httpGet"] == {"path": liveness, "port": port}
     # A slow model load is no failure: liveness waits before its first look and tolerates misses.
     assert leader["livenessProbe"]["failureThreshold"] > 1
+    # A busy server's answer takes more than Kubernetes' default second: no flapping under load.
+    assert leader["readinessProbe"]["timeoutSeconds"] >= 3
+    assert leader["livenessProbe"]["timeoutSeconds"] >= 5
     if runtime["type"] == "vllm":
         # vLLM listens only once its engine is built: a startup probe allows an hour of loading, and
         # liveness starts only after it passed.

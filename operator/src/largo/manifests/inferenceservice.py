@@ -203,8 +203,22 @@ def pod_tolerations(service: InferenceService) -> list[JSON]:
     return gpu_tolerations(service.spec.pod_template, gpus_per_pod(service.spec))
 
 
-def _http_probe(path: str, port: int, period: int, failures: int) -> JSON:
-    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
+# How long a probe waits for its answer: Kubernetes' default, 1 s, is missed by a busy server's event
+# loop (vLLM's answers /health on the loop its API runs on), which then flapped unready under load, was
+# drained by the router and, past liveness's threshold, restarted with its whole group.
+PROBE_TIMEOUT_SECONDS = 3
+LIVENESS_TIMEOUT_SECONDS = 5
+
+
+def _http_probe(
+    path: str, port: int, period: int, failures: int, timeout: int = PROBE_TIMEOUT_SECONDS
+) -> JSON:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
 
 
 def _launch(
@@ -340,10 +354,12 @@ def build_pod(
             # never restarting in place, its whole group) again and again. The startup probe allows an
             # hour; liveness takes over once it passed.
             container["startupProbe"] = _http_probe(health, runtime.port, period=10, failures=360)
-            container["livenessProbe"] = _http_probe(health, runtime.port, period=10, failures=6)
+            container["livenessProbe"] = _http_probe(
+                health, runtime.port, period=10, failures=6, timeout=LIVENESS_TIMEOUT_SECONDS
+            )
         elif runtime.type is not RuntimeType.CUSTOM:
             container["livenessProbe"] = {
-                **_http_probe(health, runtime.port, period=10, failures=6),
+                **_http_probe(health, runtime.port, period=10, failures=6, timeout=LIVENESS_TIMEOUT_SECONDS),
                 "initialDelaySeconds": 60,
             }
 
