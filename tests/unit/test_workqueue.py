@@ -107,6 +107,15 @@ def test_back_off_doubles_per_failure_up_to_the_cap_and_success_forgets_it() -> 
     assert queue.backoff("a") == 0.5
 
 
+def test_a_key_failing_for_hours_stays_at_the_cap() -> None:
+    """2 ** 1024 is no float: the 1,025th failure in a row raised in the worker, which ended the queue
+    and the operator (a name taken for hours is retried every 10 s)."""
+    queue: WorkQueue[str] = WorkQueue(base_delay=0.5, max_delay=60.0)
+    delays = [queue.backoff("a") for _ in range(5000)]
+    assert delays[-1] == 60.0
+    assert max(delays) == 60.0
+
+
 def test_a_wakeup_during_a_failed_run_does_not_cut_the_back_off_short() -> None:
     async def scenario() -> float:
         queue: WorkQueue[str] = WorkQueue(base_delay=0.3, max_delay=1.0)

@@ -79,7 +79,10 @@ class WorkQueue(Generic[K]):
         """Counts a failure of ``key`` and returns how long it waits before its next run."""
         failures = self._failures.get(key, 0) + 1
         self._failures[key] = failures
-        return float(min(self.max_delay, self.base_delay * 2 ** (failures - 1)))
+        # The exponent stops growing once the delay is at its cap: 2 ** 1024 is no float, and a key that
+        # failed 1,025 times in a row (a name taken for hours) ended the workers and the operator.
+        doublings = min(failures - 1, 64)
+        return float(min(self.max_delay, self.base_delay * 2.0**doublings))
 
     def forget(self, key: K) -> None:
         self._failures.pop(key, None)
