@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+import urllib3
 from kubernetes import client
 from kubernetes.client import ApiException
 from largo.controllers.kube import (
@@ -351,3 +352,27 @@ def test_the_operator_s_client_never_retries_inside_urllib3(monkeypatch: pytest.
     assert kube.api.configuration.retries is False
     retries = kube.api.rest_client.pool_manager.connection_pool_kw["retries"]
     assert getattr(retries, "total", retries) is False  # urllib3: no retry, the first error raises
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        urllib3.exceptions.ReadTimeoutError(None, "/events", "Read timed out."),  # type: ignore[arg-type]
+        urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError()),
+        ConnectionRefusedError(111, "Connection refused"),
+    ],
+)
+def test_an_event_the_connection_fails_to_post_is_logged_not_raised(failure: Exception) -> None:
+    """The client retries nothing: a timeout or a dropped connection escaped the reconcile after its
+    status write, the decision's other events were lost and its pod writes waited for the back-off."""
+
+    class Failing(FakeCore):
+        def create_namespaced_event(self, namespace: str, body: Any, **kwargs: Any) -> None:
+            raise failure
+
+    kube = _kube(Failing(None))
+    counted: list[str] = []
+    kube.on_event = lambda reason, type_: counted.append(reason)
+    job = {"kind": "TrainJob", "metadata": {"name": "j", "namespace": "ns"}}
+    asyncio.run(kube.event(job, "Warning", "PodFailed", "pod j-node-1 failed"))
+    assert counted == ["PodFailed"]  # the decision was made: the alerts count it

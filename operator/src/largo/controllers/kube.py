@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client import ApiException
 
@@ -498,8 +499,11 @@ class Kube:
             await self._write(create, metadata.get("namespace"), body, field_manager=self.field_manager)
         except NotLeader:
             return
-        except ApiException as error:
-            logger.warning("could not post event %s on %s: %s", reason, metadata.get("name"), error.reason)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+            # Refused, or the connection failed or timed out (the client does not retry): an event is
+            # not worth the reconcile's back-off, nor the decision's other events and pod writes.
+            why = error.reason if isinstance(error, ApiException) else repr(error)
+            logger.warning("could not post event %s on %s: %s", reason, metadata.get("name"), why)
             self.on_event(reason, type_)  # the decision was made all the same: the alerts count it
             return
         self.on_event(reason, type_)
