@@ -200,7 +200,11 @@ def test_hosts_file_names_the_pod_and_its_subdomain_peers_only() -> None:
     no_ip = make_pod(hostname="job-node-2", subdomain="job")
     no_ip["metadata"] = {**no_ip["metadata"], "uid": "fourth"}
     no_ip["status"] = {}
-    hosts = podspec.hosts_file(own, "10.88.1.2", [own, peer, elsewhere, no_ip])
+    # A finished pod of an earlier attempt keeps its status.podIP, which the pool gave to another pod.
+    finished = make_pod(hostname="job-node-3", subdomain="job")
+    finished["metadata"] = {**finished["metadata"], "uid": "fifth"}
+    finished["status"] = {"phase": "Failed", "podIP": "10.88.2.4"}
+    hosts = podspec.hosts_file(own, "10.88.1.2", [own, peer, elsewhere, no_ip, finished])
     lines = hosts.splitlines()
     assert (
         "10.88.1.2\tjob-node-0.job.team.svc.cluster.local job-node-0.job.team.svc job-node-0.job job-node-0"
@@ -212,6 +216,7 @@ def test_hosts_file_names_the_pod_and_its_subdomain_peers_only() -> None:
     assert "10.88.2.2\tjob.team.svc.cluster.local job.team.svc" in lines
     assert "10.88.2.3" not in hosts
     assert "job-node-2" not in hosts
+    assert "10.88.2.4" not in hosts
 
 
 def test_grace_prefers_the_deletion_grace() -> None:

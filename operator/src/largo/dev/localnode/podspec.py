@@ -390,6 +390,10 @@ def hosts_file(own: JSON, own_ip: str, peers: list[JSON]) -> str:
             continue
         if not peer["spec"].get("subdomain") or peer["metadata"].get("deletionTimestamp"):
             continue
+        if (peer.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            # Its address went back to the pool (the next pod may hold it now), and a headless
+            # Service's DNS leaves finished pods out.
+            continue
         entries.append(f"{ip}\t{' '.join(dns_names(peer)[:3])}")
         entries.append(f"{ip}\t{' '.join(service_names(peer))}")
     return "\n".join([*lines, *sorted(entries)]) + "\n"
