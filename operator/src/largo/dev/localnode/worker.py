@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from largo.dev.localnode import network, podspec
 from largo.dev.localnode import status as pod_status
-from largo.dev.processes import terminate_group
+from largo.dev.processes import kill_leftovers, terminate_group
 
 if TYPE_CHECKING:
     from largo.dev.localnode.agent import Agent
@@ -337,6 +337,7 @@ class PodWorker(threading.Thread):
             if self.stop_requested:
                 terminate_group(process, podspec.grace_seconds(self.pod))
                 return False
+            kill_leftovers(process)
             code = _exit_code(process.returncode)
             self.init_states[index] = self.init_states[index].terminated(code, time.time())
             if code == 0:
@@ -358,6 +359,7 @@ class PodWorker(threading.Thread):
             if state.state == "waiting" and now >= self.restart_at.get(state.name, 0):
                 self._start(index, specs[state.name])
             elif state.state == "running" and process is not None and process.poll() is not None:
+                kill_leftovers(process)
                 self._exited(index, _exit_code(process.returncode))
         self._probe(specs, now)
 
