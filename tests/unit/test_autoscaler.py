@@ -18,6 +18,7 @@ from largo.controllers.autoscaler import (
     metrics_url,
     ready_leaders,
     router_metrics_url,
+    runtime_of,
 )
 from largo.controllers.kube import ConflictError
 from largo.controllers.state import service_entry
@@ -234,6 +235,32 @@ def test_metrics_are_read_from_vllm_s_http_port() -> None:
         metrics_url(_pod("v-r0-node-0", ip="fd00::5"), entry.service.spec) == "http://[fd00::5]:8080/metrics"
     )
     assert router_metrics_url(_pod("v-router-0", ip="fd00::6")) == "http://[fd00::6]:9400/metrics"
+
+
+def test_each_leader_is_read_where_and_as_its_own_runtime_serves() -> None:
+    """A rollout from largo to vLLM on port 8080: the old leaders still serve largo's names on
+    `metrics`. Read as the spec says, they answered nothing, counted busy, and an idle service grew."""
+    entry = service_entry(
+        {
+            "metadata": {"name": "v", "namespace": "ns"},
+            "spec": {
+                "model": {"claimName": "w"},
+                "runtime": {"type": "vllm", "port": 8080},
+                "resourcesPerNode": {"nvidia.com/gpu": 1},
+            },
+        }
+    )
+    assert entry.service is not None
+    spec = entry.service.spec
+    old = _pod("v-r0-node-0", ip="10.0.0.1")
+    old["metadata"]["labels"]["largo.dev/runtime"] = "largo"
+    new = _pod("v-r1-node-0", ip="10.0.0.2")
+    new["metadata"]["labels"]["largo.dev/runtime"] = "vllm"
+    new["spec"] = {"containers": [{"name": "server", "ports": [{"name": "http", "containerPort": 8000}]}]}
+    assert (runtime_of(old, spec), runtime_of(new, spec)) == (RuntimeType.LARGO, RuntimeType.VLLM)
+    assert metrics_url(old, spec) == "http://10.0.0.1:9400/metrics"
+    assert metrics_url(new, spec) == "http://10.0.0.2:8000/metrics"  # its own port, not the spec's next
+    assert runtime_of(_pod("v-r2-node-0"), spec) is RuntimeType.VLLM  # unlabelled: the spec's
 
 
 def test_requests_held_by_the_router_bring_a_service_back_from_zero() -> None:

@@ -60,13 +60,33 @@ def policy_of(spec: InferenceServiceSpec, period: float = 2.0) -> Policy:
     )
 
 
+def runtime_of(pod: Mapping[str, Any], spec: InferenceServiceSpec) -> RuntimeType:
+    """The runtime a leader runs, by its own label: during a rollout from one runtime to another the
+    old leaders still run the old one (read as the spec's, each was scraped at the wrong place or for
+    the wrong names, and counted busy)."""
+    label = ((pod.get("metadata") or {}).get("labels") or {}).get(names.LABEL_RUNTIME)
+    try:
+        return RuntimeType(label) if label else spec.runtime.type
+    except ValueError:
+        return spec.runtime.type
+
+
+def _http_port(pod: Mapping[str, Any], spec: InferenceServiceSpec) -> int:
+    """The leader's own `http` port (a rollout may be changing the spec's)."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == names.HTTP_PORT_NAME and isinstance(port.get("containerPort"), int):
+                return int(port["containerPort"])
+    return spec.runtime.port
+
+
 def metrics_url(pod: Mapping[str, Any], spec: InferenceServiceSpec) -> str | None:
     """Where a leader's load is read: vLLM on its HTTP port, largo's server (and a custom one, which
     speaks the same names) on `metrics`."""
     ip = (pod.get("status") or {}).get("podIP")
     if not ip:
         return None
-    port = spec.runtime.port if spec.runtime.type is RuntimeType.VLLM else names.METRICS_PORT
+    port = _http_port(pod, spec) if runtime_of(pod, spec) is RuntimeType.VLLM else names.METRICS_PORT
     return f"http://{names.host_port(ip, port)}/metrics"
 
 
@@ -194,13 +214,14 @@ class Autoscaler:
                 # A leader that does not answer counts as busy (the policy's rule for silence).
                 continue
             previous = memory.counters.get(name)
-            value, counter = replica_load(text, scaling.metric, spec.runtime.type, now, previous)
+            runtime = runtime_of(leaders[name], spec)
+            value, counter = replica_load(text, scaling.metric, runtime, now, previous)
             if value is None and counter is not None and counter is not previous:
                 # It answered with a counter but no rate yet (its first scrape, or a reset: a rate needs
                 # two): not silent, so not counted at the target.
                 warming.add(name)
             if scaling.metric is ScalingMetric.IN_FLIGHT:
-                counter = finished_counter(text, spec.runtime.type, now) or previous
+                counter = finished_counter(text, runtime, now) or previous
             if counter is not None:
                 memory.counters[name] = counter
             served = previous is not None and counter is not None and counter.total > previous.total
