@@ -47,6 +47,25 @@ def test_a_server_that_has_not_answered_yet_has_a_rate_of_zero() -> None:
     assert replica_load(text, ScalingMetric.REQUESTS_PER_SECOND, RuntimeType.LARGO, 12.0, counter)[0] == 0.0
 
 
+def test_a_custom_server_s_labelled_counter_without_a_sample_yet_counts_zero() -> None:
+    """docs/serving.md asks a custom server for largo_serve_requests_total by `code`: prometheus_client
+    shows such a counter's HELP and TYPE only until its first request. Read as no counter, an idle
+    replica gave no sample, and the service kept its size for good."""
+    from prometheus_client import Counter as Requests
+
+    registry = CollectorRegistry()
+    Requests("largo_serve_requests", "Requests answered.", ["code"], registry=registry)
+    text = generate_latest(registry).decode()
+    assert "largo_serve_requests_total{" not in text  # no sample at all
+    rate, counter = replica_load(text, ScalingMetric.REQUESTS_PER_SECOND, RuntimeType.CUSTOM, 10.0, None)
+    assert rate is None
+    assert counter is not None
+    assert counter.total == 0
+    rate_of = ScalingMetric.REQUESTS_PER_SECOND
+    assert replica_load(text, rate_of, RuntimeType.CUSTOM, 12.0, counter)[0] == 0.0
+    assert replica_load("# TYPE other counter\n", rate_of, RuntimeType.CUSTOM, 1.0, None) == (None, None)
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:

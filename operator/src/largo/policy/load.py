@@ -88,7 +88,22 @@ def finished_counter(text: str, runtime: RuntimeType, now: float) -> Counter | N
         sums = _sums(text, (name,))
     except ValueError:
         return None
-    return Counter(now, sums[name]) if name in sums else None
+    if name in sums:
+        return Counter(now, sums[name])
+    # Declared without a sample: a labelled counter (by code, as docs/serving.md asks of a custom
+    # server) shows none before its first request. It counts 0: read as no counter, an idle replica
+    # gave no sample and held the service at its size for good.
+    return Counter(now, 0.0) if _declares(text, name) else None
+
+
+def _declares(text: str, sample_name: str) -> bool:
+    """Whether ``text`` declares the counter whose samples are named ``sample_name``."""
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError:
+        return False
+    names = {family.name for family in families if family.type == "counter"}
+    return sample_name in names or sample_name.removesuffix("_total") in names
 
 
 # The router's count of requests waiting for a first ready replica (largo.router.agent).
