@@ -183,6 +183,14 @@ def test_replicas_sampled_at_different_moments_all_count() -> None:
     assert decision.replicas == 4
 
 
+def test_loads_whose_sum_is_beyond_any_number_ask_for_the_most_replicas() -> None:
+    """Each replica's value is finite, their sum is not: ceil(inf / target) raised OverflowError, and the
+    service got no decision while the samples stayed in the window."""
+    samples = [Sample(t, f"r{t % 2}", 1e308) for t in range(60, 120)]
+    decision = decide(POLICY, samples, ["r0", "r1"], 2, State(), 120.0)
+    assert decision.replicas == POLICY.max_replicas
+
+
 def test_the_first_decision_off_a_whole_second_does_not_read_the_load_as_zero() -> None:
     """A controller's clock is never on a whole second: four replicas at the target, sampled once at
     1000.5, must not be read as idle (which once scaled 4 to 1 after every operator start)."""

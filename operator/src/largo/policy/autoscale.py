@@ -97,6 +97,17 @@ class Decision:
     state: State = field(default_factory=State)
 
 
+# Replicas a load beyond any count asks for (finite loads whose sum is not: 1e308 in flight on two
+# replicas); the bounds clamp it to maxReplicas.
+_UNBOUNDED = 2**31
+
+
+def _replicas_for(load: float, target: float) -> int:
+    """Replicas that hold ``load`` at ``target`` each."""
+    wanted = load / target
+    return math.ceil(wanted) if math.isfinite(wanted) and wanted < _UNBOUNDED else _UNBOUNDED
+
+
 def _average_load(
     samples: Sequence[Sample],
     ready: Sequence[str],
@@ -215,8 +226,8 @@ def decide(
             State(recent, None, state.idle_since),
         )
     # Zero is reached only through scale_to_zero below, after its grace.
-    wanted = max(1, math.ceil(stable_load / policy.target))
-    panic_wanted = math.ceil(panic_load / policy.target)
+    wanted = max(1, _replicas_for(stable_load, policy.target))
+    panic_wanted = _replicas_for(panic_load, policy.target)
     ready_count = max(len(ready), 1)
     panic_until = state.panic_until if state.panic_until is not None and now < state.panic_until else None
     in_panic = panic_wanted >= policy.panic_threshold * ready_count and panic_wanted > current
