@@ -376,3 +376,26 @@ def test_an_event_the_connection_fails_to_post_is_logged_not_raised(failure: Exc
     job = {"kind": "TrainJob", "metadata": {"name": "j", "namespace": "ns"}}
     asyncio.run(kube.event(job, "Warning", "PodFailed", "pod j-node-1 failed"))
     assert counted == ["PodFailed"]  # the decision was made: the alerts count it
+
+
+def test_the_ttl_delete_takes_only_the_job_it_decided_on() -> None:
+    """Decided on an index that lagged, a delete by name took a job created again under that name since
+    (Kubernetes' TTL controller deletes with the uid as a precondition)."""
+
+    class Custom:
+        def __init__(self, status: int | None) -> None:
+            self.status, self.calls = status, []  # type: ignore[var-annotated]
+
+        def delete_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> None:
+            self.calls.append((args, kwargs))
+            if self.status is not None:
+                raise ApiException(status=self.status, reason="Conflict")
+
+    for status in (None, 404, 409):  # deleted; gone already; another job now holds the name
+        kube = _kube(FakeCore(None))
+        kube.custom = Custom(status)  # type: ignore[assignment]
+        asyncio.run(kube.delete_trainjob("ns", "j", "uid-1"))
+        ((args, kwargs),) = kube.custom.calls  # type: ignore[attr-defined]
+        assert args[-1] == "j"
+        assert kwargs["body"].preconditions.uid == "uid-1"
+        assert kwargs["body"].propagation_policy == "Background"

@@ -326,7 +326,12 @@ class Kube:
             raise
         return result
 
-    async def delete_trainjob(self, namespace: str, name: str) -> None:
+    async def delete_trainjob(self, namespace: str, name: str, uid: str) -> None:
+        """Deletes the TrainJob ``uid`` only, as Kubernetes' TTL controller does: one deleted and created
+        again under its name since the decision (on an index that lagged) is another job, and stays."""
+        options = client.V1DeleteOptions(
+            propagation_policy="Background", preconditions=client.V1Preconditions(uid=uid)
+        )
         try:
             await self._write(
                 self.custom.delete_namespaced_custom_object,
@@ -335,10 +340,11 @@ class Kube:
                 namespace,
                 PLURAL,
                 name,
-                propagation_policy="Background",
+                body=options,
             )
         except ApiException as error:
-            if error.status != 404:
+            # 404: gone already; 409: its uid is another's (the precondition failed).
+            if error.status not in (404, 409):
                 raise
 
     async def create(self, namespace: str, manifest: Mapping[str, Any]) -> None:

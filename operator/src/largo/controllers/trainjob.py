@@ -203,7 +203,7 @@ class TrainJobReconciler:
             await self.kube.event(
                 body, "Normal", Reason.TTL_EXPIRED, "ttlSecondsAfterFinished passed: deleting"
             )
-            await self.kube.delete_trainjob(namespace, name)
+            await self.kube.delete_trainjob(namespace, name, str((body.get("metadata") or {}).get("uid")))
             return None
         if decision.wake_scheduler:
             self.wake_scheduler()
