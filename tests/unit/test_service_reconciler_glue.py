@@ -232,6 +232,35 @@ def test_an_admitted_group_whose_service_name_is_taken_gives_its_gpus_back() -> 
     assert not group.get("nodes")  # released: queued again, its GPUs for the next in line
 
 
+def test_a_refused_network_no_group_waits_for_is_told_once() -> None:
+    """Scaled to zero (or its groups queued for GPUs): no group carries the refusal, which was told in
+    a new Warning event at every retry, one per 10 s for as long as the name was taken."""
+    body = _service(0)
+    kube = RefusingKube()
+
+    async def patch(namespace: str, name: str, version: str | None, status: Mapping[str, Any]) -> Any:
+        body["status"] = {**(body.get("status") or {}), **status}
+        return body
+
+    kube.patch_service_status = patch  # type: ignore[method-assign]
+    reconciler = InferenceServiceReconciler(
+        kube=kube,  # type: ignore[arg-type]
+        nodes={},
+        services={KEY: [service_entry(body)]},
+        pods={},
+        trainjobs={},
+        claims={("ns", "weights"): [{}]},
+        autoscalers={},
+        wake_scheduler=lambda: None,
+        clock=lambda: NOW,
+    )
+    for _ in range(5):  # the work queue's retries
+        reconciler.services[KEY] = [service_entry(body)]
+        with pytest.raises(CreateRefused):
+            asyncio.run(reconciler.reconcile(KEY))
+    assert kube.events.count("NameConflict") == 1
+
+
 def test_a_running_service_whose_spec_turns_invalid_is_not_shown_ready() -> None:
     """Edited to what largo cannot run (``cpu: 10E``, which the schema lets through): Ready=False with
     InvalidSpec, and the phase agrees (Degraded while the replicas of the spec before still serve)."""

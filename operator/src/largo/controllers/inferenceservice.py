@@ -74,6 +74,9 @@ class InferenceServiceReconciler:
     # Services whose network (Services, router) this operator already made (by key, then uid): made
     # once, not every cycle; forgotten when a part is deleted, so that the next cycle makes it again.
     _networked: dict[JobKey, tuple[str, str]] = field(default_factory=dict)
+    # The refusal last told of a service whose refusal no group could carry (no group waits for its
+    # network: scaled to zero, its groups queued for GPUs): told once, not at every retry.
+    _told_refusals: dict[JobKey, tuple[str, str]] = field(default_factory=dict)
 
     def forget_network(self, key: JobKey) -> None:
         """A part of the service's network was deleted: the next cycle creates what is missing."""
@@ -291,6 +294,7 @@ class InferenceServiceReconciler:
             if self._networked.get(key) == made:
                 del self._networked[key]
             raise
+        self._told_refusals.pop(key, None)
 
     async def _create(
         self,
@@ -325,6 +329,11 @@ class InferenceServiceReconciler:
                     # Recorded by the next run, soon (a conflict's back-off is short).
                     logger.warning("%s/%s: %s", namespace, owner["metadata"]["name"], refused[0].message)
                     raise
+            else:
+                told = (refused[0].reason, refused[0].message)
+                key = (namespace, owner["metadata"]["name"])
+                news = self._told_refusals.get(key) != told
+                self._told_refusals[key] = told
             if news:
                 logger.warning("%s/%s: %s", namespace, owner["metadata"]["name"], refused[0].message)
                 await self.kube.event(owner, "Warning", refused[0].reason, refused[0].message)
