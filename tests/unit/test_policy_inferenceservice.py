@@ -1312,3 +1312,30 @@ def test_an_unschedulable_pod_s_wait_counts_from_the_operator_s_first_sight() ->
     # Bound: forgotten, so that a new wait is counted afresh.
     bound = replace(stuck, unschedulable_since=None)
     assert unschedulable_as_seen([bound], seen, NOW + 30) == ([bound], {})
+
+
+def test_a_change_is_credited_to_the_autoscaler_s_note_once_and_only_soon_after_it() -> None:
+    """An hour-old note whose number a later change (new bounds here) matches is not that change's
+    reason: the record and the Scaled event repeated a load decision from long before."""
+    low = {"minReplicas": 1, "maxReplicas": 2}
+    sim = ready_service(replicas=2, nodes=1, autoscaling=low)
+    sim.spec = spec_of(replicas=3, nodesPerReplica=1, autoscaling=low)  # served clamped at 2
+    sim.settle(2)
+    assert sim.status["desiredReplicas"] == 2
+    spec = spec_of(replicas=3, nodesPerReplica=1, autoscaling={"minReplicas": 1, "maxReplicas": 6})
+    note = {"to": 3, "reason": "load 6.0 / target 2 per replica = 3", "metricValue": 6.0}
+
+    def record(written: float) -> dict[str, Any]:
+        noted = {**note, "time": timestamp(written)}
+        view = ServiceView(NAME, "ml", spec, 3, sim.status, REV_A, scaling_note=noted)
+        pods = list(sim.pods.values())
+        decision = plan(view, RESOLVED, pods, frozenset(), sim.now, selector=SELECTOR, url=URL)
+        entry: dict[str, Any] = decision.status["scaling"][-1]
+        assert (entry["from"], entry["to"]) == (2, 3)
+        return entry
+
+    old = record(sim.now - 3600)
+    assert "metricValue" not in old
+    assert "load 6.0" not in old["reason"]
+    fresh = record(sim.now - 2)
+    assert (fresh["reason"], fresh["metricValue"]) == (note["reason"], 6.0)

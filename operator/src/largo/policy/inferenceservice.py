@@ -43,6 +43,9 @@ RESTART_BACKOFF_BASE = 1.0
 RESTART_BACKOFF_CAP = 300.0
 # Group restarts of the new revision after which a rollout counts as stalled.
 STALL_AFTER_RESTARTS = 3
+# How long after the autoscaler wrote its note a change of the desired replicas is taken for its: the
+# reconcile that sees its write follows within seconds.
+SCALING_NOTE_SECONDS = 300.0
 # Progressing reasons of a rollout under way (plan_rollout's): it stays one until it completes.
 ROLLOUT_REASONS = frozenset({"RollingOut", "RolloutStalled", "ProgressDeadlineExceeded"})
 
@@ -708,8 +711,18 @@ def plan(
     before = status.get("desiredReplicas")
     if isinstance(before, int) and before != desired.replicas:
         note = view.scaling_note or {}
+        # A note credits one change only, the first after it was written and soon after: an old one
+        # whose number a later change (an HPA's, `kubectl scale`, new bounds) matches is not its reason.
+        last = parse_timestamp(scaling[-1].get("time")) if scaling else None
+        written = parse_timestamp(note.get("time"))
+        unused = (
+            written is not None and now - written <= SCALING_NOTE_SECONDS and (last is None or written > last)
+        )
         by_autoscaler = (
-            note.get("to") == desired.replicas and not desired.limited and spec.autoscaling is not None
+            note.get("to") == desired.replicas
+            and unused
+            and not desired.limited
+            and spec.autoscaling is not None
         )
         value = note.get("metricValue") if by_autoscaler else None
         scaling.append(
