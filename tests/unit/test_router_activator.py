@@ -19,12 +19,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from largo.router.agent import (
+    CONNECT_SECONDS,
     PARSED_BODY_BYTES,
     Router,
     RuntimeApi,
     activator_app,
     activator_runner,
     answer_as_event,
+    forwarding_session,
     parse_args,
     wants_stream,
 )
@@ -501,3 +503,41 @@ def test_ready_once_the_replicas_are_listed_and_synced_and_not_while_haproxy_is_
     socket.wedged = False
     asyncio.run(router.sync())
     assert status(router.readyz)[0] == status(router.healthz)[0] == 200
+
+
+def test_a_burst_held_at_zero_is_forwarded_whole_when_the_first_replica_is_ready() -> None:
+    """150 requests held while no replica was ready: the forwarding client's pool of 100 connections
+    made the rest wait for one past the connect timeout, and they got 502s."""
+    router = _router("--hold-timeout=30")
+    answered = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await answered.wait()  # every request is in the replica before any is answered
+        return web.json_response({"ok": True})
+
+    async def scenario() -> list[int]:
+        app = web.Application()
+        app.router.add_post("/v1/completions", slow)
+        async with (
+            TestServer(app) as replica,
+            TestServer(activator_app(router)) as activator,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+        ):
+            router.session = forwarding_session()
+
+            async def post() -> int:
+                async with session.post(activator.make_url("/v1/completions"), data=b"{}") as response:
+                    return response.status
+
+            posts = [asyncio.create_task(post()) for _ in range(150)]
+            await asyncio.sleep(0.3)  # all held
+            router.desired = {"chat-r0": Replica("chat-r0", "127.0.0.1", replica.port, State.READY)}
+            router.ready.set()
+            await asyncio.sleep(2 * CONNECT_SECONDS + 0.5)  # the 101st waited past its connect timeout
+            answered.set()
+            statuses = await asyncio.gather(*posts)
+            await router.session.close()
+            return statuses
+
+    assert sorted(set(asyncio.run(scenario()))) == [200]

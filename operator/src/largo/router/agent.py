@@ -68,6 +68,8 @@ _NOT_FORWARDED = frozenset(
 # The forwarding client decompresses a replica's answer: passed on as it is read, it has no encoding.
 _NOT_ANSWERED = _NOT_FORWARDED | {"content-encoding"}
 RESYNC_SECONDS = 2.0
+# How long the activator waits for a replica to accept its connection.
+CONNECT_SECONDS = 2.0
 # HAProxy answers its admin socket at once; one that does not is wedged.
 ADMIN_TIMEOUT_SECONDS = 5.0
 # Ready only while HAProxy was synced this recently (a sync is due every RESYNC_SECONDS): a wedged
@@ -379,8 +381,9 @@ class Router:
                 if events is not None:
                     return await self.forward_into(events, request, body, replica, started)
                 return await self.forward(request, body, replica, started)
-            except aiohttp.ClientConnectorError:
-                # It went away between its EndpointSlice and now: the next one will do.
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                # It went away between its EndpointSlice and now (or never answered the connection): it
+                # has not seen the request, and the next one will do.
                 refused = True
                 await asyncio.sleep(0.1)
             except aiohttp.ClientError as error:
@@ -678,6 +681,16 @@ def activator_runner(router: Router) -> web.AppRunner:
     return web.AppRunner(activator_app(router), access_log=None, handler_cancellation=True)
 
 
+def forwarding_session() -> aiohttp.ClientSession:
+    """The activator's client: no bound on its connections (aiohttp's default pool of 100 made the
+    101st held request wait for one past its connect timeout: a burst at zero lost all but 100 to
+    502s), and a timeout on the TCP connect alone."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
     router = Router(args, CollectorRegistry())
     loop = asyncio.get_running_loop()
@@ -685,7 +698,7 @@ async def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await router.start_haproxy()
-    router.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=2))
+    router.session = forwarding_session()
     own = web.Application()
     own.router.add_get("/metrics", router.metrics_endpoint)
     own.router.add_get("/healthz", router.healthz)
