@@ -1026,6 +1026,10 @@ def test_sampling_is_greedy_at_zero_and_nucleus_keeps_the_top_mass() -> None:
         for s in range(40)
     }
     assert wide == {1, 2}  # the unlikely ones stay out
+    # A top_p so small it is 0 in single precision still keeps the most likely token: the draw from
+    # nothing raised, and failed the engine with every request in it.
+    for tiny in (1e-46, 1e-300):
+        assert sample(logits, Request(prompt=[1], max_tokens=1, top_p=tiny, generator=torch.Generator())) == 1
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,9 @@ def sample(logits: torch.Tensor, request: Request) -> int:
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (at least one token).
         keep = cumulative - sorted_probs < request.top_p
+        # The most likely token whatever top_p: one so small it is 0 in single precision (1e-300) kept
+        # none, and the draw from nothing failed the engine with every request in it.
+        keep[0] = True
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         probabilities = torch.zeros_like(probabilities).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probabilities, 1, generator=request.generator).item())
