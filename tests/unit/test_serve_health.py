@@ -48,3 +48,34 @@ def test_an_engine_silent_with_requests_in_it_is_unready_then_not_alive(
     assert _probe(server.readyz)[0] == 200
     now[0] += STALLED_DEAD_SECONDS + 1
     assert _probe(server.healthz)[0] == 503  # its group is restarted
+
+
+def test_every_refusal_of_the_api_is_in_the_openai_error_shape() -> None:
+    """An integer of more digits than Python converts (4,300) raised a ValueError past the JSON
+    errors: aiohttp answered a plain-text 500. Its own 404 and 405 were plain text too."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    ours, _theirs = multiprocessing.Pipe()
+    server = Server("tiny", EngineClient(None, ours, limit=4), Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+
+    async def scenario() -> list[tuple[int, str, Any, str | None]]:
+        async with TestClient(TestServer(server.app())) as client:
+            answers = []
+            for method, path, body in (
+                ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"),
+                ("GET", "/v1/models/tiny", None),
+                ("GET", "/v1/completions", None),
+            ):
+                async with client.request(method, path, data=body) as response:
+                    allowed = response.headers.get("Allow")
+                    answers.append((response.status, response.content_type, await response.json(), allowed))
+            return answers
+
+    (big, missing, method) = asyncio.run(scenario())
+    assert big[:2] == (400, "application/json")
+    assert big[2]["error"]["message"] == "the request body is not valid JSON"
+    assert missing[:2] == (404, "application/json")
+    assert missing[2]["error"]["type"] == "not_found_error"
+    assert method[:2] == (405, "application/json")
+    assert method[3] == "POST"
+    assert set(method[2]["error"]) == {"message", "type", "param", "code"}

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from largo.runtime.cpus import torch_threads
@@ -120,6 +121,21 @@ class Metrics:
         )
 
 
+@web.middleware
+async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such path, a method the path does not take) in the OpenAI error
+    shape, as every other answer of the API: clients read them as such (they were plain text)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400 or not request.path.startswith("/v1/"):
+            raise
+        kind = "not_found_error" if error.status == 404 else "invalid_request_error"
+        refused = _error(error.status, f"{request.method} {request.path}: {error.reason}", kind)
+        refused.headers.extend((k, v) for k, v in error.headers.items() if k.lower() == "allow")
+        return refused
+
+
 def _error(status: int, message: str, kind: str, retry_after: int | None = None) -> web.Response:
     """An OpenAI-style error body."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
@@ -156,7 +172,7 @@ class Server:
         self.idle.set()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/healthz", self.healthz)
@@ -282,8 +298,10 @@ class Server:
         except web.HTTPRequestEntityTooLarge:
             message = f"the request body is over {MAX_BODY_BYTES} bytes"
             return self._refused(_error(413, message, "invalid_request_error"))
-        # LookupError: an unknown charset; RecursionError: JSON nested deeper than the parser goes.
-        except (json.JSONDecodeError, UnicodeDecodeError, LookupError, RecursionError):
+        # ValueError: JSON's and the text's own errors, and an integer of more digits than Python
+        # converts (4,300); LookupError: an unknown charset; RecursionError: JSON nested deeper than
+        # the parser goes.
+        except (ValueError, LookupError, RecursionError):
             return self._refused(_error(400, "the request body is not valid JSON", "invalid_request_error"))
         parsed = self._parse(body)
         if isinstance(parsed, web.Response):
