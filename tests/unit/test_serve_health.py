@@ -79,3 +79,20 @@ def test_every_refusal_of_the_api_is_in_the_openai_error_shape() -> None:
     assert method[:2] == (405, "application/json")
     assert method[3] == "POST"
     assert set(method[2]["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_requests_a_failed_engine_ended_are_told_why() -> None:
+    """The engine sends the ended requests' outputs, then its failure: a handler woken by its output
+    read the failure before it came, and its client was told "the model failed: unknown"."""
+    from largo.runtime.engine_process import Output
+
+    ours, _theirs = multiprocessing.Pipe()
+    engine = EngineClient(None, ours, limit=4)  # type: ignore[arg-type]
+    server = Server("tiny", engine, Metrics(CollectorRegistry()))
+    told: list[str] = []
+    submission = Submission(engine.next_id(), b"def ", 8, 0.0, 1.0, None, (), False)
+    assert engine.submit(submission, lambda output: told.append(server._failed()))
+    reason = "RuntimeError: invalid multinomial distribution"
+    ended = Output(submission.id, b"", "error", 0, None)
+    engine._handle(Progress([ended], [], EngineStats(0, 0, 0, 64), reason))
+    assert told == [f"the model failed: {reason}"]

@@ -474,7 +474,7 @@ class EngineSide:
             return
         self._last_sent = now
         sizes, self._batch_sizes = self._batch_sizes, []
-        self._send_quietly(Progress(outputs, sizes, self.engine.stats()))
+        self._send_quietly(Progress(outputs, sizes, self.engine.stats(), failure))
         if failure is not None and not self._failure_sent:  # after the requests it ended
             self._failure_sent = True
             self._send_quietly(Failed(failure))

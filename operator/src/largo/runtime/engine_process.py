@@ -84,6 +84,9 @@ class Progress:
     outputs: list[Output]
     batch_sizes: list[int]
     stats: EngineStats
+    # Why the engine failed, with the outputs of the requests it ended: their handlers tell it (``Failed``,
+    # which ends the rest, comes after, and a handler woken first told "unknown").
+    failure: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +227,8 @@ class EngineClient:
         if isinstance(message, Progress):
             self.progressed_at = time.monotonic()
             self.stats = message.stats
+            if message.failure is not None:
+                self.failure = message.failure
             for size in message.batch_sizes:
                 self.observe_batch(size)
             for output in message.outputs:
