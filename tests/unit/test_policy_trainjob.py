@@ -823,6 +823,20 @@ def test_a_job_that_ends_after_a_restart_is_not_restarting() -> None:
     assert condition_status(over["conditions"], "Restarting") == "False"
 
 
+def test_a_finished_job_stops_an_earlier_attempt_s_pod_whose_deletion_was_lost() -> None:
+    """Restarting, the old gang's deletion was lost with the write after the status (a crash, a lost
+    leadership); the deadline then failed the job, and no later cycle asked again: the pod held its
+    GPUs until the job was deleted."""
+    gang = [pod(0), pod(1, "Failed", exit_code=1)]
+    restarting = plan(job(status=admitted(Phase.RUNNING)), gang, NONE, NONE, NOW)
+    assert (restarting.status["phase"], restarting.status["attempt"]) == (Phase.RESTARTING, 1)
+    left = [pod(0, attempt=0)]  # its deletion never reached the API server
+    failed = plan(job(status=restarting.status, active_deadline_seconds=60), left, NONE, NONE, NOW + 100)
+    assert failed.status["phase"] == Phase.FAILED
+    later = plan(job(status=failed.status, active_deadline_seconds=60), left, NONE, NONE, NOW + 200)
+    assert later.delete_pods == ("j-node-0",)
+
+
 def test_a_job_never_admitted_keeps_its_first_attempt_across_a_suspend() -> None:
     """Created suspended (as a batch system creates it), or suspended while queued: no gang was held, so
     no new attempt, and its admission is still its first (the queue wait is observed at attempt 0)."""

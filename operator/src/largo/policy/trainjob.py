@@ -313,7 +313,7 @@ def plan(
     phase = job.phase
 
     if phase in TERMINAL:
-        _finished(b, current)
+        _finished(b, pods)
     elif job.suspend:
         _suspend(b, pods)
     elif phase is None:
@@ -593,12 +593,13 @@ def _schedule_ttl(b: _Builder) -> None:
         b.plan.after(remaining)
 
 
-def _finished(b: _Builder, current: Sequence[PodView]) -> None:
-    if b.job.phase == Phase.FAILED:
-        # A failed gang holds no GPUs: whatever still runs is stopped.
-        b.plan.delete_pods = tuple(
-            p.name for p in current if p.phase in ("Pending", "Running") and not p.terminating
-        )
+def _finished(b: _Builder, pods: Sequence[PodView]) -> None:
+    """A finished job holds no GPUs: a failed one's pods that still run are stopped, and so are an
+    earlier attempt's, whichever way it ended (their deletion, asked for once before the job ended, may
+    have been lost with the write after it, and nothing asked again)."""
+    live = [p for p in pods if p.phase in ("Pending", "Running") and not p.terminating]
+    failed = b.job.phase == Phase.FAILED
+    b.plan.delete_pods = tuple(p.name for p in live if failed or p.attempt != b.job.attempt)
     _schedule_ttl(b)
 
 
