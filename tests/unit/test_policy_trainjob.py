@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from largo.api.v1alpha1 import Phase, Reason
+from largo.api.v1alpha1 import ConditionType, Phase, Reason
 from largo.manifests.names import CONTAINER_NAME
 from largo.policy.conditions import condition_status, set_condition, timestamp
 from largo.policy.trainjob import (
@@ -835,6 +835,21 @@ def test_a_finished_job_stops_an_earlier_attempt_s_pod_whose_deletion_was_lost()
     assert failed.status["phase"] == Phase.FAILED
     later = plan(job(status=failed.status, active_deadline_seconds=60), left, NONE, NONE, NOW + 200)
     assert later.delete_pods == ("j-node-0",)
+
+
+def test_an_edit_waiting_for_the_next_attempt_waits_no_more_once_the_gang_is_gone() -> None:
+    """PodsUpToDate=False (SpecChanged) outlived a suspend and resume: the queued job showed it as its
+    reason, hiding why the scheduler left it waiting."""
+    running = admitted(Phase.RUNNING)
+    running["placement"]["specHash"] = "old"
+    gang = [pod(0), pod(1)]
+    edited = plan(job(status=running, spec_hash="new"), gang, NONE, NONE, NOW).status
+    assert edited["reason"] == Reason.SPEC_CHANGED
+    suspending = plan(job(status=edited, spec_hash="new", suspend=True), gang, NONE, NONE, NOW + 1).status
+    assert condition_status(suspending["conditions"], ConditionType.PODS_UP_TO_DATE) == "True"
+    suspended = plan(job(status=suspending, spec_hash="new", suspend=True), [], NONE, NONE, NOW + 30).status
+    resumed = plan(job(status=suspended, spec_hash="new"), [], NONE, NONE, NOW + 40).status
+    assert (resumed["phase"], resumed["reason"]) == (Phase.QUEUED, Reason.QUEUED)
 
 
 def test_a_job_never_admitted_keeps_its_first_attempt_across_a_suspend() -> None:

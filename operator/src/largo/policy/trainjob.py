@@ -278,8 +278,17 @@ class _Builder:
 
     def forget_creates(self) -> None:
         """Drops ``PodsCreated``: the next attempt's creates start with a clean slate (and, refused,
-        a fresh binding timeout), and no earlier attempt's refusal is shown as the job's reason."""
+        a fresh binding timeout), and no earlier attempt's refusal is shown as the job's reason. And an
+        edit that waited for the next attempt waits no more (``gang_gone``)."""
         self.status["conditions"] = _without_pods_created(self.status.get("conditions") or [])
+        self.gang_gone()
+
+    def gang_gone(self) -> None:
+        """No gang runs the spec of before an edit any more: ``PodsUpToDate`` False (``SpecChanged``)
+        turns True, or it outlived a suspend and resume and hid the scheduler's reason for the wait."""
+        if condition_status(self.status.get("conditions") or [], ConditionType.PODS_UP_TO_DATE) == "False":
+            message = "the next attempt runs the current spec"
+            self.condition(ConditionType.PODS_UP_TO_DATE, True, Reason.PODS_UP_TO_DATE, message)
 
     def restart_over(self, reason: Reason, message: str) -> None:
         """``Restarting`` False once the job ends or is suspended before its restarted gang ran."""
@@ -487,6 +496,7 @@ def _count(b: _Builder, current: Sequence[PodView]) -> None:
 def _enqueue(b: _Builder, resumed: bool) -> None:
     b.phase(Phase.QUEUED)
     b.status.pop("placement", None)
+    b.gang_gone()
     b.condition(ConditionType.ADMITTED, False, Reason.QUEUED, "waiting for the gang scheduler")
     if resumed:
         # Someone acted on the job: a backoff from before its suspension is over.
