@@ -852,6 +852,16 @@ def test_an_edit_waiting_for_the_next_attempt_waits_no_more_once_the_gang_is_gon
     assert (resumed["phase"], resumed["reason"]) == (Phase.QUEUED, Reason.QUEUED)
 
 
+def test_an_edit_with_a_rank_that_ran_the_old_spec_releases_the_gang() -> None:
+    """Rank 0 finished (its pod gone), rank 1's vanished, then the spec was edited: with no pod of the
+    attempt left, rank 1 was built from the new spec beside the rank that ran the old one."""
+    starting = admitted(Phase.STARTING)
+    starting["placement"].update(specHash="old", creatingSince="2027-01-15T08:00:00Z", succeededRanks=[0])
+    edited = plan(job(status=starting, spec_hash="new"), [], NONE, NONE, NOW)
+    assert edited.create_ranks == ()
+    assert edited.status["phase"] == Phase.QUEUED  # released, as an edit while pods are being created
+
+
 def test_a_job_never_admitted_keeps_its_first_attempt_across_a_suspend() -> None:
     """Created suspended (as a batch system creates it), or suspended while queued: no gang was held, so
     no new attempt, and its admission is still its first (the queue wait is observed at attempt 0)."""

@@ -737,7 +737,8 @@ def _active(
     elif job.phase == Phase.STARTING:
         to_create = tuple(r for r in range(job.num_nodes) if r not in by_rank and r not in finished)
         if to_create and _spec_changed(b):
-            if current:
+            # A rank that finished ran the old spec too, though its pod is gone.
+            if current or finished:
                 message = f"the spec changed before every pod of attempt {job.attempt} was created"
                 _handle_failure(b, current, lost, timings, Reason.SPEC_CHANGED, message, None)
                 return
