@@ -393,7 +393,7 @@ def test_only_the_engine_s_process_loads_torch(served: Served) -> None:
     ("body", "status", "says"),
     [
         ({"prompt": ""}, 400, "prompt must be a non-empty string"),
-        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be a number in [1, 1048576]"),
         ({"prompt": "hi", "max_tokens": 100}, 400, "exceeds the model's context of 32 tokens"),
         ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
         ({"prompt": "hi", "stop": [1]}, 400, "stop must be"),

@@ -229,7 +229,9 @@ class Server:
                 or not isinstance(value, kind)
                 or not low <= cast(float, value) <= high
             ):
-                return _error(400, f"{name} must be a number in [{low:g}, {high:g}]", "invalid_request_error")
+                # Whole bounds as they are (``:g`` wrote max_tokens' 1048576 as 1.04858e+06).
+                bounds = ", ".join(f"{b:d}" if isinstance(b, int) else f"{b:g}" for b in (low, high))
+                return _error(400, f"{name} must be a number in [{bounds}]", "invalid_request_error")
             values[name] = value
         if values["top_p"] == 0:
             return _error(400, "top_p must be > 0", "invalid_request_error")
