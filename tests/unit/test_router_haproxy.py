@@ -160,13 +160,31 @@ def test_the_configuration_balances_by_least_outstanding_and_holds_when_no_repli
 
 def test_the_proxy_s_own_errors_are_openai_style_json_naming_the_service() -> None:
     text = render_config("/run/admin.sock", Ports(serve=8080, activator=8081, exporter=8404), 0.5, "chat")
-    lines = [line for line in text.splitlines() if line.startswith("  http-error status ")]
+    replicas = text.split("backend replicas\n", 1)[1].split("backend hold\n", 1)[0]
+    lines = [line for line in replicas.splitlines() if line.startswith("  http-error status ")]
     assert [line.split()[2] for line in lines] == ["502", "503", "504"]
     for line in lines:
         body = json.loads(line.split(" string '", 1)[1].split("'", 1)[0])
         assert body["error"]["code"] == int(line.split()[2])
         assert "no replica of chat" in body["error"]["message"]
     assert lines[1].endswith("hdr Retry-After 5")
+
+
+def test_the_activator_s_answer_comes_before_haproxy_gives_up_on_it() -> None:
+    """A held request is answered after its body and its replica came (each within the hold timeout),
+    then takes a completion's time: at a hold timeout of an hour, HAProxy's own timeout on the
+    activator (1 h) ran out first, and its HTML 504 came instead of the activator's JSON 503."""
+    ports = Ports(serve=8080, activator=8081, exporter=8404)
+    text = render_config("/run/admin.sock", ports, 0.5, "chat", ipv6=False, hold_timeout_s=3600)
+    hold = text.split("backend hold\n", 1)[1]
+    (timeout,) = [line for line in hold.splitlines() if line.startswith("  timeout server ")]
+    assert int(timeout.split()[-1].removesuffix("s")) > 3600 + 2 * 3600
+    # Its own errors (the activator unreachable) are JSON too, not HAProxy's HTML pages.
+    assert [line.split()[2] for line in hold.splitlines() if line.startswith("  http-error status ")] == [
+        "502",
+        "503",
+        "504",
+    ]
 
 
 def test_an_ipv6_replica_is_written_in_brackets() -> None:

@@ -175,7 +175,12 @@ class Router:
     async def start_haproxy(self) -> None:
         config_path = self.workdir / "haproxy.cfg"
         config = render_config(
-            str(self.api.path), self.ports, self.args.connect_timeout, self.args.service, ipv6_available()
+            str(self.api.path),
+            self.ports,
+            self.args.connect_timeout,
+            self.args.service,
+            ipv6_available(),
+            self.args.hold_timeout,
         )
         config_path.write_text(config)
         self.haproxy = await asyncio.create_subprocess_exec(self.args.haproxy, "-db", "-f", str(config_path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,13 +69,28 @@ def _http_errors(service: str) -> str:
     )
 
 
+# How long a completion may take once it is under way, through either backend (the model server bounds
+# a request, not the proxy).
+GENERATION_SECONDS = 3600
+
+
 def render_config(
-    socket_path: str, ports: Ports, connect_timeout_s: float = 2.0, service: str = "", ipv6: bool = False
+    socket_path: str,
+    ports: Ports,
+    connect_timeout_s: float = 2.0,
+    service: str = "",
+    ipv6: bool = False,
+    hold_timeout_s: float = 300.0,
 ) -> str:
     """The configuration HAProxy starts with: one frontend (on IPv4 and, where the pod has it, IPv6);
     the replicas' backend, balanced by least outstanding requests; and the activator's, used while the
     replicas' has no usable server. Replicas arrive later through the runtime API."""
     connect_ms = max(1, round(connect_timeout_s * 1000))
+    # A held request's answer starts only after its body was read and its replica came (each within the
+    # hold timeout), then takes as long as a completion: HAProxy's own timeout on the activator must
+    # outlast that, or its HTML 504 came before the activator's 503 (at a hold timeout of an hour).
+    hold_server_s = GENERATION_SECONDS + 2 * math.ceil(hold_timeout_s) + 60
+    errors = _http_errors(service or "this service")
     listen = f":::{ports.serve} v4v6" if ipv6 else f":{ports.serve}"
     return f"""\
 global
@@ -92,8 +108,8 @@ defaults
   option abortonclose
   timeout connect {connect_ms}ms
   # Completions stream for as long as they generate: the model server bounds a request, not the proxy.
-  timeout client 1h
-  timeout server 1h
+  timeout client {GENERATION_SECONDS}s
+  timeout server {GENERATION_SECONDS}s
   timeout http-request 30s
 
 frontend serve
@@ -116,11 +132,12 @@ backend {BACKEND}
   retries 3
   retry-on conn-failure empty-response 503
   option redispatch 1
-{_http_errors(service or "this service")}
+{errors}
 backend {HOLD}
   # Its 503 (no replica came in time) is the answer: never retried.
+  timeout server {hold_server_s}s
   server {ACTIVATOR} 127.0.0.1:{ports.activator}
-"""
+{errors}"""
 
 
 def replicas_from_slices(slices: Iterable[JSON], port_name: str = "http") -> dict[str, Replica]:
