@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from largo.api.v1alpha1 import RuntimeType, ScalingMetric
+from largo.api.v1alpha1 import InferenceServiceSpec, RuntimeType, ScalingMetric
 from largo.controllers.autoscaler import (
     ANNOTATION_SCALING,
     Autoscaler,
@@ -216,7 +216,7 @@ def test_a_silent_leader_counts_busy_and_never_causes_a_scale_down() -> None:
     assert all(replicas >= 2 for _, _, replicas, _ in kube.writes)
 
 
-def test_metrics_are_read_from_vllm_s_http_port() -> None:
+def _vllm_on_8080() -> InferenceServiceSpec:
     entry = service_entry(
         {
             "metadata": {"name": "v", "namespace": "ns"},
@@ -228,30 +228,22 @@ def test_metrics_are_read_from_vllm_s_http_port() -> None:
         }
     )
     assert entry.service is not None
-    assert metrics_url(_pod("v-r0-node-0"), entry.service.spec) == "http://10.0.0.1:8080/metrics"
-    assert metrics_url(_pod("v-r0-node-0", ip=None), entry.service.spec) is None
+    return entry.service.spec
+
+
+def test_metrics_are_read_from_vllm_s_http_port() -> None:
+    spec = _vllm_on_8080()
+    assert metrics_url(_pod("v-r0-node-0"), spec) == "http://10.0.0.1:8080/metrics"
+    assert metrics_url(_pod("v-r0-node-0", ip=None), spec) is None
     # An IPv6 cluster's pod IP: in brackets, or no scrape ever parses and the service never scales.
-    assert (
-        metrics_url(_pod("v-r0-node-0", ip="fd00::5"), entry.service.spec) == "http://[fd00::5]:8080/metrics"
-    )
+    assert metrics_url(_pod("v-r0-node-0", ip="fd00::5"), spec) == "http://[fd00::5]:8080/metrics"
     assert router_metrics_url(_pod("v-router-0", ip="fd00::6")) == "http://[fd00::6]:9400/metrics"
 
 
 def test_each_leader_is_read_where_and_as_its_own_runtime_serves() -> None:
     """A rollout from largo to vLLM on port 8080: the old leaders still serve largo's names on
     `metrics`. Read as the spec says, they answered nothing, counted busy, and an idle service grew."""
-    entry = service_entry(
-        {
-            "metadata": {"name": "v", "namespace": "ns"},
-            "spec": {
-                "model": {"claimName": "w"},
-                "runtime": {"type": "vllm", "port": 8080},
-                "resourcesPerNode": {"nvidia.com/gpu": 1},
-            },
-        }
-    )
-    assert entry.service is not None
-    spec = entry.service.spec
+    spec = _vllm_on_8080()
     old = _pod("v-r0-node-0", ip="10.0.0.1")
     old["metadata"]["labels"]["largo.dev/runtime"] = "largo"
     new = _pod("v-r1-node-0", ip="10.0.0.2")

@@ -232,6 +232,23 @@ def test_an_admitted_group_whose_service_name_is_taken_gives_its_gpus_back() -> 
     assert not group.get("nodes")  # released: queued again, its GPUs for the next in line
 
 
+def _reconciler(
+    kube: RefusingKube, body: dict[str, Any], claims: dict[Any, Any]
+) -> InferenceServiceReconciler:
+    """A reconciler of ``body`` alone, on no node, at ``NOW``."""
+    return InferenceServiceReconciler(
+        kube=kube,  # type: ignore[arg-type]
+        nodes={},
+        services={KEY: [service_entry(body)]},
+        pods={},
+        trainjobs={},
+        claims=claims,
+        autoscalers={},
+        wake_scheduler=lambda: None,
+        clock=lambda: NOW,
+    )
+
+
 def test_a_refused_network_no_group_waits_for_is_told_once() -> None:
     """Scaled to zero (or its groups queued for GPUs): no group carries the refusal, which was told in
     a new Warning event at every retry, one per 10 s for as long as the name was taken."""
@@ -243,17 +260,7 @@ def test_a_refused_network_no_group_waits_for_is_told_once() -> None:
         return body
 
     kube.patch_service_status = patch  # type: ignore[method-assign]
-    reconciler = InferenceServiceReconciler(
-        kube=kube,  # type: ignore[arg-type]
-        nodes={},
-        services={KEY: [service_entry(body)]},
-        pods={},
-        trainjobs={},
-        claims={("ns", "weights"): [{}]},
-        autoscalers={},
-        wake_scheduler=lambda: None,
-        clock=lambda: NOW,
-    )
+    reconciler = _reconciler(kube, body, claims={("ns", "weights"): [{}]})
     for _ in range(5):  # the work queue's retries
         reconciler.services[KEY] = [service_entry(body)]
         with pytest.raises(CreateRefused):
@@ -275,17 +282,7 @@ def test_a_running_service_whose_spec_turns_invalid_is_not_shown_ready() -> None
         return body
 
     kube.patch_service_status = patch  # type: ignore[method-assign]
-    reconciler = InferenceServiceReconciler(
-        kube=kube,  # type: ignore[arg-type]
-        nodes={},
-        services={KEY: [service_entry(body)]},
-        pods={},
-        trainjobs={},
-        claims={},
-        autoscalers={},
-        wake_scheduler=lambda: None,
-        clock=lambda: NOW,
-    )
+    reconciler = _reconciler(kube, body, claims={})
     asyncio.run(reconciler.reconcile(KEY))
     ((patch_written),) = written
     assert patch_written["phase"] == "Degraded"

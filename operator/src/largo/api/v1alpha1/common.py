@@ -63,6 +63,17 @@ def is_label_value(value: str) -> bool:
     return len(value) <= 63 and bool(_LABEL_VALUE_RE.match(value))
 
 
+# A relative path that stays inside its volume (a subPath: Kubernetes refuses one with '..'), for CEL.
+NO_PARENT_STEP_RULE = r"!self.matches('(^|/)\\.\\.(/|$)')"
+
+
+def stays_inside(value: str | None, message: str) -> str | None:
+    """``value``, or ValueError(``message``) for a path with a '..' step (``NO_PARENT_STEP_RULE``)."""
+    if value is not None and ".." in value.split("/"):
+        raise ValueError(message)
+    return value
+
+
 def cel(
     rule: str, message: str, *, reason: str | None = None, field_path: str | None = None
 ) -> dict[str, str]:

@@ -18,6 +18,7 @@ from largo.api.v1alpha1.common import (
     MASTER_PORT,
     METRICS_PORT,
     MODEL_MOUNT,
+    NO_PARENT_STEP_RULE,
     RAY_PORT,
     Condition,
     ObjectMeta,
@@ -26,6 +27,7 @@ from largo.api.v1alpha1.common import (
     cel,
     check_name,
     root_config,
+    stays_inside,
     validations,
 )
 from largo.api.v1alpha1.trainjob import (
@@ -193,16 +195,14 @@ class ModelSource(SpecModel):
         max_length=4096,
         pattern=r"^[^/]",
         description="Directory inside the claim, relative to its root; the root when unset (no '..').",
-        json_schema_extra=validations(cel(r"!self.matches('(^|/)\\.\\.(/|$)')", MSG_MODEL_PATH_UP)),
+        json_schema_extra=validations(cel(NO_PARENT_STEP_RULE, MSG_MODEL_PATH_UP)),
     )
     from_train_job: FromTrainJob | None = None
 
     @field_validator("path")
     @classmethod
     def _stays_inside(cls, value: str | None) -> str | None:
-        if value is not None and ".." in value.split("/"):
-            raise ValueError(MSG_MODEL_PATH_UP)
-        return value
+        return stays_inside(value, MSG_MODEL_PATH_UP)
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:

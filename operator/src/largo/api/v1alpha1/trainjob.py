@@ -28,6 +28,7 @@ from largo.api.v1alpha1.common import (
     ENV_NAME_PATTERN,
     MAX_JOB_NAME_LENGTH,
     MAX_NUM_NODES,
+    NO_PARENT_STEP_RULE,
     Condition,
     ObjectMeta,
     SpecModel,
@@ -39,6 +40,7 @@ from largo.api.v1alpha1.common import (
     is_label_value,
     is_qualified_name,
     root_config,
+    stays_inside,
     validations,
 )
 from largo.sched.quantity import parse_resource
@@ -259,15 +261,13 @@ class Checkpoint(SpecModel):
         max_length=4096,
         pattern=r"^[^/]",
         description="Relative directory inside the claim to mount instead of its root (no '..').",
-        json_schema_extra=validations(cel(r"!self.matches('(^|/)\\.\\.(/|$)')", MSG_SUB_PATH_UP)),
+        json_schema_extra=validations(cel(NO_PARENT_STEP_RULE, MSG_SUB_PATH_UP)),
     )
 
     @field_validator("sub_path")
     @classmethod
     def _stays_inside(cls, value: str | None) -> str | None:
-        if value is not None and ".." in value.split("/"):
-            raise ValueError(MSG_SUB_PATH_UP)
-        return value
+        return stays_inside(value, MSG_SUB_PATH_UP)
 
 
 class FailurePolicy(SpecModel):
