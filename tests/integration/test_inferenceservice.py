@@ -526,7 +526,11 @@ def test_bad_input_is_refused_with_the_field_named_or_told_in_a_condition(
         # What the pods would be refused for is refused itself, not by every pod creation.
         "model path up": ({"model": {"claimName": "weights", "path": "../x"}}, "spec.model.path must not"),
         "ray's port": (
-            {"runtime": {"type": "vllm", "port": 6379}, "resourcesPerNode": {"nvidia.com/gpu": 1}},
+            {
+                "runtime": {"type": "vllm", "port": 6379},
+                "nodesPerReplica": 2,
+                "resourcesPerNode": {"nvidia.com/gpu": 1},
+            },
             "spec.runtime.port must not be 6379",
         ),
         "decimal exponent": ({"resourcesPerNode": {"cpu": "1e1.5"}}, "spec.resourcesPerNode.cpu"),

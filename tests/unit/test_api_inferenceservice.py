@@ -64,7 +64,11 @@ def test_defaults_are_one_largo_replica_of_one_pod() -> None:
             "must not mount over /model, where the model is mounted",
         ),
         (
-            {"runtime": {"type": "vllm", "port": 6379}, "resourcesPerNode": {"nvidia.com/gpu": 1}},
+            {
+                "runtime": {"type": "vllm", "port": 6379},
+                "nodesPerReplica": 2,
+                "resourcesPerNode": {"nvidia.com/gpu": 1},
+            },
             "spec.runtime.port must not be 6379 with spec.runtime.type vllm",
         ),
     ],
@@ -127,3 +131,16 @@ def test_the_example_is_valid() -> None:
     parsed = InferenceService.from_body(body)
     assert parsed.spec.runtime.type is RuntimeType.VLLM
     assert parsed.spec.nodes_per_replica == 2
+
+
+def test_ray_s_port_is_free_for_a_vllm_replica_of_one_pod() -> None:
+    """Ray starts only for a replica of several pods: one pod may serve on 6379."""
+    body = {
+        "metadata": {"name": "chat", "namespace": "ml"},
+        "spec": {
+            "model": {"claimName": "w"},
+            "runtime": {"type": "vllm", "port": 6379},
+            "resourcesPerNode": {"nvidia.com/gpu": 1},
+        },
+    }
+    assert InferenceService.from_body(body).spec.runtime.port == 6379

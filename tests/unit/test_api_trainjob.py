@@ -191,6 +191,9 @@ def test_from_body_accepts_mapping_views() -> None:
         ({"podTemplate": {"labels": {"team": "a b"}}}, "'a b' is not a valid label value"),
         ({"podTemplate": {"labels": {"team": "x" * 64}}}, "is not a valid label value"),
         ({"podTemplate": {"annotations": {"/x": "anything"}}}, "'/x' is not a valid key"),
+        ({"podTemplate": {"labels": {"app\n": "x"}}}, "is not a valid key"),
+        ({"podTemplate": {"labels": {"app": "web\n"}}}, "is not a valid label value"),
+        ({"podTemplate": {"labels": {"Example.com/app": "x"}}}, "is not a valid key"),
     ],
 )
 def test_spec_rules(spec: dict[str, Any], message: str) -> None:
@@ -330,6 +333,7 @@ def test_parallelism_defaults_to_plain_data_parallelism() -> None:
         {"podTemplate": {"serviceAccountName": "trainer.ml", "priorityClassName": "high"}},
         {"podTemplate": {"labels": {"app.kubernetes.io/name": "x", "empty": "", "a": "A.b-c_D"}}},
         {"podTemplate": {"annotations": {"example.com/note": "any text at all, = and spaces"}}},
+        {"podTemplate": {"annotations": {"Example.com/Owner": "x"}}},  # checked in lower case
     ],
 )
 def test_kubernetes_formats_that_are_valid_are_taken(spec: dict[str, Any]) -> None:

@@ -54,13 +54,14 @@ def is_qualified_name(key: str) -> bool:
     """A label key's or a resource name's format: an optional DNS-subdomain prefix and '/', then a
     name of 1..63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit."""
     prefix, _, name = key.rpartition("/")
-    if "/" in key and not (0 < len(prefix) <= 253 and _DNS_SUBDOMAIN_RE.match(prefix)):
+    # fullmatch: re's `$` also matches before a final newline, which Kubernetes refuses.
+    if "/" in key and not (0 < len(prefix) <= 253 and _DNS_SUBDOMAIN_RE.fullmatch(prefix)):
         return False
-    return 0 < len(name) <= 63 and bool(_LABEL_VALUE_RE.match(name))
+    return 0 < len(name) <= 63 and bool(_LABEL_VALUE_RE.fullmatch(name))
 
 
 def is_label_value(value: str) -> bool:
-    return len(value) <= 63 and bool(_LABEL_VALUE_RE.match(value))
+    return len(value) <= 63 and bool(_LABEL_VALUE_RE.fullmatch(value))
 
 
 # A relative path that stays inside its volume (a subPath: Kubernetes refuses one with '..'), for CEL.

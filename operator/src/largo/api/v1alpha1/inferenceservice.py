@@ -77,8 +77,8 @@ MSG_RESERVED_PORT = (
     "rendezvous): every pod of the service listens there"
 )
 MSG_RAY_PORT = (
-    f"spec.runtime.port must not be {RAY_PORT} with spec.runtime.type vllm: the leader of a replica of "
-    "several pods starts Ray there"
+    f"spec.runtime.port must not be {RAY_PORT} with spec.runtime.type vllm and spec.nodesPerReplica over 1: "
+    "the leader of a replica of several pods starts Ray there"
 )
 MSG_MODEL_PATH_UP = (
     "spec.model.path must not contain '..': it is the model volume's subPath, which Kubernetes refuses "
@@ -224,11 +224,6 @@ class Runtime(SpecModel):
                 MSG_RESERVED_PORT,
                 field_path=".port",
             ),
-            cel(
-                f"self.type != 'vllm' || !has(self.port) || self.port != {RAY_PORT}",
-                MSG_RAY_PORT,
-                field_path=".port",
-            ),
         )
     )
 
@@ -262,8 +257,6 @@ class Runtime(SpecModel):
             raise ValueError(MSG_CUSTOM_NEEDS_IMAGE)
         if self.port in (METRICS_PORT, MASTER_PORT):
             raise ValueError(MSG_RESERVED_PORT)
-        if self.type is RuntimeType.VLLM and self.port == RAY_PORT:
-            raise ValueError(MSG_RAY_PORT)
         return self
 
 
@@ -386,7 +379,13 @@ class InferenceServiceSpec(SpecModel):
                 f" && int(string(self.resourcesPerNode['{GPU_RESOURCE}'])) >= 1)",
                 MSG_VLLM_NEEDS_GPUS,
                 field_path=".resourcesPerNode",
-            )
+            ),
+            cel(
+                f"!has(self.runtime) || self.runtime.type != 'vllm' || !has(self.nodesPerReplica)"
+                f" || self.nodesPerReplica < 2 || !has(self.runtime.port) || self.runtime.port != {RAY_PORT}",
+                MSG_RAY_PORT,
+                field_path=".runtime.port",
+            ),
         )
     )
 
@@ -465,6 +464,9 @@ class InferenceServiceSpec(SpecModel):
         gpus = self.resources_per_node.get(GPU_RESOURCE)
         if self.runtime.type is RuntimeType.VLLM and int(gpus or 0) < 1:
             raise ValueError(MSG_VLLM_NEEDS_GPUS)
+        ray = self.runtime.type is RuntimeType.VLLM and self.nodes_per_replica > 1
+        if ray and self.runtime.port == RAY_PORT:
+            raise ValueError(MSG_RAY_PORT)
         names = [e.name for e in self.env]
         if any(is_reserved_env_name(n) for n in names):
             raise ValueError(MSG_RESERVED_ENV)

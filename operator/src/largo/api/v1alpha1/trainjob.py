@@ -457,7 +457,8 @@ class PodTemplate(SpecModel):
     def _kubernetes_keys(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         field = f"spec.podTemplate.{info.field_name}"
         for key, text in value.items():
-            if not is_qualified_name(key):
+            # Kubernetes checks an annotation's key in lower case: `Example.com/owner` is one.
+            if not is_qualified_name(key if info.field_name == "labels" else key.lower()):
                 raise ValueError(f"{field}: '{key}' is not a valid key: {MSG_QUALIFIED_NAME}")
             if info.field_name == "labels" and not is_label_value(text):
                 raise ValueError(f"{field}['{key}']: '{text}' is not a valid label value: {MSG_LABEL_VALUE}")
