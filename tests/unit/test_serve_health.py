@@ -96,3 +96,5 @@ def test_the_requests_a_failed_engine_ended_are_told_why() -> None:
     ended = Output(submission.id, b"", "error", 0, None)
     engine._handle(Progress([ended], [], EngineStats(0, 0, 0, 64), reason))
     assert told == [f"the model failed: {reason}"]
+    # Failed itself, or the pipe's loss, still ends the rest: it is not taken as said.
+    assert engine.failure is None

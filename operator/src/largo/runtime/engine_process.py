@@ -149,6 +149,8 @@ class EngineClient:
         self.limit = limit
         self.context = 0
         self.failure: str | None = None
+        # Why the engine failed, as its last outputs said (``failure`` waits for ``Failed``).
+        self.failure_reason: str | None = None
         self.stats = EngineStats(0, 0, 0, 1)
         self.observe_batch: Callable[[int], None] = lambda size: None
         self._ids = itertools.count()
@@ -228,7 +230,8 @@ class EngineClient:
             self.progressed_at = time.monotonic()
             self.stats = message.stats
             if message.failure is not None:
-                self.failure = message.failure
+                # Told ahead of ``Failed``: ``failure`` itself is set by it, or by the pipe's loss.
+                self.failure_reason = message.failure
             for size in message.batch_sizes:
                 self.observe_batch(size)
             for output in message.outputs:

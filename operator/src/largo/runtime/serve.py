@@ -407,7 +407,8 @@ class Server:
 
     def _failed(self) -> str:
         """What a client is told of a failed engine."""
-        failure = self.engine.failure if self.engine is not None else None
+        engine = self.engine
+        failure = (engine.failure or engine.failure_reason) if engine is not None else None
         return f"the model failed: {failure or 'unknown'}"
 
     def _ended_why(self) -> str:
