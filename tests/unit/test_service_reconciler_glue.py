@@ -266,6 +266,12 @@ def test_a_refused_network_no_group_waits_for_is_told_once() -> None:
         with pytest.raises(CreateRefused):
             asyncio.run(reconciler.reconcile(KEY))
     assert kube.events.count("NameConflict") == 1
+    # Deleted and created again under its name: another service, told again.
+    body["metadata"] = {**body["metadata"], "uid": "uid-again"}
+    reconciler.services[KEY] = [service_entry(body)]
+    with pytest.raises(CreateRefused):
+        asyncio.run(reconciler.reconcile(KEY))
+    assert kube.events.count("NameConflict") == 2
 
 
 def test_a_running_service_whose_spec_turns_invalid_is_not_shown_ready() -> None:

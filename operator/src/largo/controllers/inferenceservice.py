@@ -76,7 +76,7 @@ class InferenceServiceReconciler:
     _networked: dict[JobKey, tuple[str, str]] = field(default_factory=dict)
     # The refusal last told of a service whose refusal no group could carry (no group waits for its
     # network: scaled to zero, its groups queued for GPUs): told once, not at every retry.
-    _told_refusals: dict[JobKey, tuple[str, str]] = field(default_factory=dict)
+    _told_refusals: dict[JobKey, tuple[str, str, str]] = field(default_factory=dict)
 
     def forget_network(self, key: JobKey) -> None:
         """A part of the service's network was deleted: the next cycle creates what is missing."""
@@ -94,6 +94,7 @@ class InferenceServiceReconciler:
         if entry is None or (entry.body.get("metadata") or {}).get("deletionTimestamp"):
             self._hints.pop(key, None)
             self._unschedulable.pop(key, None)
+            self._told_refusals.pop(key, None)
             self.wake_scheduler()
             return None
         # Our last write's result stays the view until the index shows it: a decision on an older
@@ -330,7 +331,7 @@ class InferenceServiceReconciler:
                     logger.warning("%s/%s: %s", namespace, owner["metadata"]["name"], refused[0].message)
                     raise
             else:
-                told = (refused[0].reason, refused[0].message)
+                told = (str(owner["metadata"].get("uid")), refused[0].reason, refused[0].message)
                 key = (namespace, owner["metadata"]["name"])
                 news = self._told_refusals.get(key) != told
                 self._told_refusals[key] = told
