@@ -629,3 +629,17 @@ def test_the_stopping_pods_of_a_deleted_job_do_not_stand_for_the_ranks_of_its_na
         pod = PodUsage("new", {"nvidia.com/gpu": 8, "pods": 1}, ("ns", "a"), 0, 0, owner=owner)
         scheduler.pods = Index({"n1": [pod]})
         assert scheduler.usage([new])[0]["n1"]["nvidia.com/gpu"] == 8
+
+
+def test_a_job_created_suspended_waits_for_its_first_admission_from_its_resumption() -> None:
+    """Created suspended a day before it was resumed: the day was counted as queue wait."""
+    resumed = {"type": "Suspended", "status": "False", "lastTransitionTime": "2027-01-15T07:59:30Z"}
+    waited: list[float] = []
+    kube = FakeKube()
+    jobs = [
+        _job("resumed", created="2027-01-14T08:00:00Z", status={"phase": "Queued", "conditions": [resumed]}),
+        _job("plain", created="2027-01-15T07:59:00Z"),
+    ]
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], jobs, observe_admission=waited.append)
+    asyncio.run(scheduler.run_pass())
+    assert sorted(waited) == [30.0, 60.0]

@@ -458,7 +458,7 @@ class Scheduler:
         )
         self.admitted(entry.key, updated)
         if entry.attempt == 0 and entry.request is not None and entry.request.arrival:
-            self.observe_admission(max(0.0, now - entry.request.arrival))
+            self.observe_admission(max(0.0, now - entry.queued_since))
         await self.kube.event(entry.body, "Normal", Reason.ADMITTED, message)
 
     async def _wait(self, entry: JobEntry, waiting: Waiting) -> None:

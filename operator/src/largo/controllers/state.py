@@ -12,7 +12,7 @@ from typing import Any
 
 import pydantic
 
-from largo.api.v1alpha1 import InferenceService, Phase, TrainJob, validation_messages
+from largo.api.v1alpha1 import ConditionType, InferenceService, Phase, TrainJob, validation_messages
 from largo.manifests import inferenceservice as serve_build
 from largo.manifests import trainjob as build
 from largo.manifests.names import (
@@ -83,6 +83,21 @@ class JobEntry:
     @property
     def per_pod(self) -> Mapping[str, int]:
         return self.request.per_pod if self.request is not None else {}
+
+    @property
+    def queued_since(self) -> float:
+        """When it began to wait for its first admission: its creation, or its resumption (a job
+        created suspended waits from then on, not while it was suspended)."""
+        arrival = self.request.arrival if self.request is not None else 0.0
+        resumed = next(
+            (
+                parse_timestamp(c.get("lastTransitionTime"))
+                for c in (self.body.get("status") or {}).get("conditions") or []
+                if c.get("type") == ConditionType.SUSPENDED and c.get("status") == "False"
+            ),
+            None,
+        )
+        return max(arrival, resumed or 0.0)
 
     @property
     def queue_name(self) -> str:
