@@ -22,6 +22,7 @@ from kubernetes.client import ApiException
 
 from largo.api.v1alpha1 import GROUP, PLURAL, SERVICE_PLURAL, VERSION
 from largo.controllers.leader import WRITE_CONNECT_SECONDS, LeaderGate, NotLeader
+from largo.controllers.state import controller_uid
 from largo.controllers.workqueue import Retry
 from largo.manifests.names import LABEL_ATTEMPT
 
@@ -176,13 +177,6 @@ def created_fields_absorbed(live: Mapping[str, Any], controller: str) -> list[di
         fields = _union(fields, entry.get("fieldsV1") or {})
     kept = [entry for entry in entries if entry is not applying and not created_ours(entry)]
     return [*kept, {**applying, "fieldsV1": fields}]
-
-
-def controller_uid(metadata: Mapping[str, Any]) -> str | None:
-    for reference in metadata.get("ownerReferences") or []:
-        if reference.get("controller"):
-            return str(reference.get("uid"))
-    return None
 
 
 # A write's read timeout (seconds); its connect timeout, WRITE_CONNECT_SECONDS, is the leader

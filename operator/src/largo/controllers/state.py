@@ -184,7 +184,7 @@ def pod_usage(pod: Mapping[str, Any]) -> PodUsage | None:
         exclusive=labels.get(LABEL_EXCLUSIVE) == "true",
         checkpoint=checkpoint,
         resident=inventory.resident(pod),
-        owner=_controller_uid(metadata),
+        owner=controller_uid(metadata),
     )
 
 
@@ -204,7 +204,8 @@ def is_bound(bound: BoundRanks, gang: JobKey, uid: str, attempt: int, rank: int)
     return (gang, uid, attempt, rank) in bound or (gang, None, attempt, rank) in bound
 
 
-def _controller_uid(metadata: Mapping[str, Any]) -> str | None:
+def controller_uid(metadata: Mapping[str, Any]) -> str | None:
+    """The uid of the object that controls this one (its owner reference marked controller), if any."""
     for reference in metadata.get("ownerReferences") or []:
         if reference.get("controller"):
             return str(reference.get("uid"))

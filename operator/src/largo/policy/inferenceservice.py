@@ -715,9 +715,9 @@ def plan(
         # whose number a later change (an HPA's, `kubectl scale`, new bounds) matches is not its reason.
         last = parse_timestamp(scaling[-1].get("time")) if scaling else None
         written = parse_timestamp(note.get("time"))
-        unused = (
-            written is not None and now - written <= SCALING_NOTE_SECONDS and (last is None or written > last)
-        )
+        # Times are whole seconds: a note of the same second as the last change is still new.
+        fresh = written is not None and now - written <= SCALING_NOTE_SECONDS
+        unused = fresh and written is not None and (last is None or written >= last)
         by_autoscaler = (
             note.get("to") == desired.replicas
             and unused
