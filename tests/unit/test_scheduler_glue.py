@@ -376,6 +376,18 @@ def test_a_stopped_gang_holds_its_directory_while_a_pod_of_it_is_left(phase: str
     assert _pass([stopped, later])["b"]["phase"] == "Starting"
 
 
+def test_a_deleted_job_s_stopping_pod_holds_its_directory_from_the_job_created_again_under_its_name() -> None:
+    """The new job's pods are named for attempt 0 and collide with nothing: matched by name, the old
+    pod's directory was the new job's own, and both gangs wrote it."""
+    again = _job("a", gpus=2, checkpoint=SHARED)  # uid-a: the object now in the index
+    old = dataclasses.replace(_stopping_pod_of("a"), owner="uid-a-deleted")
+    written = _pass([again], {"n0": [old]})
+    assert written["a"]["queue"]["reason"] == "CheckpointInUse"
+    assert "ns/a (deleted, uid uid-a-deleted)" in written["a"]["queue"]["message"]
+    own = dataclasses.replace(_stopping_pod_of("a"), owner="uid-a")  # its own pod: no wait for itself
+    assert _pass([again], {"n0": [own]})["a"]["phase"] == "Starting"
+
+
 def test_a_resumed_gang_whose_old_pods_still_stop_holds_its_spec_s_directory() -> None:
     resumed = _job("a", gpus=16, nodes=2, checkpoint=SHARED, status={"phase": "Queued", "attempt": 1})
     later = _job("b", gpus=2, checkpoint=SHARED, created="2027-01-15T08:00:01Z")

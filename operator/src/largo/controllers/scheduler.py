@@ -246,6 +246,8 @@ class Scheduler:
         admitted with, from its admission (written or only pending) until it has finished or been
         suspended (a released or restarting gang has no pods while it queues again)."""
         in_use: dict[str, str] = {}
+        entries = list(entries)
+        uids = {entry.key: entry.uid for entry in entries}
         # A pod of a node that is gone writes nothing more (and the pod garbage collector deletes it).
         # One on a node that is only not ready may still run and write to network storage: it holds
         # the directory until it is gone (a deleted job's pods there may be force-deleted by hand).
@@ -255,7 +257,12 @@ class Scheduler:
                 continue
             for pod in store:
                 if pod.checkpoint is not None and pod.job is not None:
-                    in_use.setdefault(pod.checkpoint, gang_key(pod.job))
+                    holder = gang_key(pod.job)
+                    if pod.owner is not None and pod.owner != uids.get(pod.job):
+                        # A deleted job's pod, still stopping (and perhaps writing): not the directory
+                        # of the job created again under its name.
+                        holder = f"{holder} (deleted, uid {pod.owner})"
+                    in_use.setdefault(pod.checkpoint, holder)
         for entry in entries:
             if entry.key in self._pending and entry.request is not None:
                 directory = entry.request.checkpoint
