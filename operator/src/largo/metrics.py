@@ -274,7 +274,7 @@ def queue_gpus(snapshot: Snapshot) -> dict[tuple[str, str], dict[str, int]]:
         gpus = service.per_pod.get(GPU, 0) * service.service.spec.nodes_per_replica
         counts = states(service.key[0], service.service.spec.scheduling.queue)
         # A group in its restart back-off waits too, as a TrainJob in its back-off does.
-        waiting = service.waiting(snapshot.now) + service.backing_off(snapshot.now)
+        waiting = service.unplaced()
         for group in service.groups:
             if group.nodes:
                 counts["requested"] += gpus

@@ -342,7 +342,7 @@ class ServiceEntry:
         """Groups the scheduler placed: their nodes are held until the group goes."""
         return [group for group in self.groups if group.nodes]
 
-    def _unplaced(self) -> list[GroupRecord]:
+    def unplaced(self) -> list[GroupRecord]:
         """Groups to admit, now or after their back-off: no nodes, not retiring; none while the service
         is being deleted (a foreground deletion keeps it while its pods drain)."""
         if self.service is None or _deleting(self.body):
@@ -351,11 +351,11 @@ class ServiceEntry:
 
     def waiting(self, now: float) -> list[GroupRecord]:
         """Groups to admit now: unplaced, any restart back-off over."""
-        return [g for g in self._unplaced() if g.restart_after is None or g.restart_after <= now]
+        return [g for g in self.unplaced() if g.restart_after is None or g.restart_after <= now]
 
     def backing_off(self, now: float) -> list[GroupRecord]:
         """Groups to admit once their restart back-off ends (``restart_after`` still to come)."""
-        return [g for g in self._unplaced() if g.restart_after is not None and g.restart_after > now]
+        return [g for g in self.unplaced() if g.restart_after is not None and g.restart_after > now]
 
     def request(self, group: GroupRecord) -> GangRequest:
         assert self.service is not None

@@ -287,13 +287,13 @@ def model_shape(state: dict[str, Any]) -> dict[str, Any]:
     if isinstance(recorded, dict):
         return dict(recorded)
     weights = state["model"]
-    vocab, width = weights["tokens.weight"].shape
-    return {
-        "vocab_size": vocab,
-        "context": weights["positions.weight"].shape[0],
-        "width": width,
-        "depth": len({key.split(".")[1] for key in weights if key.startswith("blocks.")}),
-    }
+    try:
+        vocab, width = weights["tokens.weight"].shape
+        context = weights["positions.weight"].shape[0]
+    except (AttributeError, TypeError) as error:  # weights that are no tensors
+        raise ValueError(f"not the reference model's weights: {error}") from error
+    depth = len({key.split(".")[1] for key in weights if key.startswith("blocks.")})
+    return {"vocab_size": vocab, "context": context, "width": width, "depth": depth}
 
 
 _FUSED = re.compile(r"^(blocks\.\d+\.)qkv\.(weight|bias)$")

@@ -130,7 +130,10 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as error:
         if error.status < 400 or not request.path.startswith("/v1/"):
             raise
-        kind = "not_found_error" if error.status == 404 else "invalid_request_error"
+        if error.status == 404:
+            kind = "not_found_error"
+        else:
+            kind = "server_error" if error.status >= 500 else "invalid_request_error"
         refused = _error(error.status, f"{request.method} {request.path}: {error.reason}", kind)
         refused.headers.extend((k, v) for k, v in error.headers.items() if k.lower() == "allow")
         return refused

@@ -189,7 +189,7 @@ def shape_mismatch(state: dict[str, Any], config: ModelConfig) -> str | None:
     checkpoints recorded their model is compared on what its tensors say (not the heads)."""
     try:
         saved = checkpoint.model_shape(state)
-    except (KeyError, ValueError, AttributeError) as error:
+    except (KeyError, ValueError) as error:
         return f"not the reference model ({error!r})"
     wanted = [(key, value) for key, value in dataclasses.asdict(config).items() if key in saved]
     differing = [f"{key} {saved[key]} (now {value})" for key, value in wanted if saved[key] != value]

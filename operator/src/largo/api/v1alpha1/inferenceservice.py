@@ -472,8 +472,7 @@ class InferenceServiceSpec(SpecModel):
             raise ValueError(MSG_RESERVED_ENV)
         if len(set(names)) != len(names):
             raise ValueError("spec.env: names must be unique")
-        mounts = [str(mount.get("mountPath", "")).rstrip("/") for mount in self.pod_template.volume_mounts]
-        if MODEL_MOUNT in mounts:
+        if self.pod_template.mounts_over(MODEL_MOUNT):
             raise ValueError(MSG_MODEL_MOUNT)
         return self
 

@@ -452,6 +452,10 @@ class PodTemplate(SpecModel):
         description="Seconds between SIGTERM and SIGKILL when a pod is stopped: time to write a checkpoint.",
     )
 
+    def mounts_over(self, path: str) -> bool:
+        """Whether a mount of the template is at ``path`` (a trailing '/' aside), where largo mounts."""
+        return any(str(m.get("mountPath", "")).rstrip("/") == path.rstrip("/") for m in self.volume_mounts)
+
     @field_validator("labels", "annotations")
     @classmethod
     def _kubernetes_keys(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
@@ -594,10 +598,7 @@ class TrainJobSpec(SpecModel):
             raise ValueError(MSG_RESERVED_ENV)
         if len(set(names)) != len(names):
             raise ValueError("spec.env: names must be unique")
-        if self.checkpoint is not None and any(
-            str(mount.get("mountPath", "")).rstrip("/") == self.checkpoint.path.rstrip("/")
-            for mount in self.pod_template.volume_mounts
-        ):
+        if self.checkpoint is not None and self.pod_template.mounts_over(self.checkpoint.path):
             raise ValueError(MSG_CHECKPOINT_MOUNT)
         return self
 
