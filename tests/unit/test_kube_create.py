@@ -111,6 +111,13 @@ def test_a_throttled_api_server_is_a_retry_and_a_failing_one_a_refusal() -> None
         asyncio.run(_kube(FakeCore(_refusal(429, "slow down"))).create("ns", SERVICE))
     assert not isinstance(raised.value, CreateRefused)
     assert "slow down" in str(raised.value)
+    assert raised.value.min_delay is None  # no Retry-After: the back-off decides
+    # With Retry-After, the retry waits at least that long (a throttled create was tried again at once).
+    throttled = _refusal(429, "slow down")
+    throttled.headers = {"Retry-After": "7"}
+    with pytest.raises(Retry) as raised:
+        asyncio.run(_kube(FakeCore(throttled)).create("ns", SERVICE))
+    assert raised.value.min_delay == 7.0
     webhook = 'Internal error occurred: failed calling webhook "policy.example.com": connection refused'
     for status in (500, 503):
         with pytest.raises(CreateRefused) as refused:

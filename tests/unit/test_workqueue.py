@@ -116,6 +116,34 @@ def test_a_key_failing_for_hours_stays_at_the_cap() -> None:
     assert max(delays) == 60.0
 
 
+def test_a_retry_waits_at_least_what_the_api_server_asked() -> None:
+    """A 429's Retry-After: the key's back-off (0.05 s at first) would have it back at once."""
+
+    async def scenario() -> list[float]:
+        queue: WorkQueue[str] = WorkQueue(base_delay=0.05, max_delay=60.0)
+        asked: list[float] = []
+
+        async def throttled(key: str) -> float | None:
+            retry = Retry("throttled")
+            retry.min_delay = 7.0
+            raise retry
+
+        told = asyncio.Event()
+
+        def later(key: str, delay: float) -> None:
+            asked.append(delay)
+            told.set()
+
+        queue.add_after = later  # type: ignore[method-assign]
+        queue.add("a")
+        task = asyncio.create_task(queue.run(throttled, concurrency=1))
+        await asyncio.wait_for(told.wait(), 5)
+        task.cancel()
+        return asked
+
+    assert asyncio.run(scenario()) == [7.0]
+
+
 def test_a_wakeup_during_a_failed_run_does_not_cut_the_back_off_short() -> None:
     async def scenario() -> float:
         queue: WorkQueue[str] = WorkQueue(base_delay=0.3, max_delay=1.0)

@@ -85,7 +85,19 @@ def transient(error: ApiException) -> bool:
 
 
 def _unavailable(kind: str, name: str, error: ApiException) -> Retry:
-    return Retry(f"{kind} {name}: the API server answered {error.status}: {api_message(error)}")
+    retry = Retry(f"{kind} {name}: the API server answered {error.status}: {api_message(error)}")
+    retry.min_delay = retry_after(error)
+    return retry
+
+
+def retry_after(error: ApiException) -> float | None:
+    """The seconds a throttling API server asks to wait (its Retry-After header), if it says."""
+    value = (error.headers or {}).get("Retry-After")
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:  # an HTTP date: the back-off decides
+        return None
+    return seconds if seconds is not None and 0 <= seconds <= 3600 else None
 
 
 def _refuse_foreign(manifest: Mapping[str, Any], existing: Any) -> None:

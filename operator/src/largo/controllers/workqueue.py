@@ -28,6 +28,8 @@ class Retry(Exception):  # noqa: N818  (a request, not a failure)
     line, without a traceback, and retried with the key's back-off, at most ``max_delay`` seconds."""
 
     max_delay: float | None = None
+    # At least this long (an API server's Retry-After when it throttles), whatever the back-off says.
+    min_delay: float | None = None
 
 
 class WorkQueue(Generic[K]):
@@ -114,6 +116,8 @@ class WorkQueue(Generic[K]):
                     again, failed = self.backoff(key), True
                     if reason.max_delay is not None:
                         again = min(again, reason.max_delay)
+                    if reason.min_delay is not None:
+                        again = max(again, reason.min_delay)
                     self.on_failure(type(reason).__name__)
                     logger.info("%s: %s; again in %.2fs", key, reason, again)
                 except Exception as error:
