@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from largo.router.agent import (
-    CONNECT_SECONDS,
     PARSED_BODY_BYTES,
     Router,
     RuntimeApi,
@@ -524,7 +523,7 @@ def test_a_burst_held_at_zero_is_forwarded_whole_when_the_first_replica_is_ready
             TestServer(activator_app(router)) as activator,
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
         ):
-            router.session = forwarding_session()
+            router.session = forwarding_session(router.args.connect_timeout)
 
             async def post() -> int:
                 async with session.post(activator.make_url("/v1/completions"), data=b"{}") as response:
@@ -534,7 +533,8 @@ def test_a_burst_held_at_zero_is_forwarded_whole_when_the_first_replica_is_ready
             await asyncio.sleep(0.3)  # all held
             router.desired = {"chat-r0": Replica("chat-r0", "127.0.0.1", replica.port, State.READY)}
             router.ready.set()
-            await asyncio.sleep(2 * CONNECT_SECONDS + 0.5)  # the 101st waited past its connect timeout
+            # The 101st waited past its connect timeout.
+            await asyncio.sleep(2 * router.args.connect_timeout + 0.5)
             answered.set()
             statuses = await asyncio.gather(*posts)
             await router.session.close()

@@ -93,11 +93,13 @@ def _unavailable(kind: str, name: str, error: ApiException) -> Retry:
 def retry_after(error: ApiException) -> float | None:
     """The seconds a throttling API server asks to wait (its Retry-After header), if it says."""
     value = (error.headers or {}).get("Retry-After")
+    if value is None:
+        return None
     try:
-        seconds = float(value) if value is not None else None
+        seconds = float(value)
     except ValueError:  # an HTTP date: the back-off decides
         return None
-    return seconds if seconds is not None and 0 <= seconds <= 3600 else None
+    return seconds if 0 <= seconds <= 3600 else None
 
 
 def _refuse_foreign(manifest: Mapping[str, Any], existing: Any) -> None:

@@ -68,8 +68,6 @@ _NOT_FORWARDED = frozenset(
 # The forwarding client decompresses a replica's answer: passed on as it is read, it has no encoding.
 _NOT_ANSWERED = _NOT_FORWARDED | {"content-encoding"}
 RESYNC_SECONDS = 2.0
-# How long the activator waits for a replica to accept its connection.
-CONNECT_SECONDS = 2.0
 # HAProxy answers its admin socket at once; one that does not is wedged.
 ADMIN_TIMEOUT_SECONDS = 5.0
 # Ready only while HAProxy was synced this recently (a sync is due every RESYNC_SECONDS): a wedged
@@ -686,13 +684,13 @@ def activator_runner(router: Router) -> web.AppRunner:
     return web.AppRunner(activator_app(router), access_log=None, handler_cancellation=True)
 
 
-def forwarding_session() -> aiohttp.ClientSession:
+def forwarding_session(connect_timeout: float) -> aiohttp.ClientSession:
     """The activator's client: no bound on its connections (aiohttp's default pool of 100 made the
     101st held request wait for one past its connect timeout: a burst at zero lost all but 100 to
     502s), and a timeout on the TCP connect alone."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_SECONDS),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
     )
 
 
@@ -703,7 +701,7 @@ async def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await router.start_haproxy()
-    router.session = forwarding_session()
+    router.session = forwarding_session(args.connect_timeout)
     own = web.Application()
     own.router.add_get("/metrics", router.metrics_endpoint)
     own.router.add_get("/healthz", router.healthz)
