@@ -437,6 +437,25 @@ def test_binding_timeout() -> None:
     assert late.status["phase"] == Phase.QUEUED
 
 
+def test_a_start_timeout_shorter_than_the_binding_timeout_releases_an_unbound_gang_uncounted() -> None:
+    """A pod that could not be bound is the placement's failure: at a start timeout of 10 s (under the
+    binding timeout's 30) it was a StartTimeout restart, counted against backoffLimit, and with
+    backoffLimit 0 failed a job that never got a node."""
+    placement = {"attempt": 0, "nodes": ["n0", "n1"], "admittedAt": timestamp(NOW)}
+    unbound = PodView(
+        "j-node-1", 1, 0, "Pending", None, unschedulable_since=NOW + 2, unschedulable_message="taint"
+    )
+    view = job(status={**admitted(), "placement": placement}, start_timeout_seconds=10, backoff_limit=0)
+    released = plan(view, [pod(0), unbound], NONE, NONE, NOW + 10, Timings(binding_timeout=30))
+    assert released.status["phase"] == Phase.QUEUED
+    assert released.status.get("restarts", 0) == 0
+    assert "could not be bound within 10s (startTimeoutSeconds): taint" in released.events[0].message
+    # A bound pod that cannot start is still the job's own failure.
+    stuck = PodView("j-node-1", 1, 0, "Pending", "n1", cannot_start="ImagePullBackOff: Back-off")
+    failed = plan(view, [pod(0), stuck], NONE, NONE, NOW + 10, Timings(binding_timeout=30))
+    assert failed.status["phase"] == Phase.FAILED
+
+
 def test_restarting_waits_for_old_pods_then_backoff_then_requeues() -> None:
     status = {
         "phase": Phase.RESTARTING,

@@ -541,3 +541,36 @@ def test_a_burst_held_at_zero_is_forwarded_whole_when_the_first_replica_is_ready
             return statuses
 
     assert sorted(set(asyncio.run(scenario()))) == [200]
+
+
+def test_a_health_check_at_zero_is_answered_at_once_and_is_no_load() -> None:
+    """A load balancer's or kubelet's checks through the router were held as requests: each counted as
+    demand (the service never stayed at zero), and each got a 503 after the hold."""
+    router = _router("--hold-timeout=30")
+
+    async def scenario() -> list[tuple[str, int]]:
+        async with TestServer(activator_app(router)) as server, aiohttp.ClientSession() as session:
+            answers = []
+            for method, path, headers in (
+                ("GET", "/healthz", {}),
+                ("HEAD", "/health", {}),
+                ("GET", "/ping", {}),
+                ("GET", "/", {"User-Agent": "kube-probe/1.36"}),
+                ("GET", "/v1/models", {"K-Network-Probe": "probe"}),
+            ):
+                async with session.request(method, server.make_url(path), headers=headers) as response:
+                    answers.append((path, response.status))
+            assert router.registry.get_sample_value("largo_router_requests_held") == 0
+            return answers
+
+    answers = asyncio.run(asyncio.wait_for(scenario(), 10))  # a held one would wait 30 s
+    assert answers == [("/healthz", 200), ("/health", 200), ("/ping", 200), ("/", 200), ("/v1/models", 200)]
+    assert is_probe_of("POST", "/health") is False  # a POST is a request, whatever its path
+    assert is_probe_of("GET", "/v1/models") is False
+
+
+def is_probe_of(method: str, path: str) -> bool:
+    from aiohttp.test_utils import make_mocked_request
+    from largo.router.agent import is_probe
+
+    return is_probe(make_mocked_request(method, path))

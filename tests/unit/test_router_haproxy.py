@@ -211,3 +211,40 @@ def test_the_activator_forgets_replicas_that_left() -> None:
     endpoints = [endpoint("chat-r1-node-0"), endpoint("chat-r2-node-0")]
     router.on_slices({"s": {"ports": [port], "endpoints": endpoints}})
     assert router.forwarded == {"chat-r1-node-0": 1}
+
+
+def test_conditions_left_unset_read_as_the_api_documents_them() -> None:
+    """A nil ``ready`` is ready (a hand-made or another controller's slice); nil ``serving`` defers to
+    ``ready``; nil ``terminating`` is false."""
+    replicas = replicas_from_slices(
+        [
+            _slice(
+                8000,
+                {"addresses": ["10.0.0.1"], "targetRef": {"name": "bare"}},
+                _endpoint("10.0.0.2", "unset-ready"),
+                _endpoint("10.0.0.3", "leaving", terminating=True),
+                _endpoint("10.0.0.4", "leaving-ready-nil-serving", ready=True, terminating=True),
+                _endpoint("10.0.0.5", "not-ready", ready=False),
+                _endpoint("10.0.0.6", "gone", ready=False, terminating=True),
+            )
+        ]
+    )
+    assert {name: replica.state for name, replica in replicas.items()} == {
+        "bare": State.READY,
+        "unset-ready": State.READY,
+        "leaving": State.DRAINING,
+        "leaving-ready-nil-serving": State.READY,
+    }
+
+
+def test_a_dual_stack_replica_is_reached_on_its_ipv4_address() -> None:
+    """A dual-stack Service has an IPv4 and an IPv6 slice naming the same pods; the IPv6 one, listed
+    first, once gave the address, and vLLM listens on IPv4 only."""
+    ipv6 = _slice(8000, _endpoint("fd00::5", "a", ready=True))
+    ipv4 = _slice(8000, _endpoint("10.0.0.5", "a", ready=True))
+    for order in ([ipv6, ipv4], [ipv4, ipv6]):
+        assert replicas_from_slices(order) == {"a": Replica("a", "10.0.0.5", 8000, State.READY)}
+    # An IPv6-only cluster's replica keeps its one address; ready still wins over the family.
+    assert replicas_from_slices([ipv6])["a"].address == "fd00::5"
+    draining_ipv4 = _slice(8000, _endpoint("10.0.0.5", "a", ready=False, serving=True, terminating=True))
+    assert replicas_from_slices([draining_ipv4, ipv6])["a"] == Replica("a", "fd00::5", 8000, State.READY)

@@ -865,6 +865,16 @@ def _start_timed_out(
     if remaining > 0:
         b.plan.after(remaining)
         return None
+    unbound = [p for p in current if p.node_name is None and p.unschedulable_since is not None]
+    if unbound:
+        # The placement's failure, not the job's: released and queued again without counting a restart,
+        # as the binding timeout does (a start timeout shorter than it came first and counted one).
+        pod = min(unbound, key=lambda p: p.rank)
+        message = (
+            f"pod {pod.name} could not be bound within {limit}s (startTimeoutSeconds): "
+            f"{pod.unschedulable_message}"
+        )
+        return Reason.BINDING_FAILED, message, None
     stuck = _cannot_start(current)
     why = f"; pod {stuck[0].name} cannot start: {stuck[0].cannot_start}" if stuck else ""
     message = f"{running}/{b.job.num_nodes} pods running {limit}s after admission (startTimeoutSeconds){why}"

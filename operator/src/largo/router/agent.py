@@ -289,7 +289,10 @@ class Router:
     async def hold(self, request: web.Request) -> web.StreamResponse:
         """A request HAProxy had no ready replica for: wait for one, then forward it there. Counted as
         held from its first byte (the autoscaler's signal that load arrived), and its body's size is
-        bounded per request and in all (the router's memory is bounded)."""
+        bounded per request and in all (the router's memory is bounded). A health check is no load: it
+        is answered here at once (``is_probe``)."""
+        if is_probe(request):
+            return web.Response(text=f"ok: {self.args.service} has no ready replica; requests are held\n")
         self.metrics.held.inc()
         try:
             return await self._hold(request)
@@ -667,6 +670,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--namespace and --service (or LARGO_NAMESPACE and LARGO_SERVICE) are required")
     args.replicas_service = args.replicas_service or f"{args.service}-replicas"
     return args
+
+
+# What load balancers and kubelets probe; vLLM's health endpoints are /health and /ping.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/livez", "/health", "/ping"})
+
+
+def is_probe(request: web.Request) -> bool:
+    """A health check, not a request for the model: a kubelet's (its ``kube-probe/`` user agent, on any
+    path), Knative's network probe, or a GET or HEAD of a health path. At zero each one held would wake
+    the service (a cloud load balancer's checks every few seconds kept it up for good), and answering it
+    503 would make the balancer take the router out of service, so that no request woke it."""
+    kubelet = request.headers.get("User-Agent", "").startswith("kube-probe/")
+    if kubelet or "K-Network-Probe" in request.headers:
+        return True
+    return request.method in ("GET", "HEAD") and request.path in PROBE_PATHS
 
 
 def activator_app(router: Router) -> web.Application:

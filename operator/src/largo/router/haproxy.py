@@ -142,8 +142,11 @@ backend {HOLD}
 
 def replicas_from_slices(slices: Iterable[JSON], port_name: str = "http") -> dict[str, Replica]:
     """The replicas EndpointSlices name: ready endpoints take requests; serving but terminating ones
-    drain; the rest are left out. An endpoint in two slices (a slice being replaced) counts once, ready
-    winning over draining."""
+    drain; the rest are left out. A condition left unset reads as the API documents: ``ready`` as true
+    (unless terminating), ``serving`` as ``ready``, ``terminating`` as false. An endpoint in two slices
+    (a slice being replaced, or a dual-stack Service's IPv4 and IPv6 slices) counts once, ready winning
+    over draining, then its IPv4 address over its IPv6 one: a server that listens on IPv4 only (vLLM's
+    ``--host 0.0.0.0``) is reachable on it, and every server that listens on IPv6 as well."""
     replicas: dict[str, Replica] = {}
     for endpoint_slice in slices:
         port = next(
@@ -152,22 +155,34 @@ def replicas_from_slices(slices: Iterable[JSON], port_name: str = "http") -> dic
         if not isinstance(port, int):
             continue
         for endpoint in endpoint_slice.get("endpoints") or ():
-            conditions = endpoint.get("conditions") or {}
             addresses = endpoint.get("addresses") or ()
             if not addresses:
                 continue
-            if conditions.get("ready") is True:
-                state = State.READY
-            elif conditions.get("serving") is True and conditions.get("terminating") is True:
-                state = State.DRAINING
-            else:
+            state = _endpoint_state(endpoint.get("conditions") or {})
+            if state is None:
                 continue
             target = endpoint.get("targetRef") or {}
             name = str(target.get("name") or addresses[0].replace(":", "-").replace(".", "-"))
+            replica = Replica(name, str(addresses[0]), port, state)
             known = replicas.get(name)
-            if known is None or (known.state is State.DRAINING and state is State.READY):
-                replicas[name] = Replica(name, str(addresses[0]), port, state)
+            if known is None or _preferred(replica) > _preferred(known):
+                replicas[name] = replica
     return replicas
+
+
+def _endpoint_state(conditions: Mapping[str, Any]) -> State | None:
+    terminating = conditions.get("terminating") is True
+    ready = conditions.get("ready")
+    if ready is True or (ready is None and not terminating):
+        return State.READY
+    serving = conditions.get("serving")
+    if terminating and (serving is True or (serving is None and ready is not False)):
+        return State.DRAINING
+    return None
+
+
+def _preferred(replica: Replica) -> tuple[bool, bool]:
+    return replica.state is State.READY, ":" not in replica.address
 
 
 def _server(name: str) -> str:

@@ -139,11 +139,24 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return refused
 
 
-def _error(status: int, message: str, kind: str, retry_after: int | None = None) -> web.Response:
-    """An OpenAI-style error body."""
+def _error(
+    status: int,
+    message: str,
+    kind: str,
+    retry_after: int | None = None,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+) -> web.Response:
+    """An OpenAI-style error body; ``param`` names the request's field at fault, as clients show it."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
+
+
+def _invalid(message: str, param: str | None) -> web.Response:
+    """A 400 for a request's field."""
+    return _error(400, message, "invalid_request_error", param=param)
 
 
 @dataclass
@@ -152,6 +165,8 @@ class Completion:
 
     submission: Submission
     submitted: float = field(default_factory=time.monotonic)
+    # Every chunk of a stream carries its request's one creation time, as OpenAI's do.
+    created: int = field(default_factory=lambda: int(time.time()))
     # The engine's outputs for this request, put here on the event loop (``EngineClient``).
     outputs: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
     generated: int = 0
@@ -178,6 +193,7 @@ class Server:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         return app
@@ -206,9 +222,20 @@ class Server:
             return web.Response(status=503, text=message + "\n")
         return web.Response(text="ready\n")
 
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "largo"}
+
     async def models(self, _: web.Request) -> web.Response:
-        model = {"id": self.name, "object": "model", "created": self.created, "owned_by": "largo"}
-        return web.json_response({"object": "list", "data": [model] if self.engine is not None else []})
+        served = [self._model()] if self.engine is not None else []
+        return web.json_response({"object": "list", "data": served})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """One model by its id (OpenAI's ``GET /v1/models/{model}``): this server's, once loaded."""
+        asked = request.match_info["model"]
+        if asked != self.name or self.engine is None:
+            message = f"the model {asked!r} does not exist here; this server serves {self.name!r}"
+            return _error(404, message, "invalid_request_error", param="model", code="model_not_found")
+        return web.json_response(self._model())
 
     def _parse(self, body: Any) -> tuple[Completion, bool] | web.Response:
         if not isinstance(body, dict):
@@ -218,7 +245,7 @@ class Server:
             return prompt
         unsupported = _unsupported(body)
         if unsupported is not None:
-            return _error(400, unsupported, "invalid_request_error")
+            return _invalid(*unsupported)
         # An explicit null is the default, as OpenAI's API takes it.
         checks: list[tuple[str, Any, type | tuple[type, ...], float, float]] = [
             ("max_tokens", _given(body, "max_tokens", 16), int, 1, 1 << 20),
@@ -234,49 +261,51 @@ class Server:
             ):
                 # Whole bounds as they are (``:g`` wrote max_tokens' 1048576 as 1.04858e+06).
                 bounds = ", ".join(f"{b:d}" if isinstance(b, int) else f"{b:g}" for b in (low, high))
-                return _error(400, f"{name} must be a number in [{bounds}]", "invalid_request_error")
+                return _invalid(f"{name} must be a number in [{bounds}]", name)
             values[name] = value
         if values["top_p"] == 0:
-            return _error(400, "top_p must be > 0", "invalid_request_error")
+            return _invalid("top_p must be > 0", "top_p")
         seed = body.get("seed")
         whole = isinstance(seed, int) and not isinstance(seed, bool)
         if seed is not None and not (whole and SEEDS[0] <= seed < SEEDS[1]):
-            return _error(400, "seed must be an integer in [-2^63, 2^64)", "invalid_request_error")
+            return _invalid("seed must be an integer in [-2^63, 2^64)", "seed")
         stop = _given(body, "stop", [])
         stop = ([stop] if stop else []) if isinstance(stop, str) else stop  # 0 or false is no stop list
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-            return _error(
-                400, "stop must be a string or a list of at most 4 non-empty strings", "invalid_request_error"
-            )
+            return _invalid("stop must be a string or a list of at most 4 non-empty strings", "stop")
         stream = _given(body, "stream", False)
         if not isinstance(stream, bool):
-            return _error(400, "stream must be a boolean", "invalid_request_error")
+            return _invalid("stream must be a boolean", "stream")
         options = _given(body, "stream_options", {})
         if not isinstance(options, dict) or not isinstance(_given(options, "include_usage", False), bool):
             message = "stream_options must be an object whose include_usage is a boolean"
-            return _error(400, message, "invalid_request_error")
+            return _invalid(message, "stream_options")
         if options and not stream:
-            return _error(400, "stream_options is only allowed with stream", "invalid_request_error")
+            return _invalid("stream_options is only allowed with stream", "stream_options")
         model = body.get("model")
         if model is not None and model != self.name:
             return _error(
                 404,
                 f"model {model!r} is not served here; this server serves {self.name!r}",
                 "not_found_error",
+                param="model",
+                code="model_not_found",
             )
         try:
             encoded = prompt.encode() if isinstance(prompt, str) else prompt
-            stops = tuple(s.encode() for s in stop)
         except UnicodeEncodeError:  # a lone surrogate (JSON's "\\ud800") is no text
-            return _error(400, "prompt and stop must be valid Unicode text", "invalid_request_error")
+            return _invalid("prompt must be valid Unicode text", "prompt")
+        try:
+            stops = tuple(s.encode() for s in stop)
+        except UnicodeEncodeError:
+            return _invalid("stop must be valid Unicode text", "stop")
         assert self.engine is not None
         context = self.engine.context
         if len(encoded) + values["max_tokens"] > context:
-            return _error(
-                400,
+            return _invalid(
                 f"the prompt ({len(encoded)} tokens) plus max_tokens ({values['max_tokens']}) exceeds the "
                 f"model's context of {context} tokens",
-                "invalid_request_error",
+                "max_tokens",
             )
         submission = Submission(
             id=self.engine.next_id(),
@@ -455,7 +484,7 @@ class Server:
         body: dict[str, Any] = {
             "id": f"cmpl-{self.instance}-{completion.submission.id}",
             "object": "text_completion",
-            "created": int(time.time()),
+            "created": completion.created,
             "model": self.name,
             "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
         }
@@ -478,17 +507,16 @@ def _prompt(given: Any) -> str | bytes | web.Response:
     if tokens and given:
         if not all(0 <= t < 256 for t in given):
             message = "token ids must be in [0, 255]: the model's tokens are bytes"
-            return _error(400, message, "invalid_request_error")
+            return _invalid(message, "prompt")
         return bytes(given)
     if isinstance(given, list) and len(given) > 1 and all(isinstance(p, str | list) for p in given):
-        return _error(
-            400,
+        return _invalid(
             f"one prompt per request, not a list of {len(given)}: send each as its own request "
             "(the server batches concurrent requests)",
-            "invalid_request_error",
+            "prompt",
         )
     message = "prompt must be a non-empty string or list of token ids, or a list of one"
-    return _error(400, message, "invalid_request_error")
+    return _invalid(message, "prompt")
 
 
 def _finish_reason(reason: str) -> str:
@@ -502,21 +530,22 @@ def _given(body: dict[str, Any], name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _unsupported(body: dict[str, Any]) -> str | None:
-    """Why a request asks for what this server does not do (rather than answer it as if it did)."""
+def _unsupported(body: dict[str, Any]) -> tuple[str, str] | None:
+    """Why a request asks for what this server does not do (rather than answer it as if it did), and
+    the field that asks. ``true`` equals 1 in Python, and is no count."""
     for name in ("n", "best_of"):
-        if body.get(name) not in (None, 1):
-            return f"{name} other than 1 is not supported: send each completion as its own request"
+        if body.get(name) is not None and (isinstance(body[name], bool) or body[name] != 1):
+            return f"{name} other than 1 is not supported: send each completion as its own request", name
     if body.get("echo") not in (None, False):
-        return "echo is not supported"
+        return "echo is not supported", "echo"
     for name in ("logprobs", "suffix"):
         if body.get(name) is not None:
-            return f"{name} is not supported"
+            return f"{name} is not supported", name
     for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            return f"{name} is not supported (only 0)"
+        if body.get(name) is not None and (isinstance(body[name], bool) or body[name] != 0):
+            return f"{name} is not supported (only 0)", name
     if body.get("logit_bias"):
-        return "logit_bias is not supported"
+        return "logit_bias is not supported", "logit_bias"
     return None
 
 
