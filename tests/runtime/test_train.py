@@ -4,10 +4,12 @@ with exactly the environment the TrainJob builder renders (the master address ma
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -379,6 +381,28 @@ def test_a_write_that_fails_leaves_no_partial_file(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="pickle"):
         checkpoint.save(tmp_path, 10, unpicklable)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP, errno.EIO])
+def test_a_filesystem_that_cannot_sync_a_directory_still_saves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Some FUSE and network filesystems refuse fsync on a directory (EINVAL): every save failed after
+    its rename had succeeded. A real I/O error still fails the save."""
+    real_fsync = os.fsync
+
+    def refuses_directories(descriptor: int) -> None:
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", refuses_directories)
+    if code == errno.EIO:
+        with pytest.raises(OSError, match=os.strerror(code)):
+            checkpoint.save(tmp_path / "new", 10, {"weights": [1]})
+        return
+    checkpoint.save(tmp_path / "new", 10, {"weights": [1]})
+    assert [step for step, _ in checkpoint.complete(tmp_path / "new")] == [10]
 
 
 def test_a_pruning_error_after_a_durable_write_is_logged_not_raised(

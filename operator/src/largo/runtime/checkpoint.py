@@ -65,10 +65,19 @@ def save(directory: Path, step: int, state: dict[str, Any]) -> Path:
     return final
 
 
+# What a filesystem that cannot sync a directory says (some FUSE and network filesystems, where a rename
+# is durable once it returns): the checkpoint was already renamed whole, and failing the save then failed
+# every save and the job (PostgreSQL ignores EBADF and EINVAL there too).
+_DIRECTORY_SYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+
+
 def _fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in _DIRECTORY_SYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(descriptor)
 
