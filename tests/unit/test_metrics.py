@@ -58,7 +58,7 @@ def test_gpus_held_by_largo_by_others_and_free_per_node() -> None:
     snapshot = Snapshot(
         nodes=[_node("a"), _node("b"), _node("c")],
         pods=[
-            ("a", PodUsage("p0", {GPU: 4}, ("team-a", "run"), 0, 0)),  # rank 1 on b is admitted, not bound
+            ("a", PodUsage("p0", {GPU: 4}, ("team-a", "run"), 0, 0, owner="uid-run")),  # rank 1 on b is admitted, not bound
             ("c", PodUsage("x", {GPU: 3})),  # not largo's
         ],
         jobs=[running],
@@ -81,8 +81,8 @@ def test_a_node_gone_from_the_index_has_no_row_and_holds_nothing() -> None:
     snapshot = Snapshot(
         nodes=[_node("a")],
         pods=[
-            ("a", PodUsage("p0", {GPU: 8}, ("team-a", "run"), 0, 0)),
-            ("gone", PodUsage("p1", {GPU: 8}, ("team-a", "run"), 0, 1)),
+            ("a", PodUsage("p0", {GPU: 8}, ("team-a", "run"), 0, 0, owner="uid-run")),
+            ("gone", PodUsage("p1", {GPU: 8}, ("team-a", "run"), 0, 1, owner="uid-run")),
         ],
         jobs=[running],
     )
@@ -99,7 +99,7 @@ def test_a_node_held_whole_by_an_exclusive_gang_has_no_gpu_free() -> None:
     snapshot = Snapshot(
         nodes=[_node("a"), _node("b"), _node("c")],
         pods=[
-            ("a", PodUsage("p0", {GPU: 2}, ("team-a", "whole"), 0, 0, exclusive=True)),  # rank 1 not bound
+            ("a", PodUsage("p0", {GPU: 2}, ("team-a", "whole"), 0, 0, exclusive=True, owner="uid-whole")),  # rank 1 not bound
             ("c", PodUsage("x", {GPU: 3})),
         ],
         jobs=[exclusive],
@@ -128,7 +128,7 @@ def test_a_finished_rank_holds_no_gpus() -> None:
     reserves nothing for it, and the series say so (they showed its GPUs held while the queue got them)."""
     placement = {"attempt": 0, "nodes": ["a", "b"], "succeededRanks": [1]}
     running = _job("run", 4, 2, "Running", attempt=0, placement=placement)
-    rank_0 = PodUsage("p0", {GPU: 4}, ("team-a", "run"), 0, 0)
+    rank_0 = PodUsage("p0", {GPU: 4}, ("team-a", "run"), 0, 0, owner="uid-run")
     snapshot = Snapshot(nodes=[_node("a"), _node("b")], pods=[("a", rank_0)], jobs=[running])
     per_node = node_gpus(snapshot)
     assert per_node["a"] == {"allocatable": 8, "largo": 4, "other": 0, "free": 4}
@@ -274,8 +274,8 @@ def test_serving_groups_hold_gpus_and_services_are_counted_by_phase_and_replicas
     snapshot = Snapshot(
         nodes=[_node(name) for name in "abcde"],
         pods=[
-            ("a", PodUsage("p0", {GPU: 8}, ("team-b", "chat#r0"), 0, 0)),
-            ("b", PodUsage("p1", {GPU: 8}, ("team-b", "chat#r0"), 0, 1)),
+            ("a", PodUsage("p0", {GPU: 8}, ("team-b", "chat#r0"), 0, 0, owner="u")),
+            ("b", PodUsage("p1", {GPU: 8}, ("team-b", "chat#r0"), 0, 1, owner="u")),
         ],
         jobs=[],
         services=[service],

@@ -636,11 +636,25 @@ def test_the_stopping_pods_of_a_deleted_job_do_not_stand_for_the_ranks_of_its_na
     assert usage["n1"]["nvidia.com/gpu"] == 8
     asyncio.run(scheduler.run_pass())
     assert [name for name, status in kube.writes if status.get("phase") == "Starting"] == []
-    # Its own pod (owned by the new object) is the rank's, as one orphaned by hand is (no owner).
-    for owner in ("uid-a", None):
-        pod = PodUsage("new", {"nvidia.com/gpu": 8, "pods": 1}, ("ns", "a"), 0, 0, owner=owner)
-        scheduler.pods = Index({"n1": [pod]})
-        assert scheduler.usage([new])[0]["n1"]["nvidia.com/gpu"] == 8
+    # Its own pod (owned by the new object) is the rank's.
+    pod = PodUsage("new", {"nvidia.com/gpu": 8, "pods": 1}, ("ns", "a"), 0, 0, owner="uid-a")
+    scheduler.pods = Index({"n1": [pod]})
+    assert scheduler.usage([new])[0]["n1"]["nvidia.com/gpu"] == 8
+
+
+def test_a_pod_orphaned_by_hand_does_not_stand_for_the_rank_of_a_new_job_of_its_name() -> None:
+    """``kubectl delete trainjob a --cascade=orphan`` leaves its pods running, with their labels and no
+    owner: one on n0 was taken for the rank of a new job "a" admitted to n1, whose reservation there
+    was dropped, and the next gang got the same GPUs."""
+    placement = {"attempt": 0, "nodes": ["n1"], "admittedAt": "2027-01-15T09:00:01Z"}
+    new = _job("a", status={"phase": "Starting", "attempt": 0, "placement": placement})
+    kube = FakeKube()
+    scheduler = _scheduler(kube, [_node("n0"), _node("n1")], [new])
+    orphan = PodUsage("orphan", {"nvidia.com/gpu": 8, "pods": 1}, ("ns", "a"), 0, 0, owner=None)
+    scheduler.pods = Index({"n0": [orphan]})
+    usage, _ = scheduler.usage([new])
+    assert usage["n0"]["nvidia.com/gpu"] == 8  # what it holds is held
+    assert usage["n1"]["nvidia.com/gpu"] == 8  # and the new job's rank is still reserved
 
 
 def test_a_job_created_suspended_waits_for_its_first_admission_from_its_resumption() -> None:

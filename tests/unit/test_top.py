@@ -29,7 +29,7 @@ def test_plain_output_shows_nodes_queues_the_queue_and_running_jobs() -> None:
     snapshot = Snapshot(
         nodes=[NodeInfo("gpu-a", {GPU: 8}), NodeInfo("gpu-b", {GPU: 8})],
         pods=[
-            ("gpu-a", PodUsage("p", {GPU: 4}, ("team-a", "llm"), 0, 0)),
+            ("gpu-a", PodUsage("p", {GPU: 4}, ("team-a", "llm"), 0, 0, owner="llm")),
             ("gpu-b", PodUsage("x", {GPU: 2})),
         ],
         jobs=[

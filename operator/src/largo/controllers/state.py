@@ -199,9 +199,9 @@ def bound_rank(bound: BoundRanks, pod: PodUsage) -> None:
 
 def is_bound(bound: BoundRanks, gang: JobKey, uid: str, attempt: int, rank: int) -> bool:
     """Whether the rank of the gang of object ``uid`` has its pod bound: a pod of a deleted object of
-    the same name (stopping, still in the index) is not; one without an owner (orphaned by hand) is
-    taken by its labels."""
-    return (gang, uid, attempt, rank) in bound or (gang, None, attempt, rank) in bound
+    the same name (stopping, still in the index) is not, nor one without an owner (orphaned by hand,
+    ``--cascade=orphan``): it holds what it asks for, as any pod does, for no gang."""
+    return (gang, uid, attempt, rank) in bound
 
 
 def controller_uid(metadata: Mapping[str, Any]) -> str | None:
