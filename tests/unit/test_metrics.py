@@ -58,7 +58,8 @@ def test_gpus_held_by_largo_by_others_and_free_per_node() -> None:
     snapshot = Snapshot(
         nodes=[_node("a"), _node("b"), _node("c")],
         pods=[
-            ("a", PodUsage("p0", {GPU: 4}, ("team-a", "run"), 0, 0, owner="uid-run")),  # rank 1 on b is admitted, not bound
+            # Rank 1 on b is admitted, not bound.
+            ("a", PodUsage("p0", {GPU: 4}, ("team-a", "run"), 0, 0, owner="uid-run")),
             ("c", PodUsage("x", {GPU: 3})),  # not largo's
         ],
         jobs=[running],
@@ -99,7 +100,8 @@ def test_a_node_held_whole_by_an_exclusive_gang_has_no_gpu_free() -> None:
     snapshot = Snapshot(
         nodes=[_node("a"), _node("b"), _node("c")],
         pods=[
-            ("a", PodUsage("p0", {GPU: 2}, ("team-a", "whole"), 0, 0, exclusive=True, owner="uid-whole")),  # rank 1 not bound
+            # Rank 1 not bound.
+            ("a", PodUsage("p0", {GPU: 2}, ("team-a", "whole"), 0, 0, exclusive=True, owner="uid-whole")),
             ("c", PodUsage("x", {GPU: 3})),
         ],
         jobs=[exclusive],
