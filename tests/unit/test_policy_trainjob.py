@@ -1066,6 +1066,31 @@ def test_a_node_not_ready_within_its_grace_keeps_the_gang_and_says_when_it_resta
     assert "not Ready for 60s" in restarting["message"]
 
 
+def test_a_peer_that_fails_while_a_node_dies_waits_for_the_node_s_verdict() -> None:
+    """A node goes silent; rank 0's collective fails within seconds (NCCL's or gloo's error), long
+    before the node counts as lost: that was a PodFailed, counted against backoffLimit even with
+    ``disruptions: Ignore``. It is the node's doing: lost, a disruption; Ready again, the job's own."""
+    running = admitted(Phase.RUNNING, restarts=2, disruptions=2)
+    view = job(status=running, backoff_limit=0, ignore_disruptions=True)
+    pods = [pod(0, "Failed", exit_code=1, finished_at=NOW - 2), pod(1)]
+    n1 = frozenset({"n1"})
+    waiting = plan(view, pods, n1, NONE, NOW, not_ready={"n1": NOW + 50})
+    assert waiting.status["phase"] == Phase.RUNNING
+    assert waiting.requeue_after == 50
+    assert waiting.delete_pods == ()
+    lost = plan(view, pods, n1, n1, NOW + 50)
+    assert lost.status["phase"] == Phase.RESTARTING
+    assert (lost.status["restarts"], lost.status["disruptions"]) == (3, 3)
+    restarting = next(c for c in lost.status["conditions"] if c["type"] == "Restarting")
+    assert restarting["reason"] == Reason.NODE_LOST
+    assert "pod j-node-0 failed meanwhile" in restarting["message"]
+    # The node came back: the failure is the job's, counted, and the limit is 0.
+    healed = plan(view, pods, NONE, NONE, NOW + 20)
+    assert healed.status["phase"] == Phase.FAILED
+    # A peer on a healthy node is no excuse.
+    assert plan(view, pods, NONE, NONE, NOW).status["phase"] == Phase.FAILED
+
+
 def test_pods_terminating_on_a_node_not_ready_are_looked_at_again_when_it_is_lost() -> None:
     """A restart deletes the pods with their grace period; one on a node that is not Ready cannot be
     confirmed by its kubelet, so when the node is lost it is removed without grace."""

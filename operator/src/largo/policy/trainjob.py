@@ -345,7 +345,8 @@ def plan(
         _released_backoff(b)
     elif phase in (Phase.STARTING, Phase.RUNNING) and len(job.placement_nodes or ()) == job.num_nodes:
         earlier = [pod for pod in pods if pod.attempt != job.attempt]
-        _active(b, current, earlier, job.placement_nodes or (), unusable_nodes, lost_nodes, timings)
+        nodes = job.placement_nodes or ()
+        _active(b, current, earlier, nodes, unusable_nodes, lost_nodes, timings, not_ready or {})
     elif phase in (Phase.STARTING, Phase.RUNNING):
         # Admitted without a placement for this attempt, or one without a node for every rank (written
         # by hand or lost): queue again.
@@ -643,10 +644,29 @@ def _failure(
     now: float,
     timings: Timings,
     finished: AbstractSet[int] = frozenset(),
+    not_ready: Mapping[str, float] | None = None,
+    job: JobView | None = None,
 ) -> tuple[Reason, str, int | None] | None:
     """The first reason the current gang cannot go on, with the failed pod's exit code if any. Pods that
     ended are looked at in the order they ended (then by rank): the first failure decides, not a
-    lower rank that failed later because its peer was gone (its exit code hid a permanent one)."""
+    lower rank that failed later because its peer was gone (its exit code hid a permanent one).
+
+    A pod that failed while a peer's node is not Ready is taken as that node's doing (a collective's
+    error once its peer went silent: NCCL's, gloo's): the node's verdict is waited for, a lost node
+    being a disruption (``failurePolicy.disruptions``), not a failure of the job, and a node Ready
+    again leaving the failure the job's. A permanent exit code is the job's verdict whatever a node
+    does."""
+    dying = sorted(
+        (
+            pod
+            for pod in current
+            if pod.phase in ("Pending", "Running")
+            and not pod.terminating
+            and pod.node_name is not None
+            and (pod.node_name in lost or pod.node_name in (not_ready or {}))
+        ),
+        key=lambda pod: pod.rank,
+    )
 
     def order(pod: PodView) -> tuple[float, int]:
         ended = pod.finished_at if pod.phase in ("Succeeded", "Failed") else None
@@ -661,6 +681,14 @@ def _failure(
             # never the job's verdict on itself, so always a restart.
             why = pod.disrupted or "deleted"
             return Reason.POD_DELETED, f"pod {pod.name} (rank {pod.rank}) was stopped: {why}", None
+        permanent = job is not None and pod.exit_code is not None and _permanent(job, pod.exit_code)
+        if pod.phase == "Failed" and dying and not permanent:
+            peer = dying[0]
+            if peer.node_name not in lost:
+                return None  # looked at again when the node is due to count as lost
+            why = f"gone, out of service, or not Ready for {timings.node_lost_after:g}s"
+            message = f"node {peer.node_name} of pod {peer.name} is {why} (pod {pod.name} failed meanwhile)"
+            return Reason.NODE_LOST, message, None
         if pod.phase == "Failed":
             return (
                 Reason.POD_FAILED,
@@ -698,13 +726,14 @@ def _active(
     unusable: frozenset[str],
     lost: frozenset[str],
     timings: Timings,
+    not_ready: Mapping[str, float],
 ) -> None:
     job = b.job
     if "startTime" not in b.status:
         b.status["startTime"] = timestamp(b.now)
     finished = _finished_ranks(b, current)
     failure = (
-        _failure(current, placement, unusable, lost, b.now, timings, finished)
+        _failure(current, placement, unusable, lost, b.now, timings, finished, not_ready, b.job)
         or _refused_too_long(b, timings)
         or _start_timed_out(b, current, finished)
     )
