@@ -29,12 +29,12 @@ _WATCHED = (
 # Children created, and read back when a create answers 409 (controllers/kube.py).
 _CREATED = (
     "pods", "services", "configmaps", "serviceaccounts", "roles.rbac.authorization.k8s.io",
-    "rolebindings.rbac.authorization.k8s.io", "deployments.apps",
+    "rolebindings.rbac.authorization.k8s.io", "deployments.apps", "poddisruptionbudgets.policy",
 )  # fmt: skip
 # Children kept: applied over our own when the create answers 409 (Kube.keep).
 _KEPT = (
     "services", "serviceaccounts", "roles.rbac.authorization.k8s.io",
-    "rolebindings.rbac.authorization.k8s.io", "deployments.apps",
+    "rolebindings.rbac.authorization.k8s.io", "deployments.apps", "poddisruptionbudgets.policy",
 )  # fmt: skip
 # Every call the operator makes cluster-wide, as (verb, resource[.group][/subresource]): the
 # ClusterRole must allow each (the operator's own tests run as an administrator, so only this shows a

@@ -204,6 +204,10 @@ def test_two_replicas_of_two_nodes_are_two_gangs_behind_one_service(
     assert router.spec.template.spec.service_account_name == "llm-router"
     assert [secret.name for secret in router.spec.template.spec.image_pull_secrets] == ["registry"]
     assert router.metadata.owner_references[0].name == "llm"
+    budget = client.PolicyV1Api(services.api).read_namespaced_pod_disruption_budget("llm-router", namespace)
+    assert budget.spec.max_unavailable == 1
+    assert budget.spec.selector.match_labels == {"largo.dev/router": "llm"}
+    assert budget.metadata.owner_references[0].name == "llm"
     services.core.read_namespaced_service_account("llm-router", namespace)
     rbac = client.RbacAuthorizationV1Api(services.api)
     assert rbac.read_namespaced_role("llm-router", namespace).rules[0].resources == ["endpointslices"]

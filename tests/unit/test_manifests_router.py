@@ -11,6 +11,7 @@ from largo.manifests import names
 from largo.manifests.router import (
     build_replicas_service,
     build_router_account,
+    build_router_budget,
     build_router_deployment,
 )
 
@@ -158,3 +159,26 @@ def test_a_stopping_router_listens_until_the_service_stops_sending_then_drains_w
     waits = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert waits >= 2  # kube-proxy and the Service's endpoints follow within a few seconds
     assert spec["terminationGracePeriodSeconds"] > waits + names.ROUTER_DRAIN_SECONDS
+
+
+def test_a_drain_takes_the_routers_one_at_a_time_and_they_spread_over_nodes() -> None:
+    """Two routers could land on one node and a drain could evict both at once: the entry point had
+    none. A router that is not ready never blocks a drain."""
+    budget = build_router_budget(make(router={"replicas": 2}))
+    assert (budget["apiVersion"], budget["kind"], budget["metadata"]["name"]) == (
+        "policy/v1",
+        "PodDisruptionBudget",
+        "chat-router",
+    )
+    assert budget["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": names.router_selector("chat")},
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+    }
+    deployment = build_router_deployment(make(router={"replicas": 2}))
+    template = deployment["spec"]["template"]
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    [spread] = template["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # a one-node cluster still gets its routers
+    assert spread["labelSelector"] == {"matchLabels": template["metadata"]["labels"]}

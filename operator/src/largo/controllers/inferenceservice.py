@@ -284,7 +284,7 @@ class InferenceServiceReconciler:
                 role,
             ],
             [binding],
-            [deployment],
+            [deployment, router.build_router_budget(service)],
         ]
         try:
             for manifests in stages:

@@ -38,6 +38,7 @@ _KINDS = {
     "ConfigMap": ("core", "config_map"),
     "ServiceAccount": ("core", "service_account"),
     "Deployment": ("apps", "deployment"),
+    "PodDisruptionBudget": ("policy", "pod_disruption_budget"),
     "Role": ("rbac", "role"),
     "RoleBinding": ("rbac", "role_binding"),
 }
@@ -209,6 +210,7 @@ class Kube:
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.rbac = client.RbacAuthorizationV1Api(api_client)
+        self.policy = client.PolicyV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.gate = gate or LeaderGate()
         # Named in every object's managedFields: which replica wrote what can be read back.

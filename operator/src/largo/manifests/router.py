@@ -94,6 +94,23 @@ def _probe(path: str, period: int, failures: int) -> JSON:
     }
 
 
+def build_router_budget(service: InferenceService) -> JSON:
+    """A drain evicts the router's pods one at a time: with two or more, the entry point keeps one
+    (each balances on its own). One that is not ready may always go (``AlwaysAllow``): a router that
+    cannot start must not block a node's drain."""
+    name = service.metadata.name
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(service, names.router_name(name)),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": names.router_selector(name)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
 def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUTER_IMAGE) -> JSON:
     """``spec.router.replicas`` router pods, replaced surge-first so that the entry point never has
     none ready."""
@@ -156,6 +173,15 @@ def build_router_deployment(service: InferenceService, image: str = DEFAULT_ROUT
                     # The pre-stop wait, then the agent's drain of requests in flight, then a margin.
                     "terminationGracePeriodSeconds": PRE_STOP_SECONDS + names.ROUTER_DRAIN_SECONDS + 5,
                     "containers": [container],
+                    # Several routers on one node would fall together: spread where the nodes allow.
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "kubernetes.io/hostname",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": labels},
+                        }
+                    ],
                     # The router's image is often in the same private registry as the server's.
                     **(
                         {"imagePullSecrets": image_pull_secrets(service.spec.pod_template)}
