@@ -866,6 +866,21 @@ def test_a_leader_without_the_model_says_why_before_its_members_join(tmp_path: P
         assert leader.stop() == 0
 
 
+def test_a_leader_whose_member_has_not_joined_says_so(trained: Path, tmp_path: Path) -> None:
+    """A member that never comes (its pod unschedulable, its image not pulled) held the leader at
+    "loading" for the pipeline's ten minutes."""
+    group = ["--members", "2", "--leader-addr", "127.0.0.1", "--leader-port", str(free_port())]
+    leader = Served(trained, tmp_path, *group, "--member", "0")
+    try:
+        said = "waiting for the 1 other member(s) of the replica to join its pipeline at 127.0.0.1:"
+        wait_for(lambda: said in leader.status("/readyz")[1], 60, "the wait said", leader.alive)
+        status, text = leader.status("/readyz")
+        assert status == 503
+        assert "the group is restarted after 600s" in text
+    finally:
+        assert leader.stop() == 0
+
+
 def test_the_members_of_a_replica_serve_the_leader_s_checkpoint(trained: Path, tmp_path: Path) -> None:
     # The worker would load the newest checkpoint (step 40); the leader serves step 20: so must it.
     replica = Replica(trained, tmp_path, "--step", "20", worker=(trained, []))

@@ -30,6 +30,7 @@ from largo.runtime.engine_process import (
     NotLoaded,
     Output,
     Progress,
+    Starting,
     Submission,
     freeze_heap,
     ignore_signals,
@@ -142,19 +143,33 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                                  "pipeline_timeout": timeout})  # fmt: skip
 
 
-def start_engine(args: argparse.Namespace, unready: Callable[[str], None] = lambda reason: None) -> Engine:
+def start_engine(
+    args: argparse.Namespace,
+    unready: Callable[[str], None] = lambda reason: None,
+    starting: Callable[[str], None] = lambda doing: None,
+) -> Engine:
     """Loads the model and, for a replica of several pods, forms its pipeline (this blocks until every
     member joined) and agrees with the members on the checkpoint (``agree_on_the_checkpoint``). Raises
     ModelError for a model that cannot be served, here or on a member, whatever loading raised (too
     little memory for it is a spec to change too: a restart would meet it again). A leader that cannot
     load its model says why through ``unready`` at once, then joins its group all the same to tell the
-    members."""
+    members. ``starting`` is told what it does meanwhile (``/readyz`` says it)."""
     loading = Loading()
+    starting(f"loading the model from {args.model_dir}")
     loading.load(args, 0, args.step if args.step >= 0 else None)
     forward: PipelineForward | LocalForward
     if args.members > 1:
         if loading.problem is not None and not loading.unavailable:  # a storage failure: a restart
             unready(loading.problem)
+        else:
+            # A member that never comes (its pod unschedulable, its image not pulled) holds the replica
+            # here for the pipeline timeout: said, rather than "loading" for ten minutes.
+            timeout = args.pipeline_timeout  # ``resolve`` set it
+            starting(
+                f"waiting for the {args.members - 1} other member(s) of the replica to join its pipeline "
+                f"at {args.leader_addr}:{args.leader_port} (since {time.strftime('%H:%M:%S')}; the group "
+                f"is restarted after {timeout:.0f}s)"
+            )
         join_group(args, 0)
         stage, step = agree_on_the_checkpoint(args, 0, loading)
         forward = PipelineForward(stage, args.members, stage.model.config.vocab_size)
@@ -284,7 +299,11 @@ def engine_main(connection: Connection, args: argparse.Namespace) -> None:
         return
     try:
         set_threads(args)
-        engine = start_engine(args, lambda reason: connection.send(NotLoaded(reason, fatal=False)))
+        engine = start_engine(
+            args,
+            lambda reason: connection.send(NotLoaded(reason, fatal=False)),
+            lambda doing: connection.send(Starting(doing)),
+        )
     except StorageError as error:  # a restart may mend it
         connection.send(NotLoaded(str(error), fatal=True))
         return

@@ -90,6 +90,14 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class Starting:
+    """What the engine is doing before it serves (loading, waiting for its pipeline's members): what
+    ``/readyz`` says meanwhile."""
+
+    doing: str
+
+
+@dataclass(frozen=True, slots=True)
 class Loaded:
     context: int
     load_seconds: float
@@ -153,6 +161,7 @@ class EngineClient:
         self.failure_reason: str | None = None
         self.stats = EngineStats(0, 0, 0, 1)
         self.observe_batch: Callable[[int], None] = lambda size: None
+        self.on_starting: Callable[[str], None] = lambda doing: None
         self._ids = itertools.count()
         self._open: dict[int, Callable[[Output], None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -241,6 +250,8 @@ class EngineClient:
                 if output.finish is not None:
                     del self._open[output.id]
                 deliver(output)
+        elif isinstance(message, Starting):
+            self.on_starting(message.doing)
         elif isinstance(message, Loaded):
             self.context = message.context
             self._settle(lambda future: future.set_result(message))

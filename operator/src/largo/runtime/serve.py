@@ -669,6 +669,12 @@ async def serve(args: argparse.Namespace) -> int:
 
     engine = start_engine_process(args)
     engine.observe_batch = metrics.batch_size.observe
+
+    def starting(doing: str) -> None:
+        if server.engine is None and server.problem is not None and not engine.failure:
+            server.problem = doing
+
+    engine.on_starting = starting
     freeze_heap()
 
     async def load() -> None:
