@@ -1339,3 +1339,78 @@ def test_a_change_is_credited_to_the_autoscaler_s_note_once_and_only_soon_after_
     assert "load 6.0" not in old["reason"]
     fresh = record(sim.now - 2)
     assert (fresh["reason"], fresh["metricValue"]) == (note["reason"], 6.0)
+
+
+def test_a_scale_down_keeps_a_group_that_serves_though_not_yet_for_min_ready_seconds() -> None:
+    """minReadySeconds made a group ready for 10 s count as not ready: scaled from 3 to 2, it was
+    retired (the highest id among the "not ready") and the one still loading kept, and the service
+    served from one group for as long as that one took to load."""
+    spec = spec_of(
+        replicas=2, nodesPerReplica=2, rollout={"maxSurge": 1, "maxUnavailable": 0, "minReadySeconds": 60}
+    )
+    groups = [
+        admitted(0, ["a0", "a1"], formed=True, readySince=timestamp(NOW - 3600)),
+        admitted(1, ["b0", "b1"], ready=False, formed=True),  # still loading
+        admitted(2, ["c0", "c1"], formed=True, readySince=timestamp(NOW - 10)),  # serving for 10 s
+    ]
+    pods = [
+        running(0, 0, "a0"),
+        running(0, 1, "a1"),
+        replace(running(1, 0, "b0"), ready=False),
+        running(1, 1, "b1"),
+        running(2, 0, "c0"),
+        running(2, 1, "c1"),
+    ]
+    status = {"groups": groups, "desiredReplicas": 3, "revision": REV_A}
+    view = ServiceView(NAME, "ml", spec, 2, status, REV_A)
+    decision = plan(view, RESOLVED, pods, NONE, NOW, SELECTOR, URL)
+    assert [g["replica"] for g in decision.status["groups"] if g.get("retiring")] == [1]
+    assert decision.status["readyReplicas"] == 2
+
+
+def test_an_old_group_that_fails_during_a_rollout_is_said_retired_not_restarted() -> None:
+    """The rollout retires a failed group of the revision it replaces in the cycle it fails: it was told
+    as restarted (a Warning) and retired (a Normal) at once, and never restarted."""
+    groups = [
+        admitted(0, ["a0", "a1"], formed=True, readySince=timestamp(NOW - 600)),
+        admitted(1, ["b0", "b1"], formed=True, readySince=timestamp(NOW - 600)),
+        admitted(2, ["c0", "c1"], revision=REV_B, ready=False, formed=True),
+    ]
+    pods = [
+        running(0, 0, "a0"),
+        replace(running(0, 1, "a1"), phase="Failed", ready=False),
+        running(1, 0, "b0"),
+        running(1, 1, "b1"),
+        replace(running(2, 0, "c0", revision=REV_B), ready=False),
+        running(2, 1, "c1", revision=REV_B),
+    ]
+    status = {"groups": groups, "desiredReplicas": 2, "revision": REV_B}
+    view = ServiceView(NAME, "ml", spec_of(replicas=2, nodesPerReplica=2), 2, status, REV_B)
+    decision = plan(view, RESOLVED, pods, NONE, NOW, SELECTOR, URL)
+    assert group_of(decision.status, 0)["retiring"]
+    told = [(e.type, e.reason, e.message) for e in decision.events if "replica 0" in e.message]
+    assert told == [
+        ("Normal", ServiceReason.GROUP_RETIRED, "replica 0 retired: member 1 (llama-r0-node-1) failed")
+    ]
+
+
+def test_an_old_group_missing_a_member_is_retired_and_said_so() -> None:
+    """A group of an earlier spec whose member is gone is not rebuilt: it was retired without a word."""
+    groups = [
+        {**admitted(0, ["gpu-a", "gpu-b"]), "formed": True},
+        admitted(1, ["gpu-c", "gpu-d"], revision=REV_B),
+    ]
+    pods = [
+        running(0, 0, "gpu-a"),
+        running(1, 0, "gpu-c", revision=REV_B),
+        running(1, 1, "gpu-d", revision=REV_B),
+    ]
+    status = {"groups": groups, "desiredReplicas": 2, "revision": REV_B}
+    view = ServiceView(NAME, "ml", spec_of(replicas=2, nodesPerReplica=2), 1, status, REV_B)
+    decision = plan(view, RESOLVED, pods, NONE, NOW, SELECTOR, URL)
+    assert group_of(decision.status, 0)["retiring"]
+    assert decision.delete == ["llama-r0-node-0"]
+    retired = [e.message for e in decision.events if e.reason == ServiceReason.GROUP_RETIRED]
+    assert retired == [
+        "replica 0 retired: llama-r0-node-1 is gone and a group of an earlier spec is not rebuilt"
+    ]

@@ -329,3 +329,13 @@ def test_nonsense_is_refused(args: tuple[int, int, int, int]) -> None:
 def test_a_replica_id_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="more than once"):
         plan_rollout([GroupState(1, OLD, True), GroupState(1, NEW, False)], 4, NEW, 1, 0)
+
+
+def test_a_group_that_serves_though_not_yet_available_goes_after_those_that_do_not() -> None:
+    groups = [
+        GroupState(0, "a", ready=True),
+        GroupState(1, "a", ready=False),
+        GroupState(2, "a", ready=False, serving=True),  # ready, not yet for minReadySeconds
+    ]
+    assert plan_rollout(groups, 2, "a", 1, 0).retire == (1,)
+    assert plan_rollout(groups, 1, "a", 1, 0).retire == (1, 2)

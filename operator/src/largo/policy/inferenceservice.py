@@ -425,6 +425,8 @@ def plan(
 
     groups: list[dict[str, Any]] = [dict(g) for g in status.get("groups") or []]
     kept: list[dict[str, Any]] = []
+    # Groups restarted in this cycle: the index of the event that says so, and why.
+    restarted: dict[int, tuple[int, str]] = {}
     for group in groups:
         replica, attempt = int(group["replica"]), int(group.get("attempt") or 0)
         members = by_group.get(replica, [])
@@ -514,6 +516,8 @@ def plan(
                 restartAfter=timestamp(after),
                 queuedAt=timestamp(after),
             )
+            # Told once the rollout has decided: a group it retires in this cycle is not restarted.
+            restarted[replica] = (len(out.events), cause)
             out.events.append(
                 Event(
                     "Warning",
@@ -533,6 +537,15 @@ def plan(
             # cannot be built).
             group.update(retiring=True, ready=False)
             out.delete += [p.name for p in current.values() if not p.terminating]
+            gone = ", ".join(member_pod_name(view.name, replica, m) for m in missing)
+            out.events.append(
+                Event(
+                    "Normal",
+                    ServiceReason.GROUP_RETIRED,
+                    f"replica {replica} retired: {gone} is gone and a group of an earlier spec is not "
+                    "rebuilt",
+                )
+            )
             if members:
                 kept.append(group)
             continue
@@ -594,6 +607,7 @@ def plan(
                     int(g.get("failures") or 0) if rolling and not g.get("ready") else 0,
                     # Likewise the progress deadline: a slow start outside a rollout stops nothing.
                     _unready_for(g, now) if rolling else 0.0,
+                    serving=bool(g.get("ready")),
                 )
                 for g in live
             ],
@@ -622,6 +636,14 @@ def plan(
             group["ready"] = False
             out.delete += [p.name for p in by_group.get(int(group["replica"]), []) if not p.terminating]
             out.create = [c for c in out.create if c.replica != int(group["replica"])]
+            said = restarted.get(int(group["replica"]))
+            if said is not None:
+                # Failed and retired in one cycle (a group of the revision being replaced): one event,
+                # saying why, rather than a restart that does not happen.
+                index, cause = said
+                why = f"replica {group['replica']} retired: {cause}"
+                out.events[index] = Event("Normal", ServiceReason.GROUP_RETIRED, why)
+                continue
             out.events.append(
                 Event(
                     "Normal",

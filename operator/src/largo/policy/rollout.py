@@ -53,12 +53,15 @@ class GroupState:
     replica: int
     # The hash of the pod-relevant spec the group was built from.
     revision: str
-    # Every pod of the group running and ready.
+    # Every pod of the group running and ready (for ``minReadySeconds`` where it applies: available).
     ready: bool
     # Times the group was restarted after a failure since it was created.
     failed_restarts: int = 0
     # Seconds since the group was admitted, while it is not ready yet (0 when ready or still queued).
     unready_for: float = 0.0
+    # Ready now, though not yet for ``minReadySeconds`` (``ready`` False): it serves, so it goes after
+    # the groups that do not.
+    serving: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +82,14 @@ class RolloutStep:
     message: str
 
 
+def _serves(group: GroupState) -> bool:
+    return group.ready or group.serving
+
+
 def _retire_order(groups: Sequence[GroupState]) -> list[GroupState]:
-    """Not-ready before ready, then the highest replica id first."""
-    return sorted(groups, key=lambda group: (group.ready, -group.replica))
+    """Not-ready before ready (a group that serves, not yet for minReadySeconds, between the two), then
+    the highest replica id first."""
+    return sorted(groups, key=lambda group: (group.ready, _serves(group), -group.replica))
 
 
 def _ids(replicas: Sequence[int]) -> str:
@@ -129,7 +137,11 @@ def plan_rollout(
         message = f"group {worst.replica} at revision {revision} {why}: rollout stalled with {counts}"
         stuck_ids = {group.replica for group in stuck}
         others = [group for group in groups if group.replica not in stuck_ids]
-        order = sorted(others, key=lambda group: (group.ready, group.revision == revision, -group.replica))
+
+        def keeps(group: GroupState) -> tuple[bool, bool, bool, int]:
+            return group.ready, _serves(group), group.revision == revision, -group.replica
+
+        order = sorted(others, key=keeps)
         # Only what a scale-down put above the rollout's own bound goes, never the surge it made.
         excess = min(len(others) - desired, len(groups) - (desired + max_surge))
         retire = tuple(group.replica for group in order[: max(excess, 0)])
