@@ -512,6 +512,49 @@ def test_a_waiting_job_s_detail_alone_is_rewritten_at_most_every_refresh_period(
     assert kube.writes[-1][1]["queue"]["message"] != told["message"]
 
 
+def test_a_waiting_group_s_detail_alone_is_rewritten_at_most_every_refresh_period() -> None:
+    """As a waiting job's: a queued replica group's message (the room left) was written at every pod
+    event elsewhere, and each write made the service's reconcile write its Ready message again."""
+
+    class Kube(FakeKube):
+        async def patch_service_status(
+            self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+        ) -> dict[str, Any]:
+            self.writes.append((name, status))
+            metadata = {"name": name, "namespace": namespace, "resourceVersion": "2"}
+            return {"metadata": metadata, "status": status}
+
+    def service(groups: list[dict[str, Any]]) -> Any:
+        return service_entry(
+            {
+                "metadata": {"name": "chat", "namespace": "ns", "uid": "u1", "resourceVersion": "1"},
+                "spec": {"model": {"claimName": "weights"}, "resourcesPerNode": {"nvidia.com/gpu": 8}},
+                "status": {"groups": groups},
+            }
+        )
+
+    now = [NOW]
+    kube = Kube()
+    groups = [{"replica": 0, "revision": "r1", "attempt": 0, "nodes": [], "queuedAt": "2027-01-15T07:00:00Z"}]
+    scheduler = _scheduler(kube, [_node("n0")], [], services=Index())
+    scheduler.clock = lambda: now[0]
+    messages = []
+    for used in (1, 2, 3):  # a pod on n0 takes more and more GPUs
+        scheduler.pods = Index({"n0": [PodUsage("p", {"nvidia.com/gpu": used, "pods": 1})]})
+        scheduler.services = Index({("ns", "chat"): [service(groups)]})
+        kube.writes.clear()
+        asyncio.run(scheduler.run_pass())
+        for _, status in kube.writes:
+            groups = status["groups"]  # the index shows the write
+            messages.append(groups[0]["queue"]["message"])
+    assert len(messages) == 1
+    assert "largest free nvidia.com/gpu: 7" in messages[0]
+    now[0] += QUEUE_MESSAGE_REFRESH_SECONDS
+    scheduler.services = Index({("ns", "chat"): [service(groups)]})
+    asyncio.run(scheduler.run_pass())
+    assert "largest free nvidia.com/gpu: 5" in kube.writes[-1][1]["groups"][0]["queue"]["message"]
+
+
 def test_failed_passes_back_off_to_thirty_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     """An API server down for minutes was retried every second, each time with a traceback."""
     delays: list[float] = []

@@ -39,6 +39,7 @@ from largo.controllers.state import (
     ServiceEntry,
     bound_rank,
     gang_key,
+    group_gang_id,
     is_bound,
 )
 from largo.controllers.workqueue import Retry
@@ -120,6 +121,8 @@ class Scheduler:
     # When each waiting job's queue entry was last written: a change of its message alone (the room
     # left, which moves with every pod elsewhere) is written at most every QUEUE_MESSAGE_REFRESH_SECONDS.
     _told: dict[JobKey, float] = field(default_factory=dict)
+    # The same for replica groups, by the group's gang key.
+    _told_groups: dict[JobKey, float] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _ready: bool = False
     _again: asyncio.TimerHandle | None = None
@@ -301,6 +304,9 @@ class Scheduler:
         for key in [key for key in self._told if key not in by_key or not by_key[key].admissible]:
             del self._told[key]
         services: list[ServiceEntry] = index_values(self.services)
+        unplaced = {group.gang(*service.key) for service in services for group in service.unplaced()}
+        for key in [key for key in self._told_groups if key not in unplaced]:
+            del self._told_groups[key]
         self._settle_groups(services)
         nodes: list[NodeInfo] = index_values(self.nodes)
         usage, resident = self.usage(entries, services)
@@ -377,6 +383,7 @@ class Scheduler:
         status = dict(service.body.get("status") or {})
         groups = [dict(group) for group in status.get("groups") or []]
         changed = False
+        told: list[JobKey] = []
         for group in groups:
             replica = int(group.get("replica", -1))
             if replica in admitted:
@@ -391,8 +398,17 @@ class Scheduler:
                     "reason": str(reason.reason),
                     "message": reason.message,
                 }
-                if group.get("queue") != {k: v for k, v in queue.items() if v is not None}:
+                previous = dict(group.get("queue") or {})
+                if previous != {k: v for k, v in queue.items() if v is not None}:
+                    key = (service.key[0], group_gang_id(service.key[1], replica))
+                    same_place = all(previous.get(part) == queue[part] for part in ("reason", "position"))
+                    recently = now - self._told_groups.get(key, -math.inf) < QUEUE_MESSAGE_REFRESH_SECONDS
+                    if same_place and recently:
+                        # Only the detail moved (the room left, with every pod elsewhere): a write of
+                        # the service at each, and the reconcile's second write of its Ready message.
+                        continue
                     group["queue"] = queue
+                    told.append(key)
                     changed = True
         if not changed:
             return
@@ -408,6 +424,8 @@ class Scheduler:
         except ConflictError:
             self._again_soon()
             return
+        for key in told:
+            self._told_groups[key] = now
         for replica, placement in admitted.items():
             record = next(g for g in service.groups if g.replica == replica)
             self._pending_groups[record.gang(*service.key)] = _Admission(
