@@ -634,3 +634,33 @@ def test_a_run_resumed_with_nothing_left_to_train_reports_its_checkpoint(
     longer = [*TRAIN_ARGS, "--steps", "6", "--checkpoint-every", "100", "--checkpoint-dir", str(checkpoints)]
     assert train.main(longer) == 0
     assert [(r["step"], r["checkpointStep"]) for r in reports] == [(5, 4), (6, 4), (6, 6)]
+
+
+@pytest.mark.parametrize("flag", ["--log-every", "--stop-check-every"])
+def test_a_zero_period_is_a_bad_argument_not_a_crash(flag: str) -> None:
+    """A division by zero at step 1 exited 1, which the failure policy retries; bad arguments exit 2."""
+    from largo.runtime.train import bad_arguments, parse_args
+
+    assert bad_arguments(parse_args([flag, "0"])) == f"{flag} must be at least 1, not 0"
+    refused = bad_arguments(parse_args(["--communication-sample-every", "-1"]))
+    assert refused == "--communication-sample-every must be at least 0, not -1"
+    assert bad_arguments(parse_args(["--communication-sample-every", "0"])) is None  # 0: never sampled
+
+
+def test_only_the_text_kept_is_read(tmp_path: Path) -> None:
+    """A corpus of one large file was read whole into every rank's memory before the cut."""
+    import tracemalloc
+
+    from largo.runtime import data
+
+    big = tmp_path / "big.txt"
+    with big.open("wb") as handle:
+        handle.truncate(256 << 20)  # 256 MiB, sparse
+    tracemalloc.start()
+    try:
+        tokens = data.load_bytes([big], 1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(tokens) == 1000
+    assert peak < 1 << 20  # it held the whole file (256 MiB) before

@@ -7,6 +7,7 @@ uninterrupted run would have seen, so the data position is the step itself.
 from __future__ import annotations
 
 import logging
+import os
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,19 +49,22 @@ def load_bytes(paths: Iterable[Path], limit: int = DEFAULT_LIMIT, say_cut: bool 
     chunks: list[bytes] = []
     total = 0
     for index, path in enumerate(files):
-        whole = path.read_bytes()
-        chunk = whole[: limit - total]
+        # Only what is kept is read: a corpus of tens of GB in one file held it all in every rank's
+        # memory before the cut.
+        with path.open("rb") as handle:
+            chunk = handle.read(limit - total)
+            size = os.fstat(handle.fileno()).st_size
         chunks.append(chunk)
         total += len(chunk)
         if total >= limit:
-            left = len(whole) - len(chunk) + sum(p.stat().st_size for p in files[index + 1 :])
+            left = max(size - len(chunk), 0) + sum(p.stat().st_size for p in files[index + 1 :])
             if left and say_cut:
                 logger.warning(
                     "training on the first %d bytes of the text (--data-bytes): %d bytes left out, "
                     "starting in %s",
                     limit,
                     left,
-                    path if len(chunk) < len(whole) else files[index + 1],
+                    path if len(chunk) < size else files[index + 1],
                 )
             break
     if total < 2:

@@ -11,7 +11,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram, sta
 class TrainMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.step_number = Gauge("largo_train_step", "Optimizer steps completed.", registry=registry)
-        self.loss = Gauge("largo_train_loss", "Loss of the latest step on rank 0.", registry=registry)
+        self.loss = Gauge(
+            "largo_train_loss",
+            "Loss of the latest logged step (every --log-every steps), over the step's whole batch.",
+            registry=registry,
+        )
         self.tokens = Gauge(
             "largo_train_tokens_per_second", "Tokens processed per second, all ranks.", registry=registry
         )
@@ -71,9 +75,11 @@ class TrainMetrics:
         for kind, count in bytes_per_kind.items():
             self.communication_bytes.labels(kind=kind).set(count)
 
-    def step(self, step: int, loss: float, seconds: float, tokens_per_second: float) -> None:
+    def step(self, step: int, loss: float | None, seconds: float, tokens_per_second: float) -> None:
+        """``loss``: None until the first logged step."""
         self.step_number.set(step)
-        self.loss.set(loss)
+        if loss is not None:
+            self.loss.set(loss)
         self.step_seconds.observe(seconds)
         self.tokens.set(tokens_per_second)
 

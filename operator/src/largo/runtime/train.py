@@ -227,7 +227,18 @@ def _keep_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float | 
 
 def bad_arguments(args: argparse.Namespace) -> str | None:
     """Why the arguments cannot train, if they cannot (pure)."""
-    positive = ("steps", "batch_size", "context", "width", "depth", "heads", "checkpoint_every", "keep")
+    positive = (
+        "steps",
+        "batch_size",
+        "context",
+        "width",
+        "depth",
+        "heads",
+        "checkpoint_every",
+        "keep",
+        "log_every",
+        "stop_check_every",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}"
@@ -235,6 +246,8 @@ def bad_arguments(args: argparse.Namespace) -> str | None:
         return f"--heads {args.heads} must divide --width {args.width}"
     if args.data_bytes < 2:
         return f"--data-bytes must be at least 2, not {args.data_bytes}"
+    if args.communication_sample_every < 0:
+        return f"--communication-sample-every must be at least 0, not {args.communication_sample_every}"
     return None
 
 
@@ -293,7 +306,6 @@ def main(argv: list[str] | None = None) -> int:
     # pipeline splits of one whole model need.
     torch.manual_seed(args.seed)
     model: nn.Module = TinyGPT(config).to(device)
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     reporting = rank == layout.reporter
     recorder = metrics.TrainMetrics() if reporting else None
 
@@ -311,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         fully_shard(model)
     elif distributed:
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    # What this rank's replica group reduces: its own stage's parameters, whole (a pipeline stage holds
+    # only its blocks; FSDP's shards are counted whole, as the gathers move them).
+    parameter_bytes = sum(p.numel() * p.element_size() for p in _unwrap(model).parameters())
+    # The ranks whose losses make the step's: the reporting rank's data-parallel group (under DDP or
+    # FSDP every rank; with model parallelism the replicas of its stage and shard).
+    loss_group = _loss_group(layout, mesh) if distributed else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     shards = layout.data_shards(rank)
     if recorder is not None:
@@ -370,10 +388,12 @@ def main(argv: list[str] | None = None) -> int:
 
     code = 0
     step = start
-    last_progress: tuple[int, int, float, float, float] | None = None  # the latest report's figures
+    last_progress: tuple[int, int, float | None, float, float] | None = None  # the latest report's figures
     # The newest complete checkpoint: (step, when). The one resumed from until this run writes one, so
     # that a restarted run's reports still say how much work a failure would lose.
     saved: tuple[int, float] | None = resumed
+    # The step's loss over the whole global batch, as of the last log line.
+    step_loss: float | None = None
     writer = checkpoint.BackgroundWriter(directory, args.keep) if directory is not None else None
     # DDP times its own all-reduce; every other distributed layout is timed from gloo's own records.
     sampling = (
@@ -410,18 +430,24 @@ def main(argv: list[str] | None = None) -> int:
             stop = False
         if writer is not None and (step % args.checkpoint_every == 0 or step == args.steps or stop):
             _checkpoint(writer, step, model, optimizer, layout, mesh, rank)
+        logged = step % args.log_every == 0 or step == args.steps or stop  # alike on every rank
+        if logged and loss is not None:
+            # Each replica's loss is of its own part of the batch: the step's is their mean, taken on the
+            # log steps only (a collective on every step would cost the step time). Every rank of the
+            # group computes a loss, so every one joins.
+            step_loss = _mean_loss(loss, loss_group)
         if recorder is not None:
             elapsed = time.perf_counter() - started
             rate = (step - started_step) / elapsed if elapsed > 0 else 0.0
             assert loss is not None  # the reporting rank holds the last stage
-            value = float(loss.item())
+            value = step_loss
             recorder.step(step, value, time.perf_counter() - step_started, rate * tokens_per_step)
             if sampled is not None:
                 recorder.communication_time(sampled, 1 / rate if rate > 0 else 0.0)
-            if step % args.log_every == 0 or step == args.steps or stop:
+            if logged:
                 if isinstance(model, DistributedDataParallel):
                     recorder.collectives(model, 1 / rate if rate > 0 else 0.0)
-                shown = value if math.isfinite(value) else None  # NaN is no JSON
+                shown = value if value is not None and math.isfinite(value) else None  # NaN is no JSON
                 print(json.dumps({"step": step, "loss": shown, "tokens_per_second": rate * tokens_per_step}))
                 sys.stdout.flush()
             if reporter is not None:
@@ -430,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         if stop:
             if writer is not None:
                 writer.wait()
-            logger.info("SIGTERM: checkpoint of step %d written, leaving", step)
+                logger.info("SIGTERM: checkpoint of step %d written, leaving", step)
+            else:
+                logger.info("SIGTERM at step %d: no checkpoint directory, leaving without a checkpoint", step)
             code = EXIT_TERMINATED
             break
     if writer is not None:
@@ -457,6 +485,24 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         dist.destroy_process_group()
     return code
+
+
+def _loss_group(layout: parallel.Layout, mesh: Any) -> tuple[Any, int] | None:
+    """The process group (None: the default one) over which the step's loss is averaged, and its size;
+    None without data parallelism (the reporting rank's loss is the whole batch's)."""
+    if layout.data == 1:
+        return None
+    return (mesh["data"].get_group() if layout.model_parallel else None), layout.data
+
+
+def _mean_loss(loss: torch.Tensor, group: tuple[Any, int] | None) -> float:
+    """The mean of ``loss`` over ``group``'s ranks (a collective: every rank of it calls this)."""
+    if group is None:
+        return float(loss.item())
+    process_group, size = group
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=process_group)  # gloo has no average: a sum, divided here
+    return float(total.item()) / size
 
 
 def _forward_backward(
