@@ -5,7 +5,8 @@ SHELL := /usr/bin/env bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-VENV_STAMP := $(VENV)/.installed-$(shell cat operator/pyproject.toml | sha1sum | cut -c1-12)
+# What the venv is made from: a new pin in either file makes it again.
+VENV_STAMP := $(VENV)/.installed-$(shell cat operator/pyproject.toml hack/install-torch.sh | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 # The chart's operator image defaults to its appVersion: `make images` tags that too.
 APP_VERSION := $(shell sed -n 's/^appVersion: *"*\([^"]*\)"*$$/\1/p' charts/largo/Chart.yaml)
@@ -16,7 +17,7 @@ all: test
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): operator/pyproject.toml
+$(VENV_STAMP): operator/pyproject.toml hack/install-torch.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check 'pip==25.3'
 	$(BIN)/pip install --quiet --disable-pip-version-check -e 'operator[dev]'
@@ -56,7 +57,7 @@ verify: venv
 	$(BIN)/python -m largo.dev.dashboard --check
 
 demo: venv tools
-	./hack/demo.sh $(ARGS)
+	VENV=$(VENV) ./hack/demo.sh $(ARGS)
 
 images:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running container engine (docker)"; exit 1; }

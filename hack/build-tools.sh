@@ -41,6 +41,13 @@ log() { printf '[build-tools] %s\n' "$*" >&2; }
 
 have() { for tool in "$@"; do [ -x "$BIN/$tool" ] || return 1; done; }
 
+# What the directory's key leaves out (CoreDNS's version and plugins, the Debian packages' versions) is
+# recorded per tool once it is built and checked: a stamp that differs, or none (a build cut short, or a
+# cache made before stamps), builds that tool again, and only it.
+STAMPS="$TOOLS_DIR/stamps"
+stamped() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ]; }
+stamp() { mkdir -p "$STAMPS" && printf '%s' "$2" > "$STAMPS/$1.tmp" && mv "$STAMPS/$1.tmp" "$STAMPS/$1"; }
+
 # Writes a wrapper module in $1 that requires $2@$3 and turns every local `=> ./path` replace of the
 # published go.mod into a replace by the published module at $4 (the staging version), while keeping
 # the published go.mod's other replace directives as they are.
@@ -167,13 +174,25 @@ fetch_prometheus_operator_crds() {
 fetch_debian() {
   local package="$1" version="$2" command="$3"; shift 3
   local root="$TOOLS_DIR/$package"
-  if have "$command" && [ -x "$root/usr/sbin/$command" ]; then log "$package: cached"; return; fi
+  if stamped "$package" "$version" && have "$command" && [ -x "$root/usr/sbin/$command" ]; then
+    log "$package $version: cached"; return
+  fi
   log "$package $version: downloading Debian's package and unpacking it"
   local dir="$SRC/$package-debs"
   rm -rf "$dir" "$root.tmp" && mkdir -p "$dir" "$root.tmp"
-  (cd "$dir" && { apt-get download "$package=$version" 2>/dev/null || apt-get download "$package"; } &&
-    apt-get download "$@") >&2
+  (cd "$dir" && apt-get download "$@") >&2
+  if ! (cd "$dir" && apt-get download "$package=$version") >&2; then
+    # The security archive keeps only its newest build: said, not hidden, and the stamp keeps the pin.
+    log "WARNING: Debian no longer serves $package $version; taking the archive's current one"
+    (cd "$dir" && apt-get download "$package") >&2
+  fi
   for deb in "$dir"/*.deb; do dpkg-deb -x "$deb" "$root.tmp"; done
+  # Checked before it is put in place: a binary that cannot load its libraries must not pass for cached.
+  local libs
+  libs=$(echo "$root.tmp"/usr/lib/*-linux-gnu)
+  LD_LIBRARY_PATH="$libs" "$root.tmp/usr/sbin/$command" --version >/dev/null 2>&1 ||
+    LD_LIBRARY_PATH="$libs" "$root.tmp/usr/sbin/$command" -v >/dev/null 2>&1 ||
+    { log "$package: the unpacked $command does not run"; return 1; }
   rm -rf "$root" && mv "$root.tmp" "$root"
   cat > "$BIN/$command" <<SH
 #!/bin/sh
@@ -188,10 +207,13 @@ SH
   local said
   said=$("$BIN/$command" --version 2>&1 || "$BIN/$command" -v 2>&1)
   echo "${said%%$'\n'*}" >&2
+  stamp "$package" "$version"
 }
 
 build_coredns() {
-  if have coredns; then log "coredns $COREDNS_VERSION: cached"; return; fi
+  local recipe
+  recipe="$COREDNS_VERSION $(sha256sum "$(dirname "$0")/coredns/main.go" | cut -c1-16)"
+  if stamped coredns "$recipe" && have coredns; then log "coredns $COREDNS_VERSION: cached"; return; fi
   log "coredns $COREDNS_VERSION: building with the plugins of hack/coredns/main.go"
   local dir="$SRC/coredns"
   rm -rf "$dir" && mkdir -p "$dir"
@@ -200,6 +222,7 @@ build_coredns() {
     go get "github.com/coredns/coredns@$COREDNS_VERSION" && go mod tidy &&
     go build -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" -o "$dir/coredns" .)
   mv "$dir/coredns" "$BIN/coredns"
+  stamp coredns "$recipe"
 }
 
 build_etcd

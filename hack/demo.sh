@@ -2,4 +2,4 @@
 # `make demo`: the local cluster, the operator and a TrainJob through its lifecycle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m largo.dev.demo "$@"
+exec "${VENV:-.venv}/bin/python" -m largo.dev.demo "$@"
