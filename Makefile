@@ -6,26 +6,31 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # What the venv is made from: a new pin in either file makes it again.
-VENV_STAMP := $(VENV)/.installed-$(shell cat operator/pyproject.toml hack/install-torch.sh | sha1sum | cut -c1-12)
+VENV_STAMP := $(VENV)/.installed-$(shell cat operator/pyproject.toml operator/constraints.txt hack/install-torch.sh | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 # The chart's operator image defaults to its appVersion: `make images` tags that too.
 APP_VERSION := $(shell sed -n 's/^appVersion: *"*\([^"]*\)"*$$/\1/p' charts/largo/Chart.yaml)
 
-.PHONY: all venv tools test unit integration lint format crds dashboard verify demo images clean
+.PHONY: all venv tools test unit integration lint format crds dashboard verify demo images clean constraints
 
 all: test
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): operator/pyproject.toml hack/install-torch.sh
+$(VENV_STAMP): operator/pyproject.toml operator/constraints.txt hack/install-torch.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check 'pip==25.3'
-	$(BIN)/pip install --quiet --disable-pip-version-check -e 'operator[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c operator/constraints.txt -e 'operator[dev]'
 	./hack/install-torch.sh $(VENV)
 	rm -f $(VENV)/.installed-* && touch $@
 
 tools:
 	./hack/build-tools.sh >/dev/null
+
+# After a pin changes in pyproject.toml or install-torch.sh: make the venv from scratch, then this.
+constraints: venv
+	{ sed -n '1,2p' operator/constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^largo=='; } > operator/constraints.txt.new
+	mv operator/constraints.txt.new operator/constraints.txt
 
 # Three groups of suites that share nothing run side by side: localnode, kwok cluster, processes.
 test: venv tools

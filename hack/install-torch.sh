@@ -11,8 +11,9 @@ cache="${LARGO_TORCH_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/largo/torch}/torch-$TO
 if [ ! -d "$cache" ]; then
   echo "[install-torch] installing torch $TORCH_VERSION into $cache (a few GB, once)" >&2
   rm -rf "$cache.tmp"
+  # torch's own dependencies (sympy, networkx, the CUDA libraries...) at the versions pinned beside it.
   "$venv/bin/pip" install --quiet --disable-pip-version-check --target "$cache.tmp" \
-    "torch==$TORCH_VERSION" "numpy==$NUMPY_VERSION"
+    -c "$(dirname "$0")/../operator/constraints.txt" "torch==$TORCH_VERSION" "numpy==$NUMPY_VERSION"
   mv "$cache.tmp" "$cache"
 fi
 site=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
