@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import http.client
 import json
+import math
 import os
 import shutil
 import signal
@@ -1045,6 +1046,26 @@ def test_sampling_is_greedy_at_zero_and_nucleus_keeps_the_top_mass() -> None:
     # nothing raised, and failed the engine with every request in it.
     for tiny in (1e-46, 1e-300):
         assert sample(logits, Request(prompt=[1], max_tokens=1, top_p=tiny, generator=torch.Generator())) == 1
+
+
+def test_logits_past_the_precision_s_range_are_sampled_as_their_most_likely_token() -> None:
+    """float16 logits over 65504 are inf: their softmax is NaN, and the draw's error failed the engine
+    with every request in it, greedy neighbours too."""
+    warm = Request(prompt=[1], max_tokens=1, temperature=0.7, generator=torch.Generator().manual_seed(1))
+    overflowed = torch.tensor([1.0, math.inf, 2.0, -math.inf], dtype=torch.float16)
+    assert sample(overflowed, warm) == 1
+    assert sample(torch.tensor([math.nan, 0.5, 3.0, 1.0]), warm) == 2
+    rows = torch.stack([overflowed.float(), torch.tensor([0.0, 0.0, 9.0, 0.0])])
+    assert sample_batch(rows, [warm, warm]) == [1, 2]
+
+
+def test_a_request_without_a_token_to_make_is_refused_alone() -> None:
+    """max_tokens 0 or less passed the context check with a prompt longer than the context, whose
+    position embedding then failed the engine with every request in it."""
+    engine = Engine.local(TinyGPT(ModelConfig(width=32, depth=1, heads=2, context=16)), max_batch=2)
+    for max_tokens in (0, -5):
+        with pytest.raises(ValueError, match="max_tokens of at least 1"):
+            engine.submit(Request(prompt=list(range(20)), max_tokens=max_tokens, temperature=0.0))
 
 
 @pytest.mark.parametrize(

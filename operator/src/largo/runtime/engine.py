@@ -75,6 +75,11 @@ def sample(logits: torch.Tensor, request: Request) -> int:
     if request.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits).item())
     probabilities = torch.softmax(logits.float() / request.temperature, dim=-1)
+    if not bool(torch.isfinite(probabilities).all()):
+        # Logits past the precision's range (float16 overflows at 65504) or NaN: no distribution to
+        # draw from, and the draw's error failed the engine with every request in it. The request gets
+        # its most likely token, as a greedy one does.
+        return int(torch.argmax(torch.nan_to_num(logits.float(), nan=-math.inf)).item())
     if request.top_p < 1.0:
         sorted_probs, order = torch.sort(probabilities, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
@@ -552,7 +557,9 @@ class Engine:
 
     def submit(self, request: Request) -> bool:
         """Queues ``request``; False when the waiting queue is full (the caller answers 429)."""
-        if not request.prompt or len(request.prompt) + request.max_tokens > self.context:
+        if not request.prompt or request.max_tokens < 1:
+            raise ValueError("a request needs a prompt and max_tokens of at least 1")
+        if len(request.prompt) + request.max_tokens > self.context:
             raise ValueError("the prompt plus max_tokens must fit the model's context")
         if request.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
