@@ -66,7 +66,8 @@ def test_a_network_applied_before_is_only_read_until_something_changes(
     }
     service = InferenceService.from_body(body)
     first = _make_network(api, owner, service)
-    assert len(first) == 7, first  # three Services, the router's account, Role, binding, Deployment
+    # Three Services, the router's account, Role, binding, Deployment and PodDisruptionBudget.
+    assert len(first) == 8, first
     assert _make_network(api, owner, service) == []  # a restart: read, nothing written
 
     # A field largo sets, changed by hand, is brought back; only that object is written.

@@ -249,7 +249,7 @@ def test_a_model_its_storage_fails_to_give_is_told_fatal_so_the_pod_restarts(
     import multiprocessing
 
     from largo.runtime import engine_host
-    from largo.runtime.engine_process import NotLoaded
+    from largo.runtime.engine_process import NotLoaded, Starting
 
     def storage_failed(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ETIMEDOUT, "Connection timed out")
@@ -258,6 +258,9 @@ def test_a_model_its_storage_fails_to_give_is_told_fatal_so_the_pod_restarts(
     monkeypatch.setattr(engine_host, "ignore_signals", lambda: None)  # this is pytest's own process
     front, engine_side = multiprocessing.Pipe()
     engine_host.engine_main(engine_side, parse_args(engine_args(trained)))
+    starting = front.recv()  # what it did meanwhile, for /readyz
+    assert isinstance(starting, Starting)
+    assert starting.doing.startswith("loading the model from ")
     told = front.recv()
     assert isinstance(told, NotLoaded)
     assert told.fatal
