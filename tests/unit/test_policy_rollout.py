@@ -339,3 +339,14 @@ def test_a_group_that_serves_though_not_yet_available_goes_after_those_that_do_n
     ]
     assert plan_rollout(groups, 2, "a", 1, 0).retire == (1,)
     assert plan_rollout(groups, 1, "a", 1, 0).retire == (1, 2)
+
+
+def test_a_scale_down_retires_a_queued_group_before_one_that_is_loading() -> None:
+    """Both are not ready; the highest id went first, and could be the one already on its nodes and
+    loading, while the one waiting for GPUs stayed queued."""
+    groups = [
+        GroupState(0, "a", ready=True),
+        GroupState(1, "a", ready=False, placed=False),  # waits in the queue
+        GroupState(2, "a", ready=False),  # admitted, loading
+    ]
+    assert plan_rollout(groups, 2, "a", 1, 0).retire == (1,)

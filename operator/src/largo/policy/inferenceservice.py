@@ -583,7 +583,7 @@ def plan(
         # No group can be built without a model, but a scale-down (or to zero) still frees GPUs:
         # the surplus goes, not-ready first, then the highest replica id (as plan_rollout orders it).
         surplus = max(0, len(live) - desired.replicas)
-        order = sorted(live, key=lambda g: (bool(g.get("ready")), -int(g["replica"])))
+        order = sorted(live, key=lambda g: (bool(g.get("ready")), bool(g.get("nodes")), -int(g["replica"])))
         retire = {int(g["replica"]) for g in order[:surplus]}
     else:
         was = next((c for c in conditions if c.get("type") == ServiceConditionType.PROGRESSING), {})
@@ -608,6 +608,7 @@ def plan(
                     # Likewise the progress deadline: a slow start outside a rollout stops nothing.
                     _unready_for(g, now) if rolling else 0.0,
                     serving=bool(g.get("ready")),
+                    placed=bool(g.get("nodes")),
                 )
                 for g in live
             ],

@@ -62,6 +62,8 @@ class GroupState:
     # Ready now, though not yet for ``minReadySeconds`` (``ready`` False): it serves, so it goes after
     # the groups that do not.
     serving: bool = False
+    # Admitted to nodes (its pods exist or are being made); False while it waits in the queue.
+    placed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +89,10 @@ def _serves(group: GroupState) -> bool:
 
 
 def _retire_order(groups: Sequence[GroupState]) -> list[GroupState]:
-    """Not-ready before ready (a group that serves, not yet for minReadySeconds, between the two), then
-    the highest replica id first."""
-    return sorted(groups, key=lambda group: (group.ready, _serves(group), -group.replica))
+    """Not-ready before ready (a group that serves, not yet for minReadySeconds, between the two), one
+    still queued before one placed (loading: its nodes and its load so far are not thrown away, as a
+    Deployment scales down unscheduled pods first), then the highest replica id first."""
+    return sorted(groups, key=lambda group: (group.ready, _serves(group), group.placed, -group.replica))
 
 
 def _ids(replicas: Sequence[int]) -> str:
