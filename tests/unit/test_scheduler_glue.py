@@ -84,6 +84,17 @@ class Index(dict[Any, list[Any]]):
     """A kopf index's read side: key -> store."""
 
 
+class ServiceStatusKube(FakeKube):
+    """Writes of a service's status answered with the object as written."""
+
+    async def patch_service_status(
+        self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        self.writes.append((name, status))
+        metadata = {"name": name, "namespace": namespace, "resourceVersion": "2"}
+        return {"metadata": metadata, "status": status}
+
+
 def _scheduler(kube: FakeKube, nodes: list[Any], jobs: list[JobEntry], **kwargs: Any) -> Scheduler:
     admitted: list[JobKey] = []
     scheduler = Scheduler(
@@ -516,14 +527,6 @@ def test_a_waiting_group_s_detail_alone_is_rewritten_at_most_every_refresh_perio
     """As a waiting job's: a queued replica group's message (the room left) was written at every pod
     event elsewhere, and each write made the service's reconcile write its Ready message again."""
 
-    class Kube(FakeKube):
-        async def patch_service_status(
-            self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
-        ) -> dict[str, Any]:
-            self.writes.append((name, status))
-            metadata = {"name": name, "namespace": namespace, "resourceVersion": "2"}
-            return {"metadata": metadata, "status": status}
-
     def service(groups: list[dict[str, Any]]) -> Any:
         return service_entry(
             {
@@ -534,7 +537,7 @@ def test_a_waiting_group_s_detail_alone_is_rewritten_at_most_every_refresh_perio
         )
 
     now = [NOW]
-    kube = Kube()
+    kube = ServiceStatusKube()
     groups = [{"replica": 0, "revision": "r1", "attempt": 0, "nodes": [], "queuedAt": "2027-01-15T07:00:00Z"}]
     scheduler = _scheduler(kube, [_node("n0")], [], services=Index())
     scheduler.clock = lambda: now[0]
@@ -635,14 +638,6 @@ def test_a_job_deleted_and_created_again_before_the_index_showed_its_admission_i
 
 
 def test_a_service_deleted_and_created_again_before_its_group_s_admission_was_indexed_is_decided() -> None:
-    class Kube(FakeKube):
-        async def patch_service_status(
-            self, namespace: str, name: str, resource_version: str | None, status: Mapping[str, Any]
-        ) -> dict[str, Any]:
-            self.writes.append((name, status))
-            metadata = {"name": name, "namespace": namespace, "resourceVersion": "2"}
-            return {"metadata": metadata, "status": status}
-
     def service(uid: str) -> Any:
         group = {"replica": 0, "revision": "r1", "attempt": 0, "nodes": [], "queuedAt": "2027-01-15T08:00Z"}
         return service_entry(
@@ -653,7 +648,7 @@ def test_a_service_deleted_and_created_again_before_its_group_s_admission_was_in
             }
         )
 
-    kube = Kube()
+    kube = ServiceStatusKube()
     scheduler = _scheduler(kube, [_node("n0")], [], services=Index({("ns", "chat"): [service("uid-1")]}))
     asyncio.run(scheduler.run_pass())
     assert kube.writes[0][1]["groups"][0]["nodes"] == ["n0"]
